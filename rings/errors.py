@@ -1,0 +1,125 @@
+"""The exception tree of ``rings``, in one place.
+
+::
+
+    RingsError                      base of everything raised by rings/
+    ├── GuestError                  the guest (driver) broke the virtio rules; carries queue/descriptor
+    │   ├── GuestMemoryError        an (address, length) range not inside one guest memory region
+    │   ├── AvailIndexError         avail.idx moved by more than the queue size (virtio 1.2 §2.7.6)
+    │   └── ChainError              a malformed descriptor chain; the chain is still returned to the used ring
+    │       ├── DescriptorIndexError    head or next index >= queue size (§2.7.5.2)
+    │       ├── DescriptorLoopError     the walk visited more descriptors than the queue holds (§2.7.5.2)
+    │       ├── NestedIndirectError     INDIRECT inside an indirect table (§2.7.5.3.1)
+    │       ├── IndirectLengthError     indirect table length 0 or not a multiple of 16 (§2.7.5.3.1)
+    │       ├── ChainTooLongError       total chain length above 2^32 - 1
+    │       └── DescriptorOrderError    a read-only descriptor after a write-only one (§2.7.4.2)
+    └── PoolError                   misuse of a PacketPool by its owner (our side, not the guest)
+        ├── PoolExhaustedError      no free descriptor (NDIS_STATUS_RESOURCES); nothing changed
+        ├── PoolIndexError          out-of-range or never-allocated index; nothing changed
+        ├── DoubleFreeError         freeing a descriptor that is already free; nothing changed
+        ├── PoolBusyError           close() while descriptors are outstanding (says how many, held by whom)
+        └── PoolClosedError         any call after close(): the handle is no longer valid
+
+Exceptions carry structured fields (``queue``, ``descriptor``, ``address``...) so callers can count
+and log without parsing messages.
+"""
+
+from __future__ import annotations
+
+
+class RingsError(Exception):
+    """Base class of every error raised by ``rings``."""
+
+
+class GuestError(RingsError):
+    """The guest broke the virtio rules. ``queue`` and ``descriptor`` are None when unknown."""
+
+    def __init__(self, message: str, *, queue: int | None = None, descriptor: int | None = None) -> None:
+        where = []
+        if queue is not None:
+            where.append(f"queue {queue}")
+        if descriptor is not None:
+            where.append(f"descriptor {descriptor}")
+        super().__init__(f"{message} ({', '.join(where)})" if where else message)
+        self.queue = queue
+        self.descriptor = descriptor
+
+
+class GuestMemoryError(GuestError):
+    """``[address, address + length)`` does not lie inside a single guest memory region."""
+
+    def __init__(
+        self,
+        address: int,
+        length: int,
+        *,
+        queue: int | None = None,
+        descriptor: int | None = None,
+        reason: str = "not inside one guest memory region",
+    ) -> None:
+        super().__init__(
+            f"guest range 0x{address:x}+{length} is {reason}", queue=queue, descriptor=descriptor
+        )
+        self.address = address
+        self.length = length
+
+
+class AvailIndexError(GuestError):
+    """The avail index moved by more than the queue size since we last looked."""
+
+
+class ChainError(GuestError):
+    """A malformed descriptor chain. The head is still returned on the used ring (with length 0)."""
+
+
+class DescriptorIndexError(ChainError):
+    pass
+
+
+class DescriptorLoopError(ChainError):
+    pass
+
+
+class NestedIndirectError(ChainError):
+    pass
+
+
+class IndirectLengthError(ChainError):
+    pass
+
+
+class ChainTooLongError(ChainError):
+    pass
+
+
+class DescriptorOrderError(ChainError):
+    pass
+
+
+class PoolError(RingsError):
+    """Misuse of a PacketPool by its owner."""
+
+
+class PoolExhaustedError(PoolError):
+    pass
+
+
+class PoolIndexError(PoolError, IndexError):
+    pass
+
+
+class DoubleFreeError(PoolError):
+    pass
+
+
+class PoolBusyError(PoolError):
+    """close() refused: ``outstanding`` descriptors, ``holders`` maps queue -> count."""
+
+    def __init__(self, message: str, *, outstanding: int, holders: dict[int, int]) -> None:
+        super().__init__(message)
+        self.outstanding = outstanding
+        self.holders = holders
+
+
+class PoolClosedError(PoolError):
+    pass
