@@ -1,5 +1,73 @@
 """Launch and drive QEMU test guests (``qemu.testvm``), beside ``qemu.qmp`` in the ``qemu`` namespace.
 
 ``qemu/`` itself has no ``__init__.py`` on purpose: ``qemu.qmp`` is a namespace package, and an
-``__init__.py`` here would shadow it (STYLE.md, "One trap in the layout").
+``__init__.py`` here would shadow it (STYLE.md, "One trap in the layout"). This package imports
+neither ``nicsim`` nor ``rings`` nor ``images``: it knows QEMU, the guest's console and the kernel
+command line contract of ARCHITECTURE.md, nothing else. Modules: ``cmdline`` (pure ``argv``
+building), ``workload`` (``nicsim.run=`` and result lines), ``accel`` (KVM probe), ``console``
+(live transcript), ``machine`` (``TestVM`` lifecycle), ``errors`` (the exception tree).
 """
+
+from .accel import choose_accel, probe_kvm
+from .cmdline import (
+    DEFAULT_MAC,
+    ConsoleFd,
+    ConsoleFile,
+    ConsoleStdio,
+    Nic,
+    QmpFd,
+    QmpPath,
+    TapNic,
+    UserNic,
+    VhostUserNic,
+    VMSpec,
+    build_cmdline,
+    in_netns,
+    kernel_cmdline,
+)
+from .errors import (
+    GuestOutputError,
+    InvalidOptionError,
+    QMPCommandError,
+    TestVMError,
+    VMExitedError,
+    VMLaunchError,
+    VMStateError,
+    VMTimeoutError,
+)
+from .machine import Runstate, TestVM
+from .workload import Workload, WorkloadResult, parse_result_line, parse_results, render_run
+
+__all__ = [
+    "DEFAULT_MAC",
+    "ConsoleFd",
+    "ConsoleFile",
+    "ConsoleStdio",
+    "GuestOutputError",
+    "InvalidOptionError",
+    "Nic",
+    "QMPCommandError",
+    "QmpFd",
+    "QmpPath",
+    "Runstate",
+    "TapNic",
+    "TestVM",
+    "TestVMError",
+    "UserNic",
+    "VMExitedError",
+    "VMLaunchError",
+    "VMSpec",
+    "VMStateError",
+    "VMTimeoutError",
+    "VhostUserNic",
+    "Workload",
+    "WorkloadResult",
+    "build_cmdline",
+    "choose_accel",
+    "in_netns",
+    "kernel_cmdline",
+    "parse_result_line",
+    "parse_results",
+    "probe_kvm",
+    "render_run",
+]

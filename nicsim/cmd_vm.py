@@ -1,0 +1,150 @@
+"""``nicsim vm``: boot the test guest with its serial console attached to your terminal.
+
+This module owns the interactive front of ``qemu.testvm``: it turns command-line options into a
+``VMSpec`` (console on stdio, no QMP), builds the guest image if none is given, chooses the
+accelerator (KVM only when the probe shows it boots), and for ``--nic tap`` creates a throwaway
+network namespace holding the TAP (10.0.2.2/24 on its end) which it deletes when QEMU exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from qemu.testvm import (
+    DEFAULT_MAC,
+    ConsoleStdio,
+    InvalidOptionError,
+    Nic,
+    TapNic,
+    UserNic,
+    VhostUserNic,
+    VMSpec,
+    Workload,
+    build_cmdline,
+    choose_accel,
+    in_netns,
+)
+
+EPILOG = """\
+examples:
+  nicsim vm                                   a shell in the guest, slirp NIC (restrict=on)
+  nicsim vm --workload ping,target=10.0.2.2,count=3 --workload shell
+                                              ping QEMU's slirp gateway, then a shell
+  nicsim vm --nic tap --workload ping,target=10.0.2.2,count=3
+                                              TAP in a fresh network namespace (10.0.2.2/24 there)
+  nicsim serve --socket /tmp/nicsim.sock &    (in another terminal) then:
+  nicsim vm --nic vhost-user --socket /tmp/nicsim.sock
+                                              the guest's NIC is served by nicsim over vhost-user
+
+In the console: Ctrl-A X quits QEMU, Ctrl-A C toggles QEMU's monitor; Ctrl-C goes to the guest.
+The guest powers off (and QEMU exits) after its last workload.
+"""
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "vm",
+        help="boot the test guest with its console on this terminal",
+        description="Boot the nicsim test guest (kernel + busybox initramfs) under QEMU with its serial "
+        "console on this terminal, run the given workloads in it, and power off.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--nic", choices=["user", "tap", "vhost-user", "none"], default="user",
+        help="the guest NIC's backend: 'user' is QEMU's slirp with restrict=on (nothing leaves the VM), "
+        "'tap' a TAP inside a network namespace created for this run, 'vhost-user' a vhost-user backend "
+        "such as 'nicsim serve' on --socket, 'none' no NIC at all (default: user)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--socket", type=Path,
+        help="vhost-user socket path (with --nic vhost-user); QEMU connects to it as a client",
+    )  # fmt: skip
+    parser.add_argument(
+        "--server", action="store_true",
+        help="with --nic vhost-user: QEMU listens on --socket and the backend connects",
+    )  # fmt: skip
+    parser.add_argument(
+        "--mac", default=DEFAULT_MAC, help=f"the guest NIC's MAC address (default: {DEFAULT_MAC})"
+    )
+    parser.add_argument(
+        "--ip", default="10.0.2.15/24", help="the guest's eth0 address (default: 10.0.2.15/24)"
+    )
+    parser.add_argument(
+        "--memory", type=int, default=256, metavar="MB", help="guest RAM in MiB, shared memfd (default: 256)"
+    )
+    parser.add_argument(
+        "--workload", action="append", default=[], metavar="NAME[,KEY=VALUE...]",
+        help="a guest workload, repeatable, run in order, e.g. 'ping,target=10.0.2.2,count=3', "
+        "'iperf3-client,server=10.0.2.2,time=5', 'sleep,seconds=2', 'link' (default: shell)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--accel", choices=["auto", "kvm", "tcg"], default="auto",
+        help="'auto' uses KVM only if a probe boot under KVM succeeds, else TCG (default: auto)",
+    )  # fmt: skip
+    parser.add_argument("--kernel", type=Path, help="guest kernel (default: the built guest image's)")
+    parser.add_argument("--initrd", type=Path, help="guest initramfs (default: the built guest image's)")
+
+
+def _nic(args: argparse.Namespace) -> Nic | None:
+    if args.nic == "none":
+        return None
+    if args.nic == "user":
+        return UserNic(mac=args.mac)
+    if args.nic == "tap":
+        return TapNic(mac=args.mac, ifname="tap0")
+    if args.socket is None:
+        raise InvalidOptionError("--nic vhost-user needs --socket PATH")
+    return VhostUserNic(mac=args.mac, socket=args.socket, server=args.server)
+
+
+def _ip_netns(*argv: str) -> None:
+    subprocess.run(["ip", "netns", *argv], check=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        workloads = [Workload.parse(w) for w in args.workload] or [Workload("shell")]
+        nic = _nic(args)
+    except InvalidOptionError as err:
+        print(f"nicsim vm: {err}", file=sys.stderr)
+        return 2
+    kernel, initrd = args.kernel, args.initrd
+    if kernel is None:
+        from images.build import build_image  # only when no kernel was given
+
+        image = build_image()
+        kernel, initrd = image.kernel, initrd or image.initrd
+    accel = asyncio.run(choose_accel(args.accel, kernel))
+    print(f"nicsim vm: accelerator {accel}; Ctrl-A X quits", file=sys.stderr)
+    spec = VMSpec(
+        kernel=kernel, initrd=initrd, memory_mb=args.memory, accel=accel, nic=nic, guest_ip=args.ip,
+        workloads=workloads, console=ConsoleStdio(),
+    )  # fmt: skip
+    try:
+        argv = build_cmdline(spec)
+    except InvalidOptionError as err:
+        print(f"nicsim vm: {err}", file=sys.stderr)
+        return 2
+    if args.nic != "tap":
+        return subprocess.run(argv).returncode
+    netns = f"nicsim-vm-{os.getpid()}"
+    _ip_netns("add", netns)
+    try:
+        for cmd in (
+            ["link", "set", "lo", "up"],
+            ["tuntap", "add", "dev", "tap0", "mode", "tap"],
+            ["addr", "add", "10.0.2.2/24", "dev", "tap0"],
+            ["link", "set", "tap0", "up"],
+        ):
+            _ip_netns("exec", netns, "ip", *cmd)
+        print(f"nicsim vm: TAP tap0 (10.0.2.2/24) in network namespace {netns}", file=sys.stderr)
+        return subprocess.run(in_netns(argv, netns)).returncode
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=False)
