@@ -123,3 +123,78 @@ class PoolBusyError(PoolError):
 
 class PoolClosedError(PoolError):
     pass
+
+
+class MemoryReleasedError(RingsError):
+    """A GuestMemory was used after ``release()`` (our side: a stale memory table was kept)."""
+
+
+class QueueConfigError(RingsError, ValueError):
+    """A queue was configured with a size or address the rings cannot use (e.g. size not a power of 2)."""
+
+    def __init__(self, message: str, *, queue: int | None = None) -> None:
+        super().__init__(f"{message} (queue {queue})" if queue is not None else message)
+        self.queue = queue
+
+
+# Packet-pool errors with structured fields. They subclass the pool errors above, so callers catch
+# ``PoolExhaustedError``, ``PoolIndexError``... and read ``descriptor``/``pool`` without parsing text.
+
+
+class PoolResourcesError(PoolExhaustedError):
+    """``requested`` descriptors asked of pool ``pool`` while only ``available`` were free."""
+
+    def __init__(self, message: str, *, pool: str, requested: int, available: int) -> None:
+        super().__init__(message)
+        self.pool = pool
+        self.requested = requested
+        self.available = available
+
+
+class DescriptorRangeError(PoolIndexError):
+    """``descriptor`` is not an index of pool ``pool`` (valid: ``0 <= descriptor < size``): foreign."""
+
+    def __init__(self, message: str, *, pool: str, descriptor: int, size: int) -> None:
+        super().__init__(message)
+        self.pool = pool
+        self.descriptor = descriptor
+        self.size = size
+
+
+class DescriptorNotAllocatedError(PoolIndexError):
+    """``descriptor`` is not allocated now; ``ever_allocated`` is False if it was never handed out."""
+
+    def __init__(self, message: str, *, pool: str, descriptor: int, ever_allocated: bool) -> None:
+        super().__init__(message)
+        self.pool = pool
+        self.descriptor = descriptor
+        self.ever_allocated = ever_allocated
+
+
+class DescriptorDoubleFreeError(DoubleFreeError):
+    """``descriptor`` freed while already free, or (``in_batch``) listed twice in one batch."""
+
+    def __init__(self, message: str, *, pool: str, descriptor: int, in_batch: bool) -> None:
+        super().__init__(message)
+        self.pool = pool
+        self.descriptor = descriptor
+        self.in_batch = in_batch
+
+
+class PoolHandleClosedError(PoolClosedError):
+    """``operation`` was attempted on pool ``pool`` after its ``close()``."""
+
+    def __init__(self, message: str, *, pool: str, operation: str) -> None:
+        super().__init__(message)
+        self.pool = pool
+        self.operation = operation
+
+
+class DeviceError(RingsError):
+    """The device broke the virtio rules, as seen by the driver model in ``rings.driver`` (e.g. a used
+    id that was never posted or is returned twice). ``queue`` and ``descriptor`` as in GuestError."""
+
+    def __init__(self, message: str, *, queue: int | None = None, descriptor: int | None = None) -> None:
+        super().__init__(message)
+        self.queue = queue
+        self.descriptor = descriptor
