@@ -13,9 +13,14 @@
     │       ├── IndirectLengthError     indirect table length 0 or not a multiple of 16 (§2.7.5.3.1)
     │       ├── ChainTooLongError       total chain length above 2^32 - 1
     │       └── DescriptorOrderError    a read-only descriptor after a write-only one (§2.7.4.2)
+    ├── MemoryReleasedError         a GuestMemory used after release() (our side kept a stale table)
+    ├── QueueConfigError            a queue size or ring address the rings cannot use
+    ├── DeviceError                 the device broke the rules, as seen by the driver model (rings.driver)
     └── PoolError                   misuse of a PacketPool by its owner (our side, not the guest)
         ├── PoolExhaustedError      no free descriptor (NDIS_STATUS_RESOURCES); nothing changed
-        ├── PoolIndexError          out-of-range or never-allocated index; nothing changed
+        ├── PoolIndexError          an index the caller does not hold; nothing changed
+        │   ├── DescriptorRangeError        not an index of this pool (foreign)
+        │   └── DescriptorNotAllocatedError not allocated now (never, or already returned)
         ├── DoubleFreeError         freeing a descriptor that is already free; nothing changed
         ├── PoolBusyError           close() while descriptors are outstanding (says how many, held by whom)
         └── PoolClosedError         any call after close(): the handle is no longer valid
@@ -101,15 +106,28 @@ class PoolError(RingsError):
 
 
 class PoolExhaustedError(PoolError):
-    pass
+    """``requested`` descriptors asked of pool ``pool`` while only ``available`` were free
+    (NDIS_STATUS_RESOURCES); nothing changed."""
+
+    def __init__(self, message: str, *, pool: str, requested: int, available: int) -> None:
+        super().__init__(message)
+        self.pool = pool
+        self.requested = requested
+        self.available = available
 
 
 class PoolIndexError(PoolError, IndexError):
-    pass
+    """An index that does not name a descriptor the caller holds (see the two subclasses)."""
 
 
 class DoubleFreeError(PoolError):
-    pass
+    """``descriptor`` freed while already free, or (``in_batch``) listed twice in one batch."""
+
+    def __init__(self, message: str, *, pool: str, descriptor: int, in_batch: bool) -> None:
+        super().__init__(message)
+        self.pool = pool
+        self.descriptor = descriptor
+        self.in_batch = in_batch
 
 
 class PoolBusyError(PoolError):
@@ -122,7 +140,12 @@ class PoolBusyError(PoolError):
 
 
 class PoolClosedError(PoolError):
-    pass
+    """``operation`` was attempted on pool ``pool`` after its ``close()``: the handle is invalid."""
+
+    def __init__(self, message: str, *, pool: str, operation: str) -> None:
+        super().__init__(message)
+        self.pool = pool
+        self.operation = operation
 
 
 class MemoryReleasedError(RingsError):
@@ -137,18 +160,7 @@ class QueueConfigError(RingsError, ValueError):
         self.queue = queue
 
 
-# Packet-pool errors with structured fields. They subclass the pool errors above, so callers catch
-# ``PoolExhaustedError``, ``PoolIndexError``... and read ``descriptor``/``pool`` without parsing text.
 
-
-class PoolResourcesError(PoolExhaustedError):
-    """``requested`` descriptors asked of pool ``pool`` while only ``available`` were free."""
-
-    def __init__(self, message: str, *, pool: str, requested: int, available: int) -> None:
-        super().__init__(message)
-        self.pool = pool
-        self.requested = requested
-        self.available = available
 
 
 class DescriptorRangeError(PoolIndexError):
@@ -171,23 +183,6 @@ class DescriptorNotAllocatedError(PoolIndexError):
         self.ever_allocated = ever_allocated
 
 
-class DescriptorDoubleFreeError(DoubleFreeError):
-    """``descriptor`` freed while already free, or (``in_batch``) listed twice in one batch."""
-
-    def __init__(self, message: str, *, pool: str, descriptor: int, in_batch: bool) -> None:
-        super().__init__(message)
-        self.pool = pool
-        self.descriptor = descriptor
-        self.in_batch = in_batch
-
-
-class PoolHandleClosedError(PoolClosedError):
-    """``operation`` was attempted on pool ``pool`` after its ``close()``."""
-
-    def __init__(self, message: str, *, pool: str, operation: str) -> None:
-        super().__init__(message)
-        self.pool = pool
-        self.operation = operation
 
 
 class DeviceError(RingsError):
