@@ -1,0 +1,242 @@
+"""The RX half of the virtio-net device: the bounded backlog of frames waiting for guest buffers, the
+virtio-net header, and the plan that places frames into buffers (one per frame, or several with
+VIRTIO_NET_F_MRG_RXBUF).
+
+This module owns no queue and no pool: :class:`nicsim.device.VirtioNetDevice` pops the guest's RX
+chains, asks :func:`plan_rx` which chain gets which bytes, builds one staging array (header + frame,
+back to back) and scatters it into the chains' writable segments with one vectorised copy per
+memory region.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from rings.memory import GuestMemory
+from rings.split import ChainBatch
+
+HDR_LEN_V1 = 12      # struct virtio_net_hdr_v1 (virtio 1.2 §5.1.6): ... num_buffers le16 at offset 10
+HDR_LEN_LEGACY = 10  # legacy header without num_buffers (neither VERSION_1 nor MRG_RXBUF)
+NUM_BUFFERS_OFFSET = 10
+MAX_FRAME = 65550    # an IPv4 packet of 65535 bytes behind an Ethernet + VLAN header
+
+
+@dataclass(frozen=True, kw_only=True)
+class RxPlan:
+    """Which frames go where. Frames are taken in order; ``placed`` of them fit now. ``chains`` good
+    chains are consumed; ``chain_bytes[j]`` is what chain ``j`` (among the good ones) receives;
+    ``nbufs[i]`` is how many chains placed frame ``i`` spans; ``dropped`` lists frames dropped as too
+    big (indices into the offered frames, all before the first frame left waiting)."""
+
+    placed_frames: npt.NDArray[np.int64]  # indices of frames placed, in order
+    nbufs: npt.NDArray[np.int64]
+    chain_bytes: npt.NDArray[np.int64]
+    dropped: npt.NDArray[np.int64]
+    consumed: int  # frames considered (placed + dropped); the rest wait
+
+    @property
+    def chains(self) -> int:
+        return int(self.chain_bytes.shape[0])
+
+
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+def plan_rx(need: npt.NDArray[np.int64], wlen: npt.NDArray[np.int64], *, mergeable: bool) -> RxPlan:
+    """Place frames needing ``need`` bytes (header included) into good chains of ``wlen`` bytes.
+
+    Without MRG_RXBUF each frame takes exactly one chain and a frame larger than the chain offered is
+    dropped (the chain goes to the next frame). With MRG_RXBUF a frame spans as many chains as it needs
+    (virtio 1.2 §5.1.6.4.2); a frame that needs more chains than are posted now waits.
+    """
+    nf, nc = int(need.shape[0]), int(wlen.shape[0])
+    m = min(nf, nc)
+    fits = need[:m] <= wlen[:m]
+    if bool(fits.all()):  # the common case: one buffer per frame, vectorised
+        placed = np.arange(m, dtype=np.int64)
+        return RxPlan(placed_frames=placed, nbufs=np.ones(m, np.int64), chain_bytes=need[:m].copy(),
+                      dropped=_EMPTY, consumed=m)
+    placed_l: list[int] = []
+    nbufs_l: list[int] = []
+    bytes_l: list[int] = []
+    dropped_l: list[int] = []
+    c = 0
+    w = wlen.tolist()
+    for i in range(nf):
+        if c >= nc:
+            break
+        n = int(need[i])
+        if not mergeable:
+            if n > w[c]:
+                dropped_l.append(i)
+                continue
+            placed_l.append(i)
+            nbufs_l.append(1)
+            bytes_l.append(n)
+            c += 1
+            continue
+        # Mergeable: take chains until the frame fits; if the posted chains run out, it waits.
+        left, k, parts = n, c, []
+        while left > 0 and k < nc:
+            take = min(left, w[k])
+            parts.append(take)
+            left -= take
+            k += 1
+        if left > 0:
+            break
+        placed_l.append(i)
+        nbufs_l.append(len(parts))
+        bytes_l.extend(parts)
+        c = k
+    consumed = max(placed_l[-1] if placed_l else -1, dropped_l[-1] if dropped_l else -1) + 1
+    return RxPlan(
+        placed_frames=np.array(placed_l, np.int64), nbufs=np.array(nbufs_l, np.int64),
+        chain_bytes=np.array(bytes_l, np.int64), dropped=np.array(dropped_l, np.int64), consumed=consumed,
+    )
+
+
+def expand(
+    a_start: npt.NDArray[np.int64], b_start: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Byte indices of many ``[a, a+len)`` / ``[b, b+len)`` range pairs, flattened, no Python loop."""
+    total = int(lengths.sum())
+    base = np.cumsum(lengths) - lengths
+    within = np.arange(total, dtype=np.int64) - np.repeat(base, lengths)
+    return np.repeat(a_start, lengths) + within, np.repeat(b_start, lengths) + within
+
+
+def stage_frames(
+    scratch: npt.NDArray[np.uint8],
+    hdr_len: int,
+    data: npt.NDArray[np.uint8],
+    offsets: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+    nbufs: npt.NDArray[np.int64],
+) -> npt.NDArray[np.uint8]:
+    """Header + frame for every frame, back to back, in (a prefix of) ``scratch``; returns that prefix."""
+    need = lengths + hdr_len
+    start = np.cumsum(need) - need
+    total = int(need.sum())
+    out = scratch[:total]
+    hdr_idx = start[:, None] + np.arange(hdr_len, dtype=np.int64)[None, :]
+    out[hdr_idx] = 0  # flags 0, GSO_NONE: frames carry complete checksums (§5.1.6.4)
+    if hdr_len >= HDR_LEN_V1:
+        out[start + NUM_BUFFERS_OFFSET] = (nbufs & 0xFF).astype(np.uint8)
+        out[start + NUM_BUFFERS_OFFSET + 1] = (nbufs >> 8).astype(np.uint8)
+    dst, src = expand(start + hdr_len, offsets, lengths)
+    out[dst] = data[src]
+    return out
+
+
+def scatter_chains(
+    mem: GuestMemory, cb: ChainBatch, per_chain: npt.NDArray[np.int64], staging: npt.NDArray[np.uint8]
+) -> None:
+    """Write ``per_chain[k]`` bytes of ``staging`` into chain ``k``'s writable segments, chains taking
+    consecutive slices of ``staging`` in order (0 for chains that get nothing)."""
+    wl = np.where(cb.seg_writable, cb.seg_len, 0).astype(np.int64)
+    excl = np.cumsum(wl) - wl
+    has = cb.seg_count > 0
+    chain_base = np.zeros(len(cb), dtype=np.int64)
+    chain_base[has] = excl[cb.first_seg[has]]
+    woff = excl - chain_base[cb.seg_chain]
+    copy = np.clip(per_chain[cb.seg_chain] - woff, 0, wl)
+    src_base = np.cumsum(per_chain) - per_chain
+    mem.scatter(cb.seg_region, cb.seg_offset, copy, staging, src_base[cb.seg_chain] + woff)
+
+
+class RxBacklog:
+    """Frames a port pushed while the guest had no RX buffer: at most ``max_frames`` frames and
+    ``max_bytes`` bytes, preallocated, FIFO. Past either bound the caller drops (``no_rx_buffer``)."""
+
+    def __init__(self, max_frames: int, max_bytes: int) -> None:
+        self.data: npt.NDArray[np.uint8] = np.zeros(max_bytes, np.uint8)
+        self.offsets: npt.NDArray[np.int64] = np.zeros(max_frames, np.int64)
+        self.lengths: npt.NDArray[np.int64] = np.zeros(max_frames, np.int64)
+        self.head = 0   # first queued frame slot
+        self.count = 0  # frames queued
+        self.end = 0    # first free byte
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _compact(self) -> None:
+        if self.count == 0:
+            self.head = self.end = 0
+            return
+        lo = int(self.offsets[self.head])
+        sl = slice(self.head, self.head + self.count)
+        self.data[: self.end - lo] = self.data[lo : self.end]
+        self.offsets[: self.count] = self.offsets[sl] - lo
+        self.lengths[: self.count] = self.lengths[sl]
+        self.head, self.end = 0, self.end - lo
+
+    def append(self, frame: npt.NDArray[np.uint8]) -> bool:
+        n = int(frame.shape[0])
+        cap_f, cap_b = self.offsets.shape[0], self.data.shape[0]
+        if self.count >= cap_f or n > cap_b:
+            return False
+        if self.head + self.count >= cap_f or self.end + n > cap_b:
+            self._compact()
+            if self.end + n > cap_b:
+                return False
+        slot = self.head + self.count
+        self.data[self.end : self.end + n] = frame
+        self.offsets[slot] = self.end
+        self.lengths[slot] = n
+        self.end += n
+        self.count += 1
+        return True
+
+    def frames(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """(offsets, lengths) of the queued frames, oldest first (views; valid until the next change)."""
+        sl = slice(self.head, self.head + self.count)
+        return self.offsets[sl], self.lengths[sl]
+
+    def pop(self, n: int) -> None:
+        self.head += n
+        self.count -= n
+        if self.count == 0:
+            self.head = self.end = 0
+
+    def clear(self) -> int:
+        n = self.count
+        self.head = self.count = self.end = 0
+        return n
+
+
+def scatter_template_words(
+    mem: GuestMemory, cb: ChainBatch, good_pos: npt.NDArray[np.int64], tmpl: npt.NDArray[np.uint8]
+) -> bool:
+    """Fast path of the generator: one template into many single-segment buffers, written as 8-byte
+    words plus a byte tail (8x fewer index elements than a byte scatter). Writes exactly
+    ``len(tmpl)`` bytes per buffer. Returns False, writing nothing, when the batch does not qualify
+    (multi-segment chains, unaligned buffers); the caller then uses the byte scatter."""
+    segs = cb.first_seg[good_pos]
+    if good_pos.shape[0] == 0 or not bool((cb.seg_count[good_pos] == 1).all()):
+        return False
+    if not bool(cb.seg_writable[segs].all()):
+        return False
+    offs = cb.seg_offset[segs].astype(np.int64)
+    regions = cb.seg_region[segs]
+    if bool((offs & 7).any()):
+        return False
+    n = tmpl.shape[0]
+    words = n // 8
+    wtmpl = tmpl[: words * 8].view("<u8")
+    tail = tmpl[words * 8 :]
+    for r in np.unique(regions).tolist():
+        data = mem.regions[r].data
+        if data.ctypes.data & 7 or data.shape[0] & 7 or not data.flags.c_contiguous:
+            return False
+    for r in np.unique(regions).tolist():
+        data = mem.regions[r].data
+        sel = offs[regions == r]
+        w = data.view("<u8")
+        w[(sel >> 3)[:, None] + np.arange(words, dtype=np.int64)[None, :]] = wtmpl[None, :]
+        if tail.shape[0]:
+            tail_idx = (sel + words * 8)[:, None] + np.arange(tail.shape[0], dtype=np.int64)[None, :]
+            data[tail_idx] = tail[None, :]
+    return True
