@@ -1,0 +1,338 @@
+"""Build the nicsim guest (kernel + initramfs) from Debian packages into a content-addressed cache.
+
+This module owns the build as a whole: which packages go in, the image key, the initramfs layout and
+the cache directory. The key hashes the resolved packages (name, version, architecture, SHA-256) and
+the builder's own inputs (``init.sh`` and this package's Python sources), so any change to either
+gives a new image directory and an unchanged one is found again without doing any work. An image is
+assembled in a private temporary directory and renamed into place in one step, so an interrupted or
+failed build never leaves something that looks like an image. Layout of the cache::
+
+    <cache>/debs/*.deb                 downloaded packages, verified against APT's SHA-256
+    <cache>/resolved.json              package resolution, reused while APT's lists are unchanged
+    <cache>/<key>/vmlinuz              the Debian cloud kernel
+    <cache>/<key>/initrd.img           busybox, /init, modules, iperf3 and its libraries (cpio newc)
+    <cache>/<key>/manifest.json        versions, module order, file hashes, build time
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from images import apt, cpio, kmod
+from images.apt import ImageBuildError, Package
+
+Progress = Callable[[str], None]
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+INIT_SCRIPT = PACKAGE_DIR / "init.sh"
+KERNEL_META = "linux-image-cloud-amd64"
+BUSYBOX = "busybox-static"
+IPERF = "iperf3"
+IPERF_LIB = "libiperf0"  # its dependency closure brings the shared libraries iperf3 needs
+APT_LISTS = Path("/var/lib/apt/lists")
+MULTIARCH = "lib/x86_64-linux-gnu"
+LOADER = "lib64/ld-linux-x86-64.so.2"
+# glibc dlopen()s the unwinder for thread cancellation; the loader's --list cannot see that.
+EXTRA_LIBS = ("libgcc_s.so.1",)
+# The modules whose code decides the image's bytes (the command line, for one, does not).
+BUILDER_MODULES = ("apt.py", "build.py", "cpio.py", "kmod.py")
+FORMAT = 1  # bump when the image layout changes in a way the hashed sources do not capture
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuestImage:
+    kernel: Path
+    initrd: Path
+    manifest: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return str(self.manifest["key"])
+
+
+def default_cache_dir() -> Path:
+    """``$NICSIM_CACHE/images`` when set, else ``~/.cache/nicsim/images``."""
+    base = os.environ.get("NICSIM_CACHE")
+    return Path(base) / "images" if base else Path.home() / ".cache" / "nicsim" / "images"
+
+
+def builder_inputs(init_script: Path = INIT_SCRIPT) -> dict[str, str]:
+    """SHA-256 of each file that decides what the builder produces (init script, builder code)."""
+    files = {"init.sh": init_script}
+    files.update({name: PACKAGE_DIR / name for name in BUILDER_MODULES})
+    return {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in sorted(files.items())}
+
+
+def image_key(packages: list[Package], inputs: dict[str, str]) -> str:
+    """The content address: a hash of the resolved packages and of the builder's inputs."""
+    doc = {
+        "format": FORMAT,
+        "packages": [[p.name, p.version, p.arch, p.sha256] for p in sorted(packages)],
+        "inputs": inputs,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _lists_fingerprint() -> str:
+    # APT's candidates change only when its package lists (or its configuration) change.
+    digest = hashlib.sha256(f"format {FORMAT}".encode())
+    for root in (APT_LISTS, Path("/etc/apt")):
+        if root.is_dir():
+            for path in sorted(p for p in root.rglob("*") if p.is_file()):
+                st = path.stat()
+                digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _resolve_fresh(progress: Progress) -> list[Package]:
+    top = apt.show([KERNEL_META, BUSYBOX, IPERF, IPERF_LIB], progress)
+    kernels = [d for d in apt.depends_of(top[KERNEL_META]) if d.startswith("linux-image-")]
+    if not kernels:
+        raise ImageBuildError(f"{KERNEL_META} does not depend on a linux-image-* package")
+    closure = subprocess.run(
+        [
+            "apt-cache",
+            "depends",
+            "--recurse",
+            "--no-recommends",
+            "--no-suggests",
+            "--no-conflicts",
+            "--no-breaks",
+            "--no-replaces",
+            "--no-enhances",
+            IPERF_LIB,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "LC_ALL": "C"},
+    )
+    libs = [ln for ln in closure.stdout.splitlines() if ln and not ln[0].isspace() and not ln.startswith("<")]
+    if closure.returncode != 0 or IPERF_LIB not in libs:
+        raise ImageBuildError(f"apt-cache depends {IPERF_LIB} failed:\n{closure.stderr.strip()}")
+    names = sorted({kernels[0], BUSYBOX, IPERF, *libs})
+    stanzas = apt.show(names, progress)
+    return [apt.package_of(stanzas[n]) for n in names]
+
+
+def resolve(cache_dir: Path, progress: Progress) -> list[Package]:
+    """The packages (candidate versions) of the image; cached until APT's package lists change."""
+    record = cache_dir / "resolved.json"
+    fingerprint = _lists_fingerprint()
+    try:
+        saved = json.loads(record.read_text())
+        if saved["fingerprint"] == fingerprint:
+            return [Package(**p) for p in saved["packages"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    progress("resolving package versions with apt-cache")
+    packages = _resolve_fresh(progress)
+    doc = {"fingerprint": _lists_fingerprint(), "packages": [vars(p) for p in packages]}
+    tmp = record.with_name(f".resolved.{os.getpid()}.json")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(record)
+    return packages
+
+
+def _load_image(directory: Path) -> GuestImage | None:
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    kernel, initrd = directory / "vmlinuz", directory / "initrd.img"
+    if not (kernel.is_file() and initrd.is_file()):
+        return None
+    return GuestImage(kernel=kernel, initrd=initrd, manifest=manifest)
+
+
+def build_image(
+    cache_dir: Path | None = None,
+    *,
+    progress: Progress = print,
+    force: bool = False,
+    init_script: Path = INIT_SCRIPT,
+) -> GuestImage:
+    """Return the guest image for the current packages and builder, building it if it is not cached.
+
+    ``force`` rebuilds even when an image with the same key exists (replacing it atomically);
+    ``init_script`` swaps in another ``/init`` (it is part of the key, so it gets its own image).
+    """
+    started = time.monotonic()
+    cache_dir = (cache_dir or default_cache_dir()).resolve()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    packages = resolve(cache_dir, progress)
+    inputs = builder_inputs(init_script)
+    key = image_key(packages, inputs)
+    final = cache_dir / key
+    existing = _load_image(final)
+    if existing is not None and not force:
+        progress(f"guest image {key[:12]} is up to date ({final}); nothing to do")
+        return existing
+
+    progress(f"building guest image {key[:12]} in {final}")
+    progress(f"[1/5] packages ({len(packages)})")
+    debs = apt.download(packages, cache_dir / "debs", progress)
+    staging = Path(os.fspath(cache_dir / f".build-{key[:12]}-{os.getpid()}"))
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        root, out = staging / "root", staging / "out"
+        root.mkdir(parents=True)
+        out.mkdir()
+        progress("[2/5] unpacking")
+        for p in packages:
+            apt.extract(debs[p.name], root)
+        progress("[3/5] kernel and modules")
+        kernel_version, modules = _kernel(root, out)
+        progress(f"  kernel {kernel_version}; modules: {' '.join(name for name, _ in modules)}")
+        progress("[4/5] initramfs")
+        entries, libs = _initramfs_entries(root, kernel_version, modules, init_script)
+        progress(f"  iperf3 libraries: {' '.join(libs)}")
+        with (out / "initrd.img").open("wb") as f:
+            size = cpio.write_archive(f, entries)
+        progress(f"  {len(entries)} entries, {size / 1e6:.1f} MB")
+        progress("[5/5] manifest")
+        manifest = {
+            "key": key,
+            "format": FORMAT,
+            "kernel_version": kernel_version,
+            "packages": [vars(p) for p in packages],
+            "inputs": inputs,
+            "modules": [name for name, _ in modules],
+            "libraries": libs,
+            "files": {
+                name: {"sha256": apt.sha256_file(out / name), "size": (out / name).stat().st_size}
+                for name in ("vmlinuz", "initrd.img")
+            },
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "build_seconds": round(time.monotonic() - started, 2),
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _publish(out, final, staging, replace=force)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    image = _load_image(final)
+    if image is None:
+        raise ImageBuildError(f"image vanished from {final} right after it was built")
+    progress(f"guest image {key[:12]} built in {time.monotonic() - started:.1f} s")
+    return image
+
+
+def _publish(out: Path, final: Path, staging: Path, *, replace: bool) -> None:
+    """Move the finished image into place in one rename.
+
+    An image already there under the same key is as good as ours (a concurrent build won the race)
+    and someone may be using its paths, so it is kept unless ``replace`` (``--force``) asks otherwise.
+    """
+    if final.exists():
+        if not replace and _load_image(final) is not None:
+            return
+        final.rename(staging / "old")  # removed with the staging directory
+    try:
+        out.rename(final)
+    except OSError:
+        # A concurrent build of the same key won the race; its image is as good as ours.
+        if _load_image(final) is None:
+            raise
+
+
+def _kernel(root: Path, out: Path) -> tuple[str, list[tuple[str, Path]]]:
+    vmlinuz = sorted((root / "boot").glob("vmlinuz-*"))
+    if len(vmlinuz) != 1:
+        raise ImageBuildError(f"expected one kernel in the kernel package, found {len(vmlinuz)}")
+    version = vmlinuz[0].name.removeprefix("vmlinuz-")
+    shutil.copyfile(vmlinuz[0], out / "vmlinuz")
+    modules = kmod.load_order(kmod.WANTED_MODULES, root / "lib" / "modules" / version / "kernel")
+    return version, modules
+
+
+def _needed_libraries(root: Path, binary: Path) -> dict[str, Path]:
+    """Soname -> file inside ``root`` for every library ``binary`` loads (the dynamic loader's view)."""
+    lib_dirs = [root / MULTIARCH, root / "usr" / MULTIARCH]
+    loader = root / MULTIARCH / PurePosixPath(LOADER).name
+    done = subprocess.run(
+        [str(loader), "--library-path", ":".join(map(str, lib_dirs)), "--list", str(binary)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise ImageBuildError(f"cannot list the libraries of {binary.name}:\n{done.stderr.strip()}")
+    found: dict[str, Path] = {}
+    for line in done.stdout.splitlines():
+        m = re.match(r"\s*(\S+) => (\S+)", line)
+        if not m:
+            continue
+        soname, path = m.group(1), Path(m.group(2))
+        if "/" in soname:
+            continue  # the loader itself, listed under its absolute path; installed separately
+        if not path.resolve().is_relative_to(root.resolve()):
+            # Found on the build machine, not in the packages: the guest would lack it.
+            raise ImageBuildError(f"{binary.name} needs {soname}, which no package of the image provides")
+        found[soname] = path
+    for soname in EXTRA_LIBS:
+        hits = [d / soname for d in lib_dirs if (d / soname).exists()]
+        if hits:
+            found[soname] = hits[0]
+    return found
+
+
+def _busybox_applets(busybox: Path) -> list[str]:
+    done = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise ImageBuildError(f"busybox --list-full failed:\n{done.stderr.strip()}")
+    return sorted(line.strip() for line in done.stdout.splitlines() if line.strip())
+
+
+def _initramfs_entries(
+    root: Path, kernel_version: str, modules: list[tuple[str, Path]], init_script: Path
+) -> tuple[list[cpio.Entry], list[str]]:
+    entries: dict[str, cpio.Entry] = {}
+
+    def add(entry: cpio.Entry) -> None:
+        parts = PurePosixPath(entry.path).parts
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            entries.setdefault(parent, cpio.directory(parent))
+        entries[entry.path] = entry
+
+    for d in ("proc", "sys", "dev", "tmp", "run", "etc", "root", "usr/sbin"):
+        add(cpio.directory(d, 0o1777 if d == "tmp" else 0o755))
+    # The kernel opens /dev/console for PID 1 before /init can mount devtmpfs.
+    add(cpio.char_device("dev/console", 5, 1))
+    add(cpio.char_device("dev/null", 1, 3, 0o666))
+    add(cpio.regular("init", init_script.read_bytes(), 0o755))
+    add(cpio.regular("etc/hostname", b"nicsim-guest\n"))
+
+    busybox = root / "bin" / "busybox"
+    add(cpio.regular("bin/busybox", busybox.read_bytes(), 0o755))
+    for applet in _busybox_applets(busybox):
+        if applet != "bin/busybox":
+            add(cpio.symlink(applet, "/bin/busybox"))
+
+    mod_dir = f"lib/modules/{kernel_version}"
+    order = []
+    for _, path in modules:
+        target = f"{mod_dir}/{path.name}"
+        add(cpio.regular(target, path.read_bytes()))
+        order.append(f"/{target}\n")
+    add(cpio.regular("lib/nicsim/modules.order", "".join(order).encode()))
+
+    iperf = root / "usr" / "bin" / "iperf3"
+    add(cpio.regular("usr/bin/iperf3", iperf.read_bytes(), 0o755))
+    libs = _needed_libraries(root, iperf)
+    for soname, path in sorted(libs.items()):
+        add(cpio.regular(f"{MULTIARCH}/{soname}", path.resolve().read_bytes(), 0o755))
+    loader_name = PurePosixPath(LOADER).name
+    add(cpio.regular(f"{MULTIARCH}/{loader_name}", (root / MULTIARCH / loader_name).read_bytes(), 0o755))
+    add(cpio.symlink(LOADER, f"/{MULTIARCH}/{loader_name}"))
+    return list(entries.values()), sorted(libs)

@@ -1,0 +1,404 @@
+#!/bin/sh
+# nicsim guest /init (busybox sh, PID 1).
+#
+# Owns the guest side of the kernel command line contract (docs/ARCHITECTURE.md): mount the pseudo
+# filesystems, load the virtio-net and pktgen modules, configure eth0 from nicsim.mac= / nicsim.ip= /
+# nicsim.mtu=, print NICSIM-READY, run each workload of nicsim.run= (";" between workloads, ","
+# between key=value params) printing one "NICSIM-RESULT {json}" line each, then NICSIM-DONE and power
+# off. Every workload runs in its own session under a deadline, so a stuck one is killed with all
+# its children and reported as a failure instead of hanging the boot.
+#
+# Re-invoked as "/init --workload INDEX NAME PARAMS" to run one workload in a child process.
+
+PATH=/bin:/sbin:/usr/bin:/usr/sbin
+export PATH
+set -f # workload specs are split on ; and , and must never be glob-expanded
+IFACE=eth0
+WORK=/tmp/nicsim
+
+# ---------------------------------------------------------------- JSON helpers (both modes)
+
+# Escape a string for a JSON string literal; control characters are dropped, not escaped.
+jstr() { printf '%s' "$1" | tr -d '[:cntrl:]' | sed 's/\\/\\\\/g; s/"/\\"/g'; }
+
+isnum() {
+    printf '%s' "$1" | grep -Eq '^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$'
+}
+
+# Result fields are appended, one formatted "key": value per line, to $FIELDS.
+put_str() { printf '"%s": "%s"\n' "$1" "$(jstr "$2")" >>"$FIELDS"; }
+put_num() { if isnum "$2"; then printf '"%s": %s\n' "$1" "$2" >>"$FIELDS"; else printf '"%s": null\n' "$1" >>"$FIELDS"; fi; }
+put_raw() { printf '"%s": %s\n' "$1" "$2" >>"$FIELDS"; }
+put_bool() { if [ "$2" = 1 ]; then put_raw "$1" true; else put_raw "$1" false; fi; }
+
+# Flatten JSON (iperf3 -J) into "path<TAB>value" lines, e.g. "end.sum_sent.bits_per_second<TAB>1e9".
+jflat() {
+    tr -d '\n\r' | awk '
+    function path(   p, k) {
+        p = ""
+        for (k = 1; k <= depth; k++) p = p (k > 1 ? "." : "") (type[k] == "o" ? key[k] : idx[k])
+        return p
+    }
+    {
+        s = $0; n = length(s); i = 1; depth = 0
+        while (i <= n) {
+            c = substr(s, i, 1)
+            if (c == "{") { depth++; type[depth] = "o"; key[depth] = ""; wantkey[depth] = 1; i++ }
+            else if (c == "[") { depth++; type[depth] = "a"; idx[depth] = 0; i++ }
+            else if (c == "}" || c == "]") { depth--; i++ }
+            else if (c == ",") { if (type[depth] == "o") wantkey[depth] = 1; else idx[depth]++; i++ }
+            else if (c == ":") { wantkey[depth] = 0; i++ }
+            else if (c == "\"") {
+                j = i + 1; str = ""
+                while (j <= n) {
+                    d = substr(s, j, 1)
+                    if (d == "\\") { str = str substr(s, j + 1, 1); j += 2; continue }
+                    if (d == "\"") break
+                    str = str d; j++
+                }
+                i = j + 1
+                if (type[depth] == "o" && wantkey[depth]) key[depth] = str
+                else print path() "\t" str
+            }
+            else if (c == " " || c == "\t") i++
+            else {
+                j = i
+                while (j <= n && index(",}] \t", substr(s, j, 1)) == 0) j++
+                print path() "\t" substr(s, i, j - i); i = j
+            }
+        }
+    }'
+}
+jget() { awk -F '\t' -v k="$1" '$1 == k { print $2; exit }' "$2"; }
+
+# ---------------------------------------------------------------- workload child mode
+
+# Parameter with default: p NAME DEFAULT (params arrive as P_<name> variables).
+p() { eval "_v=\${P_$1-}"; if [ -n "$_v" ]; then printf '%s' "$_v"; else printf '%s' "$2"; fi; }
+
+fail() { printf '%s' "$*" >"$ERRFILE"; exit 1; }
+need_num() { isnum "$2" || fail "parameter $1 must be a number, got '$2'"; }
+need_iface() { [ -d /sys/class/net/$IFACE ] || fail "no $IFACE (no virtio-net device?)"; }
+uptime_s() { cut -d ' ' -f 1 /proc/uptime; }
+stat_of() { cat /sys/class/net/$IFACE/statistics/$1; }
+
+w_sleep() {
+    s=$(p seconds 1); need_num seconds "$s"
+    sleep "$s" || fail "sleep $s failed"
+    put_num seconds "$s"
+}
+
+w_shell() {
+    echo "nicsim: interactive shell; exit it to continue with the next workload" >/dev/console
+    setsid cttyhack sh -l </dev/console >/dev/console 2>&1
+    put_num exit_status "$?"
+}
+
+# Virtio-net feature bit names (virtio 1.2 §5.1.3 and §6), for the bits a person looks for.
+feature_name() {
+    case $1 in
+    0) echo CSUM ;; 1) echo GUEST_CSUM ;; 2) echo CTRL_GUEST_OFFLOADS ;; 3) echo MTU ;; 5) echo MAC ;;
+    6) echo GSO ;; 7) echo GUEST_TSO4 ;; 8) echo GUEST_TSO6 ;; 9) echo GUEST_ECN ;; 10) echo GUEST_UFO ;;
+    11) echo HOST_TSO4 ;; 12) echo HOST_TSO6 ;; 13) echo HOST_ECN ;; 14) echo HOST_UFO ;;
+    15) echo MRG_RXBUF ;; 16) echo STATUS ;; 17) echo CTRL_VQ ;; 18) echo CTRL_RX ;; 19) echo CTRL_VLAN ;;
+    20) echo CTRL_RX_EXTRA ;; 21) echo GUEST_ANNOUNCE ;; 22) echo MQ ;; 23) echo CTRL_MAC_ADDR ;;
+    24) echo NOTIFY_ON_EMPTY ;; 27) echo ANY_LAYOUT ;; 28) echo INDIRECT_DESC ;; 29) echo EVENT_IDX ;;
+    32) echo VERSION_1 ;; 33) echo ACCESS_PLATFORM ;; 34) echo RING_PACKED ;; 35) echo IN_ORDER ;;
+    36) echo ORDER_PLATFORM ;; 37) echo SR_IOV ;; 38) echo NOTIFICATION_DATA ;; 40) echo RING_RESET ;;
+    53) echo NOTF_COALESCE ;; 57) echo HASH_REPORT ;; 60) echo RSS ;; 61) echo RSC_EXT ;;
+    62) echo STANDBY ;; 63) echo SPEED_DUPLEX ;;
+    esac
+}
+
+w_link() {
+    need_iface
+    d=/sys/class/net/$IFACE
+    carrier=$(cat $d/carrier 2>/dev/null || echo 0)
+    # The kernel publishes operstate from a deferred work item (up to ~1 s after carrier): let it settle.
+    n=0
+    while [ "$carrier" = 1 ] && [ "$(cat $d/operstate)" != up ] && [ $n -lt 40 ]; do
+        usleep 50000
+        n=$((n + 1))
+    done
+    put_bool carrier "$carrier"
+    put_str operstate "$(cat $d/operstate)"
+    put_num mtu "$(cat $d/mtu)"
+    put_str mac "$(cat $d/address)"
+    put_str driver "$(basename "$(readlink $d/device/driver 2>/dev/null)" 2>/dev/null)"
+    features=$(cat $d/device/features 2>/dev/null) || fail "no virtio feature bits in $d/device/features"
+    put_str features "$features"
+    bits="" names=""
+    i=0
+    while [ $i -lt ${#features} ]; do
+        if [ "${features:$i:1}" = 1 ]; then
+            bits="$bits${bits:+, }$i"
+            n=$(feature_name $i)
+            [ -n "$n" ] && names="$names${names:+, }\"$n\""
+        fi
+        i=$((i + 1))
+    done
+    put_raw feature_bits "[$bits]"
+    put_raw feature_names "[$names]"
+}
+
+w_ping() {
+    target=$(p target 10.0.2.2) count=$(p count 3) interval=$(p interval 1)
+    need_num count "$count"; need_num interval "$interval"
+    put_str target "$target"
+    out=$(ping -c "$count" -i "$interval" -W 2 "$target" 2>&1)
+    echo "$out"
+    tx=$(echo "$out" | sed -n 's/^\([0-9]*\) packets transmitted.*/\1/p')
+    rx=$(echo "$out" | sed -n 's/.*transmitted, \([0-9]*\) packets received.*/\1/p')
+    loss=$(echo "$out" | sed -n 's/.* \([0-9.]*\)% packet loss.*/\1/p')
+    [ -n "$tx" ] || fail "ping gave no summary: $(echo "$out" | tail -n 1)"
+    put_num transmitted "$tx"; put_num received "$rx"; put_num loss_pct "$loss"
+    rtt=$(echo "$out" | sed -n 's#.*min/avg/max = \([0-9.]*\)/\([0-9.]*\)/\([0-9.]*\) ms.*#\1 \2 \3#p')
+    set -- $rtt
+    put_num rtt_min_ms "${1-}"; put_num rtt_avg_ms "${2-}"; put_num rtt_max_ms "${3-}"
+    [ "${rx:-0}" -gt 0 ] || fail "no reply from $target"
+}
+
+# Write one pktgen command and check pktgen's verdict (it reports errors in the file, not via write).
+pg() {
+    echo "$2" >"$1" 2>/dev/null
+    grep -q '^Result: OK' "$1" || fail "pktgen: '$2' -> $(grep '^Result' "$1")"
+}
+
+w_pktgen_tx() {
+    need_iface
+    [ -d /proc/net/pktgen ] || fail "pktgen module not loaded"
+    size=$(p size 60) count=$(p count 0) duration=$(p duration "")
+    dst=$(p dst 10.0.2.2) dst_mac=$(p dst_mac ff:ff:ff:ff:ff:ff) clone=$(p clone_skb 1000)
+    need_num size "$size"; need_num count "$count"; need_num clone_skb "$clone"
+    [ "$count" -gt 0 ] || [ -n "$duration" ] || duration=5
+    [ -z "$duration" ] || need_num duration "$duration"
+    thread=/proc/net/pktgen/kpktgend_0 dev=/proc/net/pktgen/$IFACE
+    echo rem_device_all >$thread
+    echo "add_device $IFACE" >$thread
+    [ -e $dev ] || fail "pktgen: could not add $IFACE"
+    if [ -n "$duration" ]; then pg $dev "count 0"; else pg $dev "count $count"; fi
+    pg $dev "clone_skb $clone"
+    pg $dev "pkt_size $size"
+    pg $dev "delay 0"
+    pg $dev "dst $dst"
+    pg $dev "dst_mac $dst_mac"
+    if [ -n "$duration" ]; then
+        # count 0 runs forever: start in the background, stop through pgctrl after the duration.
+        echo start >/proc/net/pktgen/pgctrl &
+        starter=$!
+        sleep "$duration"
+        echo stop >/proc/net/pktgen/pgctrl
+        wait $starter
+    else
+        echo start >/proc/net/pktgen/pgctrl
+    fi
+    res=$(grep -A 1 '^Result: OK' $dev)
+    echo "$res"
+    usec=$(echo "$res" | sed -n 's/^Result: OK: \([0-9]*\)(.*/\1/p')
+    pkts=$(echo "$res" | sed -n 's/.* usec, \([0-9]*\) (.*/\1/p')
+    errors=$(echo "$res" | sed -n 's/.*errors: \([0-9]*\).*/\1/p')
+    [ -n "$usec" ] && [ -n "$pkts" ] || fail "pktgen gave no result: $(grep '^Result' $dev)"
+    put_num size "$size"; put_num packets "$pkts"; put_num bytes $((pkts * size)); put_num errors "$errors"
+    put_num seconds "$(awk -v u="$usec" 'BEGIN { printf "%.6f", u / 1e6 }')"
+    put_num pps "$(awk -v u="$usec" -v n="$pkts" 'BEGIN { printf "%.1f", (u > 0 ? n * 1e6 / u : 0) }')"
+    echo rem_device_all >$thread
+}
+
+w_rx_count() {
+    need_iface
+    duration=$(p duration 5); need_num duration "$duration"
+    p0=$(stat_of rx_packets) b0=$(stat_of rx_bytes) d0=$(stat_of rx_dropped) t0=$(uptime_s)
+    # Tell a peer waiting on the console that counting has started (workload stdout goes to a log).
+    echo "nicsim: rx-count: counting for $duration s" >/dev/console
+    sleep "$duration"
+    p1=$(stat_of rx_packets) b1=$(stat_of rx_bytes) d1=$(stat_of rx_dropped) t1=$(uptime_s)
+    secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
+    put_num packets $((p1 - p0)); put_num bytes $((b1 - b0)); put_num dropped $((d1 - d0))
+    put_num seconds "$secs"
+    put_num pps "$(awk -v n=$((p1 - p0)) -v s="$secs" 'BEGIN { printf "%.1f", (s > 0 ? n / s : 0) }')"
+}
+
+# Report the useful numbers of an iperf3 -J document (flattened into $1).
+iperf_fields() {
+    flat=$1
+    err=$(jget error "$flat")
+    [ -z "$err" ] || fail "iperf3: $err"
+    [ -n "$(jget end.sum_sent.seconds "$flat")$(jget end.sum.seconds "$flat")" ] ||
+        fail "iperf3 produced no summary"
+    sent=$(jget end.sum_sent.bits_per_second "$flat") recv=$(jget end.sum_received.bits_per_second "$flat")
+    [ -n "$sent" ] || sent=$(jget end.sum.bits_per_second "$flat")
+    [ -n "$recv" ] || recv=$(jget end.sum.bits_per_second "$flat")
+    put_num sent_bps "$sent"; put_num received_bps "$recv"
+    put_num sent_bytes "$(jget end.sum_sent.bytes "$flat")"
+    put_num received_bytes "$(jget end.sum_received.bytes "$flat")"
+    put_num seconds "$(jget end.sum_received.seconds "$flat")"
+    retr=$(jget end.sum_sent.retransmits "$flat")
+    [ -z "$retr" ] || put_num retransmits "$retr" # TCP only
+    lost=$(jget end.sum.lost_packets "$flat") pkts=$(jget end.sum.packets "$flat")
+    if [ -n "$lost$pkts" ]; then
+        put_num lost_packets "$lost"; put_num packets "$pkts"
+        put_num lost_pct "$(jget end.sum.lost_percent "$flat")"; put_num jitter_ms "$(jget end.sum.jitter_ms "$flat")"
+    fi
+    put_num cpu_host_pct "$(jget end.cpu_utilization_percent.host_total "$flat")"
+    put_num cpu_remote_pct "$(jget end.cpu_utilization_percent.remote_total "$flat")"
+}
+
+w_iperf3_client() {
+    server=$(p server 10.0.2.2) time=$(p time 5) proto=$(p proto tcp) reverse=$(p reverse 0)
+    need_num time "$time"
+    set -- -c "$server" -t "$time" -J -i 0 --connect-timeout 5000
+    case $proto in tcp) ;; udp) set -- "$@" -u ;; *) fail "proto must be tcp or udp, got '$proto'" ;; esac
+    case $reverse in 0) ;; 1) set -- "$@" -R ;; *) fail "reverse must be 0 or 1, got '$reverse'" ;; esac
+    [ -z "$(p length "")" ] || set -- "$@" -l "$(p length "")"
+    [ -z "$(p bandwidth "")" ] || set -- "$@" -b "$(p bandwidth "")"
+    [ -z "$(p port "")" ] || set -- "$@" -p "$(p port "")"
+    [ -z "$(p parallel "")" ] || set -- "$@" -P "$(p parallel "")"
+    put_str server "$server"; put_str proto "$proto"; put_num reverse "$reverse"
+    iperf3 "$@" >"$WORK/iperf.$IDX.json" 2>"$WORK/iperf.$IDX.err"
+    jflat <"$WORK/iperf.$IDX.json" >"$WORK/iperf.$IDX.flat"
+    [ -s "$WORK/iperf.$IDX.flat" ] || fail "iperf3 failed: $(tail -n 1 "$WORK/iperf.$IDX.err")"
+    iperf_fields "$WORK/iperf.$IDX.flat"
+}
+
+w_iperf3_server() {
+    set -- -s -1 -J -i 0
+    [ -z "$(p port "")" ] || set -- "$@" -p "$(p port "")"
+    iperf3 "$@" >"$WORK/iperf.$IDX.json" 2>"$WORK/iperf.$IDX.err"
+    jflat <"$WORK/iperf.$IDX.json" >"$WORK/iperf.$IDX.flat"
+    [ -s "$WORK/iperf.$IDX.flat" ] || fail "iperf3 server failed: $(tail -n 1 "$WORK/iperf.$IDX.err")"
+    iperf_fields "$WORK/iperf.$IDX.flat"
+}
+
+run_workload() {
+    IDX=$1 name=$2 params=$3
+    FIELDS=$WORK/fields.$IDX ERRFILE=$WORK/error.$IDX
+    old_ifs=$IFS; IFS=,
+    for kv in $params; do
+        k=${kv%%=*} v=${kv#*=}
+        k=$(printf '%s' "$k" | tr - _)
+        case $k in '' | *[!a-z0-9_]*) fail "bad parameter '$kv'" ;; esac
+        [ "$kv" != "$k" ] || fail "parameter '$kv' has no value"
+        eval "P_$k=\$v"
+    done
+    IFS=$old_ifs
+    case $name in
+    sleep) w_sleep ;;
+    shell) w_shell ;;
+    link) w_link ;;
+    ping) w_ping ;;
+    pktgen-tx) w_pktgen_tx ;;
+    rx-count) w_rx_count ;;
+    iperf3-client) w_iperf3_client ;;
+    iperf3-server) w_iperf3_server ;;
+    *) fail "unknown workload '$name'" ;;
+    esac
+    exit 0
+}
+
+if [ "${1-}" = --workload ]; then
+    run_workload "$2" "$3" "${4-}"
+fi
+
+# ---------------------------------------------------------------- PID 1 mode
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t tmpfs tmpfs /tmp
+mkdir -p $WORK
+# Only critical kernel messages on the console, so result lines are not interleaved with noise.
+echo 2 >/proc/sys/kernel/printk
+hostname nicsim-guest
+
+while read -r ko; do
+    insmod "$ko" || echo "nicsim: insmod $ko failed" >/dev/console
+done </lib/nicsim/modules.order
+
+cmdline_value() { for w in $(cat /proc/cmdline); do case $w in "$1="*) printf '%s' "${w#*=}" ;; esac; done; }
+MAC=$(cmdline_value nicsim.mac)
+IPCIDR=$(cmdline_value nicsim.ip)
+MTU=$(cmdline_value nicsim.mtu)
+RUN=$(cmdline_value nicsim.run)
+
+ip link set lo up
+if [ -d /sys/class/net/$IFACE ]; then
+    [ -z "$MAC" ] || ip link set $IFACE address "$MAC" || echo "nicsim: cannot set MAC $MAC"
+    [ -z "$MTU" ] || ip link set $IFACE mtu "$MTU" || echo "nicsim: cannot set MTU $MTU"
+    ip link set $IFACE up
+    [ -z "$IPCIDR" ] || ip addr add "$IPCIDR" dev $IFACE || echo "nicsim: cannot set address $IPCIDR"
+    # Carrier normally follows at once; give a slow backend up to 3 s, then carry on regardless.
+    n=0
+    while [ "$(cat /sys/class/net/$IFACE/carrier 2>/dev/null)" != 1 ] && [ $n -lt 60 ]; do
+        usleep 50000
+        n=$((n + 1))
+    done
+else
+    echo "nicsim: no $IFACE; running the workloads anyway"
+fi
+echo NICSIM-READY
+
+# The deadline of a workload: its own duration plus a margin, or timeout= when given.
+deadline() {
+    name=$1 params=$2
+    t=$(echo ",$params," | sed -n 's/.*,timeout=\([0-9]*\),.*/\1/p')
+    [ -z "$t" ] || { echo "$t"; return; }
+    get() { echo ",$params," | sed -n "s/.*,$1=\([0-9.]*\),.*/\1/p"; }
+    case $name in
+    ping) awk -v c="$(get count)" -v i="$(get interval)" 'BEGIN { if (c == "") c = 3; if (i == "") i = 1; printf "%d", c * i + 15 }' ;;
+    iperf3-client) awk -v t="$(get time)" 'BEGIN { if (t == "") t = 5; printf "%d", t + 20 }' ;;
+    iperf3-server) echo 60 ;;
+    pktgen-tx | rx-count) awk -v d="$(get duration)" 'BEGIN { if (d == "") d = 5; printf "%d", d + 60 }' ;;
+    sleep) awk -v s="$(get seconds)" 'BEGIN { if (s == "") s = 1; printf "%d", s + 10 }' ;;
+    *) echo 15 ;;
+    esac
+}
+
+idx=0
+IFS_SAVE=$IFS
+IFS=';'
+set -- $RUN
+IFS=$IFS_SAVE
+for spec in "$@"; do
+    [ -n "$spec" ] || continue
+    idx=$((idx + 1))
+    name=${spec%%,*}
+    case $spec in *,*) params=${spec#*,} ;; *) params= ;; esac
+    rm -f $WORK/fields.$idx $WORK/error.$idx
+    log=$WORK/log.$idx
+    if [ "$name" = shell ]; then
+        /bin/sh /init --workload $idx "$name" "$params"
+        rc=$?
+    else
+        limit=$(deadline "$name" "$params")
+        # Own session => own process group, so the deadline kills the workload and all its children.
+        setsid /bin/sh /init --workload $idx "$name" "$params" </dev/null >"$log" 2>&1 &
+        pid=$!
+        # The verdict is written before the kill, so it is there when wait returns.
+        (sleep "$limit"; echo "timed out after $limit s" >$WORK/timeout.$idx; kill -KILL -"$pid" 2>/dev/null) &
+        watcher=$!
+        wait $pid
+        rc=$?
+        kill $watcher 2>/dev/null
+        wait $watcher 2>/dev/null
+        [ -e $WORK/timeout.$idx ] && printf '%s' "$(cat $WORK/timeout.$idx)" >$WORK/error.$idx
+    fi
+    line="{\"workload\": \"$(jstr "$name")\", \"ok\": "
+    if [ $rc -eq 0 ] && [ ! -e $WORK/error.$idx ]; then line="${line}true"; else line="${line}false"; fi
+    if [ -e $WORK/fields.$idx ]; then
+        while IFS= read -r f; do line="$line, $f"; done <$WORK/fields.$idx
+    fi
+    if [ $rc -ne 0 ] || [ -e $WORK/error.$idx ]; then
+        err=$(cat $WORK/error.$idx 2>/dev/null)
+        [ -n "$err" ] || err="exit status $rc: $(tail -n 1 "$log" 2>/dev/null)"
+        line="$line, \"error\": \"$(jstr "$err")\""
+    fi
+    echo "NICSIM-RESULT $line}"
+done
+
+echo NICSIM-DONE
+sync
+poweroff -f
+# poweroff -f should not return; if it does, PID 1 must not exit (that panics), so wait for the end.
+sleep 5
+echo o >/proc/sysrq-trigger
+while :; do sleep 60; done
