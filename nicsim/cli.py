@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         "virtio-net backend and measure its network throughput.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name in SUBCOMMANDS.items():
+    for module_name in SUBCOMMANDS.values():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
