@@ -1,0 +1,210 @@
+"""``nicsim serve``: run the vhost-user virtio-net backend on one or more sockets until SIGINT/SIGTERM.
+
+This module owns the command-line contract of the backend daemon (the benchmark relies on it): the
+options, the port specification (``NAME[,key=value...]``), the periodic stats line for a person, the
+JSON stats file rewritten atomically every ``--stats-interval`` seconds and at exit, and the graceful
+shutdown (every session closed, so every guest buffer is returned and every pool closed, socket files
+removed, exit code 0). The serving itself is :mod:`nicsim.server`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from nicsim.device import VirtioNetDevice
+from nicsim.policy import NotifyPolicy
+from nicsim.ports import PORTS, GeneratorConfig, GeneratorPort, Port, ResponderConfig, ResponderPort
+from nicsim.server import DEFAULT_MAX_QUEUE_SIZE, Server
+from rings.pool import PacketPool
+
+EPILOG = """\
+ports:
+  responder   (default) answers ARP, ICMP echo and UDP echo (port 7) as 10.0.2.2 / 52:54:00:00:00:02;
+              keys: ip=, mac=, udp_echo_port=
+  sink        counts what the guest sends and discards it
+  generator   sends UDP frames into the guest as fast as it posts buffers;
+              keys: size= (frame bytes without FCS, default 64), count=, rate_pps=, dst_mac=, src_mac=,
+              src_ip=, dst_ip=, sport=, dport=
+  reflect     sends every frame back to the guest
+
+examples:
+  nicsim serve --socket /tmp/nicsim.sock
+  nicsim serve --socket /tmp/a.sock --socket /tmp/b.sock --port generator,size=1500 --stats-file s.json
+
+  then start QEMU (under TCG add vectors=0: QEMU 7.2 crashes with vhost-user and MSI-X there):
+    qemu-system-x86_64 -accel tcg -m 256 \\
+      -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \\
+      -chardev socket,id=c0,path=/tmp/nicsim.sock \\
+      -netdev vhost-user,id=n0,chardev=c0 \\
+      -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,vectors=0 ...
+  share=on is required: without it the backend cannot see the guest's memory.
+  With --client, QEMU listens instead: -chardev socket,id=c0,path=/tmp/nicsim.sock,server=on,wait=off
+"""
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the vhost-user virtio-net backend on one or more sockets",
+        description="Serve a virtio-net device to QEMU guests over vhost-user, one device per connection, "
+        "until SIGINT or SIGTERM; then shut down cleanly (every guest buffer returned, pools closed).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--socket", action="append", required=True, type=Path, metavar="PATH",
+        help="a Unix socket to serve a guest on (repeat for several guests); nicsim listens there "
+        "unless --client",
+    )  # fmt: skip
+    parser.add_argument(
+        "--client", action="store_true",
+        help="connect to each socket instead (QEMU listens: chardev server=on), retrying until it "
+        "appears and again after each disconnect",
+    )  # fmt: skip
+    parser.add_argument(
+        "--port", default="responder", metavar="NAME[,KEY=VALUE...]",
+        help=f"what is on the other end of the wire: {', '.join(PORTS)} (default: responder; see below)",
+    )
+    parser.add_argument(
+        "--queue-size", type=int, default=DEFAULT_MAX_QUEUE_SIZE, metavar="N",
+        help=f"largest ring size accepted from the frontend (default: {DEFAULT_MAX_QUEUE_SIZE})",
+    )
+    parser.add_argument(
+        "--pool-size", type=int, default=4096, metavar="N",
+        help="packet pool descriptors per device: guest buffers in flight at once (default: 4096)",
+    )
+    parser.add_argument(
+        "--stats-interval", type=float, default=1.0, metavar="S",
+        help="seconds between stats lines and stats-file rewrites (default: 1)",
+    )
+    parser.add_argument(
+        "--stats-file", type=Path, metavar="FILE",
+        help="JSON snapshot (pool usage/high_water, per-queue packets, bytes, drops, kicks, interrupts), "
+        "rewritten atomically every interval and at exit",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no periodic stats lines, warnings only")
+
+
+_CONFIGS: dict[str, type[Any]] = {"generator": GeneratorConfig, "responder": ResponderConfig}
+
+
+def parse_port(spec: str) -> Port:
+    """Build a port from ``NAME[,key=value...]``; ValueError says what is wrong."""
+    name, *items = spec.split(",")
+    if name not in PORTS:
+        raise ValueError(f"unknown port {name!r}; built-in ports: {', '.join(PORTS)}")
+    kwargs: dict[str, Any] = {}
+    config_cls = _CONFIGS.get(name)
+    fields = {f.name: f for f in dataclasses.fields(config_cls)} if config_cls else {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if key == "rate":
+            key = "rate_pps"
+        if not sep or key not in fields:
+            known = ", ".join(fields) or "none"
+            raise ValueError(f"port {name}: bad option {item!r} (known keys: {known})")
+        default = fields[key].default
+        if isinstance(default, str):
+            kwargs[key] = value
+        elif key == "rate_pps":
+            kwargs[key] = float(value)
+        else:
+            kwargs[key] = int(value)
+    if name == "generator":
+        cfg = GeneratorConfig(**kwargs)
+        if not 14 <= cfg.size <= 1514 + 4:
+            raise ValueError(f"generator size={cfg.size}: a frame needs 14..1518 bytes")
+        return GeneratorPort(cfg)
+    if name == "responder":
+        return ResponderPort(ResponderConfig(**kwargs))
+    return PORTS[name]()
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write then rename, so a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or Path("."))
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _summary(snap: dict[str, Any]) -> str:
+    parts = []
+    for q in snap.get("queues", []):
+        parts.append(f"q{q['index']} {q['packets']}p/{q['kicks']}k/{q['interrupts']}i")
+    pool = snap.get("pool", {})
+    drops = snap.get("drops_total", 0)
+    return f"{' '.join(parts) or 'no queues'} drops={drops} pool={pool.get('usage')}/{pool.get('high_water')}"
+
+
+async def serve(args: argparse.Namespace) -> int:
+    parse_port(args.port).close()  # refuse a bad --port before listening
+
+    def make_device() -> VirtioNetDevice:
+        return VirtioNetDevice(port=parse_port(args.port), pool=PacketPool(args.pool_size, name="virtio-net"),
+                               policy=NotifyPolicy())  # fmt: skip
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    server = Server(args.socket, make_device, client=args.client, max_queue_size=args.queue_size)
+    try:
+        await server.start()
+        where = ", ".join(str(p) for p in args.socket)
+        print(f"nicsim serve: {'connecting to' if args.client else 'listening on'} {where}; port {args.port}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), args.stats_interval)
+            snap = server.snapshot()
+            if args.stats_file is not None:
+                write_json_atomic(args.stats_file, snap)
+            if not args.quiet and not stop.is_set():
+                for ep in snap["sockets"]:
+                    state = "up" if ep["connected"] else "idle"
+                    print(f"{Path(ep['path']).name} [{state}] {_summary(ep)}", file=sys.stderr, flush=True)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await server.close()
+        if args.stats_file is not None:
+            write_json_atomic(args.stats_file, server.snapshot())
+    if not args.quiet:
+        print("nicsim serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="nicsim serve: %(message)s")  # fmt: skip
+    if args.stats_interval <= 0:
+        print("nicsim serve: --stats-interval must be positive", file=sys.stderr)
+        return 2
+    try:
+        parse_port(args.port).close()
+    except ValueError as err:
+        print(f"nicsim serve: {err}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(args))
+    except (FileExistsError, OSError) as err:
+        print(f"nicsim serve: {err}", file=sys.stderr)
+        return 1

@@ -1,0 +1,387 @@
+"""A vhost-user frontend in Python: what QEMU does to a backend, over a real socket, with no VM.
+
+This module owns ``VhostUserFrontend``: it connects to a backend's Unix socket and, through the
+I/O-free :class:`~nicsim.vhost.FrontendConnection`, runs QEMU 7.2's handshake (features, protocol
+features, queue count, owner, call eventfds, memory table, rings, kick eventfds, enable), moves traffic
+both ways with the driver model of :mod:`rings.driver` laid over guest RAM in a memfd shared with the
+backend (``SharedGuestRam``), stops and restarts rings (GET_VRING_BASE, then SET_VRING_BASE ...),
+replaces the memory table, and sends malformed messages on request (``Malformed``). It is product
+code: use it to test a port or a backend without booting a guest. Every fd it creates it closes in
+:meth:`VhostUserFrontend.close` (idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import mmap
+import os
+import socket
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from nicsim.vhost import FrontendConnection, Outgoing, Reply, Request
+from nicsim.vhost import features as vf
+from nicsim.vhost import payloads as p
+from nicsim.vhost.protocol import FLAG_NEED_REPLY, HEADER, VERSION
+from rings.driver import DEFAULT_REGION_SIZES, Completion, DriverQueue, GuestRam, TxLayout
+from rings.memory import GuestMemory, MemoryRegion
+
+RECV_SIZE = 4096
+_ONE = struct.pack("=Q", 1)
+
+
+class FrontendError(Exception):
+    """The backend refused a request or broke the protocol; ``reply`` is the refusal, if one came."""
+
+    def __init__(self, message: str, reply: Reply | None = None) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+class SharedGuestRam(GuestRam):
+    """``GuestRam`` whose backing bytes live in a memfd, so a backend can map them (``share=on``).
+
+    ``rings.driver.GuestRam`` allocates its own numpy buffer; this subclass lays the same regions, at
+    the same offsets, over a ``MAP_SHARED`` mmap of a memfd, and records each region's offset in it
+    (the ``mmap_offset`` of SET_MEM_TABLE).
+    """
+
+    def __init__(self, region_sizes: Sequence[int] = DEFAULT_REGION_SIZES) -> None:
+        super().__init__(region_sizes)
+        private = self.backing
+        total = int(private.shape[0])
+        self.fd = os.memfd_create("nicsim-guest-ram", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, total)
+            self.mm: mmap.mmap | None = mmap.mmap(self.fd, total, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        backing = np.frombuffer(self.mm, dtype=np.uint8)
+        base = private.__array_interface__["data"][0]
+        regions, offsets = [], []
+        for r in self.regions:
+            off = r.data.__array_interface__["data"][0] - base
+            offsets.append(off)
+            regions.append(MemoryRegion(guest_phys_addr=r.guest_phys_addr, size=r.size,
+                                        user_addr=r.user_addr, data=backing[off : off + r.size]))  # fmt: skip
+        self.mmap_offsets: tuple[int, ...] = tuple(offsets)
+        self.backing = backing
+        self.regions = tuple(regions)
+        # GuestRam reads and writes through ``_own`` and gives the device side ``memory``.
+        self._own = GuestMemory(regions)
+        self.memory = GuestMemory(regions)
+
+    def region_descs(self) -> list[p.MemoryRegionDesc]:
+        return [
+            p.MemoryRegionDesc(guest_phys_addr=r.guest_phys_addr, size=r.size, user_addr=r.user_addr,
+                               mmap_offset=off)
+            for r, off in zip(self.regions, self.mmap_offsets, strict=True)
+        ]
+
+    def close(self) -> None:
+        """Drop the views and unmap (views still held elsewhere delay the unmap); close the memfd."""
+        self._own.release()
+        self.memory.release()
+        self.regions = ()
+        self.backing = np.zeros(0, np.uint8)
+        mm, self.mm = self.mm, None
+        if mm is not None:
+            with contextlib.suppress(BufferError):
+                mm.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Malformed(enum.Enum):
+    """Broken messages ``VhostUserFrontend.send_malformed`` can send (the backend must keep serving)."""
+
+    UNKNOWN_REQUEST = "unknown_request"  # request number 99
+    SHORT_PAYLOAD = "short_payload"  # SET_VRING_NUM with 3 payload bytes, NEED_REPLY
+    BAD_RING_INDEX = "bad_ring_index"  # SET_VRING_NUM for ring 200, NEED_REPLY
+    STRAY_FD = "stray_fd"  # GET_QUEUE_NUM with an fd attached (the backend must close it)
+    UNSHARED_MEMORY = "unshared_memory"  # SET_MEM_TABLE whose fd is a pipe, not shareable memory
+    BAD_VERSION = "bad_version"  # header version 2: fatal, the backend drops the connection
+
+
+class VhostUserFrontend:
+    """One connection to a vhost-user net backend, driving ``pairs`` queue pairs (ring 0 RX, 1 TX...)."""
+
+    def __init__(
+        self, sock: socket.socket, *, queue_size: int = 256, pairs: int = 1,
+        region_sizes: Sequence[int] = DEFAULT_REGION_SIZES,
+    ) -> None:  # fmt: skip
+        self.sock = sock
+        sock.setblocking(False)
+        self.loop = asyncio.get_running_loop()
+        self.conn = FrontendConnection()
+        self.queue_size = queue_size
+        self.pairs = pairs
+        self.ram = SharedGuestRam(region_sizes)
+        self.features = 0
+        self.protocol_features = 0
+        self.queues: dict[int, DriverQueue] = {}
+        self.kick_fds: dict[int, int] = {}
+        self.call_fds: dict[int, int] = {}
+        self._replies: asyncio.Queue[Reply | Exception] = asyncio.Queue()
+        self._interrupted = asyncio.Event()
+        self.interrupts = [0] * (2 * pairs)
+        self._closed = False
+        self._received = 0  # replies decoded so far
+        self._claimed = 0  # replies expected so far (a call() that sends a request claims one)
+        self.loop.add_reader(sock.fileno(), self._on_readable)
+
+    @classmethod
+    async def connect(cls, path: str | Path, **kwargs: object) -> VhostUserFrontend:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, str(path))
+            return cls(sock, **kwargs)  # type: ignore[arg-type]
+        except BaseException:
+            sock.close()
+            raise
+
+    # -- transport --------------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, RECV_SIZE, 4)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:
+            self._replies.put_nowait(err)
+            return
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            self.loop.remove_reader(self.sock.fileno())
+            self._replies.put_nowait(ConnectionResetError("the backend closed the connection"))
+            return
+        try:
+            for reply in self.conn.receive_data(data, fds):
+                self._received += 1
+                self._replies.put_nowait(reply)
+        except Exception as err:
+            self._replies.put_nowait(err)
+        for fd in self.conn.fds_to_close():
+            os.close(fd)
+
+    async def send(self, out: Outgoing) -> None:
+        """Send one message with its fds (duplicated into the backend; ours stay open)."""
+        if out.fds:
+            socket.send_fds(self.sock, [out.data], list(out.fds))
+        else:
+            await self.loop.sock_sendall(self.sock, out.data)
+
+    async def reply(self, timeout: float = 10.0) -> Reply:
+        item = await asyncio.wait_for(self._replies.get(), timeout)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def call(self, out: Outgoing, *, check: bool = True) -> Reply | None:
+        """Send a request; return its reply (or REPLY_ACK) if one is due, raising FrontendError on refusal."""
+        # The request method already registered the reply it expects (if any): claim it.
+        expected = self.conn.replies_pending + self._received
+        await self.send(out)
+        if expected == self._claimed:
+            return None
+        self._claimed = expected
+        reply = await self.reply()
+        if check and not reply.ok:
+            raise FrontendError(f"the backend refused {reply.request.name}", reply)
+        return reply
+
+    # -- the handshake (QEMU 7.2's order) ---------------------------------------------------------
+
+    async def handshake(self, *, event_idx: bool = True, mrg_rxbuf: bool = True) -> int:
+        """GET/SET features and protocol features, queue count, owner, call fds; returns the features."""
+        offered = (await self._u64(self.conn.get_features()))
+        protocol = await self._u64(self.conn.get_protocol_features())
+        want_protocol = protocol & vf.mask((vf.VHOST_USER_PROTOCOL_F_MQ, vf.VHOST_USER_PROTOCOL_F_REPLY_ACK))
+        await self.call(self.conn.set_protocol_features(want_protocol))
+        self.protocol_features = want_protocol
+        queues = await self._u64(self.conn.get_queue_num())
+        if queues < self.pairs:
+            raise FrontendError(f"the backend offers {queues} queue pairs, {self.pairs} wanted")
+        await self.call(self.conn.set_owner())
+        for i in range(2 * self.pairs):
+            self._new_call_fd(i)
+            await self.call(self.conn.set_vring_call(i, self.call_fds[i]))
+        drop = 0 if event_idx else vf.bit(vf.VIRTIO_RING_F_EVENT_IDX)
+        drop |= 0 if mrg_rxbuf else vf.bit(vf.VIRTIO_NET_F_MRG_RXBUF)
+        self.features = offered & ~drop
+        return self.features
+
+    async def start(self, *, base: int = 0) -> None:
+        """SET_FEATURES, the memory table, then every ring (NUM, BASE, ADDR, KICK, CALL, ENABLE)."""
+        await self.call(self.conn.set_features(self.features), check=True)
+        await self.set_memory_table()
+        event_idx = vf.has(self.features, vf.VIRTIO_RING_F_EVENT_IDX)
+        for i in range(2 * self.pairs):
+            self.queues[i] = DriverQueue(self.ram, index=i, size=self.queue_size, event_idx=event_idx,
+                                         start_idx=base)  # fmt: skip
+            await self.start_ring(i, base=base)
+
+    async def set_memory_table(self) -> None:
+        """Send (or re-send: a replacement) the memory table with the memfd; acked when REPLY_ACK."""
+        descs = self.ram.region_descs()
+        await self.call(self.conn.set_mem_table(descs, [self.ram.fd] * len(descs), need_reply=self._ack))
+
+    async def start_ring(self, index: int, *, base: int) -> None:
+        """SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK (a new eventfd), CALL, ENABLE."""
+        q = self.queues[index]
+        a = q.addresses
+        ack = self._ack
+        await self.call(self.conn.set_vring_num(index, q.size, need_reply=ack))
+        await self.call(self.conn.set_vring_base(index, base, need_reply=ack))
+        await self.call(self.conn.set_vring_addr(index, desc=a.desc_uva, used=a.used_uva, avail=a.avail_uva,
+                                                 need_reply=ack))  # fmt: skip
+        old = self.kick_fds.pop(index, None)
+        if old is not None:
+            os.close(old)
+        self.kick_fds[index] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        await self.call(self.conn.set_vring_kick(index, self.kick_fds[index], need_reply=ack))
+        await self.call(self.conn.set_vring_call(index, self.call_fds[index], need_reply=ack))
+        if self.protocol_features:
+            await self.call(self.conn.set_vring_enable(index, True, need_reply=ack))
+
+    async def stop_ring(self, index: int) -> int:
+        """GET_VRING_BASE: the backend stops the ring and says where the next avail entry is."""
+        reply = await self.call(self.conn.get_vring_base(index))
+        assert reply is not None and isinstance(reply.payload, p.VringState)
+        return reply.payload.num
+
+    async def get_features(self) -> int:
+        return await self._u64(self.conn.get_features())
+
+    # -- traffic ----------------------------------------------------------------------------------
+
+    def kick(self, index: int, *, force: bool = False) -> bool:
+        """Notify the backend if the ring asks for it (EVENT_IDX / NO_NOTIFY); True if kicked."""
+        if self.queues[index].should_kick() or force:
+            os.write(self.kick_fds[index], _ONE)
+            return True
+        return False
+
+    def transmit(self, frames: Sequence[bytes], *, pair: int = 0, layout: TxLayout = TxLayout.ONE) -> int:
+        """Post frames on TX ring ``2*pair+1`` (each after a virtio_net_hdr_v1) and kick; returns how many."""
+        q = self.queues[2 * pair + 1]
+        for frame in frames:
+            q.post_tx(frame, layout=layout)
+        self.kick(2 * pair + 1)
+        return len(frames)
+
+    def post_rx(self, count: int, *, pair: int = 0, buf_size: int = 12 + 1514) -> None:
+        self.queues[2 * pair].post_rx(buf_size, count=count)
+        self.kick(2 * pair)
+
+    async def wait_used(self, index: int, count: int, *, timeout: float = 10.0) -> list[Completion]:
+        """Reap used entries of ring ``index`` until ``count`` came (TimeoutError otherwise)."""
+        q = self.queues[index]
+        out: list[Completion] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                out.extend(q.reap(count - len(out)))
+                if len(out) >= count:
+                    return out
+                self._interrupted.clear()
+                # A lost interrupt must not hang a test: look again after a short while anyway.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._interrupted.wait(), 0.05)
+
+    def _new_call_fd(self, index: int) -> None:
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        old = self.call_fds.pop(index, None)
+        if old is not None:
+            self.loop.remove_reader(old)
+            os.close(old)
+        self.call_fds[index] = fd
+        self.loop.add_reader(fd, self._on_call, index, fd)
+
+    def _on_call(self, index: int, fd: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(fd, 8)
+            self.interrupts[index] += 1
+        self._interrupted.set()
+
+    # -- misbehaving on purpose ---------------------------------------------------------------------
+
+    async def send_malformed(self, kind: Malformed) -> Reply | None:
+        """Send one broken message; return the backend's refusal when the message asked for one."""
+        if kind is Malformed.UNKNOWN_REQUEST:
+            await self.send(Outgoing(data=HEADER.pack(99, VERSION, 0)))
+            return None
+        if kind is Malformed.SHORT_PAYLOAD:
+            out = self.conn.set_vring_num(0, self.queue_size, need_reply=self._ack)
+            body = out.data[HEADER.size : HEADER.size + 3]
+            data = HEADER.pack(int(Request.SET_VRING_NUM), VERSION | FLAG_NEED_REPLY, len(body)) + body
+            return await self._refusal(Outgoing(data=data))
+        if kind is Malformed.BAD_RING_INDEX:
+            return await self._refusal(self.conn.set_vring_num(200, self.queue_size, need_reply=self._ack))
+        if kind is Malformed.STRAY_FD:
+            r, w = os.pipe()
+            try:
+                return await self.call(self.conn.request(Request.GET_QUEUE_NUM, fds=(r,)), check=False)
+            finally:
+                os.close(r)
+                os.close(w)
+        if kind is Malformed.UNSHARED_MEMORY:
+            r, w = os.pipe()
+            try:
+                descs = self.ram.region_descs()[:1]
+                return await self._refusal(self.conn.set_mem_table(descs, [r], need_reply=self._ack))
+            finally:
+                os.close(r)
+                os.close(w)
+        assert kind is Malformed.BAD_VERSION
+        await self.send(Outgoing(data=HEADER.pack(int(Request.GET_FEATURES), 2, 0)))
+        return None
+
+    async def _refusal(self, out: Outgoing) -> Reply | None:
+        return await self.call(out, check=False)
+
+    # -- helpers and lifecycle ------------------------------------------------------------------------
+
+    @property
+    def _ack(self) -> bool:
+        return vf.has(self.protocol_features, vf.VHOST_USER_PROTOCOL_F_REPLY_ACK)
+
+    async def _u64(self, out: Outgoing) -> int:
+        reply = await self.call(out)
+        assert reply is not None
+        return reply.value
+
+    async def close(self) -> None:
+        """Disconnect and close every fd and the shared RAM; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        for fd in self.call_fds.values():
+            self.loop.remove_reader(fd)
+            os.close(fd)
+        for fd in self.kick_fds.values():
+            os.close(fd)
+        self.call_fds.clear()
+        self.kick_fds.clear()
+        self.conn.close()
+        for fd in self.conn.fds_to_close():
+            os.close(fd)
+        self.queues.clear()
+        self.ram.close()
+
+    async def __aenter__(self) -> VhostUserFrontend:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,566 @@
+"""The asyncio vhost-user server: sockets, SCM_RIGHTS, memory maps and eventfds around the I/O-free core.
+
+This module owns the I/O of the backend and nothing else (aioquic's ``asyncio/protocol.py`` is the
+model). A ``Server`` has one ``Endpoint`` per socket path: it listens there (QEMU connects), or with
+``client=True`` connects with retry (QEMU listens, ``server=on``), and after a disconnect waits for the
+next connection. Each connection is a ``Session``: a :class:`~nicsim.vhost.BackendConnection` fed
+with the bytes and fds ``recvmsg`` returns, a fresh :class:`~nicsim.device.VirtioNetDevice` (one
+device per connection), the mapped guest memory (:mod:`nicsim.guestmem`) and one
+:class:`~nicsim.notify.RingPump` per ring. The session answers the connection's synchronous
+questions (``DeviceQueries``): GET_VRING_BASE stops the device queue and returns its index. A ring
+runs once it is started (SET_VRING_KICK), enabled and memory exists. Closing a session stops every
+queue (each guest buffer goes back on its used ring and its pool descriptor is freed), closes the
+pool, releases the memory views, unmaps, and closes every fd it was given; a second close is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import socket
+import stat
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nicsim.device import DeviceStateError, VirtioNetDevice
+from nicsim.guestmem import MappedMemory, MappedRegion, MemoryMapError, close_fds
+from nicsim.notify import RingPump, rx_backlog
+from nicsim.vhost import BackendConnection, ConnectionState, InflightBuffer
+from nicsim.vhost import events as ev
+from nicsim.vhost import features as vf
+from rings.errors import RingsError
+from rings.layout import split_ring_sizes
+from rings.split import SplitQueue
+
+log = logging.getLogger("nicsim.server")
+
+MAX_FDS = 16  # more than any message carries (SET_MEM_TABLE: 8); extra ones are refused by the core
+DEFAULT_MAX_QUEUE_SIZE = 1024
+RETRY_INTERVAL = 0.2
+_UCRED = struct.Struct("3i")
+
+
+class SessionState(enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+DeviceFactory = Callable[[], VirtioNetDevice]
+
+
+def _peer_pid(sock: socket.socket) -> int | None:
+    try:
+        pid, _, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    except OSError:
+        return None
+    return pid or None
+
+
+def net_config(mac: bytes, *, status: int, pairs: int, mtu: int) -> bytes:
+    """virtio-net config space (virtio 1.2 §5.1.4): mac, status, max_virtqueue_pairs, mtu."""
+    return mac + struct.pack("<HHH", status, pairs, mtu)
+
+
+class Session:
+    """One vhost-user connection and the device it drives. Implements ``DeviceQueries``."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        device: VirtioNetDevice,
+        *,
+        name: str = "session",
+        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+        on_closed: Callable[[Session], None] | None = None,
+        mac: bytes = b"\x52\x54\x00\x12\x34\x56",
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sock = sock
+        self.device = device
+        self.name = name
+        self.state = SessionState.OPEN
+        self.peer_pid = _peer_pid(sock)
+        self.memory = MappedMemory()
+        self.final_snapshot: dict[str, Any] | None = None
+        self.errors: list[str] = []  # what the frontend did wrong, newest last (bounded)
+        self._on_closed = on_closed
+        self._closed = self.loop.create_future()
+        self._config = net_config(mac, status=1, pairs=device.pairs, mtu=1500)
+        features = device.device_features() | vf.bit(vf.VHOST_USER_F_PROTOCOL_FEATURES)
+        self.conn = BackendConnection(
+            device=self, features=features, queue_pairs=device.pairs, max_queue_size=max_queue_size
+        )
+        n = device.num_queues
+        self.pumps = [RingPump(self.loop, device, i, after_tx=self._after_tx) for i in range(n)]
+        self._started = [False] * n  # by the protocol (SET_VRING_KICK ... GET_VRING_BASE)
+        self._running = [False] * n  # the device queue exists
+        self._wbuf: deque[tuple[bytes, tuple[int, ...]]] = deque()
+        self._writing = False
+        device.on_wakeup = self._on_wakeup
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self._on_readable)
+
+    # -- DeviceQueries ----------------------------------------------------------------------------
+
+    def stop_vring(self, index: int, *, base: int) -> int:
+        self.pumps[index].deactivate()
+        self._started[index] = False
+        if not self._running[index]:
+            return base
+        self._running[index] = False
+        try:
+            return self.device.stop_queue(index)
+        except (DeviceStateError, RingsError) as err:
+            self._note(f"ring {index}: stop failed: {err}")
+            return base
+
+    def read_config(self, offset: int, size: int) -> bytes | None:
+        if offset + size > len(self._config):
+            return None
+        return self._config[offset : offset + size]
+
+    def get_status(self, *, driver_status: int) -> int:
+        return driver_status
+
+    def get_inflight_fd(self, *, num_queues: int, queue_size: int) -> InflightBuffer | None:
+        return None
+
+    # -- socket I/O -------------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            data, fds, flags, _ = socket.recv_fds(self.sock, self.conn.bytes_wanted, MAX_FDS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:
+            log.info("%s: connection lost: %s", self.name, err)
+            self.close()
+            return
+        if flags & socket.MSG_CTRUNC:
+            # Some fds were dropped by the kernel: the message cannot be honoured as sent.
+            self._note(f"control data truncated (more than {MAX_FDS} fds?): closed the {len(fds)} that came")
+            close_fds(fds)
+            fds = []
+        if not data:
+            close_fds(fds)
+            log.info("%s: frontend disconnected", self.name)
+            self.close()
+            return
+        try:
+            events = self.conn.receive_data(data, fds)
+        except Exception:
+            # A bug on our side, not the frontend's: drop this connection, keep the server serving.
+            log.exception("%s: protocol core failed; closing the connection", self.name)
+            self.close()
+            return
+        for event in events:
+            self._apply(event)
+        self._flush()
+        if self.conn.state is ConnectionState.CLOSED:
+            self.close()
+
+    def _flush(self) -> None:
+        for out in self.conn.data_to_send():
+            self._wbuf.append((out.data, out.fds))
+        close_fds(self.conn.fds_to_close())
+        self._write()
+
+    def _write(self) -> None:
+        while self._wbuf:
+            data, fds = self._wbuf[0]
+            try:
+                sent = socket.send_fds(self.sock, [data], list(fds)) if fds else self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as err:
+                log.info("%s: send failed: %s", self.name, err)
+                self.loop.call_soon(self.close)
+                return
+            if sent < len(data):
+                self._wbuf[0] = (data[sent:], () if sent else fds)
+                if not self._writing:
+                    self.loop.add_writer(self.sock.fileno(), self._write)
+                    self._writing = True
+                return
+            self._wbuf.popleft()
+        if self._writing:
+            self.loop.remove_writer(self.sock.fileno())
+            self._writing = False
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def _apply(self, event: ev.Event) -> None:
+        try:
+            self._dispatch(event)
+        except (MemoryMapError, DeviceStateError, RingsError, ValueError, OSError) as err:
+            self._note(f"{type(event).__name__}: {err}")
+            self.conn.reject(event, str(err))
+
+    def _dispatch(self, event: ev.Event) -> None:
+        if isinstance(event, ev.ProtocolErrorOccurred):
+            self._note(f"{event.request} refused in state {event.state}: {event.reason}"
+                       + (" (fatal)" if event.fatal else ""))  # fmt: skip
+        elif isinstance(event, ev.FeaturesSet):
+            self.device.set_features(event.features & self.device.device_features())
+        elif isinstance(event, ev.MemoryTableSet):
+            self._set_table(event.regions)
+        elif isinstance(event, ev.MemoryRegionAdded):
+            self._add_region(event.region)
+        elif isinstance(event, ev.MemoryRegionRemoved):
+            self.device.set_memory(None)
+            key = (event.guest_phys_addr, event.user_addr, event.size)
+            self.device.set_memory(self.memory.remove(key))
+        elif isinstance(event, ev.VringKickSet):
+            self.pumps[event.index].set_kick(event.fd)
+        elif isinstance(event, ev.VringCallSet):
+            self.pumps[event.index].set_call(event.fd)
+        elif isinstance(event, ev.VringErrSet):
+            self.pumps[event.index].set_err(event.fd)
+        elif isinstance(event, ev.VringStarted):
+            self._started[event.index] = True
+            self._sync(event.index)
+        elif isinstance(event, ev.VringEnabled):
+            self._sync(event.index)
+        elif isinstance(event, ev.LogBaseSet | ev.LogFdSet | ev.BackendReqFdSet | ev.InflightFdSet):
+            close_fds([event.fd])  # features we never offer; the fd is ours to close
+            self._note(f"{type(event).__name__} ignored: not offered")
+
+    def _map(self, region: ev.MemoryRegion) -> MappedRegion:
+        try:
+            return MappedRegion.map(
+                fd=region.fd, guest_phys_addr=region.guest_phys_addr, size=region.size,
+                user_addr=region.user_addr, mmap_offset=region.mmap_offset, peer_pid=self.peer_pid,
+            )  # fmt: skip
+        finally:
+            close_fds([region.fd])  # the mapping, if any, keeps the memory
+
+    def _set_table(self, regions: Sequence[ev.MemoryRegion]) -> None:
+        mapped: list[MappedRegion] = []
+        try:
+            for i, r in enumerate(regions):
+                try:
+                    mapped.append(self._map(r))
+                except MemoryMapError:
+                    close_fds(x.fd for x in regions[i + 1 :])
+                    raise
+        except MemoryMapError:
+            for m in mapped:
+                m.close()
+            raise
+        # The device lets go of the old table before it is released and unmapped.
+        self.device.set_memory(None)
+        try:
+            self.device.set_memory(self.memory.replace(mapped))
+        finally:
+            for i in range(self.device.num_queues):
+                self._sync(i)
+
+    def _add_region(self, region: ev.MemoryRegion) -> None:
+        m = self._map(region)
+        self.device.set_memory(None)
+        try:
+            self.device.set_memory(self.memory.add(m))
+        except ValueError:
+            m.close()
+            self.device.set_memory(self.memory.memory)
+            raise
+        for i in range(self.device.num_queues):
+            self._sync(i)
+
+    def _sync(self, index: int) -> None:
+        """Bring the device queue and the pump in line with started / enabled / memory."""
+        ring = self.conn.rings[index]
+        mem = self.memory.memory
+        if self._started[index] and not self._running[index] and mem is not None:
+            assert ring.addr is not None
+            dsize, asize, usize = split_ring_sizes(ring.num)
+            a = ring.addr
+            used = mem.uva_to_gpa(a.used_user_addr, usize)
+            # Start from the used index the ring holds (libvhost-user does the same): after a stop
+            # every chain was returned, so it equals the base; after a driver reset both are 0.
+            used_idx = int(mem.view_as(used + 2, np.dtype("<u2"), 1)[0])
+            q = SplitQueue(
+                index=index, size=ring.num, desc_addr=mem.uva_to_gpa(a.desc_user_addr, dsize),
+                avail_addr=mem.uva_to_gpa(a.avail_user_addr, asize), used_addr=used,
+                last_avail_idx=ring.base & 0xFFFF, used_idx=used_idx,
+            )  # fmt: skip
+            self.device.start_queue(index, q)
+            self._running[index] = True
+        if self._running[index] and ring.enabled and mem is not None:
+            self.pumps[index].activate()
+        else:
+            self.pumps[index].deactivate()
+
+    def _on_wakeup(self, index: int) -> None:
+        if self.state is SessionState.OPEN:
+            self.pumps[index].wake()
+
+    def _after_tx(self, pair: int) -> None:
+        if rx_backlog(self.device, pair):
+            self.pumps[2 * pair].wake()
+
+    def _note(self, message: str) -> None:
+        log.warning("%s: %s", self.name, message)
+        self.errors.append(message)
+        del self.errors[:-50]
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    def snapshot(self) -> dict[str, Any]:
+        if self.final_snapshot is not None:
+            return self.final_snapshot
+        return self.device.snapshot()
+
+    def close(self) -> None:
+        """Stop every ring, close the pool, unmap memory and close every fd. Idempotent."""
+        if self.state is SessionState.CLOSED:
+            return
+        self.state = SessionState.CLOSED
+        try:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(self.sock.fileno())
+                if self._writing:
+                    self.loop.remove_writer(self.sock.fileno())
+            for i, pump in enumerate(self.pumps):
+                pump.deactivate()
+                if self._running[i]:
+                    self._running[i] = False
+                    try:
+                        self.device.stop_queue(i)
+                    except (DeviceStateError, RingsError) as err:
+                        log.error("%s: ring %d: stop failed: %s", self.name, i, err)
+            self.final_snapshot = self.device.snapshot()
+            try:
+                self.device.shutdown()
+            except Exception:
+                log.exception("%s: device shutdown failed", self.name)
+        finally:
+            for pump in self.pumps:
+                pump.close()
+            self.device.set_memory(None)
+            self.memory.close()
+            self.conn.close()
+            close_fds(self.conn.fds_to_close())
+            self.sock.close()
+            if not self._closed.done():
+                self._closed.set_result(None)
+            if self._on_closed is not None:
+                self._on_closed(self)
+
+
+class Endpoint:
+    """One socket path: listens (or connects, ``client=True``) and runs one session at a time."""
+
+    def __init__(
+        self, path: Path, make_device: DeviceFactory, *, client: bool = False,
+        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE, retry_interval: float = RETRY_INTERVAL,
+    ) -> None:  # fmt: skip
+        self.path = Path(path)
+        self.make_device = make_device
+        self.client = client
+        self.max_queue_size = max_queue_size
+        self.retry_interval = retry_interval
+        self.session: Session | None = None
+        self.last: Session | None = None
+        self.connections = 0
+        self._listener: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._session_changed = asyncio.Event()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.client:
+            self._task = loop.create_task(self._connect_loop())
+            return
+        _remove_stale_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(self.path))
+            sock.listen(4)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._listener = sock
+        loop.add_reader(sock.fileno(), self._on_accept)
+
+    def _on_accept(self) -> None:
+        assert self._listener is not None
+        try:
+            conn, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:
+            log.warning("%s: accept failed: %s", self.path, err)
+            return
+        if self.session is not None:
+            log.warning("%s: refused a second frontend while one is connected", self.path)
+            conn.close()
+            return
+        self._start_session(conn)
+
+    def _start_session(self, conn: socket.socket) -> None:
+        self.connections += 1
+        device = None
+        try:
+            device = self.make_device()
+            self.session = Session(
+                conn, device, name=f"{self.path.name}#{self.connections}",
+                max_queue_size=self.max_queue_size, on_closed=self._session_closed,
+            )  # fmt: skip
+        except BaseException:
+            if device is not None:
+                device.shutdown()
+            conn.close()
+            raise
+        log.info("%s: frontend connected (pid %s)", self.path, self.session.peer_pid)
+        self._session_changed.set()
+
+    def _session_closed(self, session: Session) -> None:
+        if self.session is session:
+            self.session = None
+        self.last = session
+        self._session_changed.set()
+
+    async def _connect_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, str(self.path))
+            except (FileNotFoundError, ConnectionRefusedError, OSError):
+                sock.close()
+                await asyncio.sleep(self.retry_interval)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            self._start_session(sock)
+            assert self.session is not None
+            await self.session.wait_closed()
+
+    async def wait_session(self, *, connections: int = 1) -> Session:
+        """Wait until the ``connections``-th frontend is connected (for tests and tools)."""
+        while True:
+            if self.connections >= connections and self.session is not None:
+                return self.session
+            self._session_changed.clear()
+            await self._session_changed.wait()
+
+    async def wait_idle(self) -> None:
+        """Wait until no frontend is connected."""
+        while self.session is not None:
+            self._session_changed.clear()
+            await self._session_changed.wait()
+
+    def snapshot(self) -> dict[str, Any]:
+        sess = self.session or self.last
+        snap: dict[str, Any] = sess.snapshot() if sess is not None else {"queues": [], "drops_total": 0}
+        snap = dict(snap)
+        snap.setdefault("pool", {"usage": 0, "high_water": 0, "capacity": 0})
+        snap["queues"] = [{"index": q.get("queue"), **q} for q in snap.get("queues", [])]
+        snap.update(path=str(self.path), connected=self.session is not None, connections=self.connections)
+        return snap
+
+    async def close(self) -> None:
+        """Stop accepting, close the current session, remove the socket file. Idempotent."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._listener is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        if self.session is not None:
+            self.session.close()
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Unlink a socket file nobody listens on (left by a killed server); refuse one still in use."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()
+        return
+    finally:
+        probe.close()
+    raise FileExistsError(f"{path}: another backend is listening on it")
+
+
+class Server:
+    """Serves a vhost-user virtio-net device on each of ``paths`` (``make_device``: one per connection)."""
+
+    def __init__(
+        self, paths: Sequence[str | Path], make_device: DeviceFactory, *, client: bool = False,
+        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE, retry_interval: float = RETRY_INTERVAL,
+    ) -> None:  # fmt: skip
+        if not paths:
+            raise ValueError("the server needs at least one socket path")
+        self.endpoints = [
+            Endpoint(Path(p), make_device, client=client, max_queue_size=max_queue_size,
+                     retry_interval=retry_interval)
+            for p in paths
+        ]  # fmt: skip
+        self.started_at = time.monotonic()
+        self._started = False
+        self._closed = False
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        try:
+            for ep in self.endpoints:
+                await ep.start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-ready: the first endpoint's device stats at top level, every endpoint under ``sockets``."""
+        eps = [ep.snapshot() for ep in self.endpoints]
+        out = {k: v for k, v in eps[0].items() if k not in ("path", "connected", "connections")}
+        out["uptime"] = round(time.monotonic() - self.started_at, 3)
+        out["sockets"] = eps
+        return out
+
+    async def close(self) -> None:
+        """Close every endpoint (sessions included); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for ep in self.endpoints:
+            await ep.close()
