@@ -1,0 +1,43 @@
+"""``nicsim bench``: boot a test guest and measure its network throughput, backends side by side.
+
+Modules: ``matrix`` (cells, repetitions, min/median/max; pure), ``procstat`` (CPU time from /proc),
+``backend`` (the Backend interface and child-process plumbing), one module per backend — ``serve``
+(nicsim), ``tap`` (QEMU's tap in a namespace, with ``blaster`` as its UDP sender), ``testpmd``
+(DPDK) —, ``runner`` (one guest per run, the measured window), ``report`` (table, JSON, plot),
+``progress`` (stderr) and ``sysinfo`` (versions and machine). The command itself is ``nicsim.cmd_bench``.
+"""
+
+from .backend import Backend, BenchError, RunContext, Session
+from .matrix import Cell, Direction, Plan, Summary, build_plan, ratio
+from .runner import CellResult, Runner, Sample
+from .serve import NicsimBackend
+from .tap import QemuTapBackend
+from .testpmd import DpdkBackend
+
+BACKENDS: dict[str, type[Backend]] = {
+    "nicsim": NicsimBackend,
+    "qemu-tap": QemuTapBackend,
+    "dpdk": DpdkBackend,
+}
+PEERS = ("qemu-tap", "dpdk")
+
+__all__ = [
+    "BACKENDS",
+    "PEERS",
+    "Backend",
+    "BenchError",
+    "Cell",
+    "CellResult",
+    "Direction",
+    "DpdkBackend",
+    "NicsimBackend",
+    "Plan",
+    "QemuTapBackend",
+    "RunContext",
+    "Runner",
+    "Sample",
+    "Session",
+    "Summary",
+    "build_plan",
+    "ratio",
+]

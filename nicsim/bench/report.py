@@ -1,0 +1,187 @@
+"""Rendering results: the table for a person, the JSON document for tools, the plot for a slide.
+
+One row per cell: backend, direction, frame size, pps min / median / max, Gbit/s median, the median
+CPU share of QEMU and of the backend process, nicsim's pool high-water mark (the largest over the
+runs), and the ratio *reference ÷ this row* of the median throughput (pps, or Gbit/s for TCP) against
+the reference backend's row with the same direction and size — nicsim when it is benchmarked. Cells
+that were not measured show their status ("n/a", "skipped", "failed") and the reason is listed
+under the table. The JSON holds every sample. The plot is throughput against frame size, one line
+per backend and direction, and needs matplotlib (``pip install matplotlib``), said so if missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .matrix import Plan, Summary, ratio
+from .runner import CellResult
+
+MATPLOTLIB_HINT = "--plot needs matplotlib: install it with 'pip install matplotlib'"
+
+
+def si(value: float | None, digits: int = 3) -> str:
+    """``123k``, ``1.23M``: throughput figures a person can compare at a glance."""
+    if value is None:
+        return "-"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.{digits}g}{suffix}"
+    return f"{value:.{digits}g}"
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
+
+
+def headline(result: CellResult) -> float | None:
+    """The figure ratios compare: median pps, or median Gbit/s for TCP cells."""
+    measure = "gbps" if result.cell.direction.is_tcp else "pps"
+    s = result.summary(measure)
+    return None if s is None else s.median
+
+
+def reference_of(results: Sequence[CellResult], preferred: str = "nicsim") -> str | None:
+    names = [r.cell.backend for r in results]
+    if preferred in names:
+        return preferred
+    return names[0] if names else None
+
+
+def ratios(results: Sequence[CellResult], reference: str | None) -> dict[tuple[str, str, int], float | None]:
+    """For each non-reference cell, ``reference median ÷ this median`` (``None`` when undefined)."""
+    ref = {(r.cell.direction.value, r.cell.size): headline(r) for r in results if r.cell.backend == reference}
+    out: dict[tuple[str, str, int], float | None] = {}
+    for r in results:
+        if r.cell.backend != reference:
+            out[r.cell.key] = ratio(ref.get((r.cell.direction.value, r.cell.size)), headline(r))
+    return out
+
+
+def _median(s: Summary | None) -> float | None:
+    return None if s is None else s.median
+
+
+def table_rows(results: Sequence[CellResult], reference: str | None) -> list[list[str]]:
+    rat = ratios(results, reference)
+    rows: list[list[str]] = []
+    for r in results:
+        c = r.cell
+        size = str(c.size) if c.size else "-"
+        head = [c.backend, c.direction.value, size]
+        if r.status != "ok":
+            rows.append([*head, r.status, "", "", "", "", "", "", ""])
+            continue
+        pps = r.summary("pps")
+        hw = [s.pool_high_water for s in r.good() if s.pool_high_water is not None]
+        if c.backend == reference:
+            rel = "(ref)"
+        else:
+            value = rat.get(c.key)
+            rel = "-" if value is None else f"{value:.2f}"
+        rows.append([
+            *head,
+            si(None if pps is None else pps.min), si(_median(pps)), si(None if pps is None else pps.max),
+            "-" if r.summary("gbps") is None else f"{_median(r.summary('gbps')):.3f}",
+            pct(_median(r.summary("cpu_qemu_pct"))), pct(_median(r.summary("cpu_backend_pct"))),
+            str(max(hw)) if hw else "-", rel,
+        ])  # fmt: skip
+    return rows
+
+
+def render_table(results: Sequence[CellResult], *, reference: str | None = None) -> str:
+    """The person's table, then one note per cell that was not measured (why)."""
+    reference = reference if reference is not None else reference_of(results)
+    header = ["backend", "dir", "size", "pps min", "pps med", "pps max", "Gbit/s",
+              "CPU QEMU", "CPU backend", "pool HW", f"{reference}÷this"]  # fmt: skip
+    rows = table_rows(results, reference)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    left = {0, 1}
+
+    def fmt(row: list[str]) -> str:
+        pairs = enumerate(zip(row, widths, strict=True))
+        cells = [v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in pairs]
+        return "  ".join(cells).rstrip()
+
+    lines = [fmt(header), fmt(["-" * w for w in widths]), *(fmt(row) for row in rows)]
+    notes = [f"  {r.cell.label()}: {r.status}: {r.reason}" for r in results if r.status != "ok"]
+    failed_runs = [
+        f"  {r.cell.label()} run {i + 1}: {s.error}"
+        for r in results if r.status == "ok" for i, s in enumerate(r.samples) if not s.ok
+    ]  # fmt: skip
+    if notes or failed_runs:
+        lines += ["", "not measured / failed runs:", *notes, *failed_runs]
+    lines += [
+        "",
+        "size: Ethernet frame with FCS (64 B hands 60 bytes to the NIC); Gbit/s counts frame bytes "
+        "without FCS; CPU: share of one core over the measured window (median); pool HW: nicsim's "
+        f"packet pool high-water mark; {reference}÷this: ratio of median pps (Gbit/s for TCP).",
+    ]
+    return "\n".join(lines)
+
+
+def _summary_dict(s: Summary | None) -> dict[str, float] | None:
+    return None if s is None else dataclasses.asdict(s)
+
+
+def cell_json(result: CellResult, ratio_value: float | None) -> dict[str, Any]:
+    c = result.cell
+    return {
+        "backend": c.backend, "direction": c.direction.value, "size": c.size, "frame_len": c.frame_len,
+        "status": result.status, "reason": result.reason,
+        "summary": {m: _summary_dict(result.summary(m))
+                    for m in ("pps", "gbps", "cpu_qemu_pct", "cpu_backend_pct", "pool_high_water")},
+        "ratio_reference_over_this": ratio_value,
+        "samples": [dataclasses.asdict(s) for s in result.samples],
+    }  # fmt: skip
+
+
+def to_json(
+    results: Sequence[CellResult], *, plan: Plan, versions: dict[str, Any], machine: dict[str, Any],
+    config: dict[str, Any], reference: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    reference = reference if reference is not None else reference_of(results)
+    rat = ratios(results, reference)
+    return {
+        "format": "nicsim-bench/1",
+        "config": {**config, "repetitions": plan.repetitions, "duration": plan.duration,
+                   "reference": reference},
+        "versions": versions,
+        "machine": machine,
+        "cells": [cell_json(r, rat.get(r.cell.key)) for r in results],
+    }  # fmt: skip
+
+
+def plot(results: Sequence[CellResult], path: Path) -> str | None:
+    """Write a PNG of pps against frame size, one line per backend and direction; an error or ``None``."""
+    try:
+        matplotlib = importlib.import_module("matplotlib")
+        matplotlib.use("Agg")  # no display on a benchmark host
+        plt = importlib.import_module("matplotlib.pyplot")
+    except ImportError:
+        return MATPLOTLIB_HINT
+    lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for r in results:
+        value = headline(r)
+        if r.cell.direction.is_tcp or value is None:
+            continue
+        lines.setdefault((r.cell.backend, r.cell.direction.value), []).append((r.cell.size, value))
+    if not lines:
+        return "--plot: no frame-size cell was measured, nothing to plot"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (backend, direction), points in sorted(lines.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] / 1e3 for p in points], marker="o",
+                label=f"{backend} guest {direction.upper()}")  # fmt: skip
+    ax.set_xlabel("frame size (bytes, with FCS)")
+    ax.set_ylabel("kpps (median)")
+    ax.set_title("nicsim bench: guest throughput by frame size")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None

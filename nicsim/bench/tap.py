@@ -1,0 +1,110 @@
+"""The ``qemu-tap`` peer: QEMU's own userspace virtio-net on a TAP inside a throwaway network namespace.
+
+Each run creates a namespace ``nicsim-bench-<pid>-<n>`` with ``tap0`` (10.0.2.2/24) and a permanent
+neighbour entry for the guest (so no ARP is needed before the first frame), runs QEMU in it, and
+deletes it afterwards, which deletes the TAP too; nothing is ever addressed outside it. Guest TX:
+pktgen in the guest into the TAP (the guest's own count is the measure; the namespace's kernel drops
+the frames). Guest RX: ``nicsim.bench.blaster`` in the namespace sends UDP to the guest's address only,
+started when the guest is up, for the window plus a margin. TCP: an iperf3 server in the namespace.
+The "backend" CPU column is that sender or iperf3 server; QEMU's tap backend itself runs in QEMU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from qemu.testvm import TapNic
+
+from .backend import PREFIX_LEN, Backend, BenchError, ChildProcess, RunContext, Session, pinned
+from .matrix import Cell, Direction
+
+_counter = itertools.count()
+SEND_MARGIN = 3.0  # the sender outlives the guest's counting window by this much
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def _ip(*argv: str) -> None:
+    done = subprocess.run(["ip", *argv], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"ip {' '.join(argv)}: {done.stderr.strip()}")
+
+
+def python_env() -> dict[str, str]:
+    """The environment for ``python -m nicsim...`` children, importable even when not installed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+class TapSession(Session):
+    def __init__(self, *, nic: TapNic, netns: str, cell: Cell, ctx: RunContext) -> None:
+        super().__init__(nic=nic, netns=netns)
+        self.cell = cell
+        self.ctx = ctx
+        self.children: list[ChildProcess] = []
+
+    def in_ns(self, argv: list[str]) -> list[str]:
+        assert self.netns is not None
+        return ["ip", "netns", "exec", self.netns, *pinned(argv, self.ctx.backend_cpu)]
+
+    async def spawn(self, name: str, argv: list[str]) -> ChildProcess:
+        child = ChildProcess(self.in_ns(argv), self.ctx.workdir / f"{name}.log", env=python_env())
+        self.children.append(child)
+        await child.start()
+        self.pid = child.pid
+        return child
+
+    async def ready(self) -> None:
+        if self.cell.direction is Direction.RX:
+            await self.spawn("blaster", [
+                sys.executable, "-m", "nicsim.bench.blaster", "--dst", self.ctx.guest_ip,
+                "--frame", str(self.cell.frame_len), "--seconds", str(self.ctx.duration + SEND_MARGIN),
+            ])  # fmt: skip
+
+
+class QemuTapBackend(Backend):
+    name = "qemu-tap"
+
+    def unavailable(self) -> str | None:
+        if not Path("/dev/net/tun").exists():
+            return "qemu-tap: /dev/net/tun is missing (load the tun module)"
+        return None
+
+    @contextlib.asynccontextmanager
+    async def session(self, cell: Cell, ctx: RunContext) -> AsyncIterator[Session]:
+        netns = f"nicsim-bench-{os.getpid()}-{next(_counter)}"
+        _ip("netns", "add", netns)
+        sess = TapSession(nic=TapNic(mac=ctx.guest_mac, ifname="tap0"), netns=netns, cell=cell, ctx=ctx)
+        try:
+            for cmd in (
+                ["link", "set", "lo", "up"],
+                ["tuntap", "add", "dev", "tap0", "mode", "tap"],
+                ["addr", "add", f"{ctx.host_ip}/{PREFIX_LEN}", "dev", "tap0"],
+                ["link", "set", "tap0", "up"],
+                ["neigh", "replace", ctx.guest_ip, "lladdr", ctx.guest_mac, "dev", "tap0",
+                 "nud", "permanent"],
+            ):  # fmt: skip
+                _ip("netns", "exec", netns, "ip", *cmd)
+            if cell.direction.is_tcp:
+                server = await sess.spawn("iperf3", ["iperf3", "-s", "-B", ctx.host_ip])
+                # iperf3 must be listening before the guest's client connects; it is up within ms,
+                # and the guest needs seconds to boot, but check it did not die at once.
+                if await server.wait(0.2) is not None:
+                    raise BenchError(f"iperf3 server in {netns} exited: {server.output()}")
+            yield sess
+            for child in sess.children:
+                # SIGINT makes the blaster print its counts. The iperf3 server runs without -1 so
+                # that its CPU time is still readable when the measured window closes.
+                await child.stop()
+                if "nicsim.bench.blaster" in child.argv:
+                    sess.extra["sender"] = child.output(500).strip()
+        finally:
+            for child in sess.children:
+                await child.stop()
+            subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)

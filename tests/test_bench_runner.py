@@ -1,0 +1,139 @@
+"""The benchmark's plumbing without a guest: statuses of cells that cannot run, workloads, peers' argv
+and output parsing, progress, and the command's refusals."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from nicsim.bench import BACKENDS, DpdkBackend, NicsimBackend, QemuTapBackend, RunContext
+from nicsim.bench.matrix import Cell, Direction, build_plan
+from nicsim.bench.progress import Progress, clock
+from nicsim.bench.runner import Runner, measure, skip_runs, workload_for
+from nicsim.bench.serve import high_water, serve_port
+from nicsim.bench.testpmd import build_testpmd_argv, parse_counters
+from nicsim.cli import main
+
+CTX = RunContext(workdir=Path("/nonexistent"), duration=2.0)
+
+
+def test_workloads_measure_what_each_direction_names() -> None:
+    tx = workload_for(Cell(backend="b", direction=Direction.TX, size=64), CTX)
+    assert tx.name == "pktgen-tx" and tx.params["size"] == "60" and tx.params["duration"] == "2.0"
+    assert workload_for(Cell(backend="b", direction=Direction.RX, size=64), CTX).name == "rx-count"
+    up = workload_for(Cell(backend="b", direction=Direction.TCP_TX), CTX)
+    down = workload_for(Cell(backend="b", direction=Direction.TCP_RX), CTX)
+    assert (up.name, up.params["reverse"], down.params["reverse"]) == ("iperf3-client", "0", "1")
+
+
+def test_gbits_are_frame_bytes_over_the_guest_seconds() -> None:
+    cell = Cell(backend="b", direction=Direction.RX, size=1500)
+    m = measure(cell, {"pps": 1000.0, "packets": 2000, "bytes": 2000 * 1496, "seconds": 2.0})
+    assert m["pps"] == 1000.0 and m["gbps"] == 2000 * 1496 * 8 / 2.0 / 1e9
+    tcp = measure(Cell(backend="b", direction=Direction.TCP_TX), {"received_bps": 1.5e9, "seconds": 2})
+    assert tcp["gbps"] == 1.5
+
+
+class Gone(QemuTapBackend):
+    name = "gone"
+
+    def unavailable(self) -> str | None:
+        return "gone: not installed here"
+
+
+async def test_unavailable_backends_are_skipped_and_nonsense_cells_are_na_without_booting(
+    tmp_path: Path,
+) -> None:
+    plan = build_plan(["gone", "dpdk"], quick=True, directions=[Direction.TCP_TX], repetitions=2)
+    started: list[Cell] = []
+    runner = Runner(kernel=tmp_path / "no-kernel", initrd=tmp_path / "no-initrd",
+                    ctx=RunContext(workdir=tmp_path, duration=1.0),
+                    on_run=lambda cell, rep: started.append(cell))  # fmt: skip
+    results = await runner.run_plan(plan, [Gone(), DpdkBackend()])
+    assert [(r.cell.backend, r.status) for r in results] == [("gone", "skipped"), ("dpdk", "n/a")]
+    assert results[0].reason == "gone: not installed here"
+    assert results[1].reason is not None and "TCP" in results[1].reason
+    assert started == [] and skip_runs(plan, [Gone(), DpdkBackend()]) == plan.runs
+
+
+async def test_a_run_that_cannot_boot_is_failed_with_its_reason_and_the_plan_goes_on(
+    tmp_path: Path,
+) -> None:
+    plan = build_plan(["gone", "qemu-tap"], quick=True, directions=[Direction.TX], sizes=[64])
+    runner = Runner(kernel=tmp_path / "no-kernel", initrd=tmp_path / "no-initrd",
+                    ctx=RunContext(workdir=tmp_path, duration=1.0), accel="tcg")  # fmt: skip
+    results = await runner.run_plan(plan, [Gone(), QemuTapBackend()])
+    assert [r.status for r in results] == ["skipped", "failed"]
+    assert results[1].reason is not None and "could not open kernel file" in results[1].reason
+
+
+def test_nicsim_backend_speaks_the_serve_contract() -> None:
+    assert serve_port(Cell(backend="nicsim", direction=Direction.TX, size=64)) == "sink"
+    assert serve_port(Cell(backend="nicsim", direction=Direction.RX, size=512)) == "generator,size=508"
+    assert NicsimBackend().unsupported(Cell(backend="nicsim", direction=Direction.TCP_RX)) is not None
+    assert high_water({"pool": {"usage": 0, "high_water": 77}, "queues": []}) == 77
+    assert high_water({"queues": []}) is None
+
+
+def test_testpmd_argv_pins_both_lcores_and_sizes_only_txonly() -> None:
+    rx = build_testpmd_argv(socket=Path("s.sock"), mode="rxonly", frame_len=60, prefix="p", cpu=1,
+                      peer_mac="52:54:00:12:34:56")  # fmt: skip
+    tx = build_testpmd_argv(socket=Path("s.sock"), mode="txonly", frame_len=60, prefix="p", cpu=1,
+                      peer_mac="52:54:00:12:34:56")  # fmt: skip
+    for argv in (rx, tx):
+        assert argv[argv.index("--lcores") + 1] == "0@1,1@1"
+        assert {"--no-huge", "--no-pci", "--file-prefix=p", "net_vhost0,iface=s.sock"} <= set(argv)
+        assert argv.index("--") < argv.index("--stats-period")
+    assert "--forward-mode=rxonly" in rx and not any(a.startswith("--txpkts") for a in rx)
+    assert "--forward-mode=txonly" in tx and "--txpkts=60" in tx and "--eth-peer=0,52:54:00:12:34:56" in tx
+
+
+def test_testpmd_counters_are_the_last_block_it_printed() -> None:
+    out = """
+  ######################## NIC statistics for port 0  ########################
+  RX-packets: 10         RX-missed: 0          RX-bytes:  600
+  TX-packets: 0          TX-errors: 0          TX-bytes:  0
+  ---------------------- Forward statistics for port 0  ----------------------
+  RX-packets: 323309         RX-dropped: 0             RX-total: 323309
+  +++++++++++++++ Accumulated forward statistics for all ports+++++++++++++++
+  RX-packets: 323310         RX-dropped: 0             RX-total: 323310
+"""
+    counters = parse_counters(out)
+    assert counters["RX-packets"] == 323310 and counters["RX-bytes"] == 600
+
+
+def test_progress_counts_runs_and_estimates_what_is_left() -> None:
+    out = io.StringIO()
+    p = Progress(4, estimate=100.0, repetitions=2, stream=out)
+    cell = Cell(backend="dpdk", direction=Direction.RX, size=64)
+    p.start_run(cell, 0)
+    p.start_run(cell, 1)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[1/4] dpdk rx 64 B (run 1/2)")
+    assert lines[1].startswith("[2/4] dpdk rx 64 B (run 2/2)") and "left" in lines[1]
+    assert p.remaining(now=p._t0 + 10.0) == 30.0  # one run done in 10 s, three to go
+    p.finish()
+    assert out.getvalue().splitlines()[-1].startswith("2 runs in")
+    assert (clock(59), clock(61), clock(3661)) == ("0:59", "1:01", "1:01:01")
+
+
+def test_backend_only_says_it_is_not_implemented(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--backend-only"]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_unknown_backend_is_refused_with_the_known_names(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--backends", "vpp"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown backend(s) vpp" in err and "qemu-tap" in err and "dpdk" in err
+
+
+def test_missing_qemu_says_which_package_to_install(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--backends", "qemu-tap", "--qemu", "no-such-qemu-binary"]) == 2
+    assert "apt-get install qemu-system-x86" in capsys.readouterr().err
+
+
+def test_every_backend_is_registered_under_its_name() -> None:
+    assert {name: cls.name for name, cls in BACKENDS.items()} == {n: n for n in BACKENDS}
