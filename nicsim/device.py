@@ -423,6 +423,11 @@ class VirtioNetDevice:
                 return 0
         return self._deliver_template(rxq, st, self.mem, template, count)
 
+    def rx_backlog(self, pair: int = 0) -> int:
+        """Frames the port queued for ``pair`` that wait for guest buffers. ``on_wakeup`` is not called
+        while a port runs inside ``process_tx`` (re-entrancy), so the server asks this after a TX round."""
+        return len(self._backlog[pair])
+
     def rx_space(self, pair: int = 0) -> int:
         st = self._queues[2 * pair]
         if st is None or self.mem is None or st.broken is not None:

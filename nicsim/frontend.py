@@ -29,7 +29,6 @@ from nicsim.vhost import features as vf
 from nicsim.vhost import payloads as p
 from nicsim.vhost.protocol import FLAG_NEED_REPLY, HEADER, VERSION
 from rings.driver import DEFAULT_REGION_SIZES, Completion, DriverQueue, GuestRam, TxLayout
-from rings.memory import GuestMemory, MemoryRegion
 
 RECV_SIZE = 4096
 _ONE = struct.pack("=Q", 1)
@@ -46,15 +45,12 @@ class FrontendError(Exception):
 class SharedGuestRam(GuestRam):
     """``GuestRam`` whose backing bytes live in a memfd, so a backend can map them (``share=on``).
 
-    ``rings.driver.GuestRam`` allocates its own numpy buffer; this subclass lays the same regions, at
-    the same offsets, over a ``MAP_SHARED`` mmap of a memfd, and records each region's offset in it
-    (the ``mmap_offset`` of SET_MEM_TABLE).
+    The regions are laid, at the offsets ``GuestRam`` chooses, over a ``MAP_SHARED`` mmap of a memfd;
+    ``offsets`` are the ``mmap_offset`` values of SET_MEM_TABLE.
     """
 
     def __init__(self, region_sizes: Sequence[int] = DEFAULT_REGION_SIZES) -> None:
-        super().__init__(region_sizes)
-        private = self.backing
-        total = int(private.shape[0])
+        total = GuestRam.backing_size(region_sizes)
         self.fd = os.memfd_create("nicsim-guest-ram", os.MFD_CLOEXEC)
         try:
             os.ftruncate(self.fd, total)
@@ -62,32 +58,18 @@ class SharedGuestRam(GuestRam):
         except BaseException:
             os.close(self.fd)
             raise
-        backing = np.frombuffer(self.mm, dtype=np.uint8)
-        base = private.__array_interface__["data"][0]
-        regions, offsets = [], []
-        for r in self.regions:
-            off = r.data.__array_interface__["data"][0] - base
-            offsets.append(off)
-            regions.append(MemoryRegion(guest_phys_addr=r.guest_phys_addr, size=r.size,
-                                        user_addr=r.user_addr, data=backing[off : off + r.size]))  # fmt: skip
-        self.mmap_offsets: tuple[int, ...] = tuple(offsets)
-        self.backing = backing
-        self.regions = tuple(regions)
-        # GuestRam reads and writes through ``_own`` and gives the device side ``memory``.
-        self._own = GuestMemory(regions)
-        self.memory = GuestMemory(regions)
+        super().__init__(region_sizes, backing=np.frombuffer(self.mm, dtype=np.uint8))
 
     def region_descs(self) -> list[p.MemoryRegionDesc]:
         return [
             p.MemoryRegionDesc(guest_phys_addr=r.guest_phys_addr, size=r.size, user_addr=r.user_addr,
                                mmap_offset=off)
-            for r, off in zip(self.regions, self.mmap_offsets, strict=True)
+            for r, off in zip(self.regions, self.offsets, strict=True)
         ]
 
     def close(self) -> None:
         """Drop the views and unmap (views still held elsewhere delay the unmap); close the memfd."""
-        self._own.release()
-        self.memory.release()
+        self.release()
         self.regions = ()
         self.backing = np.zeros(0, np.uint8)
         mm, self.mm = self.mm, None

@@ -205,7 +205,7 @@ class RingPump:
         port = self.device.port
         if _pull_style(port) and not getattr(port, "finished", False):
             return True
-        return rx_backlog(self.device, self.index // 2) > 0
+        return self.device.rx_backlog(self.index // 2) > 0
 
     def _sleep_armed(self) -> None:
         try:
@@ -244,15 +244,6 @@ class RingPump:
             self._handle.cancel()
             self._handle = None
         self._busy = False
-
-
-def rx_backlog(device: VirtioNetDevice, pair: int) -> int:
-    """Frames the port queued for ``pair`` that wait for guest buffers.
-
-    The device suppresses ``on_wakeup`` while a port runs inside ``process_tx`` (the responder's
-    replies), so after a TX round the server asks this instead. No public accessor exists yet.
-    """
-    return len(device._backlog[pair])
 
 
 def _close(fd: int | None) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 
 from nicsim.device import DeviceStateError, VirtioNetDevice
 from nicsim.guestmem import MappedMemory, MappedRegion, MemoryMapError, close_fds
-from nicsim.notify import RingPump, rx_backlog
+from nicsim.notify import RingPump
 from nicsim.vhost import BackendConnection, ConnectionState, InflightBuffer
 from nicsim.vhost import events as ev
 from nicsim.vhost import features as vf
@@ -304,7 +304,7 @@ class Session:
             self.pumps[index].wake()
 
     def _after_tx(self, pair: int) -> None:
-        if rx_backlog(self.device, pair):
+        if self.device.rx_backlog(pair):
             self.pumps[2 * pair].wake()
 
     def _note(self, message: str) -> None:
@@ -471,7 +471,6 @@ class Endpoint:
         snap: dict[str, Any] = sess.snapshot() if sess is not None else {"queues": [], "drops_total": 0}
         snap = dict(snap)
         snap.setdefault("pool", {"usage": 0, "high_water": 0, "capacity": 0})
-        snap["queues"] = [{"index": q.get("queue"), **q} for q in snap.get("queues", [])]
         snap.update(path=str(self.path), connected=self.session is not None, connections=self.connections)
         return snap
 

@@ -55,7 +55,8 @@ class DeviceStats:
         """Plain ints and strings only. ``pool`` adds the pool-wide usage fields the caller read."""
         queues = []
         for q in range(self.num_queues):
-            entry: dict[str, Any] = {"queue": q}
+            # "index" is the stats-file contract scripts read; "queue" is kept for readers of the table.
+            entry: dict[str, Any] = {"index": q, "queue": q}
             for name in COUNTERS:
                 entry[name] = int(getattr(self, name)[q])
             row = self.drops[q]

@@ -47,23 +47,39 @@ class GuestRam:
 
     Region 1 follows region 0 in GPA, but its backing bytes lie *before* region 0's (after a gap),
     and the frontend addresses are unrelated. ``alloc`` alternates regions unless told which.
+    ``backing`` lays the regions over a buffer the caller owns (e.g. a shared memfd mapping a
+    vhost-user frontend hands to a backend) of at least ``backing_size(region_sizes)`` bytes;
+    ``offsets[i]`` is region i's offset in it (SET_MEM_TABLE's ``mmap_offset``).
     """
+
+    @staticmethod
+    def backing_size(region_sizes: Sequence[int] = DEFAULT_REGION_SIZES) -> int:
+        """Bytes of backing buffer the regions need (regions plus the guard gaps between them)."""
+        return sum(region_sizes) + _GAP * len(region_sizes)
 
     def __init__(
         self,
         region_sizes: Sequence[int] = DEFAULT_REGION_SIZES,
         *,
         gpa_base: int = 0x4000_0000,
+        backing: npt.NDArray[np.uint8] | None = None,
     ) -> None:
         sizes = list(region_sizes)
         if not 1 <= len(sizes) <= 2:
             raise ValueError("GuestRam models one or two regions")
-        self.backing = np.zeros(sum(sizes) + _GAP * len(sizes), dtype=np.uint8)
+        need = self.backing_size(sizes)
+        if backing is None:
+            backing = np.zeros(need, dtype=np.uint8)
+        elif backing.dtype != np.uint8 or backing.ndim != 1 or backing.shape[0] < need:
+            raise ValueError(f"backing must be a 1-D uint8 buffer of at least {need} bytes")
+        self.backing = backing
         regions = []
+        offsets = []
         gpa = gpa_base
-        backing_off = self.backing.shape[0]
+        backing_off = need
         for i, size in enumerate(sizes):
             backing_off -= size + _GAP  # later regions sit earlier in the backing buffer
+            offsets.append(backing_off)
             regions.append(
                 MemoryRegion(
                     guest_phys_addr=gpa,
@@ -74,6 +90,7 @@ class GuestRam:
             )
             gpa += size
         self.regions: tuple[MemoryRegion, ...] = tuple(regions)
+        self.offsets: tuple[int, ...] = tuple(offsets)
         # The driver reads and writes through its own table, so the device's table (``memory``) can
         # be released and replaced (SET_MEM_TABLE) while the guest keeps running.
         self._own = GuestMemory(regions)
@@ -114,6 +131,11 @@ class GuestRam:
     def free(self, gpa: int) -> None:
         """Return a buffer from ``alloc`` for reuse."""
         self._free.setdefault(self._sizes[gpa], []).append(gpa)
+
+    def release(self) -> None:
+        """Drop every view the driver's and the device's tables made (before the backing goes away)."""
+        self._own.release()
+        self.memory.release()
 
     def new_memory_table(self) -> GuestMemory:
         """Replace the device's table with a fresh one over the same RAM (as after SET_MEM_TABLE),
