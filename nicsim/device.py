@@ -10,6 +10,10 @@ result says ``interrupt``, and calls :meth:`~VirtioNetDevice.stop_queue` / :meth
 on GET_VRING_BASE and teardown. The TX batch view lives in :mod:`nicsim.device_tx`, the RX placement in
 :mod:`nicsim.device_rx`. Nothing is lost silently: every frame is delivered or counted as a drop with a
 reason, and pool exhaustion is backpressure (stop taking buffers; the next call resumes), never a drop.
+Offloads (CSUM, GUEST_CSUM, HOST_/GUEST_TSO4/6) are offered only on top of the base set and only when the
+port declares it can honour them (``Port.features``); the port hears what was negotiated, and a
+header-passing port (``Port.vnet_hdr``) gets the guest's virtio-net header on TX and supplies the
+kernel's on RX, with one pool descriptor per guest chain however large the (GSO) frame.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from nicsim.device_rx import (
     stage_frames,
 )
 from nicsim.device_tx import TxBatch
+from nicsim.inflight_fd import InflightHooks
 from nicsim.policy import NotifyPolicy, should_interrupt
 from nicsim.ports.base import Port
 from nicsim.ports.frames import ETH_HLEN, Buffer
@@ -50,6 +55,22 @@ VIRTIO_NET_F_MQ = 22
 VIRTIO_F_INDIRECT_DESC = 28
 VIRTIO_F_EVENT_IDX = 29
 VIRTIO_F_VERSION_1 = 32
+# Offloads (virtio 1.2 §5.1.3): offered only when the port says it can honour them (Port.features).
+VIRTIO_NET_F_CSUM = 0
+VIRTIO_NET_F_GUEST_CSUM = 1
+VIRTIO_NET_F_GUEST_TSO4 = 7
+VIRTIO_NET_F_GUEST_TSO6 = 8
+VIRTIO_NET_F_GUEST_ECN = 9
+VIRTIO_NET_F_GUEST_UFO = 10
+VIRTIO_NET_F_HOST_TSO4 = 11
+VIRTIO_NET_F_HOST_TSO6 = 12
+VIRTIO_NET_F_HOST_ECN = 13
+VIRTIO_NET_F_HOST_UFO = 14
+OFFLOAD_FEATURES = sum(1 << b for b in (
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_UFO,
+))  # fmt: skip
 
 CHAIN_REASONS = tuple(f"chain_{c.name.lower()}" for c in ErrorCode if c != ErrorCode.OK)
 DROP_REASONS = (
@@ -89,10 +110,13 @@ class QueueResult:
 
 
 class _Queue:
-    __slots__ = ("broken", "deferred", "q", "signalled_used")
+    __slots__ = ("broken", "deferred", "q", "resubmit", "signalled_used")
 
     def __init__(self, q: SplitQueue) -> None:
         self.q = q
+        # Heads in flight when a previous backend died (rings.inflight recovery): processed before the
+        # avail ring, each completed exactly once (vhost-user spec, "Inflight I/O tracking").
+        self.resubmit: npt.NDArray[np.uint16] = np.zeros(0, np.uint16)
         self.signalled_used = q.used_idx  # used.idx at the last interrupt (vhost's signalled_used)
         self.deferred: dict[int, TxBatch] = {}  # id(batch) -> batch the port has not completed
         self.broken: GuestError | None = None
@@ -123,12 +147,17 @@ class VirtioNetDevice:
         self.mem: GuestMemory | None = None
         self._queues: list[_Queue | None] = [None] * self.num_queues
         backlog_bytes = max(self.policy.rx_backlog * 2048, 2 * MAX_FRAME)
+        self._offloads = self.port.features() & OFFLOAD_FEATURES
+        if self._offloads:
+            # GSO frames of up to 64 KB arrive from the port: room for several of them.
+            backlog_bytes = max(backlog_bytes, 8 * (MAX_FRAME + HDR_LEN_V1))
         self._backlog = [RxBacklog(self.policy.rx_backlog, backlog_bytes) for _ in range(pairs)]
         self._scratch: npt.NDArray[np.uint8] = np.zeros(self.policy.rx_batch * 2048, np.uint8)
         self._tmpl_key: tuple[int, int, int] | None = None
         self._tmpl: npt.NDArray[np.uint8] = np.zeros(0, np.uint8)
         self._in_call = False
         self._closed = False
+        self.inflight: InflightHooks | None = None  # set by the server with INFLIGHT_SHMFD
         self.port.attach(self)
 
     # -- configuration ------------------------------------------------------------------------------
@@ -139,7 +168,9 @@ class VirtioNetDevice:
             bits |= 1 << VIRTIO_F_EVENT_IDX
         if self.pairs > 1:
             bits |= 1 << VIRTIO_NET_F_MQ
-        return bits
+        # The one source of the offered set (the server adds only the vhost-user bit): a port without
+        # offloads adds nothing, so its device offers exactly what it always did.
+        return bits | self._offloads
 
     def set_features(self, bits: int) -> None:
         extra = bits & ~self.device_features()
@@ -147,6 +178,9 @@ class VirtioNetDevice:
             raise DeviceStateError(f"features 0x{extra:x} were never offered")
         if any(s is not None for s in self._queues):
             raise DeviceStateError("features changed while queues run")
+        # The port configures its offloads (a tap: TUNSETOFFLOAD, TUNSETVNETHDRSZ) before anything
+        # flows; if it cannot, it raises and the features are refused.
+        self.port.negotiated(bits)
         self.features = bits
 
     def has(self, bit: int) -> bool:
@@ -170,13 +204,21 @@ class VirtioNetDevice:
         """A new memory table (queues never hold views, so running queues simply use it from now on)."""
         self.mem = mem
 
-    def start_queue(self, index: int, queue: SplitQueue) -> None:
+    def start_queue(self, index: int, queue: SplitQueue, *, resubmit: npt.ArrayLike = ()) -> None:
+        """Start a queue; ``resubmit``: heads a crashed backend had in flight (inflight recovery), TX
+        chains to process again before the avail ring, RX chains to return unused (len 0)."""
         self._check_index(index)
         if self._queues[index] is not None:
             raise DeviceStateError("queue already started", queue=index)
         if self.mem is None:
             raise DeviceStateError("no guest memory yet", queue=index)
-        self._queues[index] = _Queue(queue)
+        st = _Queue(queue)
+        heads = np.asarray(resubmit, np.uint16).reshape(-1)
+        if heads.shape[0] and index % 2 == 1:
+            st.resubmit = heads
+        elif heads.shape[0]:
+            self._mark_used(index, queue, self.mem, heads, np.zeros(heads.shape[0], np.uint32))
+        self._queues[index] = st
 
     def stop_queue(self, index: int) -> int:
         """Stop a queue (GET_VRING_BASE): every chain it holds is returned on the used ring (TX with
@@ -236,15 +278,23 @@ class VirtioNetDevice:
         st, mem = self._running(index)
         st.q.suppress_kicks(mem, True, event_idx=self.event_idx)
 
-    def rearm_kicks(self, index: int) -> bool:
+    def rearm_kicks(self, index: int, *, after: int = 0) -> bool:
         """Enable kicks, then re-check avail to close the race with a guest that published just before
-        seeing the change (§2.7.10). True: nothing pending, safe to sleep; False: work arrived (kicks
-        suppressed again, process it)."""
+        seeing the change (§2.7.10). True: safe to sleep; False: work arrived (kicks suppressed again,
+        process it). With EVENT_IDX, ``after`` > 0 asks for the kick only once more than ``after``
+        entries are pending (a batch); up to ``after`` pending entries then wait for that kick or the
+        caller's timer. Without EVENT_IDX the flag cannot express a batch and ``after`` is ignored."""
         st, mem = self._running(index)
-        st.q.suppress_kicks(mem, False, event_idx=self.event_idx)
-        if st.q.avail_pending(mem) == 0:
+        q = st.q
+        if after > 0 and self.event_idx:
+            after = min(after, q.size - 1)
+            q.kick_after(mem, after)
+        else:
+            after = 0
+            q.suppress_kicks(mem, False, event_idx=self.event_idx)
+        if q.avail_pending(mem) <= after:
             return True
-        st.q.suppress_kicks(mem, True, event_idx=self.event_idx)
+        q.suppress_kicks(mem, True, event_idx=self.event_idx)
         return False
 
     def interrupt_due(self, index: int, *, idle: bool = True) -> bool:
@@ -259,7 +309,8 @@ class VirtioNetDevice:
         if unsignalled == 0:
             return False
         wants = q.needs_interrupt(mem, old_used_idx=st.signalled_used, event_idx=self.event_idx)
-        if not should_interrupt(self.policy, unsignalled=unsignalled, idle=idle, ring_wants=wants):
+        if not should_interrupt(self.policy, unsignalled=unsignalled, idle=idle, ring_wants=wants,
+                                event_idx=self.event_idx):  # fmt: skip
             if not wants:
                 # The guest suppressed it: these entries need no interrupt later either (§2.7.10
                 # compares against the index at which we last decided).
@@ -284,7 +335,7 @@ class VirtioNetDevice:
             return QueueResult(queue=index, error=st.broken)
         q = st.q
         try:
-            pending = q.avail_pending(mem)
+            pending = q.avail_pending(mem) + st.resubmit.shape[0]
         except GuestError as err:
             return self._break(index, st, err)
         want = min(pending, self.policy.tx_batch)
@@ -294,7 +345,7 @@ class VirtioNetDevice:
         k = int(descs.shape[0])
         if k == 0:
             return QueueResult(queue=index, more=True, blocked=True)
-        heads = q.pop_avail(mem, k)
+        heads = self._pop_tx(index, st, mem, k)
         cb = q.walk(mem, heads, indirect=self.has(VIRTIO_F_INDIRECT_DESC))
         addrs = np.zeros(k, np.uint64)
         has = cb.seg_count > 0
@@ -339,7 +390,7 @@ class VirtioNetDevice:
         else:
             self._return(st, mem, index, heads, descs)
         try:
-            more = q.avail_pending(mem) > 0
+            more = q.avail_pending(mem) + st.resubmit.shape[0] > 0
         except GuestError as err:
             return self._break(index, st, err)
         irq = self._decide_interrupt(index, st, mem, idle=not more)
@@ -358,9 +409,29 @@ class VirtioNetDevice:
     ) -> None:
         if heads.shape[0] == 0:
             return
-        st.q.push_used(mem, heads, np.zeros(heads.shape[0], np.uint32))
+        self._mark_used(index, st.q, mem, heads, np.zeros(heads.shape[0], np.uint32))
         self.pool.free_batch(descs)
         self.stats.add_inflight(index, -int(descs.shape[0]))
+
+    def _pop_tx(self, index: int, st: _Queue, mem: GuestMemory, k: int) -> npt.NDArray[np.uint16]:
+        """``k`` TX heads: resubmitted ones first (still marked in flight), then the avail ring's."""
+        again, st.resubmit = st.resubmit[:k], st.resubmit[k:]
+        fresh = st.q.pop_avail(mem, k - int(again.shape[0]))
+        if self.inflight is not None:
+            self.inflight.popped(index, fresh)
+        return np.concatenate([again, fresh]) if again.shape[0] else fresh
+
+    def _mark_used(
+        self, index: int, q: SplitQueue, mem: GuestMemory, heads: npt.NDArray[Any],
+        lens: npt.NDArray[np.uint32],
+    ) -> None:
+        """push_used, bracketed by the inflight hooks (spec, "When supplying used buffers")."""
+        hooks = self.inflight
+        if hooks is not None:
+            hooks.before_used(index, heads)
+        q.push_used(mem, heads, lens)
+        if hooks is not None:
+            hooks.after_used(index, heads, q.used_idx)
 
     def _tx_completed(self, batch: TxBatch) -> None:
         """An asynchronous port finished a batch: return its chains (len 0: TX writes nothing)."""
@@ -387,7 +458,7 @@ class VirtioNetDevice:
     def push(self, frame: Buffer, *, pair: int = 0) -> bool:
         arr = frame if isinstance(frame, np.ndarray) else np.frombuffer(bytes(frame), dtype=np.uint8)
         rxq = 2 * pair
-        if arr.shape[0] > MAX_FRAME:
+        if arr.shape[0] > MAX_FRAME + (self.hdr_len if self.port.vnet_hdr else 0):
             self.stats.drop(rxq, "too_big")
             return False
         bl = self._backlog[pair]
@@ -427,6 +498,10 @@ class VirtioNetDevice:
         """Frames the port queued for ``pair`` that wait for guest buffers. ``on_wakeup`` is not called
         while a port runs inside ``process_tx`` (re-entrancy), so the server asks this after a TX round."""
         return len(self._backlog[pair])
+
+    def wake(self, pair: int = 0) -> None:
+        """A pull-style port's source became ready (e.g. its fd is readable): poll its RX soon."""
+        self._wake(2 * pair)
 
     def rx_space(self, pair: int = 0) -> int:
         st = self._queues[2 * pair]
@@ -471,8 +546,9 @@ class VirtioNetDevice:
             self._flush_backlog(rxq, st, mem)
             budget = min(st.q.avail_pending(mem), self.policy.rx_batch) if not len(self._backlog[pair]) else 0
             produced = self.port.poll_rx(pair, budget, now) if budget else 0
-            more = (budget > 0 and produced >= budget) or (
-                len(self._backlog[pair]) > 0 and st.q.avail_pending(mem) > 0)
+            # More only if buffers are still posted after a round that produced (the batch limit cut
+            # it short); a round that filled every posted buffer is done, not one round early.
+            more = (produced > 0 or len(self._backlog[pair]) > 0) and st.q.avail_pending(mem) > 0
         except GuestError as err:
             return self._break(rxq, st, err)
         return QueueResult(
@@ -522,7 +598,7 @@ class VirtioNetDevice:
         lens[good_pos[:used_good]] = chain_bytes.astype(np.uint32)
         self._count_chain_errors(rxq, _prefix_errors(cb, cut))
         if cut:
-            st.q.push_used(mem, cb.heads[:cut], lens[:cut])
+            self._mark_used(rxq, st.q, mem, cb.heads[:cut], lens[:cut])
         st.q.last_avail_idx = (st.q.last_avail_idx - (k - cut)) & 0xFFFF
         self.pool.free_batch(descs)
         self.stats.add_inflight(rxq, -k)
@@ -541,7 +617,8 @@ class VirtioNetDevice:
         cb, descs = got
         good_pos = np.flatnonzero(cb.error == 0)
         hdr = self.hdr_len
-        need = lengths.astype(np.int64) + hdr
+        carried = self.port.vnet_hdr  # the frames start with the port's (the kernel's) header
+        need = lengths.astype(np.int64) + (0 if carried else hdr)
         plan = plan_rx(need, cb.writable_len[good_pos].astype(np.int64), mergeable=self.mergeable)
         if plan.dropped.shape[0]:
             self.stats.drop(rxq, "too_big", int(plan.dropped.shape[0]))
@@ -551,13 +628,15 @@ class VirtioNetDevice:
             if self._scratch.shape[0] < total:
                 self._scratch = np.zeros(total, np.uint8)
             staging = stage_frames(
-                self._scratch, hdr, data, offsets[placed], lengths[placed].astype(np.int64), plan.nbufs
+                self._scratch, hdr, data, offsets[placed], lengths[placed].astype(np.int64), plan.nbufs,
+                carried=carried, keep_hdr=self.has(VIRTIO_NET_F_GUEST_CSUM),
             )
             per_chain = np.zeros(len(cb), np.int64)
             per_chain[good_pos[: plan.chains]] = plan.chain_bytes
             scatter_chains(mem, cb, per_chain, staging)
             self.stats.packets[rxq] += np.uint64(placed.shape[0])
-            self.stats.bytes[rxq] += np.uint64(int(lengths[placed].sum()))
+            frame_bytes = int(lengths[placed].sum()) - (hdr * int(placed.shape[0]) if carried else 0)
+            self.stats.bytes[rxq] += np.uint64(frame_bytes)
             self.stats.batches[rxq] += np.uint64(1)
         self._finish_chains(rxq, st, mem, cb, descs, good_pos, plan.chains, plan.chain_bytes)
         return plan.consumed

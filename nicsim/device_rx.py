@@ -5,7 +5,8 @@ VIRTIO_NET_F_MRG_RXBUF).
 This module owns no queue and no pool: :class:`nicsim.device.VirtioNetDevice` pops the guest's RX
 chains, asks :func:`plan_rx` which chain gets which bytes, builds one staging array (header + frame,
 back to back) and scatters it into the chains' writable segments with one vectorised copy per
-memory region.
+memory region. A header-passing port (the tap) hands frames that already carry the kernel's
+virtio-net header; staging keeps it (offloads negotiated) or zeroes it, and always fills num_buffers.
 """
 
 from __future__ import annotations
@@ -115,20 +116,49 @@ def stage_frames(
     offsets: npt.NDArray[np.int64],
     lengths: npt.NDArray[np.int64],
     nbufs: npt.NDArray[np.int64],
+    *,
+    carried: bool = False,
+    keep_hdr: bool = False,
 ) -> npt.NDArray[np.uint8]:
-    """Header + frame for every frame, back to back, in (a prefix of) ``scratch``; returns that prefix."""
-    need = lengths + hdr_len
+    """Header + frame for every frame, back to back, in (a prefix of) ``scratch``; returns that prefix.
+
+    ``carried``: every frame already starts with its ``hdr_len``-byte header (a header-passing port such
+    as the tap, whose kernel wrote it) and ``lengths`` include it; its flags/gso fields are kept when
+    ``keep_hdr`` (the driver negotiated GUEST_CSUM), else zeroed. ``num_buffers`` is always ours."""
+    need = lengths if carried else lengths + hdr_len
     start = np.cumsum(need) - need
     total = int(need.sum())
     out = scratch[:total]
-    hdr_idx = start[:, None] + np.arange(hdr_len, dtype=np.int64)[None, :]
-    out[hdr_idx] = 0  # flags 0, GSO_NONE: frames carry complete checksums (§5.1.6.4)
+    if carried:
+        _copy_ranges(out, start, data, offsets, lengths)
+    if not (carried and keep_hdr):
+        # flags 0, GSO_NONE: frames carry complete checksums (§5.1.6.4.1: without GUEST_CSUM the
+        # device MUST set flags to zero).
+        out[start[:, None] + np.arange(min(hdr_len, NUM_BUFFERS_OFFSET), dtype=np.int64)[None, :]] = 0
     if hdr_len >= HDR_LEN_V1:
         out[start + NUM_BUFFERS_OFFSET] = (nbufs & 0xFF).astype(np.uint8)
         out[start + NUM_BUFFERS_OFFSET + 1] = (nbufs >> 8).astype(np.uint8)
-    dst, src = expand(start + hdr_len, offsets, lengths)
-    out[dst] = data[src]
+    if not carried:
+        _copy_ranges(out, start + hdr_len, data, offsets, lengths)
     return out
+
+
+# Above this mean length a Python loop of slice copies (one memcpy each) beats building two int64
+# index arrays per byte; GSO frames of 64 KB (offloads) are ~300x past it.
+SLICE_COPY_MIN = 1024
+
+
+def _copy_ranges(
+    dst: npt.NDArray[np.uint8], dst_start: npt.NDArray[np.int64],
+    src: npt.NDArray[np.uint8], src_start: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64],
+) -> None:
+    n = int(lengths.shape[0])
+    if n and int(lengths.sum()) >= SLICE_COPY_MIN * n:
+        for d, s, k in zip(dst_start.tolist(), src_start.tolist(), lengths.tolist(), strict=True):
+            dst[d : d + k] = src[s : s + k]
+        return
+    di, si = expand(dst_start, src_start, lengths)
+    dst[di] = src[si]
 
 
 def scatter_chains(
@@ -144,7 +174,15 @@ def scatter_chains(
     woff = excl - chain_base[cb.seg_chain]
     copy = np.clip(per_chain[cb.seg_chain] - woff, 0, wl)
     src_base = np.cumsum(per_chain) - per_chain
-    mem.scatter(cb.seg_region, cb.seg_offset, copy, staging, src_base[cb.seg_chain] + woff)
+    src = src_base[cb.seg_chain] + woff
+    used = np.flatnonzero(copy > 0)
+    if used.shape[0] and int(copy[used].sum()) >= SLICE_COPY_MIN * used.shape[0]:
+        # Big buffers (GSO frames in mergeable buffers): one slice copy per segment.
+        for seg, off in zip(used.tolist(), src[used].tolist(), strict=True):
+            n = int(copy[seg])
+            mem.segment(int(cb.seg_region[seg]), int(cb.seg_offset[seg]), n)[:] = staging[off : off + n]
+        return
+    mem.scatter(cb.seg_region, cb.seg_offset, copy, staging, src)
 
 
 class RxBacklog:

@@ -3,7 +3,8 @@ the guest made available, with the virtio-net header already skipped.
 
 This module owns how frames are read out of guest memory: lengths as one numpy array (a counting port
 never reads a byte), a per-frame view when the frame sits in one segment (zero copy), and a vectorised
-gather of the whole batch. It also carries what the device needs to return the chains when the port is
+gather of the whole batch, and the header-and-frame segment views a header-passing port writes out
+with one ``writev``. It also carries what the device needs to return the chains when the port is
 done (heads and pool descriptors), so an asynchronous port can complete the batch later.
 """
 
@@ -86,6 +87,17 @@ class TxBatch:
         if len(pieces) == 1:
             return pieces[0]
         return np.concatenate(pieces) if pieces else np.empty(0, np.uint8)
+
+    def iovec(self, i: int) -> list[npt.NDArray[np.uint8]]:
+        # The header goes along unchanged (§5.1.6.2: its flags/gso fields ask the other side for
+        # checksum or segmentation), so nothing is skipped; writable segments carry no frame.
+        cb = self.chains
+        out: list[npt.NDArray[np.uint8]] = []
+        for s in cb.segments(int(self.positions[i])):
+            if cb.seg_writable[s]:
+                break
+            out.append(cb.segment_view(self.mem, s))
+        return out
 
     def gather(self) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
         if self._gathered is None:

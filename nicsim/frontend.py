@@ -60,6 +60,25 @@ class SharedGuestRam(GuestRam):
             raise
         super().__init__(region_sizes, backing=np.frombuffer(self.mm, dtype=np.uint8))
 
+    def guard_spans(self) -> list[tuple[int, int]]:
+        """(offset, length) of the memfd's bytes that belong to no region (the gaps ``GuestRam`` leaves
+        between and after regions): a backend that writes there wrote outside guest memory."""
+        spans, pos = [], 0
+        for off, r in sorted(zip(self.offsets, self.regions, strict=True)):
+            if off > pos:
+                spans.append((pos, off - pos))
+            pos = off + r.size
+        if pos < self.backing.shape[0]:
+            spans.append((pos, self.backing.shape[0] - pos))
+        return spans
+
+    def fill_guards(self, value: int = 0xA5) -> None:
+        for off, n in self.guard_spans():
+            self.backing[off : off + n] = value
+
+    def guards_intact(self, value: int = 0xA5) -> bool:
+        return all(bool((self.backing[off : off + n] == value).all()) for off, n in self.guard_spans())
+
     def region_descs(self) -> list[p.MemoryRegionDesc]:
         return [
             p.MemoryRegionDesc(guest_phys_addr=r.guest_phys_addr, size=r.size, user_addr=r.user_addr,
@@ -117,6 +136,7 @@ class VhostUserFrontend:
         self._closed = False
         self._received = 0  # replies decoded so far
         self._claimed = 0  # replies expected so far (a call() that sends a request claims one)
+        self.inflight: tuple[int, p.InflightDesc] | None = None  # kept across backend restarts
         self.loop.add_reader(sock.fileno(), self._on_readable)
 
     @classmethod
@@ -183,11 +203,17 @@ class VhostUserFrontend:
 
     # -- the handshake (QEMU 7.2's order) ---------------------------------------------------------
 
-    async def handshake(self, *, event_idx: bool = True, mrg_rxbuf: bool = True) -> int:
-        """GET/SET features and protocol features, queue count, owner, call fds; returns the features."""
+    async def handshake(
+        self, *, event_idx: bool = True, mrg_rxbuf: bool = True, inflight: bool = False
+    ) -> int:
+        """GET/SET features and protocol features, queue count, owner, call fds; returns the features.
+        ``inflight``: also negotiate INFLIGHT_SHMFD (then call :meth:`setup_inflight` before ``start``)."""
         offered = (await self._u64(self.conn.get_features()))
         protocol = await self._u64(self.conn.get_protocol_features())
-        want_protocol = protocol & vf.mask((vf.VHOST_USER_PROTOCOL_F_MQ, vf.VHOST_USER_PROTOCOL_F_REPLY_ACK))
+        wanted = [vf.VHOST_USER_PROTOCOL_F_MQ, vf.VHOST_USER_PROTOCOL_F_REPLY_ACK]
+        if inflight:
+            wanted.append(vf.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)
+        want_protocol = protocol & vf.mask(wanted)
         await self.call(self.conn.set_protocol_features(want_protocol))
         self.protocol_features = want_protocol
         queues = await self._u64(self.conn.get_queue_num())
@@ -234,6 +260,63 @@ class VhostUserFrontend:
         await self.call(self.conn.set_vring_call(index, self.call_fds[index], need_reply=ack))
         if self.protocol_features:
             await self.call(self.conn.set_vring_enable(index, True, need_reply=ack))
+
+    async def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, p.InflightDesc]:
+        """GET_INFLIGHT_FD: the backend's buffer (an fd now ours) and its description."""
+        reply = await self.call(self.conn.get_inflight_fd(num_queues, queue_size))
+        assert reply is not None
+        if not isinstance(reply.payload, p.InflightDesc) or len(reply.fds) != 1:
+            for fd in reply.fds:
+                os.close(fd)
+            raise FrontendError("GET_INFLIGHT_FD refused", reply)
+        return reply.fds[0], reply.payload
+
+    async def setup_inflight(self) -> None:
+        """As QEMU's vhost_dev_prepare_inflight / vhost_dev_set_inflight: get the buffer once, keep it,
+        and hand it (SET_INFLIGHT_FD) to this and every later backend connection. Features first: the
+        buffer is a negotiated-device request (QEMU sends SET_FEATURES before it, too)."""
+        await self.call(self.conn.set_features(self.features), check=True)
+        if self.inflight is None:
+            self.inflight = await self.get_inflight_fd(2 * self.pairs, self.queue_size)
+        fd, desc = self.inflight
+        await self.call(self.conn.set_inflight_fd(desc, fd))
+
+    def used_idx(self, index: int) -> int:
+        """The ``idx`` field of ring ``index``'s used ring, as guest memory holds it now."""
+        gpa = self.queues[index].addresses.used_gpa
+        return int.from_bytes(self.ram.read(gpa + 2, 2), "little")
+
+    async def reconnect(self, path: str | Path) -> None:
+        """What QEMU does when the backend went away (``reconnect=N``): a new connection, the whole
+        handshake again, the inflight buffer back (if any), the same memory and rings, each ring's base
+        being its used index (QEMU's virtio_queue_restore_last_avail_idx after a failed GET_VRING_BASE)."""
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        for fd in self.conn.fds_to_close():
+            os.close(fd)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await self.loop.sock_connect(sock, str(path))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.conn = FrontendConnection()
+        self._replies = asyncio.Queue()
+        self._received = self._claimed = 0
+        self.loop.add_reader(sock.fileno(), self._on_readable)
+        features = self.features
+        await self.handshake(inflight=self.inflight is not None)
+        self.features = features
+        if self.inflight is not None:
+            await self.setup_inflight()
+        else:
+            await self.call(self.conn.set_features(self.features), check=True)
+        await self.set_memory_table()
+        for i in self.queues:
+            await self.start_ring(i, base=self.used_idx(i))
 
     async def stop_ring(self, index: int) -> int:
         """GET_VRING_BASE: the backend stops the ring and says where the next avail entry is."""
@@ -356,6 +439,9 @@ class VhostUserFrontend:
             os.close(fd)
         self.call_fds.clear()
         self.kick_fds.clear()
+        if self.inflight is not None:
+            os.close(self.inflight[0])
+            self.inflight = None
         self.conn.close()
         for fd in self.conn.fds_to_close():
             os.close(fd)

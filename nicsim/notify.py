@@ -2,12 +2,17 @@
 
 This module owns ``RingPump``: it watches the ring's kick eventfd with ``loop.add_reader``, writes the
 call eventfd only when a device result says ``interrupt`` (the device has already asked the ring:
-EVENT_IDX or the NO_INTERRUPT flag), and runs the device's rounds following :mod:`nicsim.policy`:
-on a kick, suppress further kicks and run rounds with ``loop.call_soon`` while work flows; when the
-policy says REARM, re-enable kicks with a re-check (``rearm_kicks``) and sleep only if nothing came in.
-An RX ring sleeps once its port has nothing to offer, and wakes on the device's ``on_wakeup``; a
-pull-style port (the generator) that is starved of guest buffers sleeps on the kick, not on a timer,
-so a guest with no buffers posted costs no CPU. It owns the three eventfds it is given and closes them.
+EVENT_IDX or the NO_INTERRUPT flag), and runs the device's rounds following :mod:`nicsim.policy`.
+A wakeup (kick, port wakeup or timer) suppresses kicks and runs rounds, up to ``rounds_per_call``
+back to back per loop callback while work is left. When the ring runs dry the pump optionally
+busy-polls (``poll_us``), then re-arms kicks with a re-check (``rearm_kicks``) and sleeps on the kick
+eventfd. If the wakeup moved a batch (traffic flows) and the guest negotiated EVENT_IDX, the re-arm asks
+for the kick only once ``kick_batch`` more buffers are posted, with a ``batch_wait_us`` timer for a
+guest that stops short; otherwise the first buffer kicks. An RX ring whose push-style port has
+nothing queued sleeps until the device's ``on_wakeup``; a pull-style port (the generator) sleeps on the
+kick like TX, so a guest with no buffers posted costs no CPU. Counters of what the pump did (wakeups
+by cause, rounds, sleeps) are in :meth:`RingPump.snapshot`. It owns the three eventfds it is given and
+closes them.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ log = logging.getLogger("nicsim.server")
 
 _ONE = struct.pack("=Q", 1)
 _RETRY_S = 0.001  # pool exhausted, or a rate-limited port: look again this much later
+PUMP_COUNTERS = ("wakeups_kick", "wakeups_timer", "wakeups_other", "rounds", "sleeps", "batch_sleeps")
 
 
 def _pull_style(port: Port) -> bool:
@@ -55,11 +61,14 @@ class RingPump:
         self.err_fd: int | None = None
         self.active = False  # the device queue runs and the ring is enabled
         self.broken = False
+        self.counters = dict.fromkeys(PUMP_COUNTERS, 0)
+        self._tx = index % 2 == 1
         self._watching = False
-        self._busy = False
+        self._busy = False  # rounds are scheduled (kicks suppressed); False: asleep, kicks armed
         self._handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._empty_rounds = 0
         self._last_work = 0.0
+        self._moved = 0  # buffers moved since this wakeup began
 
     # -- fds --------------------------------------------------------------------------------------
 
@@ -104,19 +113,28 @@ class RingPump:
             _close(getattr(self, name))
             setattr(self, name, None)
 
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.counters)
+
     # -- running ----------------------------------------------------------------------------------
 
-    def wake(self) -> None:
-        """Run rounds from the next loop iteration on, unless already running."""
+    def wake(self, cause: str = "wakeups_other") -> None:
+        """Run rounds from the next loop iteration on, unless already running (a pending batch timer
+        is cancelled: the wakeup serves the batch)."""
         if not self.active or self.broken or self._busy:
             return
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
         try:
             self.device.suppress_kicks(self.index)
         except (RingsError, DeviceStateError) as err:
             self._fail(err)
             return
+        self.counters[cause] += 1
         self._busy = True
         self._empty_rounds = 0
+        self._moved = 0
         self._last_work = time.monotonic()
         self._handle = self.loop.call_soon(self._round)
 
@@ -142,20 +160,23 @@ class RingPump:
             self._unwatch()
             return
         self.device.kicked(self.index)
-        self.wake()
+        self.wake("wakeups_kick")
 
-    def _round(self) -> None:
+    def _on_timer(self) -> None:
         self._handle = None
-        if not self.active:
-            self._busy = False
-            return
-        now = time.monotonic()
-        tx = self.index % 2 == 1
+        self.wake("wakeups_timer")
+
+    def _one_round(self, now: float) -> QueueResult | None:
+        """One device round; None if the ring broke (the pump is stopped)."""
+        self.counters["rounds"] += 1
         try:
-            res = self.device.process_tx(self.index) if tx else self.device.poll_rx(self.index // 2, now)
+            if self._tx:
+                res = self.device.process_tx(self.index)
+            else:
+                res = self.device.poll_rx(self.index // 2, now)
         except (RingsError, DeviceStateError) as err:
             self._fail(err)
-            return
+            return None
         except Exception:
             # A port raised: the device returned the chains and counted them as port_error.
             log.exception("ring %d: the port raised; its batch was dropped", self.index)
@@ -164,59 +185,88 @@ class RingPump:
             self.signal()
         if res.error is not None:
             self._fail(res.error)
-            return
+            return None
         if res.processed:
             self._empty_rounds, self._last_work = 0, now
-            if tx and self.after_tx is not None:
+            self._moved += res.processed
+            if self._tx and self.after_tx is not None:
                 self.after_tx(self.index // 2)
         else:
             self._empty_rounds += 1
+        return res
+
+    def _round(self) -> None:
+        self._handle = None
+        if not self.active:
+            self._busy = False
+            return
+        policy = self.device.policy
+        now = time.monotonic()
+        # A tight loop while the ring has more than one round of work: one loop callback (and one
+        # epoll_wait) per ``rounds_per_call`` rounds instead of per round.
+        res = self._one_round(now)
+        for _ in range(policy.rounds_per_call - 1):
+            if res is None or not res.more or res.blocked or not self.active:
+                break
+            now = time.monotonic()
+            res = self._one_round(now)
+        if res is None:
+            return
+        if not self.active:
+            self._busy = False
+            return
         if res.blocked:
             self._later(_RETRY_S)
             return
-        action = poll_action(self.device.policy, more=res.more, empty_rounds=self._empty_rounds,
+        action = poll_action(policy, more=res.more, empty_rounds=self._empty_rounds,
                              idle_us=(now - self._last_work) * 1e6)  # fmt: skip
         if action is not PollAction.REARM:
             self._handle = self.loop.call_soon(self._round)
             return
-        self._rearm(tx)
+        self._rearm(res)
 
-    def _rearm(self, tx: bool) -> None:
-        if not tx and not self._rx_has_work():
-            # Nothing to deliver: sleep until the port wakes us (on_wakeup) or the guest kicks.
-            self._sleep_armed()
+    def _rearm(self, res: QueueResult) -> None:
+        if not self._tx and not self._rx_has_work():
+            # Nothing to deliver: posted buffers are not work. Sleep until the port wakes us
+            # (on_wakeup) or the guest kicks.
+            self._sleep(0, idle_rx=True)
             return
+        q = self.device.queue(self.index)
+        batch = 0
+        if q is not None and (self._tx or _pull_style(self.device.port)):
+            batch = self.device.policy.kick_target(queue_size=q.size, moved=self._moved, tx=self._tx)
+        self._sleep(batch, idle_rx=False, starved=not self._tx and not res.processed)
+
+    def _sleep(self, batch: int, *, idle_rx: bool, starved: bool = False) -> None:
+        """Re-arm kicks (for the first buffer, or for ``batch`` more) and sleep if nothing is due.
+        ``starved``: an RX round had buffers but the port offered nothing (rate limit, pool short)."""
         try:
-            quiet = self.device.rearm_kicks(self.index)
+            quiet = self.device.rearm_kicks(self.index, after=batch)
         except (RingsError, DeviceStateError) as err:
             self._fail(err)
             return
-        if quiet and self.kick_fd is None:
+        if not quiet and not idle_rx:
+            self._moved = 0
+            if starved:
+                self._later(_RETRY_S)  # looking again at once would only spin
+            else:
+                # The guest published in the race window, or a batch is there: keep going.
+                self._handle = self.loop.call_soon(self._round)
+            return
+        if self.kick_fd is None:
             self._later(_RETRY_S)  # SET_VRING_KICK said "no fd": the frontend wants us to poll
-        elif quiet:
-            self._busy = False  # kicks are on and the ring was re-checked: sleep until a kick
-        elif tx:
-            self._handle = self.loop.call_soon(self._round)
-        else:
-            # Buffers are posted but the port offered nothing (rate limit) or the pool is short.
-            self._later(_RETRY_S)
+            return
+        self.counters["sleeps"] += 1
+        self._busy = False
+        if batch:
+            self.counters["batch_sleeps"] += 1
+            self._handle = self.loop.call_later(self.device.policy.batch_wait_us * 1e-6, self._on_timer)
 
     def _rx_has_work(self) -> bool:
         port = self.device.port
         if _pull_style(port) and not getattr(port, "finished", False):
             return True
         return self.device.rx_backlog(self.index // 2) > 0
-
-    def _sleep_armed(self) -> None:
-        try:
-            self.device.rearm_kicks(self.index)
-        except (RingsError, DeviceStateError) as err:
-            self._fail(err)
-            return
-        if self.kick_fd is None:
-            self._later(_RETRY_S)
-            return
-        self._busy = False
 
     def _later(self, delay: float) -> None:
         self._handle = self.loop.call_later(delay, self._round)

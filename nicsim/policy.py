@@ -1,66 +1,143 @@
-"""The notification policy: when to interrupt the guest, when to keep polling, when to re-arm kicks.
+"""The notification policy: when to interrupt the guest, when to keep polling, when to sleep and on what.
 
 Under TCG every kick (a trapped doorbell write) and every interrupt (injected by QEMU's main thread)
-costs the guest far more than moving a packet, so these few decisions set guest throughput. This module
-owns them as one small frozen dataclass of knobs plus pure functions; the device applies the
-interrupt decision (it knows the rings), the asyncio server applies the polling decision (it owns time).
+costs the guest far more than moving a packet, so these few decisions set guest throughput, and the
+backend's own CPU use. This module owns them as one small frozen dataclass of knobs plus pure
+functions; the device applies the interrupt decision (it knows the rings), the asyncio pump
+(:mod:`nicsim.notify`) applies the polling decision (it owns time and the eventfds).
 
-The ring still has the last word: with VIRTIO_F_EVENT_IDX the guest says which used index it wants to
-hear about (virtio 1.2 §2.7.10), without it VIRTQ_AVAIL_F_NO_INTERRUPT suppresses interrupts
-(§2.7.7); the policy can only withhold further, never signal what the guest suppressed.
+The ring has the last word on interrupts: with VIRTIO_F_EVENT_IDX the guest says which used index it
+wants to hear about (virtio 1.2 §2.7.10) and that is the contract: we signal as soon as ``used.idx``
+passes ``used_event``, never later (Linux already batches through it: NAPI keeps callbacks off while it
+polls, TX asks at 3/4 of its outstanding buffers). Without EVENT_IDX only VIRTQ_AVAIL_F_NO_INTERRUPT
+exists (§2.7.7), and then ``irq_coalesce`` spaces interrupts while work flows.
+
+Kicks go the other way. While traffic flows the pump does not busy-poll by default: with EVENT_IDX it
+writes ``avail_event`` ``kick_batch`` entries ahead, so the guest's own doorbell wakes the backend once
+a batch is ready (no CPU spent waiting, one kick per batch), with a ``batch_wait_us`` timer for a guest
+that stops short of the batch. When a wakeup finds little work (sparse traffic) it re-arms for the very
+first entry, so an idle guest's single packet is served at once. ``poll_us`` / ``poll_rounds`` add
+classic busy-polling with kicks suppressed before sleeping, for hosts where a wakeup is dearer than a
+core.
 """
 
 from __future__ import annotations
 
+import argparse
 import enum
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, kw_only=True)
 class NotifyPolicy:
-    """Knobs, with defaults chosen for a TCG guest (fewest notifications without adding latency when idle)."""
+    """Knobs, with defaults chosen for a Linux guest under TCG (fewest notifications, little CPU)."""
 
-    use_event_idx: bool = True   # honour VIRTIO_F_EVENT_IDX when the driver negotiated it
+    use_event_idx: bool = True   # offer VIRTIO_F_EVENT_IDX (interrupts by used_event, batched kicks)
     tx_batch: int = 256          # chains taken off a TX avail ring per round
     rx_batch: int = 256          # RX buffers filled per round
-    irq_coalesce: int = 64       # while work keeps coming, interrupt at most once per this many used entries
-    irq_on_idle: bool = True     # when a queue runs dry, signal whatever is still unsignalled
-    poll_rounds: int = 8         # empty rounds polled with kicks suppressed before re-arming
-    poll_us: float = 50.0        # ...or for this long since the last work, whichever ends first
+    irq_coalesce: int = 64       # without EVENT_IDX: while work flows, interrupt once per this many used
+    irq_on_idle: bool = True     # without EVENT_IDX: when a queue runs dry, signal what is unsignalled
+    kick_batch: int = 128        # EVENT_IDX, TX flowing: sleep until this many are posted (<= ring/2)
+    rx_kick_batch: int = 64      # the same for RX buffers a pull-style port (the generator) fills
+    batch_wait_us: float = 1000.0  # ...but look at the ring after this long anyway (asyncio: >= 1 ms)
+    flow_batch: int = 8          # a wakeup that moved at least this many buffers means "traffic flows"
+    rounds_per_call: int = 4     # rounds run back to back in one event-loop callback while work is left
+    poll_rounds: int = 0         # busy-poll: empty rounds with kicks suppressed before sleeping...
+    poll_us: float = 0.0         # ...for at most this long since the last work (both 0: sleep at once)
     rx_backlog: int = 256        # frames a port may queue while the guest has no RX buffer
 
     def __post_init__(self) -> None:
-        for name in ("tx_batch", "rx_batch", "irq_coalesce", "rx_backlog"):
+        for name in ("tx_batch", "rx_batch", "irq_coalesce", "rx_backlog", "rounds_per_call"):
             if getattr(self, name) < 1:
                 raise ValueError(f"NotifyPolicy.{name} must be >= 1")
-        if self.poll_rounds < 0 or self.poll_us < 0:
-            raise ValueError("NotifyPolicy.poll_rounds and poll_us must be >= 0")
+        for name in ("kick_batch", "rx_kick_batch", "flow_batch", "poll_rounds", "poll_us", "batch_wait_us"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"NotifyPolicy.{name} must be >= 0")
+
+    def kick_target(self, *, queue_size: int, moved: int, tx: bool) -> int:
+        """How many pending entries to sleep through before wanting a kick (0: the first one), after a
+        wakeup that moved ``moved`` buffers. Capped at half the ring so a guest that stops its queue
+        when the ring is nearly full (Linux: fewer than MAX_SKB_FRAGS + 2 free) still kicks first.
+        Linux refills RX buffers once per NAPI poll (up to its budget, 64), so an RX batch of 64 means
+        "every second refill"; the guest still holds the other half of the ring, filled, meanwhile."""
+        batch = self.kick_batch if tx else self.rx_kick_batch
+        if batch == 0 or moved < max(self.flow_batch, 1):
+            return 0
+        return min(batch, queue_size // 2)
+
+
+# The knobs ``nicsim serve`` exposes (``--poll-us``, ``--irq-coalesce``...): name -> (type, help).
+POLICY_OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "kick_batch": (int, "EVENT_IDX: while traffic flows, wake only when this many buffers are posted "
+                        "(0: on every first buffer; capped at half the ring)"),
+    "rx_kick_batch": (int, "EVENT_IDX: the same for the RX buffers the generator fills"),
+    "batch_wait_us": (float, "look at a ring waiting for a batch after this many microseconds anyway"),
+    "flow_batch": (int, "buffers a wakeup must move to count as flowing traffic"),
+    "poll_us": (float, "busy-poll this long after the last work before sleeping (0: do not busy-poll)"),
+    "poll_rounds": (int, "...and at most this many empty rounds"),
+    "rounds_per_call": (int, "rounds run back to back per event-loop callback while work is left"),
+    "irq_coalesce": (int, "without EVENT_IDX: interrupt once per this many used entries while work flows"),
+    "tx_batch": (int, "chains taken off the TX ring per round"),
+    "rx_batch": (int, "RX buffers filled per round"),
+}
+
+
+def policy_from_options(values: Mapping[str, object]) -> NotifyPolicy:
+    """A policy from ``POLICY_OPTIONS`` values (``None`` keeps the default); ValueError if out of range
+    or unknown."""
+    unknown = set(values) - set(POLICY_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown policy option(s): {', '.join(sorted(unknown))}")
+    given: dict[str, Any] = {k: POLICY_OPTIONS[k][0](v) for k, v in values.items() if v is not None}
+    return NotifyPolicy(**given)
 
 
 class PollAction(enum.Enum):
     PROCESS = "process"   # there is work: run another round now
     POLL = "poll"         # nothing now, but traffic was flowing: yield once and look again, kicks still off
-    REARM = "rearm"       # quiet long enough: enable kicks, re-check avail, then sleep until a kick
+    REARM = "rearm"       # enable kicks (possibly for a batch), re-check avail, then sleep
 
 
-def should_interrupt(policy: NotifyPolicy, *, unsignalled: int, idle: bool, ring_wants: bool) -> bool:
+def should_interrupt(
+    policy: NotifyPolicy, *, unsignalled: int, idle: bool, ring_wants: bool, event_idx: bool = False
+) -> bool:
     """Whether to signal the call eventfd now.
 
     ``unsignalled`` is the number of used entries added since the last interrupt, ``idle`` whether the
-    queue has no more work this round, ``ring_wants`` the ring's own answer (EVENT_IDX or flags).
+    queue has no more work this round, ``ring_wants`` the ring's own answer (EVENT_IDX or flags),
+    ``event_idx`` whether that answer came from ``used_event`` (then it is followed as is).
     """
     if unsignalled <= 0 or not ring_wants:
         return False
+    if event_idx:
+        return True
     if idle:
         return policy.irq_on_idle
     return unsignalled >= policy.irq_coalesce
 
 
 def poll_action(policy: NotifyPolicy, *, more: bool, empty_rounds: int, idle_us: float) -> PollAction:
-    """What the server does after a round: ``more`` if the round left work, ``empty_rounds`` how many
+    """What the pump does after a round: ``more`` if the round left work, ``empty_rounds`` how many
     consecutive rounds found nothing, ``idle_us`` microseconds since the last round that found work."""
     if more:
         return PollAction.PROCESS
     if empty_rounds < policy.poll_rounds and idle_us < policy.poll_us:
         return PollAction.POLL
     return PollAction.REARM
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--kick-batch``, ``--poll-us``, ``--irq-coalesce``... one option per ``POLICY_OPTIONS`` knob,
+    default ``None`` (the policy's own default); read them back with :func:`policy_from_args`."""
+    group = parser.add_argument_group("notification policy (defaults suit a Linux guest under TCG)")
+    defaults = NotifyPolicy()
+    for name, (kind, text) in POLICY_OPTIONS.items():
+        group.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, metavar="N",
+                           help=f"{text} (default: {getattr(defaults, name)})")  # fmt: skip
+
+
+def policy_from_args(args: argparse.Namespace) -> NotifyPolicy:
+    """The policy the options of :func:`add_policy_arguments` describe; ValueError if out of range."""
+    return policy_from_options({name: getattr(args, name, None) for name in POLICY_OPTIONS})

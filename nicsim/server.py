@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import socket
 import stat
 import struct
@@ -32,6 +33,7 @@ import numpy as np
 
 from nicsim.device import DeviceStateError, VirtioNetDevice
 from nicsim.guestmem import MappedMemory, MappedRegion, MemoryMapError, close_fds
+from nicsim.inflight_fd import InflightError, InflightStore
 from nicsim.notify import RingPump
 from nicsim.vhost import BackendConnection, ConnectionState, InflightBuffer
 from nicsim.vhost import events as ev
@@ -96,8 +98,13 @@ class Session:
         self._config = net_config(mac, status=1, pairs=device.pairs, mtu=1500)
         features = device.device_features() | vf.bit(vf.VHOST_USER_F_PROTOCOL_FEATURES)
         self.conn = BackendConnection(
-            device=self, features=features, queue_pairs=device.pairs, max_queue_size=max_queue_size
+            device=self, features=features, queue_pairs=device.pairs, max_queue_size=max_queue_size,
+            inflight_shmfd=True,
         )
+        # VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD: the buffer, and memfds of replaced buffers whose
+        # GET_INFLIGHT_FD reply is still queued (closed once written: CVE-2020-10726, no leak).
+        self.inflight: InflightStore | None = None
+        self._retired: list[InflightStore] = []
         n = device.num_queues
         self.pumps = [RingPump(self.loop, device, i, after_tx=self._after_tx) for i in range(n)]
         self._started = [False] * n  # by the protocol (SET_VRING_KICK ... GET_VRING_BASE)
@@ -105,6 +112,7 @@ class Session:
         self._wbuf: deque[tuple[bytes, tuple[int, ...]]] = deque()
         self._writing = False
         device.on_wakeup = self._on_wakeup
+        device.port.start_io(self.loop)  # a port with an fd (tap) watches it here; close() unwatches
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -131,7 +139,27 @@ class Session:
         return driver_status
 
     def get_inflight_fd(self, *, num_queues: int, queue_size: int) -> InflightBuffer | None:
-        return None
+        """A fresh zeroed buffer; a repeated request replaces (and frees) the previous one."""
+        if any(self._running):
+            self._note("GET_INFLIGHT_FD refused: rings are running")
+            return None
+        try:
+            store = InflightStore.create(num_queues=num_queues, queue_size=queue_size)
+        except (InflightError, OSError) as err:
+            self._note(f"GET_INFLIGHT_FD refused: {err}")
+            return None
+        self._set_inflight(store)
+        assert store.fd is not None
+        return InflightBuffer(fd=store.fd, mmap_size=store.mmap_size)
+
+    def _set_inflight(self, store: InflightStore | None) -> None:
+        old, self.inflight = self.inflight, store
+        self.device.inflight = store
+        if old is not None:
+            if old.fd is not None and any(old.fd in fds for _, fds in self._wbuf):
+                self._retired.append(old)  # its fd is in a reply not yet written
+            else:
+                old.close()
 
     # -- socket I/O -------------------------------------------------------------------------------
 
@@ -145,10 +173,14 @@ class Session:
             self.close()
             return
         if flags & socket.MSG_CTRUNC:
-            # Some fds were dropped by the kernel: the message cannot be honoured as sent.
-            self._note(f"control data truncated (more than {MAX_FDS} fds?): closed the {len(fds)} that came")
+            # Some fds were dropped by the kernel: the message cannot be honoured as sent, and taking it
+            # without them would act on a request the frontend never made (libvhost-user and DPDK drop
+            # the connection on a truncated message too; CVE-2022-0669: every fd that came is closed).
+            self._note(f"control data truncated (more than {MAX_FDS} fds): closed the {len(fds)} that "
+                       "came and the connection")  # fmt: skip
             close_fds(fds)
-            fds = []
+            self.close()
+            return
         if not data:
             close_fds(fds)
             log.info("%s: frontend disconnected", self.name)
@@ -191,6 +223,9 @@ class Session:
                     self._writing = True
                 return
             self._wbuf.popleft()
+        for store in self._retired:
+            store.close()
+        self._retired.clear()
         if self._writing:
             self.loop.remove_writer(self.sock.fileno())
             self._writing = False
@@ -229,9 +264,28 @@ class Session:
             self._sync(event.index)
         elif isinstance(event, ev.VringEnabled):
             self._sync(event.index)
-        elif isinstance(event, ev.LogBaseSet | ev.LogFdSet | ev.BackendReqFdSet | ev.InflightFdSet):
+        elif isinstance(event, ev.InflightFdSet):
+            self._adopt_inflight(event)
+        elif isinstance(event, ev.LogBaseSet | ev.LogFdSet | ev.BackendReqFdSet):
             close_fds([event.fd])  # features we never offer; the fd is ours to close
             self._note(f"{type(event).__name__} ignored: not offered")
+
+    def _adopt_inflight(self, event: ev.InflightFdSet) -> None:
+        """SET_INFLIGHT_FD: map the buffer a frontend kept across our restart; rings started from now
+        on resubmit what it says was in flight."""
+        try:
+            if any(self._running):
+                raise InflightError("SET_INFLIGHT_FD while rings are running", reason="state",
+                                    num_queues=event.num_queues, queue_size=event.queue_size)  # fmt: skip
+            store = InflightStore.adopt(
+                event.fd, mmap_size=event.mmap_size, mmap_offset=event.mmap_offset,
+                num_queues=event.num_queues, queue_size=event.queue_size,
+            )  # fmt: skip
+        except InflightError as err:
+            raise ValueError(str(err)) from err
+        finally:
+            close_fds([event.fd])  # the mapping, if any, keeps the buffer
+        self._set_inflight(store)
 
     def _map(self, region: ev.MemoryRegion) -> MappedRegion:
         try:
@@ -287,12 +341,22 @@ class Session:
             # Start from the used index the ring holds (libvhost-user does the same): after a stop
             # every chain was returned, so it equals the base; after a driver reset both are 0.
             used_idx = int(mem.view_as(used + 2, np.dtype("<u2"), 1)[0])
+            last_avail, resubmit = ring.base & 0xFFFF, np.zeros(0, np.uint16)
+            if self.inflight is not None and self.inflight.tracks(index, ring.num):
+                # vhost-user spec "Inflight I/O tracking", when reconnecting: heads the previous
+                # backend took and never returned are processed again, the avail ring resumes after.
+                rec = self.inflight.recover(index, used_idx)
+                if not rec.fresh:
+                    last_avail, resubmit = rec.last_avail_idx, rec.resubmit
+                    if resubmit.shape[0]:
+                        log.info("%s: ring %d: resubmitting %d chains in flight at the last disconnect",
+                                 self.name, index, resubmit.shape[0])  # fmt: skip
             q = SplitQueue(
                 index=index, size=ring.num, desc_addr=mem.uva_to_gpa(a.desc_user_addr, dsize),
                 avail_addr=mem.uva_to_gpa(a.avail_user_addr, asize), used_addr=used,
-                last_avail_idx=ring.base & 0xFFFF, used_idx=used_idx,
+                last_avail_idx=last_avail, used_idx=used_idx,
             )  # fmt: skip
-            self.device.start_queue(index, q)
+            self.device.start_queue(index, q, resubmit=resubmit)
             self._running[index] = True
         if self._running[index] and ring.enabled and mem is not None:
             self.pumps[index].activate()
@@ -320,7 +384,10 @@ class Session:
     def snapshot(self) -> dict[str, Any]:
         if self.final_snapshot is not None:
             return self.final_snapshot
-        return self.device.snapshot()
+        snap = self.device.snapshot()
+        snap["pumps"] = [p.snapshot() for p in self.pumps]
+        snap["requests"] = list(self.conn.request_log)
+        return snap
 
     def close(self) -> None:
         """Stop every ring, close the pool, unmap memory and close every fd. Idempotent."""
@@ -341,6 +408,8 @@ class Session:
                     except (DeviceStateError, RingsError) as err:
                         log.error("%s: ring %d: stop failed: %s", self.name, i, err)
             self.final_snapshot = self.device.snapshot()
+            self.final_snapshot["pumps"] = [p.snapshot() for p in self.pumps]
+            self.final_snapshot["requests"] = list(self.conn.request_log)
             try:
                 self.device.shutdown()
             except Exception:
@@ -348,6 +417,10 @@ class Session:
         finally:
             for pump in self.pumps:
                 pump.close()
+            self._set_inflight(None)
+            for store in self._retired:
+                store.close()
+            self._retired.clear()
             self.device.set_memory(None)
             self.memory.close()
             self.conn.close()
@@ -386,13 +459,19 @@ class Endpoint:
             return
         _remove_stale_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The socket hands out guest memory: only our user may connect (0600 from the first moment,
+        # hence the umask around bind rather than a chmod after it).
+        old_umask = os.umask(0o177)
         try:
             sock.bind(str(self.path))
+            os.umask(old_umask)
             sock.listen(4)
             sock.setblocking(False)
         except OSError:
             sock.close()
             raise
+        finally:
+            os.umask(old_umask)
         self._listener = sock
         loop.add_reader(sock.fileno(), self._on_accept)
 
@@ -493,6 +572,16 @@ class Endpoint:
             self.session.close()
 
 
+class SocketPathError(FileExistsError):
+    """The socket path cannot be used: ``reason`` is ``"in_use"`` (a live server listens there) or
+    ``"not_a_socket"`` (a file of another kind, never removed). ``path`` is the path."""
+
+    def __init__(self, path: Path, reason: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.reason = reason
+
+
 def _remove_stale_socket(path: Path) -> None:
     """Unlink a socket file nobody listens on (left by a killed server); refuse one still in use."""
     try:
@@ -500,16 +589,22 @@ def _remove_stale_socket(path: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(f"{path} exists and is not a socket")
+        raise SocketPathError(path, "not_a_socket", "exists and is not a socket; not removing it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
-    except OSError:
-        path.unlink()
+    except ConnectionRefusedError:
+        # Nobody listens: a killed server's leftover. Unlink only that same file (not one a
+        # concurrently starting server just bound in its place).
+        with contextlib.suppress(FileNotFoundError):
+            if path.lstat().st_ino == st.st_ino:
+                path.unlink()
         return
+    except OSError as err:
+        raise SocketPathError(path, "unusable", f"cannot probe the existing socket ({err})") from err
     finally:
         probe.close()
-    raise FileExistsError(f"{path}: another backend is listening on it")
+    raise SocketPathError(path, "in_use", "another backend is listening on it")
 
 
 class Server:

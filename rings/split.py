@@ -332,6 +332,19 @@ class SplitQueue:
         else:
             v.used_head[0] = VIRTQ_USED_F_NO_NOTIFY if suppress else 0
 
+    def kick_after(self, mem: GuestMemory, count: int) -> None:
+        """EVENT_IDX only: ask the driver to notify once it has made more than ``count`` entries
+        available beyond ``last_avail_idx`` (0: on the first one, as re-enabling does).
+
+        §2.7.10: the driver notifies when the ``idx`` it publishes passes ``avail_event``; the device
+        chooses that index, so a value ahead of ``last_avail_idx`` means "wake me for a batch". The
+        caller must look at ``avail_pending`` afterwards (the driver may already be past it) and keep a
+        timer for a driver that stops short of the batch.
+        """
+        if not 0 <= count < self.size:
+            raise ValueError(f"kick_after({count}) on a queue of {self.size}")
+        self._views(mem).used_tail[0] = (self.last_avail_idx + count) & U16_MASK
+
 
 class _Walker:
     """One batch walk: lockstep over the descriptor table, per chain inside indirect tables."""

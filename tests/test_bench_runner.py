@@ -72,7 +72,9 @@ async def test_a_run_that_cannot_boot_is_failed_with_its_reason_and_the_plan_goe
 def test_nicsim_backend_speaks_the_serve_contract() -> None:
     assert serve_port(Cell(backend="nicsim", direction=Direction.TX, size=64)) == "sink"
     assert serve_port(Cell(backend="nicsim", direction=Direction.RX, size=512)) == "generator,size=508"
-    assert NicsimBackend().unsupported(Cell(backend="nicsim", direction=Direction.TCP_RX)) is not None
+    tcp = Cell(backend="nicsim", direction=Direction.TCP_RX)
+    assert serve_port(tcp, "ns1") == "tap,netns=ns1,ifname=tap0,offload=on"
+    assert NicsimBackend().unsupported(tcp) is None  # TCP rows run through the tap port
     assert high_water({"pool": {"usage": 0, "high_water": 77}, "queues": []}) == 77
     assert high_water({"queues": []}) is None
 
@@ -119,9 +121,12 @@ def test_progress_counts_runs_and_estimates_what_is_left() -> None:
     assert (clock(59), clock(61), clock(3661)) == ("0:59", "1:01", "1:01:01")
 
 
-def test_backend_only_says_it_is_not_implemented(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "--backend-only"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+def test_backend_only_refuses_tcp_and_peers(capsys: pytest.CaptureFixture[str]) -> None:
+    # The backend-only mode itself is tested in test_bench_backend_only.py.
+    assert main(["bench", "--backend-only", "--directions", "tcp-tx"]) == 2
+    assert "TCP needs a guest" in capsys.readouterr().err
+    assert main(["bench", "--backend-only", "--peers"]) == 2
+    assert "drop --peers" in capsys.readouterr().err
 
 
 def test_unknown_backend_is_refused_with_the_known_names(capsys: pytest.CaptureFixture[str]) -> None:

@@ -92,11 +92,16 @@ def table_rows(results: Sequence[CellResult], reference: str | None) -> list[lis
     return rows
 
 
-def render_table(results: Sequence[CellResult], *, reference: str | None = None) -> str:
-    """The person's table, then one note per cell that was not measured (why)."""
+def render_table(
+    results: Sequence[CellResult], *, reference: str | None = None, first_cpu: str = "QEMU",
+    footer: Sequence[str] = (),
+) -> str:
+    """The person's table, then one note per cell that was not measured (why). ``first_cpu`` names the
+    process of the first CPU column (QEMU; the frontend with ``--backend-only``); ``footer`` is extra
+    lines printed under the legend."""
     reference = reference if reference is not None else reference_of(results)
     header = ["backend", "dir", "size", "pps min", "pps med", "pps max", "Gbit/s",
-              "CPU QEMU", "CPU backend", "pool HW", f"{reference}÷this"]  # fmt: skip
+              f"CPU {first_cpu}", "CPU backend", "pool HW", f"{reference}÷this"]  # fmt: skip
     rows = table_rows(results, reference)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     left = {0, 1}
@@ -119,6 +124,7 @@ def render_table(results: Sequence[CellResult], *, reference: str | None = None)
         "size: Ethernet frame with FCS (64 B hands 60 bytes to the NIC); Gbit/s counts frame bytes "
         "without FCS; CPU: share of one core over the measured window (median); pool HW: nicsim's "
         f"packet pool high-water mark; {reference}÷this: ratio of median pps (Gbit/s for TCP).",
+        *footer,
     ]
     return "\n".join(lines)
 

@@ -5,7 +5,10 @@ exists), ``--port sink`` for guest TX cells, ``--port generator,size=N`` for gue
 frames of N bytes, FCS excluded, to the guest's MAC as fast as the guest takes them), and
 ``--stats-file FILE``: a JSON snapshot rewritten every second and at exit, whose ``pool.high_water``
 is the table's pool column and whose per-queue counters go into the run's JSON. SIGINT ends it
-cleanly. TCP cells need a ``tap`` port nicsim does not have yet, so they are "n/a" for now.
+cleanly. TCP cells use ``--port tap,netns=NS,ifname=tap0`` (offloads on): the run creates namespace
+``NS`` with ``tap0`` (the host address, the guest as a permanent neighbour) and an iperf3 server there,
+exactly as the ``qemu-tap`` peer does, and deletes it afterwards; QEMU itself stays in the root
+namespace. The backend CPU column is nicsim's; the namespace's kernel and iperf3 share its core.
 """
 
 from __future__ import annotations
@@ -16,24 +19,28 @@ import itertools
 import json
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from qemu.testvm import VhostUserNic
 
 from .backend import Backend, BenchError, ChildProcess, RunContext, Session, pinned
 from .matrix import Cell, Direction
-from .tap import python_env
+from .tap import add_tap_netns, del_netns, new_netns_name, python_env, start_iperf3_server
 
 _counter = itertools.count()
 
 
-def serve_port(cell: Cell) -> str:
-    """The ``--port`` argument for a cell: a sink for guest TX, a sized generator for guest RX."""
+def serve_port(cell: Cell, netns: str | None = None) -> str:
+    """The ``--port`` argument for a cell: a sink for guest TX, a sized generator for guest RX, the tap
+    port in ``netns`` for TCP."""
     if cell.direction is Direction.TX:
         return "sink"
     if cell.direction is Direction.RX:
         return f"generator,size={cell.frame_len}"
-    raise ValueError(f"no nicsim port for {cell.direction.value} yet")
+    if netns is None:
+        raise ValueError(f"{cell.direction.value}: the tap port needs a network namespace")
+    return f"tap,netns={netns},ifname=tap0,offload=on"
 
 
 def high_water(stats: dict[str, Any]) -> int | None:
@@ -50,23 +57,31 @@ class NicsimBackend(Backend):
             return "nicsim: the 'nicsim serve' command is not built yet (nicsim/cmd_serve.py)"
         return None
 
-    def unsupported(self, cell: Cell) -> str | None:
-        if cell.direction.is_tcp:
-            return "needs nicsim's tap port, which does not exist yet"
+    def unavailable_tcp(self) -> str | None:
+        if not Path("/dev/net/tun").exists():
+            return "nicsim tcp: /dev/net/tun is missing (load the tun module)"
         return None
+
+    def unsupported(self, cell: Cell) -> str | None:
+        return self.unavailable_tcp() if cell.direction.is_tcp else None
 
     @contextlib.asynccontextmanager
     async def session(self, cell: Cell, ctx: RunContext) -> AsyncIterator[Session]:
         n = next(_counter)
         sock = ctx.workdir / f"nicsim-{n}.sock"
         stats_file = ctx.workdir / f"nicsim-{n}.stats.json"
+        netns = new_netns_name() if cell.direction.is_tcp else None
         argv = pinned([
-            sys.executable, "-m", "nicsim", "serve", "--socket", str(sock), "--port", serve_port(cell),
+            sys.executable, "-m", "nicsim", "serve", "--socket", str(sock), "--port", serve_port(cell, netns),
             "--stats-file", str(stats_file),
         ], ctx.backend_cpu)  # fmt: skip
         proc = ChildProcess(argv, ctx.workdir / f"nicsim-{n}.log", env=python_env())
         sess = Session(nic=VhostUserNic(mac=ctx.guest_mac, socket=sock))
+        iperf3: ChildProcess | None = None
         try:
+            if netns is not None:
+                add_tap_netns(netns, ctx)
+                iperf3 = await start_iperf3_server(netns, ctx)
             await proc.start()
             sess.pid = proc.pid
             await proc.wait_for_path(sock, ctx.start_timeout)
@@ -82,4 +97,8 @@ class NicsimBackend(Backend):
             sess.extra["nicsim"] = stats
         finally:
             await proc.stop()
+            if iperf3 is not None:
+                await iperf3.stop()
+            if netns is not None:
+                del_netns(netns)
             sock.unlink(missing_ok=True)

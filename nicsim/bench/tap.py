@@ -42,6 +42,46 @@ def python_env() -> dict[str, str]:
     return env
 
 
+def new_netns_name() -> str:
+    return f"nicsim-bench-{os.getpid()}-{next(_counter)}"
+
+
+def add_tap_netns(netns: str, ctx: RunContext) -> None:
+    """Namespace ``netns`` with ``tap0`` (persistent, ``ctx.host_ip``, up) and the guest as a permanent
+    neighbour. Shared by QEMU's tap backend and nicsim's tap port, so both face the same peer. The
+    caller deletes the namespace (``del_netns``), also when this raises."""
+    _ip("netns", "add", netns)
+    for cmd in (
+        ["link", "set", "lo", "up"],
+        ["tuntap", "add", "dev", "tap0", "mode", "tap"],
+        ["addr", "add", f"{ctx.host_ip}/{PREFIX_LEN}", "dev", "tap0"],
+        ["link", "set", "tap0", "up"],
+        ["neigh", "replace", ctx.guest_ip, "lladdr", ctx.guest_mac, "dev", "tap0", "nud", "permanent"],
+    ):
+        _ip("netns", "exec", netns, "ip", *cmd)
+
+
+def del_netns(netns: str) -> None:
+    """Delete ``netns`` (and the TAP in it); harmless if it does not exist."""
+    subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)
+
+
+def in_netns(netns: str, argv: list[str], ctx: RunContext) -> list[str]:
+    return ["ip", "netns", "exec", netns, *pinned(argv, ctx.backend_cpu)]
+
+
+async def start_iperf3_server(netns: str, ctx: RunContext) -> ChildProcess:
+    """An iperf3 server on ``ctx.host_ip`` in ``netns``, on the backend's core; the caller stops it."""
+    server = ChildProcess(in_netns(netns, ["iperf3", "-s", "-B", ctx.host_ip], ctx),
+                          ctx.workdir / f"iperf3-{netns}.log")  # fmt: skip
+    await server.start()
+    # iperf3 must be listening before the guest's client connects; it is up within ms,
+    # and the guest needs seconds to boot, but check it did not die at once.
+    if await server.wait(0.2) is not None:
+        raise BenchError(f"iperf3 server in {netns} exited: {server.output()}")
+    return server
+
+
 class TapSession(Session):
     def __init__(self, *, nic: TapNic, netns: str, cell: Cell, ctx: RunContext) -> None:
         super().__init__(nic=nic, netns=netns)
@@ -51,7 +91,7 @@ class TapSession(Session):
 
     def in_ns(self, argv: list[str]) -> list[str]:
         assert self.netns is not None
-        return ["ip", "netns", "exec", self.netns, *pinned(argv, self.ctx.backend_cpu)]
+        return in_netns(self.netns, argv, self.ctx)
 
     async def spawn(self, name: str, argv: list[str]) -> ChildProcess:
         child = ChildProcess(self.in_ns(argv), self.ctx.workdir / f"{name}.log", env=python_env())
@@ -78,25 +118,14 @@ class QemuTapBackend(Backend):
 
     @contextlib.asynccontextmanager
     async def session(self, cell: Cell, ctx: RunContext) -> AsyncIterator[Session]:
-        netns = f"nicsim-bench-{os.getpid()}-{next(_counter)}"
-        _ip("netns", "add", netns)
+        netns = new_netns_name()
         sess = TapSession(nic=TapNic(mac=ctx.guest_mac, ifname="tap0"), netns=netns, cell=cell, ctx=ctx)
         try:
-            for cmd in (
-                ["link", "set", "lo", "up"],
-                ["tuntap", "add", "dev", "tap0", "mode", "tap"],
-                ["addr", "add", f"{ctx.host_ip}/{PREFIX_LEN}", "dev", "tap0"],
-                ["link", "set", "tap0", "up"],
-                ["neigh", "replace", ctx.guest_ip, "lladdr", ctx.guest_mac, "dev", "tap0",
-                 "nud", "permanent"],
-            ):  # fmt: skip
-                _ip("netns", "exec", netns, "ip", *cmd)
+            add_tap_netns(netns, ctx)
             if cell.direction.is_tcp:
-                server = await sess.spawn("iperf3", ["iperf3", "-s", "-B", ctx.host_ip])
-                # iperf3 must be listening before the guest's client connects; it is up within ms,
-                # and the guest needs seconds to boot, but check it did not die at once.
-                if await server.wait(0.2) is not None:
-                    raise BenchError(f"iperf3 server in {netns} exited: {server.output()}")
+                server = await start_iperf3_server(netns, ctx)
+                sess.children.append(server)
+                sess.pid = server.pid
             yield sess
             for child in sess.children:
                 # SIGINT makes the blaster print its counts. The iperf3 server runs without -1 so
@@ -107,4 +136,4 @@ class QemuTapBackend(Backend):
         finally:
             for child in sess.children:
                 await child.stop()
-            subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)
+            del_netns(netns)

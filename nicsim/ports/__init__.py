@@ -1,7 +1,7 @@
 """The ports a nicsim device can be wired to, behind the one interface in :mod:`nicsim.ports.base`.
 
 ``make_port(name)`` builds a built-in port by name (``responder``, the default; ``sink``; ``generator``;
-``reflect``).
+``reflect``; ``tap`` needs a :class:`TapConfig` and is built by ``nicsim serve --port tap,...``).
 """
 
 from __future__ import annotations
@@ -11,16 +11,20 @@ from nicsim.ports.generator import GeneratorConfig, GeneratorPort
 from nicsim.ports.reflect import ReflectPort
 from nicsim.ports.responder import ResponderConfig, ResponderPort
 from nicsim.ports.sink import SinkPort
+from nicsim.ports.tap import TapConfig, TapError, TapPort
 
 PORTS: dict[str, type[Port]] = {
     "responder": ResponderPort,
     "sink": SinkPort,
     "generator": GeneratorPort,
     "reflect": ReflectPort,
+    "tap": TapPort,
 }
 
 
 def make_port(name: str = "responder") -> Port:
+    if name == "tap":
+        raise ValueError("the tap port needs a namespace: TapPort(TapConfig(netns=..., ifname=...))")
     try:
         return PORTS[name]()
     except KeyError:
@@ -29,5 +33,5 @@ def make_port(name: str = "responder") -> Port:
 
 __all__ = [
     "PORTS", "GeneratorConfig", "GeneratorPort", "Port", "ReflectPort", "ResponderConfig",
-    "ResponderPort", "RxSink", "SinkPort", "TxFrames", "make_port",
+    "ResponderPort", "RxSink", "SinkPort", "TapConfig", "TapError", "TapPort", "TxFrames", "make_port",
 ]

@@ -10,12 +10,16 @@ tap, switch and tunnel ports plug in later without the device changing:
   then the device keeps the guest's buffers and their pool descriptors in flight.
 - :class:`RxSink` is what the device gives a port to inject frames toward the guest, at any time:
   one frame, many frames in a flat buffer, or one template frame written ``count`` times.
-- :class:`Port` is the port itself; pull-style ports (the generator) also implement :meth:`Port.poll_rx`.
+- :class:`Port` is the port itself; pull-style ports (the generator, the tap) also implement
+  :meth:`Port.poll_rx`. A port that can honour offloads (the tap) declares them with :meth:`Port.features`,
+  learns what the driver accepted in :meth:`Port.negotiated`, and passes the virtio-net header through
+  (``vnet_hdr``, :meth:`TxFrames.iovec`); a port owning an fd gets the event loop in :meth:`Port.start_io`.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 from typing import Any, Protocol
 
 import numpy as np
@@ -43,6 +47,10 @@ class TxFrames(Protocol):
 
     def gather(self) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
         """Every frame copied back to back: (flat bytes, start offsets), one vectorised copy."""
+
+    def iovec(self, i: int) -> list[npt.NDArray[np.uint8]]:
+        """Frame ``i`` *with* its virtio-net header in front, as views of guest memory (one per
+        readable segment, no copy): for ports that pass the header through (a TAP with IFF_VNET_HDR)."""
 
     def complete(self) -> None:
         """A port that returned False from transmit() calls this once when it no longer needs the frames."""
@@ -72,11 +80,17 @@ class RxSink(Protocol):
     def rx_space(self, pair: int = 0) -> int:
         """Guest buffers currently posted on the pair's RX queue (an upper bound on frames deliverable)."""
 
+    def wake(self, pair: int = 0) -> None:
+        """A pull-style port's source became ready (a readable fd): poll its RX soon."""
+
 
 class Port(abc.ABC):
     """One end of the wire. Subclasses set ``name`` and implement :meth:`transmit`."""
 
     name: str = "port"
+    # True: frames the port pushes start with a virtio-net header of the negotiated length (§5.1.6),
+    # whose flags/gso fields the device keeps (it fills num_buffers); False: bare frames.
+    vnet_hdr: bool = False
 
     def __init__(self) -> None:
         self._sink: RxSink | None = None
@@ -94,6 +108,21 @@ class Port(abc.ABC):
     @abc.abstractmethod
     def transmit(self, batch: TxFrames) -> bool:
         """Take a batch the guest sent. True: done with it now; False: will call ``batch.complete()``."""
+
+    def features(self) -> int:
+        """Offload feature bits (virtio 1.2 §5.1.3: CSUM, GUEST_CSUM, HOST_/GUEST_TSO4/6...) the port can
+        honour; the device offers them on top of its base set. Default: none."""
+        return 0
+
+    def negotiated(self, features: int) -> None:
+        """The driver's accepted features (SET_FEATURES), before any queue runs: a port configures its
+        offloads to match. Raising OSError refuses the features."""
+        return None
+
+    def start_io(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Called once by the server, on its event loop, before any ring runs: a port that owns file
+        descriptors registers its readers here and removes them in :meth:`close`. Default: nothing."""
+        return None
 
     def poll_rx(self, pair: int, budget: int, now: float) -> int:
         """Pull-style ports produce up to ``budget`` frames for ``pair``; ``now`` is a monotonic time in

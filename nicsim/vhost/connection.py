@@ -23,6 +23,7 @@ broken stream (bad version, oversize length) is fatal: the connection goes to ``
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -57,6 +58,7 @@ from nicsim.vhost.state import (
 )
 
 MAX_QUEUE_SIZE = 32768  # virtio 1.2 §2.6: Queue Size is at most 32768
+REQUEST_LOG_SIZE = 256  # names kept in BackendConnection.request_log
 MIN_MTU, MAX_MTU = 68, 65535  # IPv4 minimum; virtio-net config mtu is a u16
 
 
@@ -174,6 +176,9 @@ class BackendConnection:
         # Reply being built for the message in progress (set by handlers with an explicit reply).
         self._reply: _Pending | None = None
         self._code = 0
+        # The names of the latest requests, oldest first (what a frontend really sends is worth seeing:
+        # e.g. which requests QEMU replays on reconnect). Bounded: a long session keeps the newest.
+        self.request_log: deque[str] = deque(maxlen=REQUEST_LOG_SIZE)
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -262,6 +267,7 @@ class BackendConnection:
         state = self.state
         self._reply = None
         self._code = msg.code
+        self.request_log.append(msg.name)
         try:
             req, payload = decode_request(msg)
             nxt = self._check_legal(req, payload)

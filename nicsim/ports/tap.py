@@ -1,0 +1,349 @@
+"""The tap port: forwards between the guest and a Linux TAP device inside a network namespace.
+
+This module owns opening the TAP (``/dev/net/tun``, ``TUNSETIFF`` with ``IFF_TAP | IFF_NO_PI |
+IFF_VNET_HDR``) from a short-lived thread that ``setns()``-es into the namespace, so the process itself
+never moves; the offloads it can honour (probed with ``TUNSETOFFLOAD`` at open) and their configuration
+after the driver accepted features (``TUNSETOFFLOAD``, ``TUNSETVNETHDRSZ``, ``TUNSETVNETLE``); and the
+two data paths. TX: every frame goes to the kernel with the guest's virtio-net header in front, unchanged
+(one ``writev`` of guest-memory views, no copy; the kernel does the checksum and segmentation the
+header asks for, virtio 1.2 §5.1.6.2), after a check that the header asks only for offloads the driver
+negotiated. RX is pull-style: when the guest has buffers the device polls the port, which reads frames
+(the kernel's virtio-net header in front, GSO frames up to 64 KB with GUEST_TSO4/6) and pushes them; the
+device keeps that header (GUEST_CSUM) and fills ``num_buffers`` (§5.1.6.4). When the fd is drained the
+port watches it with ``loop.add_reader`` and wakes the device once it is readable. Nothing blocks:
+a write that would block is retried a bounded number of times, then dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import fcntl
+import os
+import re
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from nicsim.ports.base import Port, TxFrames
+from nicsim.ports.frames import ETH_HLEN
+
+# <linux/if_tun.h>
+TUNSETIFF = 0x400454CA
+TUNGETFEATURES = 0x800454CF
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+TUNSETVNETLE = 0x400454DC
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_ALL = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+CLONE_NEWNET = 0x40000000
+NETNS_DIR = Path("/run/netns")  # where `ip netns add` puts its namespaces
+
+# virtio 1.2 §5.1.3 feature bits and §5.1.6 header fields.
+F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6 = 0, 1, 7, 8, 11, 12
+F_MRG_RXBUF, F_VERSION_1 = 15, 32
+OFFLOADS = sum(1 << b for b in (F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6))
+HDR_F_NEEDS_CSUM = 1
+GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_ECN = 0, 1, 4, 0x80
+
+MAX_READ = 65550 + 12 + 64  # a 64 KB GSO frame, its header, and slack to detect a longer one
+RX_BURST_BYTES = 256 * 1024  # stop a poll after this much; the device's backlog holds more (8 x 64 KB)
+WRITE_TRIES = 3
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
+T = TypeVar("T")
+
+
+class TapError(OSError):
+    """The TAP could not be opened or configured: ``step`` says which call, for ``netns``/``ifname``."""
+
+    def __init__(self, message: str, *, step: str, netns: str, ifname: str, err: int = 0) -> None:
+        super().__init__(err, f"tap {ifname} in netns {netns}: {step}: {message}")
+        self.step = step
+        self.netns = netns
+        self.ifname = ifname
+
+
+@dataclass(frozen=True, kw_only=True)
+class TapConfig:
+    """``netns``: the network namespace (``ip netns add NAME``) the TAP lives in; ``ifname``: the TAP,
+    attached if it exists (``ip tuntap add``: persistent, keeps its address between guests), else
+    created (it then disappears with the port); ``offload``: offer CSUM/TSO to the guest if the
+    kernel can honour them."""
+
+    netns: str = ""
+    ifname: str = "tap0"
+    offload: bool = True
+
+    def check(self) -> None:
+        if not self.netns or not _NAME_RE.match(self.netns) or self.netns in (".", ".."):
+            raise ValueError(f"tap: netns={self.netns!r}: the name of a network namespace is required")
+        if not _IFNAME_RE.match(self.ifname):
+            raise ValueError(f"tap: ifname={self.ifname!r} is not a Linux interface name (1-15 chars)")
+
+
+def _setns(fd: int) -> None:
+    setns = getattr(os, "setns", None)  # Python 3.12+
+    if setns is not None:
+        setns(fd, CLONE_NEWNET)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def in_netns(netns: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a short-lived thread that joined network namespace ``netns``: sockets and TAPs it
+    opens belong there; the rest of the process never moves (setns changes only the calling thread)."""
+    out: list[T] = []
+    errs: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            nsfd = os.open(NETNS_DIR / netns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _setns(nsfd)
+            finally:
+                os.close(nsfd)
+            out.append(fn())
+        except BaseException as err:  # handed to the caller's thread
+            errs.append(err)
+
+    t = threading.Thread(target=run, name=f"nicsim-netns-{netns}")
+    t.start()
+    t.join()
+    if errs:
+        raise errs[0]
+    return out[0]
+
+
+def _ioctl_int(fd: int, request: int, value: int) -> None:
+    """An ioctl whose argument points at an int (TUNSETVNETHDRSZ, TUNSETVNETLE)."""
+    fcntl.ioctl(fd, request, struct.pack("i", value))
+
+
+def _set_offload(fd: int, flags: int) -> None:
+    # TUNSETOFFLOAD takes the TUN_F_* flags by value, not through a pointer.
+    fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+
+
+def _open_tap(ifname: str) -> tuple[int, int]:
+    """Open ``ifname`` with IFF_VNET_HDR; returns (fd, TUN_F_* offloads the kernel accepts)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        feats = struct.unpack("I", fcntl.ioctl(fd, TUNGETFEATURES, bytes(4)))[0]
+        if not feats & IFF_VNET_HDR:
+            raise OSError(errno.ENOTSUP, "the kernel's tun has no IFF_VNET_HDR")
+        ifr = struct.pack("16sH22x", ifname.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        fcntl.ioctl(fd, TUNSETIFF, ifr)
+        offloads = TUN_ALL
+        try:
+            _set_offload(fd, offloads)
+        except OSError:
+            offloads = 0
+        _set_offload(fd, 0)  # nothing until the driver negotiates
+        return fd, offloads
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class TapPort(Port):
+    """A TAP in a network namespace as the other end of the wire (one queue pair)."""
+
+    name = "tap"
+    vnet_hdr = True
+
+    def __init__(self, config: TapConfig) -> None:
+        super().__init__()
+        config.check()
+        self.config = config
+        if not (NETNS_DIR / config.netns).exists():
+            raise TapError("no such network namespace (ip netns add it first)", step="setns",
+                           netns=config.netns, ifname=config.ifname, err=errno.ENOENT)  # fmt: skip
+        try:
+            fd, tun_offloads = in_netns(config.netns, lambda: _open_tap(config.ifname))
+        except OSError as err:
+            raise TapError(err.strerror or str(err), step="open", netns=config.netns,
+                           ifname=config.ifname, err=err.errno or 0) from err  # fmt: skip
+        self._fd: int | None = fd
+        # Offered only when the kernel takes every TUN_F_* the virtio bits map to.
+        self._offered = OFFLOADS if config.offload and tun_offloads == TUN_ALL else 0
+        self._allowed_gso = {GSO_NONE}
+        self._tx_csum = False
+        self._hdr_len = 10  # the kernel's default until negotiation says otherwise
+        self.tun_offload = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading = False  # the fd is watched (it was drained)
+        self._idle = True
+        self._rxbuf: npt.NDArray[np.uint8] = np.zeros(MAX_READ, np.uint8)
+        self.counters: dict[str, Any] = {"tx_frames": 0, "tx_bytes": 0, "rx_frames": 0, "rx_bytes": 0}
+        self.drops: dict[str, int] = {}
+
+    # -- configuration ----------------------------------------------------------------------------
+
+    def features(self) -> int:
+        return self._offered
+
+    def negotiated(self, features: int) -> None:
+        fd = self._require_fd()
+
+        def has(b: int) -> bool:
+            return bool(features >> b & 1)
+
+        # §5.1.6: the header has num_buffers (12 bytes) with VERSION_1 or MRG_RXBUF; the kernel reads
+        # and writes exactly that many bytes in front of every frame.
+        self._hdr_len = 12 if has(F_VERSION_1) or has(F_MRG_RXBUF) else 10
+        off = 0
+        if has(F_GUEST_CSUM):
+            off |= TUN_F_CSUM
+            if has(F_GUEST_TSO4):
+                off |= TUN_F_TSO4
+            if has(F_GUEST_TSO6):
+                off |= TUN_F_TSO6
+        try:
+            _ioctl_int(fd, TUNSETVNETHDRSZ, self._hdr_len)
+            if has(F_VERSION_1):
+                # VERSION_1 headers are little-endian (§5.1.6); a no-op on a little-endian host.
+                try:
+                    _ioctl_int(fd, TUNSETVNETLE, 1)
+                except OSError as err:
+                    if err.errno != errno.EINVAL:
+                        raise
+            _set_offload(fd, off)
+        except OSError as err:
+            raise TapError(err.strerror or str(err), step="negotiate", netns=self.config.netns,
+                           ifname=self.config.ifname, err=err.errno or 0) from err  # fmt: skip
+        self.tun_offload = off
+        # What the guest may ask of the kernel on TX (§5.1.6.2): only offloads it negotiated.
+        self._tx_csum = has(F_CSUM)
+        self._allowed_gso = {GSO_NONE}
+        if self._tx_csum and has(F_HOST_TSO4):
+            self._allowed_gso.add(GSO_TCPV4)
+        if self._tx_csum and has(F_HOST_TSO6):
+            self._allowed_gso.add(GSO_TCPV6)
+
+    def start_io(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._watch()
+
+    # -- TX: guest -> kernel ----------------------------------------------------------------------
+
+    def transmit(self, batch: TxFrames) -> bool:
+        if self._fd is None:
+            self._drop("closed", batch.count)
+            return True
+        fd = self._fd
+        lengths = batch.lengths
+        for i in range(batch.count):
+            iov = batch.iovec(i)
+            head = iov[0] if iov[0].shape[0] >= 2 else np.concatenate(iov)[:2]
+            flags, gso = int(head[0]), int(head[1])
+            if (flags & HDR_F_NEEDS_CSUM and not self._tx_csum) or gso not in self._allowed_gso:
+                self._drop("tx_offload_not_negotiated")
+                continue
+            for _ in range(WRITE_TRIES):
+                try:
+                    os.writev(fd, iov)  # type: ignore[arg-type]  # ndarrays are buffers (numpy stubs)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as err:
+                    self._drop(f"tx_{errno.errorcode.get(err.errno or 0, 'error').lower()}")
+                    break
+                self.counters["tx_frames"] += 1
+                self.counters["tx_bytes"] += int(lengths[i])
+                break
+            else:
+                self._drop("tx_would_block")
+        return True
+
+    # -- RX: kernel -> guest (pull) ---------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        """True while the TAP has nothing to read: the RX pump may sleep; the fd watch wakes it."""
+        return self._idle
+
+    def poll_rx(self, pair: int, budget: int, now: float) -> int:
+        if pair != 0 or self._fd is None:
+            return 0
+        fd, buf, min_len = self._fd, self._rxbuf, self._hdr_len + ETH_HLEN
+        frames = nbytes = 0
+        while frames < budget and nbytes < RX_BURST_BYTES:
+            try:
+                n = os.readv(fd, [buf])  # type: ignore[list-item]  # an ndarray is a writable buffer
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                self._idle = True
+                self._watch()
+                break
+            except OSError as err:
+                self._drop(f"rx_{errno.errorcode.get(err.errno or 0, 'error').lower()}")
+                self._idle = True
+                self._watch()
+                break
+            if n < min_len or n >= MAX_READ:
+                self._drop("rx_runt" if n < min_len else "rx_too_big")
+                continue
+            if not self.sink.push(buf[:n], pair=0):
+                continue  # the device counted it (no_rx_buffer / too_big)
+            frames += 1
+            nbytes += n
+            self.counters["rx_frames"] += 1
+            self.counters["rx_bytes"] += n - self._hdr_len
+        return frames
+
+    def _on_readable(self) -> None:
+        # Level-triggered: stop watching until the next poll drains the fd again, then let the device
+        # poll us (it does so only while the guest has buffers: the kernel queue is the backlog).
+        self._unwatch()
+        self._idle = False
+        if self._sink is not None:
+            self.sink.wake(0)
+
+    def _watch(self) -> None:
+        if self._loop is not None and self._fd is not None and not self._reading:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._reading = True
+
+    def _unwatch(self) -> None:
+        if self._loop is not None and self._fd is not None and self._reading:
+            self._loop.remove_reader(self._fd)
+        self._reading = False
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def _require_fd(self) -> int:
+        if self._fd is None:
+            raise TapError("the port is closed", step="use", netns=self.config.netns,
+                           ifname=self.config.ifname, err=errno.EBADF)  # fmt: skip
+        return self._fd
+
+    def _drop(self, reason: str, n: int = 1) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + n
+
+    def close(self) -> None:
+        self._unwatch()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        super().close()
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counters, "drops": dict(self.drops), "tun_offload": self.tun_offload,
+                "offered": self._offered, "netns": self.config.netns, "ifname": self.config.ifname}

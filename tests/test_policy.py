@@ -1,0 +1,147 @@
+"""The notification policy: its knobs, its pure decisions, and how the device applies them to a ring
+driven by the driver model (interrupts by used_event, kicks re-armed for a batch)."""
+
+from __future__ import annotations
+
+import pytest
+
+from nicsim.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioNetDevice
+from nicsim.policy import (
+    POLICY_OPTIONS,
+    NotifyPolicy,
+    PollAction,
+    policy_from_options,
+    poll_action,
+    should_interrupt,
+)
+from nicsim.ports import SinkPort
+from rings.driver import DriverQueue, GuestDriver
+
+V1 = 1 << VIRTIO_F_VERSION_1
+EVT = 1 << VIRTIO_F_EVENT_IDX
+FRAME = bytes(60)
+
+
+def _tx_device(features: int, policy: NotifyPolicy | None = None) -> tuple[DriverQueue, VirtioNetDevice]:
+    drv = GuestDriver()
+    rx = drv.add_queue(0, 256, event_idx=bool(features & EVT))
+    tx = drv.add_queue(1, 256, event_idx=bool(features & EVT))
+    dev = VirtioNetDevice(port=SinkPort(), policy=policy)
+    dev.set_features(features)
+    dev.set_memory(drv.memory)
+    dev.start_queue(0, rx.device_queue())
+    dev.start_queue(1, tx.device_queue())
+    return tx, dev
+
+
+# -- knobs --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tx_batch", "rx_batch", "irq_coalesce", "rx_backlog", "rounds_per_call"])
+def test_counts_that_must_be_positive_are_refused_at_zero(name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        NotifyPolicy(**{name: 0})
+
+
+@pytest.mark.parametrize("name", ["kick_batch", "rx_kick_batch", "flow_batch", "poll_us", "batch_wait_us"])
+def test_negative_knobs_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        NotifyPolicy(**{name: -1})
+
+
+def test_options_build_a_policy_and_none_keeps_the_default() -> None:
+    p = policy_from_options({"poll_us": "25", "irq_coalesce": 8, "kick_batch": None})
+    assert p.poll_us == 25.0 and p.irq_coalesce == 8 and p.kick_batch == NotifyPolicy().kick_batch
+    assert set(POLICY_OPTIONS) <= {f for f in NotifyPolicy.__dataclass_fields__}
+    with pytest.raises(ValueError, match="unknown"):
+        policy_from_options({"poll_ms": 1})
+    with pytest.raises(ValueError, match="poll_us"):
+        policy_from_options({"poll_us": -5})
+
+
+# -- interrupts ---------------------------------------------------------------------------------------
+
+
+def test_with_event_idx_the_guests_request_is_followed_at_once_whatever_the_coalescing() -> None:
+    p = NotifyPolicy(irq_coalesce=64)
+    assert should_interrupt(p, unsignalled=1, idle=False, ring_wants=True, event_idx=True)
+    assert not should_interrupt(p, unsignalled=100, idle=True, ring_wants=False, event_idx=True)
+
+
+def test_without_event_idx_interrupts_are_spaced_while_work_flows() -> None:
+    p = NotifyPolicy(irq_coalesce=64)
+    assert not should_interrupt(p, unsignalled=63, idle=False, ring_wants=True)
+    assert should_interrupt(p, unsignalled=64, idle=False, ring_wants=True)
+    assert should_interrupt(p, unsignalled=1, idle=True, ring_wants=True)
+    assert not should_interrupt(NotifyPolicy(irq_on_idle=False), unsignalled=1, idle=True, ring_wants=True)
+
+
+def test_device_signals_a_tx_round_that_passes_used_event_even_with_work_left() -> None:
+    # Linux TX asks for an interrupt at 3/4 of its outstanding buffers (virtqueue_enable_cb_delayed).
+    tx, dev = _tx_device(V1 | EVT, NotifyPolicy(tx_batch=16, irq_coalesce=64))
+    for _ in range(64):
+        tx.post_tx(FRAME)
+    tx.enable_interrupts(after=47)
+    results = []
+    while True:
+        res = dev.process_tx(1)
+        results.append(res)
+        if not res.more:
+            break
+    assert [r.interrupt for r in results] == [False, False, True, False]
+    assert results[2].more  # work was left, and the interrupt still went out in that round
+
+
+# -- kicks --------------------------------------------------------------------------------------------
+
+
+def test_kick_target_is_zero_for_sparse_traffic_and_half_the_ring_at_most() -> None:
+    p = NotifyPolicy(kick_batch=512, rx_kick_batch=64, flow_batch=8)
+    assert p.kick_target(queue_size=256, moved=7, tx=True) == 0
+    assert p.kick_target(queue_size=256, moved=8, tx=True) == 128
+    assert p.kick_target(queue_size=256, moved=200, tx=False) == 64
+    assert p.kick_target(queue_size=64, moved=200, tx=False) == 32
+    assert NotifyPolicy(kick_batch=0).kick_target(queue_size=256, moved=200, tx=True) == 0
+
+
+def test_rearm_for_a_batch_lets_the_guest_post_that_many_without_kicking() -> None:
+    tx, dev = _tx_device(V1 | EVT)
+    dev.suppress_kicks(1)
+    assert dev.rearm_kicks(1, after=4) is True
+    kicks = []
+    for _ in range(6):
+        tx.post_tx(FRAME)
+        kicks.append(tx.should_kick())
+    assert kicks == [False, False, False, False, True, False]  # the 5th passes avail_event
+
+
+def test_rearm_for_a_batch_already_passed_says_process_now() -> None:
+    tx, dev = _tx_device(V1 | EVT)
+    dev.suppress_kicks(1)
+    for _ in range(5):
+        tx.post_tx(FRAME)
+    assert not tx.should_kick()
+    assert dev.rearm_kicks(1, after=4) is False  # the guest will not kick for a crossing it made
+    assert dev.rearm_kicks(1, after=5) is True  # exactly at the mark: the next post kicks
+    tx.post_tx(FRAME)
+    assert tx.should_kick()
+
+
+def test_without_event_idx_a_batch_cannot_be_asked_for() -> None:
+    tx, dev = _tx_device(V1)
+    dev.suppress_kicks(1)
+    assert dev.rearm_kicks(1, after=4) is True
+    tx.post_tx(FRAME)
+    assert tx.should_kick()  # the flag is all or nothing: the first post kicks
+
+
+# -- polling ------------------------------------------------------------------------------------------
+
+
+def test_poll_action() -> None:
+    p = NotifyPolicy(poll_rounds=3, poll_us=100.0)
+    assert poll_action(p, more=True, empty_rounds=99, idle_us=1e9) is PollAction.PROCESS
+    assert poll_action(p, more=False, empty_rounds=2, idle_us=50.0) is PollAction.POLL
+    assert poll_action(p, more=False, empty_rounds=3, idle_us=50.0) is PollAction.REARM
+    assert poll_action(p, more=False, empty_rounds=0, idle_us=100.0) is PollAction.REARM
+    assert poll_action(NotifyPolicy(), more=False, empty_rounds=0, idle_us=0.0) is PollAction.REARM
