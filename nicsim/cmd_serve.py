@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nicsim.device import VirtioNetDevice
-from nicsim.policy import NotifyPolicy
+from nicsim.policy import NotifyPolicy, add_policy_arguments, policy_from_args
 from nicsim.ports import PORTS, GeneratorConfig, GeneratorPort, Port, ResponderConfig, ResponderPort
 from nicsim.ports.tap import TapConfig, TapPort
 from nicsim.server import DEFAULT_MAX_QUEUE_SIZE, Server
@@ -36,7 +36,8 @@ ports:
   sink        counts what the guest sends and discards it
   generator   sends UDP frames into the guest as fast as it posts buffers;
               keys: size= (frame bytes without FCS, default 64), count=, rate_pps=, dst_mac=, src_mac=,
-              src_ip=, dst_ip=, sport=, dport=
+              src_ip=, dst_ip=, sport=, dport=, udp_checksum=0|1
+              (0 sends checksum 0, as DPDK testpmd's txonly does)
   reflect     sends every frame back to the guest
   tap         forwards to and from a TAP device inside a network namespace (traffic never touches the
               root namespace); keys: netns= (required: the namespace, `ip netns add NAME`), ifname=
@@ -102,6 +103,7 @@ def add_parser(subparsers: Any) -> None:
         "rewritten atomically every interval and at exit",
     )
     parser.add_argument("--quiet", action="store_true", help="no periodic stats lines, warnings only")
+    add_policy_arguments(parser)
 
 
 _CONFIGS: dict[str, type[Any]] = {
@@ -171,12 +173,12 @@ def _summary(snap: dict[str, Any]) -> str:
     return f"{' '.join(parts) or 'no queues'} drops={drops} pool={pool.get('usage')}/{pool.get('high_water')}"
 
 
-async def serve(args: argparse.Namespace) -> int:
+async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
     parse_port(args.port).close()  # refuse a bad --port before listening
 
     def make_device() -> VirtioNetDevice:
         return VirtioNetDevice(port=parse_port(args.port), pool=PacketPool(args.pool_size, name="virtio-net"),
-                               policy=NotifyPolicy())  # fmt: skip
+                               policy=policy)  # fmt: skip
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -216,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
         print("nicsim serve: --stats-interval must be positive", file=sys.stderr)
         return 2
     try:
+        policy = policy_from_args(args)
         parse_port(args.port).close()
     except ValueError as err:
         print(f"nicsim serve: {err}", file=sys.stderr)
@@ -224,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"nicsim serve: {err}", file=sys.stderr)
         return 1
     try:
-        return asyncio.run(serve(args))
+        return asyncio.run(serve(args, policy))
     except (FileExistsError, OSError) as err:
         print(f"nicsim serve: {err}", file=sys.stderr)
         return 1

@@ -27,6 +27,7 @@ from nicsim.bench.backend_only import (
 )
 from nicsim.bench.cmd_backend_only import plan_for
 from nicsim.bench.matrix import Cell, Direction
+from nicsim.bench.serve import TESTPMD_FRAME
 from nicsim.bench.testpmd import RUNTIME_DIR
 from nicsim.cli import main
 from nicsim.cmd_serve import write_json_atomic
@@ -88,7 +89,7 @@ def test_dpdk_backend_is_net_vhost_and_nicsim_serves_the_cell_port(tmp_path: Pat
     assert sink[sink.index("--port") + 1] == "sink" and sink[sink.index("--stats-file") + 1] == str(stats)
     gen = build_serve_argv(socket=SOCK, cell=Cell(backend="nicsim", direction=Direction.RX, size=1500),
                            stats_file=stats, cpu=None)  # fmt: skip
-    assert gen[0] == sys.executable and gen[gen.index("--port") + 1] == "generator,size=1496"
+    assert gen[0] == sys.executable and gen[gen.index("--port") + 1] == f"generator,size=1496,{TESTPMD_FRAME}"
 
 
 # -- counters -----------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from nicsim.bench import BACKENDS, DpdkBackend, NicsimBackend, QemuTapBackend, R
 from nicsim.bench.matrix import Cell, Direction, build_plan
 from nicsim.bench.progress import Progress, clock
 from nicsim.bench.runner import Runner, measure, skip_runs, workload_for
-from nicsim.bench.serve import high_water, serve_port
+from nicsim.bench.serve import TESTPMD_FRAME, high_water, serve_port
 from nicsim.bench.testpmd import build_testpmd_argv, parse_counters
 from nicsim.cli import main
 
@@ -71,7 +71,8 @@ async def test_a_run_that_cannot_boot_is_failed_with_its_reason_and_the_plan_goe
 
 def test_nicsim_backend_speaks_the_serve_contract() -> None:
     assert serve_port(Cell(backend="nicsim", direction=Direction.TX, size=64)) == "sink"
-    assert serve_port(Cell(backend="nicsim", direction=Direction.RX, size=512)) == "generator,size=508"
+    rx = serve_port(Cell(backend="nicsim", direction=Direction.RX, size=512))
+    assert rx == f"generator,size=508,{TESTPMD_FRAME}"
     tcp = Cell(backend="nicsim", direction=Direction.TCP_RX)
     assert serve_port(tcp, "ns1") == "tap,netns=ns1,ifname=tap0,offload=on"
     assert NicsimBackend().unsupported(tcp) is None  # TCP rows run through the tap port
