@@ -251,7 +251,9 @@ class GuestMemory:
             if source_offsets is None
             else np.asarray(source_offsets, dtype=np.int64)
         )
-        if lens.shape[0] and int((src_start + lens).max()) > source.shape[0]:
+        # Empty copies read nothing: their source offset may sit at or past the end (a frame shorter
+        # than the first of several writable buffers leaves the later ones empty).
+        if lens.shape[0] and int(np.where(lens > 0, src_start + lens, 0).max()) > source.shape[0]:
             raise ValueError("scatter would read past the end of the source")
         for r in np.unique(regions[lens > 0]).tolist():
             sel = (regions == r) & (lens > 0)

@@ -64,15 +64,10 @@ class FuzzBudget:
             fn = getattr(item, "obj", None)
             cls = getattr(item, "cls", None)
             if fn is not None and hasattr(fn, "hypothesis"):
-                # @settings(max_examples=...) on the test wins over profiles, so replace the test's
-                # own settings object (Hypothesis keeps it on this attribute).
-                own = getattr(fn, "_hypothesis_internal_use_settings", settings.default)
-                fn._hypothesis_internal_use_settings = settings(
-                    own, max_examples=self.examples, deadline=None
-                )
+                # The budget itself comes from NICSIM_FUZZ_EXAMPLES, which every fuzz test reads;
+                # here we only count the calls of the test body (Hypothesis's ``inner_test`` hook).
                 fn.hypothesis.inner_test = self._counted(item.nodeid, fn.hypothesis.inner_test)
             elif cls is not None and isinstance(getattr(cls, "settings", None), settings):
-                cls.settings = settings(cls.settings, max_examples=self.examples, deadline=None)
                 for machine in vars(item.module).values():
                     if (
                         isinstance(machine, type)

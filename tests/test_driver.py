@@ -156,3 +156,11 @@ def test_every_malformed_kind_can_be_posted_and_reaped(kind: Malformed) -> None:
     dq.push_used(g.memory, [head], [0])
     assert [c.id for c in q.reap()] == [head]
     assert q.num_free == 8
+
+
+def test_the_driver_refuses_an_indirect_table_longer_than_the_queue() -> None:
+    # virtio 1.2 §2.7.5.3.1: the driver must not; the model is product code and keeps the rule.
+    q = GuestDriver().add_queue(1, 1)
+    with pytest.raises(ValueError, match="exceeds queue size 1"):
+        q.post_tx(b"\x00" * 60, layout=TxLayout.INDIRECT)
+    q.post_tx(b"\x00" * 60, layout=TxLayout.ONE)  # a one-descriptor chain still fits

@@ -7,6 +7,7 @@ fds here; the fd tests with real fds are in ``test_vhost_connection``.
 from __future__ import annotations
 
 import itertools
+import os
 import struct
 
 from hypothesis import given, settings
@@ -46,7 +47,7 @@ def _stream(draw: st.DrawFn) -> list[tuple[bytes, int]]:
     return [(c, draw(st.integers(0, 3))) for c in chunks]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=int(os.environ.get("NICSIM_FUZZ_EXAMPLES", "300")), deadline=None)
 @given(stream=_stream(), handshake=st.booleans())
 def test_random_streams_never_crash_and_account_for_every_fd(
     stream: list[tuple[bytes, int]], handshake: bool
