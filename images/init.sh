@@ -81,6 +81,11 @@ need_num() { isnum "$2" || fail "parameter $1 must be a number, got '$2'"; }
 need_iface() { [ -d /sys/class/net/$IFACE ] || fail "no $IFACE (no virtio-net device?)"; }
 uptime_s() { cut -d ' ' -f 1 /proc/uptime; }
 stat_of() { cat /sys/class/net/$IFACE/statistics/$1; }
+# Icmp InEchoReps of /proc/net/snmp (the value under the header line's InEchoReps column).
+icmp_in_echo_reps() {
+    awk '$1 == "Icmp:" { if (!h) { for (i = 2; i <= NF; i++) if ($i == "InEchoReps") c = i; h = 1 } else print $c }' \
+        /proc/net/snmp
+}
 
 w_sleep() {
     s=$(p seconds 1); need_num seconds "$s"
@@ -145,6 +150,7 @@ w_ping() {
     target=$(p target 10.0.2.2) count=$(p count 3) interval=$(p interval 1)
     need_num count "$count"; need_num interval "$interval"
     put_str target "$target"
+    r0=$(icmp_in_echo_reps) p0=$(stat_of rx_packets 2>/dev/null) d0=$(stat_of rx_dropped 2>/dev/null)
     out=$(ping -c "$count" -i "$interval" -W 2 "$target" 2>&1)
     echo "$out"
     tx=$(echo "$out" | sed -n 's/^\([0-9]*\) packets transmitted.*/\1/p')
@@ -152,6 +158,18 @@ w_ping() {
     loss=$(echo "$out" | sed -n 's/.* \([0-9.]*\)% packet loss.*/\1/p')
     [ -n "$tx" ] || fail "ping gave no summary: $(echo "$out" | tail -n 1)"
     put_num transmitted "$tx"; put_num received "$rx"; put_num loss_pct "$loss"
+    # What reached the guest's stack meanwhile (echo replies seen by ICMP; eth0 frames and drops).
+    put_num icmp_in_echo_reps $(($(icmp_in_echo_reps) - r0))
+    [ -z "$p0" ] || put_num rx_packets $(($(stat_of rx_packets) - p0))
+    [ -z "$d0" ] || put_num rx_dropped $(($(stat_of rx_dropped) - d0))
+    dup=$(echo "$out" | sed -n 's/.* \([0-9]*\) duplicates,.*/\1/p')
+    put_num duplicates "${dup:-0}"
+    if [ "$(p seqs 0)" = 1 ]; then
+        # Every reply's sequence number in arrival order, duplicates included: with transmitted, a
+        # peer can tell which requests were lost and which replies came twice.
+        seqs=$(echo "$out" | sed -n 's/^[0-9]* bytes from .*: seq=\([0-9]*\) .*/\1/p' | tr '\n' ',')
+        put_raw seqs "[${seqs%,}]"
+    fi
     rtt=$(echo "$out" | sed -n 's#.*min/avg/max = \([0-9.]*\)/\([0-9.]*\)/\([0-9.]*\) ms.*#\1 \2 \3#p')
     set -- $rtt
     put_num rtt_min_ms "${1-}"; put_num rtt_avg_ms "${2-}"; put_num rtt_max_ms "${3-}"
