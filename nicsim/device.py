@@ -347,26 +347,38 @@ class VirtioNetDevice:
             return QueueResult(queue=index, more=True, blocked=True)
         heads = self._pop_tx(index, st, mem, k)
         cb = q.walk(mem, heads, indirect=self.has(VIRTIO_F_INDIRECT_DESC))
-        addrs = np.zeros(k, np.uint64)
-        has = cb.seg_count > 0
-        addrs[has] = cb.seg_addr[cb.first_seg[has]]
-        self.pool.track(descs, queue=index, heads=heads, addrs=addrs, lengths=cb.readable_len)
+        if cb.seg_addr.shape[0] == k and not cb.errors:
+            addrs = cb.seg_addr  # one segment per chain (the common case): its first is its only one
+        else:
+            addrs = np.zeros(k, np.uint64)
+            has = cb.seg_count > 0
+            addrs[has] = cb.seg_addr[cb.first_seg[has]]
+        # The walker bounds every chain's length to u32 (CHAIN_TOO_LONG): the cast is exact.
+        self.pool.track(descs, queue=index, heads=heads, addrs=addrs,
+                        lengths=cb.readable_len.astype(np.uint32))  # fmt: skip
         self.stats.add_inflight(index, k)
         hdr = self.hdr_len
-        good = cb.error == 0
-        dropped = self._count_chain_errors(index, cb)
-        short = good & (cb.readable_len < np.uint64(hdr))
-        runt = good & ~short & (cb.readable_len < np.uint64(hdr + ETH_HLEN))
-        if short.any():
-            self.stats.drop(index, "short_header", int(short.sum()))
-        if runt.any():
-            self.stats.drop(index, "runt", int(runt.sum()))
-        ok = good & ~short & ~runt
-        dropped += int(k - ok.sum()) - dropped
-        pos = np.flatnonzero(ok)
-        done_now = np.flatnonzero(~ok)  # returned with len 0 right away (§2.7.8: still used)
+        if not cb.errors and not np.count_nonzero(cb.readable_len < hdr + ETH_HLEN):
+            # Every chain good and holding at least a header and an Ethernet header: one reduction.
+            dropped = 0
+            pos = np.arange(k)
+            done_now = pos[:0]
+        else:
+            good = cb.error == 0
+            dropped = self._count_chain_errors(index, cb)
+            short = good & (cb.readable_len < hdr)
+            runt = good & ~short & (cb.readable_len < hdr + ETH_HLEN)
+            if short.any():
+                self.stats.drop(index, "short_header", int(short.sum()))
+            if runt.any():
+                self.stats.drop(index, "runt", int(runt.sum()))
+            ok = good & ~short & ~runt
+            dropped += int(k - ok.sum()) - dropped
+            pos = np.flatnonzero(ok)
+            done_now = np.flatnonzero(~ok)  # returned with len 0 right away (§2.7.8: still used)
         if pos.shape[0]:
-            batch = TxBatch(queue=index, mem=mem, chains=cb, positions=pos, descriptors=descs[pos],
+            batch = TxBatch(queue=index, mem=mem, chains=cb, positions=pos,
+                            descriptors=descs if pos.shape[0] == k else descs[pos],
                             hdr_len=hdr, on_complete=self._tx_completed)
             self.stats.packets[index] += np.uint64(batch.count)
             self.stats.bytes[index] += np.uint64(int(batch.lengths.sum(dtype=np.uint64)))
@@ -397,6 +409,8 @@ class VirtioNetDevice:
         return QueueResult(queue=index, processed=k, dropped=dropped, interrupt=irq, more=more)
 
     def _count_chain_errors(self, index: int, cb: ChainBatch) -> int:
+        if not cb.errors:  # the walker sets ``errors[k]`` with every ``error[k]``
+            return 0
         bad = cb.error[cb.error != 0]
         if bad.shape[0] == 0:
             return 0
@@ -580,7 +594,9 @@ class VirtioNetDevice:
             return None  # backpressure: frames stay queued until descriptors come back
         heads = st.q.pop_avail(mem, k)
         cb = st.q.walk(mem, heads, indirect=self.has(VIRTIO_F_INDIRECT_DESC))
-        self.pool.track(descs, queue=rxq, heads=heads, addrs=np.zeros(k, np.uint64), lengths=cb.writable_len)
+        # The walker bounds every chain's length to u32 (CHAIN_TOO_LONG): the cast is exact.
+        self.pool.track(descs, queue=rxq, heads=heads, addrs=np.zeros(k, np.uint64),
+                        lengths=cb.writable_len.astype(np.uint32))  # fmt: skip
         self.stats.add_inflight(rxq, k)
         return cb, descs
 
@@ -591,12 +607,16 @@ class VirtioNetDevice:
         """Publish the consumed prefix of the popped chains, rewind the rest (they stay the guest's,
         un-popped), free every descriptor taken for this round."""
         k = len(cb)
-        # The consumed prefix ends at the first good chain no frame used; bad chains before it are
-        # returned with len 0 (§2.7.8), chains from it on are given back to the avail ring.
-        cut = int(good_pos[used_good]) if used_good < good_pos.shape[0] else k
-        lens = np.zeros(k, np.uint32)
-        lens[good_pos[:used_good]] = chain_bytes.astype(np.uint32)
-        self._count_chain_errors(rxq, _prefix_errors(cb, cut))
+        if used_good == k:
+            # Every chain good and used (the common case): the lengths are the used-ring entries.
+            cut, lens = k, chain_bytes.astype(np.uint32)
+        else:
+            # The consumed prefix ends at the first good chain no frame used; bad chains before it
+            # are returned with len 0 (§2.7.8), chains from it on are given back to the avail ring.
+            cut = int(good_pos[used_good]) if used_good < good_pos.shape[0] else k
+            lens = np.zeros(k, np.uint32)
+            lens[good_pos[:used_good]] = chain_bytes.astype(np.uint32)
+            self._count_chain_errors(rxq, _prefix_errors(cb, cut))
         if cut:
             self._mark_used(rxq, st.q, mem, cb.heads[:cut], lens[:cut])
         st.q.last_avail_idx = (st.q.last_avail_idx - (k - cut)) & 0xFFFF
@@ -650,8 +670,8 @@ class VirtioNetDevice:
         if got is None:
             return 0
         cb, descs = got
-        good_pos = np.flatnonzero(cb.error == 0)
-        if bool((cb.writable_len[good_pos] >= np.uint64(need)).all()):
+        good_pos = np.arange(len(cb)) if not cb.errors else np.flatnonzero(cb.error == 0)
+        if good_pos.shape[0] == 0 or int(cb.writable_len[good_pos].min()) >= need:
             # Fast path: one buffer per frame; header (num_buffers = 1) + frame, one vectorised scatter.
             key = (id(template), template.shape[0], hdr)
             if self._tmpl_key != key:

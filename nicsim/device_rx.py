@@ -248,33 +248,45 @@ class RxBacklog:
 def scatter_template_words(
     mem: GuestMemory, cb: ChainBatch, good_pos: npt.NDArray[np.int64], tmpl: npt.NDArray[np.uint8]
 ) -> bool:
-    """Fast path of the generator: one template into many single-segment buffers, written as 8-byte
-    words plus a byte tail (8x fewer index elements than a byte scatter). Writes exactly
-    ``len(tmpl)`` bytes per buffer. Returns False, writing nothing, when the batch does not qualify
-    (multi-segment chains, unaligned buffers); the caller then uses the byte scatter."""
-    segs = cb.first_seg[good_pos]
-    if good_pos.shape[0] == 0 or not bool((cb.seg_count[good_pos] == 1).all()):
+    """Fast path of the generator: one template into many single-segment buffers, at any alignment.
+
+    Each region gets a cached window view (row ``o`` is ``data[o : o + len(tmpl)]``, strides (1, 1)),
+    so one fancy-indexed assignment of ``n`` rows writes the whole batch: numpy copies each row as a
+    block, with ``n`` index elements instead of ``n * len(tmpl)`` (DPDK's virtio-user posts buffers at
+    4 mod 8: the 12-byte header before 8-aligned data). Writes exactly ``len(tmpl)`` bytes per buffer;
+    a row index past the window (which translation already rules out) raises IndexError. Returns False,
+    writing nothing, when the batch does not qualify (a good chain with several segments, a
+    device-readable one, or one shorter than the template); the caller then uses the byte scatter."""
+    n = good_pos.shape[0]
+    length = tmpl.shape[0]
+    # A good chain has at least one segment and a bad one none: as many segments as good chains
+    # means one segment each.
+    if n == 0 or length == 0 or cb.seg_len.shape[0] != n:
         return False
-    if not bool(cb.seg_writable[segs].all()):
+    if np.count_nonzero(cb.seg_writable & (cb.seg_len >= length)) != n:
         return False
-    offs = cb.seg_offset[segs].astype(np.int64)
-    regions = cb.seg_region[segs]
-    if bool((offs & 7).any()):
-        return False
-    n = tmpl.shape[0]
-    words = n // 8
-    wtmpl = tmpl[: words * 8].view("<u8")
-    tail = tmpl[words * 8 :]
+    offs = cb.seg_offset.astype(np.intp)
+    regions = cb.seg_region
+    r0 = int(regions[0])
+    if regions.shape[0] == 1 or not np.count_nonzero(regions != r0):
+        _template_window(mem, r0, length)[offs] = tmpl
+        return True
     for r in np.unique(regions).tolist():
-        data = mem.regions[r].data
-        if data.ctypes.data & 7 or data.shape[0] & 7 or not data.flags.c_contiguous:
-            return False
-    for r in np.unique(regions).tolist():
-        data = mem.regions[r].data
-        sel = offs[regions == r]
-        w = data.view("<u8")
-        w[(sel >> 3)[:, None] + np.arange(words, dtype=np.int64)[None, :]] = wtmpl[None, :]
-        if tail.shape[0]:
-            tail_idx = (sel + words * 8)[:, None] + np.arange(tail.shape[0], dtype=np.int64)[None, :]
-            data[tail_idx] = tail[None, :]
+        _template_window(mem, r, length)[offs[regions == r]] = tmpl
     return True
+
+
+def _template_window(mem: GuestMemory, region: int, length: int) -> npt.NDArray[np.uint8]:
+    """Rows ``data[o : o + length]`` of region ``region`` for every ``o`` (a view, cached in ``mem``:
+    released with the memory table)."""
+
+    def build(m: GuestMemory) -> npt.NDArray[np.uint8]:
+        data = m.regions[region].data
+        step = data.strides[0]
+        rows = max(data.shape[0] - length + 1, 0)
+        win: npt.NDArray[np.uint8] = np.lib.stride_tricks.as_strided(
+            data, shape=(rows, length), strides=(step, step), writeable=True
+        )
+        return win
+
+    return mem.cached(("template_window", region, length), build)

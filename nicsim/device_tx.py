@@ -54,10 +54,13 @@ class TxBatch:
         self.mem = mem
         self.chains = chains
         self.positions = positions            # chain positions in ``chains`` of the frames handed over
-        self.heads = chains.heads[positions]  # returned on the used ring when the port is done
+        # Positions are ascending and distinct: as many as there are chains means all of them, in order.
+        every = positions.shape[0] == len(chains)
+        self.heads = chains.heads if every else chains.heads[positions]  # returned on the used ring
         self.descriptors = descriptors        # pool descriptors tracking those heads
         self.hdr_len = hdr_len
-        self._lengths = (chains.readable_len[positions] - np.uint64(hdr_len)).astype(np.uint32)
+        readable = chains.readable_len if every else chains.readable_len[positions]
+        self._lengths = (readable - hdr_len).astype(np.uint32)
         self._complete = on_complete
         self._gathered: tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]] | None = None
         self.completed = False

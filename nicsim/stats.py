@@ -49,7 +49,9 @@ class DeviceStats:
             self.inflight_high[queue] = value
 
     def drops_total(self, queue: int | None = None) -> int:
-        return int(self.drops.sum() if queue is None else self.drops[queue].sum())
+        if queue is None:
+            return int(self.drops.sum())
+        return sum(self.drops[queue].tolist())  # a handful of reasons: a Python sum beats a numpy call
 
     def snapshot(self, *, pool: dict[str, int] | None = None) -> dict[str, Any]:
         """Plain ints and strings only. ``pool`` adds the pool-wide usage fields the caller read."""

@@ -323,7 +323,9 @@ class DriverQueue:
         if indirect:
             if len(segments) > self.size:
                 # §2.7.5.3.1: a driver MUST NOT create an indirect table longer than the queue size.
-                raise ValueError(f"an indirect table of {len(segments)} entries exceeds queue size {self.size}")
+                raise ValueError(
+                    f"an indirect table of {len(segments)} entries exceeds queue size {self.size}"
+                )
             table_gpa = self.ram.alloc(DESC_SIZE * len(segments), align=16)
             table = self.ram.view(table_gpa, DESC_SIZE * len(segments)).view(DESC_DTYPE)
             for j, (g, n, w) in enumerate(segments):

@@ -87,6 +87,12 @@ class GuestMemory:
         self._data = [r.data for r in ordered]
         self._starts_np = np.array(self._starts, dtype=np.uint64)
         self._sizes_np = np.array([r.size for r in ordered], dtype=np.uint64)
+        self._slot_starts = np.concatenate((np.zeros(1, np.uint64), self._starts_np))
+        self._slot_sizes = np.concatenate((np.zeros(1, np.uint64), self._sizes_np))
+        # One region (a guest with all its RAM in one piece): translation needs no search.
+        self._single: tuple[np.uint64, np.uint64] | None = (
+            (np.uint64(ordered[0].guest_phys_addr), np.uint64(ordered[0].size)) if len(ordered) == 1 else None
+        )
         by_uva = sorted(range(len(ordered)), key=lambda i: ordered[i].user_addr)
         self._uva_order = by_uva
         self._uva_starts = [ordered[i].user_addr for i in by_uva]
@@ -178,18 +184,23 @@ class GuestMemory:
         self._check_live()
         g = np.asarray(gpas, dtype=np.uint64)
         n = np.asarray(lengths, dtype=np.uint64)
-        idx = np.searchsorted(self._starts_np, g, side="right").astype(np.int32) - 1
-        found = idx >= 0
-        safe = np.where(found, idx, 0)
-        offset = g - self._starts_np[safe]  # wraps where not found; masked below
-        size = self._sizes_np[safe]
+        if self._single is not None:
+            return _translate_one_region(g, n, *self._single)
+        # Slot 0 is an empty region at GPA 0, so every GPA has a slot at or below it (no wrap):
+        # below the first real region it lands there, and only a zero length fits in it.
+        slot = np.searchsorted(self._slot_starts, g, side="right")
+        slot -= 1
+        size = self._slot_sizes[slot]
+        offset = g - self._slot_starts[slot]
         # offset + length <= size, written so that nothing overflows u64.
-        inside = found & (offset <= size) & (n <= size - np.minimum(offset, size))
-        zero = n == 0
-        ok = inside | zero
-        use = inside & ~zero
-        region = np.where(use, idx, np.int32(-1)).astype(np.int32)
-        offset = np.where(use, offset, np.uint64(0))
+        inside = offset <= size - np.minimum(n, size)
+        inside &= n <= size
+        nonzero = n != 0
+        ok = ~nonzero
+        ok |= inside
+        inside &= nonzero
+        region = np.where(inside, slot - 1, -1).astype(np.int32)
+        offset *= inside
         return region, offset, ok
 
     def gpa_to_uva(self, gpa: int, length: int) -> int:
@@ -270,6 +281,26 @@ class GuestMemory:
         self._data = []
         self._regions = ()
         self._released = True
+
+
+def _translate_one_region(
+    g: npt.NDArray[np.uint64], n: npt.NDArray[np.uint64], start: np.uint64, size: np.uint64
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.uint64], npt.NDArray[np.bool_]]:
+    """``translate_batch`` for a table of one region (index 0) at ``start`` of ``size`` bytes.
+
+    Below ``start`` the u64 offset wraps to at least ``2^64 - start >= size``, so the bound check
+    ``offset <= size - length`` (length >= 1, at most ``size``) rejects it with no separate test."""
+    offset = g - start
+    inside = offset <= size - np.minimum(n, size)
+    inside &= n <= size
+    nonzero = n != 0
+    ok = ~nonzero
+    ok |= inside
+    inside &= nonzero
+    region = inside.astype(np.int32)
+    region -= 1
+    offset *= inside
+    return region, offset, ok
 
 
 def _expand(

@@ -340,7 +340,8 @@ class PacketPool:
         ]
         if n == 0:
             return
-        if idx.min() < 0 or idx.max() >= self._size:
+        # One comparison finds both ends: a negative index seen as unsigned is far above the size.
+        if np.count_nonzero(idx.view(np.uintp) >= self._size):
             raise self._range_error(int(idx[np.flatnonzero((idx < 0) | (idx >= self._size))[0]]))
         if np.count_nonzero(self._state[idx]) != n:
             raise self._batch_not_in_use_error(idx, freeing=False)
@@ -463,6 +464,8 @@ class PacketPool:
     def _field_values(
         self, values: npt.ArrayLike, n: int, dtype: np.dtype[Any], what: str
     ) -> npt.NDArray[Any]:
+        if isinstance(values, np.ndarray) and values.dtype == dtype and values.shape == (n,):
+            return values  # the hot path: the device hands arrays of the field's own type
         arr = np.asarray(values)
         if arr.size and arr.dtype.kind not in "iu":
             raise TypeError(f"pool {self._name!r}: {what} must be integers, not {arr.dtype}")

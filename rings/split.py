@@ -52,6 +52,12 @@ U32_MAX = 0xFFFF_FFFF
 _U16 = np.dtype("<u2")
 _U32 = np.dtype("<u4")
 _DESC_BYTES = np.arange(DESC_SIZE, dtype=np.int64)
+# 0, 1, 2... and 1, 1, 1... for any batch (at most a queue size, 32768), sliced instead of built per
+# batch; read-only, so a ChainBatch that shares a slice can never have it changed under it.
+_IOTA = np.arange(32768, dtype=np.int64)
+_IOTA.flags.writeable = False
+_ONES = np.ones(32768, dtype=np.int64)
+_ONES.flags.writeable = False
 
 
 class ErrorCode(enum.IntEnum):
@@ -375,8 +381,20 @@ class _Walker:
 
     def run(self) -> ChainBatch:
         v, n, size = self.v, self.n, self.q.size
-        alive = np.arange(n, dtype=np.int64)
         cur = self.heads.astype(np.int64)
+        if 0 < n <= _IOTA.shape[0] and not np.count_nonzero(cur >= size):
+            # The common case (a NIC's RX buffers, a TX frame pushed behind its header): every chain
+            # is one descriptor, neither NEXT nor (when negotiated) INDIRECT. One check decides it;
+            # then there is no per-depth loop and nothing to reorder.
+            f = v.d_flags[cur]
+            if not np.count_nonzero(f & self._chain_flags()):
+                return self._assemble_single(cur, f)
+        return self._run_lockstep(cur)
+
+    def _run_lockstep(self, cur: npt.NDArray[np.int64]) -> ChainBatch:
+        """The general walk of chains starting at ``cur``: one numpy step per chain depth."""
+        v, n, size = self.v, self.n, self.q.size
+        alive = np.arange(n, dtype=np.int64)
         bad = cur >= size
         if bad.any():
             for c, d in zip(alive[bad].tolist(), cur[bad].tolist(), strict=True):
@@ -449,6 +467,42 @@ class _Walker:
         # One depth and no indirect tables: segments are already in chain order.
         ordered = len(chain_parts) <= 1 and not ind
         return self._assemble(s_chain, s_desc, s_depth, s_addr, s_len, s_flags, ordered)
+
+    def _chain_flags(self) -> int:
+        return VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT if self.indirect else VIRTQ_DESC_F_NEXT
+
+    def _assemble_single(self, desc: npt.NDArray[np.int64], flags: npt.NDArray[np.uint16]) -> ChainBatch:
+        """``_assemble`` for a batch of one-descriptor chains (valid heads, no NEXT, no INDIRECT):
+        chain ``k`` is segment ``k``; only translation can fail (a one-descriptor chain can be neither
+        out of order nor longer than 2^32 - 1 bytes)."""
+        v, n = self.v, self.n
+        s_addr = v.d_addr[desc]
+        s_len = v.d_len[desc]
+        writable = (flags & VIRTQ_DESC_F_WRITE) != 0
+        # Zero lengths are left untranslated (CVE-2020-10725).
+        region, offset, ok = self.mem.translate_batch(s_addr, s_len)
+        lens = s_len.astype(np.int64)
+        wlen = np.where(writable, lens, 0)
+        s_chain = _IOTA[:n]
+        if np.count_nonzero(ok) == n:
+            return ChainBatch(
+                heads=self.heads, first_seg=s_chain, seg_count=_ONES[:n],
+                readable_len=lens - wlen, writable_len=wlen, error=self.error, errors=self.errors,
+                seg_chain=s_chain, seg_desc=desc, seg_addr=s_addr, seg_len=s_len, seg_writable=writable,
+                seg_region=region, seg_offset=offset,
+            )  # fmt: skip
+        qi = self.q.index
+        for p in np.flatnonzero(~ok).tolist():
+            exc = GuestMemoryError(int(s_addr[p]), int(s_len[p]), queue=qi, descriptor=int(desc[p]))
+            self.fail_memory(p, exc)
+        counts = ok.astype(np.int64)
+        wlen = np.where(ok, wlen, 0)
+        return ChainBatch(
+            heads=self.heads, first_seg=np.cumsum(counts) - counts, seg_count=counts,
+            readable_len=np.where(ok, lens, 0) - wlen, writable_len=wlen, error=self.error,
+            errors=self.errors, seg_chain=s_chain[ok], seg_desc=desc[ok], seg_addr=s_addr[ok],
+            seg_len=s_len[ok], seg_writable=writable[ok], seg_region=region[ok], seg_offset=offset[ok],
+        )  # fmt: skip
 
     def _walk_indirect(
         self, ind_c: npt.NDArray[np.int64], ind_d: npt.NDArray[np.int64], ind_depth: npt.NDArray[np.int64]
