@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import sys
@@ -155,7 +154,7 @@ async def _run(args: argparse.Namespace, names: list[str], plan: Plan) -> int:
     from nicsim.bench import BACKENDS, RunContext, Runner
     from nicsim.bench.matrix import BOOT_OVERHEAD
     from nicsim.bench.progress import Progress, clock
-    from nicsim.bench.report import plot, render_table, to_json
+    from nicsim.bench.report import emit, render_table, to_json
     from nicsim.bench.runner import skip_runs
     from nicsim.bench.sysinfo import machine, versions
     from qemu.testvm import choose_accel
@@ -193,21 +192,10 @@ async def _run(args: argparse.Namespace, names: list[str], plan: Plan) -> int:
         progress.finish()
         if args.log_dir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    table = render_table(results)
-    json_to_stdout = args.json == "-"
-    print(table, file=sys.stderr if json_to_stdout else sys.stdout)
-    if args.json is not None:
-        config = {"backends": names, "quick": args.quick, "accel": accel, "pinned": pin,
-                  "qemu_cpu": ctx.qemu_cpu, "backend_cpu": ctx.backend_cpu}  # fmt: skip
-        doc = to_json(results, plan=plan, versions=versions(qemu=args.qemu, guest_kernel=guest_kernel),
-                      machine=machine(), config=config)  # fmt: skip
-        text = json.dumps(doc, indent=2)
-        if json_to_stdout:
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-            _err(f"JSON written to {args.json}")
-    if args.plot is not None:
-        problem = plot(results, args.plot)
-        _err(problem if problem is not None else f"plot written to {args.plot}")
-    return 0 if any(r.status == "ok" for r in results) else 1
+    config = {"backends": names, "quick": args.quick, "accel": accel, "pinned": pin,
+              "qemu_cpu": ctx.qemu_cpu, "backend_cpu": ctx.backend_cpu}  # fmt: skip
+    return emit(
+        results, render_table(results), json_arg=args.json, plot_path=args.plot,
+        document=lambda: to_json(results, plan=plan, machine=machine(), config=config,
+                                 versions=versions(qemu=args.qemu, guest_kernel=guest_kernel)),
+    )  # fmt: skip

@@ -42,35 +42,19 @@ from nicsim.ports.base import Port
 from nicsim.ports.frames import ETH_HLEN, Buffer
 from nicsim.ports.responder import ResponderPort
 from nicsim.stats import DeviceStats
+from nicsim.vhost.features import (
+    OFFLOAD_FEATURES,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF,
+)
+from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
+from nicsim.vhost.features import VIRTIO_RING_F_INDIRECT_DESC as VIRTIO_F_INDIRECT_DESC
 from rings.errors import GuestError
 from rings.memory import GuestMemory
 from rings.pool import PacketPool
 from rings.split import ChainBatch, ErrorCode, SplitQueue
-
-# Feature bits (virtio 1.2 §5.1.3 and §6).
-VIRTIO_NET_F_MAC = 5
-VIRTIO_NET_F_MRG_RXBUF = 15
-VIRTIO_NET_F_STATUS = 16
-VIRTIO_NET_F_MQ = 22
-VIRTIO_F_INDIRECT_DESC = 28
-VIRTIO_F_EVENT_IDX = 29
-VIRTIO_F_VERSION_1 = 32
-# Offloads (virtio 1.2 §5.1.3): offered only when the port says it can honour them (Port.features).
-VIRTIO_NET_F_CSUM = 0
-VIRTIO_NET_F_GUEST_CSUM = 1
-VIRTIO_NET_F_GUEST_TSO4 = 7
-VIRTIO_NET_F_GUEST_TSO6 = 8
-VIRTIO_NET_F_GUEST_ECN = 9
-VIRTIO_NET_F_GUEST_UFO = 10
-VIRTIO_NET_F_HOST_TSO4 = 11
-VIRTIO_NET_F_HOST_TSO6 = 12
-VIRTIO_NET_F_HOST_ECN = 13
-VIRTIO_NET_F_HOST_UFO = 14
-OFFLOAD_FEATURES = sum(1 << b for b in (
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
-    VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_UFO,
-))  # fmt: skip
 
 CHAIN_REASONS = tuple(f"chain_{c.name.lower()}" for c in ErrorCode if c != ErrorCode.OK)
 DROP_REASONS = (

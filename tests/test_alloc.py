@@ -15,9 +15,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from nicsim.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF, VirtioNetDevice
+from nicsim.device import VirtioNetDevice
 from nicsim.policy import NotifyPolicy
 from nicsim.ports import GeneratorConfig, GeneratorPort, Port, SinkPort
+from nicsim.vhost.features import VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF
+from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
 from rings.driver import DriverQueue, GuestDriver
 
 FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX) | (1 << VIRTIO_NET_F_MRG_RXBUF)

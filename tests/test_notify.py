@@ -9,10 +9,12 @@ import asyncio
 import os
 import select
 
-from nicsim.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioNetDevice
+from nicsim.device import VirtioNetDevice
 from nicsim.notify import RingPump
 from nicsim.policy import NotifyPolicy
 from nicsim.ports import GeneratorConfig, GeneratorPort, Port, SinkPort
+from nicsim.vhost.features import VIRTIO_F_VERSION_1
+from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
 from rings.driver import DriverQueue, GuestDriver
 
 FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX)

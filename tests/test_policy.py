@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from nicsim.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioNetDevice
+from nicsim.device import VirtioNetDevice
 from nicsim.policy import (
     POLICY_OPTIONS,
     NotifyPolicy,
@@ -15,6 +15,8 @@ from nicsim.policy import (
     should_interrupt,
 )
 from nicsim.ports import SinkPort
+from nicsim.vhost.features import VIRTIO_F_VERSION_1
+from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
 from rings.driver import DriverQueue, GuestDriver
 
 V1 = 1 << VIRTIO_F_VERSION_1

@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 
 from nicsim.cmd_serve import parse_port
-from nicsim.device import (
+from nicsim.device import VirtioNetDevice
+from nicsim.ports import GeneratorPort, Port, ReflectPort, ResponderPort, SinkPort, TxFrames
+from nicsim.ports.frames import ETHERTYPE_IPV4, IPPROTO_UDP, ethernet, ip_bytes, ipv4, mac_bytes
+from nicsim.ports.tap import OFFLOADS, TUN_ALL, TapConfig, TapError, TapPort, in_netns
+from nicsim.vhost.features import (
     OFFLOAD_FEATURES,
-    VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
@@ -29,11 +31,9 @@ from nicsim.device import (
     VIRTIO_NET_F_HOST_TSO4,
     VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MRG_RXBUF,
-    VirtioNetDevice,
 )
-from nicsim.ports import GeneratorPort, Port, ReflectPort, ResponderPort, SinkPort, TxFrames
-from nicsim.ports.frames import ETHERTYPE_IPV4, IPPROTO_UDP, ethernet, ip_bytes, ipv4, mac_bytes
-from nicsim.ports.tap import OFFLOADS, TUN_ALL, TapConfig, TapError, TapPort, in_netns
+from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
+from nicsim.vhost.features import VIRTIO_RING_F_INDIRECT_DESC as VIRTIO_F_INDIRECT_DESC
 from rings.driver import DriverQueue, GuestDriver
 from tests.conftest import Netns
 

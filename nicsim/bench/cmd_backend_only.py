@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import shutil
@@ -35,7 +34,7 @@ from .backend_only import (
 )
 from .matrix import Direction, Plan, build_plan
 from .progress import Progress, clock
-from .report import MATPLOTLIB_HINT, plot, render_table, to_json
+from .report import MATPLOTLIB_HINT, emit, render_table, to_json
 from .sysinfo import machine
 from .testpmd import dpdk_version
 
@@ -142,30 +141,20 @@ async def _run(args: argparse.Namespace, plan: Plan, pin: bool) -> int:
         if args.log_dir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     notes = textwrap.wrap(NOTES, width=110)
-    table = render_table(results, first_cpu="frontend", footer=notes)
-    json_to_stdout = args.json == "-"
-    print(table, file=sys.stderr if json_to_stdout else sys.stdout)
-    if args.json is not None:
-        config = {
-            "mode": "backend-only",
-            "frontend": FRONTEND,
-            "backends": sorted({c.backend for c in plan.cells}),
-            "quick": args.quick,
-            "pinned": pin,
-            "frontend_cpu": runner.frontend_cpu,
-            "backend_cpu": ctx.backend_cpu,
-            "intervals_per_run": runner.intervals_per_run,
-            "cpu_qemu_pct": "the frontend's CPU share (no QEMU in this mode)",
-        }
-        vers = backend_only_versions()
-        doc = to_json(results, plan=plan, versions=vers, machine=machine(), config=config)
-        text = json.dumps(doc, indent=2)
-        if json_to_stdout:
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-            _err(f"JSON written to {args.json}")
-    if args.plot is not None:
-        problem = plot(results, args.plot)
-        _err(problem if problem is not None else f"plot written to {args.plot}")
-    return 0 if any(r.status == "ok" for r in results) else 1
+    config = {
+        "mode": "backend-only",
+        "frontend": FRONTEND,
+        "backends": sorted({c.backend for c in plan.cells}),
+        "quick": args.quick,
+        "pinned": pin,
+        "frontend_cpu": runner.frontend_cpu,
+        "backend_cpu": ctx.backend_cpu,
+        "intervals_per_run": runner.intervals_per_run,
+        "cpu_qemu_pct": "the frontend's CPU share (no QEMU in this mode)",
+    }
+    return emit(
+        results, render_table(results, first_cpu="frontend", footer=notes), json_arg=args.json,
+        plot_path=args.plot,
+        document=lambda: to_json(results, plan=plan, versions=backend_only_versions(), machine=machine(),
+                                 config=config),
+    )  # fmt: skip

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Sequence
+import json
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -191,3 +193,29 @@ def plot(results: Sequence[CellResult], path: Path) -> str | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return None
+
+
+def emit(
+    results: Sequence[CellResult],
+    table: str,
+    *,
+    json_arg: str | None,
+    plot_path: str | Path | None,
+    document: Callable[[], dict[str, Any]],
+) -> int:
+    """Print ``table`` (to stderr when the JSON goes to stdout, ``json_arg == "-"``), write the JSON
+    ``document()`` and the plot as asked, and return the command's exit status (0 if any run worked)."""
+    json_to_stdout = json_arg == "-"
+    print(table, file=sys.stderr if json_to_stdout else sys.stdout)
+    if json_arg is not None:
+        text = json.dumps(document(), indent=2)
+        if json_to_stdout:
+            print(text)
+        else:
+            Path(json_arg).write_text(text + "\n")
+            print(f"nicsim bench: JSON written to {json_arg}", file=sys.stderr)
+    if plot_path is not None:
+        problem = plot(results, Path(plot_path))
+        said = problem if problem is not None else f"plot written to {plot_path}"
+        print(f"nicsim bench: {said}", file=sys.stderr)
+    return 0 if any(r.status == "ok" for r in results) else 1

@@ -106,6 +106,13 @@ DEFAULT_VIRTIO_FEATURES = mask(
 )
 """What the backend offers in GET_FEATURES unless the device asks for more (offloads, later)."""
 
+# Offloads (virtio 1.2 §5.1.3): a device offers these only when its port can honour them.
+OFFLOAD_FEATURES = mask((
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_UFO,
+))  # fmt: skip
+
 DEFAULT_PROTOCOL_FEATURES = mask(
     (
         VHOST_USER_PROTOCOL_F_MQ,
