@@ -8,13 +8,7 @@ only pktgen's frames, a generator that starts when the guest starts counting). E
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
-import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +20,7 @@ from nicsim.ports.frames import ETHERTYPE_IPV4, IPPROTO_UDP
 from nicsim.ports.sink import SinkPort
 from nicsim.server import Server
 from qemu.testvm import TestVM, VhostUserNic, Workload
+from tests.serve_process import nicsim_serve, read_stats
 
 pytestmark = pytest.mark.vm
 
@@ -34,43 +29,6 @@ BOOT_TIMEOUT = 120.0  # a deadline for failure on a loaded TCG host, not a perfo
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-@contextlib.asynccontextmanager
-async def nicsim_serve(
-    tmp_path: Path, *args: str
-) -> AsyncIterator[tuple[subprocess.Popen[bytes], Path, Path]]:
-    sock, stats = tmp_path / "nicsim.sock", tmp_path / "stats.json"
-    argv = [sys.executable, "-m", "nicsim", "serve", "--socket", str(sock), "--stats-file", str(stats),
-            "--stats-interval", "0.2", "--quiet", *args]
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
-    try:
-        async with asyncio.timeout(30):
-            while not sock.exists():
-                assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
-                await asyncio.sleep(0.05)
-        yield proc, sock, stats
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
-
-
-async def read_stats(path: Path, predicate: Any, timeout: float = 30.0) -> dict[str, Any]:
-    """The stats file once ``predicate(stats)`` holds (the server rewrites it every 0.2 s)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            with contextlib.suppress(FileNotFoundError, ValueError):
-                stats: dict[str, Any] = json.loads(path.read_text())
-                if predicate(stats):
-                    return stats
-            await asyncio.sleep(0.1)
 
 
 def vm(guest_image: Any, sock: Path, *workloads: Workload) -> TestVM:

@@ -11,13 +11,8 @@ numbers vary with the machine (``nicsim bench`` measures them).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import signal
 import subprocess
-import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,48 +20,13 @@ import pytest
 
 from qemu.testvm import TestVM, VhostUserNic, Workload
 from tests.conftest import Netns
+from tests.serve_process import nicsim_serve, read_stats
 
 pytestmark = pytest.mark.vm
 
 BOOT_TIMEOUT = 120.0  # a deadline for failure on a loaded TCG host, not a performance claim
 OFFLOAD_NAMES = {"CSUM", "GUEST_CSUM", "HOST_TSO4", "HOST_TSO6", "GUEST_TSO4", "GUEST_TSO6"}
 GUEST_IP, HOST_IP, GUEST_MAC = "10.0.2.15", "10.0.2.2", "52:54:00:12:34:56"
-
-
-@contextlib.asynccontextmanager
-async def serve_tap(tmp_path: Path, ns: Netns, offload: bool) -> AsyncIterator[tuple[Path, Path]]:
-    sock, stats = tmp_path / "nicsim.sock", tmp_path / "stats.json"
-    port = f"tap,netns={ns.name},ifname=tap0,offload={'on' if offload else 'off'}"
-    argv = [sys.executable, "-m", "nicsim", "serve", "--socket", str(sock), "--port", port,
-            "--stats-file", str(stats), "--stats-interval", "0.2", "--quiet"]  # fmt: skip
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
-    try:
-        async with asyncio.timeout(30):
-            while not sock.exists():
-                assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
-                await asyncio.sleep(0.05)
-        yield sock, stats
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
-    assert proc.returncode == 0
-
-
-async def final_stats(path: Path) -> dict[str, Any]:
-    async with asyncio.timeout(30):
-        while True:
-            with contextlib.suppress(FileNotFoundError, ValueError):
-                stats: dict[str, Any] = json.loads(path.read_text())
-                if not stats["sockets"][0]["connected"] and stats["sockets"][0]["connections"] == 1:
-                    return stats
-            await asyncio.sleep(0.1)
 
 
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])
@@ -82,11 +42,15 @@ async def test_ping_and_iperf3_both_ways_through_the_tap_port(
         Workload("iperf3-client", server=HOST_IP, time=3, proto="tcp"),
         Workload("iperf3-client", server=HOST_IP, time=3, proto="tcp", reverse=1),
     ]
-    async with serve_tap(tmp_path, ns, offload) as (sock, stats_path):
+    port = f"tap,netns={ns.name},ifname=tap0,offload={'on' if offload else 'off'}"
+    async with nicsim_serve(tmp_path, "--port", port) as (proc, sock, stats_path):
         async with TestVM(kernel=guest_image.kernel, initrd=guest_image.initrd, nic=VhostUserNic(socket=sock),
                           accel="tcg", workloads=workloads) as vm:  # fmt: skip
             link, ping, tx, rx = await vm.results(BOOT_TIMEOUT)
-        stats = await final_stats(stats_path)
+        stats = await read_stats(
+            stats_path, lambda s: not s["sockets"][0]["connected"] and s["sockets"][0]["connections"] == 1
+        )
+    assert proc.returncode == 0, "nicsim serve shuts down cleanly"
     assert server.poll() is None, "the iperf3 server in the namespace stays up"
     for r in (link, ping, tx, rx):
         assert r.ok, r
