@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from nicsim.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioNetDevice
-from nicsim.policy import NotifyPolicy
 from nicsim.ports import GeneratorConfig, GeneratorPort, Port, SinkPort
+from nicsim.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioNetDevice
+from nicsim.virtio.policy import NotifyPolicy
 from rings.driver import DriverQueue, GuestDriver
 
 BATCH = 256

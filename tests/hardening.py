@@ -12,12 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nicsim.device import VirtioNetDevice
 from nicsim.frontend import VhostUserFrontend
 from nicsim.ports import Port
 from nicsim.ports.frames import ip_bytes, mac_bytes, udp_frame
 from nicsim.ports.reflect import ReflectPort
 from nicsim.server import Server, Session
+from nicsim.virtio.device import VirtioNetDevice
 from rings.pool import PacketPool
 
 GUARD = 0xA5

@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from nicsim.device import VirtioNetDevice
-from nicsim.policy import NotifyPolicy
 from nicsim.ports import GeneratorConfig, GeneratorPort, Port, SinkPort
 from nicsim.vhost.features import VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF
 from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
+from nicsim.virtio.device import VirtioNetDevice
+from nicsim.virtio.policy import NotifyPolicy
 from rings.driver import DriverQueue, GuestDriver
 
 FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX) | (1 << VIRTIO_NET_F_MRG_RXBUF)

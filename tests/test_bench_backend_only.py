@@ -30,7 +30,7 @@ from nicsim.bench.matrix import Cell, Direction
 from nicsim.bench.serve import TESTPMD_FRAME
 from nicsim.bench.testpmd import RUNTIME_DIR
 from nicsim.cli import main
-from nicsim.cmd_serve import write_json_atomic
+from nicsim.cli.serve import write_json_atomic
 
 SOCK = Path("/run/x/bo.sock")
 

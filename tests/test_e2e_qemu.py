@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from nicsim.device import VirtioNetDevice
 from nicsim.ports import GeneratorConfig, GeneratorPort, TxFrames
 from nicsim.ports.frames import ETHERTYPE_IPV4, IPPROTO_UDP
 from nicsim.ports.sink import SinkPort
 from nicsim.server import Server
+from nicsim.virtio.device import VirtioNetDevice
 from qemu.testvm import TestVM, VhostUserNic, Workload
 from tests.serve_process import nicsim_serve, read_stats
 

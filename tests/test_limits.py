@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from nicsim.device import VirtioNetDevice
 from nicsim.ports import GeneratorConfig, GeneratorPort, SinkPort
 from nicsim.server import MAX_FDS as SERVER_MAX_FDS
 from nicsim.server import Server, SocketPathError
 from nicsim.vhost import Outgoing, Request
 from nicsim.vhost import payloads as p
 from nicsim.vhost.protocol import FLAG_NEED_REPLY, HEADER, MAX_PAYLOAD_SIZE, VERSION
+from nicsim.virtio.device import VirtioNetDevice
 from rings.driver import Malformed
 from tests.hardening import describe_fds, finish, open_fds, start_rig
 

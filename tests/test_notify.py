@@ -9,12 +9,12 @@ import asyncio
 import os
 import select
 
-from nicsim.device import VirtioNetDevice
-from nicsim.notify import RingPump
-from nicsim.policy import NotifyPolicy
 from nicsim.ports import GeneratorConfig, GeneratorPort, Port, SinkPort
+from nicsim.server.pump import RingPump
 from nicsim.vhost.features import VIRTIO_F_VERSION_1
 from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
+from nicsim.virtio.device import VirtioNetDevice
+from nicsim.virtio.policy import NotifyPolicy
 from rings.driver import DriverQueue, GuestDriver
 
 FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from nicsim.device import VirtioNetDevice
-from nicsim.policy import (
+from nicsim.ports import SinkPort
+from nicsim.vhost.features import VIRTIO_F_VERSION_1
+from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
+from nicsim.virtio.device import VirtioNetDevice
+from nicsim.virtio.policy import (
     POLICY_OPTIONS,
     NotifyPolicy,
     PollAction,
@@ -14,9 +17,6 @@ from nicsim.policy import (
     poll_action,
     should_interrupt,
 )
-from nicsim.ports import SinkPort
-from nicsim.vhost.features import VIRTIO_F_VERSION_1
-from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
 from rings.driver import DriverQueue, GuestDriver
 
 V1 = 1 << VIRTIO_F_VERSION_1

@@ -19,10 +19,10 @@ from typing import TypeVar
 
 import pytest
 
-from nicsim.device import VirtioNetDevice
 from nicsim.frontend import VhostUserFrontend
 from nicsim.ports import SinkPort, TxFrames
 from nicsim.server import Server
+from nicsim.virtio.device import VirtioNetDevice
 from rings.errors import DeviceError
 from tests.hardening import describe_fds, frame, open_fds
 

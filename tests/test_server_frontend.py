@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from nicsim.device import VirtioNetDevice
 from nicsim.frontend import FrontendError, Malformed, VhostUserFrontend
 from nicsim.ports import GeneratorConfig, GeneratorPort, Port, SinkPort
 from nicsim.ports.frames import ip_bytes, mac_bytes, udp_frame
 from nicsim.server import Server, Session
 from nicsim.vhost import features as vf
+from nicsim.virtio.device import VirtioNetDevice
 from rings.driver import Completion
 from rings.pool import PacketPool
 

@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from nicsim.cmd_serve import parse_port
-from nicsim.device import VirtioNetDevice
+from nicsim.cli.serve import parse_port
 from nicsim.ports import GeneratorPort, Port, ReflectPort, ResponderPort, SinkPort, TxFrames
 from nicsim.ports.frames import ETHERTYPE_IPV4, IPPROTO_UDP, ethernet, ip_bytes, ipv4, mac_bytes
 from nicsim.ports.tap import OFFLOADS, TUN_ALL, TapConfig, TapError, TapPort, in_netns
@@ -34,6 +33,7 @@ from nicsim.vhost.features import (
 )
 from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
 from nicsim.vhost.features import VIRTIO_RING_F_INDIRECT_DESC as VIRTIO_F_INDIRECT_DESC
+from nicsim.virtio.device import VirtioNetDevice
 from rings.driver import DriverQueue, GuestDriver
 from tests.conftest import Netns
 

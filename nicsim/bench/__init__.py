@@ -4,7 +4,7 @@ Modules: ``matrix`` (cells, repetitions, min/median/max; pure), ``procstat`` (CP
 ``backend`` (the Backend interface and child-process plumbing), one module per backend — ``serve``
 (nicsim), ``tap`` (QEMU's tap in a namespace, with ``blaster`` as its UDP sender), ``testpmd``
 (DPDK) —, ``runner`` (one guest per run, the measured window), ``report`` (table, JSON, plot),
-``progress`` (stderr) and ``sysinfo`` (versions and machine). The command itself is ``nicsim.cmd_bench``.
+``progress`` (stderr) and ``sysinfo`` (versions and machine). The command itself is ``nicsim.cli.bench``.
 """
 
 from .backend import Backend, BenchError, RunContext, Session

@@ -57,7 +57,7 @@ class NicsimBackend(Backend):
     name = "nicsim"
 
     def unavailable(self) -> str | None:
-        if importlib.util.find_spec("nicsim.cmd_serve") is None:
+        if importlib.util.find_spec("nicsim.cli.serve") is None:
             return "nicsim: the 'nicsim serve' command is not built yet (nicsim/cmd_serve.py)"
         return None
 

@@ -1,6 +1,6 @@
 """The Port interface: how a virtio-net device hands frames to whatever is on the other end of the wire.
 
-This module owns the three small contracts between the device (``nicsim.device``) and a port, so that
+This module owns the three small contracts between the device (``nicsim.virtio.device``) and a port, so that
 tap, switch and tunnel ports plug in later without the device changing:
 
 - :class:`TxFrames` is one batch of frames the guest sent, already stripped of the virtio-net header.

@@ -47,7 +47,7 @@ from nicsim.vhost.events import (
     VringStarted,
     VringStopped,
 )
-from nicsim.vhost.frontend import FrontendConnection, Reply
+from nicsim.vhost.frontend_codec import FrontendConnection, Reply
 from nicsim.vhost.protocol import Request
 from nicsim.vhost.queries import DeviceQueries, IdleDevice, InflightBuffer
 from nicsim.vhost.state import ConnectionState, RingPhase

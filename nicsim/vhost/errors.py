@@ -7,7 +7,7 @@
     │                           ``fatal`` says whether the byte stream itself is lost (bad header
     │                           version, oversize length) or only this one message was refused
     ├── BackendProtocolError    the backend sent a reply the spec does not allow (raised by the
-    │                           frontend-side codec, ``nicsim.vhost.frontend``)
+    │                           frontend-side codec, ``nicsim.vhost.frontend_codec``)
     └── LocalProtocolError      our own misuse of the connection API (feeding a closed connection,
                                 rejecting an event that did not come from it, ...)
 

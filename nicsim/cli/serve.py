@@ -22,11 +22,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from nicsim.device import VirtioNetDevice
-from nicsim.policy import NotifyPolicy, add_policy_arguments, policy_from_args
 from nicsim.ports import PORTS, GeneratorConfig, GeneratorPort, Port, ResponderConfig, ResponderPort
 from nicsim.ports.tap import TapConfig, TapPort
 from nicsim.server import DEFAULT_MAX_QUEUE_SIZE, Server
+from nicsim.virtio.device import VirtioNetDevice
+from nicsim.virtio.policy import NotifyPolicy, add_policy_arguments, policy_from_args
 from rings.pool import PacketPool
 
 EPILOG = """\

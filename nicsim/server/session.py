@@ -4,9 +4,9 @@ This module owns the I/O of the backend and nothing else (aioquic's ``asyncio/pr
 model). A ``Server`` has one ``Endpoint`` per socket path: it listens there (QEMU connects), or with
 ``client=True`` connects with retry (QEMU listens, ``server=on``), and after a disconnect waits for the
 next connection. Each connection is a ``Session``: a :class:`~nicsim.vhost.BackendConnection` fed
-with the bytes and fds ``recvmsg`` returns, a fresh :class:`~nicsim.device.VirtioNetDevice` (one
-device per connection), the mapped guest memory (:mod:`nicsim.guestmem`) and one
-:class:`~nicsim.notify.RingPump` per ring. The session answers the connection's synchronous
+with the bytes and fds ``recvmsg`` returns, a fresh :class:`~nicsim.virtio.device.VirtioNetDevice` (one
+device per connection), the mapped guest memory (:mod:`nicsim.server.guestmem`) and one
+:class:`~nicsim.server.pump.RingPump` per ring. The session answers the connection's synchronous
 questions (``DeviceQueries``): GET_VRING_BASE stops the device queue and returns its index. A ring
 runs once it is started (SET_VRING_KICK), enabled and memory exists. Closing a session stops every
 queue (each guest buffer goes back on its used ring and its pool descriptor is freed), closes the
@@ -31,13 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from nicsim.device import DeviceStateError, VirtioNetDevice
-from nicsim.guestmem import MappedMemory, MappedRegion, MemoryMapError, close_fds
-from nicsim.inflight_fd import InflightError, InflightStore
-from nicsim.notify import RingPump
+from nicsim.server.guestmem import MappedMemory, MappedRegion, MemoryMapError, close_fds
+from nicsim.server.inflight_fd import InflightError, InflightStore
+from nicsim.server.pump import RingPump
 from nicsim.vhost import BackendConnection, ConnectionState, InflightBuffer
 from nicsim.vhost import events as ev
 from nicsim.vhost import features as vf
+from nicsim.virtio.device import DeviceStateError, VirtioNetDevice
 from rings.errors import RingsError
 from rings.layout import split_ring_sizes
 from rings.split import SplitQueue

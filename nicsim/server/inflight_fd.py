@@ -16,7 +16,6 @@ import contextlib
 import mmap
 import os
 import stat
-from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -36,16 +35,6 @@ class InflightError(Exception):
         self.reason = reason
         self.num_queues = num_queues
         self.queue_size = queue_size
-
-
-class InflightHooks(Protocol):
-    """What the device tells the inflight buffer (called on the event loop, inside device calls)."""
-
-    def popped(self, index: int, heads: npt.NDArray[np.uint16]) -> None: ...
-
-    def before_used(self, index: int, heads: npt.NDArray[np.uint16]) -> None: ...
-
-    def after_used(self, index: int, heads: npt.NDArray[np.uint16], used_idx: int) -> None: ...
 
 
 class InflightStore:

@@ -4,7 +4,7 @@ Under TCG every kick (a trapped doorbell write) and every interrupt (injected by
 costs the guest far more than moving a packet, so these few decisions set guest throughput, and the
 backend's own CPU use. This module owns them as one small frozen dataclass of knobs plus pure
 functions; the device applies the interrupt decision (it knows the rings), the asyncio pump
-(:mod:`nicsim.notify`) applies the polling decision (it owns time and the eventfds).
+(:mod:`nicsim.server.pump`) applies the polling decision (it owns time and the eventfds).
 
 The ring has the last word on interrupts: with VIRTIO_F_EVENT_IDX the guest says which used index it
 wants to hear about (virtio 1.2 §2.7.10) and that is the contract: we signal as soon as ``used.idx``

@@ -2,7 +2,7 @@
 
 This module owns ``RingPump``: it watches the ring's kick eventfd with ``loop.add_reader``, writes the
 call eventfd only when a device result says ``interrupt`` (the device has already asked the ring:
-EVENT_IDX or the NO_INTERRUPT flag), and runs the device's rounds following :mod:`nicsim.policy`.
+EVENT_IDX or the NO_INTERRUPT flag), and runs the device's rounds following :mod:`nicsim.virtio.policy`.
 A wakeup (kick, port wakeup or timer) suppresses kicks and runs rounds, up to ``rounds_per_call``
 back to back per loop callback while work is left. When the ring runs dry the pump optionally
 busy-polls (``poll_us``), then re-arms kicks with a re-check (``rearm_kicks``) and sleeps on the kick
@@ -25,9 +25,9 @@ import struct
 import time
 from collections.abc import Callable
 
-from nicsim.device import DeviceStateError, QueueResult, VirtioNetDevice
-from nicsim.policy import PollAction, poll_action
 from nicsim.ports.base import Port
+from nicsim.virtio.device import DeviceStateError, QueueResult, VirtioNetDevice
+from nicsim.virtio.policy import PollAction, poll_action
 from rings.errors import RingsError
 
 log = logging.getLogger("nicsim.server")

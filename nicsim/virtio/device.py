@@ -3,12 +3,12 @@ the port into the guest's buffers, every in-flight guest buffer tracked by a poo
 
 This module owns the per-queue device state (a :class:`~rings.split.SplitQueue` per ring; queue ``2k``
 is receiveq ``k``, ``2k + 1`` transmitq ``k``, §5.1.2), the negotiated features, the packet pool, the
-port, the stats and the interrupt/kick decisions of :mod:`nicsim.policy`. It reads and writes no fd:
+port, the stats and the interrupt/kick decisions of :mod:`nicsim.virtio.policy`. It reads and writes no fd:
 the asyncio server calls :meth:`VirtioNetDevice.process_tx`, :meth:`~VirtioNetDevice.poll_rx` and
 :meth:`~VirtioNetDevice.deliver_rx` when a kick or a port wakes it, signals the call eventfd when a
 result says ``interrupt``, and calls :meth:`~VirtioNetDevice.stop_queue` / :meth:`~VirtioNetDevice.shutdown`
-on GET_VRING_BASE and teardown. The TX batch view lives in :mod:`nicsim.device_tx`, the RX placement in
-:mod:`nicsim.device_rx`. Nothing is lost silently: every frame is delivered or counted as a drop with a
+on GET_VRING_BASE and teardown. The TX batch view lives in :mod:`nicsim.virtio.tx`, the RX placement in
+:mod:`nicsim.virtio.rx`. Nothing is lost silently: every frame is delivered or counted as a drop with a
 reason, and pool exhaustion is backpressure (stop taking buffers; the next call resumes), never a drop.
 Offloads (CSUM, GUEST_CSUM, HOST_/GUEST_TSO4/6) are offered only on top of the base set and only when the
 port declares it can honour them (``Port.features``); the port hears what was negotiated, and a
@@ -25,23 +25,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from nicsim.device_rx import (
-    HDR_LEN_LEGACY,
-    HDR_LEN_V1,
-    MAX_FRAME,
-    RxBacklog,
-    plan_rx,
-    scatter_chains,
-    scatter_template_words,
-    stage_frames,
-)
-from nicsim.device_tx import TxBatch
-from nicsim.inflight_fd import InflightHooks
-from nicsim.policy import NotifyPolicy, should_interrupt
 from nicsim.ports.base import Port
 from nicsim.ports.frames import ETH_HLEN, Buffer
 from nicsim.ports.responder import ResponderPort
-from nicsim.stats import DeviceStats
 from nicsim.vhost.features import (
     OFFLOAD_FEATURES,
     VIRTIO_F_VERSION_1,
@@ -51,6 +37,20 @@ from nicsim.vhost.features import (
 )
 from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
 from nicsim.vhost.features import VIRTIO_RING_F_INDIRECT_DESC as VIRTIO_F_INDIRECT_DESC
+from nicsim.virtio.inflight import InflightHooks
+from nicsim.virtio.policy import NotifyPolicy, should_interrupt
+from nicsim.virtio.rx import (
+    HDR_LEN_LEGACY,
+    HDR_LEN_V1,
+    MAX_FRAME,
+    RxBacklog,
+    plan_rx,
+    scatter_chains,
+    scatter_template_words,
+    stage_frames,
+)
+from nicsim.virtio.stats import DeviceStats
+from nicsim.virtio.tx import TxBatch
 from rings.errors import GuestError
 from rings.memory import GuestMemory
 from rings.pool import PacketPool

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 # name -> module; kept as strings so `nicsim --help` imports nothing heavy.
 SUBCOMMANDS: dict[str, str] = {
-    "vm": "nicsim.cmd_vm",
-    "serve": "nicsim.cmd_serve",
-    "bench": "nicsim.cmd_bench",
-    "image": "nicsim.cmd_image",
+    "vm": "nicsim.cli.vm",
+    "serve": "nicsim.cli.serve",
+    "bench": "nicsim.cli.bench",
+    "image": "nicsim.cli.image",
 }
 
 

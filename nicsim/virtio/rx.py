@@ -2,7 +2,7 @@
 virtio-net header, and the plan that places frames into buffers (one per frame, or several with
 VIRTIO_NET_F_MRG_RXBUF).
 
-This module owns no queue and no pool: :class:`nicsim.device.VirtioNetDevice` pops the guest's RX
+This module owns no queue and no pool: :class:`nicsim.virtio.device.VirtioNetDevice` pops the guest's RX
 chains, asks :func:`plan_rx` which chain gets which bytes, builds one staging array (header + frame,
 back to back) and scatters it into the chains' writable segments with one vectorised copy per
 memory region. A header-passing port (the tap) hands frames that already carry the kernel's

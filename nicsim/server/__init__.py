@@ -1,0 +1,7 @@
+"""The asyncio shell: endpoints (listen or connect, stale sockets), one session's socket I/O, the
+kick/call pumps, guest memory mapping and the inflight fd. It moves bytes and fds in and out of the
+I/O-free layers below (``nicsim.vhost``, ``nicsim.virtio``) and does nothing else."""
+
+from nicsim.server.session import DEFAULT_MAX_QUEUE_SIZE, MAX_FDS, Endpoint, Server, Session, SocketPathError
+
+__all__ = ["DEFAULT_MAX_QUEUE_SIZE", "MAX_FDS", "Endpoint", "Server", "Session", "SocketPathError"]
