@@ -251,7 +251,7 @@ def _kernel(root: Path, out: Path) -> tuple[str, list[tuple[str, Path]]]:
         raise ImageBuildError(f"expected one kernel in the kernel package, found {len(vmlinuz)}")
     version = vmlinuz[0].name.removeprefix("vmlinuz-")
     shutil.copyfile(vmlinuz[0], out / "vmlinuz")
-    modules = kmod.load_order(kmod.WANTED_MODULES, root / "lib" / "modules" / version / "kernel")
+    modules = kmod.load_order(kmod.WANTED_MODULES, kmod.run_depmod(root, version))
     return version, modules
 
 
@@ -321,9 +321,9 @@ def _initramfs_entries(
 
     mod_dir = f"lib/modules/{kernel_version}"
     order = []
-    for _, path in modules:
-        target = f"{mod_dir}/{path.name}"
-        add(cpio.regular(target, path.read_bytes()))
+    for name, path in modules:
+        target = f"{mod_dir}/{name}.ko"
+        add(cpio.regular(target, kmod.module_bytes(path)))
         order.append(f"/{target}\n")
     add(cpio.regular("lib/nicsim/modules.order", "".join(order).encode()))
 

@@ -1,56 +1,70 @@
-"""Kernel modules for the guest: which ``.ko`` files to copy and the order to load them in.
+"""Kernel modules for the guest: which modules to copy, the order to load them in, and their bytes.
 
-This module owns the dependency closure of the modules the guest needs. Debian's kernel package
-ships no ``modules.dep`` (``depmod`` runs at install time), so the dependencies are read where
-``depmod`` reads them: the ``depends=`` string in each module's ``.modinfo`` ELF section. The
-result is a load order (dependencies first) that ``/init`` follows with plain ``insmod``, which
-needs neither ``modprobe`` nor a module index in the initramfs.
+This module owns the dependency closure of the modules the guest needs. Debian's kernel package ships
+no ``modules.dep`` (``depmod`` runs at install time), so the builder runs ``depmod -b`` on its own
+unpacked tree, as the package's postinst would, and reads the ``modules.dep`` it writes. ``depmod``
+reads compressed modules (``.ko.xz``, ``.ko.gz``, ``.ko.zst``) as well as plain ones; the builder then
+stores every module decompressed, so that ``/init`` loads them in order with plain ``insmod``, which
+needs neither ``modprobe``, a module index, nor a kernel built with in-kernel decompression.
 """
 
 from __future__ import annotations
 
-import struct
+import gzip
+import lzma
+import shutil
+import subprocess
 from pathlib import Path
 
 from images.apt import ImageBuildError
 
 # What the guest needs: the virtio PCI transport, virtio-net (with its failover helpers) and pktgen.
 WANTED_MODULES = ("virtio_pci", "virtio_net", "pktgen")
+SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
+DEPMOD_HINT = "depmod not found: install it with 'apt-get install kmod'"
 
 
-def modinfo(data: bytes) -> dict[str, list[str]]:
-    """The ``key=value`` strings of an ELF64 little-endian module's ``.modinfo`` section."""
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        raise ValueError("not an ELF64 little-endian object")
-    (shoff,) = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-
-    def section(i: int) -> tuple[int, int, int]:
-        name, _type, _flags, _addr, offset, size = struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize)
-        return name, offset, size
-
-    _, str_off, str_size = section(shstrndx)
-    names = data[str_off : str_off + str_size]
-    info: dict[str, list[str]] = {}
-    for i in range(shnum):
-        name_off, offset, size = section(i)
-        if names[name_off : names.index(b"\0", name_off)] != b".modinfo":
-            continue
-        for item in data[offset : offset + size].split(b"\0"):
-            key, sep, value = item.decode("utf-8", "replace").partition("=")
-            if sep:
-                info.setdefault(key, []).append(value)
-    return info
+def module_name(path: str) -> str:
+    """``kernel/net/virtio_net.ko.xz`` -> ``virtio_net`` (``-`` folded to ``_``, as the kernel does)."""
+    base = path.rsplit("/", 1)[-1]
+    for suffix in SUFFIXES:
+        if base.endswith(suffix):
+            return base[: -len(suffix)].replace("-", "_")
+    raise ValueError(f"{path!r} is not a kernel module file ({', '.join(SUFFIXES)})")
 
 
-def module_files(module_root: Path) -> dict[str, Path]:
-    """Module name (``-`` folded to ``_``, as the kernel does) -> its uncompressed ``.ko`` file."""
-    return {p.name[:-3].replace("-", "_"): p for p in sorted(module_root.rglob("*.ko"))}
+def _depmod() -> str:
+    # depmod lives in /usr/sbin, which a non-root user's PATH often lacks.
+    found = shutil.which("depmod") or next(
+        (p for p in ("/usr/sbin/depmod", "/sbin/depmod") if Path(p).is_file()), None
+    )
+    if found is None:
+        raise ImageBuildError(DEPMOD_HINT)
+    return found
 
 
-def load_order(wanted: tuple[str, ...], module_root: Path) -> list[tuple[str, Path]]:
-    """``wanted`` and everything they depend on, each after its dependencies, as (name, file)."""
-    files = module_files(module_root)
+def run_depmod(root: Path, version: str) -> Path:
+    """Write ``modules.dep`` for kernel ``version`` of the tree at ``root``; return the modules directory."""
+    done = subprocess.run([_depmod(), "-b", str(root), version], capture_output=True, text=True, check=False)
+    moddir = root / "lib" / "modules" / version
+    if done.returncode != 0 or not (moddir / "modules.dep").is_file():
+        raise ImageBuildError(f"depmod -b {root} {version} failed:\n{done.stderr.strip()}")
+    return moddir
+
+
+def parse_modules_dep(text: str) -> dict[str, tuple[str, list[str]]]:
+    """``modules.dep`` -> module name -> (its path, the names of all it needs, as depmod lists them)."""
+    table: dict[str, tuple[str, list[str]]] = {}
+    for line in text.splitlines():
+        path, sep, deps = line.partition(":")
+        if sep:
+            table[module_name(path)] = (path, [module_name(d) for d in deps.split()])
+    return table
+
+
+def load_order(wanted: tuple[str, ...], moddir: Path) -> list[tuple[str, Path]]:
+    """``wanted`` and everything they depend on, each after its dependencies, as (name, module file)."""
+    table = parse_modules_dep((moddir / "modules.dep").read_text())
     order: list[tuple[str, Path]] = []
     state: dict[str, str] = {}
 
@@ -59,17 +73,31 @@ def load_order(wanted: tuple[str, ...], module_root: Path) -> list[tuple[str, Pa
             return
         if state.get(name) == "visiting":
             raise ImageBuildError(f"module dependency cycle: {' -> '.join((*chain, name))}")
-        if name not in files:
+        if name not in table:
             raise ImageBuildError(
-                f"kernel module {name} not found under {module_root.name} (built in, or compressed?)"
+                f"kernel module {name} not found in {moddir.name}'s modules.dep (built in?)"
             )
         state[name] = "visiting"
-        deps = modinfo(files[name].read_bytes()).get("depends", [""])[0]
-        for dep in sorted(filter(None, deps.split(","))):
+        path, deps = table[name]
+        for dep in deps:
             visit(dep, (*chain, name))
         state[name] = "done"
-        order.append((name, files[name]))
+        order.append((name, moddir / path))
 
     for name in wanted:
         visit(name, ())
     return order
+
+
+def module_bytes(path: Path) -> bytes:
+    """The module's ELF object, decompressed when the package ships it compressed."""
+    data = path.read_bytes()
+    if path.name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".ko.gz"):
+        return gzip.decompress(data)
+    if path.name.endswith(".ko.zst"):
+        if shutil.which("zstd") is None:
+            raise ImageBuildError(f"{path.name} is zstd-compressed: install zstd ('apt-get install zstd')")
+        return subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout
+    return data

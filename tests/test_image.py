@@ -7,6 +7,7 @@ network namespace each test creates and deletes, so no traffic leaves that names
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import shutil
 import stat
@@ -22,6 +23,7 @@ import pytest
 from images import apt, build, cpio, kmod
 from images.apt import ImageBuildError, Package
 from images.build import GuestImage, build_image, builder_inputs, image_key
+from qemu.testvm import parse_result_line
 
 GUEST_IP, PEER_IP = "10.0.2.15", "10.0.2.2"
 BOOT_GUARD_S = 90  # kills a wedged QEMU so the suite cannot hang; not an assertion on speed
@@ -176,13 +178,50 @@ def test_cpio_refuses_duplicate_paths(tmp_path: Path) -> None:
         cpio.write_archive(f, [cpio.directory("bin"), cpio.directory("bin")])
 
 
-def test_modinfo_reads_depends_of_a_real_module(image: GuestImage, tmp_path: Path) -> None:
-    # Unpack the built initramfs with the system cpio and read virtio_net's .modinfo.
-    subprocess.run(["cpio", "-id", "--quiet"], stdin=image.initrd.open("rb"), cwd=tmp_path, check=True)
-    ko = next(tmp_path.glob("lib/modules/*/virtio_net.ko"))
-    info = kmod.modinfo(ko.read_bytes())
-    assert set(info["depends"][0].split(",")) == {"virtio", "virtio_ring", "net_failover"}
-    assert stat.S_ISCHR((tmp_path / "dev" / "console").lstat().st_mode)
+def test_depmod_orders_real_modules_and_compressed_ones_are_stored_decompressed(
+    image: GuestImage, tmp_path: Path
+) -> None:
+    # Unpack the built initramfs with the system cpio: its modules are the kernel package's, decompressed.
+    unpacked = tmp_path / "initrd"
+    unpacked.mkdir()
+    subprocess.run(["cpio", "-id", "--quiet"], stdin=image.initrd.open("rb"), cwd=unpacked, check=True)
+    assert stat.S_ISCHR((unpacked / "dev" / "console").lstat().st_mode)
+    version = next((unpacked / "lib" / "modules").iterdir()).name
+    originals = {
+        ko.name[:-3]: ko.read_bytes() for ko in (unpacked / "lib" / "modules" / version).glob("*.ko")
+    }
+    # A kernel tree as a distribution with compressed modules ships it (xz, which Debian's depmod reads),
+    # beside plain ones.
+    kernel_dir = tmp_path / "root" / "lib" / "modules" / version / "kernel"
+    for sub in ("net", "virtio"):
+        (kernel_dir / sub).mkdir(parents=True)
+    for name, data in originals.items():
+        if name in ("virtio_net", "failover"):
+            (kernel_dir / "net" / f"{name}.ko.xz").write_bytes(lzma.compress(data))
+        else:
+            (kernel_dir / "virtio" / f"{name}.ko").write_bytes(data)
+    moddir = kmod.run_depmod(tmp_path / "root", version)
+    order = kmod.load_order(("virtio_net",), moddir)
+    names = [name for name, _ in order]
+    assert names[-1] == "virtio_net"
+    assert {"virtio", "virtio_ring", "failover", "net_failover"} <= set(names)
+    assert names.index("failover") < names.index("net_failover") < names.index("virtio_net")
+    assert names.index("virtio_ring") < names.index("virtio")
+    paths = dict(order)
+    assert paths["virtio_net"].name == "virtio_net.ko.xz" and paths["failover"].name == "failover.ko.xz"
+    for name, path in order:
+        assert kmod.module_bytes(path) == originals[name]
+
+
+def test_a_module_missing_from_modules_dep_names_it(tmp_path: Path) -> None:
+    moddir = tmp_path / "lib" / "modules" / "6.1.0-test"
+    moddir.mkdir(parents=True)
+    (moddir / "modules.dep").write_text(
+        "kernel/a/virtio.ko: kernel/a/virtio_ring.ko\nkernel/a/virtio_ring.ko:\n"
+    )
+    assert [n for n, _ in kmod.load_order(("virtio",), moddir)] == ["virtio_ring", "virtio"]
+    with pytest.raises(ImageBuildError, match="virtio_net"):
+        kmod.load_order(("virtio_net",), moddir)
 
 
 # ------------------------------------------------------------------ real boots
@@ -260,7 +299,7 @@ def boot(
             if on_line is not None and on_line[0] in line:
                 on_line[1]()
             if "NICSIM-RESULT " in line:
-                result.results.append(json.loads(line.split("NICSIM-RESULT ", 1)[1]))
+                result.results.append(dict(parse_result_line(line).data))  # the host reads iperf3 -J
         result.returncode = proc.wait()
     finally:
         guard.cancel()

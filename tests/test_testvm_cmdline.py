@@ -295,3 +295,45 @@ def test_in_netns_wraps_with_ip_netns_exec() -> None:
     assert in_netns(["qemu"], None) == ["qemu"]
     with pytest.raises(InvalidOptionError):
         in_netns(["qemu"], "../etc")
+
+
+def _iperf_line(doc: object) -> str:
+    import json
+
+    fields = {"workload": "iperf3-client", "ok": True, "server": "s", "iperf3": doc}
+    return "NICSIM-RESULT " + json.dumps(fields)
+
+
+def test_the_host_reads_the_numbers_out_of_iperf3s_json() -> None:
+    doc = {
+        "start": {"version": "iperf 3.12"},
+        "end": {
+            "sum_sent": {"seconds": 2.0, "bytes": 250_000_000, "bits_per_second": 1.0e9, "retransmits": 3},
+            "sum_received": {"seconds": 2.01, "bytes": 249_000_000, "bits_per_second": 0.99e9},
+            "cpu_utilization_percent": {"host_total": 40.5, "remote_total": 12.0},
+        },
+    }
+    result = parse_result_line(_iperf_line(doc))
+    assert result.ok and result.error is None
+    assert result["sent_bps"] == 1.0e9 and result["received_bps"] == 0.99e9
+    assert result["sent_bytes"] == 250_000_000 and result["received_bytes"] == 249_000_000
+    assert result["seconds"] == 2.01 and result["retransmits"] == 3 and result["cpu_host_pct"] == 40.5
+    assert "iperf3" not in result.data  # the numbers replace the raw document
+    udp = {"end": {"sum": {"seconds": 2.0, "bits_per_second": 5e6, "lost_packets": 2, "packets": 100,
+                           "lost_percent": 2.0, "jitter_ms": 0.1}}}  # fmt: skip
+    res = parse_result_line(_iperf_line(udp))
+    assert res.ok and res["lost_packets"] == 2 and res["lost_pct"] == 2.0 and res["received_bps"] == 5e6
+
+
+@pytest.mark.parametrize(
+    ("doc", "error"),
+    [
+        ({"start": {}, "error": "unable to connect to server: refused"}, "iperf3: unable to connect"),
+        ({"start": {}, "end": {}}, "iperf3 produced no summary"),
+        ([1, 2], "not a JSON object"),
+    ],
+)
+def test_an_iperf3_failure_in_its_json_fails_the_workload(doc: object, error: str) -> None:
+    result = parse_result_line(_iperf_line(doc))
+    assert not result.ok and result.error is not None and error in result.error
+    assert result.data["ok"] is False

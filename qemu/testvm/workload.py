@@ -122,14 +122,62 @@ def parse_result_line(line: str) -> WorkloadResult:
         data = json.loads(payload)
     except ValueError as err:
         raise GuestOutputError(f"result line is not JSON: {line!r}") from err
-    if not isinstance(data, dict) or not isinstance(data.get("workload"), str) or not isinstance(
-        data.get("ok"), bool
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("workload"), str)
+        or not isinstance(data.get("ok"), bool)
     ):
         raise GuestOutputError(f"result line lacks 'workload' (str) or 'ok' (bool): {line!r}")
-    error = data.get("error")
+    ok, error = data["ok"], data.get("error")
+    doc = data.pop("iperf3", None)
+    if doc is not None:
+        fields, iperf_error = iperf3_summary(doc)
+        data.update(fields)
+        if iperf_error is not None and ok:
+            ok, error = False, iperf_error
+            data.update(ok=False, error=error)
     return WorkloadResult(
-        workload=data["workload"], ok=data["ok"], error=None if error is None else str(error), data=data
+        workload=data["workload"], ok=ok, error=None if error is None else str(error), data=data
     )
+
+
+def _path(doc: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(doc, dict):
+            return None
+        doc = doc.get(key)
+    return doc
+
+
+def iperf3_summary(doc: Any) -> tuple[dict[str, Any], str | None]:
+    """The numbers of an ``iperf3 -J`` document (sent by the guest whole) and its error, if any.
+
+    TCP reports ``end.sum_sent`` / ``end.sum_received``; UDP reports ``end.sum`` (with loss and jitter).
+    A document with iperf3's own ``error``, or without a summary, is a failed run.
+    """
+    if not isinstance(doc, dict):
+        return {}, "iperf3 printed something that is not a JSON object"
+    if doc.get("error"):
+        return {}, f"iperf3: {doc['error']}"
+    sent, received, udp = (_path(doc, "end", k) for k in ("sum_sent", "sum_received", "sum"))
+    if not any(isinstance(part, dict) and "seconds" in part for part in (sent, received, udp)):
+        return {}, "iperf3 produced no summary"
+    fields: dict[str, Any] = {
+        "sent_bps": _path(sent, "bits_per_second") or _path(udp, "bits_per_second"),
+        "received_bps": _path(received, "bits_per_second") or _path(udp, "bits_per_second"),
+        "sent_bytes": _path(sent, "bytes"),
+        "received_bytes": _path(received, "bytes"),
+        "seconds": _path(received, "seconds"),
+        "cpu_host_pct": _path(doc, "end", "cpu_utilization_percent", "host_total"),
+        "cpu_remote_pct": _path(doc, "end", "cpu_utilization_percent", "remote_total"),
+    }
+    if _path(sent, "retransmits") is not None:  # TCP only
+        fields["retransmits"] = _path(sent, "retransmits")
+    if isinstance(udp, dict) and ("lost_packets" in udp or "packets" in udp):
+        for key, name in (("lost_packets", "lost_packets"), ("packets", "packets"),
+                          ("lost_percent", "lost_pct"), ("jitter_ms", "jitter_ms")):  # fmt: skip
+            fields[name] = udp.get(key)
+    return fields, None
 
 
 def parse_results(console_text: str) -> list[WorkloadResult]:
