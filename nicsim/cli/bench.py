@@ -46,8 +46,18 @@ def _sizes(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"sizes must be integers, e.g. 64,512,1500: {err}") from err
 
 
-def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+def _directions(text: str) -> list[str]:
+    from nicsim.bench.matrix import Direction
+
+    choices = [d.value for d in Direction]
+    bad = [d for d in _csv(text) if d not in choices]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad))}: choose from {', '.join(choices)}")
+    return _csv(text)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = subparsers.add_parser(
         "bench",
         help="measure a test guest's network throughput (nicsim and peers side by side)",
         description="Boot the test guest once per run and measure guest TX (pktgen), guest RX and TCP "
@@ -70,7 +80,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--sizes", type=_sizes, metavar="LIST", help="frame sizes with FCS (default 64,512,1500)")
     p.add_argument(
         "--directions",
-        type=_csv,
+        type=_directions,
         metavar="LIST",
         help="any of tx,rx,tcp-tx,tcp-rx (default: all; --quick: tx,rx,tcp-tx)",
     )
@@ -107,6 +117,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--kernel", type=Path, help="guest kernel (default: the built guest image's)")
     p.add_argument("--initrd", type=Path, help="guest initramfs (default: the built guest image's)")
     p.add_argument("--log-dir", type=Path, help="keep backend and helper logs here (default: discarded)")
+    return p
 
 
 def _err(message: str) -> None:

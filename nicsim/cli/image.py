@@ -6,9 +6,10 @@ import argparse
 from typing import Any
 
 from images.cli import BUILD_DESCRIPTION, BUILD_HELP, add_build_arguments, run_build
+from nicsim.cli import add_logging_options
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "image", help="the guest image (kernel + initramfs)", description="The nicsim guest image."
     )
@@ -20,7 +21,9 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_build_arguments(build)
+    add_logging_options(build, top=False)
     parser.set_defaults(image_parser=parser)
+    return parser
 
 
 def run(args: argparse.Namespace) -> int:

@@ -62,8 +62,8 @@ examples:
 """
 
 
-def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
         "serve",
         help="run the vhost-user virtio-net backend on one or more sockets",
         description="Serve a virtio-net device to QEMU guests over vhost-user, one device per connection, "
@@ -104,12 +104,29 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--quiet", action="store_true", help="no periodic stats lines, warnings only")
     add_policy_arguments(parser)
+    return parser
 
 
 _CONFIGS: dict[str, type[Any]] = {
     "generator": GeneratorConfig, "responder": ResponderConfig, "tap": TapConfig,
 }  # fmt: skip
 _BOOLS = {"on": True, "off": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+def _port_value(port: str, key: str, value: str, default: Any, known: str) -> Any:
+    """One ``key=value`` of a port spec, typed like the key's default; the error names key and keys."""
+    if isinstance(default, bool):
+        if value not in _BOOLS:
+            raise ValueError(f"port {port}: {key}={value!r}: use on or off (keys: {known})")
+        return _BOOLS[value]
+    if isinstance(default, str):
+        return value
+    kind = float if key == "rate_pps" else int
+    try:
+        return kind(value)
+    except ValueError:
+        what = "a number" if kind is float else "an integer"
+        raise ValueError(f"port {port}: {key}={value!r} is not {what} (keys: {known})") from None
 
 
 def parse_port(spec: str) -> Port:
@@ -127,17 +144,7 @@ def parse_port(spec: str) -> Port:
         if not sep or key not in fields:
             known = ", ".join(fields) or "none"
             raise ValueError(f"port {name}: bad option {item!r} (known keys: {known})")
-        default = fields[key].default
-        if isinstance(default, bool):
-            if value not in _BOOLS:
-                raise ValueError(f"port {name}: {key}={value!r}: use on or off")
-            kwargs[key] = _BOOLS[value]
-        elif isinstance(default, str):
-            kwargs[key] = value
-        elif key == "rate_pps":
-            kwargs[key] = float(value)
-        else:
-            kwargs[key] = int(value)
+        kwargs[key] = _port_value(name, key, value, fields[key].default, ", ".join(fields))
     if name == "generator":
         cfg = GeneratorConfig(**kwargs)
         if not 14 <= cfg.size <= 1514 + 4:
@@ -211,9 +218,12 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
     return 0
 
 
+DEFAULT_LOG_LEVEL = logging.INFO  # connections and disconnections are what a person watches for
+
+
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="nicsim serve: %(message)s")  # fmt: skip
+    if args.quiet:
+        logging.getLogger().setLevel(logging.WARNING)
     if args.stats_interval <= 0:
         print("nicsim serve: --stats-interval must be positive", file=sys.stderr)
         return 2

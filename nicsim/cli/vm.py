@@ -4,13 +4,18 @@ This module owns the interactive front of ``qemu.testvm``: it turns command-line
 ``VMSpec`` (console on stdio, no QMP), builds the guest image if none is given, chooses the
 accelerator (KVM only when the probe shows it boots), and for ``--nic tap`` creates a throwaway
 network namespace holding the TAP (10.0.2.2/24 on its end) which it deletes when QEMU exits.
+With a ``shell`` workload the console is the terminal's. Otherwise the run is a script's: the console
+is read (and shown only with ``--verbose``), each workload's result goes to stdout as one JSON line,
+and the exit code is 0 only if every workload reported and succeeded.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +31,15 @@ from qemu.testvm import (
     VhostUserNic,
     VMSpec,
     Workload,
+    WorkloadResult,
     build_cmdline,
     choose_accel,
     in_netns,
+    parse_result_line,
 )
+from qemu.testvm.workload import RESULT_MARKER
+
+QEMU = "qemu-system-x86_64"
 
 EPILOG = """\
 examples:
@@ -43,12 +53,14 @@ examples:
                                               the guest's NIC is served by nicsim over vhost-user
 
 In the console: Ctrl-A X quits QEMU, Ctrl-A C toggles QEMU's monitor; Ctrl-C goes to the guest.
-The guest powers off (and QEMU exits) after its last workload.
+The guest powers off (and QEMU exits) after its last workload. Without a shell workload, each
+result is printed as one JSON line (stdout) and the console is shown only with --verbose; the exit
+code is 0 only if every workload succeeded, 1 otherwise.
 """
 
 
-def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
         "vm",
         help="boot the test guest with its console on this terminal",
         description="Boot the nicsim test guest (kernel + busybox initramfs) under QEMU with its serial "
@@ -90,6 +102,7 @@ def add_parser(subparsers: Any) -> None:
     )  # fmt: skip
     parser.add_argument("--kernel", type=Path, help="guest kernel (default: the built guest image's)")
     parser.add_argument("--initrd", type=Path, help="guest initramfs (default: the built guest image's)")
+    return parser
 
 
 def _nic(args: argparse.Namespace) -> Nic | None:
@@ -105,7 +118,36 @@ def _nic(args: argparse.Namespace) -> Nic | None:
 
 
 def _ip_netns(*argv: str) -> None:
-    subprocess.run(["ip", "netns", *argv], check=True)
+    # stderr is kept for the error line (nicsim.cli.failures): "Operation not permitted" means no root.
+    subprocess.run(["ip", "netns", *argv], check=True, capture_output=True, text=True)
+
+
+def run_workloads(argv: list[str], workloads: list[Workload], *, verbose: bool) -> int:
+    """Run QEMU with its console read here: results to stdout as JSON lines; 0 only if all succeeded."""
+    results: list[WorkloadResult] = []
+    with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, errors="replace") as qemu:  # fmt: skip
+        assert qemu.stdout is not None
+        tail: list[str] = []
+        for line in qemu.stdout:
+            tail = [*tail[-19:], line]
+            if verbose:
+                sys.stderr.write(line)
+            if RESULT_MARKER in line:
+                result = parse_result_line(line)
+                results.append(result)
+                print(json.dumps(dict(result.data)), flush=True)
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        print(f"nicsim vm: workload {r.workload} failed: {r.error}", file=sys.stderr)
+    if len(results) < len(workloads):
+        missing = ", ".join(w.name for w in workloads[len(results) :])
+        print(f"nicsim vm: no result from {missing} (QEMU exited with {qemu.returncode}); "
+              "the console ends:", file=sys.stderr)  # fmt: skip
+        if not verbose:
+            sys.stderr.write("".join(tail))
+        return 1
+    return 1 if failed or qemu.returncode != 0 else 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,14 +157,24 @@ def run(args: argparse.Namespace) -> int:
     except InvalidOptionError as err:
         print(f"nicsim vm: {err}", file=sys.stderr)
         return 2
+    if shutil.which(QEMU) is None:
+        print(f"nicsim vm: {QEMU} not found: install it with 'apt-get install qemu-system-x86'",
+              file=sys.stderr)  # fmt: skip
+        return 1
     kernel, initrd = args.kernel, args.initrd
     if kernel is None:
         from images.build import build_image  # only when no kernel was given
 
-        image = build_image()
+        def progress(line: str) -> None:
+            if args.verbose:
+                print(f"image: {line}", file=sys.stderr)
+
+        image = build_image(progress=progress)
         kernel, initrd = image.kernel, initrd or image.initrd
     accel = asyncio.run(choose_accel(args.accel, kernel))
-    print(f"nicsim vm: accelerator {accel}; Ctrl-A X quits", file=sys.stderr)
+    interactive = any(w.name == "shell" for w in workloads)
+    if interactive:
+        print(f"nicsim vm: accelerator {accel}; Ctrl-A X quits", file=sys.stderr)
     spec = VMSpec(
         kernel=kernel, initrd=initrd, memory_mb=args.memory, accel=accel, nic=nic, guest_ip=args.ip,
         workloads=workloads, console=ConsoleStdio(),
@@ -132,8 +184,14 @@ def run(args: argparse.Namespace) -> int:
     except InvalidOptionError as err:
         print(f"nicsim vm: {err}", file=sys.stderr)
         return 2
+
+    def boot(argv: list[str]) -> int:
+        if interactive:
+            return subprocess.run(argv).returncode
+        return run_workloads(argv, workloads, verbose=bool(args.verbose))
+
     if args.nic != "tap":
-        return subprocess.run(argv).returncode
+        return boot(argv)
     netns = f"nicsim-vm-{os.getpid()}"
     _ip_netns("add", netns)
     try:
@@ -144,7 +202,8 @@ def run(args: argparse.Namespace) -> int:
             ["link", "set", "tap0", "up"],
         ):
             _ip_netns("exec", netns, "ip", *cmd)
-        print(f"nicsim vm: TAP tap0 (10.0.2.2/24) in network namespace {netns}", file=sys.stderr)
-        return subprocess.run(in_netns(argv, netns)).returncode
+        if interactive or args.verbose:
+            print(f"nicsim vm: TAP tap0 (10.0.2.2/24) in network namespace {netns}", file=sys.stderr)
+        return boot(in_netns(argv, netns))
     finally:
         subprocess.run(["ip", "netns", "del", netns], check=False)

@@ -1,0 +1,116 @@
+"""The command line's conventions, as a script sees them: ``--version``, exit codes it can trust, one
+line saying what to do on an expected failure (never a traceback), and bad options named with their
+valid choices. Every test runs the real ``nicsim`` in a subprocess; the ``vm`` ones boot the real guest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from images.apt import ImageBuildError
+from nicsim import __version__
+from nicsim.cli.failures import explain
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def nicsim(
+    *argv: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nicsim", *argv], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        env=env,
+    )  # fmt: skip
+
+
+def test_version_prints_the_package_version() -> None:
+    done = nicsim("--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"nicsim {__version__}"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_and_log_level_are_accepted_before_or_after_the_subcommand(where: str) -> None:
+    opts = ["-v", "--log-level", "debug"]
+    argv = [*opts, "serve", "--help"] if where == "before" else ["serve", *opts, "--help"]
+    done = nicsim(*argv)
+    assert done.returncode == 0, done.stderr
+    assert "--log-level" in done.stdout and "--verbose" in done.stdout
+
+
+def test_a_bad_log_level_lists_the_levels() -> None:
+    done = nicsim("--log-level", "loud", "image", "build")
+    assert done.returncode == 2
+    assert "debug" in done.stderr and "warning" in done.stderr
+
+
+def test_a_bad_port_value_names_the_key_and_lists_the_valid_ones(tmp_path: Path) -> None:
+    done = nicsim("serve", "--socket", str(tmp_path / "s.sock"), "--port", "generator,size=abc")
+    assert done.returncode == 2
+    assert "size='abc' is not an integer" in done.stderr
+    assert "keys: size, count" in done.stderr
+    assert "invalid literal" not in done.stderr and "Traceback" not in done.stderr
+    unknown = nicsim("serve", "--socket", str(tmp_path / "s.sock"), "--port", "generator,colour=red")
+    assert unknown.returncode == 2 and "'colour=red'" in unknown.stderr and "dst_mac" in unknown.stderr
+
+
+def test_a_bad_bench_direction_lists_the_choices() -> None:
+    done = nicsim("bench", "--directions", "tx,up")
+    assert done.returncode == 2
+    assert "'up'" in done.stderr and "choose from tx, rx, tcp-tx, tcp-rx" in done.stderr
+
+
+def test_missing_qemu_is_one_line_that_says_what_to_install(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": str(tmp_path)}  # nothing on PATH: no QEMU
+    done = nicsim("vm", "--workload", "link", env=env)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "nicsim vm: qemu-system-x86_64 not found: install it with 'apt-get install qemu-system-x86'"
+    ]
+
+
+def test_expected_failures_are_explained_in_one_line_and_bugs_are_not() -> None:
+    ip = subprocess.CalledProcessError(1, ["ip", "netns", "add", "x"], stderr="mount --make-shared: denied\n")
+    line = explain(ip)
+    assert line is not None and line.startswith(
+        "'ip netns add x' failed (exit 1): mount --make-shared: denied"
+    )
+    if os.geteuid() != 0:
+        assert "need root" in line
+    qemu = FileNotFoundError(2, "No such file or directory", "qemu-system-x86_64")
+    assert explain(qemu) == "qemu-system-x86_64 not found: install it with 'apt-get install qemu-system-x86'"
+    build = explain(ImageBuildError("apt-get download failed:\nE: no network"))
+    assert build is not None and "\n" not in build and "apt-get download failed" in build
+    assert explain(KeyError("a bug")) is None  # not expected: the traceback stays
+
+
+def _results(stdout: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.vm
+def test_vm_exits_nonzero_when_a_workload_fails_and_keeps_the_console_quiet(guest_image: Any) -> None:
+    done = nicsim(
+        "vm", "--nic", "none", "--accel", "tcg", "--workload", "bogus", "--workload", "sleep,seconds=0"
+    )
+    assert done.returncode == 1, done.stderr
+    results = _results(done.stdout)  # stdout is one JSON line per workload, nothing else
+    assert [(r["workload"], r["ok"]) for r in results] == [("bogus", False), ("sleep", True)]
+    assert "unknown workload 'bogus'" in done.stderr
+    assert "Linux version" not in done.stdout + done.stderr  # the console is shown only with --verbose
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.vm
+def test_vm_exits_zero_when_every_workload_succeeds_and_verbose_shows_the_console(guest_image: Any) -> None:
+    done = nicsim("vm", "--verbose", "--nic", "none", "--accel", "tcg", "--workload", "sleep,seconds=0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [(r["workload"], r["ok"]) for r in _results(done.stdout)] == [("sleep", True)]
+    assert "Linux version" in done.stderr and "NICSIM-DONE" in done.stderr
