@@ -39,6 +39,7 @@ from nicsim.vhost.protocol import (
     VERSION,
     VRING_IDX_MASK,
     VRING_NOFD_MASK,
+    Outgoing,
     RawMessage,
     ReplyKind,
     Request,
@@ -57,17 +58,11 @@ from nicsim.vhost.state import (
     gate_failure,
 )
 
+__all__ = ["BackendConnection", "Outgoing", "RingStatus"]
+
 MAX_QUEUE_SIZE = 32768  # virtio 1.2 §2.6: Queue Size is at most 32768
 REQUEST_LOG_SIZE = 256  # names kept in BackendConnection.request_log
 MIN_MTU, MAX_MTU = 68, 65535  # IPv4 minimum; virtio-net config mtu is a u16
-
-
-@dataclass(frozen=True, kw_only=True)
-class Outgoing:
-    """One message to send with one ``sendmsg``; ``fds`` (rare) stay owned by the device."""
-
-    data: bytes
-    fds: tuple[int, ...] = ()
 
 
 @dataclass(kw_only=True)
