@@ -1,4 +1,5 @@
-"""The transition table: every (state, request) pair is legal exactly when the table says so."""
+"""The transition tables: every (state, request) and (ring phase, ring request) pair is legal
+exactly when its table says so, and then leads where the table says."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from nicsim.vhost import (
     LocalProtocolError,
     ProtocolErrorOccurred,
     Request,
+    RingPhase,
 )
 from nicsim.vhost import features as f
 from nicsim.vhost import payloads as p
-from nicsim.vhost.protocol import VERSION, encode_message
-from nicsim.vhost.state import GATES, SUPPORTED, TRANSITIONS
+from nicsim.vhost.connection import ROUTES
+from nicsim.vhost.protocol import SPECS, VERSION, encode_message
+from nicsim.vhost.state import EVERY_RING, GATES, RING_REQUESTS, RING_TRANSITIONS, SUPPORTED, TRANSITIONS
 from tests.test_vhost_codec import SAMPLES
 from tests.test_vhost_support import REGION, REGION2, Link, close_originals, new_fd, no_fd_leak
 
@@ -99,6 +102,14 @@ def _connection_in(state: ConnectionState, device: WalkDevice) -> Link:
     return link
 
 
+def _settle(link: Link, device: WalkDevice) -> None:
+    for out in link.backend.data_to_send():
+        assert not out.fds or out.fds == (device.inflight,)
+    link.settle()
+    os.close(device.inflight)
+    close_originals()
+
+
 OPEN_STATES = [S.CONNECTED, S.OWNED, S.NEGOTIATED, S.READY]
 
 
@@ -122,11 +133,35 @@ def test_every_state_request_pair(state: ConnectionState, req: Request) -> None:
             assert err.request == req.name and err.state == state.name
             assert ("not supported" in err.reason) == (req not in SUPPORTED)
             assert link.backend.state is state
-        for out in link.backend.data_to_send():
-            assert not out.fds or out.fds == (device.inflight,)
-        link.settle()
-        os.close(device.inflight)
-        close_originals()
+        _settle(link, device)
+
+
+@pytest.mark.parametrize("req", sorted(RING_REQUESTS | EVERY_RING), ids=lambda r: r.name)
+@pytest.mark.parametrize("phase", list(RingPhase), ids=lambda s: s.name)
+def test_every_ring_phase_request_pair(phase: RingPhase, req: Request) -> None:
+    # Ring 0 of a READY connection has its size and addresses, so it can start.
+    with no_fd_leak():
+        device = WalkDevice()
+        link = _connection_in(S.READY, device)
+        if phase is RingPhase.STARTED:
+            _send(link, R.SET_VRING_KICK)
+        ring = link.backend.rings[0]
+        assert ring.phase is phase
+        errors = [e for e in _send(link, req) if isinstance(e, ProtocolErrorOccurred)]
+        if req in RING_TRANSITIONS[phase]:
+            assert errors == []
+            assert ring.phase is RING_TRANSITIONS[phase][req]
+        else:
+            (err,) = errors
+            assert err.request == req.name and f"vring 0 is {phase.value}" in err.reason
+            assert ring.phase is phase
+        _settle(link, device)
+
+
+def test_the_dispatch_table_routes_the_supported_requests_as_the_wire_table_decodes_them() -> None:
+    assert set(ROUTES) == SUPPORTED
+    for req, route in ROUTES.items():
+        assert route.decode == SPECS[req].decode, req.name
 
 
 @pytest.mark.parametrize("req", list(Request), ids=lambda r: r.name)

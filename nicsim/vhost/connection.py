@@ -1,7 +1,9 @@
 """The backend side of one vhost-user connection, I/O-free: bytes and fds in, events and replies out.
 
 This module owns ``BackendConnection``: per-connection negotiated state (features, protocol
-features, memory-region bookkeeping, ring phases) and the handling of each request. Usage::
+features, memory-region bookkeeping, ring phases), the dispatch table ``ROUTES`` (each supported
+request's payload type and handler) and the handlers, which return what they produce (``Handled``:
+events and reply). New states and ring phases come only from the tables in ``state``. Usage::
 
     conn = BackendConnection(device=my_device)
     events = conn.receive_data(data, fds)   # fds received with `data` (SCM_RIGHTS)
@@ -25,7 +27,8 @@ from __future__ import annotations
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, Generic
 
 from nicsim.vhost import events as ev
 from nicsim.vhost import features as f
@@ -33,41 +36,38 @@ from nicsim.vhost import payloads as p
 from nicsim.vhost.errors import FrontendProtocolError, LocalProtocolError
 from nicsim.vhost.protocol import (
     FLAG_NEED_REPLY,
-    FLAG_REPLY,
     MAX_MEM_SLOTS,
     SPECS,
-    VERSION,
     VRING_IDX_MASK,
     VRING_NOFD_MASK,
+    Outgoing,
+    PayloadT,
     RawMessage,
     ReplyKind,
     Request,
-    decode_request,
-    encode_message,
+    empty_or_placeholder,
+    extract_body,
+    parse_request,
 )
 from nicsim.vhost.queries import DeviceQueries, IdleDevice
 from nicsim.vhost.reader import MessageReader
+from nicsim.vhost.replies import ReplyQueue
 from nicsim.vhost.state import (
+    EVERY_RING,
     RING_REQUESTS,
-    RING_TRANSITIONS,
-    SUPPORTED,
-    TRANSITIONS,
     ConnectionState,
     RingPhase,
+    Trigger,
     gate_failure,
+    next_phase,
+    next_state,
 )
+
+__all__ = ["ROUTES", "BackendConnection", "Handled", "Outgoing", "RingStatus", "Route"]
 
 MAX_QUEUE_SIZE = 32768  # virtio 1.2 §2.6: Queue Size is at most 32768
 REQUEST_LOG_SIZE = 256  # names kept in BackendConnection.request_log
 MIN_MTU, MAX_MTU = 68, 65535  # IPv4 minimum; virtio-net config mtu is a u16
-
-
-@dataclass(frozen=True, kw_only=True)
-class Outgoing:
-    """One message to send with one ``sendmsg``; ``fds`` (rare) stay owned by the device."""
-
-    data: bytes
-    fds: tuple[int, ...] = ()
 
 
 @dataclass(kw_only=True)
@@ -82,19 +82,29 @@ class RingStatus:
     addr: p.VringAddr | None = None
 
 
-@dataclass(kw_only=True)
-class _Pending:
-    """A queued reply; an ack can still turn into a failure through ``reject``."""
+@dataclass(frozen=True, kw_only=True)
+class Handled:
+    """What one handler produced: its events, its explicit reply if the spec gives it one (payload
+    and the fds that go with it, which stay the device's), and a ``Trigger`` its request leaves
+    behind, which moves the connection state after the request's own move."""
 
-    code: int
-    payload: bytes = b""
-    fds: tuple[int, ...] = ()
-    ack: bool = False  # a REPLY_ACK: payload is u64 0/1, decided at data_to_send time
-    ok: bool = True
-    events: list[ev.Event] = field(default_factory=list)
+    events: tuple[ev.Event, ...] = ()
+    reply: p.Payload | None = None
+    reply_fds: tuple[int, ...] = ()
+    trigger: Trigger | None = None
 
 
-Handler = Callable[[p.Payload, list[int]], list[ev.Event]]
+@dataclass(frozen=True)
+class Route(Generic[PayloadT]):
+    """One supported request: the decoder of its payload type and the handler that takes that type.
+
+    Both name ``PayloadT``; built by ``_route``, a route whose decoder and handler disagree is a
+    mypy error. The handler pops from ``fds`` the fds it hands over in an event; the connection
+    closes the rest.
+    """
+
+    decode: Callable[[bytes], PayloadT]
+    handler: Callable[[BackendConnection, PayloadT, list[int]], Handled]
 
 
 class BackendConnection:
@@ -135,47 +145,8 @@ class BackendConnection:
         self.rings = tuple(RingStatus(index=i) for i in range(2 * queue_pairs))
         self.driver_status = 0
         self._reader = MessageReader()
-        self._out: list[_Pending] = []
+        self._replies = ReplyQueue()
         self._close: list[int] = []
-        # Events returned since the last data_to_send(), by id, kept alive so ids stay unique.
-        self._unflushed: dict[int, tuple[ev.Event, _Pending | None]] = {}
-        self._handlers: dict[Request, Handler] = {
-            Request.GET_FEATURES: self._get_features,
-            Request.SET_FEATURES: self._set_features,
-            Request.SET_OWNER: self._set_owner,
-            Request.RESET_OWNER: self._reset_owner,
-            Request.SET_MEM_TABLE: self._set_mem_table,
-            Request.SET_LOG_BASE: self._set_log_base,
-            Request.SET_LOG_FD: self._set_log_fd,
-            Request.SET_VRING_NUM: self._set_vring_num,
-            Request.SET_VRING_ADDR: self._set_vring_addr,
-            Request.SET_VRING_BASE: self._set_vring_base,
-            Request.GET_VRING_BASE: self._get_vring_base,
-            Request.SET_VRING_KICK: self._set_vring_fd,
-            Request.SET_VRING_CALL: self._set_vring_fd,
-            Request.SET_VRING_ERR: self._set_vring_fd,
-            Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
-            Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
-            Request.GET_QUEUE_NUM: self._get_queue_num,
-            Request.SET_VRING_ENABLE: self._set_vring_enable,
-            Request.SEND_RARP: self._send_rarp,
-            Request.NET_SET_MTU: self._net_set_mtu,
-            Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
-            Request.IOTLB_MSG: self._iotlb_msg,
-            Request.SET_VRING_ENDIAN: self._set_vring_endian,
-            Request.GET_CONFIG: self._get_config,
-            Request.SET_CONFIG: self._set_config,
-            Request.GET_INFLIGHT_FD: self._get_inflight_fd,
-            Request.SET_INFLIGHT_FD: self._set_inflight_fd,
-            Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
-            Request.ADD_MEM_REG: self._add_mem_reg,
-            Request.REM_MEM_REG: self._rem_mem_reg,
-            Request.SET_STATUS: self._set_status,
-            Request.GET_STATUS: self._get_status,
-        }
-        # Reply being built for the message in progress (set by handlers with an explicit reply).
-        self._reply: _Pending | None = None
-        self._code = 0
         # The names of the latest requests, oldest first (what a frontend really sends is worth seeing:
         # e.g. which requests QEMU replays on reconnect). Bounded: a long session keeps the newest.
         self.request_log: deque[str] = deque(maxlen=REQUEST_LOG_SIZE)
@@ -212,8 +183,7 @@ class BackendConnection:
                 msg = self._reader.next_message()
             except FrontendProtocolError as err:
                 out.append(self._error_event(err.request or "", err.code or 0, err.reason, fatal=True))
-                self._close.extend(self._reader.close())
-                self.state = ConnectionState.CLOSED
+                self.close()
                 return out
             if msg is None:
                 return out
@@ -221,14 +191,7 @@ class BackendConnection:
 
     def data_to_send(self) -> list[Outgoing]:
         """Replies queued so far, in request order (acks resolved now, after any ``reject``)."""
-        out = []
-        for pend in self._out:
-            flags = VERSION | FLAG_REPLY
-            payload = p.U64(value=0 if pend.ok else 1).encode() if pend.ack else pend.payload
-            out.append(Outgoing(data=encode_message(pend.code, payload, flags=flags), fds=pend.fds))
-        self._out.clear()
-        self._unflushed.clear()
-        return out
+        return self._replies.flush()
 
     def fds_to_close(self) -> list[int]:
         """Fds the connection will not hand over in an event; the caller closes each one once."""
@@ -242,22 +205,19 @@ class BackendConnection:
         the frontend asked for none). State already updated by the message is kept. Raises
         ``LocalProtocolError`` for an event this connection did not return since the last flush.
         """
-        entry = self._unflushed.get(id(event))
-        if entry is None or entry[0] is not event:
+        changed = self._replies.reject(event)
+        if changed is None:
             raise LocalProtocolError(
                 f"reject({type(event).__name__}): not an event returned since the last data_to_send()",
                 state=self.state.name,
             )
-        pend = entry[1]
-        if pend is None:
-            return False
-        pend.ok = False
-        return True
+        return changed
 
     def close(self) -> None:
         """Stop: any fds still held for an incomplete message move to ``fds_to_close()``. Idempotent."""
         self._close.extend(self._reader.close())
-        self.state = ConnectionState.CLOSED
+        if self.state is not ConnectionState.CLOSED:
+            self.state = next_state(self.state, Trigger.CLOSED)
 
     # --- dispatch ------------------------------------------------------------------------------
 
@@ -265,38 +225,42 @@ class BackendConnection:
         fds = list(msg.fds)
         wants_ack = bool(msg.flags & FLAG_NEED_REPLY) and self.reply_ack
         state = self.state
-        self._reply = None
-        self._code = msg.code
         self.request_log.append(msg.name)
         try:
-            req, payload = decode_request(msg)
-            nxt = self._check_legal(req, payload)
-            events = self._handlers[req](payload, fds)
+            req = parse_request(msg)
+            route = ROUTES.get(req)
+            if route is None:
+                extract_body(req, msg, SPECS[req].decode)  # a malformed message is refused for that first
+                raise FrontendProtocolError("not supported by this backend")
+            handled = self._run(req, route, msg, fds)
         except FrontendProtocolError as err:
             self._close.extend(fds)
             error = self._error_event(msg.name, msg.code, err.reason, fatal=False, state=state)
-            self._queue_failure(msg.code, wants_ack)
-            self._unflushed[id(error)] = (error, None)
+            self._replies.refuse(msg.code, error, wants_ack=wants_ack)
             return [error]
         self._close.extend(fds)  # handlers pop the fds they hand over; check_fds left no others
-        if self.state is state:  # a handler may have chosen the state itself (REM_MEM_REG)
-            self.state = nxt
-        pend = self._reply
-        if pend is None and wants_ack and SPECS[req].reply is ReplyKind.NONE:
-            pend = _Pending(code=msg.code, ack=True)
-        if pend is not None:
-            pend.events = events
-            self._out.append(pend)
-        for e in events:
-            self._unflushed[id(e)] = (e, pend if pend is not None and pend.ack else None)
-        return events
+        self._replies.answer(
+            msg.code,
+            handled.events,
+            reply=handled.reply,
+            reply_fds=handled.reply_fds,
+            ack=wants_ack and SPECS[req].reply is ReplyKind.NONE,
+        )
+        return list(handled.events)
+
+    def _run(self, req: Request, route: Route[PayloadT], msg: RawMessage, fds: list[int]) -> Handled:
+        """Decode as the route says, check the move is legal, handle, then make the move."""
+        payload = extract_body(req, msg, route.decode)
+        nxt = self._check_legal(req, payload)
+        handled = route.handler(self, payload, fds)
+        if handled.trigger is not None:
+            nxt = next_state(nxt, handled.trigger)
+        self.state = nxt
+        return handled
 
     def _check_legal(self, req: Request, payload: p.Payload) -> ConnectionState:
-        if req not in SUPPORTED:
-            raise FrontendProtocolError("not supported by this backend")
-        nxt = TRANSITIONS[self.state].get(req)
-        if nxt is None:
-            raise FrontendProtocolError(f"not legal in state {self.state.name}")
+        """The state ``req`` leads to; raises if the state, a gate or a ring's phase forbids it."""
+        nxt = next_state(self.state, req)
         why = gate_failure(
             req,
             offered=self.offered_features,
@@ -306,10 +270,10 @@ class BackendConnection:
         )
         if why:
             raise FrontendProtocolError(why)
-        if req in RING_REQUESTS:
-            ring = self.rings[self._ring_index(payload)]
-            if req not in RING_TRANSITIONS[ring.phase]:
-                raise FrontendProtocolError(f"not legal while vring {ring.index} is {ring.phase.value}")
+        if req in RING_REQUESTS or req in EVERY_RING:
+            rings = self.rings if req in EVERY_RING else (self.rings[self._ring_index(payload)],)
+            for ring in rings:
+                next_phase(ring.phase, req, ring.index)  # raises if that phase does not allow req
         return nxt
 
     def _ring_index(self, payload: p.Payload) -> int:
@@ -323,19 +287,25 @@ class BackendConnection:
             raise FrontendProtocolError(f"vring index {index} out of range ({self.num_vrings} vrings)")
         return index
 
-    def _queue_failure(self, code: int, wants_ack: bool) -> None:
-        try:
-            kind = SPECS[Request(code)].reply
-        except ValueError:
-            kind = ReplyKind.NONE
-        if kind is ReplyKind.U64_ACK:
-            self._out.append(_Pending(code=code, payload=p.U64(value=1).encode()))
-        elif kind is not ReplyKind.NONE:
-            # No failure form in the spec (except GET_CONFIG's empty payload): an empty payload
-            # makes any frontend fail the request at once instead of waiting for a reply forever.
-            self._out.append(_Pending(code=code))
-        elif wants_ack:
-            self._out.append(_Pending(code=code, ack=True, ok=False))
+    def _move_ring(self, ring: RingStatus, req: Request) -> tuple[ev.Event, ...]:
+        """Move ``ring`` to the phase the ring table gives for ``req``; return what the move means.
+
+        The one place a phase changes. Starting needs the ring's size and addresses; stopping asks
+        the device for the next avail index, which GET_VRING_BASE replies and SET_VRING_BASE restores.
+        """
+        nxt = next_phase(ring.phase, req, ring.index)
+        if nxt is ring.phase:
+            return ()
+        if nxt is RingPhase.STARTED:
+            if ring.num == 0 or ring.addr is None:
+                raise FrontendProtocolError(
+                    f"vring {ring.index} cannot start before SET_VRING_NUM and SET_VRING_ADDR"
+                )
+            ring.phase = nxt
+            return (ev.VringStarted(index=ring.index),)
+        ring.base = self.device.stop_vring(ring.index, base=ring.base)
+        ring.phase = nxt
+        return (ev.VringStopped(index=ring.index, base=ring.base),)
 
     def _error_event(
         self, request: str, code: int, reason: str, *, fatal: bool, state: ConnectionState | None = None
@@ -344,20 +314,16 @@ class BackendConnection:
             request=request, code=code, state=(state or self.state).name, reason=reason, fatal=fatal
         )
 
-    def _reply_with(self, payload: bytes, fds: tuple[int, ...] = ()) -> None:
-        self._reply = _Pending(code=self._code, payload=payload, fds=fds)
-
     def _packed(self) -> bool:
         return f.has(self.acked_features or 0, f.VIRTIO_F_RING_PACKED)
 
     # --- handlers: validate everything first, then change state, then build events ------------
+    # Each takes the payload type its route decodes and returns what it produced.
 
-    def _get_features(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        self._reply_with(p.U64(value=self.offered_features).encode())
-        return []
+    def _get_features(self, payload: p.Empty, fds: list[int]) -> Handled:
+        return Handled(reply=p.U64(value=self.offered_features))
 
-    def _set_features(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.U64)
+    def _set_features(self, payload: p.U64, fds: list[int]) -> Handled:
         extra = payload.value & ~self.offered_features
         if extra:
             raise FrontendProtocolError(f"features not offered: {', '.join(f.feature_names(extra))}")
@@ -369,29 +335,22 @@ class BackendConnection:
                 if not ring.enabled:
                     ring.enabled = True
                     out.append(ev.VringEnabled(index=ring.index, enabled=True))
-        return out
+        return Handled(events=tuple(out))
 
-    def _set_owner(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        return [ev.OwnerSet()]
+    def _set_owner(self, payload: p.Empty, fds: list[int]) -> Handled:
+        return Handled(events=(ev.OwnerSet(),))
 
-    def _stop(self, ring: RingStatus) -> ev.VringStopped:
-        ring.base = self.device.stop_vring(ring.index, base=ring.base)
-        ring.phase = RingPhase.STOPPED
-        return ev.VringStopped(index=ring.index, base=ring.base)
-
-    def _reset_owner(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
+    def _reset_owner(self, payload: p.Empty, fds: list[int]) -> Handled:
         out: list[ev.Event] = []
         for ring in self.rings:
-            if ring.phase is RingPhase.STARTED:
-                out.append(self._stop(ring))
+            out.extend(self._move_ring(ring, Request.RESET_OWNER))
             if ring.enabled:
                 ring.enabled = False
                 out.append(ev.VringEnabled(index=ring.index, enabled=False))
         out.append(ev.OwnerReset())
-        return out
+        return Handled(events=tuple(out))
 
-    def _set_mem_table(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.MemoryTable)
+    def _set_mem_table(self, payload: p.MemoryTable, fds: list[int]) -> Handled:
         regions = tuple(
             ev.MemoryRegion(
                 guest_phys_addr=r.guest_phys_addr,
@@ -404,10 +363,9 @@ class BackendConnection:
         )
         self.regions = list(payload.regions)
         fds.clear()
-        return [ev.MemoryTableSet(regions=regions)]
+        return Handled(events=(ev.MemoryTableSet(regions=regions),))
 
-    def _add_mem_reg(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.SingleMemoryRegion)
+    def _add_mem_reg(self, payload: p.SingleMemoryRegion, fds: list[int]) -> Handled:
         r = payload.region
         if len(self.regions) >= self.max_mem_slots:
             raise FrontendProtocolError(f"all {self.max_mem_slots} memory slots are in use")
@@ -424,10 +382,9 @@ class BackendConnection:
             mmap_offset=r.mmap_offset,
             fd=fds.pop(),
         )
-        return [ev.MemoryRegionAdded(region=region)]
+        return Handled(events=(ev.MemoryRegionAdded(region=region),))
 
-    def _rem_mem_reg(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.SingleMemoryRegion)
+    def _rem_mem_reg(self, payload: p.SingleMemoryRegion, fds: list[int]) -> Handled:
         r = payload.region
         # Spec: identified by guest address, user address and size; the mmap offset is ignored.
         key = (r.guest_phys_addr, r.user_addr, r.size)
@@ -435,157 +392,131 @@ class BackendConnection:
         if not match:
             raise FrontendProtocolError(f"no memory region at guest address {r.guest_phys_addr:#x}")
         self.regions.remove(match[0])
-        # Spec: an fd sent with REM_MEM_REG MUST be closed without being used.
-        self._close.extend(fds)
-        fds.clear()
-        if not self.regions:
-            self.state = ConnectionState.NEGOTIATED
-        return [ev.MemoryRegionRemoved(guest_phys_addr=r.guest_phys_addr, size=r.size, user_addr=r.user_addr)]
+        # Spec: an fd sent with REM_MEM_REG MUST be closed without being used: it stays in fds.
+        gone = ev.MemoryRegionRemoved(guest_phys_addr=r.guest_phys_addr, size=r.size, user_addr=r.user_addr)
+        return Handled(events=(gone,), trigger=None if self.regions else Trigger.MEMORY_EMPTIED)
 
-    def _set_log_base(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.LogDesc)
-        self._reply_with(p.U64(value=0).encode())
-        return [ev.LogBaseSet(mmap_size=payload.mmap_size, mmap_offset=payload.mmap_offset, fd=fds.pop())]
+    def _set_log_base(self, payload: p.LogDesc, fds: list[int]) -> Handled:
+        log = ev.LogBaseSet(mmap_size=payload.mmap_size, mmap_offset=payload.mmap_offset, fd=fds.pop())
+        return Handled(events=(log,), reply=p.U64(value=0))
 
-    def _set_log_fd(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        return [ev.LogFdSet(fd=fds.pop())]
+    def _set_log_fd(self, payload: p.Empty | p.U64, fds: list[int]) -> Handled:
+        return Handled(events=(ev.LogFdSet(fd=fds.pop()),))
 
-    def _set_vring_num(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.VringState)
+    def _set_vring_num(self, payload: p.VringState, fds: list[int]) -> Handled:
         num = payload.num
         if not 1 <= num <= self.max_queue_size:
             raise FrontendProtocolError(f"vring size {num} not in 1..{self.max_queue_size}")
         if not self._packed() and num & (num - 1):
             raise FrontendProtocolError(f"split vring size {num} is not a power of 2 (virtio 1.2 §2.7)")
         self.rings[payload.index].num = num
-        return [ev.VringNumSet(index=payload.index, num=num)]
+        return Handled(events=(ev.VringNumSet(index=payload.index, num=num),))
 
-    def _set_vring_addr(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.VringAddr)
+    def _set_vring_addr(self, payload: p.VringAddr, fds: list[int]) -> Handled:
         self.rings[payload.index].addr = payload
-        return [
-            ev.VringAddrSet(
-                index=payload.index,
-                flags=payload.flags,
-                desc_user_addr=payload.desc_user_addr,
-                used_user_addr=payload.used_user_addr,
-                avail_user_addr=payload.avail_user_addr,
-                log_guest_addr=payload.log_guest_addr,
-            )
-        ]
+        addr = ev.VringAddrSet(
+            index=payload.index,
+            flags=payload.flags,
+            desc_user_addr=payload.desc_user_addr,
+            used_user_addr=payload.used_user_addr,
+            avail_user_addr=payload.avail_user_addr,
+            log_guest_addr=payload.log_guest_addr,
+        )
+        return Handled(events=(addr,))
 
-    def _set_vring_base(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.VringState)
+    def _set_vring_base(self, payload: p.VringState, fds: list[int]) -> Handled:
         if not self._packed() and payload.num > 0xFFFF:
             raise FrontendProtocolError(f"split vring base {payload.num:#x} exceeds 16 bits")
         self.rings[payload.index].base = payload.num
-        return [ev.VringBaseSet(index=payload.index, base=payload.num)]
+        return Handled(events=(ev.VringBaseSet(index=payload.index, base=payload.num),))
 
-    def _get_vring_base(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.VringState)
+    def _get_vring_base(self, payload: p.VringState, fds: list[int]) -> Handled:
         ring = self.rings[payload.index]
-        out: list[ev.Event] = []
-        if ring.phase is RingPhase.STARTED:
-            out.append(self._stop(ring))
-        self._reply_with(p.VringState(index=ring.index, num=ring.base).encode())
-        return out
+        stopped = self._move_ring(ring, Request.GET_VRING_BASE)
+        return Handled(events=stopped, reply=p.VringState(index=ring.index, num=ring.base))
 
-    def _set_vring_fd(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.U64)
+    @staticmethod
+    def _vring_fd(payload: p.U64, fds: list[int]) -> int | None:
+        """The eventfd of SET_VRING_KICK/CALL/ERR, or None with bit 8 set ("no fd": poll instead)."""
+        return None if payload.value & VRING_NOFD_MASK else fds.pop()
+
+    def _set_vring_kick(self, payload: p.U64, fds: list[int]) -> Handled:
         ring = self.rings[payload.value & VRING_IDX_MASK]
-        fd = None if payload.value & VRING_NOFD_MASK else fds.pop()
-        req = Request(self._code)
-        if req is Request.SET_VRING_CALL:
-            return [ev.VringCallSet(index=ring.index, fd=fd)]
-        if req is Request.SET_VRING_ERR:
-            return [ev.VringErrSet(index=ring.index, fd=fd)]
-        if ring.phase is RingPhase.STARTED:
-            return [ev.VringKickSet(index=ring.index, fd=fd)]
-        if ring.num == 0 or ring.addr is None:
-            if fd is not None:
-                fds.append(fd)  # still ours: the error path closes it
-            raise FrontendProtocolError(
-                f"vring {ring.index} cannot start before SET_VRING_NUM and SET_VRING_ADDR"
-            )
-        ring.phase = RingPhase.STARTED
-        return [ev.VringKickSet(index=ring.index, fd=fd), ev.VringStarted(index=ring.index)]
+        started = self._move_ring(ring, Request.SET_VRING_KICK)  # spec: the ring starts on its kick fd
+        return Handled(events=(ev.VringKickSet(index=ring.index, fd=self._vring_fd(payload, fds)), *started))
 
-    def _get_protocol_features(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        self._reply_with(p.U64(value=self.offered_protocol_features).encode())
-        return []
+    def _set_vring_call(self, payload: p.U64, fds: list[int]) -> Handled:
+        index = payload.value & VRING_IDX_MASK
+        return Handled(events=(ev.VringCallSet(index=index, fd=self._vring_fd(payload, fds)),))
 
-    def _set_protocol_features(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.U64)
+    def _set_vring_err(self, payload: p.U64, fds: list[int]) -> Handled:
+        index = payload.value & VRING_IDX_MASK
+        return Handled(events=(ev.VringErrSet(index=index, fd=self._vring_fd(payload, fds)),))
+
+    def _get_protocol_features(self, payload: p.Empty, fds: list[int]) -> Handled:
+        return Handled(reply=p.U64(value=self.offered_protocol_features))
+
+    def _set_protocol_features(self, payload: p.U64, fds: list[int]) -> Handled:
         extra = payload.value & ~self.offered_protocol_features
         if extra:
             names = ", ".join(f.feature_names(extra, protocol=True))
             raise FrontendProtocolError(f"protocol features not offered: {names}")
         self.acked_protocol_features = payload.value
-        return [ev.ProtocolFeaturesSet(features=payload.value)]
+        return Handled(events=(ev.ProtocolFeaturesSet(features=payload.value),))
 
-    def _get_queue_num(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        self._reply_with(p.U64(value=self.queue_pairs).encode())
-        return []
+    def _get_queue_num(self, payload: p.Empty, fds: list[int]) -> Handled:
+        return Handled(reply=p.U64(value=self.queue_pairs))
 
-    def _set_vring_enable(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.VringState)
+    def _set_vring_enable(self, payload: p.VringState, fds: list[int]) -> Handled:
         if payload.num not in (0, 1):
             raise FrontendProtocolError(f"vring enable value {payload.num} is not 0 or 1")
         self.rings[payload.index].enabled = bool(payload.num)
-        return [ev.VringEnabled(index=payload.index, enabled=bool(payload.num))]
+        return Handled(events=(ev.VringEnabled(index=payload.index, enabled=bool(payload.num)),))
 
-    def _send_rarp(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.U64)
+    def _send_rarp(self, payload: p.U64, fds: list[int]) -> Handled:
         # Spec: "The first 6 bytes of the payload contain the mac address".
-        return [ev.RarpRequested(mac=struct.pack("=Q", payload.value)[:6])]
+        return Handled(events=(ev.RarpRequested(mac=struct.pack("=Q", payload.value)[:6]),))
 
-    def _net_set_mtu(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.U64)
+    def _net_set_mtu(self, payload: p.U64, fds: list[int]) -> Handled:
         # Spec: with REPLY_ACK the backend answers non-zero for an invalid MTU.
         if not MIN_MTU <= payload.value <= MAX_MTU:
             raise FrontendProtocolError(f"MTU {payload.value} not in {MIN_MTU}..{MAX_MTU}")
-        return [ev.MtuSet(mtu=payload.value)]
+        return Handled(events=(ev.MtuSet(mtu=payload.value),))
 
-    def _set_backend_req_fd(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        return [ev.BackendReqFdSet(fd=fds.pop())]
+    def _set_backend_req_fd(self, payload: p.Empty | p.U64, fds: list[int]) -> Handled:
+        return Handled(events=(ev.BackendReqFdSet(fd=fds.pop()),))
 
-    def _iotlb_msg(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.IotlbMsg)
-        self._reply_with(p.U64(value=0).encode())
-        return [
-            ev.IotlbMsgReceived(
-                iova=payload.iova,
-                size=payload.size,
-                user_addr=payload.user_addr,
-                perm=payload.perm,
-                type=payload.type,
-            )
-        ]
+    def _iotlb_msg(self, payload: p.IotlbMsg, fds: list[int]) -> Handled:
+        msg = ev.IotlbMsgReceived(
+            iova=payload.iova,
+            size=payload.size,
+            user_addr=payload.user_addr,
+            perm=payload.perm,
+            type=payload.type,
+        )
+        return Handled(events=(msg,), reply=p.U64(value=0))
 
-    def _set_vring_endian(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.VringState)
+    def _set_vring_endian(self, payload: p.VringState, fds: list[int]) -> Handled:
         if payload.num not in (0, 1):
             raise FrontendProtocolError(f"vring endianness {payload.num} is not 0 (little) or 1 (big)")
-        return [ev.VringEndianSet(index=payload.index, big_endian=bool(payload.num))]
+        return Handled(events=(ev.VringEndianSet(index=payload.index, big_endian=bool(payload.num)),))
 
-    def _get_config(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.ConfigSpace)
+    def _get_config(self, payload: p.ConfigSpace, fds: list[int]) -> Handled:
         data = self.device.read_config(payload.offset, payload.size)
         if data is None or len(data) != payload.size:
             raise FrontendProtocolError(
                 f"config range offset {payload.offset} size {payload.size} not readable"
             )
-        cfg = p.ConfigSpace(offset=payload.offset, size=payload.size, flags=payload.flags, payload=data)
-        self._reply_with(cfg.encode())
-        return []
+        return Handled(
+            reply=p.ConfigSpace(offset=payload.offset, size=payload.size, flags=payload.flags, payload=data)
+        )
 
-    def _set_config(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.ConfigSpace)
+    def _set_config(self, payload: p.ConfigSpace, fds: list[int]) -> Handled:
         migration = payload.flags == p.VHOST_SET_CONFIG_TYPE_MIGRATION
-        return [ev.ConfigSet(offset=payload.offset, data=payload.payload, migration=migration)]
+        config = ev.ConfigSet(offset=payload.offset, data=payload.payload, migration=migration)
+        return Handled(events=(config,))
 
-    def _get_inflight_fd(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.InflightDesc)
+    def _get_inflight_fd(self, payload: p.InflightDesc, fds: list[int]) -> Handled:
         buf = self.device.get_inflight_fd(num_queues=payload.num_queues, queue_size=payload.queue_size)
         if buf is None:
             raise FrontendProtocolError("the device has no inflight buffer to offer")
@@ -595,32 +526,76 @@ class BackendConnection:
             num_queues=payload.num_queues,
             queue_size=payload.queue_size,
         )
-        self._reply_with(desc.encode(), (buf.fd,))
-        return []
+        return Handled(reply=desc, reply_fds=(buf.fd,))
 
-    def _set_inflight_fd(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.InflightDesc)
-        return [
-            ev.InflightFdSet(
-                mmap_size=payload.mmap_size,
-                mmap_offset=payload.mmap_offset,
-                num_queues=payload.num_queues,
-                queue_size=payload.queue_size,
-                fd=fds.pop(),
-            )
-        ]
+    def _set_inflight_fd(self, payload: p.InflightDesc, fds: list[int]) -> Handled:
+        inflight = ev.InflightFdSet(
+            mmap_size=payload.mmap_size,
+            mmap_offset=payload.mmap_offset,
+            num_queues=payload.num_queues,
+            queue_size=payload.queue_size,
+            fd=fds.pop(),
+        )
+        return Handled(events=(inflight,))
 
-    def _get_max_mem_slots(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        self._reply_with(p.U64(value=self.max_mem_slots).encode())
-        return []
+    def _get_max_mem_slots(self, payload: p.Empty, fds: list[int]) -> Handled:
+        return Handled(reply=p.U64(value=self.max_mem_slots))
 
-    def _set_status(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        assert isinstance(payload, p.U64)
+    def _set_status(self, payload: p.U64, fds: list[int]) -> Handled:
         if payload.value > 0xFF:
             raise FrontendProtocolError(f"device status {payload.value:#x} exceeds 8 bits")
         self.driver_status = payload.value
-        return [ev.StatusSet(status=payload.value)]
+        return Handled(events=(ev.StatusSet(status=payload.value),))
 
-    def _get_status(self, payload: p.Payload, fds: list[int]) -> list[ev.Event]:
-        self._reply_with(p.U64(value=self.device.get_status(driver_status=self.driver_status)).encode())
-        return []
+    def _get_status(self, payload: p.Empty, fds: list[int]) -> Handled:
+        return Handled(reply=p.U64(value=self.device.get_status(driver_status=self.driver_status)))
+
+
+R = Request
+C = BackendConnection
+_EMPTY, _U64, _STATE = p.Empty.decode, p.U64.decode, p.VringState.decode
+
+
+def _route(
+    decode: Callable[[bytes], PayloadT], handler: Callable[[BackendConnection, PayloadT, list[int]], Handled]
+) -> Route[Any]:
+    # Solving PayloadT here, where nothing else gives it a type, is what makes mypy compare the two.
+    return Route(decode, handler)
+
+
+ROUTES: dict[Request, Route[Any]] = {
+    R.GET_FEATURES: _route(_EMPTY, C._get_features),
+    R.SET_FEATURES: _route(_U64, C._set_features),
+    R.SET_OWNER: _route(_EMPTY, C._set_owner),
+    R.RESET_OWNER: _route(_EMPTY, C._reset_owner),
+    R.SET_MEM_TABLE: _route(p.MemoryTable.decode, C._set_mem_table),
+    R.SET_LOG_BASE: _route(p.LogDesc.decode, C._set_log_base),
+    R.SET_LOG_FD: _route(empty_or_placeholder, C._set_log_fd),
+    R.SET_VRING_NUM: _route(_STATE, C._set_vring_num),
+    R.SET_VRING_ADDR: _route(p.VringAddr.decode, C._set_vring_addr),
+    R.SET_VRING_BASE: _route(_STATE, C._set_vring_base),
+    R.GET_VRING_BASE: _route(_STATE, C._get_vring_base),
+    R.SET_VRING_KICK: _route(_U64, C._set_vring_kick),
+    R.SET_VRING_CALL: _route(_U64, C._set_vring_call),
+    R.SET_VRING_ERR: _route(_U64, C._set_vring_err),
+    R.GET_PROTOCOL_FEATURES: _route(_EMPTY, C._get_protocol_features),
+    R.SET_PROTOCOL_FEATURES: _route(_U64, C._set_protocol_features),
+    R.GET_QUEUE_NUM: _route(_EMPTY, C._get_queue_num),
+    R.SET_VRING_ENABLE: _route(_STATE, C._set_vring_enable),
+    R.SEND_RARP: _route(_U64, C._send_rarp),
+    R.NET_SET_MTU: _route(_U64, C._net_set_mtu),
+    R.SET_BACKEND_REQ_FD: _route(empty_or_placeholder, C._set_backend_req_fd),
+    R.IOTLB_MSG: _route(p.IotlbMsg.decode, C._iotlb_msg),
+    R.SET_VRING_ENDIAN: _route(_STATE, C._set_vring_endian),
+    R.GET_CONFIG: _route(p.ConfigSpace.decode, C._get_config),
+    R.SET_CONFIG: _route(p.ConfigSpace.decode, C._set_config),
+    R.GET_INFLIGHT_FD: _route(p.InflightDesc.decode, C._get_inflight_fd),
+    R.SET_INFLIGHT_FD: _route(p.InflightDesc.decode, C._set_inflight_fd),
+    R.GET_MAX_MEM_SLOTS: _route(_EMPTY, C._get_max_mem_slots),
+    R.ADD_MEM_REG: _route(p.SingleMemoryRegion.decode, C._add_mem_reg),
+    R.REM_MEM_REG: _route(p.SingleMemoryRegion.decode, C._rem_mem_reg),
+    R.SET_STATUS: _route(_U64, C._set_status),
+    R.GET_STATUS: _route(_EMPTY, C._get_status),
+}
+"""The dispatch table: every request this backend supports (``state.SUPPORTED``), its payload
+type and its handler. A request absent here is refused as "not supported by this backend"."""

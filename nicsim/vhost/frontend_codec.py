@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 from nicsim.vhost import features as f
 from nicsim.vhost import payloads as p
-from nicsim.vhost.connection import Outgoing
 from nicsim.vhost.errors import BackendProtocolError, FrontendProtocolError, LocalProtocolError
 from nicsim.vhost.protocol import (
     FLAG_NEED_REPLY,
@@ -27,6 +26,7 @@ from nicsim.vhost.protocol import (
     VERSION,
     VERSION_MASK,
     VRING_NOFD_MASK,
+    Outgoing,
     ReplyKind,
     Request,
     encode_message,

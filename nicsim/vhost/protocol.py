@@ -5,7 +5,8 @@ message types" table (every one of them, so an unsupported request is refused *b
 ``BackendRequest`` numbers, the 12-byte header and its flags, the size limits, and ``SPECS``: for
 each request its payload layout, how many fds may come with it, and the shape of its reply, if the
 spec gives it one. ``decode_request`` turns a framed message into a typed payload, validating the
-syntax; ``encode_message`` is the inverse and is shared by both sides.
+syntax (``parse_request`` then ``extract_body``, which a dispatcher calls with its own payload type);
+``encode_message`` and ``Outgoing`` are the inverse and are shared by both sides.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import enum
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from nicsim.vhost import payloads as p
 from nicsim.vhost.errors import FrontendProtocolError
@@ -131,9 +133,10 @@ class ReplyKind(enum.Enum):
 
 
 Decoder = Callable[[bytes], p.Payload]
+PayloadT = TypeVar("PayloadT", bound=p.Payload)
 
 
-def _empty_or_placeholder(data: bytes) -> p.Payload:
+def empty_or_placeholder(data: bytes) -> p.Empty | p.U64:
     # QEMU sends these with no payload; some frontends send an ignored u64. Both are harmless.
     if len(data) == 8:
         return p.U64.decode(data)
@@ -161,7 +164,7 @@ SPECS: dict[Request, RequestSpec] = {
     Request.RESET_OWNER: RequestSpec(decode=_E),
     Request.SET_MEM_TABLE: RequestSpec(decode=p.MemoryTable.decode, fds=FdRule.PER_REGION),
     Request.SET_LOG_BASE: RequestSpec(decode=p.LogDesc.decode, fds=FdRule.ONE, reply=ReplyKind.U64),
-    Request.SET_LOG_FD: RequestSpec(decode=_empty_or_placeholder, fds=FdRule.ONE),
+    Request.SET_LOG_FD: RequestSpec(decode=empty_or_placeholder, fds=FdRule.ONE),
     Request.SET_VRING_NUM: RequestSpec(decode=_STATE),
     Request.SET_VRING_ADDR: RequestSpec(decode=p.VringAddr.decode),
     Request.SET_VRING_BASE: RequestSpec(decode=_STATE),
@@ -175,7 +178,7 @@ SPECS: dict[Request, RequestSpec] = {
     Request.SET_VRING_ENABLE: RequestSpec(decode=_STATE),
     Request.SEND_RARP: RequestSpec(decode=_U64),
     Request.NET_SET_MTU: RequestSpec(decode=_U64),
-    Request.SET_BACKEND_REQ_FD: RequestSpec(decode=_empty_or_placeholder, fds=FdRule.ONE),
+    Request.SET_BACKEND_REQ_FD: RequestSpec(decode=empty_or_placeholder, fds=FdRule.ONE),
     Request.IOTLB_MSG: RequestSpec(decode=p.IotlbMsg.decode, reply=ReplyKind.U64_ACK),
     Request.SET_VRING_ENDIAN: RequestSpec(decode=_STATE),
     Request.GET_CONFIG: RequestSpec(decode=p.ConfigSpace.decode, reply=ReplyKind.CONFIG),
@@ -219,6 +222,14 @@ class RawMessage:
         return request_name(self.code)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Outgoing:
+    """One message for one ``sendmsg``; ``fds`` (rare) stay their owner's: sending duplicates them."""
+
+    data: bytes
+    fds: tuple[int, ...] = ()
+
+
 def encode_message(code: int, payload: bytes = b"", *, flags: int = VERSION) -> bytes:
     """Header + payload, ready for one ``sendmsg``."""
     return HEADER.pack(code, flags, len(payload)) + payload
@@ -244,8 +255,8 @@ def check_fds(req: Request, payload: p.Payload, nfds: int) -> None:
         raise FrontendProtocolError(f"came with {nfds} fds, expected {expected} ({rule.value})")
 
 
-def decode_request(msg: RawMessage) -> tuple[Request, p.Payload]:
-    """Validate a request's header flags, payload syntax and fd count; return the typed payload.
+def parse_request(msg: RawMessage) -> Request:
+    """The request a message is, once its number and header flags are valid.
 
     Raises ``FrontendProtocolError`` (never fatal: the message was framed, so the stream survives)
     with ``request`` set.
@@ -255,17 +266,32 @@ def decode_request(msg: RawMessage) -> tuple[Request, p.Payload]:
         req = Request(msg.code)
     except ValueError:
         raise FrontendProtocolError("not a request number of the vhost-user spec", request=name) from None
+    if msg.flags & FLAG_REPLY:
+        raise FrontendProtocolError("REPLY flag set on a request (only replies carry it)", request=name)
+    if msg.flags & ~KNOWN_FLAGS:
+        raise FrontendProtocolError(f"unknown header flag bits {msg.flags & ~KNOWN_FLAGS:#x}", request=name)
+    return req
+
+
+def extract_body(req: Request, msg: RawMessage, decode: Callable[[bytes], PayloadT]) -> PayloadT:
+    """Decode ``req``'s payload with the layout its caller expects, and check its fd count.
+
+    As rust-vmm's ``extract_request_body::<T>``: whoever handles the body names its type here, so
+    decoder and handler cannot disagree. Raises ``FrontendProtocolError`` with ``request`` set.
+    """
     try:
-        if msg.flags & FLAG_REPLY:
-            raise FrontendProtocolError("REPLY flag set on a request (only replies carry it)")
-        if msg.flags & ~KNOWN_FLAGS:
-            raise FrontendProtocolError(f"unknown header flag bits {msg.flags & ~KNOWN_FLAGS:#x}")
-        payload = SPECS[req].decode(msg.payload)
+        payload = decode(msg.payload)
         # KICK/CALL/ERR: only bits 0-8 are defined (index and "no fd"); anything else is garbage.
         nofd_rule = SPECS[req].fds is FdRule.NOFD_BIT
         if nofd_rule and isinstance(payload, p.U64) and payload.value & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
             raise FrontendProtocolError(f"u64 {payload.value:#x} has bits above 8 set")
         check_fds(req, payload, len(msg.fds))
     except FrontendProtocolError as err:
-        raise FrontendProtocolError(err.reason, request=name) from None
-    return req, payload
+        raise FrontendProtocolError(err.reason, request=msg.name) from None
+    return payload
+
+
+def decode_request(msg: RawMessage) -> tuple[Request, p.Payload]:
+    """Validate a request's header flags, payload syntax (by ``SPECS``) and fd count."""
+    req = parse_request(msg)
+    return req, extract_body(req, msg, SPECS[req].decode)

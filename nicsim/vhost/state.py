@@ -6,6 +6,9 @@ maps each ``ConnectionState`` to the requests legal in it and the state each one
 is absent from the table for the current state is a protocol error; a request absent from every
 state is one this backend does not support at all. ``GATES`` adds what the spec makes a request
 depend on besides the state: a protocol feature negotiated, a virtio feature offered or acked.
+The tables are also what moves: the connection takes every new state and ring phase from
+``next_state`` / ``next_phase``, never sets one by hand. A ``Trigger`` is a move no request names
+(the last memory region removed, the connection closed), so it sits in the same table.
 
 The order QEMU 7.2 uses is the reference (``ENVIRONMENT.md``): queries and SET_PROTOCOL_FEATURES
 before SET_OWNER; SET_VRING_CALL/ERR/ENABLE right after SET_OWNER, before any features or memory;
@@ -20,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from nicsim.vhost import features as f
+from nicsim.vhost.errors import FrontendProtocolError
 from nicsim.vhost.protocol import Request as R
 
 
@@ -40,17 +44,24 @@ class RingPhase(enum.Enum):
     STARTED = "started"
 
 
+class Trigger(enum.Enum):
+    """A move of the connection state that is not a request (h11 keys its table by event type too)."""
+
+    MEMORY_EMPTIED = "the last memory region was removed"  # fired after the REM_MEM_REG that did it
+    CLOSED = "the connection was closed, or its stream could not be framed any more"
+
+
 S = ConnectionState
 _OPEN = (S.CONNECTED, S.OWNED, S.NEGOTIATED, S.READY)
 _OWNED = (S.OWNED, S.NEGOTIATED, S.READY)
 _NEGOTIATED = (S.NEGOTIATED, S.READY)
 _READY = (S.READY,)
 
-TRANSITIONS: dict[ConnectionState, dict[R, ConnectionState]] = {s: {} for s in ConnectionState}
+TRANSITIONS: dict[ConnectionState, dict[R | Trigger, ConnectionState]] = {s: {} for s in ConnectionState}
 
 
 def _allow(
-    requests: Iterable[R], states: Iterable[ConnectionState], to: ConnectionState | None = None
+    requests: Iterable[R | Trigger], states: Iterable[ConnectionState], to: ConnectionState | None = None
 ) -> None:
     for state in states:
         for req in requests:
@@ -76,13 +87,16 @@ _allow((R.GET_CONFIG, R.SET_CONFIG, R.SET_STATUS, R.GET_STATUS), _OWNED)
 _allow((R.SET_VRING_NUM, R.SET_VRING_BASE, R.GET_INFLIGHT_FD, R.SET_INFLIGHT_FD), _NEGOTIATED)
 _allow((R.SET_MEM_TABLE, R.ADD_MEM_REG), (S.NEGOTIATED,), S.READY)
 _allow((R.SET_MEM_TABLE, R.ADD_MEM_REG), _READY)
-# REM_MEM_REG of the last region leads back to NEGOTIATED (the connection handles that case).
+# REM_MEM_REG keeps READY while regions remain; without any, ring addresses cannot be translated.
 _allow((R.REM_MEM_REG,), _READY)
+_allow((Trigger.MEMORY_EMPTIED,), _READY, S.NEGOTIATED)
 # Ring addresses are frontend virtual addresses: they mean nothing until memory is known, and a
 # ring cannot start (SET_VRING_KICK) without them.
 _allow((R.SET_VRING_ADDR, R.SET_VRING_KICK, R.SET_LOG_BASE, R.IOTLB_MSG), _READY)
+# From CLOSED nothing moves: close() is idempotent by not asking again.
+_allow((Trigger.CLOSED,), _OPEN, S.CLOSED)
 
-SUPPORTED: frozenset[R] = frozenset(r for table in TRANSITIONS.values() for r in table)
+SUPPORTED: frozenset[R] = frozenset(r for table in TRANSITIONS.values() for r in table if isinstance(r, R))
 """Requests legal in at least one state; everything else is "not supported by this backend"."""
 
 P = RingPhase
@@ -97,6 +111,7 @@ RING_TRANSITIONS: dict[RingPhase, dict[R, RingPhase]] = {
         R.SET_VRING_ERR: P.STOPPED,
         R.SET_VRING_ENABLE: P.STOPPED,
         R.GET_VRING_BASE: P.STOPPED,
+        R.RESET_OWNER: P.STOPPED,
     },
     P.STARTED: {
         # Size, base and endianness of a running ring cannot change (kernel vhost: EBUSY);
@@ -107,9 +122,29 @@ RING_TRANSITIONS: dict[RingPhase, dict[R, RingPhase]] = {
         R.SET_VRING_ERR: P.STARTED,
         R.SET_VRING_ENABLE: P.STARTED,
         R.GET_VRING_BASE: P.STOPPED,  # spec: the ring stops on GET_VRING_BASE
+        R.RESET_OWNER: P.STOPPED,  # deprecated; it stops every ring (see EVERY_RING)
     },
 }
-RING_REQUESTS: frozenset[R] = frozenset(r for table in RING_TRANSITIONS.values() for r in table)
+EVERY_RING: frozenset[R] = frozenset({R.RESET_OWNER})
+"""Ring requests that move every ring at once; the others name one ring in their payload."""
+RING_REQUESTS: frozenset[R] = frozenset(r for table in RING_TRANSITIONS.values() for r in table) - EVERY_RING
+"""Requests that name one ring: legal only if that ring's phase has them in ``RING_TRANSITIONS``."""
+
+
+def next_state(state: ConnectionState, move: R | Trigger) -> ConnectionState:
+    """The state ``move`` leads to from ``state``; ``FrontendProtocolError`` if the table has none."""
+    nxt = TRANSITIONS[state].get(move)
+    if nxt is None:
+        raise FrontendProtocolError(f"not legal in state {state.name}")
+    return nxt
+
+
+def next_phase(phase: RingPhase, req: R, index: int) -> RingPhase:
+    """The phase ``req`` moves ring ``index`` to from ``phase``; ``FrontendProtocolError`` if none."""
+    nxt = RING_TRANSITIONS[phase].get(req)
+    if nxt is None:
+        raise FrontendProtocolError(f"not legal while vring {index} is {phase.value}")
+    return nxt
 
 
 @dataclass(frozen=True, kw_only=True)
