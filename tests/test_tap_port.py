@@ -288,6 +288,9 @@ async def test_rx_from_the_namespace_reaches_the_guest_with_the_kernels_header(t
             got: list[Any] = []
             async with asyncio.timeout(10):
                 while not got:
+                    # Yield: the port re-arms its fd watch through the loop, and the timeout needs it too
+                    # (when an IPv6 frame of the namespace's arrives first, a loop that never yields spins).
+                    await asyncio.sleep(0.01)
                     dev.poll_rx(0)
                     got = [c for c in rx.reap() if c.data and c.data[12 + 12 : 12 + 14] == b"\x08\x00"]
             data = got[0].data
