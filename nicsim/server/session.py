@@ -32,11 +32,12 @@ from typing import Any
 import numpy as np
 
 from nicsim.server.guestmem import MappedMemory, MappedRegion, MemoryMapError, close_fds
-from nicsim.server.inflight_fd import InflightError, InflightStore
+from nicsim.server.inflight_fd import InflightStore
 from nicsim.server.pump import RingPump
 from nicsim.vhost import BackendConnection, ConnectionState, InflightBuffer
 from nicsim.vhost import events as ev
 from nicsim.vhost import features as vf
+from nicsim.vhost.actions import InflightError
 from nicsim.virtio.device import DeviceStateError, VirtioNetDevice
 from rings.errors import RingsError
 from rings.layout import split_ring_sizes
