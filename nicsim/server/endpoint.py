@@ -21,7 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from nicsim.server.session import DEFAULT_MAX_QUEUE_SIZE, Session
+from nicsim.server.session import Session
+from nicsim.vhost.backend_core import DEFAULT_MAX_QUEUE_SIZE
 from nicsim.virtio.device import VirtioNetDevice
 
 log = logging.getLogger("nicsim.server")
