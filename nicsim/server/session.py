@@ -27,24 +27,10 @@ from typing import Any
 from nicsim.server.guestmem import MappedMemory, MappedRegion, MemoryMapError, close_fds
 from nicsim.server.inflight_fd import InflightStore
 from nicsim.server.pump import RingPump
+from nicsim.vhost import actions as act
 from nicsim.vhost import events as ev
-from nicsim.vhost.actions import (
-    Action,
-    AdoptInflight,
-    CloseFds,
-    InflightError,
-    MapMemoryRegion,
-    MapMemoryTable,
-    ReleaseInflight,
-    RingFd,
-    SetRingFd,
-    StartPump,
-    StopPump,
-    UnmapMemoryRegion,
-)
 from nicsim.vhost.backend_core import DEFAULT_MAC, DEFAULT_MAX_QUEUE_SIZE, BackendCore
 from nicsim.virtio.device import VirtioNetDevice
-from rings.memory import GuestMemory
 
 log = logging.getLogger("nicsim.server")
 
@@ -92,7 +78,7 @@ class Session:
         self._closed = self.loop.create_future()
         # Replaced inflight buffers whose fd is in a reply not yet written: closed once it is
         # (CVE-2020-10726: a repeated GET_INFLIGHT_FD leaks nothing).
-        self._retired: list[ReleaseInflight] = []
+        self._retired: list[act.ReleaseInflight] = []
         n = device.num_queues
         self.pumps = [RingPump(self.loop, device, i, after_tx=self._after_tx) for i in range(n)]
         self._wbuf: deque[tuple[bytes, tuple[int, ...]]] = deque()
@@ -176,42 +162,49 @@ class Session:
 
     # -- the core's actions -----------------------------------------------------------------------
 
-    def _carry_out(self, actions: list[Action]) -> None:
+    def _carry_out(self, actions: list[act.Action]) -> None:
         """Each action in order; what an answer to the core returns runs next."""
         todo = deque(actions)
         while todo:
             todo.extendleft(reversed(self._do(todo.popleft())))
 
-    def _do(self, action: Action) -> list[Action]:
+    def _do(self, action: act.Action) -> list[act.Action]:
         match action:
-            case StartPump():
+            case act.StartPump():
                 return self._pump(action, self.pumps[action.index].activate)
-            case StopPump():
+            case act.StopPump():
                 self.pumps[action.index].deactivate()
-            case SetRingFd():
-                pump = self.pumps[action.index]
-                setter = {RingFd.KICK: pump.set_kick, RingFd.CALL: pump.set_call, RingFd.ERR: pump.set_err}
-                return self._pump(action, lambda: setter[action.kind](action.fd))
-            case MapMemoryTable():
+            case act.SetRingFd():
+                return self._pump(action, lambda: self._set_ring_fd(action))
+            case act.MapMemoryTable():
                 return self._map_table(action)
-            case MapMemoryRegion():
+            case act.MapMemoryRegion():
                 return self._add_region(action)
-            case UnmapMemoryRegion():
+            case act.UnmapMemoryRegion():
                 return self.core.memory_mapped(action, self.memory.remove(action.key))
-            case AdoptInflight():
+            case act.AdoptInflight():
                 return self._adopt_inflight(action)
-            case ReleaseInflight():
+            case act.ReleaseInflight():
                 self._release_inflight(action)
-            case CloseFds():
+            case act.CloseFds():
                 close_fds(action.fds)
         return []
 
-    def _pump(self, action: Action, call: Callable[[], None]) -> list[Action]:
+    def _pump(self, action: act.Action, call: Callable[[], None]) -> list[act.Action]:
         try:
             call()
         except OSError as err:  # e.g. a kick "eventfd" the event loop cannot watch
             return self.core.action_failed(action, str(err))
         return []
+
+    def _set_ring_fd(self, action: act.SetRingFd) -> None:
+        pump = self.pumps[action.index]
+        if action.kind is act.RingFd.KICK:
+            pump.set_kick(action.fd)
+        elif action.kind is act.RingFd.CALL:
+            pump.set_call(action.fd)
+        else:
+            pump.set_err(action.fd)
 
     def _map(self, region: ev.MemoryRegion) -> MappedRegion:
         try:
@@ -222,7 +215,7 @@ class Session:
         finally:
             close_fds([region.fd])  # the mapping, if any, keeps the memory
 
-    def _map_table(self, action: MapMemoryTable) -> list[Action]:
+    def _map_table(self, action: act.MapMemoryTable) -> list[act.Action]:
         mapped: list[MappedRegion] = []
         try:
             for i, r in enumerate(action.regions):
@@ -238,33 +231,32 @@ class Session:
             return self.core.action_failed(action, str(err))
         return self.core.memory_mapped(action, memory)
 
-    def _add_region(self, action: MapMemoryRegion) -> list[Action]:
-        memory: GuestMemory | None = None
+    def _add_region(self, action: act.MapMemoryRegion) -> list[act.Action]:
         try:
             m = self._map(action.region)
-            try:
-                memory = self.memory.add(m)
-            except ValueError:  # it overlaps a region of the table
-                m.close()
-                raise
-        except (MemoryMapError, ValueError) as err:
+        except MemoryMapError as err:
+            return self.core.action_failed(action, str(err))
+        try:
+            memory = self.memory.add(m)
+        except ValueError as err:  # it overlaps a region of the table
+            m.close()
             return self.core.action_failed(action, str(err))
         return self.core.memory_mapped(action, memory)
 
-    def _adopt_inflight(self, action: AdoptInflight) -> list[Action]:
+    def _adopt_inflight(self, action: act.AdoptInflight) -> list[act.Action]:
         """SET_INFLIGHT_FD: map the buffer a frontend kept across our restart."""
         try:
             store = InflightStore.adopt(
                 action.fd, mmap_size=action.mmap_size, mmap_offset=action.mmap_offset,
                 num_queues=action.num_queues, queue_size=action.queue_size,
             )  # fmt: skip
-        except InflightError as err:
+        except act.InflightError as err:
             return self.core.action_failed(action, str(err))
         finally:
             close_fds([action.fd])  # the mapping, if any, keeps the buffer
         return self.core.inflight_adopted(action, store)
 
-    def _release_inflight(self, action: ReleaseInflight) -> None:
+    def _release_inflight(self, action: act.ReleaseInflight) -> None:
         fd = action.storage.fd
         if fd is not None and any(fd in fds for _, fds in self._wbuf):
             self._retired.append(action)  # its fd is in a reply not yet written

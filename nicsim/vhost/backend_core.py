@@ -124,9 +124,11 @@ class BackendCore:
         return out
 
     def data_to_send(self) -> list[Outgoing]:
+        """Replies to write, in request order (their fds stay the core's: never close them)."""
         return self.conn.data_to_send()
 
     def fds_to_close(self) -> list[int]:
+        """Fds of refused messages: the shell closes each one once."""
         return self.conn.fds_to_close()
 
     # -- what the shell reports back ----------------------------------------------------------------
