@@ -5,8 +5,9 @@ This module owns the I/O half of inflight tracking (the layout and the recovery 
 memfd of ``inflight_size(num_queues, queue_size)`` zero bytes, mapped shared); ``InflightStore.adopt`` maps
 the fd SET_INFLIGHT_FD brings back (after checking the fd really holds ``mmap_offset + mmap_size`` bytes,
 CVE-2020-10722's lesson: never trust a size/offset pair the frontend sends). ``InflightStore`` implements
-the device's ``InflightHooks``: heads popped from a TX avail ring are marked in flight; every batch returned
-on a used ring is linked before and cleared after ``push_used`` (vhost-user spec, "Inflight I/O tracking").
+the backend core's ``InflightStorage``, which includes the device's ``InflightHooks``: heads popped from
+a TX avail ring are marked in flight; every batch returned on a used ring is linked before and cleared
+after ``push_used`` (vhost-user spec, "Inflight I/O tracking").
 A store is closed exactly once: views are dropped before the mmap is closed, the memfd last.
 """
 
@@ -20,21 +21,10 @@ import stat
 import numpy as np
 import numpy.typing as npt
 
+from nicsim.vhost.actions import InflightError
 from rings.inflight import InflightRegion, Recovery, inflight_size
-from rings.memory import GuestMemory
 
 MAX_INFLIGHT_QUEUES = 256  # vhost-user ring indices are 8 bits (SET_VRING_KICK's u64, bits 0-7)
-
-
-class InflightError(Exception):
-    """The frontend's inflight request cannot be honoured. ``reason`` is a short key (``"size"``,
-    ``"queues"``, ``"fd"``, ``"mmap"``), ``num_queues`` / ``queue_size`` what it asked for."""
-
-    def __init__(self, message: str, *, reason: str, num_queues: int, queue_size: int) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.num_queues = num_queues
-        self.queue_size = queue_size
 
 
 class InflightStore:
@@ -158,7 +148,3 @@ def fcntl_seal(fd: int) -> None:
     with contextlib.suppress(OSError, AttributeError):
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
 
-
-def used_index(mem: GuestMemory, used_gpa: int) -> int:
-    """The ``idx`` of the used ring at ``used_gpa`` (virtio 1.2 §2.7.8: after the u16 flags)."""
-    return int(mem.view_as(used_gpa + 2, np.dtype("<u2"), 1)[0])

@@ -1,16 +1,15 @@
-"""The asyncio vhost-user server: sockets, SCM_RIGHTS, memory maps and eventfds around the I/O-free core.
+"""One vhost-user connection's I/O: the socket, SCM_RIGHTS, and the actions of the I/O-free backend core.
 
-This module owns the I/O of the backend and nothing else (aioquic's ``asyncio/protocol.py`` is the
-model). A ``Server`` has one ``Endpoint`` per socket path: it listens there (QEMU connects), or with
-``client=True`` connects with retry (QEMU listens, ``server=on``), and after a disconnect waits for the
-next connection. Each connection is a ``Session``: a :class:`~nicsim.vhost.BackendConnection` fed
-with the bytes and fds ``recvmsg`` returns, a fresh :class:`~nicsim.virtio.device.VirtioNetDevice` (one
-device per connection), the mapped guest memory (:mod:`nicsim.server.guestmem`) and one
-:class:`~nicsim.server.pump.RingPump` per ring. The session answers the connection's synchronous
-questions (``DeviceQueries``): GET_VRING_BASE stops the device queue and returns its index. A ring
-runs once it is started (SET_VRING_KICK), enabled and memory exists. Closing a session stops every
-queue (each guest buffer goes back on its used ring and its pool descriptor is freed), closes the
-pool, releases the memory views, unmaps, and closes every fd it was given; a second close is harmless.
+This module owns ``Session`` (aioquic's ``asyncio/protocol.py`` is the model): it reads the socket
+with ``recvmsg`` (at most one message per read, with its fds; a read whose control data was truncated
+closes every fd that came and the connection), feeds a
+:class:`~nicsim.vhost.backend_core.BackendCore` with it, carries out the actions the core returns
+with the guest memory mapping (:mod:`nicsim.server.guestmem`), one
+:class:`~nicsim.server.pump.RingPump` per ring and the inflight memfd
+(:mod:`nicsim.server.inflight_fd`), and writes the replies. Closing a session stops every queue (each
+guest buffer goes back on its used ring and its pool descriptor is freed), closes the pool, releases
+the memory views, unmaps, and closes every fd it was given; a second close is harmless. The endpoints
+that accept or make connections are :mod:`nicsim.server.endpoint`'s.
 """
 
 from __future__ import annotations
@@ -19,43 +18,29 @@ import asyncio
 import contextlib
 import enum
 import logging
-import os
 import socket
-import stat
 import struct
-import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from nicsim.server.guestmem import MappedMemory, MappedRegion, MemoryMapError, close_fds
-from nicsim.server.inflight_fd import InflightError, InflightStore
+from nicsim.server.inflight_fd import InflightStore
 from nicsim.server.pump import RingPump
-from nicsim.vhost import BackendConnection, ConnectionState, InflightBuffer
+from nicsim.vhost import actions as act
 from nicsim.vhost import events as ev
-from nicsim.vhost import features as vf
-from nicsim.virtio.device import DeviceStateError, VirtioNetDevice
-from rings.errors import RingsError
-from rings.layout import split_ring_sizes
-from rings.split import SplitQueue
+from nicsim.vhost.backend_core import DEFAULT_MAC, DEFAULT_MAX_QUEUE_SIZE, BackendCore
+from nicsim.virtio.device import VirtioNetDevice
 
 log = logging.getLogger("nicsim.server")
 
 MAX_FDS = 16  # more than any message carries (SET_MEM_TABLE: 8); extra ones are refused by the core
-DEFAULT_MAX_QUEUE_SIZE = 1024
-RETRY_INTERVAL = 0.2
 _UCRED = struct.Struct("3i")
 
 
 class SessionState(enum.Enum):
     OPEN = "open"
     CLOSED = "closed"
-
-
-DeviceFactory = Callable[[], VirtioNetDevice]
 
 
 def _peer_pid(sock: socket.socket) -> int | None:
@@ -66,13 +51,8 @@ def _peer_pid(sock: socket.socket) -> int | None:
     return pid or None
 
 
-def net_config(mac: bytes, *, status: int, pairs: int, mtu: int) -> bytes:
-    """virtio-net config space (virtio 1.2 §5.1.4): mac, status, max_virtqueue_pairs, mtu."""
-    return mac + struct.pack("<HHH", status, pairs, mtu)
-
-
 class Session:
-    """One vhost-user connection and the device it drives. Implements ``DeviceQueries``."""
+    """One vhost-user connection and the device it drives (through a ``BackendCore``)."""
 
     def __init__(
         self,
@@ -82,7 +62,7 @@ class Session:
         name: str = "session",
         max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
         on_closed: Callable[[Session], None] | None = None,
-        mac: bytes = b"\x52\x54\x00\x12\x34\x56",
+        mac: bytes = DEFAULT_MAC,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.sock = sock
@@ -92,23 +72,15 @@ class Session:
         self.peer_pid = _peer_pid(sock)
         self.memory = MappedMemory()
         self.final_snapshot: dict[str, Any] | None = None
-        self.errors: list[str] = []  # what the frontend did wrong, newest last (bounded)
+        self.core = BackendCore(device, create_inflight=InflightStore.create, max_queue_size=max_queue_size,
+                                mac=mac, name=name)  # fmt: skip
         self._on_closed = on_closed
         self._closed = self.loop.create_future()
-        self._config = net_config(mac, status=1, pairs=device.pairs, mtu=1500)
-        features = device.device_features() | vf.bit(vf.VHOST_USER_F_PROTOCOL_FEATURES)
-        self.conn = BackendConnection(
-            device=self, features=features, queue_pairs=device.pairs, max_queue_size=max_queue_size,
-            inflight_shmfd=True,
-        )
-        # VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD: the buffer, and memfds of replaced buffers whose
-        # GET_INFLIGHT_FD reply is still queued (closed once written: CVE-2020-10726, no leak).
-        self.inflight: InflightStore | None = None
-        self._retired: list[InflightStore] = []
+        # Replaced inflight buffers whose fd is in a reply not yet written: closed once it is
+        # (CVE-2020-10726: a repeated GET_INFLIGHT_FD leaks nothing).
+        self._retired: list[act.ReleaseInflight] = []
         n = device.num_queues
         self.pumps = [RingPump(self.loop, device, i, after_tx=self._after_tx) for i in range(n)]
-        self._started = [False] * n  # by the protocol (SET_VRING_KICK ... GET_VRING_BASE)
-        self._running = [False] * n  # the device queue exists
         self._wbuf: deque[tuple[bytes, tuple[int, ...]]] = deque()
         self._writing = False
         device.on_wakeup = self._on_wakeup
@@ -116,56 +88,16 @@ class Session:
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._on_readable)
 
-    # -- DeviceQueries ----------------------------------------------------------------------------
-
-    def stop_vring(self, index: int, *, base: int) -> int:
-        self.pumps[index].deactivate()
-        self._started[index] = False
-        if not self._running[index]:
-            return base
-        self._running[index] = False
-        try:
-            return self.device.stop_queue(index)
-        except (DeviceStateError, RingsError) as err:
-            self._note(f"ring {index}: stop failed: {err}")
-            return base
-
-    def read_config(self, offset: int, size: int) -> bytes | None:
-        if offset + size > len(self._config):
-            return None
-        return self._config[offset : offset + size]
-
-    def get_status(self, *, driver_status: int) -> int:
-        return driver_status
-
-    def get_inflight_fd(self, *, num_queues: int, queue_size: int) -> InflightBuffer | None:
-        """A fresh zeroed buffer; a repeated request replaces (and frees) the previous one."""
-        if any(self._running):
-            self._note("GET_INFLIGHT_FD refused: rings are running")
-            return None
-        try:
-            store = InflightStore.create(num_queues=num_queues, queue_size=queue_size)
-        except (InflightError, OSError) as err:
-            self._note(f"GET_INFLIGHT_FD refused: {err}")
-            return None
-        self._set_inflight(store)
-        assert store.fd is not None
-        return InflightBuffer(fd=store.fd, mmap_size=store.mmap_size)
-
-    def _set_inflight(self, store: InflightStore | None) -> None:
-        old, self.inflight = self.inflight, store
-        self.device.inflight = store
-        if old is not None:
-            if old.fd is not None and any(old.fd in fds for _, fds in self._wbuf):
-                self._retired.append(old)  # its fd is in a reply not yet written
-            else:
-                old.close()
+    @property
+    def errors(self) -> list[str]:
+        """What the frontend did wrong, newest last (bounded)."""
+        return self.core.errors
 
     # -- socket I/O -------------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
         try:
-            data, fds, flags, _ = socket.recv_fds(self.sock, self.conn.bytes_wanted, MAX_FDS)
+            data, fds, flags, _ = socket.recv_fds(self.sock, self.core.bytes_wanted, MAX_FDS)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as err:
@@ -176,8 +108,8 @@ class Session:
             # Some fds were dropped by the kernel: the message cannot be honoured as sent, and taking it
             # without them would act on a request the frontend never made (libvhost-user and DPDK drop
             # the connection on a truncated message too; CVE-2022-0669: every fd that came is closed).
-            self._note(f"control data truncated (more than {MAX_FDS} fds): closed the {len(fds)} that "
-                       "came and the connection")  # fmt: skip
+            self.core.note(f"control data truncated (more than {MAX_FDS} fds): closed the {len(fds)} "
+                           "that came and the connection")  # fmt: skip
             close_fds(fds)
             self.close()
             return
@@ -187,22 +119,20 @@ class Session:
             self.close()
             return
         try:
-            events = self.conn.receive_data(data, fds)
+            self._carry_out(self.core.receive_data(data, fds))
         except Exception:
             # A bug on our side, not the frontend's: drop this connection, keep the server serving.
-            log.exception("%s: protocol core failed; closing the connection", self.name)
+            log.exception("%s: backend core failed; closing the connection", self.name)
             self.close()
             return
-        for event in events:
-            self._apply(event)
         self._flush()
-        if self.conn.state is ConnectionState.CLOSED:
+        if self.core.closed:
             self.close()
 
     def _flush(self) -> None:
-        for out in self.conn.data_to_send():
+        for out in self.core.data_to_send():
             self._wbuf.append((out.data, out.fds))
-        close_fds(self.conn.fds_to_close())
+        close_fds(self.core.fds_to_close())
         self._write()
 
     def _write(self) -> None:
@@ -223,69 +153,58 @@ class Session:
                     self._writing = True
                 return
             self._wbuf.popleft()
-        for store in self._retired:
-            store.close()
+        for retired in self._retired:
+            retired.storage.close()
         self._retired.clear()
         if self._writing:
             self.loop.remove_writer(self.sock.fileno())
             self._writing = False
 
-    # -- events -----------------------------------------------------------------------------------
+    # -- the core's actions -----------------------------------------------------------------------
 
-    def _apply(self, event: ev.Event) -> None:
+    def _carry_out(self, actions: list[act.Action]) -> None:
+        """Each action in order; what an answer to the core returns runs next."""
+        todo = deque(actions)
+        while todo:
+            todo.extendleft(reversed(self._do(todo.popleft())))
+
+    def _do(self, action: act.Action) -> list[act.Action]:
+        match action:
+            case act.StartPump():
+                return self._pump(action, self.pumps[action.index].activate)
+            case act.StopPump():
+                self.pumps[action.index].deactivate()
+            case act.SetRingFd():
+                return self._pump(action, lambda: self._set_ring_fd(action))
+            case act.MapMemoryTable():
+                return self._map_table(action)
+            case act.MapMemoryRegion():
+                return self._add_region(action)
+            case act.UnmapMemoryRegion():
+                return self.core.memory_mapped(action, self.memory.remove(action.key))
+            case act.AdoptInflight():
+                return self._adopt_inflight(action)
+            case act.ReleaseInflight():
+                self._release_inflight(action)
+            case act.CloseFds():
+                close_fds(action.fds)
+        return []
+
+    def _pump(self, action: act.Action, call: Callable[[], None]) -> list[act.Action]:
         try:
-            self._dispatch(event)
-        except (MemoryMapError, DeviceStateError, RingsError, ValueError, OSError) as err:
-            self._note(f"{type(event).__name__}: {err}")
-            self.conn.reject(event, str(err))
+            call()
+        except OSError as err:  # e.g. a kick "eventfd" the event loop cannot watch
+            return self.core.action_failed(action, str(err))
+        return []
 
-    def _dispatch(self, event: ev.Event) -> None:
-        if isinstance(event, ev.ProtocolErrorOccurred):
-            self._note(f"{event.request} refused in state {event.state}: {event.reason}"
-                       + (" (fatal)" if event.fatal else ""))  # fmt: skip
-        elif isinstance(event, ev.FeaturesSet):
-            self.device.set_features(event.features & self.device.device_features())
-        elif isinstance(event, ev.MemoryTableSet):
-            self._set_table(event.regions)
-        elif isinstance(event, ev.MemoryRegionAdded):
-            self._add_region(event.region)
-        elif isinstance(event, ev.MemoryRegionRemoved):
-            self.device.set_memory(None)
-            key = (event.guest_phys_addr, event.user_addr, event.size)
-            self.device.set_memory(self.memory.remove(key))
-        elif isinstance(event, ev.VringKickSet):
-            self.pumps[event.index].set_kick(event.fd)
-        elif isinstance(event, ev.VringCallSet):
-            self.pumps[event.index].set_call(event.fd)
-        elif isinstance(event, ev.VringErrSet):
-            self.pumps[event.index].set_err(event.fd)
-        elif isinstance(event, ev.VringStarted):
-            self._started[event.index] = True
-            self._sync(event.index)
-        elif isinstance(event, ev.VringEnabled):
-            self._sync(event.index)
-        elif isinstance(event, ev.InflightFdSet):
-            self._adopt_inflight(event)
-        elif isinstance(event, ev.LogBaseSet | ev.LogFdSet | ev.BackendReqFdSet):
-            close_fds([event.fd])  # features we never offer; the fd is ours to close
-            self._note(f"{type(event).__name__} ignored: not offered")
-
-    def _adopt_inflight(self, event: ev.InflightFdSet) -> None:
-        """SET_INFLIGHT_FD: map the buffer a frontend kept across our restart; rings started from now
-        on resubmit what it says was in flight."""
-        try:
-            if any(self._running):
-                raise InflightError("SET_INFLIGHT_FD while rings are running", reason="state",
-                                    num_queues=event.num_queues, queue_size=event.queue_size)  # fmt: skip
-            store = InflightStore.adopt(
-                event.fd, mmap_size=event.mmap_size, mmap_offset=event.mmap_offset,
-                num_queues=event.num_queues, queue_size=event.queue_size,
-            )  # fmt: skip
-        except InflightError as err:
-            raise ValueError(str(err)) from err
-        finally:
-            close_fds([event.fd])  # the mapping, if any, keeps the buffer
-        self._set_inflight(store)
+    def _set_ring_fd(self, action: act.SetRingFd) -> None:
+        pump = self.pumps[action.index]
+        if action.kind is act.RingFd.KICK:
+            pump.set_kick(action.fd)
+        elif action.kind is act.RingFd.CALL:
+            pump.set_call(action.fd)
+        else:
+            pump.set_err(action.fd)
 
     def _map(self, region: ev.MemoryRegion) -> MappedRegion:
         try:
@@ -296,72 +215,55 @@ class Session:
         finally:
             close_fds([region.fd])  # the mapping, if any, keeps the memory
 
-    def _set_table(self, regions: Sequence[ev.MemoryRegion]) -> None:
+    def _map_table(self, action: act.MapMemoryTable) -> list[act.Action]:
         mapped: list[MappedRegion] = []
         try:
-            for i, r in enumerate(regions):
+            for i, r in enumerate(action.regions):
                 try:
                     mapped.append(self._map(r))
                 except MemoryMapError:
-                    close_fds(x.fd for x in regions[i + 1 :])
+                    close_fds(x.fd for x in action.regions[i + 1 :])
                     raise
-        except MemoryMapError:
+            memory = self.memory.replace(mapped)
+        except (MemoryMapError, ValueError) as err:  # ValueError: regions overlap in user addresses
             for m in mapped:
                 m.close()
-            raise
-        # The device lets go of the old table before it is released and unmapped.
-        self.device.set_memory(None)
-        try:
-            self.device.set_memory(self.memory.replace(mapped))
-        finally:
-            for i in range(self.device.num_queues):
-                self._sync(i)
+            return self.core.action_failed(action, str(err))
+        return self.core.memory_mapped(action, memory)
 
-    def _add_region(self, region: ev.MemoryRegion) -> None:
-        m = self._map(region)
-        self.device.set_memory(None)
+    def _add_region(self, action: act.MapMemoryRegion) -> list[act.Action]:
         try:
-            self.device.set_memory(self.memory.add(m))
-        except ValueError:
+            m = self._map(action.region)
+        except MemoryMapError as err:
+            return self.core.action_failed(action, str(err))
+        try:
+            memory = self.memory.add(m)
+        except ValueError as err:  # it overlaps a region of the table
             m.close()
-            self.device.set_memory(self.memory.memory)
-            raise
-        for i in range(self.device.num_queues):
-            self._sync(i)
+            return self.core.action_failed(action, str(err))
+        return self.core.memory_mapped(action, memory)
 
-    def _sync(self, index: int) -> None:
-        """Bring the device queue and the pump in line with started / enabled / memory."""
-        ring = self.conn.rings[index]
-        mem = self.memory.memory
-        if self._started[index] and not self._running[index] and mem is not None:
-            assert ring.addr is not None
-            dsize, asize, usize = split_ring_sizes(ring.num)
-            a = ring.addr
-            used = mem.uva_to_gpa(a.used_user_addr, usize)
-            # Start from the used index the ring holds (libvhost-user does the same): after a stop
-            # every chain was returned, so it equals the base; after a driver reset both are 0.
-            used_idx = int(mem.view_as(used + 2, np.dtype("<u2"), 1)[0])
-            last_avail, resubmit = ring.base & 0xFFFF, np.zeros(0, np.uint16)
-            if self.inflight is not None and self.inflight.tracks(index, ring.num):
-                # vhost-user spec "Inflight I/O tracking", when reconnecting: heads the previous
-                # backend took and never returned are processed again, the avail ring resumes after.
-                rec = self.inflight.recover(index, used_idx)
-                if not rec.fresh:
-                    last_avail, resubmit = rec.last_avail_idx, rec.resubmit
-                    if resubmit.shape[0]:
-                        log.info("%s: ring %d: resubmitting %d chains in flight at the last disconnect",
-                                 self.name, index, resubmit.shape[0])  # fmt: skip
-            q = SplitQueue(
-                index=index, size=ring.num, desc_addr=mem.uva_to_gpa(a.desc_user_addr, dsize),
-                avail_addr=mem.uva_to_gpa(a.avail_user_addr, asize), used_addr=used,
-                last_avail_idx=last_avail, used_idx=used_idx,
+    def _adopt_inflight(self, action: act.AdoptInflight) -> list[act.Action]:
+        """SET_INFLIGHT_FD: map the buffer a frontend kept across our restart."""
+        try:
+            store = InflightStore.adopt(
+                action.fd, mmap_size=action.mmap_size, mmap_offset=action.mmap_offset,
+                num_queues=action.num_queues, queue_size=action.queue_size,
             )  # fmt: skip
-            self.device.start_queue(index, q, resubmit=resubmit)
-            self._running[index] = True
-        if self._running[index] and ring.enabled and mem is not None:
-            self.pumps[index].activate()
+        except act.InflightError as err:
+            return self.core.action_failed(action, str(err))
+        finally:
+            close_fds([action.fd])  # the mapping, if any, keeps the buffer
+        return self.core.inflight_adopted(action, store)
+
+    def _release_inflight(self, action: act.ReleaseInflight) -> None:
+        fd = action.storage.fd
+        if fd is not None and any(fd in fds for _, fds in self._wbuf):
+            self._retired.append(action)  # its fd is in a reply not yet written
         else:
-            self.pumps[index].deactivate()
+            action.storage.close()
+
+    # -- pumps ------------------------------------------------------------------------------------
 
     def _on_wakeup(self, index: int) -> None:
         if self.state is SessionState.OPEN:
@@ -370,11 +272,6 @@ class Session:
     def _after_tx(self, pair: int) -> None:
         if self.device.rx_backlog(pair):
             self.pumps[2 * pair].wake()
-
-    def _note(self, message: str) -> None:
-        log.warning("%s: %s", self.name, message)
-        self.errors.append(message)
-        del self.errors[:-50]
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -386,7 +283,7 @@ class Session:
             return self.final_snapshot
         snap = self.device.snapshot()
         snap["pumps"] = [p.snapshot() for p in self.pumps]
-        snap["requests"] = list(self.conn.request_log)
+        snap["requests"] = self.core.requests
         return snap
 
     def close(self) -> None:
@@ -399,262 +296,18 @@ class Session:
                 self.loop.remove_reader(self.sock.fileno())
                 if self._writing:
                     self.loop.remove_writer(self.sock.fileno())
-            for i, pump in enumerate(self.pumps):
-                pump.deactivate()
-                if self._running[i]:
-                    self._running[i] = False
-                    try:
-                        self.device.stop_queue(i)
-                    except (DeviceStateError, RingsError) as err:
-                        log.error("%s: ring %d: stop failed: %s", self.name, i, err)
-            self.final_snapshot = self.device.snapshot()
-            self.final_snapshot["pumps"] = [p.snapshot() for p in self.pumps]
-            self.final_snapshot["requests"] = list(self.conn.request_log)
-            try:
-                self.device.shutdown()
-            except Exception:
-                log.exception("%s: device shutdown failed", self.name)
+            self._carry_out(self.core.stop_rings())
+            self.final_snapshot = self.snapshot()
         finally:
             for pump in self.pumps:
                 pump.close()
-            self._set_inflight(None)
-            for store in self._retired:
-                store.close()
+            self._carry_out(self.core.close())
+            for retired in self._retired:
+                retired.storage.close()
             self._retired.clear()
-            self.device.set_memory(None)
             self.memory.close()
-            self.conn.close()
-            close_fds(self.conn.fds_to_close())
             self.sock.close()
             if not self._closed.done():
                 self._closed.set_result(None)
             if self._on_closed is not None:
                 self._on_closed(self)
-
-
-class Endpoint:
-    """One socket path: listens (or connects, ``client=True``) and runs one session at a time."""
-
-    def __init__(
-        self, path: Path, make_device: DeviceFactory, *, client: bool = False,
-        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE, retry_interval: float = RETRY_INTERVAL,
-    ) -> None:  # fmt: skip
-        self.path = Path(path)
-        self.make_device = make_device
-        self.client = client
-        self.max_queue_size = max_queue_size
-        self.retry_interval = retry_interval
-        self.session: Session | None = None
-        self.last: Session | None = None
-        self.connections = 0
-        self._listener: socket.socket | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
-        self._session_changed = asyncio.Event()
-
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self.client:
-            self._task = loop.create_task(self._connect_loop())
-            return
-        _remove_stale_socket(self.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # The socket hands out guest memory: only our user may connect (0600 from the first moment,
-        # hence the umask around bind rather than a chmod after it).
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(str(self.path))
-            os.umask(old_umask)
-            sock.listen(4)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        finally:
-            os.umask(old_umask)
-        self._listener = sock
-        loop.add_reader(sock.fileno(), self._on_accept)
-
-    def _on_accept(self) -> None:
-        assert self._listener is not None
-        try:
-            conn, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as err:
-            log.warning("%s: accept failed: %s", self.path, err)
-            return
-        if self.session is not None:
-            log.warning("%s: refused a second frontend while one is connected", self.path)
-            conn.close()
-            return
-        self._start_session(conn)
-
-    def _start_session(self, conn: socket.socket) -> None:
-        self.connections += 1
-        device = None
-        try:
-            device = self.make_device()
-            self.session = Session(
-                conn, device, name=f"{self.path.name}#{self.connections}",
-                max_queue_size=self.max_queue_size, on_closed=self._session_closed,
-            )  # fmt: skip
-        except BaseException:
-            if device is not None:
-                device.shutdown()
-            conn.close()
-            raise
-        log.info("%s: frontend connected (pid %s)", self.path, self.session.peer_pid)
-        self._session_changed.set()
-
-    def _session_closed(self, session: Session) -> None:
-        if self.session is session:
-            self.session = None
-        self.last = session
-        self._session_changed.set()
-
-    async def _connect_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not self._closed:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            try:
-                await loop.sock_connect(sock, str(self.path))
-            except (FileNotFoundError, ConnectionRefusedError, OSError):
-                sock.close()
-                await asyncio.sleep(self.retry_interval)
-                continue
-            except BaseException:
-                sock.close()
-                raise
-            self._start_session(sock)
-            assert self.session is not None
-            await self.session.wait_closed()
-
-    async def wait_session(self, *, connections: int = 1) -> Session:
-        """Wait until the ``connections``-th frontend is connected (for tests and tools)."""
-        while True:
-            if self.connections >= connections and self.session is not None:
-                return self.session
-            self._session_changed.clear()
-            await self._session_changed.wait()
-
-    async def wait_idle(self) -> None:
-        """Wait until no frontend is connected."""
-        while self.session is not None:
-            self._session_changed.clear()
-            await self._session_changed.wait()
-
-    def snapshot(self) -> dict[str, Any]:
-        sess = self.session or self.last
-        snap: dict[str, Any] = sess.snapshot() if sess is not None else {"queues": [], "drops_total": 0}
-        snap = dict(snap)
-        snap.setdefault("pool", {"usage": 0, "high_water": 0, "capacity": 0})
-        snap.update(path=str(self.path), connected=self.session is not None, connections=self.connections)
-        return snap
-
-    async def close(self) -> None:
-        """Stop accepting, close the current session, remove the socket file. Idempotent."""
-        self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._listener is not None:
-            with contextlib.suppress(ValueError, OSError):
-                asyncio.get_running_loop().remove_reader(self._listener.fileno())
-            self._listener.close()
-            self._listener = None
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-        if self.session is not None:
-            self.session.close()
-
-
-class SocketPathError(FileExistsError):
-    """The socket path cannot be used: ``reason`` is ``"in_use"`` (a live server listens there) or
-    ``"not_a_socket"`` (a file of another kind, never removed). ``path`` is the path."""
-
-    def __init__(self, path: Path, reason: str, message: str) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
-        self.reason = reason
-
-
-def _remove_stale_socket(path: Path) -> None:
-    """Unlink a socket file nobody listens on (left by a killed server); refuse one still in use."""
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise SocketPathError(path, "not_a_socket", "exists and is not a socket; not removing it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except ConnectionRefusedError:
-        # Nobody listens: a killed server's leftover. Unlink only that same file (not one a
-        # concurrently starting server just bound in its place).
-        with contextlib.suppress(FileNotFoundError):
-            if path.lstat().st_ino == st.st_ino:
-                path.unlink()
-        return
-    except OSError as err:
-        raise SocketPathError(path, "unusable", f"cannot probe the existing socket ({err})") from err
-    finally:
-        probe.close()
-    raise SocketPathError(path, "in_use", "another backend is listening on it")
-
-
-class Server:
-    """Serves a vhost-user virtio-net device on each of ``paths`` (``make_device``: one per connection)."""
-
-    def __init__(
-        self, paths: Sequence[str | Path], make_device: DeviceFactory, *, client: bool = False,
-        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE, retry_interval: float = RETRY_INTERVAL,
-    ) -> None:  # fmt: skip
-        if not paths:
-            raise ValueError("the server needs at least one socket path")
-        self.endpoints = [
-            Endpoint(Path(p), make_device, client=client, max_queue_size=max_queue_size,
-                     retry_interval=retry_interval)
-            for p in paths
-        ]  # fmt: skip
-        self.started_at = time.monotonic()
-        self._started = False
-        self._closed = False
-
-    async def start(self) -> None:
-        if self._started:
-            return
-        self._started = True
-        try:
-            for ep in self.endpoints:
-                await ep.start()
-        except BaseException:
-            await self.close()
-            raise
-
-    async def __aenter__(self) -> Server:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    def snapshot(self) -> dict[str, Any]:
-        """JSON-ready: the first endpoint's device stats at top level, every endpoint under ``sockets``."""
-        eps = [ep.snapshot() for ep in self.endpoints]
-        out = {k: v for k, v in eps[0].items() if k not in ("path", "connected", "connections")}
-        out["uptime"] = round(time.monotonic() - self.started_at, 3)
-        out["sockets"] = eps
-        return out
-
-    async def close(self) -> None:
-        """Close every endpoint (sessions included); idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        for ep in self.endpoints:
-            await ep.close()

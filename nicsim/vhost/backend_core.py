@@ -1,0 +1,334 @@
+"""The backend core, I/O-free: applies vhost-user events to guest memory and the virtio-net device.
+
+This module owns ``BackendCore``, the role rust-vmm's vhost-user-backend ``handler.rs`` plays: it feeds
+a :class:`~nicsim.vhost.BackendConnection` the bytes and fds the shell received, answers the
+connection's device queries (``DeviceQueries``: GET_VRING_BASE stops the device queue and reports its
+index; GET_CONFIG, GET_STATUS, GET_INFLIGHT_FD), applies each event to the
+:class:`~nicsim.virtio.device.VirtioNetDevice` (features, memory table, inflight buffer) and brings
+rings up: a ring's device queue starts once the protocol started it (SET_VRING_KICK) and memory
+exists, at the addresses translated from the frontend's, from the used index in guest memory and what
+the inflight buffer says was in flight; its pump runs while it is also enabled. It opens, maps and
+closes nothing and knows no event loop: what needs the operating system is returned as
+:mod:`nicsim.vhost.actions` for the shell to carry out, and the shell hands back what it made
+(``memory_mapped``, ``inflight_adopted``) or reports that it could not (``action_failed``).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from nicsim.vhost import events as ev
+from nicsim.vhost import features as vf
+from nicsim.vhost.actions import (
+    Action,
+    AdoptInflight,
+    CloseFds,
+    InflightError,
+    InflightFactory,
+    InflightStorage,
+    MapMemoryRegion,
+    MapMemoryTable,
+    ReleaseInflight,
+    RingFd,
+    SetRingFd,
+    StartPump,
+    StopPump,
+    UnmapMemoryRegion,
+)
+from nicsim.vhost.connection import BackendConnection, Outgoing, RingStatus
+from nicsim.vhost.queries import InflightBuffer
+from nicsim.vhost.state import ConnectionState
+from nicsim.virtio.device import DeviceStateError, VirtioNetDevice
+from rings.errors import RingsError
+from rings.layout import split_ring_sizes
+from rings.memory import GuestMemory
+from rings.split import SplitQueue
+
+log = logging.getLogger("nicsim.vhost.backend")
+
+DEFAULT_MAX_QUEUE_SIZE = 1024
+DEFAULT_MAC = b"\x52\x54\x00\x12\x34\x56"
+MAX_ERRORS = 50  # BackendCore.errors keeps the newest
+_MEMORY_ACTIONS = (MapMemoryTable, MapMemoryRegion, UnmapMemoryRegion)
+_RING_FDS = {ev.VringKickSet: RingFd.KICK, ev.VringCallSet: RingFd.CALL, ev.VringErrSet: RingFd.ERR}
+
+
+def net_config(mac: bytes, *, status: int, pairs: int, mtu: int) -> bytes:
+    """virtio-net config space (virtio 1.2 §5.1.4): mac, status, max_virtqueue_pairs, mtu."""
+    return mac + struct.pack("<HHH", status, pairs, mtu)
+
+
+class BackendCore:
+    """One connection's protocol state applied to one device. Implements ``DeviceQueries``.
+
+    ``create_inflight`` makes the buffer GET_INFLIGHT_FD hands out (the shell's memfd). ``name`` prefixes
+    what is logged. ``errors`` lists what the frontend did wrong, newest last (bounded).
+    """
+
+    def __init__(
+        self,
+        device: VirtioNetDevice,
+        *,
+        create_inflight: InflightFactory,
+        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+        mac: bytes = DEFAULT_MAC,
+        name: str = "backend",
+    ) -> None:
+        self.device = device
+        self.name = name
+        self.errors: list[str] = []
+        self._create_inflight = create_inflight
+        self._config = net_config(mac, status=1, pairs=device.pairs, mtu=1500)
+        features = device.device_features() | vf.bit(vf.VHOST_USER_F_PROTOCOL_FEATURES)
+        self.conn = BackendConnection(
+            device=self, features=features, queue_pairs=device.pairs, max_queue_size=max_queue_size,
+            inflight_shmfd=True,
+        )  # fmt: skip
+        self.memory: GuestMemory | None = None  # the table the shell mapped last
+        self.inflight: InflightStorage | None = None
+        n = device.num_queues
+        self._started = [False] * n  # by the protocol (SET_VRING_KICK ... GET_VRING_BASE)
+        self._running = [False] * n  # the device queue exists
+        # What the queries did while the connection parsed a message, returned ahead of its events.
+        self._query_actions: list[Action] = []
+
+    # -- bytes in, actions and replies out --------------------------------------------------------
+
+    @property
+    def bytes_wanted(self) -> int:
+        """Read at most this many bytes next (the rest of one header or one message)."""
+        return self.conn.bytes_wanted
+
+    @property
+    def closed(self) -> bool:
+        """The stream is broken (or ``close`` was called): drop the connection."""
+        return self.conn.state is ConnectionState.CLOSED
+
+    @property
+    def requests(self) -> list[str]:
+        """The names of the latest requests, oldest first."""
+        return list(self.conn.request_log)
+
+    def receive_data(self, data: bytes, fds: Sequence[int] = ()) -> list[Action]:
+        """Feed what one ``recvmsg`` returned; return what the shell must do, in order. Carry the
+        actions out (answering those that ask) before the next ``data_to_send``."""
+        events = self.conn.receive_data(data, fds)
+        out, self._query_actions = self._query_actions, []
+        for event in events:
+            out.extend(self._apply(event))
+        return out
+
+    def data_to_send(self) -> list[Outgoing]:
+        """Replies to write, in request order (their fds stay the core's: never close them)."""
+        return self.conn.data_to_send()
+
+    def fds_to_close(self) -> list[int]:
+        """Fds of refused messages: the shell closes each one once."""
+        return self.conn.fds_to_close()
+
+    # -- what the shell reports back ----------------------------------------------------------------
+
+    def memory_mapped(self, action: Action, memory: GuestMemory | None) -> list[Action]:
+        """The shell carried out a memory action: ``memory`` is the table now (None: no region)."""
+        self.memory = memory
+        self.device.set_memory(memory)
+        if isinstance(action, UnmapMemoryRegion):
+            return []  # less memory cannot let a ring start
+        return self._sync_rings(action.cause, range(self.device.num_queues))
+
+    def inflight_adopted(self, action: AdoptInflight, storage: InflightStorage) -> list[Action]:
+        """SET_INFLIGHT_FD's buffer is mapped: rings started from now on resubmit what it says."""
+        return self._set_inflight(storage)
+
+    def action_failed(self, action: Action, reason: str) -> list[Action]:
+        """The shell could not carry ``action`` out: refuse the event it served."""
+        if isinstance(action, _MEMORY_ACTIONS):
+            self.device.set_memory(self.memory)  # the table did not change
+        if action.cause is None:
+            self.note(reason)
+        else:
+            self._refuse(action.cause, reason)
+        return []
+
+    def note(self, message: str) -> None:
+        """Record (and log) something the frontend did wrong."""
+        log.warning("%s: %s", self.name, message)
+        self.errors.append(message)
+        del self.errors[:-MAX_ERRORS]
+
+    # -- DeviceQueries ----------------------------------------------------------------------------
+
+    def stop_vring(self, index: int, *, base: int) -> int:
+        self._query_actions.append(StopPump(index=index))
+        self._started[index] = False
+        if not self._running[index]:
+            return base
+        self._running[index] = False
+        try:
+            return self.device.stop_queue(index)
+        except (DeviceStateError, RingsError) as err:
+            self.note(f"ring {index}: stop failed: {err}")
+            return base
+
+    def read_config(self, offset: int, size: int) -> bytes | None:
+        if offset + size > len(self._config):
+            return None
+        return self._config[offset : offset + size]
+
+    def get_status(self, *, driver_status: int) -> int:
+        return driver_status
+
+    def get_inflight_fd(self, *, num_queues: int, queue_size: int) -> InflightBuffer | None:
+        """A fresh zeroed buffer; a repeated request replaces (and frees) the previous one."""
+        if any(self._running):
+            self.note("GET_INFLIGHT_FD refused: rings are running")
+            return None
+        try:
+            storage = self._create_inflight(num_queues=num_queues, queue_size=queue_size)
+        except (InflightError, OSError) as err:
+            self.note(f"GET_INFLIGHT_FD refused: {err}")
+            return None
+        self._query_actions.extend(self._set_inflight(storage))
+        assert storage.fd is not None
+        return InflightBuffer(fd=storage.fd, mmap_size=storage.mmap_size)
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def _apply(self, event: ev.Event) -> list[Action]:
+        match event:
+            case ev.ProtocolErrorOccurred():
+                self.note(f"{event.request} refused in state {event.state}: {event.reason}"
+                          + (" (fatal)" if event.fatal else ""))  # fmt: skip
+            case ev.FeaturesSet():
+                try:
+                    self.device.set_features(event.features & self.device.device_features())
+                except (DeviceStateError, OSError) as err:  # OSError: the port refused (a tap's ioctl)
+                    self._refuse(event, str(err))
+            case ev.MemoryTableSet():
+                self.device.set_memory(None)  # the device lets go of the old table before it is unmapped
+                return [MapMemoryTable(cause=event, regions=event.regions)]
+            case ev.MemoryRegionAdded():
+                self.device.set_memory(None)
+                return [MapMemoryRegion(cause=event, region=event.region)]
+            case ev.MemoryRegionRemoved():
+                self.device.set_memory(None)
+                key = (event.guest_phys_addr, event.user_addr, event.size)
+                return [UnmapMemoryRegion(cause=event, key=key)]
+            case ev.VringKickSet() | ev.VringCallSet() | ev.VringErrSet():
+                return [SetRingFd(cause=event, index=event.index, kind=_RING_FDS[type(event)], fd=event.fd)]
+            case ev.VringStarted():
+                self._started[event.index] = True
+                return self._sync_rings(event, [event.index])
+            case ev.VringEnabled():
+                return self._sync_rings(event, [event.index])
+            case ev.InflightFdSet():
+                return self._adopt_inflight(event)
+            case ev.LogBaseSet() | ev.LogFdSet() | ev.BackendReqFdSet():
+                self.note(f"{type(event).__name__} ignored: not offered")
+                return [CloseFds(cause=event, fds=(event.fd,))]  # features we never offer; the fd is ours
+        return []
+
+    def _refuse(self, event: ev.Event, reason: str) -> None:
+        self.note(f"{type(event).__name__}: {reason}")
+        self.conn.reject(event, reason)
+
+    def _adopt_inflight(self, event: ev.InflightFdSet) -> list[Action]:
+        if any(self._running):
+            self._refuse(event, "SET_INFLIGHT_FD while rings are running")
+            return [CloseFds(cause=event, fds=(event.fd,))]
+        return [AdoptInflight(cause=event, fd=event.fd, mmap_size=event.mmap_size,
+                              mmap_offset=event.mmap_offset, num_queues=event.num_queues,
+                              queue_size=event.queue_size)]  # fmt: skip
+
+    def _set_inflight(self, storage: InflightStorage | None) -> list[Action]:
+        old, self.inflight = self.inflight, storage
+        self.device.inflight = storage
+        return [] if old is None else [ReleaseInflight(storage=old)]
+
+    # -- bringing rings up ------------------------------------------------------------------------
+
+    def _sync_rings(self, cause: ev.Event | None, indices: Iterable[int]) -> list[Action]:
+        """Bring each ring's device queue and pump in line with started / enabled / memory; the first
+        ring that cannot start refuses ``cause`` (the rings after it are left as they were)."""
+        out: list[Action] = []
+        try:
+            for index in indices:
+                out.append(self._sync(index))
+        except (DeviceStateError, RingsError) as err:
+            if cause is not None:
+                self._refuse(cause, str(err))
+        return out
+
+    def _sync(self, index: int) -> Action:
+        ring = self.conn.rings[index]
+        mem = self.memory
+        if self._started[index] and not self._running[index] and mem is not None:
+            queue, resubmit = self._queue(ring, mem)
+            self.device.start_queue(index, queue, resubmit=resubmit)
+            self._running[index] = True
+        if self._running[index] and ring.enabled and mem is not None:
+            return StartPump(index=index)
+        return StopPump(index=index)
+
+    def _queue(self, ring: RingStatus, mem: GuestMemory) -> tuple[SplitQueue, npt.NDArray[np.uint16]]:
+        """The device side of ``ring`` and the heads to resubmit (inflight recovery)."""
+        assert ring.addr is not None
+        index = ring.index
+        dsize, asize, usize = split_ring_sizes(ring.num)
+        a = ring.addr
+        used = mem.uva_to_gpa(a.used_user_addr, usize)
+        # Start from the used index the ring holds (libvhost-user does the same): after a stop
+        # every chain was returned, so it equals the base; after a driver reset both are 0.
+        used_idx = int(mem.view_as(used + 2, np.dtype("<u2"), 1)[0])
+        last_avail, resubmit = ring.base & 0xFFFF, np.zeros(0, np.uint16)
+        if self.inflight is not None and self.inflight.tracks(index, ring.num):
+            # vhost-user spec "Inflight I/O tracking", when reconnecting: heads the previous
+            # backend took and never returned are processed again, the avail ring resumes after.
+            rec = self.inflight.recover(index, used_idx)
+            if not rec.fresh:
+                last_avail, resubmit = rec.last_avail_idx, rec.resubmit
+                if resubmit.shape[0]:
+                    log.info("%s: ring %d: resubmitting %d chains in flight at the last disconnect",
+                             self.name, index, resubmit.shape[0])  # fmt: skip
+        queue = SplitQueue(
+            index=index, size=ring.num, desc_addr=mem.uva_to_gpa(a.desc_user_addr, dsize),
+            avail_addr=mem.uva_to_gpa(a.avail_user_addr, asize), used_addr=used,
+            last_avail_idx=last_avail, used_idx=used_idx,
+        )  # fmt: skip
+        return queue, resubmit
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def stop_rings(self) -> list[Action]:
+        """Stop every ring (each guest buffer goes back on its used ring, its descriptor is freed)."""
+        out: list[Action] = []
+        for i in range(self.device.num_queues):
+            out.append(StopPump(index=i))
+            if self._running[i]:
+                self._running[i] = False
+                try:
+                    self.device.stop_queue(i)
+                except (DeviceStateError, RingsError) as err:
+                    log.error("%s: ring %d: stop failed: %s", self.name, i, err)
+        return out
+
+    def close(self) -> list[Action]:
+        """Shut the device down (its pool closes), let go of memory and the inflight buffer, close the
+        connection. Idempotent. The shell unmaps after carrying the actions out."""
+        try:
+            self.device.shutdown()
+        except Exception:
+            log.exception("%s: device shutdown failed", self.name)
+        out = self._set_inflight(None)
+        self.device.set_memory(None)
+        self.memory = None
+        self.conn.close()
+        leftover = tuple(self.conn.fds_to_close())
+        if leftover:
+            out.append(CloseFds(fds=leftover))
+        return out
