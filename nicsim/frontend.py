@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nicsim.errors import RemoteError
 from nicsim.vhost import FrontendConnection, Outgoing, Reply, Request
 from nicsim.vhost import features as vf
 from nicsim.vhost import payloads as p
@@ -34,7 +35,7 @@ RECV_SIZE = 4096
 _ONE = struct.pack("=Q", 1)
 
 
-class FrontendError(Exception):
+class FrontendError(RemoteError):
     """The backend refused a request or broke the protocol; ``reply`` is the refusal, if one came."""
 
     def __init__(self, message: str, reply: Reply | None = None) -> None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from nicsim.errors import RemoteError
+
 ETH_HLEN = 14
 ETH_ZLEN = 60  # minimum frame length without FCS; shorter frames are padded by the sender
 ETHERTYPE_IPV4 = 0x0800
@@ -33,7 +35,7 @@ BROADCAST_MAC = b"\xff" * 6
 Buffer = bytes | bytearray | memoryview | npt.NDArray[np.uint8]
 
 
-class FrameError(ValueError):
+class FrameError(RemoteError, ValueError):
     """A frame could not be parsed: ``layer`` names the header, ``reason`` what was wrong with it."""
 
     def __init__(self, layer: str, reason: str) -> None:

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from nicsim.errors import LocalError
 from nicsim.ports.base import Port, TxFrames
 from nicsim.ports.frames import ETH_HLEN
 
@@ -67,7 +68,7 @@ _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 T = TypeVar("T")
 
 
-class TapError(OSError):
+class TapError(LocalError, OSError):
     """The TAP could not be opened or configured: ``step`` says which call, for ``netns``/``ifname``."""
 
     def __init__(self, message: str, *, step: str, netns: str, ifname: str, err: int = 0) -> None:

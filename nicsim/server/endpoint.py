@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from nicsim.errors import LocalError
 from nicsim.server.session import Session
 from nicsim.vhost.backend_core import DEFAULT_MAX_QUEUE_SIZE
 from nicsim.virtio.device import VirtioNetDevice
@@ -172,7 +173,7 @@ class Endpoint:
             self.session.close()
 
 
-class SocketPathError(FileExistsError):
+class SocketPathError(LocalError, FileExistsError):
     """The socket path cannot be used: ``reason`` is ``"in_use"`` (a live server listens there) or
     ``"not_a_socket"`` (a file of another kind, never removed). ``path`` is the path."""
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nicsim.errors import RemoteError
 from rings.memory import GuestMemory, MemoryRegion
 
 PAGE = mmap.ALLOCATIONGRANULARITY
@@ -31,7 +32,7 @@ SHARE_HINT = (
 )
 
 
-class MemoryMapError(Exception):
+class MemoryMapError(RemoteError):
     """A region the backend cannot map or cannot see; the message says why (and names share=on)."""
 
 

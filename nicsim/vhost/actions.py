@@ -17,12 +17,13 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol
 
+from nicsim.errors import RemoteError
 from nicsim.vhost import events as ev
 from nicsim.virtio.inflight import InflightHooks
 from rings.inflight import Recovery
 
 
-class InflightError(Exception):
+class InflightError(RemoteError):
     """The frontend's inflight request cannot be honoured. ``reason`` is a short key (``"size"``,
     ``"queues"``, ``"fd"``, ``"mmap"``), ``num_queues`` / ``queue_size`` what it asked for."""
 

@@ -3,13 +3,14 @@
 ::
 
     VhostUserError              base of everything raised by nicsim.vhost; fields request, state, reason
-    ├── FrontendProtocolError   the frontend (QEMU) sent something the vhost-user spec does not allow;
+    ├── FrontendProtocolError   (a nicsim.errors.RemoteError) the frontend (QEMU) sent something the
+    │                           vhost-user spec does not allow;
     │                           ``fatal`` says whether the byte stream itself is lost (bad header
     │                           version, oversize length) or only this one message was refused
-    ├── BackendProtocolError    the backend sent a reply the spec does not allow (raised by the
-    │                           frontend-side codec, ``nicsim.vhost.frontend_codec``)
-    └── LocalProtocolError      our own misuse of the connection API (feeding a closed connection,
-                                rejecting an event that did not come from it, ...)
+    ├── BackendProtocolError    (a RemoteError) the backend sent a reply the spec does not allow
+    │                           (raised by the frontend-side codec, ``nicsim.vhost.frontend_codec``)
+    └── LocalProtocolError      (a nicsim.errors.LocalError) our own misuse of the connection API
+                                (feeding a closed connection, rejecting an event not from it, ...)
 
 A refused frontend message does not raise out of ``BackendConnection.receive_data``: it becomes a
 ``ProtocolErrorOccurred`` event carrying the same fields, so the server can log it and carry on.
@@ -17,8 +18,10 @@ A refused frontend message does not raise out of ``BackendConnection.receive_dat
 
 from __future__ import annotations
 
+from nicsim.errors import LocalError, NicsimError, RemoteError
 
-class VhostUserError(Exception):
+
+class VhostUserError(NicsimError):
     """Base class. ``request`` is the request name (``"SET_MEM_TABLE"``, ``"UNKNOWN(99)"``) or None."""
 
     def __init__(self, reason: str, *, request: str | None = None, state: str | None = None) -> None:
@@ -29,7 +32,7 @@ class VhostUserError(Exception):
         self.reason = reason
 
 
-class FrontendProtocolError(VhostUserError):
+class FrontendProtocolError(VhostUserError, RemoteError):
     """The frontend broke the protocol. ``fatal``: the stream cannot be parsed any further."""
 
     def __init__(
@@ -46,9 +49,9 @@ class FrontendProtocolError(VhostUserError):
         self.code = code  # the request number, when known
 
 
-class BackendProtocolError(VhostUserError):
+class BackendProtocolError(VhostUserError, RemoteError):
     """The backend sent a reply that does not match the request or the spec."""
 
 
-class LocalProtocolError(VhostUserError):
+class LocalProtocolError(VhostUserError, LocalError):
     """Our own code used the connection object wrongly."""
