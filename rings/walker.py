@@ -10,7 +10,7 @@ reads only the descriptor table it is handed (:class:`DescriptorTable`); the que
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -57,6 +57,31 @@ class DescriptorTable(Protocol):
     d_len: npt.NDArray[np.uint32]
     d_flags: npt.NDArray[np.uint16]
     d_next: npt.NDArray[np.uint16]
+
+
+class Segments(NamedTuple):
+    """Walked descriptors, one entry each, in walk order (depth by depth, not yet chain by chain)."""
+
+    chain: npt.NDArray[np.int64]  # position in the batch of the chain it belongs to
+    desc: npt.NDArray[np.int64]  # descriptor-table index; for an indirect entry, its INDIRECT descriptor
+    depth: npt.NDArray[np.int64]  # position within its chain, indirect entries included
+    addr: npt.NDArray[np.uint64]
+    length: npt.NDArray[np.uint32]
+    flags: npt.NDArray[np.uint16]
+
+    @classmethod
+    def concat(cls, parts: list[Segments]) -> Segments:
+        return cls._make(np.concatenate(column) for column in zip(*parts, strict=True))
+
+
+_NO_SEGMENTS = Segments(
+    np.empty(0, np.int64),
+    np.empty(0, np.int64),
+    np.empty(0, np.int64),
+    np.empty(0, np.uint64),
+    np.empty(0, np.uint32),
+    np.empty(0, np.uint16),
+)
 
 
 class ChainWalker:
@@ -176,12 +201,12 @@ class ChainWalker:
                 np.concatenate([b for _, b, _ in ind]),
                 np.concatenate([np.full(a.shape[0], k, np.int64) for a, _, k in ind]),
             )
-            s_chain = np.concatenate((s_chain, extra[0]))
-            s_desc = np.concatenate((s_desc, extra[1]))
-            s_depth = np.concatenate((s_depth, extra[2]))
-            s_addr = np.concatenate((s_addr, extra[3]))
-            s_len = np.concatenate((s_len, extra[4]))
-            s_flags = np.concatenate((s_flags, extra[5]))
+            s_chain = np.concatenate((s_chain, extra.chain))
+            s_desc = np.concatenate((s_desc, extra.desc))
+            s_depth = np.concatenate((s_depth, extra.depth))
+            s_addr = np.concatenate((s_addr, extra.addr))
+            s_len = np.concatenate((s_len, extra.length))
+            s_flags = np.concatenate((s_flags, extra.flags))
         # One depth and no indirect tables: segments are already in chain order.
         ordered = len(chain_parts) <= 1 and not ind
         return self._assemble(s_chain, s_desc, s_depth, s_addr, s_len, s_flags, ordered)
@@ -224,7 +249,7 @@ class ChainWalker:
 
     def _walk_indirect(
         self, ind_c: npt.NDArray[np.int64], ind_d: npt.NDArray[np.int64], ind_depth: npt.NDArray[np.int64]
-    ) -> tuple[npt.NDArray[Any], ...]:
+    ) -> Segments:
         """Walk every indirect table of the batch in lockstep: one numpy step per table entry depth."""
         v, mem, size = self.v, self.mem, self.size
         taddr = v.d_addr[ind_d]
@@ -255,7 +280,7 @@ class ChainWalker:
         # that, the walk is bounded by the table's own entry count.
         limit = np.minimum(count, size - dep)
         j = np.zeros(c.shape[0], dtype=np.int64)
-        parts: list[tuple[npt.NDArray[Any], ...]] = []
+        parts: list[Segments] = []
         steps = 0
         datas = [r.data for r in mem.regions]
         while c.shape[0]:
@@ -284,7 +309,7 @@ class ChainWalker:
                     x[keep] for x in (c, d, dep, reg, off, count, limit, j)
                 )
                 ent, fl = ent[keep], fl[keep]
-            parts.append((c, d, dep + steps, ent["addr"], ent["len"], fl))
+            parts.append(Segments(c, d, dep + steps, ent["addr"], ent["len"], fl))
             steps += 1
             more = (fl & VIRTQ_DESC_F_NEXT) != 0
             nxt = ent["next"][more].astype(np.int64)
@@ -306,16 +331,7 @@ class ChainWalker:
                 self.fail(cc, ErrorCode.LOOP, dd, f"indirect chain still continues after {steps} entries")
             keep = ~(oob | over)
             c, d, dep, reg, off, count, limit, j = (x[keep] for x in (c, d, dep, reg, off, count, limit, j))
-        if not parts:
-            return (
-                np.empty(0, np.int64),
-                np.empty(0, np.int64),
-                np.empty(0, np.int64),
-                np.empty(0, np.uint64),
-                np.empty(0, np.uint32),
-                np.empty(0, np.uint16),
-            )
-        return tuple(np.concatenate([p[i] for p in parts]) for i in range(6))
+        return Segments.concat(parts) if parts else _NO_SEGMENTS
 
     def _assemble(
         self,
