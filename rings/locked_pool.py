@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from rings.drain import DrainWaiter, fire_callbacks, noop
+from rings.drain import fire_callbacks, noop
 
 if TYPE_CHECKING:
     from rings.pool import PacketPool
@@ -139,8 +139,3 @@ class LockedPacketPool:
                 registered()
 
         return locked_unregister
-
-    def drained(self) -> DrainWaiter:
-        with self._lock:
-            self._pool._check_open("drained")
-        return DrainWaiter(self)

@@ -4,8 +4,8 @@ The contract is the NDIS 5.x packet pool (``NdisAllocatePacketPool[Ex]``, ``Ndis
 ``NdisFreePacket``, ``NdisPacketPoolUsage``, ``NdisFreePacketPool``, ``NdisPacketSize``; see DESIGN.md).
 This module owns the descriptor table (one numpy structured array: state, holder queue and head, guest
 buffer, reserved bytes), the LIFO free stacks of normal and overflow descriptors, the usage counters,
-the close lifecycle and the "drained" callback registry for graceful shutdown. ``await pool.drained()``
-is served by ``rings.drain.DrainWaiter``; ``pool.locked`` by ``rings.locked_pool.LockedPacketPool``, the
+the close lifecycle and the "drained" callback registry for graceful shutdown (asyncio code awaits it
+with ``nicsim.server.drain.wait_drained``). ``pool.locked`` is ``rings.locked_pool.LockedPacketPool``, the
 interlocked variant for other threads. Batch operations are
 vectorised; every failing call leaves the pool exactly as it was.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from rings.drain import DrainWaiter, fire_callbacks, noop
+from rings.drain import fire_callbacks, noop
 from rings.errors import (
     DescriptorNotAllocatedError,
     DescriptorRangeError,
@@ -35,7 +35,6 @@ __all__ = [
     "STATE_FREE",
     "STATE_IN_USE",
     "UNTRACKED",
-    "DrainWaiter",
     "LockedPacketPool",
     "PacketPool",
     "descriptor_dtype",
@@ -406,11 +405,6 @@ class PacketPool:
             callback()
             return noop
         return unregister
-
-    def drained(self) -> DrainWaiter:
-        """``await pool.drained()``: completes when usage is 0 (at once if it is already)."""
-        self._check_open("drained")
-        return DrainWaiter(self)
 
     # -- internals ----------------------------------------------------------------------------------
 
