@@ -5,8 +5,8 @@ The contract is the NDIS 5.x packet pool (``NdisAllocatePacketPool[Ex]``, ``Ndis
 This module owns the descriptor table (one numpy structured array: state, holder queue and head, guest
 buffer, reserved bytes), the LIFO free stacks of normal and overflow descriptors, the usage counters,
 the close lifecycle and the "drained" callback registry for graceful shutdown (asyncio code awaits it
-with ``nicsim.server.drain.wait_drained``). ``pool.locked`` is ``rings.locked_pool.LockedPacketPool``, the
-interlocked variant for other threads. Batch operations are
+with ``nicsim.server.drain.wait_drained``). This is the single-threaded pool; the interlocked variant
+for other threads wraps it (``rings.locked_pool.LockedPacketPool(pool)``). Batch operations are
 vectorised; every failing call leaves the pool exactly as it was.
 """
 
@@ -28,14 +28,12 @@ from rings.errors import (
     PoolClosedError,
     PoolExhaustedError,
 )
-from rings.locked_pool import LockedPacketPool
 
 __all__ = [
     "MAX_DESCRIPTORS",
     "STATE_FREE",
     "STATE_IN_USE",
     "UNTRACKED",
-    "LockedPacketPool",
     "PacketPool",
     "descriptor_dtype",
 ]
@@ -73,7 +71,8 @@ class PacketPool:
     """``capacity`` descriptors plus ``overflow`` ones, each with ``reserved`` owner bytes.
 
     Single-threaded (the ``NdisDprAllocatePacketNonInterlocked`` fast path): use it from the event
-    loop only. Threads go through ``pool.locked``; once they do, every user must.
+    loop only. Threads go through one ``LockedPacketPool(pool)`` shared by all; once they do, every
+    user must.
     """
 
     def __init__(self, capacity: int, *, overflow: int = 0, reserved: int = 0, name: str = "packets") -> None:
@@ -116,7 +115,6 @@ class PacketPool:
         self._drain_callbacks: dict[int, Callable[[], None]] = {}
         self._next_token = 0
         self._closed = False
-        self._locked = LockedPacketPool(self)
 
     def __repr__(self) -> str:
         if self._closed:
@@ -367,11 +365,6 @@ class PacketPool:
         return np.concatenate((self._stack[self._used :], self._ostack[self._oused :])).astype(np.int32)
 
     # -- lifecycle ----------------------------------------------------------------------------------
-
-    @property
-    def locked(self) -> LockedPacketPool:
-        """The interlocked view of this pool (NdisAllocatePacket vs ...NonInterlocked)."""
-        return self._locked
 
     def close(self) -> None:
         """NdisFreePacketPool: refused while descriptors are outstanding; a second close is harmless."""

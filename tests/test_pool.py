@@ -28,6 +28,7 @@ from rings.errors import (
     PoolExhaustedError,
     PoolIndexError,
 )
+from rings.locked_pool import LockedPacketPool
 from rings.pool import MAX_DESCRIPTORS, UNTRACKED, PacketPool
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -314,7 +315,7 @@ def test_every_call_after_close_raises_and_a_second_close_is_harmless() -> None:
         lambda: pool.overflow,
         lambda: pool.descriptor_size,
         lambda: pool.table,
-        pool.locked.allocate,
+        LockedPacketPool(pool).allocate,
     ]
     for call in calls:
         with pytest.raises(PoolClosedError):
@@ -347,7 +348,7 @@ def test_on_drained_fires_once_when_usage_reaches_zero_and_can_be_unregistered()
 
 def test_locked_pool_under_threads_never_hands_a_descriptor_to_two_owners() -> None:
     pool = PacketPool(64, overflow=16, reserved=8)
-    locked = pool.locked
+    locked = LockedPacketPool(pool)
     errors: list[str] = []
     start = threading.Barrier(4)
 
