@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rings.locked_pool import LockedPacketPool
 from rings.pool import PacketPool
 
 
@@ -53,7 +54,7 @@ def run(capacity: int, seconds: float, batches: list[int], reserved: int) -> lis
 
     rows.append({"mode": "single", "batch": 1, **_measure(single, 1, seconds)})
 
-    locked = pool.locked
+    locked = LockedPacketPool(pool)
 
     def single_locked() -> None:
         locked.free(locked.allocate())

@@ -1,22 +1,18 @@
-"""The split virtqueue's memory layout (virtio 1.2 §2.7) as little-endian numpy structured dtypes, the
-flag bits, ring sizes and alignments, and the EVENT_IDX comparison ``vring_need_event``.
+"""The split virtqueue's memory layout (virtio 1.2 §2.7): the descriptor as a little-endian numpy
+structured dtype, the flag bits, ring sizes and alignments, and the EVENT_IDX comparison
+``vring_need_event``.
 
 This module owns only definitions: nothing here touches memory. Both sides use it: the device
-(``rings.split``) and the driver model (``rings.driver``).
+(``rings.split``, ``rings.walker``) and the driver model (``rings.driver``).
 """
 
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 
 # §2.7.5 struct virtq_desc: every field little-endian, 16 bytes.
 DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
 DESC_SIZE = DESC_DTYPE.itemsize  # 16: an indirect table's length must be a multiple of it (§2.7.5.3.1)
-
-# §2.7.8 struct virtq_used_elem.
-USED_ELEM_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])
 
 # §2.7.5 descriptor flags.
 VIRTQ_DESC_F_NEXT = 1
@@ -35,20 +31,6 @@ USED_ALIGN = 4
 MAX_QUEUE_SIZE = 32768  # §2.6: the maximum Queue Size; split queues need a power of 2 (§2.7)
 
 U16_MASK = 0xFFFF
-
-
-@functools.cache
-def avail_dtype(size: int) -> np.dtype[np.void]:
-    """§2.7.6 struct virtq_avail for a queue of ``size``: flags, idx, ring[size], used_event."""
-    return np.dtype([("flags", "<u2"), ("idx", "<u2"), ("ring", "<u2", (size,)), ("used_event", "<u2")])
-
-
-@functools.cache
-def used_dtype(size: int) -> np.dtype[np.void]:
-    """§2.7.8 struct virtq_used for a queue of ``size``: flags, idx, ring[size], avail_event."""
-    return np.dtype(
-        [("flags", "<u2"), ("idx", "<u2"), ("ring", USED_ELEM_DTYPE, (size,)), ("avail_event", "<u2")]
-    )
 
 
 def split_ring_sizes(size: int) -> tuple[int, int, int]:

@@ -2,30 +2,48 @@
 
 NDIS splits ``NdisAllocatePacket`` (takes the pool's spin lock) from ``NdisDprAllocatePacket[NonInterlocked]``
 (the caller already serialises). ``PacketPool`` is the single-threaded fast path used on the event loop;
-this wrapper is the locked one, for ports or tools that run on other threads.
+``LockedPacketPool(pool)`` wraps it behind one lock, for ports or tools that run on other threads. This
+module owns that lock and the rule that drained callbacks run outside it; the pool does not know it.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from rings.drain import DrainWaiter, fire_callbacks, noop
-
-if TYPE_CHECKING:
-    from rings.pool import PacketPool
+from rings.drain import fire_callbacks, noop
+from rings.pool import PacketPool
 
 __all__ = ["LockedPacketPool"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _under_lock(
+    method: Callable[Concatenate[PacketPool, _P], _R],
+) -> Callable[Concatenate[LockedPacketPool, _P], _R]:
+    """``method`` of the wrapped pool, called while holding the wrapper's lock (same signature)."""
+
+    @functools.wraps(method)
+    def locked(self: LockedPacketPool, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock:
+            return method(self._pool, *args, **kwargs)
+
+    return locked
 
 
 class LockedPacketPool:
     """The pool behind a ``threading.Lock``: safe from any thread (NdisAllocatePacket, interlocked).
 
-    Drained callbacks run after the lock is released, so a callback may use the pool again.
+    Make one wrapper per pool and share it: two wrappers of one pool would be two locks. Once threads
+    use it, every user of the pool must go through it. Drained callbacks run after the lock is
+    released, so a callback may use the pool again.
     """
 
     def __init__(self, pool: PacketPool) -> None:
@@ -39,6 +57,8 @@ class LockedPacketPool:
     def pool(self) -> PacketPool:
         """The unlocked pool (do not use it while other threads use this wrapper)."""
         return self._pool
+
+    # The hot calls are written out: no argument forwarding on the way to the lock.
 
     def allocate(self) -> int:
         with self._lock:
@@ -58,29 +78,12 @@ class LockedPacketPool:
             due = self._pool._free_many(indices)
         fire_callbacks(due)
 
-    def track(
-        self,
-        indices: npt.ArrayLike,
-        *,
-        queue: int,
-        heads: npt.ArrayLike,
-        addrs: npt.ArrayLike,
-        lengths: npt.ArrayLike,
-    ) -> None:
-        with self._lock:
-            self._pool.track(indices, queue=queue, heads=heads, addrs=addrs, lengths=lengths)
-
-    def outstanding(self, queue: int | None = None) -> npt.NDArray[np.int32]:
-        with self._lock:
-            return self._pool.outstanding(queue)
-
-    def holders(self) -> dict[int, int]:
-        with self._lock:
-            return self._pool.holders()
-
-    def free_indices(self) -> npt.NDArray[np.int32]:
-        with self._lock:
-            return self._pool.free_indices()
+    track = _under_lock(PacketPool.track)
+    outstanding = _under_lock(PacketPool.outstanding)
+    holders = _under_lock(PacketPool.holders)
+    free_indices = _under_lock(PacketPool.free_indices)
+    reset_high_water = _under_lock(PacketPool.reset_high_water)
+    close = _under_lock(PacketPool.close)
 
     @property
     def usage(self) -> int:
@@ -102,10 +105,6 @@ class LockedPacketPool:
         with self._lock:
             return self._pool.high_water
 
-    def reset_high_water(self) -> int:
-        with self._lock:
-            return self._pool.reset_high_water()
-
     @property
     def capacity(self) -> int:
         return self._pool.capacity
@@ -122,10 +121,6 @@ class LockedPacketPool:
     def closed(self) -> bool:
         return self._pool.closed
 
-    def close(self) -> None:
-        with self._lock:
-            self._pool.close()
-
     def on_drained(self, callback: Callable[[], None]) -> Callable[[], None]:
         with self._lock:
             unregister = self._pool._register_drained(callback)
@@ -139,8 +134,3 @@ class LockedPacketPool:
                 registered()
 
         return locked_unregister
-
-    def drained(self) -> DrainWaiter:
-        with self._lock:
-            self._pool._check_open("drained")
-        return DrainWaiter(self)

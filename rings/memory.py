@@ -192,13 +192,7 @@ class GuestMemory:
         slot -= 1
         size = self._slot_sizes[slot]
         offset = g - self._slot_starts[slot]
-        # offset + length <= size, written so that nothing overflows u64.
-        inside = offset <= size - np.minimum(n, size)
-        inside &= n <= size
-        nonzero = n != 0
-        ok = ~nonzero
-        ok |= inside
-        inside &= nonzero
+        inside, ok = _fits(offset, n, size)
         region = np.where(inside, slot - 1, -1).astype(np.int32)
         offset *= inside
         return region, offset, ok
@@ -291,16 +285,27 @@ def _translate_one_region(
     Below ``start`` the u64 offset wraps to at least ``2^64 - start >= size``, so the bound check
     ``offset <= size - length`` (length >= 1, at most ``size``) rejects it with no separate test."""
     offset = g - start
+    inside, ok = _fits(offset, n, size)
+    region = inside.astype(np.int32)
+    region -= 1
+    offset *= inside
+    return region, offset, ok
+
+
+def _fits(
+    offset: npt.NDArray[np.uint64], n: npt.NDArray[np.uint64], size: npt.NDArray[np.uint64] | np.uint64
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """``(inside, ok)`` for ranges of ``n`` bytes at ``offset`` in regions of ``size`` bytes: ``inside``,
+    a non-empty range that fits (so it is translated); ``ok``, it fits or is empty (zero lengths are
+    never translated, CVE-2020-10725)."""
+    # offset + n <= size, written so that nothing overflows u64.
     inside = offset <= size - np.minimum(n, size)
     inside &= n <= size
     nonzero = n != 0
     ok = ~nonzero
     ok |= inside
     inside &= nonzero
-    region = inside.astype(np.int32)
-    region -= 1
-    offset *= inside
-    return region, offset, ok
+    return inside, ok
 
 
 def _expand(

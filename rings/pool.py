@@ -4,9 +4,9 @@ The contract is the NDIS 5.x packet pool (``NdisAllocatePacketPool[Ex]``, ``Ndis
 ``NdisFreePacket``, ``NdisPacketPoolUsage``, ``NdisFreePacketPool``, ``NdisPacketSize``; see DESIGN.md).
 This module owns the descriptor table (one numpy structured array: state, holder queue and head, guest
 buffer, reserved bytes), the LIFO free stacks of normal and overflow descriptors, the usage counters,
-the close lifecycle and the "drained" callback registry for graceful shutdown. ``await pool.drained()``
-is served by ``rings.drain.DrainWaiter``; ``pool.locked`` by ``rings.locked_pool.LockedPacketPool``, the
-interlocked variant for other threads. Batch operations are
+the close lifecycle and the "drained" callback registry for graceful shutdown (asyncio code awaits it
+with ``nicsim.server.drain.wait_drained``). This is the single-threaded pool; the interlocked variant
+for other threads wraps it (``rings.locked_pool.LockedPacketPool(pool)``). Batch operations are
 vectorised; every failing call leaves the pool exactly as it was.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from rings.drain import DrainWaiter, fire_callbacks, noop
+from rings.drain import fire_callbacks, noop
 from rings.errors import (
     DescriptorNotAllocatedError,
     DescriptorRangeError,
@@ -28,15 +28,12 @@ from rings.errors import (
     PoolClosedError,
     PoolExhaustedError,
 )
-from rings.locked_pool import LockedPacketPool
 
 __all__ = [
     "MAX_DESCRIPTORS",
     "STATE_FREE",
     "STATE_IN_USE",
     "UNTRACKED",
-    "DrainWaiter",
-    "LockedPacketPool",
     "PacketPool",
     "descriptor_dtype",
 ]
@@ -74,7 +71,8 @@ class PacketPool:
     """``capacity`` descriptors plus ``overflow`` ones, each with ``reserved`` owner bytes.
 
     Single-threaded (the ``NdisDprAllocatePacketNonInterlocked`` fast path): use it from the event
-    loop only. Threads go through ``pool.locked``; once they do, every user must.
+    loop only. Threads go through one ``LockedPacketPool(pool)`` shared by all; once they do, every
+    user must.
     """
 
     def __init__(self, capacity: int, *, overflow: int = 0, reserved: int = 0, name: str = "packets") -> None:
@@ -117,7 +115,6 @@ class PacketPool:
         self._drain_callbacks: dict[int, Callable[[], None]] = {}
         self._next_token = 0
         self._closed = False
-        self._locked = LockedPacketPool(self)
 
     def __repr__(self) -> str:
         if self._closed:
@@ -369,11 +366,6 @@ class PacketPool:
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
-    @property
-    def locked(self) -> LockedPacketPool:
-        """The interlocked view of this pool (NdisAllocatePacket vs ...NonInterlocked)."""
-        return self._locked
-
     def close(self) -> None:
         """NdisFreePacketPool: refused while descriptors are outstanding; a second close is harmless."""
         if self._closed:
@@ -406,11 +398,6 @@ class PacketPool:
             callback()
             return noop
         return unregister
-
-    def drained(self) -> DrainWaiter:
-        """``await pool.drained()``: completes when usage is 0 (at once if it is already)."""
-        self._check_open("drained")
-        return DrainWaiter(self)
 
     # -- internals ----------------------------------------------------------------------------------
 

@@ -11,10 +11,11 @@ from nicsim.vhost.features import VIRTIO_F_VERSION_1
 from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
 from nicsim.virtio.device import VirtioNetDevice
 from nicsim.virtio.rx import scatter_template_words
+from rings.chains import ChainBatch
 from rings.driver import GuestDriver
 from rings.errors import GuestMemoryError
 from rings.memory import GuestMemory, MemoryRegion
-from rings.split import ChainBatch, _Walker
+from rings.walker import ChainWalker
 
 U64 = 1 << 64
 
@@ -110,8 +111,8 @@ def test_one_descriptor_batches_walk_as_the_lockstep_walk_does(seed: int) -> Non
     dq = q.device_queue()
     mem = drv.memory
     heads = dq.pop_avail(mem, 48)
-    fast = _Walker(dq, mem, heads, True).run()
-    slow_walker = _Walker(dq, mem, heads, True)
+    fast = ChainWalker(mem, dq._views(mem), heads, queue=dq.index, indirect=True).run()
+    slow_walker = ChainWalker(mem, dq._views(mem), heads, queue=dq.index, indirect=True)
     slow = slow_walker._run_lockstep(heads.astype(np.int64))
     assert len(fast.errors) > 0  # the batch did exercise the failure branch
     _batches_equal(fast, slow)

@@ -24,6 +24,7 @@ import numpy.typing as npt
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from rings.chains import ErrorCode
 from rings.driver import GuestDriver
 from rings.errors import (
     AvailIndexError,
@@ -43,7 +44,7 @@ from rings.layout import (
     split_ring_sizes,
 )
 from rings.memory import U64_LIMIT, GuestMemory, MemoryRegion
-from rings.split import ErrorCode, SplitQueue
+from rings.split import SplitQueue
 
 EXAMPLES = int(os.environ.get("NICSIM_FUZZ_EXAMPLES", "100"))
 """Hypothesis budget; ``scripts/fuzz.py --examples N`` raises it for long runs."""

@@ -4,7 +4,6 @@ and by a Hypothesis state machine that runs the pool against a plain Python mode
 from __future__ import annotations
 
 import ast
-import asyncio
 import contextlib
 import os
 import pathlib
@@ -29,6 +28,7 @@ from rings.errors import (
     PoolExhaustedError,
     PoolIndexError,
 )
+from rings.locked_pool import LockedPacketPool
 from rings.pool import MAX_DESCRIPTORS, UNTRACKED, PacketPool
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -306,7 +306,6 @@ def test_every_call_after_close_raises_and_a_second_close_is_harmless() -> None:
         pool.holders,
         pool.free_indices,
         pool.reset_high_water,
-        pool.drained,
         lambda: pool.on_drained(lambda: None),
         lambda: pool.usage,
         lambda: pool.available,
@@ -316,87 +315,14 @@ def test_every_call_after_close_raises_and_a_second_close_is_harmless() -> None:
         lambda: pool.overflow,
         lambda: pool.descriptor_size,
         lambda: pool.table,
-        pool.locked.allocate,
+        LockedPacketPool(pool).allocate,
     ]
     for call in calls:
         with pytest.raises(PoolClosedError):
             call()
 
 
-# -- drained: graceful shutdown ---------------------------------------------------------------------------
-
-
-async def test_drained_completes_at_once_when_nothing_is_outstanding() -> None:
-    pool = PacketPool(4)
-    await pool.drained()
-    pool.free(pool.allocate())
-    await pool.drained()
-
-
-async def test_drained_waits_for_the_last_free() -> None:
-    pool = PacketPool(4)
-    got = pool.allocate_batch(3)
-    waiter = asyncio.create_task(_await_drained(pool))
-    await asyncio.sleep(0)
-    pool.free_batch(got[:2])
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    assert not waiter.done()
-    pool.free(int(got[2]))
-    await asyncio.wait_for(waiter, timeout=30)  # a hang guard only; completion is what is checked
-    assert waiter.result() == "drained"
-    pool.close()
-
-
-async def test_several_waiters_and_gather_all_complete() -> None:
-    pool = PacketPool(4)
-    i = pool.allocate()
-    tasks = [asyncio.create_task(_await_drained(pool)) for _ in range(3)]
-    gathered = asyncio.gather(pool.drained(), pool.drained())
-    await asyncio.sleep(0)
-    assert not any(t.done() for t in tasks)
-    pool.free(i)
-    assert await asyncio.wait_for(asyncio.gather(*tasks), timeout=30) == ["drained"] * 3
-    assert list(await asyncio.wait_for(gathered, timeout=30)) == [None, None]
-
-
-async def test_cancelling_a_waiter_cancels_the_task_and_unregisters_it() -> None:
-    pool = PacketPool(4)
-    i = pool.allocate()
-    waiter = asyncio.create_task(_await_drained(pool))
-    await asyncio.sleep(0)
-    waiter.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiter
-    assert waiter.cancelled()
-    fired: list[str] = []
-    pool.on_drained(lambda: fired.append("callback"))
-    assert len(pool._drain_callbacks) == 1  # the cancelled waiter is gone, only this callback remains
-    pool.free(i)
-    assert fired == ["callback"]
-    pool.close()
-
-
-async def test_drained_through_the_locked_pool_wakes_when_another_thread_frees() -> None:
-    pool = PacketPool(16)
-    locked = pool.locked
-    got = locked.allocate_batch(10)
-    go = threading.Event()
-
-    def worker() -> None:
-        go.wait()
-        for i in got.tolist():
-            locked.free(i)
-
-    thread = threading.Thread(target=worker)
-    thread.start()
-    waiter = asyncio.create_task(_await_drained(locked))
-    await asyncio.sleep(0)
-    assert not waiter.done()
-    go.set()
-    await asyncio.wait_for(waiter, timeout=30)
-    thread.join()
-    assert locked.usage == 0
+# -- drained: graceful shutdown (awaiting it is tested in test_server_drain.py) ---------------------------
 
 
 def test_on_drained_fires_once_when_usage_reaches_zero_and_can_be_unregistered() -> None:
@@ -416,25 +342,13 @@ def test_on_drained_fires_once_when_usage_reaches_zero_and_can_be_unregistered()
     assert fired == ["first", "now"]
 
 
-def test_drained_awaited_outside_asyncio_is_refused_clearly() -> None:
-    pool = PacketPool(2)
-    pool.allocate()
-    awaiting = pool.drained().__await__()
-    with pytest.raises(RuntimeError):
-        next(awaiting)
-
-
-async def _await_drained(pool: Any) -> str:
-    await pool.drained()
-    return "drained"
-
 
 # -- the interlocked variant ----------------------------------------------------------------------------
 
 
 def test_locked_pool_under_threads_never_hands_a_descriptor_to_two_owners() -> None:
     pool = PacketPool(64, overflow=16, reserved=8)
-    locked = pool.locked
+    locked = LockedPacketPool(pool)
     errors: list[str] = []
     start = threading.Barrier(4)
 

@@ -52,3 +52,31 @@ def test_the_checker_catches_a_forbidden_import(tmp_path: pathlib.Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("import os.path\nfrom asyncio import sleep\nimport numpy as np\n")
     assert imported_top_level_names(bad) & FORBIDDEN == {"os", "asyncio"}
+
+
+def rings_imports(path: pathlib.Path) -> set[str]:
+    """The rings modules ``path`` imports, wherever the import stands (a TYPE_CHECKING block too)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names.update([node.module] if node.module else [a.name for a in node.names])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rings."):
+            names.add((node.module or "").split(".")[1])
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("rings."))
+    return names
+
+
+def test_rings_modules_import_each_other_without_a_cycle() -> None:
+    graph = {p.stem: rings_imports(p) for p in (ROOT / "rings").glob("*.py")}
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join((*path, module))}"
+        if module not in done:
+            for dep in sorted(graph.get(module, ())):
+                visit(dep, (*path, module))
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module, ())

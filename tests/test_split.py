@@ -4,6 +4,7 @@ u16 wraparound and the notification decisions in both directions."""
 import numpy as np
 import pytest
 
+from rings.chains import ChainBatch, ErrorCode
 from rings.driver import DriverQueue, GuestDriver, Malformed, TxLayout
 from rings.errors import (
     AvailIndexError,
@@ -20,7 +21,7 @@ from rings.errors import (
 )
 from rings.layout import vring_need_event
 from rings.memory import GuestMemory
-from rings.split import ChainBatch, ErrorCode, SplitQueue
+from rings.split import SplitQueue
 
 
 def setup(

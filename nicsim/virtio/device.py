@@ -51,10 +51,11 @@ from nicsim.virtio.rx import (
 )
 from nicsim.virtio.stats import DeviceStats
 from nicsim.virtio.tx import TxBatch
+from rings.chains import ChainBatch, ErrorCode
 from rings.errors import GuestError
 from rings.memory import GuestMemory
 from rings.pool import PacketPool
-from rings.split import ChainBatch, ErrorCode, SplitQueue
+from rings.split import SplitQueue
 
 CHAIN_REASONS = tuple(f"chain_{c.name.lower()}" for c in ErrorCode if c != ErrorCode.OK)
 DROP_REASONS = (

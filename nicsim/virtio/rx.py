@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from rings.chains import ChainBatch
 from rings.memory import GuestMemory
-from rings.split import ChainBatch
 
 HDR_LEN_V1 = 12      # struct virtio_net_hdr_v1 (virtio 1.2 §5.1.6): ... num_buffers le16 at offset 10
 HDR_LEN_LEGACY = 10  # legacy header without num_buffers (neither VERSION_1 nor MRG_RXBUF)

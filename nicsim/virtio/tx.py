@@ -15,8 +15,8 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
+from rings.chains import ChainBatch
 from rings.memory import GuestMemory
-from rings.split import ChainBatch
 
 
 class TxBatch:
