@@ -56,6 +56,7 @@ from nicsim.vhost.state import (
     RingPhase,
     gate_failure,
 )
+from nicsim.virtio.features import VIRTIO_F_RING_PACKED
 
 MAX_QUEUE_SIZE = 32768  # virtio 1.2 §2.6: Queue Size is at most 32768
 REQUEST_LOG_SIZE = 256  # names kept in BackendConnection.request_log
@@ -348,7 +349,7 @@ class BackendConnection:
         self._reply = _Pending(code=self._code, payload=payload, fds=fds)
 
     def _packed(self) -> bool:
-        return f.has(self.acked_features or 0, f.VIRTIO_F_RING_PACKED)
+        return f.has(self.acked_features or 0, VIRTIO_F_RING_PACKED)
 
     # --- handlers: validate everything first, then change state, then build events ------------
 

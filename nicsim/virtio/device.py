@@ -28,15 +28,15 @@ import numpy.typing as npt
 from nicsim.ports.base import Port
 from nicsim.ports.frames import ETH_HLEN, Buffer
 from nicsim.ports.responder import ResponderPort
-from nicsim.vhost.features import (
+from nicsim.virtio.features import (
     OFFLOAD_FEATURES,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF,
 )
-from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
-from nicsim.vhost.features import VIRTIO_RING_F_INDIRECT_DESC as VIRTIO_F_INDIRECT_DESC
 from nicsim.virtio.inflight import InflightHooks
 from nicsim.virtio.policy import NotifyPolicy, should_interrupt
 from nicsim.virtio.rx import (
