@@ -33,7 +33,6 @@ import numpy as np
 import numpy.typing as npt
 
 from nicsim.ports.base import Port, TxFrames
-from nicsim.ports.frames import ETH_HLEN
 from nicsim.virtio.features import (
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_CSUM,
@@ -42,10 +41,10 @@ from nicsim.virtio.features import (
     VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4,
     VIRTIO_NET_F_HOST_TSO6,
-    VIRTIO_NET_F_MRG_RXBUF,
     has,
     mask,
 )
+from nicsim.virtio.port import ETH_HLEN, HDR_LEN_LEGACY, HDR_LEN_V1, MAX_FRAME, vnet_hdr_len
 
 # <linux/if_tun.h>
 TUNSETIFF = 0x400454CA
@@ -71,7 +70,7 @@ OFFLOADS = mask((
 HDR_F_NEEDS_CSUM = 1
 GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_ECN = 0, 1, 4, 0x80
 
-MAX_READ = 65550 + 12 + 64  # a 64 KB GSO frame, its header, and slack to detect a longer one
+MAX_READ = MAX_FRAME + HDR_LEN_V1 + 64  # a 64 KB GSO frame, its header, and slack to detect a longer one
 RX_BURST_BYTES = 256 * 1024  # stop a poll after this much; the device's backlog holds more (8 x 64 KB)
 WRITE_TRIES = 3
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")
@@ -198,7 +197,7 @@ class TapPort(Port):
         self._offered = OFFLOADS if config.offload and tun_offloads == TUN_ALL else 0
         self._allowed_gso = {GSO_NONE}
         self._tx_csum = False
-        self._hdr_len = 10  # the kernel's default until negotiation says otherwise
+        self._hdr_len = HDR_LEN_LEGACY  # the kernel's default until negotiation says otherwise
         self.tun_offload = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False  # the fd is watched (it was drained)
@@ -214,10 +213,8 @@ class TapPort(Port):
 
     def negotiated(self, features: int) -> None:
         fd = self._require_fd()
-        # §5.1.6: the header has num_buffers (12 bytes) with VERSION_1 or MRG_RXBUF; the kernel reads
-        # and writes exactly that many bytes in front of every frame.
-        v1_header = has(features, VIRTIO_F_VERSION_1) or has(features, VIRTIO_NET_F_MRG_RXBUF)
-        self._hdr_len = 12 if v1_header else 10
+        # The kernel reads and writes exactly the negotiated header in front of every frame.
+        self._hdr_len = vnet_hdr_len(features)
         off = 0
         if has(features, VIRTIO_NET_F_GUEST_CSUM):
             off |= TUN_F_CSUM

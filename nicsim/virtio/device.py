@@ -11,8 +11,8 @@ on GET_VRING_BASE and teardown. The TX batch view lives in :mod:`nicsim.virtio.t
 :mod:`nicsim.virtio.rx`. Nothing is lost silently: every frame is delivered or counted as a drop with a
 reason, and pool exhaustion is backpressure (stop taking buffers; the next call resumes), never a drop.
 Offloads (CSUM, GUEST_CSUM, HOST_/GUEST_TSO4/6) are offered only on top of the base set and only when the
-port declares it can honour them (``Port.features``); the port hears what was negotiated, and a
-header-passing port (``Port.vnet_hdr``) gets the guest's virtio-net header on TX and supplies the
+port declares it can honour them (``DevicePort.features``); the port hears what was negotiated, and a
+header-passing port (``DevicePort.vnet_hdr``) gets the guest's virtio-net header on TX and supplies the
 kernel's on RX, with one pool descriptor per guest chain however large the (GSO) frame.
 """
 
@@ -25,9 +25,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from nicsim.ports.base import Port
-from nicsim.ports.frames import ETH_HLEN, Buffer
-from nicsim.ports.responder import ResponderPort
 from nicsim.virtio.features import (
     OFFLOAD_FEATURES,
     VIRTIO_F_EVENT_IDX,
@@ -39,10 +36,8 @@ from nicsim.virtio.features import (
 )
 from nicsim.virtio.inflight import InflightHooks
 from nicsim.virtio.policy import NotifyPolicy, should_interrupt
+from nicsim.virtio.port import ETH_HLEN, HDR_LEN_V1, MAX_FRAME, Buffer, DevicePort, vnet_hdr_len
 from nicsim.virtio.rx import (
-    HDR_LEN_LEGACY,
-    HDR_LEN_V1,
-    MAX_FRAME,
     RxBacklog,
     plan_rx,
     scatter_chains,
@@ -107,12 +102,12 @@ class _Queue:
 
 
 class VirtioNetDevice:
-    """One virtio-net device with ``pairs`` queue pairs, wired to ``port`` (default: the responder)."""
+    """One virtio-net device with ``pairs`` queue pairs, wired to ``port``."""
 
     def __init__(
         self,
         *,
-        port: Port | None = None,
+        port: DevicePort,
         pairs: int = 1,
         pool: PacketPool | None = None,
         policy: NotifyPolicy | None = None,
@@ -124,7 +119,7 @@ class VirtioNetDevice:
         self.num_queues = 2 * pairs
         self.policy = policy or NotifyPolicy()
         self.pool = pool if pool is not None else PacketPool(4096, name="virtio-net")
-        self.port = port if port is not None else ResponderPort()
+        self.port = port
         self.stats = DeviceStats(self.num_queues, DROP_REASONS)
         self.on_wakeup = on_wakeup
         self.features = 0
@@ -180,9 +175,7 @@ class VirtioNetDevice:
 
     @property
     def hdr_len(self) -> int:
-        # §5.1.6: num_buffers is present with VERSION_1 or MRG_RXBUF; only a legacy device without
-        # MRG_RXBUF uses the 10-byte header.
-        return HDR_LEN_V1 if self.has(VIRTIO_F_VERSION_1) or self.mergeable else HDR_LEN_LEGACY
+        return vnet_hdr_len(self.features)
 
     def set_memory(self, mem: GuestMemory | None) -> None:
         """A new memory table (queues never hold views, so running queues simply use it from now on)."""

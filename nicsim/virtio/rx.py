@@ -16,13 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from nicsim.virtio.port import HDR_LEN_V1
 from rings.memory import GuestMemory
 from rings.split import ChainBatch
 
-HDR_LEN_V1 = 12      # struct virtio_net_hdr_v1 (virtio 1.2 §5.1.6): ... num_buffers le16 at offset 10
-HDR_LEN_LEGACY = 10  # legacy header without num_buffers (neither VERSION_1 nor MRG_RXBUF)
-NUM_BUFFERS_OFFSET = 10
-MAX_FRAME = 65550    # an IPv4 packet of 65535 bytes behind an Ethernet + VLAN header
+NUM_BUFFERS_OFFSET = 10  # in struct virtio_net_hdr_v1 (virtio 1.2 §5.1.6), le16
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,7 +20,7 @@ from rings.split import ChainBatch
 
 
 class TxBatch:
-    """One batch of good TX chains handed to a port (implements :class:`nicsim.ports.base.TxFrames`)."""
+    """One batch of good TX chains handed to a port (implements :class:`nicsim.virtio.port.TxFrames`)."""
 
     __slots__ = (
         "_complete",
