@@ -274,12 +274,6 @@ class VirtioNetDevice:
         q.suppress_kicks(mem, True, event_idx=self.event_idx)
         return False
 
-    def interrupt_due(self, index: int, *, idle: bool = True) -> bool:
-        """Whether to signal ``index`` now for used entries not yet signalled (e.g. after a port
-        completed TX asynchronously); counts the interrupt when True."""
-        st, mem = self._running(index)
-        return self._decide_interrupt(index, st, mem, idle=idle)
-
     def _decide_interrupt(self, index: int, st: _Queue, mem: GuestMemory, *, idle: bool) -> bool:
         q = st.q
         unsignalled = (q.used_idx - st.signalled_used) & 0xFFFF
