@@ -33,8 +33,8 @@ from nicsim.virtio.features import (
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF,
-    has,
 )
+from nicsim.virtio.features import has as has_bit
 from nicsim.virtio.inflight import InflightHooks
 from nicsim.virtio.policy import NotifyPolicy
 from nicsim.virtio.port import Buffer, DevicePort
@@ -133,7 +133,7 @@ class VirtioNetDevice:
         return self._qs.features
 
     def has(self, bit: int) -> bool:
-        return has(self._qs.features, bit)
+        return has_bit(self._qs.features, bit)
 
     @property
     def event_idx(self) -> bool:
