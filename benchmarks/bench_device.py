@@ -10,7 +10,8 @@ import argparse
 import time
 
 from nicsim.ports import GeneratorConfig, GeneratorPort, Port, SinkPort
-from nicsim.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioNetDevice
+from nicsim.virtio.device import VirtioNetDevice
+from nicsim.virtio.features import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
 from nicsim.virtio.policy import NotifyPolicy
 from rings.driver import DriverQueue, GuestDriver
 

@@ -29,6 +29,7 @@ from nicsim.vhost import FrontendConnection, Outgoing, Reply, Request
 from nicsim.vhost import features as vf
 from nicsim.vhost import payloads as p
 from nicsim.vhost.protocol import FLAG_NEED_REPLY, HEADER, VERSION
+from nicsim.virtio.features import VIRTIO_F_EVENT_IDX, VIRTIO_NET_F_MRG_RXBUF
 from rings.driver import DEFAULT_REGION_SIZES, Completion, DriverQueue, GuestRam, TxLayout
 
 RECV_SIZE = 4096
@@ -224,8 +225,8 @@ class VhostUserFrontend:
         for i in range(2 * self.pairs):
             self._new_call_fd(i)
             await self.call(self.conn.set_vring_call(i, self.call_fds[i]))
-        drop = 0 if event_idx else vf.bit(vf.VIRTIO_RING_F_EVENT_IDX)
-        drop |= 0 if mrg_rxbuf else vf.bit(vf.VIRTIO_NET_F_MRG_RXBUF)
+        drop = 0 if event_idx else vf.bit(VIRTIO_F_EVENT_IDX)
+        drop |= 0 if mrg_rxbuf else vf.bit(VIRTIO_NET_F_MRG_RXBUF)
         self.features = offered & ~drop
         return self.features
 
@@ -233,7 +234,7 @@ class VhostUserFrontend:
         """SET_FEATURES, the memory table, then every ring (NUM, BASE, ADDR, KICK, CALL, ENABLE)."""
         await self.call(self.conn.set_features(self.features), check=True)
         await self.set_memory_table()
-        event_idx = vf.has(self.features, vf.VIRTIO_RING_F_EVENT_IDX)
+        event_idx = vf.has(self.features, VIRTIO_F_EVENT_IDX)
         for i in range(2 * self.pairs):
             self.queues[i] = DriverQueue(self.ram, index=i, size=self.queue_size, event_idx=event_idx,
                                          start_idx=base)  # fmt: skip

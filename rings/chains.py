@@ -79,20 +79,3 @@ class ChainBatch:
         data = mem.gather(self.seg_region, self.seg_offset, lens)
         rl = self.readable_len.astype(np.int64)
         return data, np.cumsum(rl) - rl
-
-    def write_template(self, mem: GuestMemory, template: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint32]:
-        """Copy ``template`` (e.g. a virtio-net header plus one frame) into every good chain's
-        device-writable space, spilling across its writable segments, vectorised over the batch (RX
-        generator path). Returns the bytes written per chain: ``min(len(template), writable_len)``,
-        0 for bad chains, ready to be the used-ring lengths."""
-        writable = self.seg_writable
-        wl = np.where(writable, self.seg_len, 0).astype(np.int64)
-        excl = np.cumsum(wl) - wl
-        has = self.seg_count > 0
-        chain_base = np.zeros(len(self), dtype=np.int64)
-        chain_base[has] = excl[self.first_seg[has]]
-        woff = excl - chain_base[self.seg_chain]
-        copy = np.clip(template.shape[0] - woff, 0, wl)
-        mem.scatter(self.seg_region, self.seg_offset, copy, template, woff)
-        written = np.minimum(self.writable_len, template.shape[0])
-        return np.where(self.error == 0, written, 0).astype(np.uint32)

@@ -16,9 +16,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from nicsim.ports import GeneratorConfig, GeneratorPort, Port, SinkPort
-from nicsim.vhost.features import VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF
-from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
 from nicsim.virtio.device import VirtioNetDevice
+from nicsim.virtio.features import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF
 from nicsim.virtio.policy import NotifyPolicy
 from rings.driver import DriverQueue, GuestDriver
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nicsim.ports import ResponderPort
 from nicsim.ports import frames as fr
 from nicsim.vhost import features as vf
 from nicsim.vhost import payloads as p
@@ -178,7 +179,7 @@ def ring_round_trip(core: BackendCore) -> None:
 def test_qemu72_boot_and_shutdown_replayed_reach_the_expected_state(chunked: bool) -> None:
     before = set(os.listdir("/proc/self/fd"))
     messages = recorded()
-    core = BackendCore(VirtioNetDevice(), create_inflight=no_inflight)
+    core = BackendCore(VirtioNetDevice(port=ResponderPort()), create_inflight=no_inflight)
     shell = Shell(core, chunked)
     stop_at = next(i for i, m in enumerate(messages) if m.request is Request.GET_VRING_BASE)
     for msg in messages[:stop_at]:
@@ -231,7 +232,7 @@ def test_a_refused_memory_table_keeps_the_old_one_and_fails_the_ack() -> None:
     """The shell could not map the table QEMU sent (action_failed): the REPLY_ACK says so, the device
     keeps no table and the error names the request."""
     messages = recorded()
-    core = BackendCore(VirtioNetDevice(), create_inflight=no_inflight)
+    core = BackendCore(VirtioNetDevice(port=ResponderPort()), create_inflight=no_inflight)
     shell = Shell(core, chunked=True)
     add = next(i for i, m in enumerate(messages) if m.request is Request.ADD_MEM_REG)
     for msg in messages[:add]:

@@ -20,6 +20,7 @@ from nicsim.vhost import Outgoing, Request
 from nicsim.vhost import features as vf
 from nicsim.vhost import payloads as p
 from nicsim.vhost.protocol import FLAG_NEED_REPLY, HEADER, VERSION
+from nicsim.virtio.features import VIRTIO_NET_F_MRG_RXBUF
 from rings.driver import VIRTIO_NET_HDR_SIZE, Malformed
 from tests.hardening import finish, frame, open_fds, start_rig
 
@@ -346,7 +347,7 @@ async def test_cve_2022_2132_short_chains_and_split_headers(tmp_path: Path) -> N
     assert rx.len == VIRTIO_NET_HDR_SIZE + len(f)
     got = ram.read(bufs[0], 2) + ram.read(bufs[1], 3) + ram.read(bufs[2], 7) + ram.read(bufs[3], len(f))
     assert got[VIRTIO_NET_HDR_SIZE:][12:] == f[12:]
-    if vf.has(fe.features, vf.VIRTIO_NET_F_MRG_RXBUF):
+    if vf.has(fe.features, VIRTIO_NET_F_MRG_RXBUF):
         assert int.from_bytes(got[10:12], "little") == 1  # num_buffers, written across descriptors
     drops = sess.device.snapshot()["queues"][1]["drops"]
     assert drops.get("short_header") == 3, drops

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 
 from nicsim.ports import GeneratorConfig, GeneratorPort, Port, ReflectPort, SinkPort, TxFrames
-from nicsim.vhost.features import VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF
-from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
-from nicsim.vhost.features import VIRTIO_RING_F_INDIRECT_DESC as VIRTIO_F_INDIRECT_DESC
 from nicsim.virtio.device import VirtioNetDevice
+from nicsim.virtio.features import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_MRG_RXBUF,
+)
 from nicsim.virtio.policy import NotifyPolicy
 from rings.driver import DriverQueue, GuestDriver, Malformed, TxLayout
 from rings.pool import PacketPool

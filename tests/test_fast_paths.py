@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 from nicsim.ports import GeneratorConfig, GeneratorPort
-from nicsim.vhost.features import VIRTIO_F_VERSION_1
-from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
 from nicsim.virtio.device import VirtioNetDevice
+from nicsim.virtio.features import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
 from nicsim.virtio.rx import scatter_template_words
 from rings.chains import ChainBatch
 from rings.driver import GuestDriver

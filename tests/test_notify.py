@@ -11,9 +11,8 @@ import select
 
 from nicsim.ports import GeneratorConfig, GeneratorPort, Port, SinkPort
 from nicsim.server.pump import RingPump
-from nicsim.vhost.features import VIRTIO_F_VERSION_1
-from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
 from nicsim.virtio.device import VirtioNetDevice
+from nicsim.virtio.features import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
 from nicsim.virtio.policy import NotifyPolicy
 from rings.driver import DriverQueue, GuestDriver
 

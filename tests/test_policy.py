@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 
 from nicsim.ports import SinkPort
-from nicsim.vhost.features import VIRTIO_F_VERSION_1
-from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
 from nicsim.virtio.device import VirtioNetDevice
+from nicsim.virtio.features import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
 from nicsim.virtio.policy import (
     POLICY_OPTIONS,
     NotifyPolicy,

@@ -8,8 +8,8 @@ import pytest
 
 from nicsim.ports import GeneratorConfig, GeneratorPort, ResponderPort, make_port
 from nicsim.ports import frames as fr
-from nicsim.vhost.features import VIRTIO_F_VERSION_1
 from nicsim.virtio.device import VirtioNetDevice
+from nicsim.virtio.features import VIRTIO_F_VERSION_1
 from rings.driver import DriverQueue, GuestDriver
 
 GUEST_MAC = fr.mac_bytes("52:54:00:12:34:56")

@@ -21,6 +21,7 @@ from nicsim.ports.frames import ip_bytes, mac_bytes, udp_frame
 from nicsim.server import Server, Session
 from nicsim.vhost import features as vf
 from nicsim.virtio.device import VirtioNetDevice
+from nicsim.virtio.features import VIRTIO_F_VERSION_1, VIRTIO_NET_F_GUEST_TSO4
 from rings.driver import Completion
 from rings.pool import PacketPool
 
@@ -205,7 +206,7 @@ async def test_malformed_message_is_refused_and_keeps_serving(serve: Serve, kind
     elif kind is not Malformed.UNKNOWN_REQUEST:
         assert reply is not None and not reply.ok
     # Still serving, on the same connection, with the same memory.
-    assert await fe.get_features() & vf.bit(vf.VIRTIO_F_VERSION_1)
+    assert await fe.get_features() & vf.bit(VIRTIO_F_VERSION_1)
     assert sess.errors, "the refusal is reported"
     if kind is Malformed.UNSHARED_MEMORY:
         assert "share=on" in sess.errors[-1]
@@ -252,7 +253,7 @@ async def test_refused_features_fail_the_ack(serve: Serve) -> None:
     fe = await VhostUserFrontend.connect(h.endpoint.path)
     await fe.handshake()
     with pytest.raises(FrontendError):
-        await fe.call(fe.conn.set_features(vf.bit(vf.VIRTIO_NET_F_GUEST_TSO4), need_reply=True))
+        await fe.call(fe.conn.set_features(vf.bit(VIRTIO_NET_F_GUEST_TSO4), need_reply=True))
     await finish(h, fe, before)
 
 

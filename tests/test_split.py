@@ -76,24 +76,6 @@ def test_batch_mixing_depths_and_indirect_keeps_chain_order() -> None:
     assert (np.diff(batch.seg_chain) >= 0).all()
 
 
-@pytest.mark.parametrize("layout", list(TxLayout))
-def test_rx_template_fills_writable_space_and_driver_reads_it_back(layout: TxLayout) -> None:
-    g, q, dq = setup()
-    q.post_rx(100, count=3, layout=layout)
-    batch = dq.walk(g.memory, dq.pop_avail(g.memory, 8))
-    template = np.arange(150, dtype=np.uint8)[:90]
-    written = batch.write_template(g.memory, template)
-    assert written.tolist() == [90, 90, 90]
-    dq.push_used(g.memory, batch.heads, written)
-    done = q.reap()
-    assert [c.data for c in done] == [template.tobytes()] * 3
-    # Longer than the buffer: truncated to the writable space.
-    q.post_rx(100, count=1, layout=layout)
-    batch = dq.walk(g.memory, dq.pop_avail(g.memory, 8))
-    big = (np.arange(300) % 251).astype(np.uint8)
-    assert batch.write_template(g.memory, big).tolist() == [100]
-
-
 EXPECTED = {
     Malformed.LOOP: (DescriptorLoopError, ErrorCode.LOOP),
     Malformed.HEAD_OUT_OF_RANGE: (DescriptorIndexError, ErrorCode.DESCRIPTOR_INDEX),

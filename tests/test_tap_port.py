@@ -20,8 +20,11 @@ from nicsim.cli.serve import parse_port
 from nicsim.ports import GeneratorPort, Port, ReflectPort, ResponderPort, SinkPort, TxFrames
 from nicsim.ports.frames import ETHERTYPE_IPV4, IPPROTO_UDP, ethernet, ip_bytes, ipv4, mac_bytes
 from nicsim.ports.tap import OFFLOADS, TUN_ALL, TapConfig, TapError, TapPort, in_netns
-from nicsim.vhost.features import (
+from nicsim.virtio.device import VirtioNetDevice
+from nicsim.virtio.features import (
     OFFLOAD_FEATURES,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
@@ -31,9 +34,6 @@ from nicsim.vhost.features import (
     VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MRG_RXBUF,
 )
-from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
-from nicsim.vhost.features import VIRTIO_RING_F_INDIRECT_DESC as VIRTIO_F_INDIRECT_DESC
-from nicsim.virtio.device import VirtioNetDevice
 from rings.driver import DriverQueue, GuestDriver
 from tests.conftest import Netns
 

@@ -20,6 +20,7 @@ from nicsim.vhost import (
 from nicsim.vhost import features as f
 from nicsim.vhost import payloads as p
 from nicsim.vhost.protocol import FLAG_NEED_REPLY, FLAG_REPLY, VERSION, encode_message
+from nicsim.virtio.features import VIRTIO_F_RING_PACKED, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4
 from tests.test_vhost_support import (
     REGION,
     REGION2,
@@ -183,7 +184,7 @@ def test_set_features_with_a_bit_not_offered_is_refused() -> None:
     link = Link()
     qemu72_init(link)
     evs, (ack,) = link.call(
-        link.frontend.set_features(f.DEFAULT_VIRTIO_FEATURES | f.bit(f.VIRTIO_F_RING_PACKED), need_reply=True)
+        link.frontend.set_features(f.DEFAULT_VIRTIO_FEATURES | f.bit(VIRTIO_F_RING_PACKED), need_reply=True)
     )
     (err,) = evs
     assert isinstance(err, ProtocolErrorOccurred)
@@ -194,7 +195,7 @@ def test_set_features_with_a_bit_not_offered_is_refused() -> None:
 
 
 def test_offered_features_are_constructor_arguments() -> None:
-    extra = f.bit(f.VIRTIO_NET_F_CSUM) | f.bit(f.VIRTIO_NET_F_HOST_TSO4)
+    extra = f.bit(VIRTIO_NET_F_CSUM) | f.bit(VIRTIO_NET_F_HOST_TSO4)
     link = Link(BackendConnection(features=f.DEFAULT_VIRTIO_FEATURES | extra, inflight_shmfd=True))
     _, (r,) = link.call(link.frontend.get_features())
     assert r.value & extra == extra

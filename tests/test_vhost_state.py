@@ -22,12 +22,13 @@ from nicsim.vhost import payloads as p
 from nicsim.vhost.connection import ROUTES
 from nicsim.vhost.protocol import SPECS, VERSION, encode_message
 from nicsim.vhost.state import EVERY_RING, GATES, RING_REQUESTS, RING_TRANSITIONS, SUPPORTED, TRANSITIONS
+from nicsim.virtio.features import VIRTIO_F_ACCESS_PLATFORM
 from tests.test_vhost_codec import SAMPLES
 from tests.test_vhost_support import REGION, REGION2, Link, close_originals, new_fd, no_fd_leak
 
 S = ConnectionState
 R = Request
-ALL_VIRTIO = f.DEFAULT_VIRTIO_FEATURES | f.bit(f.VIRTIO_F_ACCESS_PLATFORM)
+ALL_VIRTIO = f.DEFAULT_VIRTIO_FEATURES | f.bit(VIRTIO_F_ACCESS_PLATFORM)
 ALL_PROTOCOL = f.DEFAULT_PROTOCOL_FEATURES | f.mask(
     (
         f.VHOST_USER_PROTOCOL_F_LOG_SHMFD,

@@ -14,11 +14,13 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 
 from nicsim.errors import RemoteError
 
-ETH_HLEN = 14
+# The device layer needs these two as well, so it owns them (it may not import a port).
+from nicsim.virtio.port import ETH_HLEN as ETH_HLEN
+from nicsim.virtio.port import Buffer as Buffer
+
 ETH_ZLEN = 60  # minimum frame length without FCS; shorter frames are padded by the sender
 ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_ARP = 0x0806
@@ -31,8 +33,6 @@ ICMP_ECHO_REQUEST = 8
 IPV4_HLEN = 20
 UDP_HLEN = 8
 BROADCAST_MAC = b"\xff" * 6
-
-Buffer = bytes | bytearray | memoryview | npt.NDArray[np.uint8]
 
 
 class FrameError(RemoteError, ValueError):

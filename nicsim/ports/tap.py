@@ -34,7 +34,18 @@ import numpy.typing as npt
 
 from nicsim.errors import LocalError
 from nicsim.ports.base import Port, TxFrames
-from nicsim.ports.frames import ETH_HLEN
+from nicsim.virtio.features import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
+    has,
+    mask,
+)
+from nicsim.virtio.port import ETH_HLEN, HDR_LEN_LEGACY, HDR_LEN_V1, MAX_FRAME, vnet_hdr_len
 
 # <linux/if_tun.h>
 TUNSETIFF = 0x400454CA
@@ -52,14 +63,15 @@ TUN_ALL = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")  # where `ip netns add` puts its namespaces
 
-# virtio 1.2 §5.1.3 feature bits and §5.1.6 header fields.
-F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6 = 0, 1, 7, 8, 11, 12
-F_MRG_RXBUF, F_VERSION_1 = 15, 32
-OFFLOADS = sum(1 << b for b in (F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6))
+# The offloads a TAP can honour (virtio 1.2 §5.1.3; no ECN, no UFO), and §5.1.6 header fields.
+OFFLOADS = mask((
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+))  # fmt: skip
 HDR_F_NEEDS_CSUM = 1
 GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_ECN = 0, 1, 4, 0x80
 
-MAX_READ = 65550 + 12 + 64  # a 64 KB GSO frame, its header, and slack to detect a longer one
+MAX_READ = MAX_FRAME + HDR_LEN_V1 + 64  # a 64 KB GSO frame, its header, and slack to detect a longer one
 RX_BURST_BYTES = 256 * 1024  # stop a poll after this much; the device's backlog holds more (8 x 64 KB)
 WRITE_TRIES = 3
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")
@@ -186,7 +198,7 @@ class TapPort(Port):
         self._offered = OFFLOADS if config.offload and tun_offloads == TUN_ALL else 0
         self._allowed_gso = {GSO_NONE}
         self._tx_csum = False
-        self._hdr_len = 10  # the kernel's default until negotiation says otherwise
+        self._hdr_len = HDR_LEN_LEGACY  # the kernel's default until negotiation says otherwise
         self.tun_offload = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False  # the fd is watched (it was drained)
@@ -202,23 +214,18 @@ class TapPort(Port):
 
     def negotiated(self, features: int) -> None:
         fd = self._require_fd()
-
-        def has(b: int) -> bool:
-            return bool(features >> b & 1)
-
-        # §5.1.6: the header has num_buffers (12 bytes) with VERSION_1 or MRG_RXBUF; the kernel reads
-        # and writes exactly that many bytes in front of every frame.
-        self._hdr_len = 12 if has(F_VERSION_1) or has(F_MRG_RXBUF) else 10
+        # The kernel reads and writes exactly the negotiated header in front of every frame.
+        self._hdr_len = vnet_hdr_len(features)
         off = 0
-        if has(F_GUEST_CSUM):
+        if has(features, VIRTIO_NET_F_GUEST_CSUM):
             off |= TUN_F_CSUM
-            if has(F_GUEST_TSO4):
+            if has(features, VIRTIO_NET_F_GUEST_TSO4):
                 off |= TUN_F_TSO4
-            if has(F_GUEST_TSO6):
+            if has(features, VIRTIO_NET_F_GUEST_TSO6):
                 off |= TUN_F_TSO6
         try:
             _ioctl_int(fd, TUNSETVNETHDRSZ, self._hdr_len)
-            if has(F_VERSION_1):
+            if has(features, VIRTIO_F_VERSION_1):
                 # VERSION_1 headers are little-endian (§5.1.6); a no-op on a little-endian host.
                 try:
                     _ioctl_int(fd, TUNSETVNETLE, 1)
@@ -231,11 +238,11 @@ class TapPort(Port):
                            ifname=self.config.ifname, err=err.errno or 0) from err  # fmt: skip
         self.tun_offload = off
         # What the guest may ask of the kernel on TX (§5.1.6.2): only offloads it negotiated.
-        self._tx_csum = has(F_CSUM)
+        self._tx_csum = has(features, VIRTIO_NET_F_CSUM)
         self._allowed_gso = {GSO_NONE}
-        if self._tx_csum and has(F_HOST_TSO4):
+        if self._tx_csum and has(features, VIRTIO_NET_F_HOST_TSO4):
             self._allowed_gso.add(GSO_TCPV4)
-        if self._tx_csum and has(F_HOST_TSO6):
+        if self._tx_csum and has(features, VIRTIO_NET_F_HOST_TSO6):
             self._allowed_gso.add(GSO_TCPV6)
 
     def start_io(self, loop: asyncio.AbstractEventLoop) -> None:

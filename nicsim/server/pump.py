@@ -28,6 +28,7 @@ from collections.abc import Callable
 from nicsim.ports.base import Port
 from nicsim.virtio.device import DeviceStateError, QueueResult, VirtioNetDevice
 from nicsim.virtio.policy import PollAction, poll_action
+from nicsim.virtio.port import DevicePort
 from rings.errors import RingsError
 
 log = logging.getLogger("nicsim.server")
@@ -37,7 +38,7 @@ _RETRY_S = 0.001  # pool exhausted, or a rate-limited port: look again this much
 PUMP_COUNTERS = ("wakeups_kick", "wakeups_timer", "wakeups_other", "rounds", "sleeps", "batch_sleeps")
 
 
-def _pull_style(port: Port) -> bool:
+def _pull_style(port: DevicePort) -> bool:
     return type(port).poll_rx is not Port.poll_rx
 
 

@@ -62,6 +62,7 @@ from nicsim.vhost.state import (
     next_phase,
     next_state,
 )
+from nicsim.virtio.features import VIRTIO_F_RING_PACKED
 
 __all__ = ["ROUTES", "BackendConnection", "Handled", "Outgoing", "RingStatus", "Route"]
 
@@ -315,7 +316,7 @@ class BackendConnection:
         )
 
     def _packed(self) -> bool:
-        return f.has(self.acked_features or 0, f.VIRTIO_F_RING_PACKED)
+        return f.has(self.acked_features or 0, VIRTIO_F_RING_PACKED)
 
     # --- handlers: validate everything first, then change state, then build events ------------
     # Each takes the payload type its route decodes and returns what it produced.

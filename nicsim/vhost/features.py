@@ -1,55 +1,34 @@
-"""Feature bit numbers, with the names the virtio 1.2 and vhost-user specs give them.
+"""Feature bits of the vhost-user protocol, with the names the vhost-user spec gives them.
 
-This module owns every feature constant the vhost-user layer and the device use: virtio device
-feature bits (``VIRTIO_F_*``, ``VIRTIO_NET_F_*``, ``VIRTIO_RING_F_*``), the vhost-specific bits
-(``VHOST_F_LOG_ALL``, ``VHOST_USER_F_PROTOCOL_FEATURES``), the vhost-user protocol feature bits
-(``VHOST_USER_PROTOCOL_F_*``), the sets nicsim offers by default, and helpers that turn masks into
-names for logs. Constants are *bit numbers*; ``bit(n)`` / ``mask(...)`` build masks.
+This module owns the vhost bits reserved in the device feature word (``VHOST_F_LOG_ALL``,
+``VHOST_USER_F_PROTOCOL_FEATURES``), the vhost-user protocol feature bits (``VHOST_USER_PROTOCOL_F_*``),
+the sets the backend offers by default, and :func:`feature_names`, which names the bits of either word
+for logs. The virtio bits themselves (``VIRTIO_F_*``, ``VIRTIO_NET_F_*``) and the mask helpers belong to
+:mod:`nicsim.virtio.features`; ``bit``, ``mask`` and ``has`` are re-exported here for the protocol's
+own feature words. Constants are *bit numbers*.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from nicsim.virtio.features import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_FEATURE_NAMES,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS,
+    names_by_bit,
+)
+from nicsim.virtio.features import bit as bit
+from nicsim.virtio.features import has as has
+from nicsim.virtio.features import mask as mask
 
-# --- virtio-net device features (virtio 1.2 §5.1.3) -------------------------------------------------
-VIRTIO_NET_F_CSUM = 0
-VIRTIO_NET_F_GUEST_CSUM = 1
-VIRTIO_NET_F_CTRL_GUEST_OFFLOADS = 2
-VIRTIO_NET_F_MTU = 3
-VIRTIO_NET_F_MAC = 5
-VIRTIO_NET_F_GUEST_TSO4 = 7
-VIRTIO_NET_F_GUEST_TSO6 = 8
-VIRTIO_NET_F_GUEST_ECN = 9
-VIRTIO_NET_F_GUEST_UFO = 10
-VIRTIO_NET_F_HOST_TSO4 = 11
-VIRTIO_NET_F_HOST_TSO6 = 12
-VIRTIO_NET_F_HOST_ECN = 13
-VIRTIO_NET_F_HOST_UFO = 14
-VIRTIO_NET_F_MRG_RXBUF = 15
-VIRTIO_NET_F_STATUS = 16
-VIRTIO_NET_F_CTRL_VQ = 17
-VIRTIO_NET_F_CTRL_RX = 18
-VIRTIO_NET_F_CTRL_VLAN = 19
-VIRTIO_NET_F_GUEST_ANNOUNCE = 21
-VIRTIO_NET_F_MQ = 22
-VIRTIO_NET_F_CTRL_MAC_ADDR = 23
-
-# --- transport / ring features (virtio 1.2 §6) ----------------------------------------------------
-VIRTIO_F_NOTIFY_ON_EMPTY = 24
+# --- vhost bits in the device feature word (vhost-user spec, "Feature bits") -----------------------
 VHOST_F_LOG_ALL = 26
-VIRTIO_F_ANY_LAYOUT = 27
-VIRTIO_RING_F_INDIRECT_DESC = 28
-VIRTIO_RING_F_EVENT_IDX = 29
 # vhost-user reuses the reserved (UNUSED) bit 30 to announce protocol-feature negotiation.
 VHOST_USER_F_PROTOCOL_FEATURES = 30
-VIRTIO_F_VERSION_1 = 32
-VIRTIO_F_ACCESS_PLATFORM = 33
-VIRTIO_F_IOMMU_PLATFORM = VIRTIO_F_ACCESS_PLATFORM  # the older name, still used by the vhost-user spec
-VIRTIO_F_RING_PACKED = 34
-VIRTIO_F_IN_ORDER = 35
-VIRTIO_F_ORDER_PLATFORM = 36
-VIRTIO_F_SR_IOV = 37
-VIRTIO_F_NOTIFICATION_DATA = 38
 
 # --- vhost-user protocol features (vhost-user spec, "Protocol features") ---------------------------
 VHOST_USER_PROTOCOL_F_MQ = 0
@@ -74,30 +53,12 @@ VHOST_USER_PROTOCOL_F_SHARED_OBJECT = 18
 VHOST_USER_PROTOCOL_F_DEVICE_STATE = 19
 
 
-def bit(n: int) -> int:
-    """The mask of feature bit number ``n``."""
-    return 1 << n
-
-
-def mask(bits: Iterable[int]) -> int:
-    """The mask with every bit number in ``bits`` set."""
-    out = 0
-    for n in bits:
-        out |= 1 << n
-    return out
-
-
-def has(features: int, n: int) -> bool:
-    """Whether bit number ``n`` is set in ``features``."""
-    return bool(features >> n & 1)
-
-
 DEFAULT_VIRTIO_FEATURES = mask(
     (
         VIRTIO_F_VERSION_1,
         VIRTIO_NET_F_MRG_RXBUF,
-        VIRTIO_RING_F_EVENT_IDX,
-        VIRTIO_RING_F_INDIRECT_DESC,
+        VIRTIO_F_EVENT_IDX,
+        VIRTIO_F_INDIRECT_DESC,
         VIRTIO_NET_F_MAC,
         VIRTIO_NET_F_MTU,
         VIRTIO_NET_F_STATUS,
@@ -105,13 +66,6 @@ DEFAULT_VIRTIO_FEATURES = mask(
     )
 )
 """What the backend offers in GET_FEATURES unless the device asks for more (offloads, later)."""
-
-# Offloads (virtio 1.2 §5.1.3): a device offers these only when its port can honour them.
-OFFLOAD_FEATURES = mask((
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
-    VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_UFO,
-))  # fmt: skip
 
 DEFAULT_PROTOCOL_FEATURES = mask(
     (
@@ -125,16 +79,8 @@ DEFAULT_PROTOCOL_FEATURES = mask(
 """What the backend offers in GET_PROTOCOL_FEATURES (INFLIGHT_SHMFD is added only on request)."""
 
 
-def _names(prefixes: tuple[str, ...]) -> dict[int, str]:
-    out: dict[int, str] = {}
-    for name, value in globals().items():
-        if name.startswith(prefixes) and isinstance(value, int) and value not in out:
-            out[value] = name
-    return out
-
-
-_VIRTIO_NAMES = _names(("VIRTIO_F_", "VIRTIO_NET_F_", "VIRTIO_RING_F_", "VHOST_F_", "VHOST_USER_F_"))
-_PROTOCOL_NAMES = _names(("VHOST_USER_PROTOCOL_F_",))
+_VIRTIO_NAMES = {**VIRTIO_FEATURE_NAMES, **names_by_bit(globals(), ("VHOST_F_", "VHOST_USER_F_"))}
+_PROTOCOL_NAMES = names_by_bit(globals(), ("VHOST_USER_PROTOCOL_F_",))
 
 
 def feature_names(features: int, *, protocol: bool = False) -> list[str]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from nicsim.vhost import features as f
 from nicsim.vhost.errors import FrontendProtocolError
 from nicsim.vhost.protocol import Request as R
+from nicsim.virtio.features import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_NET_F_MTU
 
 
 class ConnectionState(enum.Enum):
@@ -168,9 +169,9 @@ GATES: dict[R, Gate] = {
     R.SET_VRING_ENABLE: Gate(protocol_negotiated=True),
     R.SEND_RARP: Gate(protocol=f.VHOST_USER_PROTOCOL_F_RARP),
     # QEMU sends NET_SET_MTU before SET_FEATURES on the first start, so MTU can only be "offered".
-    R.NET_SET_MTU: Gate(protocol=f.VHOST_USER_PROTOCOL_F_NET_MTU, virtio_offered=f.VIRTIO_NET_F_MTU),
+    R.NET_SET_MTU: Gate(protocol=f.VHOST_USER_PROTOCOL_F_NET_MTU, virtio_offered=VIRTIO_NET_F_MTU),
     R.SET_BACKEND_REQ_FD: Gate(protocol=f.VHOST_USER_PROTOCOL_F_BACKEND_REQ),
-    R.IOTLB_MSG: Gate(virtio_acked=f.VIRTIO_F_ACCESS_PLATFORM),
+    R.IOTLB_MSG: Gate(virtio_acked=VIRTIO_F_ACCESS_PLATFORM),
     R.SET_VRING_ENDIAN: Gate(protocol=f.VHOST_USER_PROTOCOL_F_CROSS_ENDIAN),
     R.GET_CONFIG: Gate(protocol=f.VHOST_USER_PROTOCOL_F_CONFIG),
     R.SET_CONFIG: Gate(protocol=f.VHOST_USER_PROTOCOL_F_CONFIG),

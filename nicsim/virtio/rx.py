@@ -1,28 +1,32 @@
-"""The RX half of the virtio-net device: the bounded backlog of frames waiting for guest buffers, the
-virtio-net header, and the plan that places frames into buffers (one per frame, or several with
-VIRTIO_NET_F_MRG_RXBUF).
+"""The RX path of the virtio-net device (virtio 1.2 §5.1.6.3-4): from the port, through a bounded
+backlog, into the guest's receive buffers, and onto the used ring.
 
-This module owns no queue and no pool: :class:`nicsim.virtio.device.VirtioNetDevice` pops the guest's RX
-chains, asks :func:`plan_rx` which chain gets which bytes, builds one staging array (header + frame,
-back to back) and scatters it into the chains' writable segments with one vectorised copy per
-memory region. A header-passing port (the tap) hands frames that already carry the kernel's
-virtio-net header; staging keeps it (offloads negotiated) or zeroes it, and always fills num_buffers.
+This module owns :class:`RxPath`, the sink a port pushes frames into (one frame, many, or one template
+written many times) and the round ``VirtioNetDevice.deliver_rx`` / ``poll_rx`` run: flush the backlog,
+then (poll) let a pull-style port fill the buffers still posted. A round pops the guest's RX chains,
+asks :func:`plan_rx` which chain gets which bytes (one buffer per frame, or several with
+VIRTIO_NET_F_MRG_RXBUF), builds one staging array (header + frame, back to back) and scatters it into
+the chains' writable segments with one vectorised copy per memory region; the consumed prefix goes on
+the used ring and the chains no frame used are given back. A header-passing port (the tap) hands
+frames that already carry the kernel's virtio-net header; staging keeps it (offloads negotiated) or
+zeroes it, and always fills num_buffers. Pool exhaustion is backpressure: frames wait in the backlog,
+which drops (``no_rx_buffer``) only when full.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
 
+from nicsim.virtio.port import HDR_LEN_V1, MAX_FRAME, Buffer, DevicePort
+from nicsim.virtio.queues import QueueResult, QueueSet, QueueState
 from rings.chains import ChainBatch
+from rings.errors import GuestError
 from rings.memory import GuestMemory
 
-HDR_LEN_V1 = 12      # struct virtio_net_hdr_v1 (virtio 1.2 §5.1.6): ... num_buffers le16 at offset 10
-HDR_LEN_LEGACY = 10  # legacy header without num_buffers (neither VERSION_1 nor MRG_RXBUF)
-NUM_BUFFERS_OFFSET = 10
-MAX_FRAME = 65550    # an IPv4 packet of 65535 bytes behind an Ethernet + VLAN header
+NUM_BUFFERS_OFFSET = 10  # in struct virtio_net_hdr_v1 (virtio 1.2 §5.1.6), le16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,17 +165,23 @@ def _copy_ranges(
     dst[di] = src[si]
 
 
-def scatter_chains(
-    mem: GuestMemory, cb: ChainBatch, per_chain: npt.NDArray[np.int64], staging: npt.NDArray[np.uint8]
-) -> None:
-    """Write ``per_chain[k]`` bytes of ``staging`` into chain ``k``'s writable segments, chains taking
-    consecutive slices of ``staging`` in order (0 for chains that get nothing)."""
+def _writable_offsets(cb: ChainBatch) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Per segment: its device-writable length (0 for a readable one), and where it starts within its
+    chain's writable space (§2.7.4.2: the writable descriptors follow the readable ones)."""
     wl = np.where(cb.seg_writable, cb.seg_len, 0).astype(np.int64)
     excl = np.cumsum(wl) - wl
     has = cb.seg_count > 0
     chain_base = np.zeros(len(cb), dtype=np.int64)
     chain_base[has] = excl[cb.first_seg[has]]
-    woff = excl - chain_base[cb.seg_chain]
+    return wl, excl - chain_base[cb.seg_chain]
+
+
+def scatter_chains(
+    mem: GuestMemory, cb: ChainBatch, per_chain: npt.NDArray[np.int64], staging: npt.NDArray[np.uint8]
+) -> None:
+    """Write ``per_chain[k]`` bytes of ``staging`` into chain ``k``'s writable segments, chains taking
+    consecutive slices of ``staging`` in order (0 for chains that get nothing)."""
+    wl, woff = _writable_offsets(cb)
     copy = np.clip(per_chain[cb.seg_chain] - woff, 0, wl)
     src_base = np.cumsum(per_chain) - per_chain
     src = src_base[cb.seg_chain] + woff
@@ -183,6 +193,20 @@ def scatter_chains(
             mem.segment(int(cb.seg_region[seg]), int(cb.seg_offset[seg]), n)[:] = staging[off : off + n]
         return
     mem.scatter(cb.seg_region, cb.seg_offset, copy, staging, src)
+
+
+def scatter_template(
+    mem: GuestMemory, cb: ChainBatch, template: npt.NDArray[np.uint8]
+) -> npt.NDArray[np.uint32]:
+    """Copy ``template`` (a virtio-net header plus one frame) into every good chain's device-writable
+    space, spilling across its writable segments, vectorised over the batch (the generator's path when
+    :func:`scatter_template_words` does not apply). Returns the bytes written per chain:
+    ``min(len(template), writable_len)``, 0 for bad chains, ready to be the used-ring lengths."""
+    wl, woff = _writable_offsets(cb)
+    copy = np.clip(template.shape[0] - woff, 0, wl)
+    mem.scatter(cb.seg_region, cb.seg_offset, copy, template, woff)
+    written = np.minimum(cb.writable_len, template.shape[0])
+    return np.where(cb.error == 0, written, 0).astype(np.uint32)
 
 
 class RxBacklog:
@@ -290,3 +314,253 @@ def _template_window(mem: GuestMemory, region: int, length: int) -> npt.NDArray[
         return win
 
     return mem.cached(("template_window", region, length), build)
+
+
+class RxPath:
+    """The device's receive path: port -> backlog -> guest RX buffers -> used ring. It is the
+    :class:`~nicsim.virtio.port.RxSink` the port pushes into."""
+
+    def __init__(self, queues: QueueSet, port: DevicePort, pairs: int, *, offloads: bool) -> None:
+        self._qs = queues
+        self._port = port
+        self._pool = queues.pool
+        self._stats = queues.stats
+        policy = queues.policy
+        backlog_bytes = max(policy.rx_backlog * 2048, 2 * MAX_FRAME)
+        if offloads:
+            # GSO frames of up to 64 KB arrive from the port: room for several of them.
+            backlog_bytes = max(backlog_bytes, 8 * (MAX_FRAME + HDR_LEN_V1))
+        self.backlog = [RxBacklog(policy.rx_backlog, backlog_bytes) for _ in range(pairs)]
+        self._scratch: npt.NDArray[np.uint8] = np.zeros(policy.rx_batch * 2048, np.uint8)
+        self._tmpl_key: tuple[int, int, int] | None = None
+        self._tmpl: npt.NDArray[np.uint8] = np.zeros(0, np.uint8)
+
+    # -- the sink the port pushes into -----------------------------------------------------------------
+
+    def push(self, frame: Buffer, *, pair: int = 0) -> bool:
+        arr = frame if isinstance(frame, np.ndarray) else np.frombuffer(bytes(frame), dtype=np.uint8)
+        rxq = 2 * pair
+        if arr.shape[0] > MAX_FRAME + (self._qs.hdr_len if self._port.vnet_hdr else 0):
+            self._stats.drop(rxq, "too_big")
+            return False
+        bl = self.backlog[pair]
+        was_empty = len(bl) == 0
+        if not bl.append(arr):
+            self._stats.drop(rxq, "no_rx_buffer")
+            return False
+        if was_empty:
+            self._qs.wake(rxq)
+        return True
+
+    def push_many(self, data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64],
+                  lengths: npt.NDArray[np.uint32], *, pair: int = 0) -> int:  # fmt: skip
+        kept = 0
+        for off, n in zip(offsets.tolist(), lengths.tolist(), strict=True):
+            kept += self.push(data[off : off + n], pair=pair)
+        return kept
+
+    def push_template(self, template: npt.NDArray[np.uint8], count: int, *, pair: int = 0) -> int:
+        rxq = 2 * pair
+        st = self._qs.states[rxq]
+        mem = self._qs.mem
+        if st is None or mem is None or st.broken is not None or count <= 0:
+            return 0
+        if len(self.backlog[pair]):
+            self._flush_backlog(rxq, st, mem)
+            if len(self.backlog[pair]):
+                return 0
+        return self._deliver_template(rxq, st, mem, template, count)
+
+    def rx_space(self, pair: int = 0) -> int:
+        st = self._qs.states[2 * pair]
+        mem = self._qs.mem
+        if st is None or mem is None or st.broken is not None:
+            return 0
+        try:
+            return st.q.avail_pending(mem)
+        except GuestError:
+            return 0
+
+    def wake(self, pair: int = 0) -> None:
+        self._qs.wake(2 * pair)
+
+    def drop_backlog(self, pair: int) -> None:
+        """The pair's receive queue stops: frames still waiting for it are dropped (``queue_stopped``)."""
+        n = self.backlog[pair].clear()
+        if n:
+            self._stats.drop(2 * pair, "queue_stopped", n)
+
+    # -- device side -----------------------------------------------------------------------------------
+
+    def round(self, pair: int, *, pull: bool, now: float = 0.0) -> QueueResult:
+        """One RX round on ``pair``: flush the backlog into the guest's buffers; with ``pull``, then let
+        a pull-style port (the generator, the tap) fill the buffers still posted."""
+        rxq = 2 * pair
+        qs = self._qs
+        st, mem = qs.running(rxq)
+        if st.broken is not None:
+            return QueueResult(queue=rxq, error=st.broken)
+        stats = self._stats
+        before = int(stats.packets[rxq])
+        drops = stats.drops_total(rxq)
+        bl = self.backlog[pair]
+        try:
+            self._flush_backlog(rxq, st, mem)
+            if pull:
+                budget = min(st.q.avail_pending(mem), qs.policy.rx_batch) if not len(bl) else 0
+                produced = self._port.poll_rx(pair, budget, now) if budget else 0
+                # More only if buffers are still posted after a round that produced (the batch limit
+                # cut it short); a round that filled every posted buffer is done, not one round early.
+                more = (produced > 0 or len(bl) > 0) and st.q.avail_pending(mem) > 0
+                blocked = budget > 0 and produced == 0 and self._pool.available == 0
+            else:
+                more = len(bl) > 0 and self.rx_space(pair) > 0
+                blocked = len(bl) > 0 and self._pool.available == 0
+        except GuestError as err:
+            return qs.broke(rxq, st, err)
+        return QueueResult(
+            queue=rxq, processed=int(stats.packets[rxq]) - before,
+            dropped=stats.drops_total(rxq) - drops, more=more,
+            interrupt=qs.decide_interrupt(rxq, st, mem, idle=not more), blocked=blocked,
+        )
+
+    def _flush_backlog(self, rxq: int, st: QueueState, mem: GuestMemory) -> None:
+        bl = self.backlog[rxq // 2]
+        while len(bl):
+            offsets, lengths = bl.frames()
+            n = min(len(bl), self._qs.policy.rx_batch)
+            taken = self._deliver(rxq, st, mem, bl.data, offsets[:n], lengths[:n])
+            if taken == 0:
+                return
+            bl.pop(taken)
+
+    def _take_chains(
+        self, rxq: int, st: QueueState, mem: GuestMemory, want: int
+    ) -> tuple[ChainBatch, npt.NDArray[np.int32]] | None:
+        want = min(want, st.q.avail_pending(mem), self._qs.policy.rx_batch)
+        if want <= 0:
+            return None
+        descs = self._pool.allocate_batch(want, partial=True)
+        k = int(descs.shape[0])
+        if k == 0:
+            return None  # backpressure: frames stay queued until descriptors come back
+        heads = st.q.pop_avail(mem, k)
+        cb = st.q.walk(mem, heads, indirect=self._qs.indirect)
+        # The walker bounds every chain's length to u32 (CHAIN_TOO_LONG): the cast is exact.
+        self._pool.track(descs, queue=rxq, heads=heads, addrs=np.zeros(k, np.uint64),
+                         lengths=cb.writable_len.astype(np.uint32))  # fmt: skip
+        self._stats.add_inflight(rxq, k)
+        return cb, descs
+
+    def _give_back(self, rxq: int, st: QueueState, descs: npt.NDArray[np.int32], unused: int) -> None:
+        """End a round: the last ``unused`` popped chains go back to the avail ring (un-popped, still
+        the guest's), and every descriptor taken for the round is freed."""
+        st.q.last_avail_idx = (st.q.last_avail_idx - unused) & 0xFFFF
+        self._pool.free_batch(descs)
+        self._stats.add_inflight(rxq, -int(descs.shape[0]))
+
+    def _finish_chains(
+        self, rxq: int, st: QueueState, mem: GuestMemory, cb: ChainBatch, descs: npt.NDArray[np.int32],
+        good_pos: npt.NDArray[np.int64], used_good: int, chain_bytes: npt.NDArray[np.int64],
+    ) -> None:
+        """Publish the consumed prefix of the popped chains and give the rest back."""
+        k = len(cb)
+        if used_good == k:
+            # Every chain good and used (the common case): the lengths are the used-ring entries.
+            cut, lens = k, chain_bytes.astype(np.uint32)
+        else:
+            # The consumed prefix ends at the first good chain no frame used; bad chains before it
+            # are returned with len 0 (§2.7.8), chains from it on are given back to the avail ring.
+            cut = int(good_pos[used_good]) if used_good < good_pos.shape[0] else k
+            lens = np.zeros(k, np.uint32)
+            lens[good_pos[:used_good]] = chain_bytes.astype(np.uint32)
+            self._qs.count_chain_errors(rxq, _prefix_errors(cb, cut))
+        if cut:
+            self._qs.mark_used(rxq, st.q, mem, cb.heads[:cut], lens[:cut])
+        self._give_back(rxq, st, descs, k - cut)
+
+    def _deliver(
+        self, rxq: int, st: QueueState, mem: GuestMemory, data: npt.NDArray[np.uint8],
+        offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64],
+    ) -> int:
+        """Place frames ``data[offsets[i]:][:lengths[i]]`` in order; returns how many were consumed
+        (placed or dropped as too big); the rest wait."""
+        qs = self._qs
+        # With MRG_RXBUF a frame may span several buffers: take a full batch, give back what is unused.
+        want = qs.policy.rx_batch if qs.mergeable else int(lengths.shape[0])
+        got = self._take_chains(rxq, st, mem, want)
+        if got is None:
+            return 0
+        cb, descs = got
+        good_pos = np.flatnonzero(cb.error == 0)
+        hdr = qs.hdr_len
+        carried = self._port.vnet_hdr  # the frames start with the port's (the kernel's) header
+        need = lengths.astype(np.int64) + (0 if carried else hdr)
+        plan = plan_rx(need, cb.writable_len[good_pos].astype(np.int64), mergeable=qs.mergeable)
+        if plan.dropped.shape[0]:
+            self._stats.drop(rxq, "too_big", int(plan.dropped.shape[0]))
+        placed = plan.placed_frames
+        if placed.shape[0]:
+            total = int(need[placed].sum())
+            if self._scratch.shape[0] < total:
+                self._scratch = np.zeros(total, np.uint8)
+            staging = stage_frames(
+                self._scratch, hdr, data, offsets[placed], lengths[placed].astype(np.int64), plan.nbufs,
+                carried=carried, keep_hdr=qs.guest_csum,
+            )
+            per_chain = np.zeros(len(cb), np.int64)
+            per_chain[good_pos[: plan.chains]] = plan.chain_bytes
+            scatter_chains(mem, cb, per_chain, staging)
+            frame_bytes = int(lengths[placed].sum()) - (hdr * int(placed.shape[0]) if carried else 0)
+            self._count(rxq, int(placed.shape[0]), frame_bytes)
+        self._finish_chains(rxq, st, mem, cb, descs, good_pos, plan.chains, plan.chain_bytes)
+        return plan.consumed
+
+    def _deliver_template(
+        self, rxq: int, st: QueueState, mem: GuestMemory, template: npt.NDArray[np.uint8], count: int
+    ) -> int:
+        hdr = self._qs.hdr_len
+        need = template.shape[0] + hdr
+        got = self._take_chains(rxq, st, mem, count)
+        if got is None:
+            return 0
+        cb, descs = got
+        good_pos = np.arange(len(cb)) if not cb.errors else np.flatnonzero(cb.error == 0)
+        if good_pos.shape[0] == 0 or int(cb.writable_len[good_pos].min()) >= need:
+            # Fast path: one buffer per frame; header (num_buffers = 1) + frame, one vectorised scatter.
+            tmpl = self._with_header(template, hdr)
+            if not scatter_template_words(mem, cb, good_pos, tmpl):
+                scatter_template(mem, cb, tmpl)
+            n = int(good_pos.shape[0])
+            self._count(rxq, n, n * template.shape[0])
+            self._finish_chains(rxq, st, mem, cb, descs, good_pos, n, np.full(n, need, np.int64))
+            return n
+        # General path (small or mergeable buffers): give every chain back, place through the planner.
+        self._give_back(rxq, st, descs, len(cb))
+        n = min(count, len(cb))
+        return self._deliver(rxq, st, mem, template, np.zeros(n, np.int64),
+                             np.full(n, template.shape[0], np.int64))  # fmt: skip
+
+    def _with_header(self, template: npt.NDArray[np.uint8], hdr: int) -> npt.NDArray[np.uint8]:
+        """The virtio-net header (num_buffers = 1) and ``template`` behind it, built once per template."""
+        key = (id(template), template.shape[0], hdr)
+        if self._tmpl_key != key:
+            self._tmpl = np.zeros(template.shape[0] + hdr, np.uint8)
+            if hdr >= HDR_LEN_V1:
+                self._tmpl[NUM_BUFFERS_OFFSET] = 1
+            self._tmpl[hdr:] = template
+            self._tmpl_key = key
+        return self._tmpl
+
+    def _count(self, rxq: int, frames: int, frame_bytes: int) -> None:
+        stats = self._stats
+        stats.packets[rxq] += np.uint64(frames)
+        stats.bytes[rxq] += np.uint64(frame_bytes)
+        stats.batches[rxq] += np.uint64(1)
+
+
+def _prefix_errors(cb: ChainBatch, cut: int) -> ChainBatch:
+    """A view of ``cb`` restricted to its first ``cut`` chains, enough for counting their errors."""
+    if cut == len(cb):
+        return cb
+    return replace(cb, error=cb.error[:cut])

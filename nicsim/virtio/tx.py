@@ -1,26 +1,34 @@
-"""The TX half of the virtio-net device: :class:`TxBatch`, the view a port gets of one batch of chains
-the guest made available, with the virtio-net header already skipped.
+"""The TX path of the virtio-net device (virtio 1.2 §5.1.6.2): from the guest's avail ring, through
+pool descriptors, to the port, and back to the used ring.
 
-This module owns how frames are read out of guest memory: lengths as one numpy array (a counting port
-never reads a byte), a per-frame view when the frame sits in one segment (zero copy), and a vectorised
-gather of the whole batch, and the header-and-frame segment views a header-passing port writes out
-with one ``writev``. It also carries what the device needs to return the chains when the port is
-done (heads and pool descriptors), so an asynchronous port can complete the batch later.
+This module owns :class:`TxPath`, everything ``VirtioNetDevice.process_tx`` does: take up to
+``policy.tx_batch`` chains (resubmitted heads from inflight recovery first), walk them, track each in a
+pool descriptor, count bad, header-short and runt chains as drops and return them at once (len 0), and
+hand the good frames to the port; chains come back when the port is done, at once or later for an
+asynchronous port, or when the queue stops. It also owns :class:`TxBatch`, the view the port gets of
+one batch with the virtio-net header already skipped: lengths as one numpy array (a counting port never
+reads a byte), a per-frame view when the frame sits in one segment (zero copy), a vectorised gather of
+the whole batch, and the header-and-frame segment views a header-passing port writes out with one
+``writev``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from nicsim.virtio.port import ETH_HLEN, DevicePort
+from nicsim.virtio.queues import DeviceStateError, QueueResult, QueueSet, QueueState
 from rings.chains import ChainBatch
+from rings.errors import GuestError
 from rings.memory import GuestMemory
 
 
 class TxBatch:
-    """One batch of good TX chains handed to a port (implements :class:`nicsim.ports.base.TxFrames`)."""
+    """One batch of good TX chains handed to a port (implements :class:`nicsim.virtio.port.TxFrames`)."""
 
     __slots__ = (
         "_complete",
@@ -112,3 +120,152 @@ class TxBatch:
         if not self.completed:
             self.completed = True
             self._complete(self)
+
+
+class TxPath:
+    """The device's transmit path: guest avail ring -> pool descriptors -> port -> used ring."""
+
+    def __init__(self, queues: QueueSet, port: DevicePort) -> None:
+        self._qs = queues
+        self._port = port
+        self._pool = queues.pool
+        self._stats = queues.stats
+        # id(batch) -> batch the port has not completed, per queue (empty for receive queues).
+        self._deferred: list[dict[int, TxBatch]] = [{} for _ in range(queues.num_queues)]
+
+    def process(self, index: int) -> QueueResult:
+        """Take up to ``policy.tx_batch`` chains off TX queue ``index`` and hand their frames to the port."""
+        if index % 2 != 1:
+            raise DeviceStateError("not a transmit queue", queue=index)
+        qs = self._qs
+        st, mem = qs.running(index)
+        if st.broken is not None:
+            return QueueResult(queue=index, error=st.broken)
+        q = st.q
+        try:
+            pending = q.avail_pending(mem) + st.resubmit.shape[0]
+        except GuestError as err:
+            return qs.broke(index, st, err)
+        want = min(pending, qs.policy.tx_batch)
+        if want == 0:
+            return QueueResult(queue=index, interrupt=qs.decide_interrupt(index, st, mem, idle=True))
+        descs = self._pool.allocate_batch(want, partial=True)
+        k = int(descs.shape[0])
+        if k == 0:
+            return QueueResult(queue=index, more=True, blocked=True)
+        heads = self._pop(index, st, mem, k)
+        cb = q.walk(mem, heads, indirect=qs.indirect)
+        if cb.seg_addr.shape[0] == k and not cb.errors:
+            addrs = cb.seg_addr  # one segment per chain (the common case): its first is its only one
+        else:
+            addrs = np.zeros(k, np.uint64)
+            has = cb.seg_count > 0
+            addrs[has] = cb.seg_addr[cb.first_seg[has]]
+        # The walker bounds every chain's length to u32 (CHAIN_TOO_LONG): the cast is exact.
+        self._pool.track(descs, queue=index, heads=heads, addrs=addrs,
+                         lengths=cb.readable_len.astype(np.uint32))  # fmt: skip
+        self._stats.add_inflight(index, k)
+        hdr = qs.hdr_len
+        if not cb.errors and not np.count_nonzero(cb.readable_len < hdr + ETH_HLEN):
+            # Every chain good and holding at least a header and an Ethernet header: one reduction.
+            dropped = 0
+            pos = np.arange(k)
+            done_now = pos[:0]
+        else:
+            dropped, pos, done_now = self._sort_out(index, cb, hdr)
+        if pos.shape[0]:
+            batch = TxBatch(queue=index, mem=mem, chains=cb, positions=pos,
+                            descriptors=descs if pos.shape[0] == k else descs[pos],
+                            hdr_len=hdr, on_complete=self._completed)  # fmt: skip
+            self._hand_over(index, st, mem, batch, heads, descs, done_now)
+        else:
+            self._return(st, mem, index, heads, descs)
+        try:
+            more = q.avail_pending(mem) + st.resubmit.shape[0] > 0
+        except GuestError as err:
+            return qs.broke(index, st, err)
+        irq = qs.decide_interrupt(index, st, mem, idle=not more)
+        return QueueResult(queue=index, processed=k, dropped=dropped, interrupt=irq, more=more)
+
+    def _sort_out(
+        self, index: int, cb: ChainBatch, hdr: int
+    ) -> tuple[int, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Count bad, header-short and runt chains as drops. Returns (dropped, positions of the frames
+        for the port, positions returned with len 0 right away: §2.7.8, a dropped chain is still used)."""
+        good = cb.error == 0
+        self._qs.count_chain_errors(index, cb)  # by reason; the total is every chain not ``ok``
+        short = good & (cb.readable_len < hdr)
+        runt = good & ~short & (cb.readable_len < hdr + ETH_HLEN)
+        if short.any():
+            self._stats.drop(index, "short_header", int(short.sum()))
+        if runt.any():
+            self._stats.drop(index, "runt", int(runt.sum()))
+        ok = good & ~short & ~runt
+        return int(len(cb) - ok.sum()), np.flatnonzero(ok), np.flatnonzero(~ok)
+
+    def _hand_over(
+        self, index: int, st: QueueState, mem: GuestMemory, batch: TxBatch, heads: npt.NDArray[np.uint16],
+        descs: npt.NDArray[np.int32], done_now: npt.NDArray[np.int64],
+    ) -> None:
+        """Give the batch to the port; return what it is done with (all of it, unless it keeps the
+        batch to complete later) and the chains sorted out before."""
+        stats = self._stats
+        stats.packets[index] += np.uint64(batch.count)
+        stats.bytes[index] += np.uint64(int(batch.lengths.sum(dtype=np.uint64)))
+        stats.batches[index] += np.uint64(1)
+        self._qs.in_call = True
+        try:
+            finished = self._port.transmit(batch)
+        except Exception:
+            stats.drop(index, "port_error", batch.count)
+            batch.completed = True
+            finished = True
+            raise
+        finally:
+            self._qs.in_call = False
+            if finished or batch.completed:
+                batch.completed = True
+                done_now = np.arange(len(batch.chains))
+            else:
+                self._deferred[index][id(batch)] = batch
+            self._return(st, mem, index, heads[done_now], descs[done_now])
+
+    def _pop(self, index: int, st: QueueState, mem: GuestMemory, k: int) -> npt.NDArray[np.uint16]:
+        """``k`` TX heads: resubmitted ones first (still marked in flight), then the avail ring's."""
+        again, st.resubmit = st.resubmit[:k], st.resubmit[k:]
+        fresh = st.q.pop_avail(mem, k - int(again.shape[0]))
+        if self._qs.inflight is not None:
+            self._qs.inflight.popped(index, fresh)
+        return np.concatenate([again, fresh]) if again.shape[0] else fresh
+
+    def _return(
+        self, st: QueueState, mem: GuestMemory, index: int, heads: npt.NDArray[Any],
+        descs: npt.NDArray[np.int32],
+    ) -> None:
+        """Chains the device is done with: used with len 0 (TX writes nothing), descriptors freed."""
+        if heads.shape[0] == 0:
+            return
+        self._qs.mark_used(index, st.q, mem, heads, np.zeros(heads.shape[0], np.uint32))
+        self._pool.free_batch(descs)
+        self._stats.add_inflight(index, -int(descs.shape[0]))
+
+    def _completed(self, batch: TxBatch) -> None:
+        """An asynchronous port finished a batch: return its chains."""
+        if batch.cancelled:
+            return
+        st = self._qs.states[batch.queue]
+        if st is None or id(batch) not in self._deferred[batch.queue]:
+            return
+        self._release(st, batch)
+        self._qs.wake(batch.queue)
+
+    def _release(self, st: QueueState, batch: TxBatch) -> None:
+        self._deferred[batch.queue].pop(id(batch), None)
+        if self._qs.mem is not None:
+            self._return(st, self._qs.mem, batch.queue, batch.heads, batch.descriptors)
+
+    def cancel(self, index: int, st: QueueState) -> None:
+        """Queue ``index`` stops: return every batch a port still holds (it must not complete them)."""
+        for batch in list(self._deferred[index].values()):
+            batch.cancelled = True
+            self._release(st, batch)

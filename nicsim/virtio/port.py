@@ -1,0 +1,142 @@
+"""The port interface, as the device defines it: what a virtio-net device hands a port, what it gives a
+port to inject frames with, and what it calls on the port. The ports themselves (``nicsim.ports``) sit
+above the device and build on this module; the device never imports them.
+
+This module owns the three contracts and the few facts both sides must agree on:
+
+- :class:`TxFrames` is one batch of frames the guest sent, already stripped of the virtio-net header.
+  It exposes lengths as a numpy array (a counting port never touches bytes), per-frame views, and a
+  vectorised gather. The port returns ``True`` from :meth:`DevicePort.transmit` when it is done with
+  the batch, or ``False`` to keep it and call :meth:`TxFrames.complete` later (an asynchronous port);
+  until then the device keeps the guest's buffers and their pool descriptors in flight.
+- :class:`RxSink` is what the device gives a port to inject frames toward the guest, at any time:
+  one frame, many frames in a flat buffer, or one template frame written ``count`` times.
+- :class:`DevicePort` is what the device calls on its port: pull-style ports (the generator, the tap)
+  produce frames in :meth:`~DevicePort.poll_rx`; a port that can honour offloads declares them with
+  :meth:`~DevicePort.features`, learns what the driver accepted in :meth:`~DevicePort.negotiated`, and
+  passes the virtio-net header through (``vnet_hdr``, :meth:`TxFrames.iovec`).
+- The virtio-net header lengths (virtio 1.2 §5.1.6) and the largest frame either side may hand over.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from nicsim.virtio.features import VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF, has
+
+if TYPE_CHECKING:
+    import asyncio
+
+ETH_HLEN = 14        # destination MAC, source MAC, EtherType: a TX frame shorter than this is a runt
+HDR_LEN_V1 = 12      # struct virtio_net_hdr_v1 (virtio 1.2 §5.1.6): ... num_buffers le16 at offset 10
+HDR_LEN_LEGACY = 10  # legacy header without num_buffers (neither VERSION_1 nor MRG_RXBUF)
+MAX_FRAME = 65550    # an IPv4 packet of 65535 bytes behind an Ethernet + VLAN header
+
+Buffer = bytes | bytearray | memoryview | npt.NDArray[np.uint8]
+
+
+def vnet_hdr_len(features: int) -> int:
+    """The virtio-net header length the negotiated ``features`` imply (§5.1.6: num_buffers is present
+    with VERSION_1 or MRG_RXBUF; only a legacy device without MRG_RXBUF uses the 10-byte header)."""
+    if has(features, VIRTIO_F_VERSION_1) or has(features, VIRTIO_NET_F_MRG_RXBUF):
+        return HDR_LEN_V1
+    return HDR_LEN_LEGACY
+
+
+class TxFrames(Protocol):
+    """A batch of TX frames (no virtio-net header), valid until :meth:`complete` is called."""
+
+    @property
+    def pair(self) -> int:
+        """The queue pair the frames came from (replies usually go back on the same pair)."""
+
+    @property
+    def count(self) -> int: ...
+
+    @property
+    def lengths(self) -> npt.NDArray[np.uint32]:
+        """Frame lengths, header excluded; do not modify."""
+
+    def frame(self, i: int) -> npt.NDArray[np.uint8]:
+        """Frame ``i``: a view of guest memory when contiguous, else a gathered copy."""
+
+    def gather(self) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
+        """Every frame copied back to back: (flat bytes, start offsets), one vectorised copy."""
+
+    def iovec(self, i: int) -> list[npt.NDArray[np.uint8]]:
+        """Frame ``i`` *with* its virtio-net header in front, as views of guest memory (one per
+        readable segment, no copy): for ports that pass the header through (a TAP with IFF_VNET_HDR)."""
+
+    def complete(self) -> None:
+        """A port that returned False from transmit() calls this once when it no longer needs the frames."""
+
+
+class RxSink(Protocol):
+    """Where a port injects frames toward the guest. Frames that cannot be placed now wait in a small
+    bounded backlog; past it they are dropped and counted (reason ``no_rx_buffer``)."""
+
+    def push(self, frame: Buffer, *, pair: int = 0) -> bool:
+        """Queue one frame (copied); False if it was dropped."""
+
+    def push_many(
+        self,
+        data: npt.NDArray[np.uint8],
+        offsets: npt.NDArray[np.int64],
+        lengths: npt.NDArray[np.uint32],
+        *,
+        pair: int = 0,
+    ) -> int:
+        """Queue frames ``data[offsets[i]:offsets[i] + lengths[i]]`` (copied); returns how many were kept."""
+
+    def push_template(self, template: npt.NDArray[np.uint8], count: int, *, pair: int = 0) -> int:
+        """Write ``template`` into up to ``count`` guest buffers now; returns how many were delivered.
+        Nothing is queued or dropped: a pull-style port simply offers the rest again later."""
+
+    def rx_space(self, pair: int = 0) -> int:
+        """Guest buffers currently posted on the pair's RX queue (an upper bound on frames deliverable)."""
+
+    def wake(self, pair: int = 0) -> None:
+        """A pull-style port's source became ready (a readable fd): poll its RX soon."""
+
+
+class DevicePort(Protocol):
+    """What a device calls on the port it is wired to (``nicsim.ports.base.Port`` implements it)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def vnet_hdr(self) -> bool:
+        """True: frames the port pushes start with a virtio-net header of the negotiated length
+        (§5.1.6), whose flags/gso fields the device keeps (it fills num_buffers); False: bare frames."""
+
+    def attach(self, sink: RxSink) -> None:
+        """Called by the device once it exists; the port may push frames through ``sink`` from then on."""
+
+    def transmit(self, batch: TxFrames) -> bool:
+        """Take a batch the guest sent. True: done with it now; False: will call ``batch.complete()``."""
+
+    def features(self) -> int:
+        """Offload feature bits (§5.1.3: CSUM, GUEST_CSUM, HOST_/GUEST_TSO4/6...) the port can honour;
+        the device offers them on top of its base set."""
+
+    def negotiated(self, features: int) -> None:
+        """The driver's accepted features (SET_FEATURES), before any queue runs: the port configures
+        its offloads to match. Raising OSError refuses the features."""
+
+    def poll_rx(self, pair: int, budget: int, now: float) -> int:
+        """Pull-style ports produce up to ``budget`` frames for ``pair``; ``now`` is a monotonic time in
+        seconds (the device reads no clock). Returns frames delivered. Push-style ports return 0."""
+
+    def start_io(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The asyncio shell's call (never the device's), once, before any ring runs: a port that owns
+        file descriptors registers its readers on ``loop`` here and removes them in :meth:`close`."""
+
+    def close(self) -> None:
+        """Release the port's resources; idempotent (the device calls it on shutdown)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Port-specific counters, JSON-ready (part of the device's snapshot)."""

@@ -1,0 +1,185 @@
+"""The device's queues and what both data paths share: the per-queue state, the guest memory, the
+negotiated features, and the steps every path ends with.
+
+This module owns :class:`QueueSet`, the one object the device, :class:`nicsim.virtio.tx.TxPath` and
+:class:`nicsim.virtio.rx.RxPath` all hold, so the two paths never import the device: one
+:class:`QueueState` per started queue (a :class:`~rings.split.SplitQueue` plus the device's bookkeeping;
+queue ``2k`` is receiveq ``k``, ``2k + 1`` transmitq ``k``, virtio 1.2 §5.1.2), the memory table, what
+the negotiated feature bits mean to the paths, the inflight hooks and the wakeup callback; and the
+shared steps: publishing used entries bracketed by the inflight hooks, counting bad chains as drops,
+deciding an interrupt with :mod:`nicsim.virtio.policy`, marking a queue broken. It also owns the
+results those steps produce (:class:`QueueResult`) and the error for calls made out of order
+(:class:`DeviceStateError`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from nicsim.virtio.features import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_MRG_RXBUF,
+    has,
+)
+from nicsim.virtio.inflight import InflightHooks
+from nicsim.virtio.policy import NotifyPolicy, should_interrupt
+from nicsim.virtio.port import vnet_hdr_len
+from nicsim.virtio.stats import DeviceStats
+from rings.chains import ChainBatch, ErrorCode
+from rings.errors import GuestError
+from rings.memory import GuestMemory
+from rings.pool import PacketPool
+from rings.split import SplitQueue
+
+CHAIN_REASONS = tuple(f"chain_{c.name.lower()}" for c in ErrorCode if c != ErrorCode.OK)
+DROP_REASONS = (
+    *CHAIN_REASONS,
+    "short_header",   # TX chain shorter than the virtio-net header
+    "runt",           # TX frame shorter than an Ethernet header
+    "no_rx_buffer",   # RX frame with no guest buffer and a full backlog
+    "too_big",        # RX frame larger than the guest's buffers allow
+    "queue_stopped",  # RX frames still queued when their queue stopped
+    "port_error",     # the port raised while handling a TX batch
+    "ring_error",     # the guest corrupted a ring (e.g. avail.idx); the queue is marked broken
+)
+
+
+class DeviceStateError(RuntimeError):
+    """Our side called the device out of order (e.g. process_tx on a stopped queue). ``queue`` if known."""
+
+    def __init__(self, message: str, *, queue: int | None = None) -> None:
+        super().__init__(message if queue is None else f"{message} (queue {queue})")
+        self.queue = queue
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueueResult:
+    """What one device call did to one queue. ``interrupt``: signal the queue's call eventfd now (the
+    device already counted it). ``more``: work is left (poll again without waiting for a kick).
+    ``blocked``: the pool ran out (backpressure; the next call resumes). ``error``: the guest broke
+    the ring and the queue is stopped until reset."""
+
+    queue: int
+    processed: int = 0
+    dropped: int = 0
+    interrupt: bool = False
+    more: bool = False
+    blocked: bool = False
+    error: GuestError | None = None
+
+
+class QueueState:
+    """One started queue: the ring, and what the device keeps about it between calls."""
+
+    __slots__ = ("broken", "q", "resubmit", "signalled_used")
+
+    def __init__(self, q: SplitQueue) -> None:
+        self.q = q
+        # Heads in flight when a previous backend died (rings.inflight recovery): processed before the
+        # avail ring, each completed exactly once (vhost-user spec, "Inflight I/O tracking").
+        self.resubmit: npt.NDArray[np.uint16] = np.zeros(0, np.uint16)
+        self.signalled_used = q.used_idx  # used.idx at the last interrupt (vhost's signalled_used)
+        self.broken: GuestError | None = None
+
+
+class QueueSet:
+    """The state the device and its two data paths share, and the steps they share."""
+
+    def __init__(
+        self, num_queues: int, *, pool: PacketPool, stats: DeviceStats, policy: NotifyPolicy
+    ) -> None:
+        self.num_queues = num_queues
+        self.pool = pool
+        self.stats = stats
+        self.policy = policy
+        self.states: list[QueueState | None] = [None] * num_queues
+        self.mem: GuestMemory | None = None
+        self.inflight: InflightHooks | None = None  # set by the server with INFLIGHT_SHMFD
+        self.on_wakeup: Callable[[int], None] | None = None
+        self.in_call = False  # a port runs inside process_tx: no wakeups (the server asks afterwards)
+        self.closed = False
+        self.set_features(0)
+
+    def set_features(self, bits: int) -> None:
+        """What the negotiated bits mean to the paths, worked out once (the paths read plain fields)."""
+        self.features = bits
+        self.event_idx = has(bits, VIRTIO_F_EVENT_IDX)
+        self.indirect = has(bits, VIRTIO_F_INDIRECT_DESC)
+        self.mergeable = has(bits, VIRTIO_NET_F_MRG_RXBUF)
+        self.guest_csum = has(bits, VIRTIO_NET_F_GUEST_CSUM)
+        self.hdr_len = vnet_hdr_len(bits)
+
+    # -- lookup ---------------------------------------------------------------------------------------
+
+    def check_index(self, index: int) -> None:
+        if not 0 <= index < self.num_queues:
+            raise DeviceStateError(f"no queue {index}; the device has {self.num_queues}", queue=index)
+        if self.closed:
+            raise DeviceStateError("device shut down", queue=index)
+
+    def running(self, index: int) -> tuple[QueueState, GuestMemory]:
+        self.check_index(index)
+        st = self.states[index]
+        if st is None or self.mem is None:
+            raise DeviceStateError("queue not started", queue=index)
+        return st, self.mem
+
+    # -- the steps both paths share -------------------------------------------------------------------
+
+    def mark_used(
+        self, index: int, q: SplitQueue, mem: GuestMemory, heads: npt.NDArray[Any],
+        lens: npt.NDArray[np.uint32],
+    ) -> None:
+        """push_used, bracketed by the inflight hooks (spec, "When supplying used buffers")."""
+        hooks = self.inflight
+        if hooks is not None:
+            hooks.before_used(index, heads)
+        q.push_used(mem, heads, lens)
+        if hooks is not None:
+            hooks.after_used(index, heads, q.used_idx)
+
+    def count_chain_errors(self, index: int, cb: ChainBatch) -> int:
+        """Count the batch's bad chains as drops, by error code; returns how many there were."""
+        if not cb.errors:  # the walker sets ``errors[k]`` with every ``error[k]``
+            return 0
+        bad = cb.error[cb.error != 0]
+        if bad.shape[0] == 0:
+            return 0
+        for code, n in zip(*np.unique(bad, return_counts=True), strict=True):
+            self.stats.drop(index, CHAIN_REASONS[int(code) - 1], int(n))
+        return int(bad.shape[0])
+
+    def decide_interrupt(self, index: int, st: QueueState, mem: GuestMemory, *, idle: bool) -> bool:
+        """Whether to signal ``index`` now for used entries not yet signalled; counts it when True."""
+        q = st.q
+        unsignalled = (q.used_idx - st.signalled_used) & 0xFFFF
+        if unsignalled == 0:
+            return False
+        wants = q.needs_interrupt(mem, old_used_idx=st.signalled_used, event_idx=self.event_idx)
+        if not should_interrupt(self.policy, unsignalled=unsignalled, idle=idle, ring_wants=wants,
+                                event_idx=self.event_idx):  # fmt: skip
+            if not wants:
+                # The guest suppressed it: these entries need no interrupt later either (§2.7.10
+                # compares against the index at which we last decided).
+                st.signalled_used = q.used_idx
+            return False
+        st.signalled_used = q.used_idx
+        self.stats.interrupts[index] += np.uint64(1)
+        return True
+
+    def broke(self, index: int, st: QueueState, err: GuestError) -> QueueResult:
+        """The guest corrupted the ring: the queue stays stopped until the frontend resets it."""
+        st.broken = err
+        self.stats.drop(index, "ring_error")
+        return QueueResult(queue=index, error=err)
+
+    def wake(self, index: int) -> None:
+        if self.on_wakeup is not None and not self.in_call:
+            self.on_wakeup(index)
