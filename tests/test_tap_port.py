@@ -34,8 +34,8 @@ from nicsim.vhost.features import (
 from nicsim.vhost.features import VIRTIO_RING_F_EVENT_IDX as VIRTIO_F_EVENT_IDX
 from nicsim.vhost.features import VIRTIO_RING_F_INDIRECT_DESC as VIRTIO_F_INDIRECT_DESC
 from nicsim.virtio.device import VirtioNetDevice
+from qemu.testvm import Netns
 from rings.driver import DriverQueue, GuestDriver
-from tests.conftest import Netns
 
 V1 = 1 << VIRTIO_F_VERSION_1
 MRG = 1 << VIRTIO_NET_F_MRG_RXBUF
@@ -159,8 +159,7 @@ def test_tx_hands_the_port_the_guests_header_unchanged() -> None:
 def tapns(netns: Callable[[], Netns]) -> Iterator[Netns]:
     """A namespace with a persistent tap0 (10.0.2.2/24, up) and the guest as a permanent neighbour."""
     ns = netns()
-    ns.add_tap("tap0", f"{HOST_IP}/24")
-    ns.run("ip", "neigh", "replace", GUEST_IP, "lladdr", GUEST_MAC, "dev", "tap0", "nud", "permanent")
+    ns.add_tap("tap0", f"{HOST_IP}/24", neighbour=(GUEST_IP, GUEST_MAC))
     yield ns
 
 
@@ -288,6 +287,9 @@ async def test_rx_from_the_namespace_reaches_the_guest_with_the_kernels_header(t
             got: list[Any] = []
             async with asyncio.timeout(10):
                 while not got:
+                    # Yield: the port re-arms its fd watch through the loop, and the timeout needs it too
+                    # (when an IPv6 frame of the namespace's arrives first, a loop that never yields spins).
+                    await asyncio.sleep(0.01)
                     dev.poll_rx(0)
                     got = [c for c in rx.reap() if c.data and c.data[12 + 12 : 12 + 14] == b"\x08\x00"]
             data = got[0].data

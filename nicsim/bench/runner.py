@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu.testvm import TestVM, TestVMError, Workload
+from qemu.testvm import NetnsError, TestVM, TestVMError, Workload
 
 from .backend import Backend, BenchError, RunContext
 from .matrix import Cell, Direction, Plan, Summary
@@ -132,7 +132,7 @@ class Runner:
             # The backend's final report (pool high-water) exists only once its session has ended.
             sample.pool_high_water = sess.pool_high_water
             sample.backend = dict(sess.extra)
-        except (BenchError, TestVMError, OSError) as err:
+        except (BenchError, TestVMError, NetnsError, OSError) as err:
             return Sample(ok=False, error=f"{type(err).__name__}: {err}")
         if len(results) != 1 or not results[0].ok:
             why = results[0].error if len(results) == 1 else f"{len(results)} result lines"

@@ -5,7 +5,8 @@
 neither ``nicsim`` nor ``rings`` nor ``images``: it knows QEMU, the guest's console and the kernel
 command line contract of ARCHITECTURE.md, nothing else. Modules: ``cmdline`` (pure ``argv``
 building), ``workload`` (``nicsim.run=`` and result lines), ``accel`` (KVM probe), ``console``
-(live transcript), ``machine`` (``TestVM`` lifecycle), ``errors`` (the exception tree).
+(live transcript), ``machine`` (``TestVM`` lifecycle), ``netns`` (throwaway network namespaces
+holding a TAP), ``errors`` (the exception tree).
 """
 
 from .accel import choose_accel, probe_kvm
@@ -28,6 +29,7 @@ from .cmdline import (
 from .errors import (
     GuestOutputError,
     InvalidOptionError,
+    NetnsError,
     QMPCommandError,
     TestVMError,
     VMExitedError,
@@ -36,6 +38,7 @@ from .errors import (
     VMTimeoutError,
 )
 from .machine import Runstate, TestVM
+from .netns import Netns
 from .workload import Workload, WorkloadResult, parse_result_line, parse_results, render_run
 
 __all__ = [
@@ -45,6 +48,8 @@ __all__ = [
     "ConsoleStdio",
     "GuestOutputError",
     "InvalidOptionError",
+    "Netns",
+    "NetnsError",
     "Nic",
     "QMPCommandError",
     "QmpFd",
