@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nicsim.bench import BACKENDS, DpdkBackend, NicsimBackend, QemuTapBackend, RunContext
+from nicsim.bench import BACKEND_CLASSES, DpdkBackend, NicsimBackend, QemuTapBackend, RunContext
 from nicsim.bench.matrix import Cell, Direction, build_plan
 from nicsim.bench.progress import Progress, clock
 from nicsim.bench.runner import Runner, measure, skip_runs, workload_for
@@ -142,4 +142,4 @@ def test_missing_qemu_says_which_package_to_install(capsys: pytest.CaptureFixtur
 
 
 def test_every_backend_is_registered_under_its_name() -> None:
-    assert {name: cls.name for name, cls in BACKENDS.items()} == {n: n for n in BACKENDS}
+    assert {name: cls.name for name, cls in BACKEND_CLASSES.items()} == {n: n for n in BACKEND_CLASSES}

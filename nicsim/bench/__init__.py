@@ -7,14 +7,16 @@ Modules: ``matrix`` (cells, repetitions, min/median/max; pure), ``procstat`` (CP
 ``progress`` (stderr) and ``sysinfo`` (versions and machine). The command itself is ``nicsim.cli.bench``.
 """
 
-from .backend import Backend, BenchError, RunContext, Session
+from .backend import Backend, BenchError, BenchRun, RunContext
 from .matrix import Cell, Direction, Plan, Summary, build_plan, ratio
 from .runner import CellResult, Runner, Sample
 from .serve import NicsimBackend
 from .tap import QemuTapBackend
 from .testpmd import DpdkBackend
 
-BACKENDS: dict[str, type[Backend]] = {
+# name -> the class that benchmarks it under a guest (the backend-only mode has its own names,
+# backend_only.BACKEND_ONLY_NAMES: it drives the backends itself, without these classes).
+BACKEND_CLASSES: dict[str, type[Backend]] = {
     "nicsim": NicsimBackend,
     "qemu-tap": QemuTapBackend,
     "dpdk": DpdkBackend,
@@ -22,10 +24,11 @@ BACKENDS: dict[str, type[Backend]] = {
 PEERS = ("qemu-tap", "dpdk")
 
 __all__ = [
-    "BACKENDS",
+    "BACKEND_CLASSES",
     "PEERS",
     "Backend",
     "BenchError",
+    "BenchRun",
     "Cell",
     "CellResult",
     "Direction",
@@ -36,7 +39,6 @@ __all__ = [
     "RunContext",
     "Runner",
     "Sample",
-    "Session",
     "Summary",
     "build_plan",
     "ratio",

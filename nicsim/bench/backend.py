@@ -2,11 +2,11 @@
 
 A ``Backend`` says whether it can run at all on this machine (``unavailable``), whether it has a
 meaning for a given cell (``unsupported``: the row is shown as "n/a" with the reason), and opens a
-``Session`` for one run of one cell: the session gives the guest's NIC (and the network namespace
-QEMU must run in, if any), the pid of the process that does the backend's work (for CPU accounting),
-a hook called once the guest is up, and what the backend reported when it ended (the nicsim pool's
-high-water mark). ``ChildProcess`` starts helpers with their output in a log file and ends them by
-pid only: a signal, a grace period, then SIGKILL.
+``BenchRun`` for one run of one cell (``open_run``): the handle gives the guest's NIC (and the
+network namespace QEMU must run in, if any), the pid of the process that does the backend's work
+(for CPU accounting), a hook called once the guest is up, and what the backend reported when it
+ended (the nicsim pool's high-water mark). ``ChildProcess`` starts helpers with their output in a
+log file and ends them by pid only: a signal, a grace period, then SIGKILL.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class BenchError(Exception):
 
 @dataclass(frozen=True, kw_only=True)
 class RunContext:
-    """What every session of one ``nicsim bench`` run shares."""
+    """What every run of one ``nicsim bench`` command shares."""
 
     workdir: Path
     duration: float
@@ -55,7 +55,7 @@ def pinned(argv: Sequence[str], cpu: int | None) -> list[str]:
 
 
 @dataclass
-class Session:
+class BenchRun:
     """One run's view of a backend; ``pid`` may appear only in ``ready()`` (e.g. a sender)."""
 
     nic: Nic
@@ -82,7 +82,7 @@ class Backend(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def session(self, cell: Cell, ctx: RunContext) -> AbstractAsyncContextManager[Session]:
+    def open_run(self, cell: Cell, ctx: RunContext) -> AbstractAsyncContextManager[BenchRun]:
         """Set the backend up for one run of ``cell``; leaving the context tears everything down."""
 
 

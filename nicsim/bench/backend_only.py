@@ -43,7 +43,7 @@ from .serve import high_water, serve_port
 from .tap import python_env
 from .testpmd import RUNTIME_DIR, TESTPMD, build_testpmd_argv, parse_counters
 
-BACKENDS = ("nicsim", "dpdk")
+BACKEND_ONLY_NAMES = ("nicsim", "dpdk")
 FRONTEND_MEMORY_MB = 256
 STATS_PERIOD = 1.0  # seconds between testpmd's stats blocks and nicsim's stats-file rewrites
 POLL_INTERVAL = 0.05
@@ -321,7 +321,8 @@ class BackendOnlyRunner:
             )
             backend = ChildProcess(argv, wd / f"bo-{n}-vhost.log")
         else:
-            raise BenchError(f"--backend-only knows the backends {', '.join(BACKENDS)}, not {cell.backend}")
+            known = ", ".join(BACKEND_ONLY_NAMES)
+            raise BenchError(f"--backend-only knows the backends {known}, not {cell.backend}")
         fe_argv = build_frontend_argv(
             socket=sock,
             mode=frontend_mode(cell.direction),

@@ -24,7 +24,7 @@ import nicsim
 
 from .backend import RunContext
 from .backend_only import (
-    BACKENDS,
+    BACKEND_ONLY_NAMES,
     DEFAULT_DURATION,
     DEFAULT_SIZES,
     NOTES,
@@ -60,10 +60,11 @@ def _err(message: str) -> None:
 
 def plan_for(args: argparse.Namespace) -> Plan:
     """The backend-only plan from the command line; ValueError says what is wrong."""
-    names = list(dict.fromkeys(args.backends or BACKENDS))
-    unknown = [n for n in names if n not in BACKENDS]
+    names = list(dict.fromkeys(args.backends or BACKEND_ONLY_NAMES))
+    unknown = [n for n in names if n not in BACKEND_ONLY_NAMES]
     if unknown:
-        raise ValueError(f"--backend-only compares {' and '.join(BACKENDS)}; not {', '.join(unknown)}")
+        known = " and ".join(BACKEND_ONLY_NAMES)
+        raise ValueError(f"--backend-only compares {known}; not {', '.join(unknown)}")
     directions = [Direction.TX, Direction.RX]
     if args.directions is not None:
         directions = [Direction(d) for d in args.directions]

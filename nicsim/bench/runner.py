@@ -1,6 +1,6 @@
 """Running a benchmark plan: one fresh guest per repetition of each cell, sampled and summarised.
 
-For each run the runner opens the backend's session, boots the guest on the session's NIC (QEMU
+For each run the runner opens the backend's run (``BenchRun``), boots the guest on its NIC (QEMU
 pinned to its own core through a ``taskset`` wrapper, so the pid QEMU reports is QEMU's), waits for
 the guest to be up, opens the measured window (CPU time of QEMU and of the backend process, sampled
 from /proc) and closes it when the guest prints its result. The window opens at ``NICSIM-READY`` —
@@ -112,26 +112,26 @@ class Runner:
         wl = workload_for(cell, ctx)
         marker = r"rx-count: counting" if cell.direction is Direction.RX else "NICSIM-READY"
         try:
-            async with backend.session(cell, ctx) as sess:
+            async with backend.open_run(cell, ctx) as run:
                 async with TestVM(
-                    kernel=self.kernel, initrd=self.initrd, nic=sess.nic, netns=sess.netns,
+                    kernel=self.kernel, initrd=self.initrd, nic=run.nic, netns=run.netns,
                     workloads=[wl], guest_ip=f"{ctx.guest_ip}/24", accel=self.accel,
                     qemu=qemu_wrapper(ctx.workdir, ctx.qemu_cpu, self.qemu), name=f"bench-{backend.name}",
                     launch_timeout=ctx.start_timeout + BOOT_TIMEOUT,
                 ) as vm:  # fmt: skip
                     await vm.wait_for("(?m)^NICSIM-READY", BOOT_TIMEOUT)
-                    await sess.ready()
+                    await run.ready()
                     if marker != "NICSIM-READY":
                         await vm.wait_for(marker, BOOT_TIMEOUT)
-                    window = CpuWindow({"qemu": vm.pid, "backend": sess.pid})
+                    window = CpuWindow({"qemu": vm.pid, "backend": run.pid})
                     window.start()
                     results = await vm.results(ctx.duration + RESULT_MARGIN)
                     window.stop()
                 sample = Sample(ok=True, cpu_qemu_pct=window.percent("qemu"),
                                 cpu_backend_pct=window.percent("backend"))  # fmt: skip
-            # The backend's final report (pool high-water) exists only once its session has ended.
-            sample.pool_high_water = sess.pool_high_water
-            sample.backend = dict(sess.extra)
+            # The backend's final report (pool high-water) exists only once its run has ended.
+            sample.pool_high_water = run.pool_high_water
+            sample.backend = dict(run.extra)
         except (BenchError, TestVMError, NetnsError, OSError) as err:
             return Sample(ok=False, error=f"{type(err).__name__}: {err}")
         if len(results) != 1 or not results[0].ok:

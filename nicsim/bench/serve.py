@@ -24,7 +24,7 @@ from typing import Any
 
 from qemu.testvm import VhostUserNic
 
-from .backend import Backend, BenchError, ChildProcess, RunContext, Session, pinned
+from .backend import Backend, BenchError, BenchRun, ChildProcess, RunContext, pinned
 from .matrix import Cell, Direction
 from .tap import peer_netns, python_env, start_iperf3_server
 
@@ -70,11 +70,11 @@ class NicsimBackend(Backend):
         return self.unavailable_tcp() if cell.direction.is_tcp else None
 
     @contextlib.asynccontextmanager
-    async def session(self, cell: Cell, ctx: RunContext) -> AsyncIterator[Session]:
+    async def open_run(self, cell: Cell, ctx: RunContext) -> AsyncIterator[BenchRun]:
         n = next(_counter)
         sock = ctx.workdir / f"nicsim-{n}.sock"
         stats_file = ctx.workdir / f"nicsim-{n}.stats.json"
-        sess = Session(nic=VhostUserNic(mac=ctx.guest_mac, socket=sock))
+        run = BenchRun(nic=VhostUserNic(mac=ctx.guest_mac, socket=sock))
         iperf3: ChildProcess | None = None
         with contextlib.ExitStack() as stack:  # the namespace outlives the processes that use it
             ns = stack.enter_context(peer_netns(ctx)) if cell.direction.is_tcp else None
@@ -87,9 +87,9 @@ class NicsimBackend(Backend):
                 if ns is not None:
                     iperf3 = await start_iperf3_server(ns, ctx)
                 await proc.start()
-                sess.pid = proc.pid
+                run.pid = proc.pid
                 await proc.wait_for_path(sock, ctx.start_timeout)
-                yield sess
+                yield run
                 status = await proc.stop()
                 if status != 0:
                     raise BenchError(f"nicsim serve exited with status {status}:\n{proc.output()}")
@@ -97,8 +97,8 @@ class NicsimBackend(Backend):
                     stats = json.loads(stats_file.read_text())
                 except (OSError, ValueError) as err:
                     raise BenchError(f"nicsim serve left no readable stats file {stats_file}: {err}") from err
-                sess.pool_high_water = high_water(stats)
-                sess.extra["nicsim"] = stats
+                run.pool_high_water = high_water(stats)
+                run.extra["nicsim"] = stats
             finally:
                 await proc.stop()
                 if iperf3 is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qemu.testvm import Netns, TapNic
 
-from .backend import PREFIX_LEN, Backend, BenchError, ChildProcess, RunContext, Session, pinned
+from .backend import PREFIX_LEN, Backend, BenchError, BenchRun, ChildProcess, RunContext, pinned
 from .matrix import Cell, Direction
 
 SEND_MARGIN = 3.0  # the sender outlives the guest's counting window by this much
@@ -61,7 +61,7 @@ async def start_iperf3_server(ns: Netns, ctx: RunContext) -> ChildProcess:
     return server
 
 
-class TapSession(Session):
+class TapRun(BenchRun):
     def __init__(self, *, nic: TapNic, ns: Netns, cell: Cell, ctx: RunContext) -> None:
         super().__init__(nic=nic, netns=ns.name)
         self.ns = ns
@@ -94,21 +94,21 @@ class QemuTapBackend(Backend):
         return None
 
     @contextlib.asynccontextmanager
-    async def session(self, cell: Cell, ctx: RunContext) -> AsyncIterator[Session]:
+    async def open_run(self, cell: Cell, ctx: RunContext) -> AsyncIterator[BenchRun]:
         with peer_netns(ctx) as ns:
-            sess = TapSession(nic=TapNic(mac=ctx.guest_mac, ifname="tap0"), ns=ns, cell=cell, ctx=ctx)
+            run = TapRun(nic=TapNic(mac=ctx.guest_mac, ifname="tap0"), ns=ns, cell=cell, ctx=ctx)
             try:
                 if cell.direction.is_tcp:
                     server = await start_iperf3_server(ns, ctx)
-                    sess.children.append(server)
-                    sess.pid = server.pid
-                yield sess
-                for child in sess.children:
+                    run.children.append(server)
+                    run.pid = server.pid
+                yield run
+                for child in run.children:
                     # SIGINT makes the blaster print its counts. The iperf3 server runs without -1 so
                     # that its CPU time is still readable when the measured window closes.
                     await child.stop()
                     if "nicsim.bench.blaster" in child.argv:
-                        sess.extra["sender"] = child.output(500).strip()
+                        run.extra["sender"] = child.output(500).strip()
             finally:
-                for child in sess.children:
+                for child in run.children:
                     await child.stop()

@@ -125,16 +125,16 @@ def _err(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nicsim.bench import BACKENDS, PEERS, Direction, build_plan
+    from nicsim.bench import BACKEND_CLASSES, PEERS, Direction, build_plan
 
     if args.backend_only:
         from nicsim.bench.cmd_backend_only import run_backend_only
 
         return run_backend_only(args)
     names = list(dict.fromkeys((args.backends or ["nicsim"]) + (list(PEERS) if args.peers else [])))
-    unknown = [n for n in names if n not in BACKENDS]
+    unknown = [n for n in names if n not in BACKEND_CLASSES]
     if unknown:
-        _err(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+        _err(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKEND_CLASSES)}")
         return 2
     try:
         directions = None if args.directions is None else [Direction(d) for d in args.directions]
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace, names: list[str], plan: Plan) -> int:
-    from nicsim.bench import BACKENDS, RunContext, Runner
+    from nicsim.bench import BACKEND_CLASSES, RunContext, Runner
     from nicsim.bench.matrix import BOOT_OVERHEAD
     from nicsim.bench.progress import Progress, clock
     from nicsim.bench.report import emit, render_table, to_json
@@ -170,7 +170,7 @@ async def _run(args: argparse.Namespace, names: list[str], plan: Plan) -> int:
     from nicsim.bench.sysinfo import machine, versions
     from qemu.testvm import choose_accel
 
-    backends = [BACKENDS[n]() for n in names]
+    backends = [BACKEND_CLASSES[n]() for n in names]
     kernel, initrd, guest_kernel = args.kernel, args.initrd, None
     if kernel is None or initrd is None:
         from images.build import build_image
