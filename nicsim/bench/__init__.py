@@ -3,16 +3,20 @@
 Modules: ``matrix`` (cells, repetitions, min/median/max; pure), ``procstat`` (CPU time from /proc),
 ``backend`` (the Backend interface and child-process plumbing), one module per backend — ``serve``
 (nicsim), ``tap`` (QEMU's tap in a namespace, with ``blaster`` as its UDP sender), ``testpmd``
-(DPDK) —, ``runner`` (one guest per run, the measured window), ``report`` (table, JSON, plot),
-``progress`` (stderr) and ``sysinfo`` (versions and machine). The command itself is ``nicsim.cli.bench``.
+(DPDK) —, the two modes ``vm`` (one guest per run, the measured window) and ``backend_only``
+(DPDK's virtio-user as the frontend, no VM), ``runner`` (what both modes share: samples, the loop
+over the plan, the working directory), ``command`` (one invocation of either mode, from options
+to exit code), ``report`` (table, JSON, plot), ``progress`` (stderr) and ``sysinfo`` (versions and
+machine). The options are defined in ``nicsim.cli.bench``.
 """
 
 from .backend import Backend, BenchError, BenchRun, RunContext
 from .matrix import Cell, Direction, Plan, Summary, build_plan, ratio
-from .runner import CellResult, Runner, Sample
+from .runner import CellResult, Sample
 from .serve import NicsimBackend
 from .tap import QemuTapBackend
 from .testpmd import DpdkBackend
+from .vm import VmRunner
 
 # name -> the class that benchmarks it under a guest (the backend-only mode has its own names,
 # backend_only.BACKEND_ONLY_NAMES: it drives the backends itself, without these classes).
@@ -37,9 +41,9 @@ __all__ = [
     "Plan",
     "QemuTapBackend",
     "RunContext",
-    "Runner",
     "Sample",
     "Summary",
+    "VmRunner",
     "build_plan",
     "ratio",
 ]

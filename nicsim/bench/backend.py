@@ -26,6 +26,7 @@ from qemu.testvm import DEFAULT_MAC, Nic
 
 from .matrix import Cell
 
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 GUEST_IP = "10.0.2.15"
 HOST_IP = "10.0.2.2"
 PREFIX_LEN = 24
@@ -52,6 +53,13 @@ class RunContext:
 def pinned(argv: Sequence[str], cpu: int | None) -> list[str]:
     """``argv`` under ``taskset -c CPU`` (taskset execs, so the pid stays the program's own)."""
     return list(argv) if cpu is None else ["taskset", "-c", str(cpu), *argv]
+
+
+def python_env() -> dict[str, str]:
+    """The environment for ``python -m nicsim...`` children, importable even when not installed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 @dataclass

@@ -24,9 +24,9 @@ from typing import Any
 
 from qemu.testvm import VhostUserNic
 
-from .backend import Backend, BenchError, BenchRun, ChildProcess, RunContext, pinned
+from .backend import Backend, BenchError, BenchRun, ChildProcess, RunContext, pinned, python_env
 from .matrix import Cell, Direction
-from .tap import peer_netns, python_env, start_iperf3_server
+from .tap import peer_netns, start_iperf3_server
 
 _counter = itertools.count()
 TESTPMD_FRAME = "src_ip=198.18.0.1,dst_ip=198.18.0.2,udp_checksum=0"

@@ -12,26 +12,17 @@ The "backend" CPU column is that sender or iperf3 server; QEMU's tap backend its
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from qemu.testvm import Netns, TapNic
 
-from .backend import PREFIX_LEN, Backend, BenchError, BenchRun, ChildProcess, RunContext, pinned
+from .backend import PREFIX_LEN, Backend, BenchError, BenchRun, ChildProcess, RunContext, pinned, python_env
 from .matrix import Cell, Direction
 
 SEND_MARGIN = 3.0  # the sender outlives the guest's counting window by this much
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 NETNS_PREFIX = "nicsim-bench"
-
-
-def python_env() -> dict[str, str]:
-    """The environment for ``python -m nicsim...`` children, importable even when not installed."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
-    return env
 
 
 @contextlib.contextmanager
