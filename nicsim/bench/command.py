@@ -54,8 +54,8 @@ def _err(message: str) -> None:
 class Mode(abc.ABC):
     """What one mode of ``nicsim bench`` decides; ``run_bench`` does the rest, the same for both."""
 
-    #: the first core option's process, for the "different cores" message; None: one core may serve both
-    distinct_cores: str | None = None
+    #: why ``--qemu-cpu`` and ``--backend-cpu`` must differ when pinned, or None when they may be equal
+    same_core: str | None = None
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -177,7 +177,7 @@ def backend_only_plan(args: argparse.Namespace) -> Plan:
 class BackendOnlyMode(Mode):
     """No VM: DPDK's virtio-user frontend on ``--qemu-cpu`` drives the backend on ``--backend-cpu``."""
 
-    distinct_cores = "the frontend (--qemu-cpu)"
+    same_core = "the frontend (--qemu-cpu) and the backend (--backend-cpu) should be on different cores"
     ctx: RunContext
     runner: BackendOnlyRunner
 
@@ -224,8 +224,8 @@ def machine_problem(args: argparse.Namespace, mode: Mode) -> str | None:
     """What stops either mode on this machine with these options: cores, matplotlib; or None."""
     cpus = os.cpu_count() or 1
     if not args.no_pin:
-        if mode.distinct_cores is not None and args.qemu_cpu == args.backend_cpu:
-            return f"{mode.distinct_cores} and the backend (--backend-cpu) should be on different cores"
+        if mode.same_core is not None and args.qemu_cpu == args.backend_cpu:
+            return mode.same_core
         if max(args.qemu_cpu, args.backend_cpu) >= cpus:
             return (f"this machine has {cpus} core(s): choose --qemu-cpu/--backend-cpu below {cpus}, "
                     "or --no-pin")  # fmt: skip
