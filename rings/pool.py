@@ -1,7 +1,12 @@
 """The packet pool: every in-flight guest buffer is tracked by one descriptor of a ``PacketPool``.
 
-The contract is the NDIS 5.x packet pool (``NdisAllocatePacketPool[Ex]``, ``NdisAllocatePacket``,
-``NdisFreePacket``, ``NdisPacketPoolUsage``, ``NdisFreePacketPool``, ``NdisPacketSize``; see DESIGN.md).
+The contract is the NDIS 5.x packet pool: ``NdisAllocatePacketPool[Ex]`` (descriptors, reserved
+bytes, overflow descriptors) is ``PacketPool(capacity, reserved=, overflow=)``; ``NdisAllocatePacket``
+is ``allocate`` / ``allocate_batch`` (exhaustion is an explicit outcome, never a wait);
+``NdisFreePacket`` is ``free`` / ``free_batch`` (a double or foreign free is an error);
+``NdisPacketPoolUsage`` is ``usage`` (with ``high_water``); ``NdisFreePacketPool`` is ``close``
+(refused while descriptors are held, naming the queues that hold them); ``NdisPacketSize`` is
+``descriptor_size``.
 This module owns the descriptor table (one numpy structured array: state, holder queue and head, guest
 buffer, reserved bytes), the LIFO free stacks of normal and overflow descriptors, the usage counters,
 the close lifecycle and the "drained" callback registry for graceful shutdown (asyncio code awaits it

@@ -25,7 +25,7 @@ from nicsim.bench.backend_only import (
     vhost_mode,
     window,
 )
-from nicsim.bench.cmd_backend_only import plan_for
+from nicsim.bench.command import backend_only_plan
 from nicsim.bench.matrix import Cell, Direction
 from nicsim.bench.serve import TESTPMD_FRAME
 from nicsim.bench.testpmd import RUNTIME_DIR
@@ -153,19 +153,21 @@ def ns(**kw: object) -> argparse.Namespace:
 
 
 def test_plan_defaults_and_quick() -> None:
-    plan = plan_for(ns())
+    plan = backend_only_plan(ns())
     assert (plan.repetitions, plan.duration) == (3, 3.0)
     assert [c.key for c in plan.cells] == [
         (b, d, s) for b in ("nicsim", "dpdk") for d in ("tx", "rx") for s in (64, 1500)
     ]
-    quick = plan_for(ns(quick=True))
+    quick = backend_only_plan(ns(quick=True))
     assert (quick.repetitions, quick.duration, len(quick.cells)) == (1, 2.0, 8)
-    one = plan_for(ns(backends=["nicsim"], directions=["rx"], sizes=[512], repetitions=2, duration=4.0))
+    one = backend_only_plan(
+        ns(backends=["nicsim"], directions=["rx"], sizes=[512], repetitions=2, duration=4.0)
+    )
     assert [c.key for c in one.cells] == [("nicsim", "rx", 512)] and one.repetitions == 2
     with pytest.raises(ValueError, match="qemu-tap"):
-        plan_for(ns(backends=["qemu-tap"]))
+        backend_only_plan(ns(backends=["qemu-tap"]))
     with pytest.raises(ValueError, match="TCP"):
-        plan_for(ns(directions=["tx", "tcp-rx"]))
+        backend_only_plan(ns(directions=["tx", "tcp-rx"]))
 
 
 def test_same_core_for_frontend_and_backend_is_refused(capsys: pytest.CaptureFixture[str]) -> None:

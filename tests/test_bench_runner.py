@@ -4,16 +4,18 @@ and output parsing, progress, and the command's refusals."""
 from __future__ import annotations
 
 import io
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from nicsim.bench import BACKENDS, DpdkBackend, NicsimBackend, QemuTapBackend, RunContext
+from nicsim.bench import BACKEND_CLASSES, DpdkBackend, NicsimBackend, QemuTapBackend, RunContext
 from nicsim.bench.matrix import Cell, Direction, build_plan
 from nicsim.bench.progress import Progress, clock
-from nicsim.bench.runner import Runner, measure, skip_runs, workload_for
+from nicsim.bench.runner import run_directory
 from nicsim.bench.serve import TESTPMD_FRAME, high_water, serve_port
 from nicsim.bench.testpmd import build_testpmd_argv, parse_counters
+from nicsim.bench.vm import VmRunner, measure, skip_runs, workload_for
 from nicsim.cli import main
 
 CTX = RunContext(workdir=Path("/nonexistent"), duration=2.0)
@@ -48,9 +50,9 @@ async def test_unavailable_backends_are_skipped_and_nonsense_cells_are_na_withou
 ) -> None:
     plan = build_plan(["gone", "dpdk"], quick=True, directions=[Direction.TCP_TX], repetitions=2)
     started: list[Cell] = []
-    runner = Runner(kernel=tmp_path / "no-kernel", initrd=tmp_path / "no-initrd",
-                    ctx=RunContext(workdir=tmp_path, duration=1.0),
-                    on_run=lambda cell, rep: started.append(cell))  # fmt: skip
+    runner = VmRunner(kernel=tmp_path / "no-kernel", initrd=tmp_path / "no-initrd",
+                      ctx=RunContext(workdir=tmp_path, duration=1.0),
+                      on_run=lambda cell, rep: started.append(cell))  # fmt: skip
     results = await runner.run_plan(plan, [Gone(), DpdkBackend()])
     assert [(r.cell.backend, r.status) for r in results] == [("gone", "skipped"), ("dpdk", "n/a")]
     assert results[0].reason == "gone: not installed here"
@@ -62,8 +64,8 @@ async def test_a_run_that_cannot_boot_is_failed_with_its_reason_and_the_plan_goe
     tmp_path: Path,
 ) -> None:
     plan = build_plan(["gone", "qemu-tap"], quick=True, directions=[Direction.TX], sizes=[64])
-    runner = Runner(kernel=tmp_path / "no-kernel", initrd=tmp_path / "no-initrd",
-                    ctx=RunContext(workdir=tmp_path, duration=1.0), accel="tcg")  # fmt: skip
+    runner = VmRunner(kernel=tmp_path / "no-kernel", initrd=tmp_path / "no-initrd",
+                      ctx=RunContext(workdir=tmp_path, duration=1.0), accel="tcg")  # fmt: skip
     results = await runner.run_plan(plan, [Gone(), QemuTapBackend()])
     assert [r.status for r in results] == ["skipped", "failed"]
     assert results[1].reason is not None and "could not open kernel file" in results[1].reason
@@ -142,4 +144,40 @@ def test_missing_qemu_says_which_package_to_install(capsys: pytest.CaptureFixtur
 
 
 def test_every_backend_is_registered_under_its_name() -> None:
-    assert {name: cls.name for name, cls in BACKENDS.items()} == {n: n for n in BACKENDS}
+    assert {name: cls.name for name, cls in BACKEND_CLASSES.items()} == {n: n for n in BACKEND_CLASSES}
+
+
+def test_the_working_directory_is_the_log_dir_or_a_temporary_one_never_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # where mkdtemp() would put a temporary one
+    logs = tmp_path / "logs" / "run1"
+    with run_directory(logs) as workdir:
+        assert workdir == logs and workdir.is_dir()
+        assert list(tmp.iterdir()) == []  # none made beside the log dir
+        (workdir / "backend.log").write_text("kept")
+    assert (logs / "backend.log").read_text() == "kept"
+    with run_directory(None) as workdir:
+        assert workdir.parent == tmp and workdir.is_dir()
+    assert list(tmp.iterdir()) == []
+
+
+def test_a_bench_with_a_log_dir_keeps_its_logs_there_and_leaves_no_temporary_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The whole command, not just the helper: it used to make a temporary directory, switch to
+    # --log-dir and never remove the temporary one. The run itself fails at once (no kernel).
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    logs = tmp_path / "logs"
+    status = main(["bench", "--backends", "qemu-tap", "--directions", "tx", "--sizes", "64",
+                   "--repetitions", "1", "--duration", "1", "--accel", "tcg",
+                   "--qemu-cpu", "0", "--backend-cpu", "0",
+                   "--kernel", str(tmp_path / "no-kernel"), "--initrd", str(tmp_path / "no-initrd"),
+                   "--log-dir", str(logs)])  # fmt: skip
+    assert status == 1 and "could not open kernel file" in capsys.readouterr().out
+    assert (logs / "qemu-pinned").exists()  # the runs worked there (QEMU's taskset wrapper)
+    assert list(tmp.iterdir()) == []

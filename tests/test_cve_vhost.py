@@ -2,7 +2,7 @@
 
 Each test drives nicsim with the Python frontend (and the driver model for descriptor-level cases),
 sends what the CVE's exploit sent, and checks the three things a backend must keep true whatever the
-frontend or the guest does (DESIGN.md, "The guest is untrusted"): it keeps serving (frames still flow
+frontend or the guest does (the guest and the frontend are untrusted): it keeps serving (frames still flow
 both ways afterwards, through the reflect port), it touches nothing outside guest memory (the memfd's
 guard bytes, which belong to no region, keep their pattern), and it leaks nothing (the process's fds are
 exactly those it had before, and the pool's usage is 0 after the stop). See ``tests/hardening.py``.

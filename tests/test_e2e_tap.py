@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 
-from qemu.testvm import TestVM, VhostUserNic, Workload
-from tests.conftest import Netns
+from qemu.testvm import Netns, TestVM, VhostUserNic, Workload
 from tests.serve_process import nicsim_serve, read_stats
 
 pytestmark = pytest.mark.vm

@@ -6,7 +6,7 @@ This file adds what it does not cover: the same stream of valid and broken messa
 sizes, wrong fd counts, unknown codes and flags, fatal headers) fed all at once (chunked as Linux
 delivers SCM_RIGHTS: a ``recvmsg`` ends after the one send whose fds it returns), byte by byte,
 ``bytes_wanted`` at a time (what the server does), at random cuts, and with a trailing partial message
-must produce identical events and replies (STYLE.md principle 9, h11's ``test_io.py``); and every fd
+must produce identical events and replies (fed three ways, as h11's ``test_io.py`` does); and every fd
 ends up in the event of the message it came with or in ``fds_to_close()``, exactly once.
 
 The connection never touches an fd, so unique integers stand in for fds. ``NICSIM_FUZZ_EXAMPLES``

@@ -1,5 +1,6 @@
-"""The packet pool keeps the NDIS 5.x packet-pool contract (DESIGN.md table), checked point by point
-and by a Hypothesis state machine that runs the pool against a plain Python model."""
+"""The packet pool keeps the NDIS 5.x packet-pool contract (rings/pool.py's docstring maps each NDIS
+call), checked point by point and by a Hypothesis state machine that runs the pool against a plain
+Python model."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""rings/ does no I/O: no module in it imports asyncio, socket, os or mmap (STYLE.md principle 1)."""
+"""rings/ does no I/O: no module in it imports asyncio, socket, os or mmap (protocol logic does no
+I/O; only the asyncio shell touches sockets and fds)."""
 
 import ast
 import pathlib

@@ -34,8 +34,8 @@ from nicsim.virtio.features import (
     VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MRG_RXBUF,
 )
+from qemu.testvm import Netns
 from rings.driver import DriverQueue, GuestDriver
-from tests.conftest import Netns
 
 V1 = 1 << VIRTIO_F_VERSION_1
 MRG = 1 << VIRTIO_NET_F_MRG_RXBUF
@@ -159,8 +159,7 @@ def test_tx_hands_the_port_the_guests_header_unchanged() -> None:
 def tapns(netns: Callable[[], Netns]) -> Iterator[Netns]:
     """A namespace with a persistent tap0 (10.0.2.2/24, up) and the guest as a permanent neighbour."""
     ns = netns()
-    ns.add_tap("tap0", f"{HOST_IP}/24")
-    ns.run("ip", "neigh", "replace", GUEST_IP, "lladdr", GUEST_MAC, "dev", "tap0", "nud", "permanent")
+    ns.add_tap("tap0", f"{HOST_IP}/24", neighbour=(GUEST_IP, GUEST_MAC))
     yield ns
 
 

@@ -16,9 +16,7 @@ from typing import Any
 
 import pytest
 
-from qemu.testvm import TapNic, TestVM, VMLaunchError, Workload
-
-from .conftest import Netns
+from qemu.testvm import Netns, TapNic, TestVM, VMLaunchError, Workload
 
 pytestmark = pytest.mark.vm
 

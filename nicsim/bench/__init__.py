@@ -3,18 +3,24 @@
 Modules: ``matrix`` (cells, repetitions, min/median/max; pure), ``procstat`` (CPU time from /proc),
 ``backend`` (the Backend interface and child-process plumbing), one module per backend — ``serve``
 (nicsim), ``tap`` (QEMU's tap in a namespace, with ``blaster`` as its UDP sender), ``testpmd``
-(DPDK) —, ``runner`` (one guest per run, the measured window), ``report`` (table, JSON, plot),
-``progress`` (stderr) and ``sysinfo`` (versions and machine). The command itself is ``nicsim.cli.bench``.
+(DPDK) —, the two modes ``vm`` (one guest per run, the measured window) and ``backend_only``
+(DPDK's virtio-user as the frontend, no VM), ``runner`` (what both modes share: samples, the loop
+over the plan, the working directory), ``command`` (one invocation of either mode, from options
+to exit code), ``report`` (table, JSON, plot), ``progress`` (stderr) and ``sysinfo`` (versions and
+machine). The options are defined in ``nicsim.cli.bench``.
 """
 
-from .backend import Backend, BenchError, RunContext, Session
+from .backend import Backend, BenchError, BenchRun, RunContext
 from .matrix import Cell, Direction, Plan, Summary, build_plan, ratio
-from .runner import CellResult, Runner, Sample
+from .runner import CellResult, Sample
 from .serve import NicsimBackend
 from .tap import QemuTapBackend
 from .testpmd import DpdkBackend
+from .vm import VmRunner
 
-BACKENDS: dict[str, type[Backend]] = {
+# name -> the class that benchmarks it under a guest (the backend-only mode has its own names,
+# backend_only.BACKEND_ONLY_NAMES: it drives the backends itself, without these classes).
+BACKEND_CLASSES: dict[str, type[Backend]] = {
     "nicsim": NicsimBackend,
     "qemu-tap": QemuTapBackend,
     "dpdk": DpdkBackend,
@@ -22,10 +28,11 @@ BACKENDS: dict[str, type[Backend]] = {
 PEERS = ("qemu-tap", "dpdk")
 
 __all__ = [
-    "BACKENDS",
+    "BACKEND_CLASSES",
     "PEERS",
     "Backend",
     "BenchError",
+    "BenchRun",
     "Cell",
     "CellResult",
     "Direction",
@@ -34,10 +41,9 @@ __all__ = [
     "Plan",
     "QemuTapBackend",
     "RunContext",
-    "Runner",
     "Sample",
-    "Session",
     "Summary",
+    "VmRunner",
     "build_plan",
     "ratio",
 ]

@@ -2,11 +2,11 @@
 
 A ``Backend`` says whether it can run at all on this machine (``unavailable``), whether it has a
 meaning for a given cell (``unsupported``: the row is shown as "n/a" with the reason), and opens a
-``Session`` for one run of one cell: the session gives the guest's NIC (and the network namespace
-QEMU must run in, if any), the pid of the process that does the backend's work (for CPU accounting),
-a hook called once the guest is up, and what the backend reported when it ended (the nicsim pool's
-high-water mark). ``ChildProcess`` starts helpers with their output in a log file and ends them by
-pid only: a signal, a grace period, then SIGKILL.
+``BenchRun`` for one run of one cell (``open_run``): the handle gives the guest's NIC (and the
+network namespace QEMU must run in, if any), the pid of the process that does the backend's work
+(for CPU accounting), a hook called once the guest is up, and what the backend reported when it
+ended (the nicsim pool's high-water mark). ``ChildProcess`` starts helpers with their output in a
+log file and ends them by pid only: a signal, a grace period, then SIGKILL.
 """
 
 from __future__ import annotations
@@ -22,22 +22,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from nicsim.errors import LocalError
 from qemu.testvm import DEFAULT_MAC, Nic
 
 from .matrix import Cell
 
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 GUEST_IP = "10.0.2.15"
 HOST_IP = "10.0.2.2"
 PREFIX_LEN = 24
 
 
-class BenchError(Exception):
+class BenchError(LocalError):
     """A run of a cell failed; the message says why (and usually what to do about it)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunContext:
-    """What every session of one ``nicsim bench`` run shares."""
+    """What every run of one ``nicsim bench`` command shares."""
 
     workdir: Path
     duration: float
@@ -54,8 +56,15 @@ def pinned(argv: Sequence[str], cpu: int | None) -> list[str]:
     return list(argv) if cpu is None else ["taskset", "-c", str(cpu), *argv]
 
 
+def python_env() -> dict[str, str]:
+    """The environment for ``python -m nicsim...`` children, importable even when not installed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 @dataclass
-class Session:
+class BenchRun:
     """One run's view of a backend; ``pid`` may appear only in ``ready()`` (e.g. a sender)."""
 
     nic: Nic
@@ -82,7 +91,7 @@ class Backend(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def session(self, cell: Cell, ctx: RunContext) -> AbstractAsyncContextManager[Session]:
+    def open_run(self, cell: Cell, ctx: RunContext) -> AbstractAsyncContextManager[BenchRun]:
         """Set the backend up for one run of ``cell``; leaving the context tears everything down."""
 
 

@@ -35,15 +35,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .backend import BenchError, ChildProcess, RunContext, pinned
+from .backend import BenchError, ChildProcess, RunContext, pinned, python_env
 from .matrix import Cell, Direction, Plan
 from .procstat import CpuWindow
-from .runner import CellResult, Sample
+from .runner import CellResult, Sample, run_cells
 from .serve import high_water, serve_port
-from .tap import python_env
 from .testpmd import RUNTIME_DIR, TESTPMD, build_testpmd_argv, parse_counters
 
-BACKENDS = ("nicsim", "dpdk")
+BACKEND_ONLY_NAMES = ("nicsim", "dpdk")
+FRONTEND = "dpdk-testpmd net_virtio_user (no hugepages)"
+RUN_OVERHEAD = 4.0  # starting both processes and waiting for traffic, per run; a planning figure
 FRONTEND_MEMORY_MB = 256
 STATS_PERIOD = 1.0  # seconds between testpmd's stats blocks and nicsim's stats-file rewrites
 POLL_INTERVAL = 0.05
@@ -321,7 +322,8 @@ class BackendOnlyRunner:
             )
             backend = ChildProcess(argv, wd / f"bo-{n}-vhost.log")
         else:
-            raise BenchError(f"--backend-only knows the backends {', '.join(BACKENDS)}, not {cell.backend}")
+            known = ", ".join(BACKEND_ONLY_NAMES)
+            raise BenchError(f"--backend-only knows the backends {known}, not {cell.backend}")
         fe_argv = build_frontend_argv(
             socket=sock,
             mode=frontend_mode(cell.direction),
@@ -426,19 +428,7 @@ class BackendOnlyRunner:
         return sample
 
     async def run_plan(self, plan: Plan) -> list[CellResult]:
-        out: list[CellResult] = []
-        for cell in plan.cells:
-            result = CellResult(cell=cell)
-            out.append(result)
-            for rep in range(plan.repetitions):
-                if self.on_run is not None:
-                    self.on_run(cell, rep)
-                result.samples.append(await self.run_once(cell))
-            if not result.good():
-                result.status = "failed"
-                errors = [s.error for s in result.samples if s.error]
-                result.reason = errors[-1] if errors else "no successful run"
-        return out
+        return await run_cells(plan, self.run_once, on_run=self.on_run)
 
 
 def unavailable(testpmd: str = TESTPMD) -> str | None:

@@ -1,31 +1,25 @@
-"""Running a benchmark plan: one fresh guest per repetition of each cell, sampled and summarised.
+"""What both modes of ``nicsim bench`` share: a run's sample, a cell's result, the plan loop, the workdir.
 
-For each run the runner opens the backend's session, boots the guest on the session's NIC (QEMU
-pinned to its own core through a ``taskset`` wrapper, so the pid QEMU reports is QEMU's), waits for
-the guest to be up, opens the measured window (CPU time of QEMU and of the backend process, sampled
-from /proc) and closes it when the guest prints its result. The window opens at ``NICSIM-READY`` —
-for guest RX at the rx-count workload's "counting" line, so the guest's boot is never in the CPU
-figures. Throughput is the guest's own count (pktgen for TX, eth0's counters for RX, iperf3 for
-TCP). A run that fails is recorded with its reason, and the run goes on with the next one.
+The VM mode (:mod:`nicsim.bench.vm`, a guest per run) and the backend-only mode
+(:mod:`nicsim.bench.backend_only`, DPDK's virtio-user as the frontend) differ only in how one run of
+one cell is measured; ``run_cells`` is the one loop over the plan around that: it records a cell
+that cannot run ("skipped", "n/a") without running it, tells ``on_run`` before each repetition, and
+marks a cell "failed" with its last error when no repetition worked. ``run_directory`` is where the
+runs keep their sockets and logs: the ``--log-dir`` when one is given (kept), otherwise a temporary
+directory removed at the end; never both, so nothing is left behind in either case.
 """
 
 from __future__ import annotations
 
-import shlex
-import time
-from collections.abc import Callable, Sequence
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu.testvm import TestVM, TestVMError, Workload
-
-from .backend import Backend, BenchError, RunContext
-from .matrix import Cell, Direction, Plan, Summary
-from .procstat import CpuWindow
-
-BOOT_TIMEOUT = 120.0  # a failure deadline for a loaded TCG host, not a performance figure
-RESULT_MARGIN = 60.0
+from .matrix import Cell, Plan, Summary
 
 
 @dataclass(kw_only=True)
@@ -63,124 +57,44 @@ class CellResult:
         return Summary.of([float(v) for v in values if v is not None])
 
 
-def workload_for(cell: Cell, ctx: RunContext) -> Workload:
-    """The guest workload that measures ``cell``."""
-    secs = ctx.duration
-    if cell.direction is Direction.TX:
-        # Broadcast destination MAC: every backend accepts it, no neighbour lookup in the guest.
-        return Workload("pktgen-tx", size=cell.frame_len, duration=secs, dst=ctx.host_ip)
-    if cell.direction is Direction.RX:
-        return Workload("rx-count", duration=secs)
-    reverse = cell.direction is Direction.TCP_RX
-    return Workload("iperf3-client", server=ctx.host_ip, time=secs, proto="tcp", reverse=reverse)
-
-
-def measure(cell: Cell, guest: dict[str, Any]) -> dict[str, Any]:
-    """pps / Gbit/s / packets / bytes / seconds from the guest's result line."""
-    if cell.direction.is_tcp:
-        bps = guest.get("received_bps")
-        nbytes = guest.get("received_bytes")
-        return {"gbps": None if bps is None else bps / 1e9, "bytes": nbytes, "seconds": guest.get("seconds")}
-    pps, nbytes, secs = guest.get("pps"), guest.get("bytes"), guest.get("seconds")
-    gbps = nbytes * 8 / secs / 1e9 if nbytes is not None and secs else None
-    return {"pps": pps, "gbps": gbps, "packets": guest.get("packets"), "bytes": nbytes, "seconds": secs}
-
-
-def qemu_wrapper(workdir: Path, cpu: int | None, qemu: str) -> str:
-    """A tiny executable that runs QEMU under ``taskset``; ``exec`` keeps QEMU's pid the one TestVM sees."""
-    if cpu is None:
-        return qemu
-    path = workdir / "qemu-pinned"
-    path.write_text(f'#!/bin/sh\nexec taskset -c {cpu} {shlex.quote(qemu)} "$@"\n')
-    path.chmod(0o755)
-    return str(path)
-
-
-@dataclass(kw_only=True)
-class Runner:
-    """Runs cells on the guest ``kernel``/``initrd``; ``on_run`` is told before each run starts."""
-
-    kernel: Path
-    initrd: Path
-    ctx: RunContext
-    accel: str = "tcg"
-    qemu: str = "qemu-system-x86_64"
-    on_run: Callable[[Cell, int], None] | None = None
-
-    async def run_once(self, backend: Backend, cell: Cell) -> Sample:
-        ctx = self.ctx
-        wl = workload_for(cell, ctx)
-        marker = r"rx-count: counting" if cell.direction is Direction.RX else "NICSIM-READY"
-        try:
-            async with backend.session(cell, ctx) as sess:
-                async with TestVM(
-                    kernel=self.kernel, initrd=self.initrd, nic=sess.nic, netns=sess.netns,
-                    workloads=[wl], guest_ip=f"{ctx.guest_ip}/24", accel=self.accel,
-                    qemu=qemu_wrapper(ctx.workdir, ctx.qemu_cpu, self.qemu), name=f"bench-{backend.name}",
-                    launch_timeout=ctx.start_timeout + BOOT_TIMEOUT,
-                ) as vm:  # fmt: skip
-                    await vm.wait_for("(?m)^NICSIM-READY", BOOT_TIMEOUT)
-                    await sess.ready()
-                    if marker != "NICSIM-READY":
-                        await vm.wait_for(marker, BOOT_TIMEOUT)
-                    window = CpuWindow({"qemu": vm.pid, "backend": sess.pid})
-                    window.start()
-                    results = await vm.results(ctx.duration + RESULT_MARGIN)
-                    window.stop()
-                sample = Sample(ok=True, cpu_qemu_pct=window.percent("qemu"),
-                                cpu_backend_pct=window.percent("backend"))  # fmt: skip
-            # The backend's final report (pool high-water) exists only once its session has ended.
-            sample.pool_high_water = sess.pool_high_water
-            sample.backend = dict(sess.extra)
-        except (BenchError, TestVMError, OSError) as err:
-            return Sample(ok=False, error=f"{type(err).__name__}: {err}")
-        if len(results) != 1 or not results[0].ok:
-            why = results[0].error if len(results) == 1 else f"{len(results)} result lines"
-            return Sample(ok=False, error=f"guest workload {wl.name} failed: {why}",
-                          guest=dict(results[0].data) if results else {})  # fmt: skip
-        sample.guest = dict(results[0].data)
-        for key, value in measure(cell, sample.guest).items():
-            setattr(sample, key, value)
-        if not (sample.gbps if cell.direction.is_tcp else sample.pps):
-            sample.ok = False
-            sample.error = "the guest counted no traffic"
-        return sample
-
-    async def run_plan(self, plan: Plan, backends: Sequence[Backend]) -> list[CellResult]:
-        by_name = {b.name: b for b in backends}
-        out: list[CellResult] = []
-        for cell in plan.cells:
-            backend = by_name[cell.backend]
-            result = CellResult(cell=cell)
-            out.append(result)
-            why_not = backend.unavailable()
-            if why_not is not None:
-                result.status, result.reason = "skipped", why_not
-                continue
-            why_na = backend.unsupported(cell)
-            if why_na is not None:
-                result.status, result.reason = "n/a", why_na
-                continue
-            for rep in range(plan.repetitions):
-                if self.on_run is not None:
-                    self.on_run(cell, rep)
-                started = time.monotonic()
-                sample = await self.run_once(backend, cell)
-                sample.backend.setdefault("run_seconds", round(time.monotonic() - started, 2))
-                result.samples.append(sample)
-            if not result.good():
-                result.status = "failed"
-                errors = [s.error for s in result.samples if s.error]
-                result.reason = errors[-1] if errors else "no successful run"
-        return out
-
-
-def skip_runs(plan: Plan, backends: Sequence[Backend]) -> int:
-    """How many runs of ``plan`` will not boot a guest (n/a cells, unavailable backends)."""
-    by_name = {b.name: b for b in backends}
-    n = 0
+async def run_cells(
+    plan: Plan,
+    run_once: Callable[[Cell], Awaitable[Sample]],
+    *,
+    on_run: Callable[[Cell, int], None] | None = None,
+    not_run: Callable[[Cell], tuple[str, str] | None] | None = None,
+) -> list[CellResult]:
+    """Every repetition of every cell of ``plan`` through ``run_once``, in order. ``not_run(cell)``
+    gives ``(status, reason)`` for a cell that must not run ("skipped", "n/a"), or ``None``."""
+    out: list[CellResult] = []
     for cell in plan.cells:
-        b = by_name[cell.backend]
-        if b.unavailable() is not None or b.unsupported(cell) is not None:
-            n += plan.repetitions
-    return n
+        result = CellResult(cell=cell)
+        out.append(result)
+        why = None if not_run is None else not_run(cell)
+        if why is not None:
+            result.status, result.reason = why
+            continue
+        for rep in range(plan.repetitions):
+            if on_run is not None:
+                on_run(cell, rep)
+            result.samples.append(await run_once(cell))
+        if not result.good():
+            result.status = "failed"
+            errors = [s.error for s in result.samples if s.error]
+            result.reason = errors[-1] if errors else "no successful run"
+    return out
+
+
+@contextlib.contextmanager
+def run_directory(log_dir: Path | None) -> Iterator[Path]:
+    """``log_dir`` (created if need be, kept afterwards), or a fresh temporary directory removed on
+    the way out; a temporary one is made only when there is no ``log_dir``."""
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        yield log_dir
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="nicsim-bench-"))
+    try:
+        yield workdir
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -24,9 +24,9 @@ from typing import Any
 
 from qemu.testvm import VhostUserNic
 
-from .backend import Backend, BenchError, ChildProcess, RunContext, Session, pinned
+from .backend import Backend, BenchError, BenchRun, ChildProcess, RunContext, pinned, python_env
 from .matrix import Cell, Direction
-from .tap import add_tap_netns, del_netns, new_netns_name, python_env, start_iperf3_server
+from .tap import peer_netns, start_iperf3_server
 
 _counter = itertools.count()
 TESTPMD_FRAME = "src_ip=198.18.0.1,dst_ip=198.18.0.2,udp_checksum=0"
@@ -70,39 +70,37 @@ class NicsimBackend(Backend):
         return self.unavailable_tcp() if cell.direction.is_tcp else None
 
     @contextlib.asynccontextmanager
-    async def session(self, cell: Cell, ctx: RunContext) -> AsyncIterator[Session]:
+    async def open_run(self, cell: Cell, ctx: RunContext) -> AsyncIterator[BenchRun]:
         n = next(_counter)
         sock = ctx.workdir / f"nicsim-{n}.sock"
         stats_file = ctx.workdir / f"nicsim-{n}.stats.json"
-        netns = new_netns_name() if cell.direction.is_tcp else None
-        argv = pinned([
-            sys.executable, "-m", "nicsim", "serve", "--socket", str(sock), "--port", serve_port(cell, netns),
-            "--stats-file", str(stats_file),
-        ], ctx.backend_cpu)  # fmt: skip
-        proc = ChildProcess(argv, ctx.workdir / f"nicsim-{n}.log", env=python_env())
-        sess = Session(nic=VhostUserNic(mac=ctx.guest_mac, socket=sock))
+        run = BenchRun(nic=VhostUserNic(mac=ctx.guest_mac, socket=sock))
         iperf3: ChildProcess | None = None
-        try:
-            if netns is not None:
-                add_tap_netns(netns, ctx)
-                iperf3 = await start_iperf3_server(netns, ctx)
-            await proc.start()
-            sess.pid = proc.pid
-            await proc.wait_for_path(sock, ctx.start_timeout)
-            yield sess
-            status = await proc.stop()
-            if status != 0:
-                raise BenchError(f"nicsim serve exited with status {status}:\n{proc.output()}")
+        with contextlib.ExitStack() as stack:  # the namespace outlives the processes that use it
+            ns = stack.enter_context(peer_netns(ctx)) if cell.direction.is_tcp else None
+            argv = pinned([
+                sys.executable, "-m", "nicsim", "serve", "--socket", str(sock),
+                "--port", serve_port(cell, None if ns is None else ns.name), "--stats-file", str(stats_file),
+            ], ctx.backend_cpu)  # fmt: skip
+            proc = ChildProcess(argv, ctx.workdir / f"nicsim-{n}.log", env=python_env())
             try:
-                stats = json.loads(stats_file.read_text())
-            except (OSError, ValueError) as err:
-                raise BenchError(f"nicsim serve left no readable stats file {stats_file}: {err}") from err
-            sess.pool_high_water = high_water(stats)
-            sess.extra["nicsim"] = stats
-        finally:
-            await proc.stop()
-            if iperf3 is not None:
-                await iperf3.stop()
-            if netns is not None:
-                del_netns(netns)
-            sock.unlink(missing_ok=True)
+                if ns is not None:
+                    iperf3 = await start_iperf3_server(ns, ctx)
+                await proc.start()
+                run.pid = proc.pid
+                await proc.wait_for_path(sock, ctx.start_timeout)
+                yield run
+                status = await proc.stop()
+                if status != 0:
+                    raise BenchError(f"nicsim serve exited with status {status}:\n{proc.output()}")
+                try:
+                    stats = json.loads(stats_file.read_text())
+                except (OSError, ValueError) as err:
+                    raise BenchError(f"nicsim serve left no readable stats file {stats_file}: {err}") from err
+                run.pool_high_water = high_water(stats)
+                run.extra["nicsim"] = stats
+            finally:
+                await proc.stop()
+                if iperf3 is not None:
+                    await iperf3.stop()
+                sock.unlink(missing_ok=True)

@@ -44,16 +44,21 @@ def memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     return None
 
 
-def versions(*, qemu: str, guest_kernel: str | None) -> dict[str, Any]:
-    return {
+def versions(*, qemu: str | None, guest_kernel: str | None = None) -> dict[str, Any]:
+    """The versions a result carries; with ``qemu=None`` (the backend-only mode, where neither QEMU
+    nor a guest takes part) there is no ``qemu`` and no ``guest_kernel`` entry."""
+    found: dict[str, Any] = {
         "nicsim": nicsim.__version__,
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "qemu": _first_line([qemu, "--version"]),
-        "host_kernel": platform.release(),
-        "guest_kernel": guest_kernel,
-        "dpdk": dpdk_version(),
     }
+    if qemu is not None:
+        found["qemu"] = _first_line([qemu, "--version"])
+    found["host_kernel"] = platform.release()
+    if qemu is not None:
+        found["guest_kernel"] = guest_kernel
+    found["dpdk"] = dpdk_version()
+    return found
 
 
 def machine() -> dict[str, Any]:

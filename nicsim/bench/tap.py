@@ -12,89 +12,57 @@ The "backend" CPU column is that sender or iperf3 server; QEMU's tap backend its
 from __future__ import annotations
 
 import contextlib
-import itertools
-import os
-import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-from qemu.testvm import TapNic
+from qemu.testvm import Netns, TapNic
 
-from .backend import PREFIX_LEN, Backend, BenchError, ChildProcess, RunContext, Session, pinned
+from .backend import PREFIX_LEN, Backend, BenchError, BenchRun, ChildProcess, RunContext, pinned, python_env
 from .matrix import Cell, Direction
 
-_counter = itertools.count()
 SEND_MARGIN = 3.0  # the sender outlives the guest's counting window by this much
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+NETNS_PREFIX = "nicsim-bench"
 
 
-def _ip(*argv: str) -> None:
-    done = subprocess.run(["ip", *argv], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise BenchError(f"ip {' '.join(argv)}: {done.stderr.strip()}")
+@contextlib.contextmanager
+def peer_netns(ctx: RunContext) -> Iterator[Netns]:
+    """A fresh namespace ``nicsim-bench-<pid>-<n>`` with ``tap0`` (persistent, ``ctx.host_ip``, up) and
+    the guest as a permanent neighbour, deleted (with the TAP) on the way out. Shared by QEMU's tap
+    backend and nicsim's tap port, so both face the same peer."""
+    with Netns.create(NETNS_PREFIX) as ns:
+        ns.add_tap("tap0", f"{ctx.host_ip}/{PREFIX_LEN}", neighbour=(ctx.guest_ip, ctx.guest_mac))
+        yield ns
 
 
-def python_env() -> dict[str, str]:
-    """The environment for ``python -m nicsim...`` children, importable even when not installed."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
-    return env
+def pinned_in(ns: Netns, argv: list[str], ctx: RunContext) -> list[str]:
+    """``argv`` in ``ns`` on the backend's core."""
+    return ns.exec_argv(pinned(argv, ctx.backend_cpu))
 
 
-def new_netns_name() -> str:
-    return f"nicsim-bench-{os.getpid()}-{next(_counter)}"
-
-
-def add_tap_netns(netns: str, ctx: RunContext) -> None:
-    """Namespace ``netns`` with ``tap0`` (persistent, ``ctx.host_ip``, up) and the guest as a permanent
-    neighbour. Shared by QEMU's tap backend and nicsim's tap port, so both face the same peer. The
-    caller deletes the namespace (``del_netns``), also when this raises."""
-    _ip("netns", "add", netns)
-    for cmd in (
-        ["link", "set", "lo", "up"],
-        ["tuntap", "add", "dev", "tap0", "mode", "tap"],
-        ["addr", "add", f"{ctx.host_ip}/{PREFIX_LEN}", "dev", "tap0"],
-        ["link", "set", "tap0", "up"],
-        ["neigh", "replace", ctx.guest_ip, "lladdr", ctx.guest_mac, "dev", "tap0", "nud", "permanent"],
-    ):
-        _ip("netns", "exec", netns, "ip", *cmd)
-
-
-def del_netns(netns: str) -> None:
-    """Delete ``netns`` (and the TAP in it); harmless if it does not exist."""
-    subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)
-
-
-def in_netns(netns: str, argv: list[str], ctx: RunContext) -> list[str]:
-    return ["ip", "netns", "exec", netns, *pinned(argv, ctx.backend_cpu)]
-
-
-async def start_iperf3_server(netns: str, ctx: RunContext) -> ChildProcess:
-    """An iperf3 server on ``ctx.host_ip`` in ``netns``, on the backend's core; the caller stops it."""
-    server = ChildProcess(in_netns(netns, ["iperf3", "-s", "-B", ctx.host_ip], ctx),
-                          ctx.workdir / f"iperf3-{netns}.log")  # fmt: skip
+async def start_iperf3_server(ns: Netns, ctx: RunContext) -> ChildProcess:
+    """An iperf3 server on ``ctx.host_ip`` in ``ns``, on the backend's core; the caller stops it."""
+    server = ChildProcess(pinned_in(ns, ["iperf3", "-s", "-B", ctx.host_ip], ctx),
+                          ctx.workdir / f"iperf3-{ns.name}.log")  # fmt: skip
     await server.start()
     # iperf3 must be listening before the guest's client connects; it is up within ms,
     # and the guest needs seconds to boot, but check it did not die at once.
     if await server.wait(0.2) is not None:
-        raise BenchError(f"iperf3 server in {netns} exited: {server.output()}")
+        raise BenchError(f"iperf3 server in {ns.name} exited: {server.output()}")
     return server
 
 
-class TapSession(Session):
-    def __init__(self, *, nic: TapNic, netns: str, cell: Cell, ctx: RunContext) -> None:
-        super().__init__(nic=nic, netns=netns)
+class TapRun(BenchRun):
+    def __init__(self, *, nic: TapNic, ns: Netns, cell: Cell, ctx: RunContext) -> None:
+        super().__init__(nic=nic, netns=ns.name)
+        self.ns = ns
         self.cell = cell
         self.ctx = ctx
         self.children: list[ChildProcess] = []
 
-    def in_ns(self, argv: list[str]) -> list[str]:
-        assert self.netns is not None
-        return in_netns(self.netns, argv, self.ctx)
-
     async def spawn(self, name: str, argv: list[str]) -> ChildProcess:
-        child = ChildProcess(self.in_ns(argv), self.ctx.workdir / f"{name}.log", env=python_env())
+        argv = pinned_in(self.ns, argv, self.ctx)
+        child = ChildProcess(argv, self.ctx.workdir / f"{name}.log", env=python_env())
         self.children.append(child)
         await child.start()
         self.pid = child.pid
@@ -117,23 +85,21 @@ class QemuTapBackend(Backend):
         return None
 
     @contextlib.asynccontextmanager
-    async def session(self, cell: Cell, ctx: RunContext) -> AsyncIterator[Session]:
-        netns = new_netns_name()
-        sess = TapSession(nic=TapNic(mac=ctx.guest_mac, ifname="tap0"), netns=netns, cell=cell, ctx=ctx)
-        try:
-            add_tap_netns(netns, ctx)
-            if cell.direction.is_tcp:
-                server = await start_iperf3_server(netns, ctx)
-                sess.children.append(server)
-                sess.pid = server.pid
-            yield sess
-            for child in sess.children:
-                # SIGINT makes the blaster print its counts. The iperf3 server runs without -1 so
-                # that its CPU time is still readable when the measured window closes.
-                await child.stop()
-                if "nicsim.bench.blaster" in child.argv:
-                    sess.extra["sender"] = child.output(500).strip()
-        finally:
-            for child in sess.children:
-                await child.stop()
-            del_netns(netns)
+    async def open_run(self, cell: Cell, ctx: RunContext) -> AsyncIterator[BenchRun]:
+        with peer_netns(ctx) as ns:
+            run = TapRun(nic=TapNic(mac=ctx.guest_mac, ifname="tap0"), ns=ns, cell=cell, ctx=ctx)
+            try:
+                if cell.direction.is_tcp:
+                    server = await start_iperf3_server(ns, ctx)
+                    run.children.append(server)
+                    run.pid = server.pid
+                yield run
+                for child in run.children:
+                    # SIGINT makes the blaster print its counts. The iperf3 server runs without -1 so
+                    # that its CPU time is still readable when the measured window closes.
+                    await child.stop()
+                    if "nicsim.bench.blaster" in child.argv:
+                        run.extra["sender"] = child.output(500).strip()
+            finally:
+                for child in run.children:
+                    await child.stop()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from qemu.testvm import VhostUserNic
 
-from .backend import Backend, BenchError, ChildProcess, RunContext, Session
+from .backend import Backend, BenchError, BenchRun, ChildProcess, RunContext
 from .matrix import Cell, Direction
 
 TESTPMD = "dpdk-testpmd"
@@ -84,7 +84,7 @@ class DpdkBackend(Backend):
         return None
 
     @contextlib.asynccontextmanager
-    async def session(self, cell: Cell, ctx: RunContext) -> AsyncIterator[Session]:
+    async def open_run(self, cell: Cell, ctx: RunContext) -> AsyncIterator[BenchRun]:
         n = next(_counter)
         prefix = f"nicsim-bench-{os.getpid()}-{n}"
         sock = ctx.workdir / f"testpmd-{n}.sock"
@@ -94,15 +94,15 @@ class DpdkBackend(Backend):
             peer_mac=ctx.guest_mac, binary=self.binary,
         )  # fmt: skip
         proc = ChildProcess(argv, ctx.workdir / f"testpmd-{n}.log")
-        sess = Session(nic=VhostUserNic(mac=ctx.guest_mac, socket=sock))
+        run = BenchRun(nic=VhostUserNic(mac=ctx.guest_mac, socket=sock))
         try:
             await proc.start()
-            sess.pid = proc.pid
+            run.pid = proc.pid
             await proc.wait_for_path(sock, ctx.start_timeout)
-            yield sess
+            yield run
             status = await proc.stop()
             counters = parse_counters(proc.output(20000))
-            sess.extra["testpmd"] = {"mode": mode, "exit_status": status, **counters}
+            run.extra["testpmd"] = {"mode": mode, "exit_status": status, **counters}
             if status not in (0, None) and not counters:
                 raise BenchError(f"dpdk-testpmd exited with status {status}:\n{proc.output()}")
         finally:

@@ -1,25 +1,18 @@
 """``nicsim bench``: measure a test guest's network throughput, nicsim and its peers side by side.
 
-This module owns the command line: it checks QEMU is there (and says which package to install if
-not), builds or finds the guest image with progress, turns options into a plan (``--quick`` or the
-full matrix, whose duration it states up front), says which backends it must skip and why, runs the
-plan with live progress on stderr, and prints the table (stdout), the JSON (``--json``) and the plot
-(``--plot``). A failed run is reported as failed with its reason; the run goes on.
+This module owns the command line's options, for both modes (a guest per run, or ``--backend-only``
+with DPDK's virtio-user as the frontend): their names, defaults, help and syntax checks. What an
+invocation does with them — the plan, the checks that say what to install, the image, the runs with
+live progress on stderr, the table (stdout), the JSON (``--json``) and the plot (``--plot``) — is
+:mod:`nicsim.bench.command`, imported only when the command runs. A failed run is reported as failed
+with its reason; the run goes on.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-import shutil
-import sys
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from nicsim.bench.matrix import Plan
+from typing import Any
 
 EPILOG = """\
 examples:
@@ -120,93 +113,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _err(message: str) -> None:
-    print(f"nicsim bench: {message}", file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
-    from nicsim.bench import BACKENDS, PEERS, Direction, build_plan
+    from nicsim.bench.command import run_bench  # the benchmark's imports only when it runs
 
-    if args.backend_only:
-        from nicsim.bench.cmd_backend_only import run_backend_only
-
-        return run_backend_only(args)
-    names = list(dict.fromkeys((args.backends or ["nicsim"]) + (list(PEERS) if args.peers else [])))
-    unknown = [n for n in names if n not in BACKENDS]
-    if unknown:
-        _err(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
-        return 2
-    try:
-        directions = None if args.directions is None else [Direction(d) for d in args.directions]
-        plan = build_plan(names, quick=args.quick, sizes=args.sizes, directions=directions,
-                          repetitions=args.repetitions, duration=args.duration)  # fmt: skip
-    except ValueError as err:
-        _err(str(err))
-        return 2
-    if shutil.which(args.qemu) is None:
-        _err(f"{args.qemu} not found: install QEMU ('apt-get install qemu-system-x86' on Debian/Ubuntu)")
-        return 2
-    cpus = os.cpu_count() or 1
-    if not args.no_pin and max(args.qemu_cpu, args.backend_cpu) >= cpus:
-        _err(f"this machine has {cpus} core(s): choose --qemu-cpu/--backend-cpu below {cpus}, or --no-pin")
-        return 2
-    if args.plot is not None:
-        import importlib.util
-
-        from nicsim.bench.report import MATPLOTLIB_HINT
-
-        if importlib.util.find_spec("matplotlib") is None:
-            _err(MATPLOTLIB_HINT)
-            return 2
-    return asyncio.run(_run(args, names, plan))
-
-
-async def _run(args: argparse.Namespace, names: list[str], plan: Plan) -> int:
-    from nicsim.bench import BACKENDS, RunContext, Runner
-    from nicsim.bench.matrix import BOOT_OVERHEAD
-    from nicsim.bench.progress import Progress, clock
-    from nicsim.bench.report import emit, render_table, to_json
-    from nicsim.bench.runner import skip_runs
-    from nicsim.bench.sysinfo import machine, versions
-    from qemu.testvm import choose_accel
-
-    backends = [BACKENDS[n]() for n in names]
-    kernel, initrd, guest_kernel = args.kernel, args.initrd, None
-    if kernel is None or initrd is None:
-        from images.build import build_image
-
-        image = build_image(progress=lambda line: print(f"image: {line}", file=sys.stderr))
-        kernel, initrd = kernel or image.kernel, initrd or image.initrd
-        guest_kernel = image.manifest.get("kernel_version")
-    for b in backends:
-        why = b.unavailable()
-        if why is not None:
-            _err(f"skipping {why}")
-    runs = plan.runs - skip_runs(plan, backends)
-    accel = await choose_accel(args.accel, kernel, qemu=args.qemu)
-    estimate = runs * (plan.duration + BOOT_OVERHEAD)
-    _err(f"{len(plan.cells)} cells x {plan.repetitions} repetition(s): {runs} guest boots, "
-         f"about {clock(estimate)} (accelerator {accel})")  # fmt: skip
-    workdir = Path(tempfile.mkdtemp(prefix="nicsim-bench-"))
-    if args.log_dir is not None:
-        args.log_dir.mkdir(parents=True, exist_ok=True)
-        workdir = args.log_dir
-    pin = not args.no_pin
-    ctx = RunContext(workdir=workdir, duration=plan.duration, qemu_cpu=args.qemu_cpu if pin else None,
-                     backend_cpu=args.backend_cpu if pin else None)  # fmt: skip
-    progress = Progress(runs, estimate=estimate, repetitions=plan.repetitions)
-    runner = Runner(kernel=Path(kernel), initrd=Path(initrd), ctx=ctx, accel=accel, qemu=args.qemu,
-                    on_run=progress.start_run)  # fmt: skip
-    try:
-        results = await runner.run_plan(plan, backends)
-    finally:
-        progress.finish()
-        if args.log_dir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
-    config = {"backends": names, "quick": args.quick, "accel": accel, "pinned": pin,
-              "qemu_cpu": ctx.qemu_cpu, "backend_cpu": ctx.backend_cpu}  # fmt: skip
-    return emit(
-        results, render_table(results), json_arg=args.json, plot_path=args.plot,
-        document=lambda: to_json(results, plan=plan, machine=machine(), config=config,
-                                 versions=versions(qemu=args.qemu, guest_kernel=guest_kernel)),
-    )  # fmt: skip
+    return run_bench(args)

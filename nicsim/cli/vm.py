@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from qemu.testvm import (
     DEFAULT_MAC,
     ConsoleStdio,
     InvalidOptionError,
+    Netns,
     Nic,
     TapNic,
     UserNic,
@@ -34,7 +34,6 @@ from qemu.testvm import (
     WorkloadResult,
     build_cmdline,
     choose_accel,
-    in_netns,
     parse_result_line,
 )
 from qemu.testvm.workload import RESULT_MARKER
@@ -117,11 +116,6 @@ def _nic(args: argparse.Namespace) -> Nic | None:
     return VhostUserNic(mac=args.mac, socket=args.socket, server=args.server)
 
 
-def _ip_netns(*argv: str) -> None:
-    # stderr is kept for the error line (nicsim.cli.failures): "Operation not permitted" means no root.
-    subprocess.run(["ip", "netns", *argv], check=True, capture_output=True, text=True)
-
-
 def run_workloads(argv: list[str], workloads: list[Workload], *, verbose: bool) -> int:
     """Run QEMU with its console read here: results to stdout as JSON lines; 0 only if all succeeded."""
     results: list[WorkloadResult] = []
@@ -192,18 +186,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.nic != "tap":
         return boot(argv)
-    netns = f"nicsim-vm-{os.getpid()}"
-    _ip_netns("add", netns)
-    try:
-        for cmd in (
-            ["link", "set", "lo", "up"],
-            ["tuntap", "add", "dev", "tap0", "mode", "tap"],
-            ["addr", "add", "10.0.2.2/24", "dev", "tap0"],
-            ["link", "set", "tap0", "up"],
-        ):
-            _ip_netns("exec", netns, "ip", *cmd)
+    # A failed `ip` (no root: "Operation not permitted") is a NetnsError, one line by nicsim.cli.failures.
+    with Netns.create("nicsim-vm") as ns:
+        ns.add_tap("tap0", "10.0.2.2/24")
         if interactive or args.verbose:
-            print(f"nicsim vm: TAP tap0 (10.0.2.2/24) in network namespace {netns}", file=sys.stderr)
-        return boot(in_netns(argv, netns))
-    finally:
-        subprocess.run(["ip", "netns", "del", netns], check=False)
+            print(f"nicsim vm: TAP tap0 (10.0.2.2/24) in network namespace {ns.name}", file=sys.stderr)
+        return boot(ns.exec_argv(argv))

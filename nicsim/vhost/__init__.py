@@ -1,12 +1,14 @@
-"""The vhost-user protocol, I/O-free: codec, transition tables, backend and frontend connections.
+"""The vhost-user protocol, I/O-free: codec, transition tables, connections, and the backend core.
 
 This package owns everything about vhost-user that does not touch a socket: the wire format
 (``protocol``, ``payloads``), framing with attached fds (``reader``), what is legal when
 (``state``), the backend side of a connection (``connection.BackendConnection``: bytes + fds in,
-``events`` and replies out, fds handed over explicitly), what the backend asks its device
-(``queries.DeviceQueries``), feature bits (``features``), the error tree (``errors``), and the
-frontend side (``frontend.FrontendConnection``, what QEMU does) for tests and tools. The asyncio
-server moves bytes and fds between a socket and these objects and does all the I/O.
+``events`` and replies (``replies``) out, fds handed over explicitly), what the backend asks its
+device (``queries.DeviceQueries``), the vhost-user feature bits (``features``), the error tree
+(``errors``), the frontend side (``frontend_codec.FrontendConnection``, what QEMU does) for tests and
+tools, and the backend core (``backend_core.BackendCore``) that applies events to guest memory and
+the device and says, as ``actions``, what only the shell can do (map, pump, close). The asyncio
+server (``nicsim.server``) moves bytes and fds between a socket and these objects and does all the I/O.
 """
 
 from nicsim.vhost.connection import BackendConnection, Outgoing, RingStatus

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from nicsim.errors import LocalError
 from nicsim.virtio.features import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -51,7 +52,7 @@ DROP_REASONS = (
 )
 
 
-class DeviceStateError(RuntimeError):
+class DeviceStateError(LocalError, RuntimeError):
     """Our side called the device out of order (e.g. process_tx on a stopped queue). ``queue`` if known."""
 
     def __init__(self, message: str, *, queue: int | None = None) -> None:

@@ -1,11 +1,12 @@
 """Launch and drive QEMU test guests (``qemu.testvm``), beside ``qemu.qmp`` in the ``qemu`` namespace.
 
 ``qemu/`` itself has no ``__init__.py`` on purpose: ``qemu.qmp`` is a namespace package, and an
-``__init__.py`` here would shadow it (STYLE.md, "One trap in the layout"). This package imports
+``__init__.py`` here would shadow it and ``import qemu.qmp`` would fail. This package imports
 neither ``nicsim`` nor ``rings`` nor ``images``: it knows QEMU, the guest's console and the kernel
-command line contract of ARCHITECTURE.md, nothing else. Modules: ``cmdline`` (pure ``argv``
+command line contract of docs/ARCHITECTURE.md, nothing else. Modules: ``cmdline`` (pure ``argv``
 building), ``workload`` (``nicsim.run=`` and result lines), ``accel`` (KVM probe), ``console``
-(live transcript), ``machine`` (``TestVM`` lifecycle), ``errors`` (the exception tree).
+(live transcript), ``machine`` (``TestVM`` lifecycle), ``netns`` (throwaway network namespaces
+holding a TAP), ``errors`` (the exception tree).
 """
 
 from .accel import choose_accel, probe_kvm
@@ -28,6 +29,7 @@ from .cmdline import (
 from .errors import (
     GuestOutputError,
     InvalidOptionError,
+    NetnsError,
     QMPCommandError,
     TestVMError,
     VMExitedError,
@@ -36,6 +38,7 @@ from .errors import (
     VMTimeoutError,
 )
 from .machine import Runstate, TestVM
+from .netns import Netns
 from .workload import Workload, WorkloadResult, parse_result_line, parse_results, render_run
 
 __all__ = [
@@ -45,6 +48,8 @@ __all__ = [
     "ConsoleStdio",
     "GuestOutputError",
     "InvalidOptionError",
+    "Netns",
+    "NetnsError",
     "Nic",
     "QMPCommandError",
     "QmpFd",

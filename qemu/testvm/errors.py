@@ -3,7 +3,7 @@
 .. code-block:: text
 
     Exception
-     +-- TestVMError                 base of everything raised here (never wraps cancellation)
+     +-- TestVMError                 base of all the rest raised here (never wraps cancellation)
           +-- InvalidOptionError     (also ValueError) our caller's mistake: a bad option or workload
           +-- VMLaunchError          QEMU exited at once or QMP never came: exit code, command line, log
           +-- VMStateError           a method was called in the wrong runstate (e.g. QMP after close)
@@ -12,6 +12,14 @@
           +-- QMPCommandError        QEMU refused or failed a QMP command (wraps qemu.qmp errors)
           +-- GuestOutputError       the guest printed a result line that does not parse
 
+    subprocess.CalledProcessError
+     +-- NetnsError                  an ``ip`` command setting up or run in a network namespace failed
+
+``NetnsError`` is the one error raised here outside ``TestVMError``: it is a failed command, so it is
+the ``CalledProcessError`` every caller that runs commands already handles (a command line turns it
+into one line that names the command, what it said and, without root, that it needs root), and its
+message alone says which command failed and what ``ip`` printed.
+
 Errors from the layers below (``OSError``, ``qemu.qmp.QMPError``) are wrapped ``from err`` at the
 point where the harness knows what it was trying to do; ``asyncio.CancelledError`` always passes
 through untouched, so cancelling a task that holds a VM behaves like cancelling any other task.
@@ -19,6 +27,8 @@ through untouched, so cancelling a task that holds a VM behaves like cancelling 
 
 from __future__ import annotations
 
+import shlex
+import subprocess
 from collections.abc import Sequence
 
 
@@ -88,3 +98,13 @@ class QMPCommandError(TestVMError):
 
 class GuestOutputError(TestVMError):
     """A ``NICSIM-RESULT`` line from the guest is not a JSON object with ``workload`` and ``ok``."""
+
+
+class NetnsError(subprocess.CalledProcessError):
+    """An ``ip`` command (or a command in a namespace) failed; ``cmd``/``returncode``/``stderr`` as
+    ``subprocess`` gives them, and a one-line message with the first line ``ip`` printed."""
+
+    def __str__(self) -> str:
+        said = next((line.strip() for line in (self.stderr or "").splitlines() if line.strip()), "")
+        argv = shlex.join(str(a) for a in self.cmd)
+        return f"'{argv}' failed (exit {self.returncode})" + (f": {said}" if said else "")

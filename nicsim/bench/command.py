@@ -1,0 +1,261 @@
+"""One ``nicsim bench`` invocation, either mode: from parsed options to the table, JSON and exit code.
+
+``run_bench`` is the one path both modes take. It asks the mode for its plan (a usage error is one
+line and exit 2), checks what both modes need (the mode's programs, cores for ``--qemu-cpu`` and
+``--backend-cpu``, matplotlib for ``--plot``), lets the mode get ready and state how long it will take,
+runs the plan in one working directory (``--log-dir``, kept, or a temporary one, removed) with live
+progress on stderr, and prints the table, the JSON and the plot. What differs lives in the two
+``Mode`` classes: ``VmMode`` (a guest per run: the image, the accelerator, backends it must skip)
+and ``BackendOnlyMode`` (DPDK's virtio-user as the frontend, no VM). The options themselves are
+defined in :mod:`nicsim.cli.bench`.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import asyncio
+import importlib.util
+import os
+import shutil
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import BACKEND_CLASSES, PEERS
+from .backend import Backend, RunContext
+from .backend_only import (
+    BACKEND_ONLY_NAMES,
+    DEFAULT_DURATION,
+    DEFAULT_SIZES,
+    FRONTEND,
+    NOTES,
+    QUICK_DURATION,
+    RUN_OVERHEAD,
+    BackendOnlyRunner,
+    unavailable,
+)
+from .matrix import BOOT_OVERHEAD, Cell, Direction, Plan, build_plan
+from .progress import Progress, clock
+from .report import MATPLOTLIB_HINT, emit, render_table, to_json
+from .runner import CellResult, run_directory
+from .sysinfo import machine, versions
+from .vm import VmRunner, skip_runs
+
+Document = Callable[[], dict[str, Any]]
+
+
+def _err(message: str) -> None:
+    print(f"nicsim bench: {message}", file=sys.stderr)
+
+
+class Mode(abc.ABC):
+    """What one mode of ``nicsim bench`` decides; ``run_bench`` does the rest, the same for both."""
+
+    #: why ``--qemu-cpu`` and ``--backend-cpu`` must differ when pinned, or None when they may be equal
+    same_core: str | None = None
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.pin = not args.no_pin
+
+    @abc.abstractmethod
+    def plan(self) -> Plan:
+        """The plan from the options; ``ValueError`` says what is wrong with them."""
+
+    @abc.abstractmethod
+    def missing(self) -> str | None:
+        """What is not installed that this mode cannot do without (and how to install it), or None."""
+
+    @abc.abstractmethod
+    async def prepare(self, plan: Plan) -> tuple[int, float]:
+        """Get ready and say so on stderr; returns how many runs there will be and their estimated seconds."""
+
+    @abc.abstractmethod
+    async def run(self, plan: Plan, workdir: Path, on_run: Callable[[Cell, int], None]) -> list[CellResult]:
+        """Every run of ``plan``, with sockets and logs in ``workdir``."""
+
+    @abc.abstractmethod
+    def report(self, plan: Plan, results: list[CellResult]) -> tuple[str, Document]:
+        """The table for a person, and the JSON document (built only when asked for)."""
+
+
+class VmMode(Mode):
+    """A fresh guest per run, on nicsim and its peers."""
+
+    names: list[str]
+    backends: list[Backend]
+    kernel: Path
+    initrd: Path
+    guest_kernel: str | None
+    accel: str
+    ctx: RunContext
+
+    def plan(self) -> Plan:
+        args = self.args
+        names = list(dict.fromkeys((args.backends or ["nicsim"]) + (list(PEERS) if args.peers else [])))
+        unknown = [n for n in names if n not in BACKEND_CLASSES]
+        if unknown:
+            known = ", ".join(BACKEND_CLASSES)
+            raise ValueError(f"unknown backend(s) {', '.join(unknown)}; choose from {known}")
+        self.names = names
+        self.backends = [BACKEND_CLASSES[n]() for n in names]
+        directions = None if args.directions is None else [Direction(d) for d in args.directions]
+        return build_plan(names, quick=args.quick, sizes=args.sizes, directions=directions,
+                          repetitions=args.repetitions, duration=args.duration)  # fmt: skip
+
+    def missing(self) -> str | None:
+        qemu = self.args.qemu
+        if shutil.which(qemu) is None:
+            return f"{qemu} not found: install QEMU ('apt-get install qemu-system-x86' on Debian/Ubuntu)"
+        return None
+
+    async def prepare(self, plan: Plan) -> tuple[int, float]:
+        from qemu.testvm import choose_accel
+
+        args = self.args
+        kernel, initrd, self.guest_kernel = args.kernel, args.initrd, None
+        if kernel is None or initrd is None:
+            from images.build import build_image  # only when the guest image is not given
+
+            image = build_image(progress=lambda line: print(f"image: {line}", file=sys.stderr))
+            kernel, initrd = kernel or image.kernel, initrd or image.initrd
+            self.guest_kernel = image.manifest.get("kernel_version")
+        self.kernel, self.initrd = Path(kernel), Path(initrd)
+        for b in self.backends:
+            why = b.unavailable()
+            if why is not None:
+                _err(f"skipping {why}")
+        runs = plan.runs - skip_runs(plan, self.backends)
+        self.accel = await choose_accel(args.accel, kernel, qemu=args.qemu)
+        estimate = runs * (plan.duration + BOOT_OVERHEAD)
+        _err(f"{len(plan.cells)} cells x {plan.repetitions} repetition(s): {runs} guest boots, "
+             f"about {clock(estimate)} (accelerator {self.accel})")  # fmt: skip
+        return runs, estimate
+
+    async def run(self, plan: Plan, workdir: Path, on_run: Callable[[Cell, int], None]) -> list[CellResult]:
+        args = self.args
+        self.ctx = RunContext(workdir=workdir, duration=plan.duration,
+                              qemu_cpu=args.qemu_cpu if self.pin else None,
+                              backend_cpu=args.backend_cpu if self.pin else None)  # fmt: skip
+        runner = VmRunner(kernel=self.kernel, initrd=self.initrd, ctx=self.ctx, accel=self.accel,
+                          qemu=args.qemu, on_run=on_run)  # fmt: skip
+        return await runner.run_plan(plan, self.backends)
+
+    def report(self, plan: Plan, results: list[CellResult]) -> tuple[str, Document]:
+        args, ctx = self.args, self.ctx
+        config = {"backends": self.names, "quick": args.quick, "accel": self.accel, "pinned": self.pin,
+                  "qemu_cpu": ctx.qemu_cpu, "backend_cpu": ctx.backend_cpu}  # fmt: skip
+        return render_table(results), lambda: to_json(
+            results, plan=plan, machine=machine(), config=config,
+            versions=versions(qemu=args.qemu, guest_kernel=self.guest_kernel),
+        )  # fmt: skip
+
+
+def backend_only_plan(args: argparse.Namespace) -> Plan:
+    """The backend-only plan from the options; ``ValueError`` says what is wrong. Defaults: nicsim and
+    dpdk, tx and rx, 64 and 1500 B, 3 repetitions of 3 s (``--quick``: 1 of 2 s)."""
+    names = list(dict.fromkeys(args.backends or BACKEND_ONLY_NAMES))
+    unknown = [n for n in names if n not in BACKEND_ONLY_NAMES]
+    if unknown:
+        known = " and ".join(BACKEND_ONLY_NAMES)
+        raise ValueError(f"--backend-only compares {known}; not {', '.join(unknown)}")
+    directions = [Direction.TX, Direction.RX]
+    if args.directions is not None:
+        directions = [Direction(d) for d in args.directions]
+        if any(d.is_tcp for d in directions):
+            raise ValueError("--backend-only measures frames (tx, rx); TCP needs a guest")
+    duration = (
+        args.duration if args.duration is not None else (QUICK_DURATION if args.quick else DEFAULT_DURATION)
+    )
+    return build_plan(names, quick=args.quick, sizes=args.sizes or DEFAULT_SIZES, directions=directions,
+                      repetitions=args.repetitions, duration=duration)  # fmt: skip
+
+
+class BackendOnlyMode(Mode):
+    """No VM: DPDK's virtio-user frontend on ``--qemu-cpu`` drives the backend on ``--backend-cpu``."""
+
+    same_core = "the frontend (--qemu-cpu) and the backend (--backend-cpu) should be on different cores"
+    ctx: RunContext
+    runner: BackendOnlyRunner
+
+    def plan(self) -> Plan:
+        if self.args.peers:
+            raise ValueError("--backend-only already runs DPDK's own backend beside nicsim; drop --peers")
+        return backend_only_plan(self.args)
+
+    def missing(self) -> str | None:
+        return unavailable()
+
+    async def prepare(self, plan: Plan) -> tuple[int, float]:
+        estimate = plan.estimate_seconds(RUN_OVERHEAD)
+        _err(f"backend-only, frontend {FRONTEND}: {len(plan.cells)} cells x {plan.repetitions} "
+             f"repetition(s), about {clock(estimate)}")  # fmt: skip
+        return plan.runs, estimate
+
+    async def run(self, plan: Plan, workdir: Path, on_run: Callable[[Cell, int], None]) -> list[CellResult]:
+        args = self.args
+        self.ctx = RunContext(workdir=workdir, duration=plan.duration, qemu_cpu=None, start_timeout=30.0,
+                              backend_cpu=args.backend_cpu if self.pin else None)  # fmt: skip
+        self.runner = BackendOnlyRunner(ctx=self.ctx, frontend_cpu=args.qemu_cpu if self.pin else None,
+                                        on_run=on_run)  # fmt: skip
+        return await self.runner.run_plan(plan)
+
+    def report(self, plan: Plan, results: list[CellResult]) -> tuple[str, Document]:
+        config = {
+            "mode": "backend-only",
+            "frontend": FRONTEND,
+            "backends": sorted({c.backend for c in plan.cells}),
+            "quick": self.args.quick,
+            "pinned": self.pin,
+            "frontend_cpu": self.runner.frontend_cpu,
+            "backend_cpu": self.ctx.backend_cpu,
+            "intervals_per_run": self.runner.intervals_per_run,
+            "cpu_qemu_pct": "the frontend's CPU share (no QEMU in this mode)",
+        }
+        table = render_table(results, first_cpu="frontend", footer=textwrap.wrap(NOTES, width=110))
+        return table, lambda: to_json(results, plan=plan, versions=versions(qemu=None), machine=machine(),
+                                      config=config)  # fmt: skip
+
+
+def machine_problem(args: argparse.Namespace, mode: Mode) -> str | None:
+    """What stops either mode on this machine with these options: cores, matplotlib; or None."""
+    cpus = os.cpu_count() or 1
+    if not args.no_pin:
+        if mode.same_core is not None and args.qemu_cpu == args.backend_cpu:
+            return mode.same_core
+        if max(args.qemu_cpu, args.backend_cpu) >= cpus:
+            return (f"this machine has {cpus} core(s): choose --qemu-cpu/--backend-cpu below {cpus}, "
+                    "or --no-pin")  # fmt: skip
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        return MATPLOTLIB_HINT
+    return None
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """``nicsim bench`` with parsed ``args``: 0 if any run worked, 1 if none did, 2 for a usage error."""
+    mode: Mode = BackendOnlyMode(args) if args.backend_only else VmMode(args)
+    try:
+        plan = mode.plan()
+    except ValueError as err:
+        _err(str(err))
+        return 2
+    problem = mode.missing() or machine_problem(args, mode)
+    if problem is not None:
+        _err(problem)
+        return 2
+    return asyncio.run(_run(args, mode, plan))
+
+
+async def _run(args: argparse.Namespace, mode: Mode, plan: Plan) -> int:
+    runs, estimate = await mode.prepare(plan)
+    with run_directory(args.log_dir) as workdir:
+        progress = Progress(runs, estimate=estimate, repetitions=plan.repetitions)
+        try:
+            results = await mode.run(plan, workdir, progress.start_run)
+        finally:
+            progress.finish()
+    table, document = mode.report(plan, results)
+    return emit(results, table, json_arg=args.json, plot_path=args.plot, document=document)
