@@ -67,7 +67,7 @@ def test_qemu72_handshake_produces_expected_events_and_replies(use_add_mem_reg: 
         assert state_of(link.backend) is ConnectionState.READY
         assert [r.phase for r in link.backend.rings] == [RingPhase.STARTED] * 2
         addr = next(e for e in started if isinstance(e, events.VringAddrSet) and e.index == 1)
-        assert addr.desc_user_addr == REGION.user_addr + 0x10000
+        assert addr.addr.desc_user_addr == REGION.user_addr + 0x10000
         # Stop: GET_VRING_BASE per queue stops the ring and replies the device's index.
         for q in range(2):
             evs, (reply,) = link.call(link.frontend.get_vring_base(q))

@@ -415,15 +415,7 @@ class BackendConnection:
 
     def _set_vring_addr(self, payload: p.VringAddr, fds: list[int]) -> Handled:
         self.rings[payload.index].addr = payload
-        addr = ev.VringAddrSet(
-            index=payload.index,
-            flags=payload.flags,
-            desc_user_addr=payload.desc_user_addr,
-            used_user_addr=payload.used_user_addr,
-            avail_user_addr=payload.avail_user_addr,
-            log_guest_addr=payload.log_guest_addr,
-        )
-        return Handled(events=(addr,))
+        return Handled(events=(ev.VringAddrSet(index=payload.index, addr=payload),))
 
     def _set_vring_base(self, payload: p.VringState, fds: list[int]) -> Handled:
         if not self._packed() and payload.num > 0xFFFF:

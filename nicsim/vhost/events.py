@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nicsim.vhost.payloads import VringAddr
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Event:
@@ -106,14 +108,11 @@ class VringNumSet(Event):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class VringAddrSet(Event):
-    """SET_VRING_ADDR: ring addresses as frontend (QEMU) virtual addresses; log as guest address."""
+    """SET_VRING_ADDR: the ring's addresses as the frontend sent them (``addr``: ring addresses as
+    frontend (QEMU) virtual addresses, the log as a guest address, and the flags)."""
 
     index: int
-    flags: int
-    desc_user_addr: int
-    used_user_addr: int
-    avail_user_addr: int
-    log_guest_addr: int
+    addr: VringAddr
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

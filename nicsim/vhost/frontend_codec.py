@@ -220,14 +220,8 @@ class FrontendConnection:
         flags: int = 0,
         need_reply: bool = False,
     ) -> Outgoing:
-        addr = p.VringAddr(
-            index=index,
-            flags=flags,
-            desc_user_addr=desc,
-            used_user_addr=used,
-            avail_user_addr=avail,
-            log_guest_addr=log,
-        )
+        addr = p.VringAddr(index=index, flags=flags, desc_user_addr=desc, used_user_addr=used,
+                           avail_user_addr=avail, log_guest_addr=log)  # fmt: skip
         return self.request(Request.SET_VRING_ADDR, addr, need_reply=need_reply)
 
     def _vring_fd(self, req: Request, index: int, fd: int | None, need_reply: bool) -> Outgoing:
