@@ -48,7 +48,14 @@ def run_build(args: argparse.Namespace) -> int:
     try:
         image = build_image(args.cache, progress=progress, force=args.force)
     except ImageBuildError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # One line that says what failed; the tool's own output (apt's, depmod's) only when asked for.
+        first, _, rest = str(err).partition("\n")
+        verbose: bool = bool(getattr(args, "verbose", False))
+        if rest.strip() and not verbose:
+            first += " (-v shows the failing command's output)"
+        print(f"error: {first}", file=sys.stderr)
+        if rest.strip() and verbose:
+            print(rest.strip(), file=sys.stderr)
         return 1
     if args.json:
         print(
@@ -78,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_build_arguments(build)
+    build.add_argument("-v", "--verbose", action="count", default=0, help="on failure, the command's output")
     return parser
 
 

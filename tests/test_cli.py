@@ -114,3 +114,21 @@ def test_vm_exits_zero_when_every_workload_succeeds_and_verbose_shows_the_consol
     assert done.returncode == 0, done.stderr[-2000:]
     assert [(r["workload"], r["ok"]) for r in _results(done.stdout)] == [("sleep", True)]
     assert "Linux version" in done.stderr and "NICSIM-DONE" in done.stderr
+
+
+def test_a_failed_image_build_is_one_line_and_verbose_shows_the_commands_output(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import images.cli
+
+    def fail(*_: object, **__: object) -> None:
+        raise ImageBuildError("apt-get download busybox-static failed:\nE: 404  Not Found")
+
+    monkeypatch.setattr(images.cli, "build_image", fail)
+    assert images.cli.main(["build"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "error: apt-get download busybox-static failed: (-v shows the failing command's output)"
+    ]
+    assert images.cli.main(["build", "-v"]) == 1
+    assert "E: 404  Not Found" in capsys.readouterr().err
