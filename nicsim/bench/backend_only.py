@@ -301,7 +301,7 @@ class BackendOnlyRunner:
         sock = wd / f"bo-{n}.sock"
         fe_prefix = f"nicsim-bo-{os.getpid()}-{n}-fe"
         prefixes = [fe_prefix]
-        stats_file = wd / f"bo-{n}-nicsim.virtio.stats.json"
+        stats_file = wd / f"bo-{n}-nicsim.stats.json"
         if cell.backend == "nicsim":
             backend = ChildProcess(
                 build_serve_argv(socket=sock, cell=cell, stats_file=stats_file, cpu=cpu),
