@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from .barrier import full_fence
 from .chains import ChainBatch
 from .errors import AvailIndexError, GuestMemoryError, QueueConfigError
 from .layout import (
@@ -165,9 +166,11 @@ class SplitQueue:
     def push_used(self, mem: GuestMemory, ids: npt.ArrayLike, lengths: npt.ArrayLike) -> None:
         """Append ``(id, len)`` entries to the used ring, then publish ``used.idx``.
 
-        The entries must be visible to the driver before the index that exposes them (§2.7.8). Python
-        has no store barrier: this relies on the host keeping store order (x86 TSO), and on writing
-        the index last. On weakly ordered hosts (arm64) a real barrier would be needed.
+        The entries must be visible to the driver before the index that exposes them (§2.7.8): the
+        index is written last, and x86 (TSO) keeps stores in order, which is all that needs (Linux's
+        ``smp_wmb`` is only a compiler barrier there; on arm64 a real store barrier would be needed).
+        TSO does *not* keep this store ahead of a later load: whoever reads ``used_event`` or the
+        avail flags next must fence first, which :meth:`needs_interrupt` does.
         """
         ids_a = np.asarray(ids)
         lens_a = np.asarray(lengths)
@@ -196,10 +199,17 @@ class SplitQueue:
 
         EVENT_IDX: §2.7.10 ``vring_need_event(used_event, used_idx, old)``; otherwise §2.7.7 the
         driver's VIRTQ_AVAIL_F_NO_INTERRUPT hint.
+
+        A full fence stands between the ``used.idx`` that :meth:`push_used` stored and the load of
+        ``used_event`` (or the flags) here. The driver does the mirror image (store ``used_event``,
+        fence, load ``used.idx``); without ours the two can each read the other's old value, and the
+        interrupt the driver is about to sleep for is never sent (QEMU ``virtio_split_should_notify``,
+        Linux ``vhost_notify`` and DPDK ``vhost_vring_call_split`` all start with ``smp_mb()``).
         """
         if (old_used_idx & U16_MASK) == self.used_idx:
             return False
         v = self._views(mem)
+        full_fence()
         if event_idx:
             used_event = int(v.avail[2 + self.size])
             return vring_need_event(used_event, self.used_idx, old_used_idx & U16_MASK)
@@ -212,13 +222,19 @@ class SplitQueue:
         re-enabling writes ``avail_event = last_avail_idx`` (kick once the driver publishes past what
         we consumed); suppressing writes ``last_avail_idx - 1``, a value the driver's new entries
         cannot pass before we consume them. Either way the hint is racy: after re-enabling, check
-        ``avail_pending`` once more before sleeping.
+        ``avail_pending`` once more before sleeping. Re-enabling ends with a full fence, so that check
+        loads ``avail.idx`` only after this store is visible (the driver stores ``avail.idx``, fences,
+        then loads ``avail_event`` / the flags: without the fence both could read the other's old
+        value, and the kick is lost; QEMU ``virtio_queue_split_set_notification``, Linux
+        ``vhost_enable_notify``). Suppressing needs none: a late suppression costs one extra kick.
         """
         v = self._views(mem)
         if event_idx:
             v.used_tail[0] = (self.last_avail_idx - (1 if suppress else 0)) & U16_MASK
         else:
             v.used_head[0] = VIRTQ_USED_F_NO_NOTIFY if suppress else 0
+        if not suppress:
+            full_fence()
 
     def kick_after(self, mem: GuestMemory, count: int) -> None:
         """EVENT_IDX only: ask the driver to notify once it has made more than ``count`` entries
@@ -227,8 +243,10 @@ class SplitQueue:
         §2.7.10: the driver notifies when the ``idx`` it publishes passes ``avail_event``; the device
         chooses that index, so a value ahead of ``last_avail_idx`` means "wake me for a batch". The
         caller must look at ``avail_pending`` afterwards (the driver may already be past it) and keep a
-        timer for a driver that stops short of the batch.
+        timer for a driver that stops short of the batch. Like re-enabling, it ends with a full fence
+        so that look sees ``avail.idx`` as of after this store (see :meth:`suppress_kicks`).
         """
         if not 0 <= count < self.size:
             raise ValueError(f"kick_after({count}) on a queue of {self.size}")
         self._views(mem).used_tail[0] = (self.last_avail_idx + count) & U16_MASK
+        full_fence()

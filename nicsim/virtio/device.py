@@ -210,10 +210,12 @@ class VirtioNetDevice:
 
     def rearm_kicks(self, index: int, *, after: int = 0) -> bool:
         """Enable kicks, then re-check avail to close the race with a guest that published just before
-        seeing the change (§2.7.10). True: safe to sleep; False: work arrived (kicks suppressed again,
-        process it). With EVENT_IDX, ``after`` > 0 asks for the kick only once more than ``after``
-        entries are pending (a batch); up to ``after`` pending entries then wait for that kick or the
-        caller's timer. Without EVENT_IDX the flag cannot express a batch and ``after`` is ignored."""
+        seeing the change (§2.7.10); the ring fences between the store that enables and the re-check's
+        load of ``avail.idx`` (``rings.barrier``), without which x86 may do the load first. True: safe
+        to sleep; False: work arrived (kicks suppressed again, process it). With EVENT_IDX, ``after`` >
+        0 asks for the kick only once more than ``after`` entries are pending (a batch); up to
+        ``after`` pending entries then wait for that kick or the caller's timer. Without EVENT_IDX the
+        flag cannot express a batch and ``after`` is ignored."""
         st, mem = self._qs.running(index)
         q = st.q
         event_idx = self._qs.event_idx
