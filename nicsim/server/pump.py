@@ -10,9 +10,14 @@ eventfd. If the wakeup moved a batch (traffic flows) and the guest negotiated EV
 for the kick only once ``kick_batch`` more buffers are posted, with a ``batch_wait_us`` timer for a
 guest that stops short; otherwise the first buffer kicks. An RX ring whose push-style port has
 nothing queued sleeps until the device's ``on_wakeup``; a pull-style port (the generator) sleeps on the
-kick like TX, so a guest with no buffers posted costs no CPU. Counters of what the pump did (wakeups
-by cause, rounds, sleeps) are in :meth:`RingPump.snapshot`. It owns the three eventfds it is given and
-closes them.
+kick like TX, so a guest with no buffers posted costs no CPU. A lost notification cannot stall a
+ring for good: while the ring is active a watchdog ticks every ``stall_recheck_ms``, and a sleeping
+ring (no round scheduled, no timer set) that had work pending at two ticks in a row with none of its
+indices moved (:func:`~nicsim.virtio.policy.is_stalled`) is re-checked: the interrupt the ring wants
+is sent, a round is run, and the device counts it (``stall_rechecks``). A tick only reads the ring (no
+round), so an idle ring still costs no rounds. Counters of what the pump did (wakeups by cause,
+rounds, sleeps) are in :meth:`RingPump.snapshot`. It owns the three eventfds it is given and closes
+them.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from collections.abc import Callable
 
 from nicsim.ports.base import Port
 from nicsim.virtio.device import DeviceStateError, QueueResult, VirtioNetDevice
-from nicsim.virtio.policy import PollAction, poll_action
+from nicsim.virtio.policy import PollAction, is_stalled, poll_action
 from nicsim.virtio.port import DevicePort
 from rings.errors import RingsError
 
@@ -35,7 +40,9 @@ log = logging.getLogger("nicsim.server")
 
 _ONE = struct.pack("=Q", 1)
 _RETRY_S = 0.001  # pool exhausted, or a rate-limited port: look again this much later
-PUMP_COUNTERS = ("wakeups_kick", "wakeups_timer", "wakeups_other", "rounds", "sleeps", "batch_sleeps")
+PUMP_COUNTERS = (
+    "wakeups_kick", "wakeups_timer", "wakeups_stall", "wakeups_other", "rounds", "sleeps", "batch_sleeps",
+)
 
 
 def _pull_style(port: DevicePort) -> bool:
@@ -70,6 +77,8 @@ class RingPump:
         self._empty_rounds = 0
         self._last_work = 0.0
         self._moved = 0  # buffers moved since this wakeup began
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._stall_mark: tuple[int, ...] | None = None  # progress at the last tick that found work
 
     # -- fds --------------------------------------------------------------------------------------
 
@@ -99,6 +108,8 @@ class RingPump:
             return
         self.active, self.broken = True, False
         self._watch()
+        self._stall_mark = None
+        self._arm_watchdog()
         self.wake()
 
     def deactivate(self) -> None:
@@ -106,6 +117,7 @@ class RingPump:
         self.active = False
         self._unwatch()
         self._cancel()
+        self._disarm_watchdog()
 
     def close(self) -> None:
         """Deactivate and close every eventfd; idempotent."""
@@ -279,6 +291,57 @@ class RingPump:
         self._busy = False
         self._unwatch()
         self._cancel()
+        self._disarm_watchdog()
+
+    # -- the stall watchdog -----------------------------------------------------------------------
+
+    def _arm_watchdog(self) -> None:
+        period_ms = self.device.policy.stall_recheck_ms
+        if period_ms > 0 and self._watchdog is None:
+            self._watchdog = self.loop.call_later(period_ms * 1e-3, self._on_watchdog)
+
+    def _disarm_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _on_watchdog(self) -> None:
+        self._watchdog = None
+        if not self.active or self.broken:
+            return
+        self._check_stall()
+        if self.active and not self.broken:
+            self._arm_watchdog()
+
+    def _check_stall(self) -> None:
+        if self._busy or self._handle is not None:
+            # Rounds are scheduled, or a timer (batch wait, retry) will look at the ring anyway.
+            self._stall_mark = None
+            return
+        try:
+            probe = self.device.probe(self.index)
+        except DeviceStateError:
+            self._stall_mark = None
+            return
+        except RingsError as err:
+            self._fail(err)
+            return
+        work = probe.avail_pending > 0 and (self._tx or self._rx_has_work())
+        pending = work or probe.irq_owed
+        if not is_stalled(pending=pending, progress=probe.progress, previous=self._stall_mark):
+            self._stall_mark = probe.progress if pending else None
+            return
+        self._stall_mark = None
+        log.debug("ring %d: work pending and no progress for %.0f ms: re-checking (a notification was lost)",
+                  self.index, self.device.policy.stall_recheck_ms)  # fmt: skip
+        try:
+            owed = self.device.recheck_stalled(self.index)
+        except (RingsError, DeviceStateError) as err:
+            self._fail(err)
+            return
+        if owed:
+            self.signal()
+        self.wake("wakeups_stall")
 
     def _watch(self) -> None:
         if self.kick_fd is not None and not self._watching:

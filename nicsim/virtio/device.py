@@ -38,7 +38,7 @@ from nicsim.virtio.features import has as has_bit
 from nicsim.virtio.inflight import InflightHooks
 from nicsim.virtio.policy import NotifyPolicy
 from nicsim.virtio.port import Buffer, DevicePort
-from nicsim.virtio.queues import DROP_REASONS, DeviceStateError, QueueResult, QueueSet, QueueState
+from nicsim.virtio.queues import DROP_REASONS, DeviceStateError, QueueResult, QueueSet, QueueState, RingProbe
 from nicsim.virtio.rx import RxPath
 from nicsim.virtio.stats import DeviceStats
 from nicsim.virtio.tx import TxPath
@@ -47,7 +47,7 @@ from rings.pool import PacketPool
 from rings.split import SplitQueue
 
 # Defined with the data paths (which may not import this module); callers know them from here.
-__all__ = ["DROP_REASONS", "DeviceStateError", "QueueResult", "VirtioNetDevice"]
+__all__ = ["DROP_REASONS", "DeviceStateError", "QueueResult", "RingProbe", "VirtioNetDevice"]
 
 
 class VirtioNetDevice:
@@ -229,6 +229,18 @@ class VirtioNetDevice:
             return True
         q.suppress_kicks(mem, True, event_idx=event_idx)
         return False
+
+    def probe(self, index: int) -> RingProbe:
+        """Look at a queue for the pump's stall watchdog (reads the ring, changes nothing)."""
+        st, mem = self._qs.running(index)
+        return self._qs.probe(st, mem)
+
+    def recheck_stalled(self, index: int) -> bool:
+        """The pump found queue ``index`` stalled: count it (``stall_rechecks``) and say whether to
+        signal now (the ring wants an interrupt no interrupt covered; already counted). The caller
+        then runs a round for any work pending."""
+        st, mem = self._qs.running(index)
+        return self._qs.recheck_interrupt(index, st, mem)
 
     # -- the data paths -----------------------------------------------------------------------------
 

@@ -19,6 +19,12 @@ that stops short of the batch. When a wakeup finds little work (sparse traffic) 
 first entry, so an idle guest's single packet is served at once. ``poll_us`` / ``poll_rounds`` add
 classic busy-polling with kicks suppressed before sleeping, for hosts where a wakeup is dearer than a
 core.
+
+Notifications can still be lost (a guest that reads an old ``avail_event``, a driver that re-enabled
+interrupts just as we decided against one, or anything else that leaves both sides waiting), so no
+ring may depend on them alone: a sleeping ring that has work pending, and whose indices did not move
+for ``stall_recheck_ms``, is re-checked (:func:`is_stalled` decides; the pump runs a round and sends
+the interrupt the ring wants, and the device counts it as ``stall_rechecks``).
 """
 
 from __future__ import annotations
@@ -47,12 +53,14 @@ class NotifyPolicy:
     poll_rounds: int = 0         # busy-poll: empty rounds with kicks suppressed before sleeping...
     poll_us: float = 0.0         # ...for at most this long since the last work (both 0: sleep at once)
     rx_backlog: int = 256        # frames a port may queue while the guest has no RX buffer
+    stall_recheck_ms: float = 10.0  # a sleeping ring with work pending and no progress this long: re-check
 
     def __post_init__(self) -> None:
         for name in ("tx_batch", "rx_batch", "irq_coalesce", "rx_backlog", "rounds_per_call"):
             if getattr(self, name) < 1:
                 raise ValueError(f"NotifyPolicy.{name} must be >= 1")
-        for name in ("kick_batch", "rx_kick_batch", "flow_batch", "poll_rounds", "poll_us", "batch_wait_us"):
+        for name in ("kick_batch", "rx_kick_batch", "flow_batch", "poll_rounds", "poll_us", "batch_wait_us",
+                     "stall_recheck_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"NotifyPolicy.{name} must be >= 0")
 
@@ -81,6 +89,8 @@ POLICY_OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "irq_coalesce": (int, "without EVENT_IDX: interrupt once per this many used entries while work flows"),
     "tx_batch": (int, "chains taken off the TX ring per round"),
     "rx_batch": (int, "RX buffers filled per round"),
+    "stall_recheck_ms": (float, "re-check a sleeping ring that has work pending and made no progress for "
+                                "this many milliseconds: run a round, send a wanted interrupt (0: never)"),
 }
 
 
@@ -126,6 +136,19 @@ def poll_action(policy: NotifyPolicy, *, more: bool, empty_rounds: int, idle_us:
     if empty_rounds < policy.poll_rounds and idle_us < policy.poll_us:
         return PollAction.POLL
     return PollAction.REARM
+
+
+def is_stalled(*, pending: bool, progress: tuple[int, ...], previous: tuple[int, ...] | None) -> bool:
+    """Whether a sleeping ring is stalled, at one watchdog tick (every ``stall_recheck_ms``).
+
+    ``pending``: the ring has work now (avail entries not taken, RX frames waiting with buffers
+    posted, or used entries past the last interrupt that the ring says the driver wants to hear
+    about). ``progress``: the device's indices now (``last_avail_idx``, ``used_idx``); ``previous``:
+    what they were at the last tick if the ring had work then too, else None. Stalled means work was
+    pending for a whole tick and nothing moved: a lost kick or a lost interrupt. (Work that arrived
+    during the tick, a kick still on its way, or a ring moving slowly, is not a stall.)
+    """
+    return pending and previous is not None and progress == previous
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:

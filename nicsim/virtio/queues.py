@@ -7,8 +7,9 @@ This module owns :class:`QueueSet`, the one object the device, :class:`nicsim.vi
 queue ``2k`` is receiveq ``k``, ``2k + 1`` transmitq ``k``, virtio 1.2 §5.1.2), the memory table, what
 the negotiated feature bits mean to the paths, the inflight hooks and the wakeup callback; and the
 shared steps: publishing used entries bracketed by the inflight hooks, counting bad chains as drops,
-deciding an interrupt with :mod:`nicsim.virtio.policy`, marking a queue broken. It also owns the
-results those steps produce (:class:`QueueResult`) and the error for calls made out of order
+deciding an interrupt with :mod:`nicsim.virtio.policy`, finding and sending an interrupt a stall
+re-check owes the driver, marking a queue broken. It also owns the results those steps produce
+(:class:`QueueResult`, :class:`RingProbe`) and the error for calls made out of order
 (:class:`DeviceStateError`).
 """
 
@@ -76,17 +77,32 @@ class QueueResult:
     error: GuestError | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class RingProbe:
+    """What a stall watchdog sees of one queue, without touching it. ``progress``: the device's
+    (``last_avail_idx``, ``used_idx``); ``avail_pending``: avail entries not taken yet;
+    ``irq_owed``: used entries were published since the last interrupt and the ring (used_event or
+    the flags, read now) says the driver wants one for them."""
+
+    progress: tuple[int, int]
+    avail_pending: int
+    irq_owed: bool
+
+
 class QueueState:
     """One started queue: the ring, and what the device keeps about it between calls."""
 
-    __slots__ = ("broken", "q", "resubmit", "signalled_used")
+    __slots__ = ("broken", "irq_used", "q", "resubmit", "signalled_used")
 
     def __init__(self, q: SplitQueue) -> None:
         self.q = q
         # Heads in flight when a previous backend died (rings.inflight recovery): processed before the
         # avail ring, each completed exactly once (vhost-user spec, "Inflight I/O tracking").
         self.resubmit: npt.NDArray[np.uint16] = np.zeros(0, np.uint16)
-        self.signalled_used = q.used_idx  # used.idx at the last interrupt (vhost's signalled_used)
+        self.signalled_used = q.used_idx  # used.idx at the last decision (vhost's signalled_used)
+        # used.idx at the last interrupt actually sent: a decision against one (signalled_used moved on)
+        # may have read a used_event the driver was replacing, which a stall re-check looks at again.
+        self.irq_used = q.used_idx
         self.broken: GuestError | None = None
 
 
@@ -171,7 +187,31 @@ class QueueSet:
                 # compares against the index at which we last decided).
                 st.signalled_used = q.used_idx
             return False
-        st.signalled_used = q.used_idx
+        st.signalled_used = st.irq_used = q.used_idx
+        self.stats.interrupts[index] += np.uint64(1)
+        return True
+
+    def probe(self, st: QueueState, mem: GuestMemory) -> RingProbe:
+        q = st.q
+        owed = q.used_idx != st.irq_used and q.needs_interrupt(
+            mem, old_used_idx=st.irq_used, event_idx=self.event_idx
+        )
+        return RingProbe(progress=(q.last_avail_idx, q.used_idx), avail_pending=q.avail_pending(mem),
+                         irq_owed=owed)  # fmt: skip
+
+    def recheck_interrupt(self, index: int, st: QueueState, mem: GuestMemory) -> bool:
+        """A stall re-check: signal now if the ring wants an interrupt for any used entry published
+        since the last one sent (the decision then may have read an old used_event or flags: both
+        sides waiting is the stall). Counts the re-check, and the interrupt if there is one.
+
+        With EVENT_IDX a driver that polled those entries itself has moved ``used_event`` to
+        ``used.idx`` since, so nothing is owed. Without it the flag cannot say whether it did: a burst
+        the driver polled to its end with NO_INTERRUPT set, then went quiet, costs one spurious
+        interrupt (harmless: §2.7.7 lets the device send one) and one count here."""
+        self.stats.stall_rechecks[index] += np.uint64(1)
+        if not self.probe(st, mem).irq_owed:
+            return False
+        st.signalled_used = st.irq_used = st.q.used_idx
         self.stats.interrupts[index] += np.uint64(1)
         return True
 

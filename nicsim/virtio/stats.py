@@ -1,5 +1,7 @@
-"""Per-queue counters of a virtio-net device: packets, bytes, drops by reason, kicks, interrupts, and
-how many pool descriptors each queue holds (now and at most).
+"""Per-queue counters of a virtio-net device: packets, bytes, drops by reason, kicks, interrupts, stall
+re-checks (a sleeping ring found with work pending and no progress, see
+:func:`nicsim.virtio.policy.is_stalled`), and how many pool descriptors each queue holds (now and at
+most).
 
 This module owns the counters and their two renderings: :meth:`DeviceStats.snapshot` (a JSON-ready
 dict, for tools and tests) and :meth:`DeviceStats.table` (a compact text table, for a person). Counters
@@ -15,7 +17,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-COUNTERS = ("packets", "bytes", "kicks", "interrupts", "batches", "inflight", "inflight_high")
+COUNTERS = (
+    "packets", "bytes", "kicks", "interrupts", "batches", "inflight", "inflight_high", "stall_rechecks",
+)
 
 
 class DeviceStats:
@@ -30,6 +34,7 @@ class DeviceStats:
         self.batches: npt.NDArray[np.uint64] = np.zeros(num_queues, np.uint64)
         self.inflight: npt.NDArray[np.uint64] = np.zeros(num_queues, np.uint64)
         self.inflight_high: npt.NDArray[np.uint64] = np.zeros(num_queues, np.uint64)
+        self.stall_rechecks: npt.NDArray[np.uint64] = np.zeros(num_queues, np.uint64)
         self.drops: npt.NDArray[np.uint64] = np.zeros((num_queues, len(self.reasons)), np.uint64)
 
     def reason(self, name: str) -> int:
@@ -80,6 +85,8 @@ class DeviceStats:
                 f"{int(self.interrupts[q]):>9} {int(self.inflight[q]):>8} {int(self.inflight_high[q]):>6}"
             )
         for q in range(self.num_queues):
+            if self.stall_rechecks[q]:
+                lines.append(f"  stall re-checks q{q}: {int(self.stall_rechecks[q])}")
             for i, r in enumerate(self.reasons):
                 if self.drops[q, i]:
                     lines.append(f"  drop q{q} {r}: {int(self.drops[q, i])}")
