@@ -20,7 +20,12 @@ from nicsim.vhost import (
 from nicsim.vhost import features as f
 from nicsim.vhost import payloads as p
 from nicsim.vhost.protocol import FLAG_NEED_REPLY, FLAG_REPLY, VERSION, encode_message
-from nicsim.virtio.features import VIRTIO_F_RING_PACKED, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4
+from nicsim.virtio.features import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_HOST_TSO4,
+)
 from tests.test_vhost_support import (
     REGION,
     REGION2,
@@ -191,6 +196,35 @@ def test_set_features_with_a_bit_not_offered_is_refused() -> None:
     assert err.request == "SET_FEATURES" and "VIRTIO_F_RING_PACKED" in err.reason and not err.fatal
     assert not ack.ok
     assert state_of(link.backend) is ConnectionState.OWNED and link.backend.acked_features is None
+    link.settle()
+
+
+def test_repeated_set_features_with_the_same_bits_is_accepted_while_rings_run() -> None:
+    # QEMU sends SET_FEATURES once per queue pair (one vhost_dev each), so with multiqueue the second
+    # one arrives while the first pair's rings are started.
+    link = Link()
+    qemu72_init(link)
+    qemu72_start(link, use_add_mem_reg=False)
+    assert [r.phase for r in link.backend.rings] == [RingPhase.STARTED] * 2
+    evs, (ok,) = link.call(link.frontend.set_features(f.DEFAULT_VIRTIO_FEATURES, need_reply=True))
+    assert evs == [events.FeaturesSet(features=f.DEFAULT_VIRTIO_FEATURES)] and ok.ok
+    link.settle()
+
+
+def test_set_features_with_other_bits_is_refused_while_a_ring_is_started() -> None:
+    link = Link()
+    qemu72_init(link)
+    qemu72_start(link, use_add_mem_reg=False)
+    fewer = f.DEFAULT_VIRTIO_FEATURES & ~f.bit(VIRTIO_F_EVENT_IDX)
+    (err,), (ack,) = link.call(link.frontend.set_features(fewer, need_reply=True))
+    assert isinstance(err, ProtocolErrorOccurred) and not ack.ok
+    assert "vring 0 is started" in err.reason and "VIRTIO_F_EVENT_IDX" in err.reason
+    assert link.backend.acked_features == f.DEFAULT_VIRTIO_FEATURES
+    # Once every ring is stopped the frontend may renegotiate (a driver reset does).
+    for q in range(2):
+        link.call(link.frontend.get_vring_base(q))
+    evs, (ok,) = link.call(link.frontend.set_features(fewer, need_reply=True))
+    assert evs == [events.FeaturesSet(features=fewer)] and ok.ok
     link.settle()
 
 

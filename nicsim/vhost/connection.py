@@ -328,6 +328,15 @@ class BackendConnection:
         extra = payload.value & ~self.offered_features
         if extra:
             raise FrontendProtocolError(f"features not offered: {', '.join(f.feature_names(extra))}")
+        started = [r.index for r in self.rings if r.phase is RingPhase.STARTED]
+        if started and payload.value != self.acked_features:
+            # A started ring reads its layout, header size and notification scheme from the
+            # features; they cannot change under it. The same bits again are no change: QEMU sends
+            # SET_FEATURES once per queue pair (one vhost_dev each) while the first pair runs.
+            changed = f.feature_names(payload.value ^ (self.acked_features or 0))
+            raise FrontendProtocolError(
+                f"features cannot change while vring {started[0]} is started ({', '.join(changed)})"
+            )
         self.acked_features = payload.value
         out: list[ev.Event] = [ev.FeaturesSet(features=payload.value)]
         if not f.has(payload.value, f.VHOST_USER_F_PROTOCOL_FEATURES):

@@ -122,6 +122,8 @@ class VirtioNetDevice:
         if extra:
             raise DeviceStateError(f"features 0x{extra:x} were never offered")
         if any(s is not None for s in self._qs.states):
+            if bits == self._qs.features:
+                return  # the same bits again (QEMU: once per queue pair): nothing changes
             raise DeviceStateError("features changed while queues run")
         # The port configures its offloads (a tap: TUNSETOFFLOAD, TUNSETVNETHDRSZ) before anything
         # flows; if it cannot, it raises and the features are refused.
