@@ -133,7 +133,7 @@ def test_get_vring_base_asks_the_device_and_replies_its_index() -> None:
 
 
 def test_get_config_and_get_status_come_from_the_device() -> None:
-    link = Link(BackendConnection(device=CountingDevice(consumed=0)))
+    link = Link(BackendConnection(device=CountingDevice(consumed=0), config_space=True))
     qemu72_init(link)
     _, (cfg,) = link.call(link.frontend.get_config(2, 6))
     assert cfg.payload == p.ConfigSpace(offset=2, size=6, flags=0, payload=bytes(range(2, 8)))
@@ -237,6 +237,21 @@ def test_offered_features_are_constructor_arguments() -> None:
     assert f.has(r.value, f.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)
     assert BackendConnection().offered_protocol_features == f.DEFAULT_PROTOCOL_FEATURES
     assert not f.has(f.DEFAULT_PROTOCOL_FEATURES, f.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)
+
+
+def test_config_space_is_offered_only_on_request() -> None:
+    # QEMU 7.2's net device never uses the config space over vhost-user and warns when a backend
+    # offers CONFIG, so it is off unless asked for; GET_CONFIG is then refused by its gate.
+    assert not f.has(f.DEFAULT_PROTOCOL_FEATURES, f.VHOST_USER_PROTOCOL_F_CONFIG)
+    plain = Link(BackendConnection(device=CountingDevice(consumed=0)))
+    qemu72_init(plain)
+    assert not f.has(plain.backend.acked_protocol_features or 0, f.VHOST_USER_PROTOCOL_F_CONFIG)
+    (err,), (refused,) = plain.call(plain.frontend.get_config(0, 6))
+    assert isinstance(err, ProtocolErrorOccurred) and "CONFIG" in err.reason and not refused.ok
+    plain.settle()
+    asked = Link(BackendConnection(device=CountingDevice(consumed=0), config_space=True))
+    _, (r,) = asked.call(asked.frontend.get_protocol_features())
+    assert r.value == f.DEFAULT_PROTOCOL_FEATURES | f.bit(f.VHOST_USER_PROTOCOL_F_CONFIG)
 
 
 def test_unknown_request_gets_an_error_event_and_a_failure_ack_and_the_fds_back() -> None:
@@ -451,7 +466,7 @@ def test_mtu_rarp_status_and_config_events() -> None:
         | f.bit(f.VHOST_USER_PROTOCOL_F_NET_MTU)
         | f.bit(f.VHOST_USER_PROTOCOL_F_RARP)
     )
-    link = Link(BackendConnection(protocol_features=proto))
+    link = Link(BackendConnection(protocol_features=proto, config_space=True))
     qemu72_init(link)
     assert link.send(link.frontend.net_set_mtu(9000)) == [events.MtuSet(mtu=9000)]
     (bad,) = link.send(link.frontend.net_set_mtu(20))

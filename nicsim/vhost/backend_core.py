@@ -66,8 +66,10 @@ def net_config(mac: bytes, *, status: int, pairs: int, mtu: int) -> bytes:
 class BackendCore:
     """One connection's protocol state applied to one device. Implements ``DeviceQueries``.
 
-    ``create_inflight`` makes the buffer GET_INFLIGHT_FD hands out (the shell's memfd). ``name`` prefixes
-    what is logged. ``errors`` lists what the frontend did wrong, newest last (bounded).
+    ``create_inflight`` makes the buffer GET_INFLIGHT_FD hands out (the shell's memfd). ``config_space``
+    offers VHOST_USER_PROTOCOL_F_CONFIG (GET_CONFIG reads the virtio-net config space): only for a
+    frontend that uses it, since QEMU's net device does not and warns when it is offered. ``name``
+    prefixes what is logged. ``errors`` lists what the frontend did wrong, newest last (bounded).
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class BackendCore:
         create_inflight: InflightFactory,
         max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
         mac: bytes = DEFAULT_MAC,
+        config_space: bool = False,
         name: str = "backend",
     ) -> None:
         self.device = device
@@ -87,7 +90,7 @@ class BackendCore:
         features = device.device_features() | vf.bit(vf.VHOST_USER_F_PROTOCOL_FEATURES)
         self.conn = BackendConnection(
             device=self, features=features, queue_pairs=device.pairs, max_queue_size=max_queue_size,
-            inflight_shmfd=True,
+            inflight_shmfd=True, config_space=config_space,
         )  # fmt: skip
         self.memory: GuestMemory | None = None  # the table the shell mapped last
         self.inflight: InflightStorage | None = None
