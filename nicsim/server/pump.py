@@ -60,7 +60,7 @@ class RingPump:
         self.kick_fd: int | None = None
         self.call_fd: int | None = None
         self.err_fd: int | None = None
-        self.active = False  # the device queue runs and the ring is enabled
+        self.active = False  # the device queue runs (and the ring is enabled, or is a TX ring)
         self.broken = False
         self.counters = dict.fromkeys(PUMP_COUNTERS, 0)
         self._tx = index % 2 == 1
@@ -94,7 +94,7 @@ class RingPump:
     # -- lifecycle --------------------------------------------------------------------------------
 
     def activate(self) -> None:
-        """The device queue started and the ring is enabled: watch kicks and look at the ring once."""
+        """The device queue started (and the ring is enabled, or TX): watch kicks, look at the ring once."""
         if self.active:
             return
         self.active, self.broken = True, False

@@ -7,7 +7,8 @@ index; GET_CONFIG, GET_STATUS, GET_INFLIGHT_FD), applies each event to the
 :class:`~nicsim.virtio.device.VirtioNetDevice` (features, memory table, inflight buffer) and brings
 rings up: a ring's device queue starts once the protocol started it (SET_VRING_KICK) and memory
 exists, at the addresses translated from the frontend's, from the used index in guest memory and what
-the inflight buffer says was in flight; its pump runs while it is also enabled. It opens, maps and
+the inflight buffer says was in flight; its pump runs while it is also enabled, and a TX ring's also
+while it is disabled (its chains are then discarded, as the spec's "Ring states" asks). It opens, maps and
 closes nothing and knows no event loop: what needs the operating system is returned as
 :mod:`nicsim.vhost.actions` for the shell to carry out, and the shell hands back what it made
 (``memory_mapped``, ``inflight_adopted``) or reports that it could not (``action_failed``).
@@ -270,11 +271,15 @@ class BackendCore:
     def _sync(self, index: int) -> Action:
         ring = self.conn.rings[index]
         mem = self.memory
+        self.device.set_enabled(index, ring.enabled)
         if self._started[index] and not self._running[index] and mem is not None:
             queue, resubmit = self._queue(ring, mem)
             self.device.start_queue(index, queue, resubmit=resubmit)
             self._running[index] = True
-        if self._running[index] and ring.enabled and mem is not None:
+        # vhost-user "Ring states": a started ring is processed even while disabled. A disabled TX ring
+        # still has its chains taken (and discarded, by the device), so its pump runs; a disabled RX
+        # ring supplies nothing, so its pump sleeps until SET_VRING_ENABLE 1.
+        if self._running[index] and mem is not None and (ring.enabled or index % 2 == 1):
             return StartPump(index=index)
         return StopPump(index=index)
 

@@ -183,6 +183,22 @@ class VirtioNetDevice:
         self._qs.states[index] = None
         return st.q.last_avail_idx
 
+    def set_enabled(self, index: int, enabled: bool) -> None:
+        """Enable or disable a ring (vhost-user SET_VRING_ENABLE), independently of started/stopped.
+
+        vhost-user spec, "Ring states": a started ring that is disabled is still processed, without
+        side effects: for a network device the backend "must not supply any new RX packets, but must
+        process and discard any TX packets". So ``process_tx`` takes its chains and returns them unread
+        (len 0, counted as ``ring_disabled``); its RX queue fills no buffer and a frame pushed for it
+        is dropped as ``ring_disabled`` (frames already waiting in the backlog keep waiting: they are
+        delivered once the ring is enabled, or dropped as ``queue_stopped`` when it stops). A stopped
+        ring is not processed at all, enabled or not."""
+        self._qs.check_index(index)
+        self._qs.enabled[index] = enabled
+
+    def enabled(self, index: int) -> bool:
+        return self._qs.enabled[index]
+
     def queue(self, index: int) -> SplitQueue | None:
         st = self._qs.states[index]
         return None if st is None else st.q

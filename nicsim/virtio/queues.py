@@ -49,6 +49,7 @@ DROP_REASONS = (
     "queue_stopped",  # RX frames still queued when their queue stopped
     "port_error",     # the port raised while handling a TX batch
     "ring_error",     # the guest corrupted a ring (e.g. avail.idx); the queue is marked broken
+    "ring_disabled",  # TX chains discarded, RX frames refused: the ring is started but disabled
 )
 
 
@@ -101,6 +102,9 @@ class QueueSet:
         self.stats = stats
         self.policy = policy
         self.states: list[QueueState | None] = [None] * num_queues
+        # vhost-user SET_VRING_ENABLE, tracked apart from started/stopped (spec "Ring states"); a
+        # device nobody disables (no vhost-user, or no protocol features) has every ring enabled.
+        self.enabled: list[bool] = [True] * num_queues
         self.mem: GuestMemory | None = None
         self.inflight: InflightHooks | None = None  # set by the server with INFLIGHT_SHMFD
         self.on_wakeup: Callable[[int], None] | None = None
