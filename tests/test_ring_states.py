@@ -2,25 +2,35 @@
 
 A started ring that is disabled (SET_VRING_ENABLE 0) is still processed without side effects: its TX
 chains are taken and discarded (returned with len 0, counted as ``ring_disabled``), and its RX queue
-fills no buffer (frames pushed for it are dropped as ``ring_disabled``). Checked on the device with the
-driver model, on the backend core replaying QEMU 7.2's recorded boot, and through the server with the
-Python frontend.
+fills no buffer (frames pushed for it are dropped as ``ring_disabled``). A ring the guest corrupts stops,
+writes its err eventfd (SET_VRING_ERR) and sets DEVICE_NEEDS_RESET in the status GET_STATUS reports
+(virtio 1.2 §2.1.2) until the driver resets the device. Checked on the device with the driver model,
+on the backend core replaying QEMU 7.2's recorded boot, and through the server with the Python
+frontend.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from nicsim.ports import ReflectPort, SinkPort
+from nicsim.vhost import features as vf
+from nicsim.vhost import payloads as p
 from nicsim.vhost.actions import StartPump, StopPump
 from nicsim.vhost.backend_core import BackendCore
 from nicsim.vhost.frontend_codec import FrontendConnection
 from nicsim.vhost.protocol import Request
-from nicsim.virtio.device import VirtioNetDevice
+from nicsim.virtio.device import DEVICE_NEEDS_RESET, VirtioNetDevice
 from nicsim.virtio.policy import NotifyPolicy
+from rings.errors import GuestError
 from tests.hardening import finish, open_fds, start_rig
 from tests.hardening import frame as udp
-from tests.test_backend_core import Shell, no_inflight, recorded
+from tests.test_backend_core import HEADER, Shell, no_inflight, recorded, u64
 from tests.test_device import HoldingPort, frame, make
 
 # -- the device, driven by the driver model -----------------------------------------------------------
@@ -174,3 +184,106 @@ async def test_tx_on_a_disabled_ring_comes_back_unread_and_is_counted(tmp_path: 
     assert fe.queues[0].used_pending() == 0
     await fe.call(fe.conn.set_vring_enable(1, True, need_reply=True))
     await finish(rig, fe, before)  # traffic flows both ways again, nothing leaked
+
+
+# -- a broken ring ---------------------------------------------------------------------------------------
+
+
+def test_a_broken_ring_sets_needs_reset_until_the_driver_resets_the_device() -> None:
+    _, _, tx, dev = make(SinkPort())
+    assert not dev.needs_reset
+    tx.overrun_avail_idx()
+    res = dev.process_tx(1)
+    assert res.error is not None and dev.needs_reset
+    # The error is kept (and logged) without the frames it was raised through: they hold views of
+    # guest memory, which would otherwise stay mapped after the table is replaced.
+    assert res.error.__traceback__ is None
+    dev.ring_failed(1, res.error)  # the pump reports what the round returned: still counted once
+    assert dev.stats.drops[1, dev.stats.reason("ring_error")] == 1
+    dev.driver_reset()
+    assert not dev.needs_reset
+    assert dev.process_tx(1).error is res.error  # the queue stays broken until it is stopped
+
+
+def test_an_error_raised_outside_a_round_breaks_the_ring_too() -> None:
+    # rearm_kicks re-reads avail.idx and raises; the caller (the pump) reports it to the device.
+    _, _, tx, dev = make(SinkPort())
+    tx.overrun_avail_idx()
+    with pytest.raises(GuestError) as info:
+        dev.rearm_kicks(1)
+    dev.ring_failed(1, info.value)
+    assert dev.needs_reset and dev.process_tx(1).error is info.value
+    assert dev.stats.drops[1, dev.stats.reason("ring_error")] == 1
+
+
+def _status(core: BackendCore, fe: FrontendConnection) -> int:
+    assert core.receive_data(fe.get_status().data) == []
+    (reply,) = core.data_to_send()
+    return u64(reply.data)
+
+
+def test_get_status_reports_needs_reset_after_a_ring_broke_until_set_status_0() -> None:
+    core, shell = _booted_core()
+    fe = FrontendConnection()
+    # The recording's SET_STATUS 0 (QEMU quitting) came before its first GET_VRING_BASE: be the running
+    # driver again (ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK).
+    shell.carry_out(core.receive_data(fe.set_status(0x0F).data))
+    assert _status(core, fe) == 0x0F
+    q, mem = core.device.queue(1), core.memory
+    assert q is not None and mem is not None
+    avail_idx = mem.view_as(q.avail_addr + 2, np.dtype("<u2"), 1)
+    avail_idx[0] = (q.last_avail_idx + q.size + 1) & 0xFFFF  # the guest corrupts the TX ring
+    assert core.device.process_tx(1).error is not None
+    assert _status(core, fe) == 0x0F | DEVICE_NEEDS_RESET
+    # QEMU's reset: SET_STATUS 0, then GET_VRING_BASE per ring; the device reads 0 again.
+    shell.carry_out(core.receive_data(fe.set_status(0).data))
+    assert _status(core, fe) == 0
+    for index in (0, 1):
+        shell.carry_out(core.receive_data(fe.get_vring_base(index).data))
+    bases = [p.VringState.decode(r.data[HEADER.size :]) for r in core.data_to_send()]
+    assert [b.index for b in bases] == [0, 1] and bases[1].num == q.last_avail_idx  # nothing taken
+    assert core.device.queue(1) is None and core.device.pool.usage == 0
+    shell.close()
+
+
+async def test_a_broken_ring_writes_its_err_eventfd_and_get_status_says_needs_reset(tmp_path: Path) -> None:
+    before = open_fds()
+    rig = await start_rig(tmp_path)
+    fe = await rig.frontend(start=False)
+    # The frontend takes VHOST_USER_PROTOCOL_F_STATUS too (QEMU 7.2 does), and an err eventfd per ring.
+    status = fe.protocol_features | vf.bit(vf.VHOST_USER_PROTOCOL_F_STATUS)
+    await fe.call(fe.conn.set_protocol_features(status))
+    fe.protocol_features = status
+    err_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
+    loop = asyncio.get_running_loop()
+    fired = loop.create_future()
+    try:
+        for index, efd in enumerate(err_fds):
+            await fe.call(fe.conn.set_vring_err(index, efd, need_reply=True))
+            loop.add_reader(efd, lambda i=index: fired.done() or fired.set_result(i))
+        await fe.start()
+        await fe.call(fe.conn.set_status(0x0F, need_reply=True))
+        fe.queues[1].overrun_avail_idx()
+        fe.kick(1, force=True)
+        assert await asyncio.wait_for(fired, 10) == 1  # the TX ring's err fd, and only after the break
+        assert os.read(err_fds[1], 8) == (1).to_bytes(8, "little")
+        with pytest.raises(BlockingIOError):
+            os.read(err_fds[0], 8)  # the RX ring is fine: its err fd stays quiet
+        reply = await fe.call(fe.conn.get_status())
+        assert reply is not None and reply.value == 0x0F | DEVICE_NEEDS_RESET
+        session = await rig.session()
+        assert session.snapshot()["queues"][1]["drops"] == {"ring_error": 1}
+        # The driver resets the device (QEMU: SET_STATUS 0, GET_VRING_BASE, then the rings again).
+        await fe.call(fe.conn.set_status(0, need_reply=True))
+        reply = await fe.call(fe.conn.get_status())
+        assert reply is not None and reply.value == 0
+        for index in (0, 1):
+            await fe.stop_ring(index)
+        fe.queues[1].overrun_avail_idx(0)  # the guest's driver starts over with a sane ring
+        for index in (0, 1):
+            await fe.start_ring(index, base=fe.used_idx(index))
+    finally:
+        for efd in err_fds:
+            loop.remove_reader(efd)
+            os.close(efd)  # the backend holds its own copies until the session closes
+    await finish(rig, fe, before)  # traffic flows again; nothing leaked

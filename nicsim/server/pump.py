@@ -11,7 +11,8 @@ for the kick only once ``kick_batch`` more buffers are posted, with a ``batch_wa
 guest that stops short; otherwise the first buffer kicks. An RX ring whose push-style port has
 nothing queued sleeps until the device's ``on_wakeup``; a pull-style port (the generator) sleeps on the
 kick like TX, so a guest with no buffers posted costs no CPU. Counters of what the pump did (wakeups
-by cause, rounds, sleeps) are in :meth:`RingPump.snapshot`. It owns the three eventfds it is given and
+by cause, rounds, sleeps) are in :meth:`RingPump.snapshot`. A ring the guest broke stops and writes the
+err eventfd (the device then reports DEVICE_NEEDS_RESET). It owns the three eventfds it is given and
 closes them.
 """
 
@@ -29,7 +30,7 @@ from nicsim.ports.base import Port
 from nicsim.virtio.device import DeviceStateError, QueueResult, VirtioNetDevice
 from nicsim.virtio.policy import PollAction, poll_action
 from nicsim.virtio.port import DevicePort
-from rings.errors import RingsError
+from rings.errors import GuestError, RingsError
 
 log = logging.getLogger("nicsim.server")
 
@@ -149,6 +150,17 @@ class RingPump:
             pass  # the counter is saturated: the guest has an interrupt pending anyway
         except OSError as err:
             log.warning("ring %d: call eventfd write failed: %s", self.index, err)
+
+    def signal_error(self) -> None:
+        """Tell the frontend the ring broke (write the err eventfd of SET_VRING_ERR, if it gave one)."""
+        if self.err_fd is None:
+            return
+        try:
+            os.write(self.err_fd, _ONE)
+        except BlockingIOError:
+            pass  # the counter is saturated: the frontend has the error pending anyway
+        except OSError as err:
+            log.warning("ring %d: err eventfd write failed: %s", self.index, err)
 
     def _on_kick(self) -> None:
         assert self.kick_fd is not None
@@ -279,6 +291,11 @@ class RingPump:
         self._busy = False
         self._unwatch()
         self._cancel()
+        if isinstance(err, GuestError):
+            # Not silently: the device sets DEVICE_NEEDS_RESET (GET_STATUS reports it; virtio 1.2
+            # §2.1.2) and the err eventfd, vhost-user's channel for "this ring is in error", fires.
+            self.device.ring_failed(self.index, err)
+            self.signal_error()
 
     def _watch(self) -> None:
         if self.kick_fd is not None and not self._watching:

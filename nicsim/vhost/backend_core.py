@@ -3,15 +3,16 @@
 This module owns ``BackendCore``, the role rust-vmm's vhost-user-backend ``handler.rs`` plays: it feeds
 a :class:`~nicsim.vhost.BackendConnection` the bytes and fds the shell received, answers the
 connection's device queries (``DeviceQueries``: GET_VRING_BASE stops the device queue and reports its
-index; GET_CONFIG, GET_STATUS, GET_INFLIGHT_FD), applies each event to the
-:class:`~nicsim.virtio.device.VirtioNetDevice` (features, memory table, inflight buffer) and brings
-rings up: a ring's device queue starts once the protocol started it (SET_VRING_KICK) and memory
-exists, at the addresses translated from the frontend's, from the used index in guest memory and what
-the inflight buffer says was in flight; its pump runs while it is also enabled, and a TX ring's also
-while it is disabled (its chains are then discarded, as the spec's "Ring states" asks). It opens, maps and
-closes nothing and knows no event loop: what needs the operating system is returned as
-:mod:`nicsim.vhost.actions` for the shell to carry out, and the shell hands back what it made
-(``memory_mapped``, ``inflight_adopted``) or reports that it could not (``action_failed``).
+index; GET_CONFIG; GET_STATUS, the driver's status plus DEVICE_NEEDS_RESET once a ring broke;
+GET_INFLIGHT_FD), applies each event to the :class:`~nicsim.virtio.device.VirtioNetDevice` (features,
+memory table, inflight buffer, a reset) and brings rings up: a ring's device queue starts once the
+protocol started it (SET_VRING_KICK) and memory exists, at the addresses translated from the
+frontend's, from the used index in guest memory and what the inflight buffer says was in flight; its
+pump runs while it is also enabled, and a TX ring's also while it is disabled (its chains are then
+discarded, as the spec's "Ring states" asks). It opens, maps and closes nothing and knows no event
+loop: what needs the operating system is returned as :mod:`nicsim.vhost.actions` for the shell to
+carry out, and the shell hands back what it made (``memory_mapped``, ``inflight_adopted``) or reports
+that it could not (``action_failed``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from nicsim.vhost.actions import (
 from nicsim.vhost.connection import BackendConnection, Outgoing, RingStatus
 from nicsim.vhost.queries import InflightBuffer
 from nicsim.vhost.state import ConnectionState
-from nicsim.virtio.device import DeviceStateError, VirtioNetDevice
+from nicsim.virtio.device import DEVICE_NEEDS_RESET, DeviceStateError, VirtioNetDevice
 from rings.errors import RingsError
 from rings.layout import split_ring_sizes
 from rings.memory import GuestMemory
@@ -185,7 +186,8 @@ class BackendCore:
         return self._config[offset : offset + size]
 
     def get_status(self, *, driver_status: int) -> int:
-        return driver_status
+        # The driver's bits, and the one the device sets itself: a broken ring needs a reset.
+        return driver_status | (DEVICE_NEEDS_RESET if self.device.needs_reset else 0)
 
     def get_inflight_fd(self, *, num_queues: int, queue_size: int) -> InflightBuffer | None:
         """A fresh zeroed buffer; a repeated request replaces (and frees) the previous one."""
@@ -232,6 +234,8 @@ class BackendCore:
                 return self._sync_rings(event, [event.index])
             case ev.InflightFdSet():
                 return self._adopt_inflight(event)
+            case ev.StatusSet() if event.status == 0:
+                self.device.driver_reset()  # virtio 1.2 §2.4: writing 0 resets the device
             case ev.LogBaseSet() | ev.LogFdSet() | ev.BackendReqFdSet():
                 self.note(f"{type(event).__name__} ignored: not offered")
                 return [CloseFds(cause=event, fds=(event.fd,))]  # features we never offer; the fd is ours

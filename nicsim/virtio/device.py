@@ -42,12 +42,15 @@ from nicsim.virtio.queues import DROP_REASONS, DeviceStateError, QueueResult, Qu
 from nicsim.virtio.rx import RxPath
 from nicsim.virtio.stats import DeviceStats
 from nicsim.virtio.tx import TxPath
+from rings.errors import GuestError
 from rings.memory import GuestMemory
 from rings.pool import PacketPool
 from rings.split import SplitQueue
 
 # Defined with the data paths (which may not import this module); callers know them from here.
-__all__ = ["DROP_REASONS", "DeviceStateError", "QueueResult", "VirtioNetDevice"]
+__all__ = ["DEVICE_NEEDS_RESET", "DROP_REASONS", "DeviceStateError", "QueueResult", "VirtioNetDevice"]
+
+DEVICE_NEEDS_RESET = 0x40  # device status bit (virtio 1.2 §2.1): an error only a device reset clears
 
 
 class VirtioNetDevice:
@@ -198,6 +201,29 @@ class VirtioNetDevice:
 
     def enabled(self, index: int) -> bool:
         return self._qs.enabled[index]
+
+    # -- errors -------------------------------------------------------------------------------------
+
+    @property
+    def needs_reset(self) -> bool:
+        """A ring broke (the guest corrupted it): report DEVICE_NEEDS_RESET (virtio 1.2 §2.1.2) until
+        the driver resets the device (:meth:`driver_reset`)."""
+        return self._qs.needs_reset
+
+    def ring_failed(self, index: int, err: GuestError) -> None:
+        """The caller caught ``err`` from a call on ring ``index`` that returns no ``QueueResult``
+        (kick suppression, re-arm): mark the queue broken as ``process_tx`` / ``poll_rx`` do (counted
+        once as ``ring_error``) and set DEVICE_NEEDS_RESET. Idempotent."""
+        qs = self._qs
+        st = qs.states[index] if 0 <= index < qs.num_queues else None
+        if st is not None and st.broken is None:
+            qs.broke(index, st, err)
+        qs.needs_reset = True
+
+    def driver_reset(self) -> None:
+        """The driver reset the device (device status written 0, virtio 1.2 §2.4): DEVICE_NEEDS_RESET
+        clears. Queues are stopped one by one by their owner (vhost-user: GET_VRING_BASE)."""
+        self._qs.needs_reset = False
 
     def queue(self, index: int) -> SplitQueue | None:
         st = self._qs.states[index]
