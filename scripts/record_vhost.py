@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from images.build import build_image  # noqa: E402
+from nicsim.ports import ResponderPort  # noqa: E402
 from nicsim.server import Server  # noqa: E402
 from nicsim.virtio.device import VirtioNetDevice  # noqa: E402
 from qemu.testvm import TestVM, VhostUserNic, Workload  # noqa: E402
@@ -107,7 +108,7 @@ async def record(out_path: Path, pings: int) -> int:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(proxy_path))
         listener.listen(1)
-        async with Server([backend_path], lambda: VirtioNetDevice()) as server:
+        async with Server([backend_path], lambda: VirtioNetDevice(port=ResponderPort())) as server:
             proxy = threading.Thread(target=_proxy, args=(listener, backend_path, messages), daemon=True)
             proxy.start()
             vm = TestVM(kernel=image.kernel, initrd=image.initrd, nic=VhostUserNic(socket=proxy_path),

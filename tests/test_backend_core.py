@@ -41,8 +41,10 @@ from nicsim.vhost.actions import (
     UnmapMemoryRegion,
 )
 from nicsim.vhost.backend_core import BackendCore
+from nicsim.vhost.frontend_codec import FrontendConnection
 from nicsim.vhost.protocol import Request
 from nicsim.virtio.device import VirtioNetDevice
+from nicsim.virtio.features import VIRTIO_F_EVENT_IDX
 from rings.layout import DESC_DTYPE, VIRTQ_DESC_F_WRITE
 from rings.memory import GuestMemory, MemoryRegion
 
@@ -226,6 +228,29 @@ def test_qemu72_boot_and_shutdown_replayed_reach_the_expected_state(chunked: boo
     shell.close()
     assert sorted(shell.returned) == sorted(shell.handed)  # each fd came back exactly once
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_repeated_set_features_is_accepted_while_the_queues_run() -> None:
+    """QEMU sends SET_FEATURES once per queue pair: the same bits again, with rings running, are
+    acknowledged and change nothing; other bits are refused and the device keeps its features."""
+    messages = recorded()
+    core = BackendCore(VirtioNetDevice(port=ResponderPort()), create_inflight=no_inflight)
+    shell = Shell(core, chunked=True)
+    stop_at = next(i for i, m in enumerate(messages) if m.request is Request.GET_VRING_BASE)
+    for msg in messages[:stop_at]:
+        shell.feed(msg)
+    (acked,) = [u64(m.data) for m in messages if m.request is Request.SET_FEATURES]
+    fe = FrontendConnection()
+    assert core.receive_data(fe.set_features(acked, need_reply=True).data) == []
+    (ok,) = core.data_to_send()
+    assert u64(ok.data) == 0 and core.errors == []
+    assert core.device.queue(0) is not None and core.device.queue(1) is not None
+    fewer = acked & ~vf.bit(VIRTIO_F_EVENT_IDX)
+    assert core.receive_data(fe.set_features(fewer, need_reply=True).data) == []
+    (refused,) = core.data_to_send()
+    assert u64(refused.data) != 0 and "cannot change while vring 0 is started" in core.errors[-1]
+    assert core.conn.acked_features == acked and core.device.event_idx
+    shell.close()
 
 
 def test_a_refused_memory_table_keeps_the_old_one_and_fails_the_ack() -> None:

@@ -149,7 +149,7 @@ def run(chunks: Chunks, *, wanted: dict[int, list[int]] | None = None) -> Outcom
     """Feed ``chunks`` and collect everything that comes out. With ``wanted`` (stream offset of each
     message's first byte -> its fds), read the chunks' bytes as the server does instead: at most
     ``bytes_wanted`` at a time, each message's fds with its first byte."""
-    conn = BackendConnection(inflight_shmfd=True, queue_pairs=2)
+    conn = BackendConnection(inflight_shmfd=True, config_space=True, queue_pairs=2)
     events: list[Event] = []
     replies: list[tuple[bytes, tuple[int, ...]]] = []
     closed: list[int] = []
@@ -232,7 +232,7 @@ def test_each_message_hands_over_exactly_its_own_fds(handshake: bool, body: list
     # came with its own message, and a refused message's fds all go to fds_to_close() at once.
     msgs = (_handshake() if handshake else []) + body
     fds = _fd_lists(msgs)
-    conn = BackendConnection(inflight_shmfd=True, queue_pairs=2)
+    conn = BackendConnection(inflight_shmfd=True, config_space=True, queue_pairs=2)
     for m, fl in zip(msgs, fds, strict=True):
         try:
             evs = conn.receive_data(m.data, fl)

@@ -20,7 +20,12 @@ from nicsim.vhost import (
 from nicsim.vhost import features as f
 from nicsim.vhost import payloads as p
 from nicsim.vhost.protocol import FLAG_NEED_REPLY, FLAG_REPLY, VERSION, encode_message
-from nicsim.virtio.features import VIRTIO_F_RING_PACKED, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4
+from nicsim.virtio.features import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_HOST_TSO4,
+)
 from tests.test_vhost_support import (
     REGION,
     REGION2,
@@ -128,7 +133,7 @@ def test_get_vring_base_asks_the_device_and_replies_its_index() -> None:
 
 
 def test_get_config_and_get_status_come_from_the_device() -> None:
-    link = Link(BackendConnection(device=CountingDevice(consumed=0)))
+    link = Link(BackendConnection(device=CountingDevice(consumed=0), config_space=True))
     qemu72_init(link)
     _, (cfg,) = link.call(link.frontend.get_config(2, 6))
     assert cfg.payload == p.ConfigSpace(offset=2, size=6, flags=0, payload=bytes(range(2, 8)))
@@ -194,6 +199,35 @@ def test_set_features_with_a_bit_not_offered_is_refused() -> None:
     link.settle()
 
 
+def test_repeated_set_features_with_the_same_bits_is_accepted_while_rings_run() -> None:
+    # QEMU sends SET_FEATURES once per queue pair (one vhost_dev each), so with multiqueue the second
+    # one arrives while the first pair's rings are started.
+    link = Link()
+    qemu72_init(link)
+    qemu72_start(link, use_add_mem_reg=False)
+    assert [r.phase for r in link.backend.rings] == [RingPhase.STARTED] * 2
+    evs, (ok,) = link.call(link.frontend.set_features(f.DEFAULT_VIRTIO_FEATURES, need_reply=True))
+    assert evs == [events.FeaturesSet(features=f.DEFAULT_VIRTIO_FEATURES)] and ok.ok
+    link.settle()
+
+
+def test_set_features_with_other_bits_is_refused_while_a_ring_is_started() -> None:
+    link = Link()
+    qemu72_init(link)
+    qemu72_start(link, use_add_mem_reg=False)
+    fewer = f.DEFAULT_VIRTIO_FEATURES & ~f.bit(VIRTIO_F_EVENT_IDX)
+    (err,), (ack,) = link.call(link.frontend.set_features(fewer, need_reply=True))
+    assert isinstance(err, ProtocolErrorOccurred) and not ack.ok
+    assert "vring 0 is started" in err.reason and "VIRTIO_F_EVENT_IDX" in err.reason
+    assert link.backend.acked_features == f.DEFAULT_VIRTIO_FEATURES
+    # Once every ring is stopped the frontend may renegotiate (a driver reset does).
+    for q in range(2):
+        link.call(link.frontend.get_vring_base(q))
+    evs, (ok,) = link.call(link.frontend.set_features(fewer, need_reply=True))
+    assert evs == [events.FeaturesSet(features=fewer)] and ok.ok
+    link.settle()
+
+
 def test_offered_features_are_constructor_arguments() -> None:
     extra = f.bit(VIRTIO_NET_F_CSUM) | f.bit(VIRTIO_NET_F_HOST_TSO4)
     link = Link(BackendConnection(features=f.DEFAULT_VIRTIO_FEATURES | extra, inflight_shmfd=True))
@@ -203,6 +237,21 @@ def test_offered_features_are_constructor_arguments() -> None:
     assert f.has(r.value, f.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)
     assert BackendConnection().offered_protocol_features == f.DEFAULT_PROTOCOL_FEATURES
     assert not f.has(f.DEFAULT_PROTOCOL_FEATURES, f.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)
+
+
+def test_config_space_is_offered_only_on_request() -> None:
+    # QEMU 7.2's net device never uses the config space over vhost-user and warns when a backend
+    # offers CONFIG, so it is off unless asked for; GET_CONFIG is then refused by its gate.
+    assert not f.has(f.DEFAULT_PROTOCOL_FEATURES, f.VHOST_USER_PROTOCOL_F_CONFIG)
+    plain = Link(BackendConnection(device=CountingDevice(consumed=0)))
+    qemu72_init(plain)
+    assert not f.has(plain.backend.acked_protocol_features or 0, f.VHOST_USER_PROTOCOL_F_CONFIG)
+    (err,), (refused,) = plain.call(plain.frontend.get_config(0, 6))
+    assert isinstance(err, ProtocolErrorOccurred) and "CONFIG" in err.reason and not refused.ok
+    plain.settle()
+    asked = Link(BackendConnection(device=CountingDevice(consumed=0), config_space=True))
+    _, (r,) = asked.call(asked.frontend.get_protocol_features())
+    assert r.value == f.DEFAULT_PROTOCOL_FEATURES | f.bit(f.VHOST_USER_PROTOCOL_F_CONFIG)
 
 
 def test_unknown_request_gets_an_error_event_and_a_failure_ack_and_the_fds_back() -> None:
@@ -417,7 +466,7 @@ def test_mtu_rarp_status_and_config_events() -> None:
         | f.bit(f.VHOST_USER_PROTOCOL_F_NET_MTU)
         | f.bit(f.VHOST_USER_PROTOCOL_F_RARP)
     )
-    link = Link(BackendConnection(protocol_features=proto))
+    link = Link(BackendConnection(protocol_features=proto, config_space=True))
     qemu72_init(link)
     assert link.send(link.frontend.net_set_mtu(9000)) == [events.MtuSet(mtu=9000)]
     (bad,) = link.send(link.frontend.net_set_mtu(20))

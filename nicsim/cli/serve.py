@@ -102,6 +102,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="JSON snapshot (pool usage/high_water, per-queue packets, bytes, drops, kicks, interrupts), "
         "rewritten atomically every interval and at exit",
     )
+    parser.add_argument(
+        "--config-space", action="store_true",
+        help="offer VHOST_USER_PROTOCOL_F_CONFIG (GET_CONFIG reads the virtio-net config space) for a "
+        "frontend that uses it; off by default: QEMU's virtio-net never does, and warns when offered",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no periodic stats lines, warnings only")
     add_policy_arguments(parser)
     return parser
@@ -191,7 +196,8 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    server = Server(args.socket, make_device, client=args.client, max_queue_size=args.queue_size)
+    server = Server(args.socket, make_device, client=args.client, max_queue_size=args.queue_size,
+                    config_space=args.config_space)  # fmt: skip
     try:
         await server.start()
         where = ", ".join(str(p) for p in args.socket)

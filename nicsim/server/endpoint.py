@@ -34,16 +34,19 @@ DeviceFactory = Callable[[], VirtioNetDevice]
 
 
 class Endpoint:
-    """One socket path: listens (or connects, ``client=True``) and runs one session at a time."""
+    """One socket path: listens (or connects, ``client=True``) and runs one session at a time.
+    ``config_space``: offer VHOST_USER_PROTOCOL_F_CONFIG (off: QEMU's net device never uses it)."""
 
     def __init__(
         self, path: Path, make_device: DeviceFactory, *, client: bool = False,
         max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE, retry_interval: float = RETRY_INTERVAL,
+        config_space: bool = False,
     ) -> None:  # fmt: skip
         self.path = Path(path)
         self.make_device = make_device
         self.client = client
         self.max_queue_size = max_queue_size
+        self.config_space = config_space
         self.retry_interval = retry_interval
         self.session: Session | None = None
         self.last: Session | None = None
@@ -99,6 +102,7 @@ class Endpoint:
             self.session = Session(
                 conn, device, name=f"{self.path.name}#{self.connections}",
                 max_queue_size=self.max_queue_size, on_closed=self._session_closed,
+                config_space=self.config_space,
             )  # fmt: skip
         except BaseException:
             if device is not None:
@@ -209,17 +213,19 @@ def _remove_stale_socket(path: Path) -> None:
 
 
 class Server:
-    """Serves a vhost-user virtio-net device on each of ``paths`` (``make_device``: one per connection)."""
+    """Serves a vhost-user virtio-net device on each of ``paths`` (``make_device``: one per connection).
+    ``config_space``: offer VHOST_USER_PROTOCOL_F_CONFIG on each (see ``Endpoint``)."""
 
     def __init__(
         self, paths: Sequence[str | Path], make_device: DeviceFactory, *, client: bool = False,
         max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE, retry_interval: float = RETRY_INTERVAL,
+        config_space: bool = False,
     ) -> None:  # fmt: skip
         if not paths:
             raise ValueError("the server needs at least one socket path")
         self.endpoints = [
             Endpoint(Path(p), make_device, client=client, max_queue_size=max_queue_size,
-                     retry_interval=retry_interval)
+                     retry_interval=retry_interval, config_space=config_space)
             for p in paths
         ]  # fmt: skip
         self.started_at = time.monotonic()

@@ -16,8 +16,9 @@ ring (no round scheduled, no timer set) that had work pending at two ticks in a 
 indices moved (:func:`~nicsim.virtio.policy.is_stalled`) is re-checked: the interrupt the ring wants
 is sent, a round is run, and the device counts it (``stall_rechecks``). A tick only reads the ring (no
 round), so an idle ring still costs no rounds. Counters of what the pump did (wakeups by cause,
-rounds, sleeps) are in :meth:`RingPump.snapshot`. It owns the three eventfds it is given and closes
-them.
+rounds, sleeps) are in :meth:`RingPump.snapshot`. A ring the guest broke stops and writes the err
+eventfd (the device then reports DEVICE_NEEDS_RESET). It owns the three eventfds it is given and
+closes them.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from nicsim.ports.base import Port
 from nicsim.virtio.device import DeviceStateError, QueueResult, VirtioNetDevice
 from nicsim.virtio.policy import PollAction, is_stalled, poll_action
 from nicsim.virtio.port import DevicePort
-from rings.errors import RingsError
+from rings.errors import GuestError, RingsError
 
 log = logging.getLogger("nicsim.server")
 
@@ -67,7 +68,7 @@ class RingPump:
         self.kick_fd: int | None = None
         self.call_fd: int | None = None
         self.err_fd: int | None = None
-        self.active = False  # the device queue runs and the ring is enabled
+        self.active = False  # the device queue runs (and the ring is enabled, or is a TX ring)
         self.broken = False
         self.counters = dict.fromkeys(PUMP_COUNTERS, 0)
         self._tx = index % 2 == 1
@@ -103,7 +104,7 @@ class RingPump:
     # -- lifecycle --------------------------------------------------------------------------------
 
     def activate(self) -> None:
-        """The device queue started and the ring is enabled: watch kicks and look at the ring once."""
+        """The device queue started (and the ring is enabled, or TX): watch kicks, look at the ring once."""
         if self.active:
             return
         self.active, self.broken = True, False
@@ -161,6 +162,17 @@ class RingPump:
             pass  # the counter is saturated: the guest has an interrupt pending anyway
         except OSError as err:
             log.warning("ring %d: call eventfd write failed: %s", self.index, err)
+
+    def signal_error(self) -> None:
+        """Tell the frontend the ring broke (write the err eventfd of SET_VRING_ERR, if it gave one)."""
+        if self.err_fd is None:
+            return
+        try:
+            os.write(self.err_fd, _ONE)
+        except BlockingIOError:
+            pass  # the counter is saturated: the frontend has the error pending anyway
+        except OSError as err:
+            log.warning("ring %d: err eventfd write failed: %s", self.index, err)
 
     def _on_kick(self) -> None:
         assert self.kick_fd is not None
@@ -292,6 +304,11 @@ class RingPump:
         self._unwatch()
         self._cancel()
         self._disarm_watchdog()
+        if isinstance(err, GuestError):
+            # Not silently: the device sets DEVICE_NEEDS_RESET (GET_STATUS reports it; virtio 1.2
+            # §2.1.2) and the err eventfd, vhost-user's channel for "this ring is in error", fires.
+            self.device.ring_failed(self.index, err)
+            self.signal_error()
 
     # -- the stall watchdog -----------------------------------------------------------------------
 

@@ -52,7 +52,8 @@ def _peer_pid(sock: socket.socket) -> int | None:
 
 
 class Session:
-    """One vhost-user connection and the device it drives (through a ``BackendCore``)."""
+    """One vhost-user connection and the device it drives (through a ``BackendCore``). ``config_space``:
+    offer VHOST_USER_PROTOCOL_F_CONFIG (see ``BackendCore``)."""
 
     def __init__(
         self,
@@ -63,6 +64,7 @@ class Session:
         max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
         on_closed: Callable[[Session], None] | None = None,
         mac: bytes = DEFAULT_MAC,
+        config_space: bool = False,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.sock = sock
@@ -73,7 +75,7 @@ class Session:
         self.memory = MappedMemory()
         self.final_snapshot: dict[str, Any] | None = None
         self.core = BackendCore(device, create_inflight=InflightStore.create, max_queue_size=max_queue_size,
-                                mac=mac, name=name)  # fmt: skip
+                                mac=mac, config_space=config_space, name=name)  # fmt: skip
         self._on_closed = on_closed
         self._closed = self.loop.create_future()
         # Replaced inflight buffers whose fd is in a reply not yet written: closed once it is

@@ -131,7 +131,8 @@ class SetRingFd(Action):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StartPump(Action):
-    """Ring ``index`` runs (device queue started, ring enabled, memory mapped): watch its kicks."""
+    """Ring ``index`` runs (device queue started, memory mapped, and enabled unless it is a TX ring,
+    whose chains the device discards while it is disabled): watch its kicks."""
 
     index: int
 

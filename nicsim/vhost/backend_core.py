@@ -3,14 +3,16 @@
 This module owns ``BackendCore``, the role rust-vmm's vhost-user-backend ``handler.rs`` plays: it feeds
 a :class:`~nicsim.vhost.BackendConnection` the bytes and fds the shell received, answers the
 connection's device queries (``DeviceQueries``: GET_VRING_BASE stops the device queue and reports its
-index; GET_CONFIG, GET_STATUS, GET_INFLIGHT_FD), applies each event to the
-:class:`~nicsim.virtio.device.VirtioNetDevice` (features, memory table, inflight buffer) and brings
-rings up: a ring's device queue starts once the protocol started it (SET_VRING_KICK) and memory
-exists, at the addresses translated from the frontend's, from the used index in guest memory and what
-the inflight buffer says was in flight; its pump runs while it is also enabled. It opens, maps and
-closes nothing and knows no event loop: what needs the operating system is returned as
-:mod:`nicsim.vhost.actions` for the shell to carry out, and the shell hands back what it made
-(``memory_mapped``, ``inflight_adopted``) or reports that it could not (``action_failed``).
+index; GET_CONFIG; GET_STATUS, the driver's status plus DEVICE_NEEDS_RESET once a ring broke;
+GET_INFLIGHT_FD), applies each event to the :class:`~nicsim.virtio.device.VirtioNetDevice` (features,
+memory table, inflight buffer, a reset) and brings rings up: a ring's device queue starts once the
+protocol started it (SET_VRING_KICK) and memory exists, at the addresses translated from the
+frontend's, from the used index in guest memory and what the inflight buffer says was in flight; its
+pump runs while it is also enabled, and a TX ring's also while it is disabled (its chains are then
+discarded, as the spec's "Ring states" asks). It opens, maps and closes nothing and knows no event
+loop: what needs the operating system is returned as :mod:`nicsim.vhost.actions` for the shell to
+carry out, and the shell hands back what it made (``memory_mapped``, ``inflight_adopted``) or reports
+that it could not (``action_failed``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from nicsim.vhost.actions import (
 from nicsim.vhost.connection import BackendConnection, Outgoing, RingStatus
 from nicsim.vhost.queries import InflightBuffer
 from nicsim.vhost.state import ConnectionState
-from nicsim.virtio.device import DeviceStateError, VirtioNetDevice
+from nicsim.virtio.device import DEVICE_NEEDS_RESET, DeviceStateError, VirtioNetDevice
 from rings.errors import RingsError
 from rings.layout import split_ring_sizes
 from rings.memory import GuestMemory
@@ -66,8 +68,10 @@ def net_config(mac: bytes, *, status: int, pairs: int, mtu: int) -> bytes:
 class BackendCore:
     """One connection's protocol state applied to one device. Implements ``DeviceQueries``.
 
-    ``create_inflight`` makes the buffer GET_INFLIGHT_FD hands out (the shell's memfd). ``name`` prefixes
-    what is logged. ``errors`` lists what the frontend did wrong, newest last (bounded).
+    ``create_inflight`` makes the buffer GET_INFLIGHT_FD hands out (the shell's memfd). ``config_space``
+    offers VHOST_USER_PROTOCOL_F_CONFIG (GET_CONFIG reads the virtio-net config space): only for a
+    frontend that uses it, since QEMU's net device does not and warns when it is offered. ``name``
+    prefixes what is logged. ``errors`` lists what the frontend did wrong, newest last (bounded).
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class BackendCore:
         create_inflight: InflightFactory,
         max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
         mac: bytes = DEFAULT_MAC,
+        config_space: bool = False,
         name: str = "backend",
     ) -> None:
         self.device = device
@@ -87,7 +92,7 @@ class BackendCore:
         features = device.device_features() | vf.bit(vf.VHOST_USER_F_PROTOCOL_FEATURES)
         self.conn = BackendConnection(
             device=self, features=features, queue_pairs=device.pairs, max_queue_size=max_queue_size,
-            inflight_shmfd=True,
+            inflight_shmfd=True, config_space=config_space,
         )  # fmt: skip
         self.memory: GuestMemory | None = None  # the table the shell mapped last
         self.inflight: InflightStorage | None = None
@@ -181,7 +186,8 @@ class BackendCore:
         return self._config[offset : offset + size]
 
     def get_status(self, *, driver_status: int) -> int:
-        return driver_status
+        # The driver's bits, and the one the device sets itself: a broken ring needs a reset.
+        return driver_status | (DEVICE_NEEDS_RESET if self.device.needs_reset else 0)
 
     def get_inflight_fd(self, *, num_queues: int, queue_size: int) -> InflightBuffer | None:
         """A fresh zeroed buffer; a repeated request replaces (and frees) the previous one."""
@@ -228,6 +234,8 @@ class BackendCore:
                 return self._sync_rings(event, [event.index])
             case ev.InflightFdSet():
                 return self._adopt_inflight(event)
+            case ev.StatusSet() if event.status == 0:
+                self.device.driver_reset()  # virtio 1.2 §2.4: writing 0 resets the device
             case ev.LogBaseSet() | ev.LogFdSet() | ev.BackendReqFdSet():
                 self.note(f"{type(event).__name__} ignored: not offered")
                 return [CloseFds(cause=event, fds=(event.fd,))]  # features we never offer; the fd is ours
@@ -267,11 +275,15 @@ class BackendCore:
     def _sync(self, index: int) -> Action:
         ring = self.conn.rings[index]
         mem = self.memory
+        self.device.set_enabled(index, ring.enabled)
         if self._started[index] and not self._running[index] and mem is not None:
             queue, resubmit = self._queue(ring, mem)
             self.device.start_queue(index, queue, resubmit=resubmit)
             self._running[index] = True
-        if self._running[index] and ring.enabled and mem is not None:
+        # vhost-user "Ring states": a started ring is processed even while disabled. A disabled TX ring
+        # still has its chains taken (and discarded, by the device), so its pump runs; a disabled RX
+        # ring supplies nothing, so its pump sleeps until SET_VRING_ENABLE 1.
+        if self._running[index] and mem is not None and (ring.enabled or index % 2 == 1):
             return StartPump(index=index)
         return StopPump(index=index)
 

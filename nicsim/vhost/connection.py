@@ -112,8 +112,10 @@ class BackendConnection:
     """The vhost-user backend protocol for one socket connection (a reconnect gets a new object).
 
     ``features`` / ``protocol_features``: what GET_FEATURES / GET_PROTOCOL_FEATURES offer;
-    ``inflight_shmfd`` adds VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD. ``queue_pairs``: GET_QUEUE_NUM's
-    answer (virtio-net counts queue pairs); rings are numbered ``0 .. 2 * queue_pairs - 1``.
+    ``inflight_shmfd`` adds VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, ``config_space``
+    VHOST_USER_PROTOCOL_F_CONFIG (GET/SET_CONFIG; off by default, see ``features``).
+    ``queue_pairs``: GET_QUEUE_NUM's answer (virtio-net counts queue pairs); rings are numbered
+    ``0 .. 2 * queue_pairs - 1``.
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class BackendConnection:
         features: int = f.DEFAULT_VIRTIO_FEATURES,
         protocol_features: int = f.DEFAULT_PROTOCOL_FEATURES,
         inflight_shmfd: bool = False,
+        config_space: bool = False,
         queue_pairs: int = 1,
         max_queue_size: int = MAX_QUEUE_SIZE,
         max_mem_slots: int = MAX_MEM_SLOTS,
@@ -133,8 +136,10 @@ class BackendConnection:
             raise LocalProtocolError(f"max_queue_size {max_queue_size} not in 1..{MAX_QUEUE_SIZE}")
         self.device: DeviceQueries = device if device is not None else IdleDevice()
         self.offered_features = features
-        self.offered_protocol_features = protocol_features | (
-            f.bit(f.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) if inflight_shmfd else 0
+        self.offered_protocol_features = (
+            protocol_features
+            | (f.bit(f.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) if inflight_shmfd else 0)
+            | (f.bit(f.VHOST_USER_PROTOCOL_F_CONFIG) if config_space else 0)
         )
         self.queue_pairs = queue_pairs
         self.max_queue_size = max_queue_size
@@ -328,6 +333,15 @@ class BackendConnection:
         extra = payload.value & ~self.offered_features
         if extra:
             raise FrontendProtocolError(f"features not offered: {', '.join(f.feature_names(extra))}")
+        started = [r.index for r in self.rings if r.phase is RingPhase.STARTED]
+        if started and payload.value != self.acked_features:
+            # A started ring reads its layout, header size and notification scheme from the
+            # features; they cannot change under it. The same bits again are no change: QEMU sends
+            # SET_FEATURES once per queue pair (one vhost_dev each) while the first pair runs.
+            changed = f.feature_names(payload.value ^ (self.acked_features or 0))
+            raise FrontendProtocolError(
+                f"features cannot change while vring {started[0]} is started ({', '.join(changed)})"
+            )
         self.acked_features = payload.value
         out: list[ev.Event] = [ev.FeaturesSet(features=payload.value)]
         if not f.has(payload.value, f.VHOST_USER_F_PROTOCOL_FEATURES):

@@ -78,7 +78,9 @@ _allow((R.SET_BACKEND_REQ_FD,), _OPEN)
 # SET_OWNER marks the session start (spec); a second one is refused (kernel vhost: EBUSY).
 _allow((R.SET_OWNER,), (S.CONNECTED,), S.OWNED)
 _allow((R.SET_FEATURES,), (S.OWNED,), S.NEGOTIATED)
-_allow((R.SET_FEATURES,), _NEGOTIATED)  # re-sent on every device start and to toggle LOG_ALL
+# Re-sent on every device start, once per queue pair with multiqueue, and to toggle LOG_ALL. While
+# a ring is started only the same bits are legal (the handler checks: it depends on ring phases).
+_allow((R.SET_FEATURES,), _NEGOTIATED)
 # RESET_OWNER is deprecated; the spec recommends only disabling rings, keeping the session.
 _allow((R.RESET_OWNER,), _OWNED)
 _allow((R.SET_VRING_CALL, R.SET_VRING_ERR, R.SET_VRING_ENABLE, R.GET_VRING_BASE), _OWNED)

@@ -42,12 +42,17 @@ from nicsim.virtio.queues import DROP_REASONS, DeviceStateError, QueueResult, Qu
 from nicsim.virtio.rx import RxPath
 from nicsim.virtio.stats import DeviceStats
 from nicsim.virtio.tx import TxPath
+from rings.errors import GuestError
 from rings.memory import GuestMemory
 from rings.pool import PacketPool
 from rings.split import SplitQueue
 
 # Defined with the data paths (which may not import this module); callers know them from here.
-__all__ = ["DROP_REASONS", "DeviceStateError", "QueueResult", "RingProbe", "VirtioNetDevice"]
+__all__ = [
+    "DEVICE_NEEDS_RESET", "DROP_REASONS", "DeviceStateError", "QueueResult", "RingProbe", "VirtioNetDevice",
+]  # fmt: skip
+
+DEVICE_NEEDS_RESET = 0x40  # device status bit (virtio 1.2 §2.1): an error only a device reset clears
 
 
 class VirtioNetDevice:
@@ -122,6 +127,8 @@ class VirtioNetDevice:
         if extra:
             raise DeviceStateError(f"features 0x{extra:x} were never offered")
         if any(s is not None for s in self._qs.states):
+            if bits == self._qs.features:
+                return  # the same bits again (QEMU: once per queue pair): nothing changes
             raise DeviceStateError("features changed while queues run")
         # The port configures its offloads (a tap: TUNSETOFFLOAD, TUNSETVNETHDRSZ) before anything
         # flows; if it cannot, it raises and the features are refused.
@@ -180,6 +187,45 @@ class VirtioNetDevice:
             self._rx.drop_backlog(index // 2)
         self._qs.states[index] = None
         return st.q.last_avail_idx
+
+    def set_enabled(self, index: int, enabled: bool) -> None:
+        """Enable or disable a ring (vhost-user SET_VRING_ENABLE), independently of started/stopped.
+
+        vhost-user spec, "Ring states": a started ring that is disabled is still processed, without
+        side effects: for a network device the backend "must not supply any new RX packets, but must
+        process and discard any TX packets". So ``process_tx`` takes its chains and returns them unread
+        (len 0, counted as ``ring_disabled``); its RX queue fills no buffer and a frame pushed for it
+        is dropped as ``ring_disabled`` (frames already waiting in the backlog keep waiting: they are
+        delivered once the ring is enabled, or dropped as ``queue_stopped`` when it stops). A stopped
+        ring is not processed at all, enabled or not."""
+        self._qs.check_index(index)
+        self._qs.enabled[index] = enabled
+
+    def enabled(self, index: int) -> bool:
+        return self._qs.enabled[index]
+
+    # -- errors -------------------------------------------------------------------------------------
+
+    @property
+    def needs_reset(self) -> bool:
+        """A ring broke (the guest corrupted it): report DEVICE_NEEDS_RESET (virtio 1.2 §2.1.2) until
+        the driver resets the device (:meth:`driver_reset`)."""
+        return self._qs.needs_reset
+
+    def ring_failed(self, index: int, err: GuestError) -> None:
+        """The caller caught ``err`` from a call on ring ``index`` that returns no ``QueueResult``
+        (kick suppression, re-arm): mark the queue broken as ``process_tx`` / ``poll_rx`` do (counted
+        once as ``ring_error``) and set DEVICE_NEEDS_RESET. Idempotent."""
+        qs = self._qs
+        st = qs.states[index] if 0 <= index < qs.num_queues else None
+        if st is not None and st.broken is None:
+            qs.broke(index, st, err)
+        qs.needs_reset = True
+
+    def driver_reset(self) -> None:
+        """The driver reset the device (device status written 0, virtio 1.2 §2.4): DEVICE_NEEDS_RESET
+        clears. Queues are stopped one by one by their owner (vhost-user: GET_VRING_BASE)."""
+        self._qs.needs_reset = False
 
     def queue(self, index: int) -> SplitQueue | None:
         st = self._qs.states[index]

@@ -50,6 +50,7 @@ DROP_REASONS = (
     "queue_stopped",  # RX frames still queued when their queue stopped
     "port_error",     # the port raised while handling a TX batch
     "ring_error",     # the guest corrupted a ring (e.g. avail.idx); the queue is marked broken
+    "ring_disabled",  # TX chains discarded, RX frames refused: the ring is started but disabled
 )
 
 
@@ -117,11 +118,16 @@ class QueueSet:
         self.stats = stats
         self.policy = policy
         self.states: list[QueueState | None] = [None] * num_queues
+        # vhost-user SET_VRING_ENABLE, tracked apart from started/stopped (spec "Ring states"); a
+        # device nobody disables (no vhost-user, or no protocol features) has every ring enabled.
+        self.enabled: list[bool] = [True] * num_queues
         self.mem: GuestMemory | None = None
         self.inflight: InflightHooks | None = None  # set by the server with INFLIGHT_SHMFD
         self.on_wakeup: Callable[[int], None] | None = None
         self.in_call = False  # a port runs inside process_tx: no wakeups (the server asks afterwards)
         self.closed = False
+        # DEVICE_NEEDS_RESET (virtio 1.2 §2.1.2): a ring broke; latched until the driver resets the device.
+        self.needs_reset = False
         self.set_features(0)
 
     def set_features(self, bits: int) -> None:
@@ -216,11 +222,26 @@ class QueueSet:
         return True
 
     def broke(self, index: int, st: QueueState, err: GuestError) -> QueueResult:
-        """The guest corrupted the ring: the queue stays stopped until the frontend resets it."""
-        st.broken = err
+        """The guest corrupted the ring: the queue stays stopped until the frontend resets it, and the
+        device needs a reset (virtio 1.2 §2.1.2: it SHOULD set DEVICE_NEEDS_RESET in that state)."""
+        st.broken = _detached(err)
+        self.needs_reset = True
         self.stats.drop(index, "ring_error")
         return QueueResult(queue=index, error=err)
 
     def wake(self, index: int) -> None:
         if self.on_wakeup is not None and not self.in_call:
             self.on_wakeup(index)
+
+
+def _detached(err: GuestError) -> GuestError:
+    """``err`` without the frames it was raised through (its cause's too): they hold views of guest
+    memory, which the broken queue, and any log record that keeps the error, would keep mapped after
+    the memory table is replaced or the session closes."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    return err

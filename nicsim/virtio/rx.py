@@ -10,7 +10,8 @@ the chains' writable segments with one vectorised copy per memory region; the co
 the used ring and the chains no frame used are given back. A header-passing port (the tap) hands
 frames that already carry the kernel's virtio-net header; staging keeps it (offloads negotiated) or
 zeroes it, and always fills num_buffers. Pool exhaustion is backpressure: frames wait in the backlog,
-which drops (``no_rx_buffer``) only when full.
+which drops (``no_rx_buffer``) only when full. A started ring that is disabled fills no buffer and
+drops the frames pushed for it (``ring_disabled``).
 """
 
 from __future__ import annotations
@@ -340,6 +341,9 @@ class RxPath:
     def push(self, frame: Buffer, *, pair: int = 0) -> bool:
         arr = frame if isinstance(frame, np.ndarray) else np.frombuffer(bytes(frame), dtype=np.uint8)
         rxq = 2 * pair
+        if self._disabled(rxq):
+            self._stats.drop(rxq, "ring_disabled")
+            return False
         if arr.shape[0] > MAX_FRAME + (self._qs.hdr_len if self._port.vnet_hdr else 0):
             self._stats.drop(rxq, "too_big")
             return False
@@ -363,7 +367,7 @@ class RxPath:
         rxq = 2 * pair
         st = self._qs.states[rxq]
         mem = self._qs.mem
-        if st is None or mem is None or st.broken is not None or count <= 0:
+        if st is None or mem is None or st.broken is not None or count <= 0 or not self._qs.enabled[rxq]:
             return 0
         if len(self.backlog[pair]):
             self._flush_backlog(rxq, st, mem)
@@ -374,7 +378,7 @@ class RxPath:
     def rx_space(self, pair: int = 0) -> int:
         st = self._qs.states[2 * pair]
         mem = self._qs.mem
-        if st is None or mem is None or st.broken is not None:
+        if st is None or mem is None or st.broken is not None or not self._qs.enabled[2 * pair]:
             return 0
         try:
             return st.q.avail_pending(mem)
@@ -383,6 +387,12 @@ class RxPath:
 
     def wake(self, pair: int = 0) -> None:
         self._qs.wake(2 * pair)
+
+    def _disabled(self, rxq: int) -> bool:
+        """Started but disabled (vhost-user "Ring states"): the backend "must not supply any new RX
+        packets". A frame for such a ring is dropped rather than queued: the ring may stay disabled
+        for good (a queue pair the guest does not use), and a full backlog would blame no_rx_buffer."""
+        return not self._qs.enabled[rxq] and self._qs.states[rxq] is not None
 
     def drop_backlog(self, pair: int) -> None:
         """The pair's receive queue stops: frames still waiting for it are dropped (``queue_stopped``)."""
@@ -400,6 +410,8 @@ class RxPath:
         st, mem = qs.running(rxq)
         if st.broken is not None:
             return QueueResult(queue=rxq, error=st.broken)
+        if not qs.enabled[rxq]:
+            return QueueResult(queue=rxq)  # started but disabled: no buffer is filled, nothing is lost
         stats = self._stats
         before = int(stats.packets[rxq])
         drops = stats.drops_total(rxq)

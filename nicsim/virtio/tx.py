@@ -5,7 +5,8 @@ This module owns :class:`TxPath`, everything ``VirtioNetDevice.process_tx`` does
 ``policy.tx_batch`` chains (resubmitted heads from inflight recovery first), walk them, track each in a
 pool descriptor, count bad, header-short and runt chains as drops and return them at once (len 0), and
 hand the good frames to the port; chains come back when the port is done, at once or later for an
-asynchronous port, or when the queue stops. It also owns :class:`TxBatch`, the view the port gets of
+asynchronous port, or when the queue stops. A started ring that is disabled has its chains taken and
+returned unread instead (vhost-user "Ring states"). It also owns :class:`TxBatch`, the view the port gets of
 one batch with the virtio-net header already skipped: lengths as one numpy array (a counting port never
 reads a byte), a per-frame view when the frame sits in one segment (zero copy), a vectorised gather of
 the whole batch, and the header-and-frame segment views a header-passing port writes out with one
@@ -141,6 +142,8 @@ class TxPath:
         st, mem = qs.running(index)
         if st.broken is not None:
             return QueueResult(queue=index, error=st.broken)
+        if not qs.enabled[index]:
+            return self._discard(index, st, mem)
         q = st.q
         try:
             pending = q.avail_pending(mem) + st.resubmit.shape[0]
@@ -186,6 +189,25 @@ class TxPath:
             return qs.broke(index, st, err)
         irq = qs.decide_interrupt(index, st, mem, idle=not more)
         return QueueResult(queue=index, processed=k, dropped=dropped, interrupt=irq, more=more)
+
+    def _discard(self, index: int, st: QueueState, mem: GuestMemory) -> QueueResult:
+        """A started ring that is disabled: take up to ``tx_batch`` chains and return them unread (len 0),
+        counted as ``ring_disabled`` (vhost-user spec, "Ring states": process and discard TX; the guest
+        gets its buffers back). No pool descriptor tracks them: they are on the used ring again before
+        this call returns, so nothing is in flight; nor are they walked, since nothing reads them."""
+        qs = self._qs
+        q = st.q
+        try:
+            k = min(q.avail_pending(mem) + st.resubmit.shape[0], qs.policy.tx_batch)
+            if k:
+                heads = self._pop(index, st, mem, k)
+                qs.mark_used(index, q, mem, heads, np.zeros(k, np.uint32))
+                self._stats.drop(index, "ring_disabled", k)
+            more = q.avail_pending(mem) + st.resubmit.shape[0] > 0
+        except GuestError as err:
+            return qs.broke(index, st, err)
+        irq = qs.decide_interrupt(index, st, mem, idle=not more)
+        return QueueResult(queue=index, processed=k, dropped=k, interrupt=irq, more=more)
 
     def _sort_out(
         self, index: int, cb: ChainBatch, hdr: int
