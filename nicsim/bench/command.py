@@ -4,7 +4,8 @@
 line and exit 2), checks what both modes need (the mode's programs, cores for ``--qemu-cpu`` and
 ``--backend-cpu``, matplotlib for ``--plot``), lets the mode get ready and state how long it will take,
 runs the plan in one working directory (``--log-dir``, kept, or a temporary one, removed) with live
-progress on stderr, and prints the table, the JSON and the plot. What differs lives in the two
+progress on stderr, and prints the table, the JSON and the plot. The exit status is 0, or 1 when a
+cell failed or none was measured (the failed cells are named on stderr). What differs lives in the two
 ``Mode`` classes: ``VmMode`` (a guest per run: the image, the accelerator, backends it must skip)
 and ``BackendOnlyMode`` (DPDK's virtio-user as the frontend, no VM). The options themselves are
 defined in :mod:`nicsim.cli.bench`.
@@ -39,7 +40,7 @@ from .backend_only import (
 )
 from .matrix import BOOT_OVERHEAD, Cell, Direction, Plan, build_plan
 from .progress import Progress, clock
-from .report import MATPLOTLIB_HINT, emit, render_table, to_json
+from .report import MATPLOTLIB_HINT, emit, failed_cells, render_table, to_json
 from .runner import CellResult, run_directory
 from .sysinfo import machine, versions
 from .vm import VmRunner, skip_runs
@@ -235,7 +236,8 @@ def machine_problem(args: argparse.Namespace, mode: Mode) -> str | None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """``nicsim bench`` with parsed ``args``: 0 if any run worked, 1 if none did, 2 for a usage error."""
+    """``nicsim bench`` with parsed ``args``: 0 when every cell that ran was measured, 1 when a cell
+    failed or none was measured, 2 for a usage error (one line)."""
     mode: Mode = BackendOnlyMode(args) if args.backend_only else VmMode(args)
     try:
         plan = mode.plan()
@@ -258,4 +260,8 @@ async def _run(args: argparse.Namespace, mode: Mode, plan: Plan) -> int:
         finally:
             progress.finish()
     table, document = mode.report(plan, results)
-    return emit(results, table, json_arg=args.json, plot_path=args.plot, document=document)
+    status = emit(results, table, json_arg=args.json, plot_path=args.plot, document=document)
+    failed = [r.cell.label() for r in failed_cells(results)]
+    if failed:
+        _err(f"{len(failed)} cell(s) failed: {', '.join(failed)}")
+    return status

@@ -5,7 +5,8 @@ with DPDK's virtio-user as the frontend): their names, defaults, help and syntax
 invocation does with them — the plan, the checks that say what to install, the image, the runs with
 live progress on stderr, the table (stdout), the JSON (``--json``) and the plot (``--plot``) — is
 :mod:`nicsim.bench.command`, imported only when the command runs. A failed run is reported as failed
-with its reason; the run goes on.
+with its reason and the run goes on; the exit status is 1 when any cell failed, so the benchmark can
+gate a regression suite.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ examples:
   nicsim bench --backends qemu-tap,dpdk      the peers only, full matrix
   nicsim bench --peers --json out.json --plot out.png
   nicsim bench --backend-only                no VM: nicsim vs DPDK vhost under DPDK's virtio-user
+
+Exit status: 0 when every cell that ran was measured; 1 when a cell failed (every run failed, or the
+guest's count and the backend's own disagreed) or none was measured; 2 for a usage error.
 
 Frame sizes include the 4-byte FCS (64 B = 60 bytes handed to the NIC). QEMU runs pinned to
 --qemu-cpu and the backend to --backend-cpu. Peers: qemu-tap needs /dev/net/tun (a TAP inside a
