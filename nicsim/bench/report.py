@@ -202,11 +202,12 @@ def emit(
     json_arg: str | None,
     plot_path: str | Path | None,
     document: Callable[[], dict[str, Any]],
+    table_to_stderr: bool = False,
 ) -> int:
-    """Print ``table`` (to stderr when the JSON goes to stdout, ``json_arg == "-"``), write the JSON
-    ``document()`` and the plot as asked, and return :func:`exit_status`."""
+    """Print ``table`` (to stderr when JSON goes to stdout: ``json_arg == "-"`` or ``table_to_stderr``),
+    write the JSON ``document()`` and the plot as asked, and return :func:`exit_status`."""
     json_to_stdout = json_arg == "-"
-    print(table, file=sys.stderr if json_to_stdout else sys.stdout)
+    print(table, file=sys.stderr if json_to_stdout or table_to_stderr else sys.stdout)
     if json_arg is not None:
         text = json.dumps(document(), indent=2)
         if json_to_stdout:

@@ -3,10 +3,10 @@
 This module owns the command line's options, for both modes (a guest per run, or ``--backend-only``
 with DPDK's virtio-user as the frontend): their names, defaults, help and syntax checks. What an
 invocation does with them — the plan, the checks that say what to install, the image, the runs with
-live progress on stderr, the table (stdout), the JSON (``--json``) and the plot (``--plot``) — is
-:mod:`nicsim.bench.command`, imported only when the command runs. A failed run is reported as failed
-with its reason and the run goes on; the exit status is 1 when any cell failed, so the benchmark can
-gate a regression suite.
+live progress on stderr, the table (stdout), the JSON (``--json``, or one line per finished cell
+with ``--json-stream``) and the plot (``--plot``) — is :mod:`nicsim.bench.command`, imported only
+when the command runs. A failed run is reported as failed with its reason and the run goes on; the
+exit status is 1 when any cell failed, so the benchmark can gate a regression suite.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ examples:
   nicsim bench --backends qemu-tap,dpdk      the peers only, full matrix
   nicsim bench --peers --json out.json --plot out.png
   nicsim bench --backend-only                no VM: nicsim vs DPDK vhost under DPDK's virtio-user
+  nicsim bench --json-stream run.jsonl       one JSON line per cell as it finishes (tail -f it)
 
 Exit status: 0 when every cell that ran was measured; 1 when a cell failed (every run failed, or the
 guest's count and the backend's own disagreed) or none was measured; 2 for a usage error.
@@ -91,6 +92,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         const="-",
         metavar="FILE",
         help="write every sample, versions and the machine as JSON to FILE (or stdout)",
+    )
+    p.add_argument(
+        "--json-stream",
+        metavar="FILE",
+        help="write one JSON line per finished cell to FILE (or '-', stdout) as it finishes, iperf3-style "
+        "{\"event\": \"start\"|\"cell\"|\"end\", \"data\": ...}; a cell's data is its --json entry",
     )
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="throughput against frame size (matplotlib)")
     p.add_argument(
