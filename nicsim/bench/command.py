@@ -1,13 +1,15 @@
 """One ``nicsim bench`` invocation, either mode: from parsed options to the table, JSON and exit code.
 
 ``run_bench`` is the one path both modes take. It asks the mode for its plan (a usage error is one
-line and exit 2), checks the options that go together, checks what both modes need (the mode's
-programs, cores for ``--qemu-cpu`` and ``--backend-cpu``, matplotlib for ``--plot``), lets the mode
-get ready and state how long it will take, runs the plan in one working directory (``--log-dir``,
-kept, or a temporary one, removed) with live progress on stderr and each finished cell on the
-``--json-stream``, and prints the table, the JSON and the plot. The exit status is 0, or 1 when a
-cell failed or none was measured (the failed cells are named on stderr). What differs lives in the
-two ``Mode`` classes: ``VmMode`` (a guest per run: the image, the accelerator, backends it must skip) and
+line and exit 2), checks the options that go together, reads the ``--baseline`` (refused in one
+line, exit 2, when it is not a ``--json`` document of the same mode), checks what both modes need
+(the mode's programs, cores for ``--qemu-cpu`` and ``--backend-cpu``, matplotlib for ``--plot``),
+lets the mode get ready and state how long it will take, runs the plan in one working directory
+(``--log-dir``, kept, or a temporary one, removed) with live progress on stderr and each finished
+cell on the ``--json-stream``, and prints the table, the comparison with the baseline, the JSON and
+the plot. The exit status is 0, or 1 when a cell failed, none was measured, or a cell regressed by
+more than ``--max-regress`` (each named on stderr). What differs lives in the two ``Mode``
+classes: ``VmMode`` (a guest per run: the image, the accelerator, backends it must skip) and
 ``BackendOnlyMode`` (DPDK's virtio-user as the frontend, no VM). The options themselves are defined
 in :mod:`nicsim.cli.bench`.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import abc
 import argparse
 import asyncio
+import functools
 import importlib.util
 import os
 import shutil
@@ -38,6 +41,15 @@ from .backend_only import (
     RUN_OVERHEAD,
     BackendOnlyRunner,
     unavailable,
+)
+from .baseline import (
+    Baseline,
+    BaselineError,
+    compare,
+    comparison_json,
+    load_baseline,
+    regression_lines,
+    render_comparison,
 )
 from .matrix import BOOT_OVERHEAD, Cell, Direction, Plan, build_plan
 from .progress import Progress, clock
@@ -250,21 +262,30 @@ def machine_problem(args: argparse.Namespace, mode: Mode) -> str | None:
 
 def option_problem(args: argparse.Namespace) -> str | None:
     """Options that do not go together, or ``None``."""
+    if args.max_regress is not None and args.baseline is None:
+        return "--max-regress needs --baseline FILE (an earlier 'nicsim bench --json' document)"
     if args.json == "-" and args.json_stream == "-":
         return "--json and --json-stream cannot both write to stdout ('-'): give one of them a file"
     return None
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """``nicsim bench`` with parsed ``args``: 0 when every cell that ran was measured, 1 when a cell
-    failed or none was measured, 2 for a usage error (one line)."""
+    """``nicsim bench`` with parsed ``args``: 0 when every cell that ran was measured (none regressed),
+    1 when a cell failed or regressed or none was measured, 2 for a usage error (one line)."""
     mode: Mode = BackendOnlyMode(args) if args.backend_only else VmMode(args)
     try:
         plan = mode.plan()
     except ValueError as err:
         _err(str(err))
         return 2
-    problem = option_problem(args) or mode.missing() or machine_problem(args, mode)
+    problem = option_problem(args)
+    baseline = None
+    if problem is None and args.baseline is not None:
+        try:
+            baseline = load_baseline(args.baseline, mode=mode.name)
+        except BaselineError as err:
+            problem = str(err)
+    problem = problem or mode.missing() or machine_problem(args, mode)
     if problem is not None:
         _err(problem)
         return 2
@@ -276,13 +297,15 @@ def run_bench(args: argparse.Namespace) -> int:
             _err(f"--json-stream {args.json_stream}: cannot write it ({err.strerror or err})")
             return 2
     try:
-        return asyncio.run(_run(args, mode, plan, stream))
+        return asyncio.run(_run(args, mode, plan, baseline, stream))
     finally:
         if stream is not None:
             stream.close()
 
 
-async def _run(args: argparse.Namespace, mode: Mode, plan: Plan, stream: JsonStream | None) -> int:
+async def _run(
+    args: argparse.Namespace, mode: Mode, plan: Plan, baseline: Baseline | None, stream: JsonStream | None
+) -> int:
     runs, estimate = await mode.prepare(plan)
     if stream is not None:
         stream.start(plan, mode=mode.name)
@@ -294,11 +317,24 @@ async def _run(args: argparse.Namespace, mode: Mode, plan: Plan, stream: JsonStr
         finally:
             progress.finish()
     table, document = mode.report(plan, results)
+    document = functools.cache(document)  # the comparison reads its config; --json writes it
+    comparison = None
+    if baseline is not None:
+        current = document()
+        comparison = compare(baseline, results, max_regress=args.max_regress, config=current["config"],
+                             machine=current["machine"])  # fmt: skip
+        table = f"{table}\n\n{render_comparison(comparison)}"
+        document = functools.cache(lambda: {**current, "comparison": comparison_json(comparison)})
     status = emit(results, table, json_arg=args.json, plot_path=args.plot, document=document,
                   table_to_stderr=args.json_stream == "-")  # fmt: skip
     failed = [r.cell.label() for r in failed_cells(results)]
     if failed:
         _err(f"{len(failed)} cell(s) failed: {', '.join(failed)}")
+    regressed = [] if comparison is None else [r.label() for r in comparison.regressions]
+    for line in [] if comparison is None else regression_lines(comparison):
+        _err(line)
+    if regressed:
+        status = 1
     if stream is not None:
-        stream.end(status=status, failed=failed, regressed=[])
+        stream.end(status=status, failed=failed, regressed=regressed)
     return status
