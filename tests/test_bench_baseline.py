@@ -73,7 +73,7 @@ def test_each_cell_is_compared_on_its_median_and_regressions_are_flagged_beyond_
         (("qemu-tap", "rx", 64), "not in the baseline"),
         (("dpdk", "tx", 64), "not in this run"),
     ]  # dpdk tcp-tx, n/a on both sides, is not mentioned at all
-    assert regression_lines(c) == ["regression: nicsim tx 64 B: median 1M -> 940k pps (-6.0%, limit -5%)"]
+    assert regression_lines(c) == ["regression: nicsim tx 64 B: median 1M -> 940k pps (-6.00%, limit -5%)"]
 
 
 def test_a_cell_failed_in_this_run_is_not_compared_and_the_limit_is_strict() -> None:
@@ -99,8 +99,8 @@ def test_the_table_shows_baseline_now_and_change_and_says_what_was_not_compared(
     lines = render_comparison(c).splitlines()
     assert lines[0] == "compared with base.json (median pps; Gbit/s for TCP), limit -5%:"
     assert lines[1].split() == ["backend", "dir", "size", "unit", "baseline", "now", "change"]
-    assert lines[3].split() == ["nicsim", "tx", "64", "pps", "1M", "940k", "-6.0%", "REGRESSED"]
-    assert lines[4].split() == ["nicsim", "tcp-tx", "-", "Gbit/s", "2.000", "2.500", "+25.0%"]
+    assert lines[3].split() == ["nicsim", "tx", "64", "pps", "1M", "940k", "-6.00%", "REGRESSED"]
+    assert lines[4].split() == ["nicsim", "tcp-tx", "-", "Gbit/s", "2.000", "2.500", "+25.00%"]
     assert "not compared (measured on one side only):" in lines
     assert "  dpdk tx 64 B: not in this run" in lines
     assert lines[-1] == "the runs differ in: accel tcg -> kvm, machine cores 2 -> 4"

@@ -101,9 +101,9 @@ def test_a_regression_beyond_the_limit_exits_1_naming_the_cell_in_every_output(
     out, err = capsys.readouterr()
     assert f"compared with {base} (median pps; Gbit/s for TCP), limit -10%:" in out
     regressed = next(line for line in out.splitlines() if "REGRESSED" in line)
-    assert regressed.split()[:3] == ["nicsim", "tx", "64"] and "-20.0%" in regressed
+    assert regressed.split()[:3] == ["nicsim", "tx", "64"] and "-20.00%" in regressed
     named = [line for line in err.splitlines() if "regression:" in line]
-    assert named == ["nicsim bench: regression: nicsim tx 64 B: median 100k -> 80k pps (-20.0%, limit -10%)"]
+    assert named == ["nicsim bench: regression: nicsim tx 64 B: median 100k -> 80k pps (-20.00%, limit -10%)"]
     events = [json.loads(line) for line in stream.read_text().splitlines()]
     assert [e["event"] for e in events] == ["start", "cell", "cell", "end"]
     assert events[-1]["data"] == {"status": 1, "failed": [], "regressed": ["nicsim tx 64 B"]}

@@ -180,7 +180,7 @@ def _figure(value: float, unit: str) -> str:
 
 
 def _change(value: float | None) -> str:
-    return "-" if value is None else f"{value:+.1f}%"
+    return "-" if value is None else f"{value:+.2f}%"
 
 
 def render_comparison(c: Comparison) -> str:
