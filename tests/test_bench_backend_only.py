@@ -215,5 +215,10 @@ def test_real_run_nicsim_sink_under_virtio_user_reports_positive_mpps(tmp_path: 
     assert sample["backend"]["receiver"] == "nicsim" and len(sample["backend"]["intervals_pps"]) == 2
     # What the frontend sent covers what nicsim counted in the window.
     assert sample["backend"]["frontend"]["TX-packets"] >= sample["packets"]
+    # ... and, over the whole run, agrees with nicsim's own count within a ring.
+    counts = sample["counts"]
+    assert counts["ok"] and counts["guest"] == sample["backend"]["frontend"]["TX-packets"]
+    assert abs(counts["guest"] - counts["backend"]) <= counts["tolerance"] == 256
+    assert "VIRTIO_F_VERSION_1" in sample["features"]["names"]  # from virtio-user's init log
     assert sample["cpu_backend_pct"] > 0 and sample["cpu_qemu_pct"] > 0
     assert sample["pool_high_water"] > 0

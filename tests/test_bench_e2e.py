@@ -1,8 +1,10 @@
 """A real, tiny ``nicsim bench``: the qemu-tap peer, one cell, one run, a 2 s window, a real guest.
 
 It goes through the command line as a user would and checks the JSON document: a positive packet
-rate counted by the guest, QEMU's CPU share, the versions and machine, and that the network
-namespace the run created is gone afterwards.
+rate counted by the guest, checked against the TAP's own counters, the negotiated features, QEMU's
+CPU share, the versions and machine, and that the network namespace the run created is gone
+afterwards; and the gate's outputs: the cell streamed as one line as it finished, and the comparison
+with a baseline (one the run beats, and one cell the run does not have).
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ def bench_namespaces() -> set[str]:
 
 def test_tiny_qemu_tap_bench_reports_a_positive_packet_rate(guest_image: Any, tmp_path: Path) -> None:
     before = bench_namespaces()
-    out = tmp_path / "bench.json"
+    out, stream, base = tmp_path / "bench.json", tmp_path / "bench.jsonl", tmp_path / "base.json"
+    cells = [{"backend": "qemu-tap", "direction": d, "size": 64, "status": "ok",
+              "summary": {"pps": {"min": 1.0, "median": 1.0, "max": 1.0, "n": 1}}} for d in ("tx", "rx")]
+    base.write_text(json.dumps({"format": "nicsim-bench/1", "config": {"mode": "vm"}, "cells": cells}))
     done = subprocess.run(
         [sys.executable, "-m", "nicsim", "bench", "--backends", "qemu-tap", "--directions", "tx",
          "--sizes", "64", "--repetitions", "1", "--duration", "2", "--accel", "tcg",
-         "--kernel", str(guest_image.kernel), "--initrd", str(guest_image.initrd), "--json", str(out)],
+         "--kernel", str(guest_image.kernel), "--initrd", str(guest_image.initrd), "--json", str(out),
+         "--json-stream", str(stream), "--baseline", str(base), "--max-regress", "5"],
         capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -43,7 +49,15 @@ def test_tiny_qemu_tap_bench_reports_a_positive_packet_rate(guest_image: Any, tm
     (sample,) = cell["samples"]
     assert sample["ok"] and sample["pps"] > 0 and sample["packets"] > 0
     assert sample["guest"]["workload"] == "pktgen-tx" and sample["guest"]["size"] == 60
+    assert sample["counts"]["ok"] and sample["counts"]["rule"] == "within"  # pktgen: the whole run
+    assert sample["counts"]["backend_source"] == "tap0 counters in the namespace"
+    assert abs(sample["counts"]["guest"] - sample["counts"]["backend"]) <= 256
+    assert "VIRTIO_F_VERSION_1" in sample["features"]["names"]
     assert sample["cpu_qemu_pct"] > 0
     assert doc["versions"]["qemu"].startswith("QEMU emulator version")
     assert doc["machine"]["cores"] >= 1
     assert bench_namespaces() == before
+    events = [json.loads(line) for line in stream.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start", "cell", "end"] and events[1]["data"] == cell
+    assert "compared with" in done.stdout and "  qemu-tap rx 64 B: not in this run" in done.stdout
+    assert doc["comparison"]["cells"][0]["regressed"] is False

@@ -5,9 +5,11 @@ Modules: ``matrix`` (cells, repetitions, min/median/max; pure), ``procstat`` (CP
 (nicsim), ``tap`` (QEMU's tap in a namespace, with ``blaster`` as its UDP sender), ``testpmd``
 (DPDK) —, the two modes ``vm`` (one guest per run, the measured window) and ``backend_only``
 (DPDK's virtio-user as the frontend, no VM), ``runner`` (what both modes share: samples, the loop
-over the plan, the working directory), ``command`` (one invocation of either mode, from options
-to exit code), ``report`` (table, JSON, plot), ``progress`` (stderr) and ``sysinfo`` (versions and
-machine). The options are defined in ``nicsim.cli.bench``.
+over the plan, the working directory), ``counts`` (the guest's count against the backend's own,
+the negotiated features), ``command`` (one invocation of either mode, from options to exit code),
+``report`` (table, JSON, plot), ``stream`` (``--json-stream``), ``baseline`` (``--baseline`` and
+``--max-regress``), ``progress`` (stderr) and ``sysinfo`` (versions and machine). The options are
+defined in ``nicsim.cli.bench``.
 """
 
 from .backend import Backend, BenchError, BenchRun, RunContext

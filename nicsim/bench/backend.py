@@ -5,8 +5,10 @@ meaning for a given cell (``unsupported``: the row is shown as "n/a" with the re
 ``BenchRun`` for one run of one cell (``open_run``): the handle gives the guest's NIC (and the
 network namespace QEMU must run in, if any), the pid of the process that does the backend's work
 (for CPU accounting), a hook called once the guest is up, and what the backend reported when it
-ended (the nicsim pool's high-water mark). ``ChildProcess`` starts helpers with their output in a
-log file and ends them by pid only: a signal, a grace period, then SIGKILL.
+ended: the nicsim pool's high-water mark, and its own count of the traffic (``carried``, which
+the run checks the guest's count against: :mod:`nicsim.bench.counts`). ``ChildProcess`` starts
+helpers with their output in a log file and ends them by pid only: a signal, a grace period, then
+SIGKILL.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, ClassVar
 from nicsim.errors import LocalError
 from qemu.testvm import DEFAULT_MAC, Nic
 
+from .counts import Carried
 from .matrix import Cell
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -72,6 +75,7 @@ class BenchRun:
     pid: int | None = None
     pool_high_water: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    carried: Carried | None = None  # set once the run has ended, from the backend's own counters
 
     async def ready(self) -> None:
         """Called once the guest printed NICSIM-READY, before the measured window opens."""

@@ -1,13 +1,17 @@
 """One ``nicsim bench`` invocation, either mode: from parsed options to the table, JSON and exit code.
 
 ``run_bench`` is the one path both modes take. It asks the mode for its plan (a usage error is one
-line and exit 2), checks what both modes need (the mode's programs, cores for ``--qemu-cpu`` and
-``--backend-cpu``, matplotlib for ``--plot``), lets the mode get ready and state how long it will take,
-runs the plan in one working directory (``--log-dir``, kept, or a temporary one, removed) with live
-progress on stderr, and prints the table, the JSON and the plot. What differs lives in the two
-``Mode`` classes: ``VmMode`` (a guest per run: the image, the accelerator, backends it must skip)
-and ``BackendOnlyMode`` (DPDK's virtio-user as the frontend, no VM). The options themselves are
-defined in :mod:`nicsim.cli.bench`.
+line and exit 2), checks the options that go together, reads the ``--baseline`` (refused in one
+line, exit 2, when it is not a ``--json`` document of the same mode), checks what both modes need
+(the mode's programs, cores for ``--qemu-cpu`` and ``--backend-cpu``, matplotlib for ``--plot``),
+lets the mode get ready and state how long it will take, runs the plan in one working directory
+(``--log-dir``, kept, or a temporary one, removed) with live progress on stderr and each finished
+cell on the ``--json-stream``, and prints the table, the comparison with the baseline, the JSON and
+the plot. The exit status is 0, or 1 when a cell failed, none was measured, or a cell regressed by
+more than ``--max-regress`` (each named on stderr). What differs lives in the two ``Mode``
+classes: ``VmMode`` (a guest per run: the image, the accelerator, backends it must skip) and
+``BackendOnlyMode`` (DPDK's virtio-user as the frontend, no VM). The options themselves are defined
+in :mod:`nicsim.cli.bench`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import abc
 import argparse
 import asyncio
+import functools
 import importlib.util
 import os
 import shutil
@@ -37,14 +42,25 @@ from .backend_only import (
     BackendOnlyRunner,
     unavailable,
 )
+from .baseline import (
+    Baseline,
+    BaselineError,
+    compare,
+    comparison_json,
+    load_baseline,
+    regression_lines,
+    render_comparison,
+)
 from .matrix import BOOT_OVERHEAD, Cell, Direction, Plan, build_plan
 from .progress import Progress, clock
-from .report import MATPLOTLIB_HINT, emit, render_table, to_json
+from .report import MATPLOTLIB_HINT, emit, failed_cells, render_table, to_json
 from .runner import CellResult, run_directory
+from .stream import JsonStream, reference_for
 from .sysinfo import machine, versions
 from .vm import VmRunner, skip_runs
 
 Document = Callable[[], dict[str, Any]]
+OnCell = Callable[[CellResult], None] | None
 
 
 def _err(message: str) -> None:
@@ -56,6 +72,8 @@ class Mode(abc.ABC):
 
     #: why ``--qemu-cpu`` and ``--backend-cpu`` must differ when pinned, or None when they may be equal
     same_core: str | None = None
+    #: the mode's name in the JSON (``config.mode``), the stream and a baseline's check
+    name: str
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -74,8 +92,10 @@ class Mode(abc.ABC):
         """Get ready and say so on stderr; returns how many runs there will be and their estimated seconds."""
 
     @abc.abstractmethod
-    async def run(self, plan: Plan, workdir: Path, on_run: Callable[[Cell, int], None]) -> list[CellResult]:
-        """Every run of ``plan``, with sockets and logs in ``workdir``."""
+    async def run(
+        self, plan: Plan, workdir: Path, on_run: Callable[[Cell, int], None], on_cell: OnCell = None
+    ) -> list[CellResult]:
+        """Every run of ``plan``, sockets and logs in ``workdir``; ``on_cell`` hears each finished cell."""
 
     @abc.abstractmethod
     def report(self, plan: Plan, results: list[CellResult]) -> tuple[str, Document]:
@@ -85,6 +105,7 @@ class Mode(abc.ABC):
 class VmMode(Mode):
     """A fresh guest per run, on nicsim and its peers."""
 
+    name = "vm"
     names: list[str]
     backends: list[Backend]
     kernel: Path
@@ -135,19 +156,21 @@ class VmMode(Mode):
              f"about {clock(estimate)} (accelerator {self.accel})")  # fmt: skip
         return runs, estimate
 
-    async def run(self, plan: Plan, workdir: Path, on_run: Callable[[Cell, int], None]) -> list[CellResult]:
+    async def run(
+        self, plan: Plan, workdir: Path, on_run: Callable[[Cell, int], None], on_cell: OnCell = None
+    ) -> list[CellResult]:
         args = self.args
         self.ctx = RunContext(workdir=workdir, duration=plan.duration,
                               qemu_cpu=args.qemu_cpu if self.pin else None,
                               backend_cpu=args.backend_cpu if self.pin else None)  # fmt: skip
         runner = VmRunner(kernel=self.kernel, initrd=self.initrd, ctx=self.ctx, accel=self.accel,
-                          qemu=args.qemu, on_run=on_run)  # fmt: skip
+                          qemu=args.qemu, on_run=on_run, on_cell=on_cell)  # fmt: skip
         return await runner.run_plan(plan, self.backends)
 
     def report(self, plan: Plan, results: list[CellResult]) -> tuple[str, Document]:
         args, ctx = self.args, self.ctx
-        config = {"backends": self.names, "quick": args.quick, "accel": self.accel, "pinned": self.pin,
-                  "qemu_cpu": ctx.qemu_cpu, "backend_cpu": ctx.backend_cpu}  # fmt: skip
+        config = {"mode": self.name, "backends": self.names, "quick": args.quick, "accel": self.accel,
+                  "pinned": self.pin, "qemu_cpu": ctx.qemu_cpu, "backend_cpu": ctx.backend_cpu}  # fmt: skip
         return render_table(results), lambda: to_json(
             results, plan=plan, machine=machine(), config=config,
             versions=versions(qemu=args.qemu, guest_kernel=self.guest_kernel),
@@ -178,6 +201,7 @@ class BackendOnlyMode(Mode):
     """No VM: DPDK's virtio-user frontend on ``--qemu-cpu`` drives the backend on ``--backend-cpu``."""
 
     same_core = "the frontend (--qemu-cpu) and the backend (--backend-cpu) should be on different cores"
+    name = "backend-only"
     ctx: RunContext
     runner: BackendOnlyRunner
 
@@ -195,17 +219,19 @@ class BackendOnlyMode(Mode):
              f"repetition(s), about {clock(estimate)}")  # fmt: skip
         return plan.runs, estimate
 
-    async def run(self, plan: Plan, workdir: Path, on_run: Callable[[Cell, int], None]) -> list[CellResult]:
+    async def run(
+        self, plan: Plan, workdir: Path, on_run: Callable[[Cell, int], None], on_cell: OnCell = None
+    ) -> list[CellResult]:
         args = self.args
         self.ctx = RunContext(workdir=workdir, duration=plan.duration, qemu_cpu=None, start_timeout=30.0,
                               backend_cpu=args.backend_cpu if self.pin else None)  # fmt: skip
         self.runner = BackendOnlyRunner(ctx=self.ctx, frontend_cpu=args.qemu_cpu if self.pin else None,
-                                        on_run=on_run)  # fmt: skip
+                                        on_run=on_run, on_cell=on_cell)  # fmt: skip
         return await self.runner.run_plan(plan)
 
     def report(self, plan: Plan, results: list[CellResult]) -> tuple[str, Document]:
         config = {
-            "mode": "backend-only",
+            "mode": self.name,
             "frontend": FRONTEND,
             "backends": sorted({c.backend for c in plan.cells}),
             "quick": self.args.quick,
@@ -234,28 +260,81 @@ def machine_problem(args: argparse.Namespace, mode: Mode) -> str | None:
     return None
 
 
+def option_problem(args: argparse.Namespace) -> str | None:
+    """Options that do not go together, or ``None``."""
+    if args.max_regress is not None and args.baseline is None:
+        return "--max-regress needs --baseline FILE (an earlier 'nicsim bench --json' document)"
+    if args.json == "-" and args.json_stream == "-":
+        return "--json and --json-stream cannot both write to stdout ('-'): give one of them a file"
+    return None
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    """``nicsim bench`` with parsed ``args``: 0 if any run worked, 1 if none did, 2 for a usage error."""
+    """``nicsim bench`` with parsed ``args``: 0 when every cell that ran was measured (none regressed),
+    1 when a cell failed or regressed or none was measured, 2 for a usage error (one line)."""
     mode: Mode = BackendOnlyMode(args) if args.backend_only else VmMode(args)
     try:
         plan = mode.plan()
     except ValueError as err:
         _err(str(err))
         return 2
-    problem = mode.missing() or machine_problem(args, mode)
+    problem = option_problem(args)
+    baseline = None
+    if problem is None and args.baseline is not None:
+        try:
+            baseline = load_baseline(args.baseline, mode=mode.name)
+        except BaselineError as err:
+            problem = str(err)
+    problem = problem or mode.missing() or machine_problem(args, mode)
     if problem is not None:
         _err(problem)
         return 2
-    return asyncio.run(_run(args, mode, plan))
+    stream = None
+    if args.json_stream is not None:
+        try:
+            stream = JsonStream.open(args.json_stream, reference=reference_for(plan))
+        except OSError as err:
+            _err(f"--json-stream {args.json_stream}: cannot write it ({err.strerror or err})")
+            return 2
+    try:
+        return asyncio.run(_run(args, mode, plan, baseline, stream))
+    finally:
+        if stream is not None:
+            stream.close()
 
 
-async def _run(args: argparse.Namespace, mode: Mode, plan: Plan) -> int:
+async def _run(
+    args: argparse.Namespace, mode: Mode, plan: Plan, baseline: Baseline | None, stream: JsonStream | None
+) -> int:
     runs, estimate = await mode.prepare(plan)
+    if stream is not None:
+        stream.start(plan, mode=mode.name)
     with run_directory(args.log_dir) as workdir:
         progress = Progress(runs, estimate=estimate, repetitions=plan.repetitions)
         try:
-            results = await mode.run(plan, workdir, progress.start_run)
+            on_cell = None if stream is None else stream.cell
+            results = await mode.run(plan, workdir, progress.start_run, on_cell)
         finally:
             progress.finish()
     table, document = mode.report(plan, results)
-    return emit(results, table, json_arg=args.json, plot_path=args.plot, document=document)
+    document = functools.cache(document)  # the comparison reads its config; --json writes it
+    comparison = None
+    if baseline is not None:
+        current = document()
+        comparison = compare(baseline, results, max_regress=args.max_regress, config=current["config"],
+                             machine=current["machine"])  # fmt: skip
+        table = f"{table}\n\n{render_comparison(comparison)}"
+        document = functools.cache(lambda: {**current, "comparison": comparison_json(comparison)})
+    status = emit(results, table, json_arg=args.json, plot_path=args.plot, document=document,
+                  table_to_stderr=args.json_stream == "-")  # fmt: skip
+    failed = [r.cell.label() for r in failed_cells(results)]
+    if failed:
+        _err(f"{len(failed)} cell(s) failed: {', '.join(failed)}")
+    regressed = [] if comparison is None else [r.label() for r in comparison.regressions]
+    for line in [] if comparison is None else regression_lines(comparison):
+        _err(line)
+    if regressed:
+        status = 1
+    if stream is not None:
+        stream.end(status=status, failed=failed, regressed=regressed)
+    return status

@@ -202,11 +202,12 @@ def emit(
     json_arg: str | None,
     plot_path: str | Path | None,
     document: Callable[[], dict[str, Any]],
+    table_to_stderr: bool = False,
 ) -> int:
-    """Print ``table`` (to stderr when the JSON goes to stdout, ``json_arg == "-"``), write the JSON
-    ``document()`` and the plot as asked, and return the command's exit status (0 if any run worked)."""
+    """Print ``table`` (to stderr when JSON goes to stdout: ``json_arg == "-"`` or ``table_to_stderr``),
+    write the JSON ``document()`` and the plot as asked, and return :func:`exit_status`."""
     json_to_stdout = json_arg == "-"
-    print(table, file=sys.stderr if json_to_stdout else sys.stdout)
+    print(table, file=sys.stderr if json_to_stdout or table_to_stderr else sys.stdout)
     if json_arg is not None:
         text = json.dumps(document(), indent=2)
         if json_to_stdout:
@@ -218,4 +219,16 @@ def emit(
         problem = plot(results, Path(plot_path))
         said = problem if problem is not None else f"plot written to {plot_path}"
         print(f"nicsim bench: {said}", file=sys.stderr)
-    return 0 if any(r.status == "ok" for r in results) else 1
+    return exit_status(results)
+
+
+def failed_cells(results: Sequence[CellResult]) -> list[CellResult]:
+    return [r for r in results if r.status == "failed"]
+
+
+def exit_status(results: Sequence[CellResult]) -> int:
+    """1 when any cell failed (every run failed, or a run's backend count check did not hold) or when
+    no cell was measured at all; 0 otherwise. Cells that are "n/a" or "skipped" are not failures."""
+    if failed_cells(results) or not any(r.status == "ok" for r in results):
+        return 1
+    return 0

@@ -3,8 +3,10 @@
 The VM mode (:mod:`nicsim.bench.vm`, a guest per run) and the backend-only mode
 (:mod:`nicsim.bench.backend_only`, DPDK's virtio-user as the frontend) differ only in how one run of
 one cell is measured; ``run_cells`` is the one loop over the plan around that: it records a cell
-that cannot run ("skipped", "n/a") without running it, tells ``on_run`` before each repetition, and
-marks a cell "failed" with its last error when no repetition worked. ``run_directory`` is where the
+that cannot run ("skipped", "n/a") without running it, tells ``on_run`` before each repetition,
+marks a cell "failed" with its last error when no repetition worked or when any repetition's backend
+count check did not hold (:mod:`nicsim.bench.counts`), and hands each finished cell to ``on_cell``
+(``--json-stream``). ``run_directory`` is where the
 runs keep their sockets and logs: the ``--log-dir`` when one is given (kept), otherwise a temporary
 directory removed at the end; never both, so nothing is left behind in either case.
 """
@@ -38,6 +40,15 @@ class Sample:
     pool_high_water: int | None = None
     guest: dict[str, Any] = field(default_factory=dict)
     backend: dict[str, Any] = field(default_factory=dict)
+    #: the guest's (or frontend's) count against the backend's own (``counts.check_counts``)
+    counts: dict[str, Any] | None = None
+    #: the negotiated virtio features (``counts.features_record``), when something reported them
+    features: dict[str, Any] | None = None
+
+    @property
+    def miscounted(self) -> bool:
+        """The backend count check ran and did not hold."""
+        return self.counts is not None and self.counts.get("ok") is False
 
 
 @dataclass(kw_only=True)
@@ -63,9 +74,11 @@ async def run_cells(
     *,
     on_run: Callable[[Cell, int], None] | None = None,
     not_run: Callable[[Cell], tuple[str, str] | None] | None = None,
+    on_cell: Callable[[CellResult], None] | None = None,
 ) -> list[CellResult]:
     """Every repetition of every cell of ``plan`` through ``run_once``, in order. ``not_run(cell)``
-    gives ``(status, reason)`` for a cell that must not run ("skipped", "n/a"), or ``None``."""
+    gives ``(status, reason)`` for a cell that must not run ("skipped", "n/a"), or ``None``;
+    ``on_cell`` is told each cell's result as soon as the cell is finished."""
     out: list[CellResult] = []
     for cell in plan.cells:
         result = CellResult(cell=cell)
@@ -73,16 +86,27 @@ async def run_cells(
         why = None if not_run is None else not_run(cell)
         if why is not None:
             result.status, result.reason = why
-            continue
-        for rep in range(plan.repetitions):
-            if on_run is not None:
-                on_run(cell, rep)
-            result.samples.append(await run_once(cell))
-        if not result.good():
-            result.status = "failed"
-            errors = [s.error for s in result.samples if s.error]
-            result.reason = errors[-1] if errors else "no successful run"
+        else:
+            for rep in range(plan.repetitions):
+                if on_run is not None:
+                    on_run(cell, rep)
+                result.samples.append(await run_once(cell))
+            conclude(result)
+        if on_cell is not None:
+            on_cell(result)
     return out
+
+
+def conclude(result: CellResult) -> None:
+    """A run cell's status: "failed" when no repetition worked, or when any repetition's count
+    check did not hold (its figures cannot be trusted, however many runs worked); else "ok"."""
+    miscounted = [s for s in result.samples if s.miscounted]
+    if miscounted:
+        result.status, result.reason = "failed", miscounted[-1].error or "backend count check failed"
+    elif not result.good():
+        result.status = "failed"
+        errors = [s.error for s in result.samples if s.error]
+        result.reason = errors[-1] if errors else "no successful run"
 
 
 @contextlib.contextmanager

@@ -4,7 +4,8 @@ Written against the serve contract: ``--socket SOCK`` (nicsim listens, QEMU conn
 exists), ``--port sink`` for guest TX cells, ``--port generator,size=N`` for guest RX cells (UDP
 frames of N bytes, FCS excluded, to the guest's MAC as fast as the guest takes them), and
 ``--stats-file FILE``: a JSON snapshot rewritten every second and at exit, whose ``pool.high_water``
-is the table's pool column and whose per-queue counters go into the run's JSON. SIGINT ends it
+is the table's pool column and whose per-queue counters go into the run's JSON and are the backend's
+own count the guest's is checked against (odd queues: taken from the guest; even: given to it). SIGINT ends it
 cleanly. TCP cells use ``--port tap,netns=NS,ifname=tap0`` (offloads on): the run creates namespace
 ``NS`` with ``tap0`` (the host address, the guest as a permanent neighbour) and an iperf3 server there,
 exactly as the ``qemu-tap`` peer does, and deletes it afterwards; QEMU itself stays in the root
@@ -25,6 +26,7 @@ from typing import Any
 from qemu.testvm import VhostUserNic
 
 from .backend import Backend, BenchError, BenchRun, ChildProcess, RunContext, pinned, python_env
+from .counts import Carried
 from .matrix import Cell, Direction
 from .tap import peer_netns, start_iperf3_server
 
@@ -51,6 +53,22 @@ def high_water(stats: dict[str, Any]) -> int | None:
     pool = stats.get("pool")
     value = pool.get("high_water") if isinstance(pool, dict) else None
     return value if isinstance(value, int) else None
+
+
+def nicsim_carried(stats: dict[str, Any]) -> Carried:
+    """nicsim's own count from a stats-file snapshot: packets and bytes it took off the guest's
+    transmit rings (odd queues) and put on its receive rings (even queues)."""
+    sums = {"tx_packets": 0, "tx_bytes": 0, "rx_packets": 0, "rx_bytes": 0}
+    queues = stats.get("queues")
+    if not isinstance(queues, list) or not queues:
+        return Carried(source="nicsim stats file (no queues)")
+    for q in queues:
+        if not isinstance(q, dict):
+            continue
+        side = "tx" if int(q.get("index", 0)) % 2 else "rx"
+        sums[f"{side}_packets"] += int(q.get("packets", 0))
+        sums[f"{side}_bytes"] += int(q.get("bytes", 0))
+    return Carried(source="nicsim stats file, queue counters", **sums)
 
 
 class NicsimBackend(Backend):
@@ -98,6 +116,7 @@ class NicsimBackend(Backend):
                 except (OSError, ValueError) as err:
                     raise BenchError(f"nicsim serve left no readable stats file {stats_file}: {err}") from err
                 run.pool_high_water = high_water(stats)
+                run.carried = nicsim_carried(stats)
                 run.extra["nicsim"] = stats
             finally:
                 await proc.stop()

@@ -7,18 +7,24 @@ pktgen in the guest into the TAP (the guest's own count is the measure; the name
 the frames). Guest RX: ``nicsim.bench.blaster`` in the namespace sends UDP to the guest's address only,
 started when the guest is up, for the window plus a margin. TCP: an iperf3 server in the namespace.
 The "backend" CPU column is that sender or iperf3 server; QEMU's tap backend itself runs in QEMU.
+Once the guest has gone, the TAP's own counters (``ip -s -j link``) are the backend's count the
+guest's is checked against: QEMU writes what the guest sent into the TAP (the TAP's rx, dropped
+frames included: they reached it) and reads from it what the guest receives (the TAP's tx).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
-from qemu.testvm import Netns, TapNic
+from qemu.testvm import Netns, NetnsError, TapNic
 
 from .backend import PREFIX_LEN, Backend, BenchError, BenchRun, ChildProcess, RunContext, pinned, python_env
+from .counts import Carried
 from .matrix import Cell, Direction
 
 SEND_MARGIN = 3.0  # the sender outlives the guest's counting window by this much
@@ -50,6 +56,26 @@ async def start_iperf3_server(ns: Netns, ctx: RunContext) -> ChildProcess:
     if await server.wait(0.2) is not None:
         raise BenchError(f"iperf3 server in {ns.name} exited: {server.output()}")
     return server
+
+
+def tap_stats(ns: Netns, ifname: str = "tap0") -> dict[str, Any]:
+    """``ifname``'s ``stats64`` in ``ns``, as ``ip -s -j link show`` prints them (``BenchError`` if not)."""
+    try:
+        links = json.loads(ns.run("ip", "-s", "-j", "link", "show", "dev", ifname).stdout)
+        stats: dict[str, Any] = links[0]["stats64"]
+    except (NetnsError, ValueError, LookupError, TypeError) as err:
+        raise BenchError(f"cannot read {ifname}'s counters in {ns.name}: {err}") from err
+    return stats
+
+
+def tap_carried(stats64: dict[str, Any]) -> Carried:
+    """The TAP's count, seen from the guest: its rx (with drops) is what QEMU wrote for the guest,
+    its tx what QEMU read for the guest."""
+    rx, tx = stats64.get("rx", {}), stats64.get("tx", {})
+    return Carried(source="tap0 counters in the namespace",
+                   tx_packets=int(rx.get("packets", 0)) + int(rx.get("dropped", 0)),
+                   tx_bytes=int(rx.get("bytes", 0)),
+                   rx_packets=int(tx.get("packets", 0)), rx_bytes=int(tx.get("bytes", 0)))  # fmt: skip
 
 
 class TapRun(BenchRun):
@@ -100,6 +126,9 @@ class QemuTapBackend(Backend):
                     await child.stop()
                     if "nicsim.bench.blaster" in child.argv:
                         run.extra["sender"] = child.output(500).strip()
+                stats = tap_stats(ns)  # the guest has gone: nothing crosses the TAP any more
+                run.extra["tap0"] = stats
+                run.carried = tap_carried(stats)
             finally:
                 for child in run.children:
                     await child.stop()

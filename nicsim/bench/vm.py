@@ -5,9 +5,12 @@ pinned to its own core through a ``taskset`` wrapper, so the pid QEMU reports is
 the guest to be up, opens the measured window (CPU time of QEMU and of the backend process, sampled
 from /proc) and closes it when the guest prints its result. The window opens at ``NICSIM-READY`` —
 for guest RX at the rx-count workload's "counting" line, so the guest's boot is never in the CPU
-figures. Throughput is the guest's own count (pktgen for TX, eth0's counters for RX, iperf3 for
-TCP). A run that fails is recorded with its reason, and the run goes on with the next one (the loop
-over the plan is :func:`nicsim.bench.runner.run_cells`, shared with the backend-only mode).
+figures; it closes at the workload's result line. Throughput is the guest's own count (pktgen for
+TX, eth0's counters for RX, iperf3 for TCP), checked against the backend's own count once the run
+has ended (:mod:`nicsim.bench.counts`). After the measured workload the guest runs ``link``, whose
+feature bits are the negotiated virtio features recorded with the sample. A run that fails is
+recorded with its reason, and the run goes on with the next one (the loop over the plan is
+:func:`nicsim.bench.runner.run_cells`, shared with the backend-only mode).
 """
 
 from __future__ import annotations
@@ -19,15 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qemu.testvm import NetnsError, TestVM, TestVMError, Workload
+from qemu.testvm import NetnsError, TestVM, TestVMError, Workload, WorkloadResult
 
 from .backend import Backend, BenchError, RunContext
+from .counts import Carried, check_counts, guest_features
 from .matrix import Cell, Direction, Plan
 from .procstat import CpuWindow
 from .runner import CellResult, Sample, run_cells
 
 BOOT_TIMEOUT = 120.0  # a failure deadline for a loaded TCG host, not a performance figure
 RESULT_MARGIN = 60.0
+LINK_MARGIN = 30.0  # the link workload after the measured one: sysfs reads, a failure deadline
 
 
 def workload_for(cell: Cell, ctx: RunContext) -> Workload:
@@ -51,6 +56,34 @@ def measure(cell: Cell, guest: dict[str, Any]) -> dict[str, Any]:
     pps, nbytes, secs = guest.get("pps"), guest.get("bytes"), guest.get("seconds")
     gbps = nbytes * 8 / secs / 1e9 if nbytes is not None and secs else None
     return {"pps": pps, "gbps": gbps, "packets": guest.get("packets"), "bytes": nbytes, "seconds": secs}
+
+
+def guest_count(cell: Cell, sample: Sample) -> int | None:
+    """What the guest counted, in the unit the backend count check compares: bytes for TCP (iperf3's
+    payload), frames otherwise."""
+    value = sample.bytes if cell.direction.is_tcp else sample.packets
+    return None if value is None else int(value)
+
+
+def link_features(results: Sequence[WorkloadResult]) -> dict[str, Any]:
+    """The negotiated features from the ``link`` result after the measured one, or why there are none."""
+    link = next((r for r in results if r.workload == "link"), None)
+    found = guest_features(link.data) if link is not None and link.ok else None
+    if found is not None:
+        return found
+    why = "no link result" if link is None else (link.error or "no feature bits in the link result")
+    return {"source": "guest (link)", "error": why}
+
+
+def check_sample(cell: Cell, sample: Sample, carried: Carried | None) -> None:
+    """Check a measured ``sample`` against the backend's own count; a check that fails fails it."""
+    # pktgen counts every frame the guest sent, so guest TX spans the backend's whole run; rx-count
+    # and iperf3 count a window (or payload) of it.
+    sample.counts = check_counts(cell, counted=guest_count(cell, sample), carried=carried,
+                                 spans_run=cell.direction is Direction.TX)  # fmt: skip
+    if sample.miscounted:
+        sample.ok = False
+        sample.error = f"backend count check: {sample.counts['reason']}"
 
 
 def qemu_wrapper(workdir: Path, cpu: int | None, qemu: str) -> str:
@@ -77,7 +110,8 @@ def not_run(backend: Backend, cell: Cell) -> tuple[str, str] | None:
 
 @dataclass(kw_only=True)
 class VmRunner:
-    """Runs cells on the guest ``kernel``/``initrd``; ``on_run`` is told before each run starts."""
+    """Runs cells on the guest ``kernel``/``initrd``; ``on_run`` is told before each run starts,
+    ``on_cell`` each cell's result once it is finished."""
 
     kernel: Path
     initrd: Path
@@ -85,16 +119,18 @@ class VmRunner:
     accel: str = "tcg"
     qemu: str = "qemu-system-x86_64"
     on_run: Callable[[Cell, int], None] | None = None
+    on_cell: Callable[[CellResult], None] | None = None
 
     async def run_once(self, backend: Backend, cell: Cell) -> Sample:
         ctx = self.ctx
         wl = workload_for(cell, ctx)
+        link = Workload("link")
         marker = r"rx-count: counting" if cell.direction is Direction.RX else "NICSIM-READY"
         try:
             async with backend.open_run(cell, ctx) as run:
                 async with TestVM(
                     kernel=self.kernel, initrd=self.initrd, nic=run.nic, netns=run.netns,
-                    workloads=[wl], guest_ip=f"{ctx.guest_ip}/24", accel=self.accel,
+                    workloads=[wl, link], guest_ip=f"{ctx.guest_ip}/24", accel=self.accel,
                     qemu=qemu_wrapper(ctx.workdir, ctx.qemu_cpu, self.qemu), name=f"bench-{backend.name}",
                     launch_timeout=ctx.start_timeout + BOOT_TIMEOUT,
                 ) as vm:  # fmt: skip
@@ -104,8 +140,9 @@ class VmRunner:
                         await vm.wait_for(marker, BOOT_TIMEOUT)
                     window = CpuWindow({"qemu": vm.pid, "backend": run.pid})
                     window.start()
-                    results = await vm.results(ctx.duration + RESULT_MARGIN)
+                    await vm.wait_for("(?m)^NICSIM-RESULT ", ctx.duration + RESULT_MARGIN)
                     window.stop()
+                    results = await vm.results(LINK_MARGIN)
                 sample = Sample(ok=True, cpu_qemu_pct=window.percent("qemu"),
                                 cpu_backend_pct=window.percent("backend"))  # fmt: skip
             # The backend's final report (pool high-water) exists only once its run has ended.
@@ -113,16 +150,19 @@ class VmRunner:
             sample.backend = dict(run.extra)
         except (BenchError, TestVMError, NetnsError, OSError) as err:
             return Sample(ok=False, error=f"{type(err).__name__}: {err}")
-        if len(results) != 1 or not results[0].ok:
-            why = results[0].error if len(results) == 1 else f"{len(results)} result lines"
+        if not results or results[0].workload != wl.name or not results[0].ok:
+            why = results[0].error if results else "no result line"
             return Sample(ok=False, error=f"guest workload {wl.name} failed: {why}",
                           guest=dict(results[0].data) if results else {})  # fmt: skip
         sample.guest = dict(results[0].data)
+        sample.features = link_features(results[1:])
         for key, value in measure(cell, sample.guest).items():
             setattr(sample, key, value)
         if not (sample.gbps if cell.direction.is_tcp else sample.pps):
             sample.ok = False
             sample.error = "the guest counted no traffic"
+            return sample
+        check_sample(cell, sample, run.carried)
         return sample
 
     async def run_plan(self, plan: Plan, backends: Sequence[Backend]) -> list[CellResult]:
@@ -134,9 +174,8 @@ class VmRunner:
             sample.backend.setdefault("run_seconds", round(time.monotonic() - started, 2))
             return sample
 
-        return await run_cells(
-            plan, timed, on_run=self.on_run, not_run=lambda cell: not_run(by_name[cell.backend], cell)
-        )
+        return await run_cells(plan, timed, on_run=self.on_run, on_cell=self.on_cell,
+                               not_run=lambda cell: not_run(by_name[cell.backend], cell))  # fmt: skip
 
 
 def skip_runs(plan: Plan, backends: Sequence[Backend]) -> int:

@@ -3,9 +3,11 @@
 This module owns the command line's options, for both modes (a guest per run, or ``--backend-only``
 with DPDK's virtio-user as the frontend): their names, defaults, help and syntax checks. What an
 invocation does with them — the plan, the checks that say what to install, the image, the runs with
-live progress on stderr, the table (stdout), the JSON (``--json``) and the plot (``--plot``) — is
-:mod:`nicsim.bench.command`, imported only when the command runs. A failed run is reported as failed
-with its reason; the run goes on.
+live progress on stderr, the table (stdout), the JSON (``--json``, or one line per finished cell
+with ``--json-stream``), the comparison with an earlier run (``--baseline``, gated by
+``--max-regress``) and the plot (``--plot``) — is :mod:`nicsim.bench.command`, imported only when
+the command runs. A failed run is reported as failed with its reason and the run goes on; the exit
+status is 1 when any cell failed (or regressed), so the benchmark can gate a regression suite.
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ examples:
   nicsim bench --backends qemu-tap,dpdk      the peers only, full matrix
   nicsim bench --peers --json out.json --plot out.png
   nicsim bench --backend-only                no VM: nicsim vs DPDK vhost under DPDK's virtio-user
+  nicsim bench --json-stream run.jsonl       one JSON line per cell as it finishes (tail -f it)
+  nicsim bench --json base.json              keep a run, then gate a later one against it:
+  nicsim bench --baseline base.json --max-regress 10
+
+Exit status: 0 when every cell that ran was measured; 1 when a cell failed (every run failed, or the
+guest's count and the backend's own disagreed), none was measured, or a cell's median fell by more
+than --max-regress percent from the baseline's; 2 for a usage error.
 
 Frame sizes include the 4-byte FCS (64 B = 60 bytes handed to the NIC). QEMU runs pinned to
 --qemu-cpu and the backend to --backend-cpu. Peers: qemu-tap needs /dev/net/tun (a TAP inside a
@@ -47,6 +56,16 @@ def _directions(text: str) -> list[str]:
     if bad:
         raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad))}: choose from {', '.join(choices)}")
     return _csv(text)
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of percent, e.g. 5 or 2.5") from err
+    if not 0 <= value < 100:
+        raise argparse.ArgumentTypeError(f"{value:g}: a percentage from 0 to below 100")
+    return value
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -87,6 +106,24 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         const="-",
         metavar="FILE",
         help="write every sample, versions and the machine as JSON to FILE (or stdout)",
+    )
+    p.add_argument(
+        "--json-stream",
+        metavar="FILE",
+        help="write one JSON line per finished cell to FILE (or '-', stdout) as it finishes, iperf3-style "
+        "{\"event\": \"start\"|\"cell\"|\"end\", \"data\": ...}; a cell's data is its --json entry",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="FILE",
+        help="compare each cell's median (pps; Gbit/s for TCP) with an earlier --json FILE of the same mode",
+    )
+    p.add_argument(
+        "--max-regress",
+        type=_percent,
+        metavar="PCT",
+        help="with --baseline: exit 1, naming each cell, when a median fell by more than PCT percent",
     )
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="throughput against frame size (matplotlib)")
     p.add_argument(
