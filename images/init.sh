@@ -260,6 +260,20 @@ fi
 
 # ---------------------------------------------------------------- PID 1 mode
 
+# poweroff -f does not wait for the serial port to send what is still in the tty's buffer: a long
+# result line (iperf3's JSON) would be cut, and NICSIM-DONE lost, by the power-off. Wait until the
+# UART's transmit count (/proc/tty/driver/serial, port 0) has stopped moving, for at most 5 s.
+drain_console() {
+    last= tries=0
+    while [ $tries -lt 100 ]; do
+        now=$(sed -n 's/^0:.* tx:\([0-9]*\).*/\1/p' /proc/tty/driver/serial 2>/dev/null)
+        [ -z "$now" ] && return
+        [ "$now" = "$last" ] && return
+        last=$now tries=$((tries + 1))
+        sleep 0.05
+    done
+}
+
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
@@ -356,6 +370,7 @@ done
 
 echo NICSIM-DONE
 sync
+drain_console
 poweroff -f
 # poweroff -f should not return; if it does, PID 1 must not exit (that panics), so wait for the end.
 sleep 5
