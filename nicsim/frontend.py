@@ -50,17 +50,22 @@ class FrontendError(RemoteError):
 
 
 class CompletionTimeout(FrontendError, TimeoutError):
-    """:meth:`VhostUserFrontend.wait_used` gave up: ``got`` of ``wanted`` used entries of ring ``index``
-    came within ``timeout`` seconds. ``unsignalled`` counts used entries the backend had published but
-    not interrupted for (the wait never saw them): more than 0 means a missing interrupt, 0 that the
-    backend did not complete the buffers at all. ``completions`` are the ones reaped before it gave up.
+    """:meth:`VhostUserFrontend.wait_used` gave up: fewer than ``wanted`` used entries of ring ``index``
+    came within ``timeout`` seconds; ``completions`` are the ones reaped before it gave up.
+    ``unsignalled`` counts used entries the backend had published but not interrupted for (the wait
+    never saw them): more than 0 means a missing interrupt (unless the ring had interrupts turned off,
+    ``interrupts_enabled``), 0 that the backend did not complete the buffers at all.
     """
 
     def __init__(
-        self, *, index: int, wanted: int, completions: list[Completion], unsignalled: int, timeout: float
-    ) -> None:
+        self, *, index: int, wanted: int, completions: list[Completion], unsignalled: int, timeout: float,
+        interrupts_enabled: bool = True,
+    ) -> None:  # fmt: skip
         got = len(completions)
-        if unsignalled:
+        if unsignalled and not interrupts_enabled:
+            why = (f"the backend published {unsignalled} more used entries; the ring has interrupts "
+                   "turned off, so only a wait with poll_interval sees them")  # fmt: skip
+        elif unsignalled:
             why = (f"the backend published {unsignalled} more used entries but sent no interrupt for them "
                    "(a missing interrupt)")  # fmt: skip
         else:
@@ -71,6 +76,7 @@ class CompletionTimeout(FrontendError, TimeoutError):
         self.completions = completions
         self.unsignalled = unsignalled
         self.timeout = timeout
+        self.interrupts_enabled = interrupts_enabled
 
 
 class SharedGuestRam(GuestRam):
@@ -408,8 +414,10 @@ class VhostUserFrontend:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(interrupted.wait(), poll_interval)
         except TimeoutError as err:
-            raise CompletionTimeout(index=index, wanted=count, completions=out,
-                                    unsignalled=q.used_pending(), timeout=timeout) from err  # fmt: skip
+            raise CompletionTimeout(
+                index=index, wanted=count, completions=out, unsignalled=q.used_pending(), timeout=timeout,
+                interrupts_enabled=q.interrupts_enabled,
+            ) from err
 
     def _new_call_fd(self, index: int) -> None:
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

@@ -23,6 +23,7 @@ from rings.driver import Completion
 from tests.hardening import frame
 
 N = 10
+WITHHELD_WAIT = 0.5  # seconds a wait that must fail gets (the backend publishes in a few loop turns)
 RINGS = {"rx": 0, "tx": 1}
 PORTS: dict[int, Callable[[], Port]] = {0: lambda: GeneratorPort(GeneratorConfig(size=60)), 1: SinkPort}
 
@@ -95,7 +96,7 @@ async def test_a_withheld_interrupt_fails_the_wait_and_says_so(
     rig: tuple[VhostUserFrontend, Session], ring: int, withheld: list[int]
 ) -> None:
     fe, sess = rig
-    waiting = await _start_waiting(fe, ring, timeout=1.0)
+    waiting = await _start_waiting(fe, ring, timeout=WITHHELD_WAIT)
     with pytest.raises(CompletionTimeout, match="missing interrupt") as caught:
         await waiting
     err = caught.value
@@ -115,3 +116,20 @@ async def test_polling_must_be_asked_for_and_hides_a_withheld_interrupt(
     waiting = await _start_waiting(fe, ring, poll_interval=0.01)
     assert len(await asyncio.wait_for(waiting, 10)) == N
     assert withheld and fe.interrupts[ring] == 0
+
+
+async def test_a_ring_with_interrupts_turned_off_is_waited_for_by_polling(
+    rig: tuple[VhostUserFrontend, Session], ring: int
+) -> None:
+    """Where polling is meant: the guest turned the ring's interrupts off (NO_INTERRUPT, or a used_event
+    it will not reach), so the backend rightly stays silent; the plain wait says so, a polling one works."""
+    fe, sess = rig
+    fe.queues[ring].disable_interrupts()
+    waiting = await _start_waiting(fe, ring, timeout=WITHHELD_WAIT)
+    with pytest.raises(CompletionTimeout, match="interrupts turned off") as caught:
+        await waiting
+    assert caught.value.unsignalled == N and not caught.value.interrupts_enabled
+    assert len(fe.queues[ring].reap()) == N
+    waiting = await _start_waiting(fe, ring, poll_interval=0.01)
+    assert len(await asyncio.wait_for(waiting, 10)) == N
+    assert fe.interrupts[ring] == 0 == int(sess.device.stats.interrupts[ring])
