@@ -11,6 +11,7 @@ purpose, or one of its two branches to tell whose fault it was.
     │   ├── InflightError          an inflight-buffer request that cannot be met    (nicsim.vhost.actions)
     │   ├── FrameError             a frame that does not parse (also a ValueError)  (nicsim.ports.frames)
     │   └── FrontendError          the backend that nicsim.frontend drives refused  (nicsim.frontend)
+    │       └── CompletionTimeout  a wait_used that gave up (also a TimeoutError)   (nicsim.frontend)
     └── LocalError                 this side is at fault: an API used wrongly, or a request that cannot
         │                          be carried out here (options, privileges, programs, files)
         ├── LocalProtocolError     the connection API used wrongly                  (nicsim.vhost.errors)

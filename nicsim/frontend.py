@@ -8,6 +8,11 @@ backend (``SharedGuestRam``), stops and restarts rings (GET_VRING_BASE, then SET
 replaces the memory table, and sends malformed messages on request (``Malformed``). It is product
 code: use it to test a port or a backend without booting a guest. Every fd it creates it closes in
 :meth:`VhostUserFrontend.close` (idempotent).
+
+Like a guest driver, it sleeps until the backend interrupts it: :meth:`VhostUserFrontend.wait_used`
+looks at a used ring only when the ring's call eventfd fires, so a backend that owes an interrupt and
+withholds it fails with :class:`CompletionTimeout` (which says so) instead of being rescued by a poll.
+Polling is opt-in, per wait (``poll_interval``), for a backend that is not meant to interrupt.
 """
 
 from __future__ import annotations
@@ -42,6 +47,36 @@ class FrontendError(RemoteError):
     def __init__(self, message: str, reply: Reply | None = None) -> None:
         super().__init__(message)
         self.reply = reply
+
+
+class CompletionTimeout(FrontendError, TimeoutError):
+    """:meth:`VhostUserFrontend.wait_used` gave up: fewer than ``wanted`` used entries of ring ``index``
+    came within ``timeout`` seconds; ``completions`` are the ones reaped before it gave up.
+    ``unsignalled`` counts used entries the backend had published but not interrupted for (the wait
+    never saw them): more than 0 means a missing interrupt (unless the ring had interrupts turned off,
+    ``interrupts_enabled``), 0 that the backend did not complete the buffers at all.
+    """
+
+    def __init__(
+        self, *, index: int, wanted: int, completions: list[Completion], unsignalled: int, timeout: float,
+        interrupts_enabled: bool = True,
+    ) -> None:  # fmt: skip
+        got = len(completions)
+        if unsignalled and not interrupts_enabled:
+            why = (f"the backend published {unsignalled} more used entries; the ring has interrupts "
+                   "turned off, so only a wait with poll_interval sees them")  # fmt: skip
+        elif unsignalled:
+            why = (f"the backend published {unsignalled} more used entries but sent no interrupt for them "
+                   "(a missing interrupt)")  # fmt: skip
+        else:
+            why = "the backend published no more used entries"
+        super().__init__(f"ring {index}: {got} of {wanted} used entries within {timeout:g} s: {why}")
+        self.index = index
+        self.wanted = wanted
+        self.completions = completions
+        self.unsignalled = unsignalled
+        self.timeout = timeout
+        self.interrupts_enabled = interrupts_enabled
 
 
 class SharedGuestRam(GuestRam):
@@ -133,7 +168,7 @@ class VhostUserFrontend:
         self.kick_fds: dict[int, int] = {}
         self.call_fds: dict[int, int] = {}
         self._replies: asyncio.Queue[Reply | Exception] = asyncio.Queue()
-        self._interrupted = asyncio.Event()
+        self._interrupted = [asyncio.Event() for _ in range(2 * pairs)]  # set by each ring's call fd
         self.interrupts = [0] * (2 * pairs)
         self._closed = False
         self._received = 0  # replies decoded so far
@@ -350,19 +385,39 @@ class VhostUserFrontend:
         self.queues[2 * pair].post_rx(buf_size, count=count)
         self.kick(2 * pair)
 
-    async def wait_used(self, index: int, count: int, *, timeout: float = 10.0) -> list[Completion]:
-        """Reap used entries of ring ``index`` until ``count`` came (TimeoutError otherwise)."""
+    async def wait_used(
+        self, index: int, count: int, *, timeout: float = 10.0, poll_interval: float | None = None
+    ) -> list[Completion]:
+        """Reap used entries of ring ``index`` until ``count`` came, sleeping on the ring's call eventfd
+        in between, as a guest driver does: the backend must interrupt for what it completes (when the
+        ring asks for it; the driver model leaves interrupts on). Raises :class:`CompletionTimeout` after
+        ``timeout`` seconds. ``poll_interval``: also look every that many seconds without an interrupt
+        (opt-in, for a backend that is not meant to interrupt; it hides a missing interrupt)."""
         q = self.queues[index]
+        interrupted = self._interrupted[index]
         out: list[Completion] = []
-        async with asyncio.timeout(timeout):
-            while True:
-                out.extend(q.reap(count - len(out)))
-                if len(out) >= count:
-                    return out
-                self._interrupted.clear()
-                # A lost interrupt must not hang a test: look again after a short while anyway.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._interrupted.wait(), 0.05)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    out.extend(q.reap(count - len(out)))
+                    if len(out) >= count:
+                        return out
+                    # reap() asked for an interrupt at the next entry (used_event, §2.7.10); one the
+                    # backend published before seeing that would not interrupt: look once more, as
+                    # Linux's virtqueue_enable_cb() does, before sleeping.
+                    if q.used_pending():
+                        continue
+                    interrupted.clear()
+                    if poll_interval is None:
+                        await interrupted.wait()
+                    else:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(interrupted.wait(), poll_interval)
+        except TimeoutError as err:
+            raise CompletionTimeout(
+                index=index, wanted=count, completions=out, unsignalled=q.used_pending(), timeout=timeout,
+                interrupts_enabled=q.interrupts_enabled,
+            ) from err
 
     def _new_call_fd(self, index: int) -> None:
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -377,7 +432,7 @@ class VhostUserFrontend:
         with contextlib.suppress(BlockingIOError):
             os.read(fd, 8)
             self.interrupts[index] += 1
-        self._interrupted.set()
+        self._interrupted[index].set()
 
     # -- misbehaving on purpose ---------------------------------------------------------------------
 

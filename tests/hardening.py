@@ -75,6 +75,18 @@ class Rig:
         return fe
 
 
+async def until(predicate: Callable[[], object], what: str, *, timeout: float = 10.0) -> None:
+    """Wait for a condition (not for a time): look every few milliseconds until ``predicate()`` holds;
+    an AssertionError naming ``what`` if it does not within ``timeout`` seconds (a deadline for failure
+    only)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.002)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout:g} s: {what}") from None
+
+
 async def start_rig(tmp_path: Path, make_port: Callable[[], Port] = ReflectPort, *, pool_size: int = 1024,
                     name: str = "nicsim.sock") -> Rig:  # fmt: skip
     rig_devices: list[VirtioNetDevice] = []

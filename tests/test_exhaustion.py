@@ -11,7 +11,7 @@ import asyncio
 from pathlib import Path
 
 from nicsim.ports import GeneratorConfig, GeneratorPort, SinkPort, TxFrames
-from tests.hardening import finish, frame, open_fds, start_rig
+from tests.hardening import finish, frame, open_fds, start_rig, until
 
 POOL = 32
 
@@ -38,12 +38,6 @@ class WithholdingPort(SinkPort):
             batch.complete()
 
 
-async def _until(predicate: object, what: str) -> None:
-    async with asyncio.timeout(10):  # a deadline for failure only
-        while not predicate():  # type: ignore[operator]
-            await asyncio.sleep(0.01)
-
-
 async def test_stalled_tx_port_exhausts_the_pool_gives_backpressure_and_recovers(tmp_path: Path) -> None:
     before = open_fds()
     rig = await start_rig(tmp_path, WithholdingPort, pool_size=POOL)
@@ -52,8 +46,12 @@ async def test_stalled_tx_port_exhausts_the_pool_gives_backpressure_and_recovers
     port = sess.device.port
     assert isinstance(port, WithholdingPort)
     fe.transmit([frame(i) for i in range(100)])
-    await _until(lambda: sess.device.pool.usage == POOL, "pool exhausted")
-    await asyncio.sleep(0.05)
+    await until(lambda: sess.device.pool.usage == POOL, "pool exhausted")
+    # The chance to overrun: the guest kicks again and the ring runs a round while 68 chains wait.
+    pump = sess.pumps[1]
+    rounds = pump.snapshot()["rounds"]
+    fe.kick(1, force=True)
+    await until(lambda: pump.snapshot()["rounds"] > rounds, "a round with the pool exhausted")
     snap = sess.device.snapshot()
     assert snap["pool"]["usage"] == POOL and snap["pool"]["high_water"] == POOL  # bounded, not grown
     assert snap["queues"][1]["inflight"] == POOL
@@ -82,7 +80,7 @@ async def test_shutdown_with_tx_withheld_returns_every_buffer_and_closes_the_poo
     fe = await rig.frontend()
     sess = await rig.session()
     fe.transmit([frame(i) for i in range(50)])
-    await _until(lambda: sess.device.pool.usage == POOL, "pool exhausted")
+    await until(lambda: sess.device.pool.usage == POOL, "pool exhausted")
     # GET_VRING_BASE (QEMU's stop) cancels what the port holds and returns it on the used ring.
     base = await fe.stop_ring(1)
     assert base == POOL

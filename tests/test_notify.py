@@ -15,6 +15,7 @@ from nicsim.virtio.device import VirtioNetDevice
 from nicsim.virtio.features import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
 from nicsim.virtio.policy import NotifyPolicy
 from rings.driver import DriverQueue, GuestDriver
+from tests.hardening import until
 
 FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX)
 FRAME = bytes(60)
@@ -40,8 +41,9 @@ class Rig:
     def q(self) -> DriverQueue:
         return self.tx if self.pump.index == 1 else self.rx
 
-    def post(self, n: int) -> None:
-        """Post ``n`` buffers the way Linux does: publish, then kick if the device asked for it."""
+    def post(self, n: int) -> bool:
+        """Post ``n`` buffers the way Linux does: publish, then kick if the device asked for it.
+        Returns whether it kicked."""
         for _ in range(n):
             if self.pump.index == 1:
                 self.tx.post_tx(FRAME)
@@ -49,6 +51,24 @@ class Rig:
                 self.rx.post_rx(count=1)
         if self.q.should_kick():
             os.eventfd_write(self.kick, 1)
+            return True
+        return False
+
+    def kick_pending(self) -> bool:
+        return bool(select.select([self.kick], [], [], 0)[0])
+
+    def asleep(self, *, timer_beyond: float | None = None) -> bool:
+        """The pump sleeps: no round is scheduled and no kick is pending, so no round can run until the
+        guest kicks, the port wakes the ring or a timer fires. ``timer_beyond``: a timer must be set,
+        at least that many seconds away (the batch timer); otherwise there must be none. A state, not
+        a time: what the pump would do later is decided by what it has scheduled now."""
+        handle = self.pump._handle
+        if self.pump._busy or self.kick_pending():
+            return False
+        if timer_beyond is None:
+            return handle is None
+        loop = asyncio.get_running_loop()
+        return isinstance(handle, asyncio.TimerHandle) and handle.when() - loop.time() > timer_beyond
 
     def interrupted(self) -> bool:
         if not select.select([self.call], [], [], 0)[0]:
@@ -88,11 +108,8 @@ async def test_a_kick_wakes_the_pump_which_interrupts_once_and_sleeps() -> None:
         assert rig.pump.snapshot()["wakeups_kick"] == 1
         assert rig.interrupted()  # a fresh driver wants every used entry (used_event 0)
         assert len(rig.tx.reap()) == 3
-        idle = rig.pump.snapshot()["rounds"]
-        assert idle > rounds
-        for _ in range(50):
-            await asyncio.sleep(0)
-        assert rig.pump.snapshot()["rounds"] == idle  # asleep on the kick eventfd: no polling
+        assert rig.pump.snapshot()["rounds"] > rounds
+        assert rig.asleep()  # on the kick eventfd, no polling: nothing runs until the next kick
     finally:
         rig.close()
 
@@ -107,11 +124,10 @@ async def test_flowing_tx_sleeps_through_a_batch_then_a_kick_serves_it() -> None
         await settle(rig)
         assert rig.pump.snapshot()["batch_sleeps"] == 1
         rig.tx.reap()
-        rig.post(32)  # exactly the batch: no kick yet, nothing moves
-        for _ in range(50):
-            await asyncio.sleep(0)
+        assert not rig.post(32)  # exactly the batch: no kick yet...
+        assert rig.asleep(timer_beyond=30)  # ...and the pump waits for it (or its 60 s timer): nothing moves
         assert int(rig.dev.stats.packets[1]) == 20
-        rig.post(1)  # the 33rd passes avail_event: kick
+        assert rig.post(1)  # the 33rd passes avail_event: kick
         await settle(rig, until=53)
         assert rig.pump.snapshot()["wakeups_kick"] == 2
     finally:
@@ -126,12 +142,8 @@ async def test_a_guest_that_stops_short_of_the_batch_is_served_by_the_timer() ->
         rig.post(16)
         await settle(rig, until=16)
         await settle(rig)
-        rig.post(5)  # then the guest stops: no kick will come
-        for _ in range(200):
-            if int(rig.dev.stats.packets[1]) == 21:
-                break
-            await asyncio.sleep(0.002)
-        assert int(rig.dev.stats.packets[1]) == 21
+        assert not rig.post(5)  # then the guest stops: no kick will come
+        await until(lambda: int(rig.dev.stats.packets[1]) == 21, "the batch timer serving 5 buffers")
         snap = rig.pump.snapshot()
         assert snap["wakeups_timer"] == 1 and snap["wakeups_kick"] == 1
         # 5 buffers is sparse traffic: the next sleep wants the very first buffer again.
@@ -149,21 +161,17 @@ async def test_generator_fills_posted_rx_buffers_and_sleeps_without_buffers() ->
     try:
         rig.pump.activate()
         await settle(rig)
-        rounds = rig.pump.snapshot()["rounds"]
-        for _ in range(50):
-            await asyncio.sleep(0)
-        assert rig.pump.snapshot()["rounds"] == rounds  # no buffers: asleep, not spinning
+        assert rig.asleep()  # no buffers: asleep on the kick eventfd, not spinning
         rig.post(128)
         await settle(rig, until=128)
         await settle(rig)
         assert rig.interrupted()
         assert len(rig.rx.reap()) == 128
         assert rig.pump.snapshot()["batch_sleeps"] == 1  # a batch moved: wake for the next 64 buffers
-        rig.post(64)
-        for _ in range(50):
-            await asyncio.sleep(0)
+        assert not rig.post(64)
+        assert rig.asleep(timer_beyond=30)  # waiting for the 65th buffer's kick (or the 60 s timer)
         assert int(rig.dev.stats.packets[0]) == 128
-        rig.post(1)
+        assert rig.post(1)
         await settle(rig, until=193)
     finally:
         rig.close()

@@ -343,6 +343,17 @@ def test_on_drained_fires_once_when_usage_reaches_zero_and_can_be_unregistered()
     assert fired == ["first", "now"]
 
 
+def test_on_drained_fires_after_the_last_free_of_the_overflow_too() -> None:
+    pool = PacketPool(1, overflow=1)
+    a, b = pool.allocate(), pool.allocate()  # the second comes from the overflow descriptors
+    assert pool.overflow_usage == 1
+    fired: list[int] = []
+    pool.on_drained(lambda: fired.append(pool.usage))
+    pool.free(a)
+    assert fired == []  # the overflow descriptor is still out
+    pool.free(b)
+    assert fired == [0]
+
 
 # -- the interlocked variant ----------------------------------------------------------------------------
 
@@ -351,9 +362,15 @@ def test_locked_pool_under_threads_never_hands_a_descriptor_to_two_owners() -> N
     pool = PacketPool(64, overflow=16, reserved=8)
     locked = LockedPacketPool(pool)
     errors: list[str] = []
-    start = threading.Barrier(4)
+    start = threading.Barrier(4, timeout=30)
 
     def hammer(tag: int) -> None:
+        try:
+            _hammer(tag)
+        except Exception as err:  # a thread's exception would otherwise only be printed
+            errors.append(f"thread {tag}: {err!r}")
+
+    def _hammer(tag: int) -> None:
         start.wait()
         for round_ in range(400):
             got = locked.allocate_batch(1 + round_ % 23, partial=True)
@@ -369,11 +386,12 @@ def test_locked_pool_under_threads_never_hands_a_descriptor_to_two_owners() -> N
             if single is not None:
                 locked.free(single)
 
-    threads = [threading.Thread(target=hammer, args=(tag,)) for tag in (1, 2, 3, 4)]
+    threads = [threading.Thread(target=hammer, args=(tag,), daemon=True) for tag in (1, 2, 3, 4)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(60)  # a deadline: a thread stuck in the pool fails the test instead of hanging it
+    assert not any(thread.is_alive() for thread in threads)
     assert errors == []
     assert (locked.usage, locked.overflow_usage, locked.available) == (0, 0, 80)
     assert sorted(locked.free_indices().tolist()) == list(range(80))

@@ -23,10 +23,12 @@ from nicsim.frontend import VhostUserFrontend
 from nicsim.ports import SinkPort, TxFrames
 from nicsim.server import Server
 from nicsim.virtio.device import VirtioNetDevice
+from rings.driver import DriverQueue
 from rings.errors import DeviceError
-from tests.hardening import describe_fds, frame, open_fds
+from tests.hardening import describe_fds, frame, open_fds, until
 
 T = TypeVar("T")
+BASE = 40000  # where the rings start: the backend's first re-arm of kicks is then visible (below)
 
 
 class HalfHoldingPort(SinkPort):
@@ -73,6 +75,15 @@ async def _retry(proc: multiprocessing.process.BaseProcess, attempt: Callable[[]
                 await asyncio.sleep(0.05)
 
 
+def _backend_asleep(q: DriverQueue) -> bool:
+    """The backend took every chain posted on ``q`` and sleeps until the next kick, with no timer: it
+    re-armed kicks for the very next entry, ``avail_event == avail.idx`` (§2.7.10; while it works it
+    writes ``last_avail_idx - 1`` there, and while it waits for a batch ``last_avail_idx + batch``).
+    A batch posted now is then taken whole, in one port call. ``avail_event`` starts at 0 and the
+    rings at BASE, so this holds only once the backend has run."""
+    return q.avail_event == q.avail_idx
+
+
 def _kill(proc: multiprocessing.process.BaseProcess) -> None:
     """SIGKILL our child by pid, reap it, release its sentinel fd. Idempotent."""
     try:
@@ -96,11 +107,14 @@ async def _crash_and_recover(tmp_path: Path, *, inflight: bool) -> tuple[int, in
         await fe.handshake(inflight=inflight)
         if inflight:
             await fe.setup_inflight()
-        await fe.start()
-        # Eight batches of 8, each kicked on its own: batches 1, 3, 5, 7 are held by the port.
+        await fe.start(base=BASE)
+        tx = fe.queues[1]
+        # Eight batches of 8, each kicked on its own and taken whole: batches 1, 3, 5, 7 are held.
         for b in range(8):
+            await until(lambda: _backend_asleep(tx), f"the backend asleep before batch {b}")
             fe.transmit([frame(b * 8 + i) for i in range(8)])
-            await asyncio.sleep(0.02)
+        await until(lambda: _backend_asleep(tx), "the backend asleep after batch 7")
+        assert tx.used_pending() == 32  # four batches completed, four held (a merged batch changes it)
         before = await fe.wait_used(1, 32)
         assert fe.queues[1].in_flight == 32
         _kill(first)  # SIGKILL: nothing returned, the inflight buffer and the rings survive
@@ -108,8 +122,13 @@ async def _crash_and_recover(tmp_path: Path, *, inflight: bool) -> tuple[int, in
         await _retry(second, lambda: fe.reconnect(path))
         fe.kick(1, force=True)  # the guest's next post would kick; do not depend on its timing
         after = await fe.wait_used(1, 32)
-        await asyncio.sleep(0.1)
-        extra = fe.queues[1].used_pending()
+        # No completion beyond those 32: a marker chain posted now must be the very next one used
+        # (the driver model refuses a head that is not in flight, so a repeat cannot hide behind it).
+        marker = tx.post_tx(frame(99))
+        fe.kick(1, force=True)
+        (done,) = await fe.wait_used(1, 1)
+        assert done.id == marker
+        extra = tx.used_pending()
         return len(before), len(after), extra
     finally:
         if fe is not None:

@@ -24,6 +24,7 @@ from nicsim.virtio.device import VirtioNetDevice
 from nicsim.virtio.features import VIRTIO_F_VERSION_1, VIRTIO_NET_F_GUEST_TSO4
 from rings.driver import Completion
 from rings.pool import PacketPool
+from tests.hardening import until
 
 
 def open_fds() -> set[str]:
@@ -129,11 +130,16 @@ async def test_generator_fills_exactly_count_guest_buffers_with_its_frame(serve:
         fe.post_rx(len(done))
     template = GeneratorPort(cfg).template.tobytes()
     assert all(c.data is not None and c.data[12:] == template and c.len == 112 for c in got)
-    # The generator stops at its count: the posted buffers stay untouched.
-    await asyncio.sleep(0.05)
+    # The generator stops at its count: the buffers still posted stay untouched, even when the guest
+    # kicks and the RX ring runs a round that sees them (the chance to fill one more).
+    sess = await h.session()
+    pump = sess.pumps[0]
+    assert fe.queues[0].in_flight == 256
+    rounds = pump.snapshot()["rounds"]
+    fe.kick(0, force=True)
+    await until(lambda: pump.snapshot()["rounds"] > rounds, "a round of the RX ring after the kick")
     assert fe.queues[0].used_pending() == 0
-    assert h.endpoint.session is not None
-    assert h.endpoint.session.device.snapshot()["queues"][0]["packets"] == 700
+    assert sess.device.snapshot()["queues"][0]["packets"] == 700
     await finish(h, fe, before)
 
 
@@ -142,10 +148,15 @@ async def test_rx_with_no_guest_buffers_sleeps_until_the_guest_posts_some(serve:
     h = await serve(lambda: GeneratorPort(GeneratorConfig(size=60)))
     fe = await h.frontend()
     sess = await h.session()
-    await asyncio.sleep(0.05)
-    rounds = sess.device.stats.batches[0]
-    await asyncio.sleep(0.05)
-    assert sess.device.stats.batches[0] == rounds == 0  # nothing to fill: no rounds at all
+    pump = sess.pumps[0]
+    await until(lambda: pump.snapshot()["sleeps"] >= 1, "the RX ring going to sleep")
+    rounds = pump.snapshot()["rounds"]
+    # Asleep on the kick eventfd with nothing scheduled (no timer, no next round): only the guest can
+    # wake it. A request round trip lets a ring that polled anyway run, and it ran no round.
+    assert not pump._busy and pump._handle is None
+    assert await fe.get_features()
+    assert pump.snapshot()["rounds"] == rounds
+    assert sess.device.stats.batches[0] == 0 and pump.snapshot()["wakeups_kick"] == 0
     fe.post_rx(32)
     await fe.wait_used(0, 32)
     assert int(sess.device.stats.packets[0]) == 32
@@ -162,10 +173,15 @@ async def test_stop_returns_the_next_avail_index_and_restart_resumes_from_it(ser
     fe.transmit([frame(i) for i in range(10)])
     await fe.wait_used(1, 10)
     assert await fe.stop_ring(1) == (65530 + 10) & 0xFFFF
-    # Posted while the ring is stopped: the backend must not touch them...
+    # Posted while the ring is stopped: the backend must not touch them, even kicked. A request sent
+    # after the kick is the marker: by the time its reply is read, a backend still watching the kick
+    # would have read it and run its round.
+    kicks = int(sess.device.stats.kicks[1])
     fe.transmit([frame(i) for i in range(3)])
-    await asyncio.sleep(0.05)
+    fe.kick(1, force=True)
+    assert await fe.get_features()
     assert fe.queues[1].used_pending() == 0
+    assert int(sess.device.stats.kicks[1]) == kicks
     # ...until it is restarted from the base it reported.
     await fe.start_ring(1, base=(65530 + 10) & 0xFFFF)
     fe.kick(1, force=True)
@@ -279,7 +295,7 @@ async def test_one_server_serves_two_guests_on_two_sockets(tmp_path: Path) -> No
 
 
 async def test_client_mode_connects_when_the_frontend_listens_and_reconnects_after_it_leaves(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import socket
 
@@ -287,8 +303,16 @@ async def test_client_mode_connects_when_the_frontend_listens_and_reconnects_aft
     path = tmp_path / "qemu.sock"
     server = Server([path], lambda: VirtioNetDevice(port=SinkPort()), client=True, retry_interval=0.02)
     loop = asyncio.get_running_loop()
+    attempts: list[str] = []
+    connect = loop.sock_connect
+
+    async def counted(sock: socket.socket, address: str) -> None:
+        attempts.append(address)
+        await connect(sock, address)
+
+    monkeypatch.setattr(loop, "sock_connect", counted)
     async with server:
-        await asyncio.sleep(0.05)  # retrying: nothing listens yet
+        await until(lambda: len(attempts) >= 3, "the server retrying while nothing listens")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(path))
         listener.listen(1)
