@@ -344,6 +344,34 @@ def test_rem_mem_reg_fd_is_closed_unused_and_last_region_returns_to_negotiated()
         link.settle()
 
 
+def test_an_identical_region_added_again_is_held_until_its_last_removal() -> None:
+    """QEMU sends ADD_MEM_REG (and REM_MEM_REG) once per vhost device, and with multiqueue each queue
+    pair is a device on the same connection: the same region again is accepted, not mapped twice (its
+    fd comes back unused), and it goes only with the last of its removals."""
+    with no_fd_leak():
+        link = Link()
+        qemu72_init(link)
+        link.call(link.frontend.set_features(f.DEFAULT_VIRTIO_FEATURES))
+        fd = new_fd()
+        (added,) = link.send(link.frontend.add_mem_reg(REGION, fd))
+        assert isinstance(added, events.MemoryRegionAdded)
+        assert link.send(link.frontend.add_mem_reg(REGION, fd)) == []  # the other queue pair's copy
+        back = link.backend.fds_to_close()
+        assert back == [link.received[-1]]  # its fd is given back unused
+        os.close(back[0])
+        assert state_of(link.backend) is ConnectionState.READY
+        assert link.send(link.frontend.rem_mem_reg(REGION)) == []  # the other pair still holds it
+        assert state_of(link.backend) is ConnectionState.READY
+        (gone,) = link.send(link.frontend.rem_mem_reg(REGION))
+        assert isinstance(gone, events.MemoryRegionRemoved)
+        assert state_of(link.backend) is ConnectionState.NEGOTIATED
+        (err,) = link.send(link.frontend.rem_mem_reg(REGION))
+        assert isinstance(err, ProtocolErrorOccurred)
+        os.close(fd)
+        link.replies()
+        link.settle()
+
+
 def test_add_mem_reg_refuses_overlap_and_full_slots() -> None:
     link = Link(BackendConnection(max_mem_slots=1))
     qemu72_init(link)

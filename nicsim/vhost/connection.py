@@ -148,6 +148,10 @@ class BackendConnection:
         self.acked_features: int | None = None
         self.acked_protocol_features: int | None = None
         self.regions: list[p.MemoryRegionDesc] = []
+        # ADD_MEM_REG of a region identical to one held: QEMU sends one per vhost device, and with
+        # multiqueue every queue pair is a device on this one connection. Counted, so that the region
+        # goes only with its last REM_MEM_REG (libvhost-user, "handle removal of identical regions").
+        self._region_refs: dict[tuple[int, int, int], int] = {}
         self.rings = tuple(RingStatus(index=i) for i in range(2 * queue_pairs))
         self.driver_status = 0
         self._reader = MessageReader()
@@ -377,11 +381,18 @@ class BackendConnection:
             for r, fd in zip(payload.regions, fds, strict=True)
         )
         self.regions = list(payload.regions)
+        self._region_refs = {}
         fds.clear()
         return Handled(events=(ev.MemoryTableSet(regions=regions),))
 
     def _add_mem_reg(self, payload: p.SingleMemoryRegion, fds: list[int]) -> Handled:
         r = payload.region
+        key = (r.guest_phys_addr, r.user_addr, r.size)
+        if r in self.regions:
+            # The same region again (another queue pair): nothing to map; its fd stays in ``fds``,
+            # which the connection closes.
+            self._region_refs[key] = self._region_refs.get(key, 1) + 1
+            return Handled()
         if len(self.regions) >= self.max_mem_slots:
             raise FrontendProtocolError(f"all {self.max_mem_slots} memory slots are in use")
         for old in self.regions:
@@ -406,6 +417,10 @@ class BackendConnection:
         match = [old for old in self.regions if (old.guest_phys_addr, old.user_addr, old.size) == key]
         if not match:
             raise FrontendProtocolError(f"no memory region at guest address {r.guest_phys_addr:#x}")
+        refs = self._region_refs.pop(key, 1)
+        if refs > 1:
+            self._region_refs[key] = refs - 1  # another queue pair still holds it
+            return Handled()
         self.regions.remove(match[0])
         # Spec: an fd sent with REM_MEM_REG MUST be closed without being used: it stays in fds.
         gone = ev.MemoryRegionRemoved(guest_phys_addr=r.guest_phys_addr, size=r.size, user_addr=r.user_addr)
