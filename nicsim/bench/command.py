@@ -125,7 +125,8 @@ class VmMode(Mode):
         self.backends = [BACKEND_CLASSES[n]() for n in names]
         directions = None if args.directions is None else [Direction(d) for d in args.directions]
         return build_plan(names, quick=args.quick, sizes=args.sizes, directions=directions,
-                          repetitions=args.repetitions, duration=args.duration)  # fmt: skip
+                          repetitions=args.repetitions, duration=args.duration,
+                          latency=getattr(args, "latency", False))  # fmt: skip
 
     def missing(self) -> str | None:
         qemu = self.args.qemu
@@ -188,8 +189,10 @@ def backend_only_plan(args: argparse.Namespace) -> Plan:
     directions = [Direction.TX, Direction.RX]
     if args.directions is not None:
         directions = [Direction(d) for d in args.directions]
-        if any(d.is_tcp for d in directions):
-            raise ValueError("--backend-only measures frames (tx, rx); TCP needs a guest")
+        if any(d.sizeless for d in directions):
+            raise ValueError("--backend-only measures frames (tx, rx); TCP needs a guest, and so does ping")
+    if getattr(args, "latency", False):
+        raise ValueError("--backend-only measures frames (tx, rx); --latency needs a guest")
     duration = (
         args.duration if args.duration is not None else (QUICK_DURATION if args.quick else DEFAULT_DURATION)
     )
