@@ -67,3 +67,17 @@ def test_measure_and_table_for_a_latency_cell() -> None:
 def test_testpmd_answers_pings_itself() -> None:
     assert testpmd.testpmd_mode(Direction.PING) == testpmd.testpmd_mode(Direction.PING_FLOOD) == "icmpecho"
     assert (testpmd.testpmd_mode(Direction.TX), testpmd.testpmd_mode(Direction.RX)) == ("rxonly", "txonly")
+
+
+def test_nicsim_args_reach_nicsim_serve_as_argv_words() -> None:
+    import argparse
+
+    from nicsim.bench.command import nicsim_args
+    from nicsim.cli.bench import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--nicsim-args", "--kick-batch 0 --poll-us 200", "--latency"])
+    assert nicsim_args(args) == ("--kick-batch", "0", "--poll-us", "200")
+    assert args.latency is True
+    assert nicsim_args(parser.parse_args(["bench"])) == ()

@@ -101,6 +101,7 @@ class NicsimBackend(Backend):
             argv = pinned([
                 sys.executable, "-m", "nicsim", "serve", "--socket", str(sock),
                 "--port", serve_port(cell, None if ns is None else ns.name), "--stats-file", str(stats_file),
+                *ctx.nicsim_args,
             ], ctx.backend_cpu)  # fmt: skip
             proc = ChildProcess(argv, ctx.workdir / f"nicsim-{n}.log", env=python_env())
             try:

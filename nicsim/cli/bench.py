@@ -97,6 +97,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="any of tx,rx,tcp-tx,tcp-rx,ping,ping-flood (default: all but ping; --quick: tx,rx,tcp-tx)",
     )
     p.add_argument(
+        "--nicsim-args",
+        metavar="ARGS",
+        help="extra options for the nicsim backend's 'nicsim serve', e.g. \"--kick-batch 0 --poll-us 200\"",
+    )
+    p.add_argument(
         "--latency",
         action="store_true",
         help="add the latency rows: guest ping RTT p50/p99/max every 10 ms (ping) and back to back",
