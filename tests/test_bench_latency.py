@@ -61,7 +61,8 @@ def test_measure_and_table_for_a_latency_cell() -> None:
     table = render_table([CellResult(cell=cell, samples=[sample])])
     row = next(line for line in table.splitlines() if line.startswith("dpdk"))
     assert row.split()[:4] == ["dpdk", "ping", "0.250", "0.250-0.250"]
-    assert "pps min" not in table  # no throughput cell, no empty throughput table
+    assert "pps min" not in table and "size: Ethernet" not in table  # no throughput cell, no its table
+    assert "latency: guest ping RTT" in table
 
 
 def test_testpmd_answers_pings_itself() -> None:

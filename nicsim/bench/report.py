@@ -162,11 +162,14 @@ def render_table(
     ]  # fmt: skip
     if notes or failed_runs:
         lines += ["", "not measured / failed runs:", *notes, *failed_runs]
-    lines += [
-        "",
+    legend = (
         "size: Ethernet frame with FCS (64 B hands 60 bytes to the NIC); Gbit/s counts frame bytes "
         "without FCS; CPU: share of one core over the measured window (median); pool HW: nicsim's "
-        f"packet pool high-water mark; {reference}÷this: ratio of median pps (Gbit/s for TCP).",
+        f"packet pool high-water mark; {reference}÷this: ratio of median pps (Gbit/s for TCP)."
+    )
+    lines += [
+        "",
+        *([legend] if throughput or not latency else []),
         *([LATENCY_LEGEND] if latency else []),
         *footer,
     ]
