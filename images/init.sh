@@ -111,7 +111,10 @@ w_ping() {
     need_num count "$count"; need_num interval "$interval"
     put_str target "$target"
     r0=$(icmp_in_echo_reps) p0=$(stat_of rx_packets 2>/dev/null) d0=$(stat_of rx_dropped 2>/dev/null)
-    out=$(ping -c "$count" -i "$interval" -W 2 "$target" 2>&1)
+    set -- -c "$count" -i "$interval" -W 2
+    # adaptive=1: the next request as soon as the reply is in (one outstanding, back to back).
+    [ "$(p adaptive 0)" != 1 ] || set -- "$@" -A
+    out=$(ping "$@" "$target" 2>&1)
     echo "$out"
     tx=$(echo "$out" | sed -n 's/^\([0-9]*\) packets transmitted.*/\1/p')
     rx=$(echo "$out" | sed -n 's/.*transmitted, \([0-9]*\) packets received.*/\1/p')
@@ -129,6 +132,11 @@ w_ping() {
         # peer can tell which requests were lost and which replies came twice.
         seqs=$(echo "$out" | sed -n 's/^[0-9]* bytes from .*: seq=\([0-9]*\) .*/\1/p' | tr '\n' ',')
         put_raw seqs "[${seqs%,}]"
+    fi
+    if [ "$(p rtts 0)" = 1 ]; then
+        # Every reply's RTT in ms as ping printed it, in arrival order: the host computes percentiles.
+        rtts=$(echo "$out" | sed -n 's/^[0-9]* bytes from .* time=\([0-9.]*\) ms.*/\1/p' | tr '\n' ',')
+        put_raw rtt_ms "[${rtts%,}]"
     fi
     rtt=$(echo "$out" | sed -n 's#.*min/avg/max = \([0-9.]*\)/\([0-9.]*\)/\([0-9.]*\) ms.*#\1 \2 \3#p')
     set -- $rtt

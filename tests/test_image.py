@@ -352,7 +352,7 @@ def nic_boot(image: GuestImage) -> Boot:
             )
 
         run = (
-            f"rx-count,duration=4;link;ping,target={PEER_IP},count=3,interval=0.2;no-such-workload;"
+            f"rx-count,duration=4;link;ping,target={PEER_IP},count=3,interval=0.2,rtts=1;no-such-workload;"
             f"pktgen-tx,size=60,count=5000,dst={PEER_IP};iperf3-client,server={PEER_IP},time=1"
         )
         result = boot(image, run, netns=name, on_line=("rx-count: counting", ping_the_guest))
@@ -396,6 +396,9 @@ def test_ping_to_the_namespace_peer_loses_nothing(nic_boot: Boot) -> None:
     assert ping["ok"] is True, ping
     assert (ping["transmitted"], ping["received"], ping["loss_pct"]) == (3, 3, 0)
     assert 0 < ping["rtt_min_ms"] <= ping["rtt_avg_ms"] <= ping["rtt_max_ms"]
+    # rtts=1: every reply's RTT, raw, for the host to compute percentiles from (nicsim bench --latency)
+    assert len(ping["rtt_ms"]) == 3
+    assert (min(ping["rtt_ms"]), max(ping["rtt_ms"])) == (ping["rtt_min_ms"], ping["rtt_max_ms"])
 
 
 @pytest.mark.vm

@@ -52,6 +52,8 @@ class RunContext:
     guest_ip: str = GUEST_IP
     host_ip: str = HOST_IP
     start_timeout: float = 15.0
+    #: extra options for ``nicsim serve`` (``--nicsim-args``: notification policy knobs, say)
+    nicsim_args: tuple[str, ...] = ()
 
 
 def pinned(argv: Sequence[str], cpu: int | None) -> list[str]:

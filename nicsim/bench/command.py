@@ -22,6 +22,7 @@ import asyncio
 import functools
 import importlib.util
 import os
+import shlex
 import shutil
 import sys
 import textwrap
@@ -125,7 +126,8 @@ class VmMode(Mode):
         self.backends = [BACKEND_CLASSES[n]() for n in names]
         directions = None if args.directions is None else [Direction(d) for d in args.directions]
         return build_plan(names, quick=args.quick, sizes=args.sizes, directions=directions,
-                          repetitions=args.repetitions, duration=args.duration)  # fmt: skip
+                          repetitions=args.repetitions, duration=args.duration,
+                          latency=getattr(args, "latency", False))  # fmt: skip
 
     def missing(self) -> str | None:
         qemu = self.args.qemu
@@ -162,7 +164,8 @@ class VmMode(Mode):
         args = self.args
         self.ctx = RunContext(workdir=workdir, duration=plan.duration,
                               qemu_cpu=args.qemu_cpu if self.pin else None,
-                              backend_cpu=args.backend_cpu if self.pin else None)  # fmt: skip
+                              backend_cpu=args.backend_cpu if self.pin else None,
+                              nicsim_args=nicsim_args(args))  # fmt: skip
         runner = VmRunner(kernel=self.kernel, initrd=self.initrd, ctx=self.ctx, accel=self.accel,
                           qemu=args.qemu, on_run=on_run, on_cell=on_cell)  # fmt: skip
         return await runner.run_plan(plan, self.backends)
@@ -170,7 +173,8 @@ class VmMode(Mode):
     def report(self, plan: Plan, results: list[CellResult]) -> tuple[str, Document]:
         args, ctx = self.args, self.ctx
         config = {"mode": self.name, "backends": self.names, "quick": args.quick, "accel": self.accel,
-                  "pinned": self.pin, "qemu_cpu": ctx.qemu_cpu, "backend_cpu": ctx.backend_cpu}  # fmt: skip
+                  "pinned": self.pin, "qemu_cpu": ctx.qemu_cpu, "backend_cpu": ctx.backend_cpu,
+                  "nicsim_args": list(ctx.nicsim_args)}  # fmt: skip
         return render_table(results), lambda: to_json(
             results, plan=plan, machine=machine(), config=config,
             versions=versions(qemu=args.qemu, guest_kernel=self.guest_kernel),
@@ -188,13 +192,20 @@ def backend_only_plan(args: argparse.Namespace) -> Plan:
     directions = [Direction.TX, Direction.RX]
     if args.directions is not None:
         directions = [Direction(d) for d in args.directions]
-        if any(d.is_tcp for d in directions):
-            raise ValueError("--backend-only measures frames (tx, rx); TCP needs a guest")
+        if any(d.sizeless for d in directions):
+            raise ValueError("--backend-only measures frames (tx, rx); TCP needs a guest, and so does ping")
+    if getattr(args, "latency", False):
+        raise ValueError("--backend-only measures frames (tx, rx); --latency needs a guest")
     duration = (
         args.duration if args.duration is not None else (QUICK_DURATION if args.quick else DEFAULT_DURATION)
     )
     return build_plan(names, quick=args.quick, sizes=args.sizes or DEFAULT_SIZES, directions=directions,
                       repetitions=args.repetitions, duration=duration)  # fmt: skip
+
+
+def nicsim_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """``--nicsim-args "--kick-batch 0"`` as argv words for ``nicsim serve`` (shell quoting rules)."""
+    return tuple(shlex.split(getattr(args, "nicsim_args", None) or ""))
 
 
 class BackendOnlyMode(Mode):

@@ -32,15 +32,30 @@ class Direction(enum.Enum):
     RX = "rx"  # the backend sends UDP frames into the guest; the guest counts
     TCP_TX = "tcp-tx"  # iperf3, guest -> host
     TCP_RX = "tcp-rx"  # iperf3, host -> guest
+    PING = "ping"  # guest pings the host address behind the backend every 10 ms; RTT percentiles
+    PING_FLOOD = "ping-flood"  # the same back to back: the next request as soon as the reply is in
 
     @property
     def is_tcp(self) -> bool:
         return self in (Direction.TCP_TX, Direction.TCP_RX)
 
+    @property
+    def is_latency(self) -> bool:
+        """A request/response cell (one outstanding request): RTTs, not a rate; sizeless like TCP."""
+        return self in (Direction.PING, Direction.PING_FLOOD)
+
+    @property
+    def sizeless(self) -> bool:
+        return self.is_tcp or self.is_latency
+
+
+LATENCY_DIRECTIONS = (Direction.PING, Direction.PING_FLOOD)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Cell:
-    """One row of the result table: ``size`` is 0 for TCP cells (iperf3 picks its segment size)."""
+    """One row of the result table: ``size`` is 0 for TCP cells (iperf3 picks its segment size) and for
+    latency cells (ping's 64-byte ICMP echo)."""
 
     backend: str
     direction: Direction
@@ -84,11 +99,13 @@ def build_plan(
     directions: Sequence[Direction] | None = None,
     repetitions: int | None = None,
     duration: float | None = None,
+    latency: bool = False,
 ) -> Plan:
     """The cells for ``backends``: every direction at every size (TCP once, sizeless), per backend.
 
     Quick defaults: 1 repetition, 64 and 1500 bytes, 2 s, no host->guest TCP row; full: 3 repetitions,
-    64/512/1500 bytes, 5 s, all four directions. Explicit arguments override either.
+    64/512/1500 bytes, 5 s, all four directions. Explicit arguments override either; ``latency`` adds
+    the two ping rows (``--latency``) to whichever directions there are.
     """
     if not backends:
         raise ValueError("no backend to benchmark")
@@ -100,6 +117,8 @@ def build_plan(
         directions = (Direction.TX, Direction.RX, Direction.TCP_TX)
         if not quick:
             directions = (*directions, Direction.TCP_RX)
+    if latency:
+        directions = (*directions, *(d for d in LATENCY_DIRECTIONS if d not in directions))
     reps = repetitions if repetitions is not None else (1 if quick else 3)
     if reps < 1:
         raise ValueError(f"repetitions={reps}: at least 1")
@@ -109,7 +128,7 @@ def build_plan(
     cells: list[Cell] = []
     for backend in backends:
         for direction in directions:
-            if direction.is_tcp:
+            if direction.sizeless:
                 cells.append(Cell(backend=backend, direction=direction))
             else:
                 cells.extend(Cell(backend=backend, direction=direction, size=s) for s in sizes)

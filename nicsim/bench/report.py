@@ -5,7 +5,8 @@ CPU share of QEMU and of the backend process, nicsim's pool high-water mark (the
 runs), and the ratio *reference ÷ this row* of the median throughput (pps, or Gbit/s for TCP) against
 the reference backend's row with the same direction and size — nicsim when it is benchmarked. Cells
 that were not measured show their status ("n/a", "skipped", "failed") and the reason is listed
-under the table. The JSON holds every sample. The plot is throughput against frame size, one line
+under the table. Latency cells (ping) get a table of their own under it: RTT p50 / p99 / max in ms.
+The JSON holds every sample. The plot is throughput against frame size, one line
 per backend and direction, and needs matplotlib (``pip install matplotlib``), said so if missing.
 """
 
@@ -22,6 +23,7 @@ from typing import Any
 from .matrix import Plan, Summary, ratio
 from .runner import CellResult
 
+LATENCY_MEASURES = ("rtt_p50_ms", "rtt_p99_ms", "rtt_max_ms", "loss_pct")
 MATPLOTLIB_HINT = "--plot needs matplotlib: install it with 'pip install matplotlib'"
 
 
@@ -94,6 +96,50 @@ def table_rows(results: Sequence[CellResult], reference: str | None) -> list[lis
     return rows
 
 
+def grid(header: list[str], rows: list[list[str]]) -> list[str]:
+    """``header``, a rule and ``rows`` in aligned columns, the first two left-aligned."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    left = {0, 1}
+
+    def fmt(row: list[str]) -> str:
+        pairs = enumerate(zip(row, widths, strict=True))
+        cells = [v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in pairs]
+        return "  ".join(cells).rstrip()
+
+    return [fmt(header), fmt(["-" * w for w in widths]), *(fmt(row) for row in rows)]
+
+
+LATENCY_HEADER = ["backend", "latency", "p50 ms", "p50 min-max", "p99 ms", "p99-p50", "max ms", "loss",
+                  "runs"]  # fmt: skip
+LATENCY_LEGEND = (
+    "latency: guest ping RTT to the host address behind the backend (ping: every 10 ms; ping-flood: "
+    "the next request as soon as the reply is in); p50/p99 are nearest-rank over one run's replies, "
+    "the median over runs shown, p50 min-max its spread over runs; max ms the largest RTT of any run."
+)
+
+
+def ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def latency_rows(results: Sequence[CellResult]) -> list[list[str]]:
+    """One row per latency cell: median p50 / p99 over runs, the p50 spread, the worst RTT, loss."""
+    rows: list[list[str]] = []
+    for r in results:
+        head = [r.cell.backend, r.cell.direction.value]
+        if r.status != "ok":
+            rows.append([*head, r.status, "", "", "", "", "", ""])
+            continue
+        p50, p99, worst = (r.summary(m) for m in ("rtt_p50_ms", "rtt_p99_ms", "rtt_max_ms"))
+        loss = r.summary("loss_pct")
+        spread = "-" if p50 is None else f"{p50.min:.3f}-{p50.max:.3f}"
+        gap = None if p50 is None or p99 is None else p99.median - p50.median
+        rows.append([*head, ms(_median(p50)), spread, ms(_median(p99)), ms(gap),
+                     ms(None if worst is None else worst.max),
+                     "-" if loss is None else f"{loss.max:.1f}%", str(len(r.good()))])  # fmt: skip
+    return rows
+
+
 def render_table(
     results: Sequence[CellResult], *, reference: str | None = None, first_cpu: str = "QEMU",
     footer: Sequence[str] = (),
@@ -104,16 +150,11 @@ def render_table(
     reference = reference if reference is not None else reference_of(results)
     header = ["backend", "dir", "size", "pps min", "pps med", "pps max", "Gbit/s",
               f"CPU {first_cpu}", "CPU backend", "pool HW", f"{reference}÷this"]  # fmt: skip
-    rows = table_rows(results, reference)
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    left = {0, 1}
-
-    def fmt(row: list[str]) -> str:
-        pairs = enumerate(zip(row, widths, strict=True))
-        cells = [v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in pairs]
-        return "  ".join(cells).rstrip()
-
-    lines = [fmt(header), fmt(["-" * w for w in widths]), *(fmt(row) for row in rows)]
+    throughput = [r for r in results if not r.cell.direction.is_latency]
+    latency = [r for r in results if r.cell.direction.is_latency]
+    lines = grid(header, table_rows(throughput, reference)) if throughput or not latency else []
+    if latency:
+        lines += [*([""] if lines else []), *grid(LATENCY_HEADER, latency_rows(latency))]
     notes = [f"  {r.cell.label()}: {r.status}: {r.reason}" for r in results if r.status != "ok"]
     failed_runs = [
         f"  {r.cell.label()} run {i + 1}: {s.error}"
@@ -121,11 +162,15 @@ def render_table(
     ]  # fmt: skip
     if notes or failed_runs:
         lines += ["", "not measured / failed runs:", *notes, *failed_runs]
-    lines += [
-        "",
+    legend = (
         "size: Ethernet frame with FCS (64 B hands 60 bytes to the NIC); Gbit/s counts frame bytes "
         "without FCS; CPU: share of one core over the measured window (median); pool HW: nicsim's "
-        f"packet pool high-water mark; {reference}÷this: ratio of median pps (Gbit/s for TCP).",
+        f"packet pool high-water mark; {reference}÷this: ratio of median pps (Gbit/s for TCP)."
+    )
+    lines += [
+        "",
+        *([legend] if throughput or not latency else []),
+        *([LATENCY_LEGEND] if latency else []),
         *footer,
     ]
     return "\n".join(lines)
@@ -141,7 +186,8 @@ def cell_json(result: CellResult, ratio_value: float | None) -> dict[str, Any]:
         "backend": c.backend, "direction": c.direction.value, "size": c.size, "frame_len": c.frame_len,
         "status": result.status, "reason": result.reason,
         "summary": {m: _summary_dict(result.summary(m))
-                    for m in ("pps", "gbps", "cpu_qemu_pct", "cpu_backend_pct", "pool_high_water")},
+                    for m in ("pps", "gbps", "cpu_qemu_pct", "cpu_backend_pct", "pool_high_water",
+                              *LATENCY_MEASURES)},
         "ratio_reference_over_this": ratio_value,
         "samples": [dataclasses.asdict(s) for s in result.samples],
     }  # fmt: skip
@@ -174,7 +220,7 @@ def plot(results: Sequence[CellResult], path: Path) -> str | None:
     lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for r in results:
         value = headline(r)
-        if r.cell.direction.is_tcp or value is None:
+        if r.cell.direction.sizeless or value is None:
             continue
         lines.setdefault((r.cell.backend, r.cell.direction.value), []).append((r.cell.size, value))
     if not lines:

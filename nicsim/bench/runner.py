@@ -44,6 +44,11 @@ class Sample:
     counts: dict[str, Any] | None = None
     #: the negotiated virtio features (``counts.features_record``), when something reported them
     features: dict[str, Any] | None = None
+    #: latency cells (``latency.rtt_measures``): RTT percentiles over the run's replies, and the loss
+    rtt_p50_ms: float | None = None
+    rtt_p99_ms: float | None = None
+    rtt_max_ms: float | None = None
+    loss_pct: float | None = None
 
     @property
     def miscounted(self) -> bool:

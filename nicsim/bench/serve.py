@@ -10,6 +10,8 @@ cleanly. TCP cells use ``--port tap,netns=NS,ifname=tap0`` (offloads on): the ru
 ``NS`` with ``tap0`` (the host address, the guest as a permanent neighbour) and an iperf3 server there,
 exactly as the ``qemu-tap`` peer does, and deletes it afterwards; QEMU itself stays in the root
 namespace. The backend CPU column is nicsim's; the namespace's kernel and iperf3 share its core.
+Latency cells (ping) use the same tap port and namespace, without iperf3: the namespace's kernel
+answers the guest's pings, as it does behind the ``qemu-tap`` peer.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class NicsimBackend(Backend):
         return None
 
     def unsupported(self, cell: Cell) -> str | None:
-        return self.unavailable_tcp() if cell.direction.is_tcp else None
+        return self.unavailable_tcp() if cell.direction.sizeless else None
 
     @contextlib.asynccontextmanager
     async def open_run(self, cell: Cell, ctx: RunContext) -> AsyncIterator[BenchRun]:
@@ -95,14 +97,15 @@ class NicsimBackend(Backend):
         run = BenchRun(nic=VhostUserNic(mac=ctx.guest_mac, socket=sock))
         iperf3: ChildProcess | None = None
         with contextlib.ExitStack() as stack:  # the namespace outlives the processes that use it
-            ns = stack.enter_context(peer_netns(ctx)) if cell.direction.is_tcp else None
+            ns = stack.enter_context(peer_netns(ctx)) if cell.direction.sizeless else None
             argv = pinned([
                 sys.executable, "-m", "nicsim", "serve", "--socket", str(sock),
                 "--port", serve_port(cell, None if ns is None else ns.name), "--stats-file", str(stats_file),
+                *ctx.nicsim_args,
             ], ctx.backend_cpu)  # fmt: skip
             proc = ChildProcess(argv, ctx.workdir / f"nicsim-{n}.log", env=python_env())
             try:
-                if ns is not None:
+                if ns is not None and cell.direction.is_tcp:
                     iperf3 = await start_iperf3_server(ns, ctx)
                 await proc.start()
                 run.pid = proc.pid

@@ -7,9 +7,11 @@ bounded mbuf pool (``--total-num-mbufs``), and ``--stats-period 1`` so it runs w
 (otherwise it exits at once on an empty stdin). Two lcores, both mapped onto the backend's CPU: the
 main lcore only prints statistics, the forwarding lcore busy-polls, so "CPU% backend" reads ~100 %
 by design. Guest TX cells use ``--forward-mode=rxonly``; guest RX cells ``txonly`` with
-``--txpkts=<frame length>`` and ``--eth-peer`` set to the guest's MAC. QEMU starts once the socket
-exists; SIGINT stops testpmd, which prints its accumulated counters (kept in the run's JSON); its
-packet counters are the backend's own count the guest's is checked against (``testpmd_carried``).
+``--txpkts=<frame length>`` and ``--eth-peer`` set to the guest's MAC; latency cells ``icmpecho``
+(testpmd itself answers the guest's ARP requests and pings: no kernel, no TAP behind it). QEMU
+starts once the socket exists; SIGINT stops testpmd, which prints its accumulated counters (kept in
+the run's JSON); its packet counters are the backend's own count the guest's is checked against
+(``testpmd_carried``).
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ def dpdk_version() -> str | None:
     return None
 
 
+def testpmd_mode(direction: Direction) -> str:
+    """testpmd's forwarding mode for a cell: it sinks guest TX, sends guest RX, and for latency cells
+    answers the guest's ARP and ICMP echo requests itself (``icmpecho``, on the port they came in on)."""
+    if direction.is_latency:
+        return "icmpecho"
+    return "rxonly" if direction is Direction.TX else "txonly"
+
+
 class DpdkBackend(Backend):
     name = "dpdk"
 
@@ -98,7 +108,7 @@ class DpdkBackend(Backend):
         n = next(_counter)
         prefix = f"nicsim-bench-{os.getpid()}-{n}"
         sock = ctx.workdir / f"testpmd-{n}.sock"
-        mode = "rxonly" if cell.direction is Direction.TX else "txonly"
+        mode = testpmd_mode(cell.direction)
         argv = build_testpmd_argv(
             socket=sock, mode=mode, frame_len=cell.frame_len, prefix=prefix, cpu=ctx.backend_cpu,
             peer_mac=ctx.guest_mac, binary=self.binary,

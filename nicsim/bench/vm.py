@@ -6,7 +6,8 @@ the guest to be up, opens the measured window (CPU time of QEMU and of the backe
 from /proc) and closes it when the guest prints its result. The window opens at ``NICSIM-READY`` —
 for guest RX at the rx-count workload's "counting" line, so the guest's boot is never in the CPU
 figures; it closes at the workload's result line. Throughput is the guest's own count (pktgen for
-TX, eth0's counters for RX, iperf3 for TCP), checked against the backend's own count once the run
+TX, eth0's counters for RX, iperf3 for TCP; for latency cells, ping's replies, whose RTTs the host
+turns into percentiles: :mod:`nicsim.bench.latency`), checked against the backend's own count once the run
 has ended (:mod:`nicsim.bench.counts`). After the measured workload the guest runs ``link``, whose
 feature bits are the negotiated virtio features recorded with the sample. A run that fails is
 recorded with its reason, and the run goes on with the next one (the loop over the plan is
@@ -26,6 +27,7 @@ from qemu.testvm import NetnsError, TestVM, TestVMError, Workload, WorkloadResul
 
 from .backend import Backend, BenchError, RunContext
 from .counts import Carried, check_counts, guest_features
+from .latency import ping_params, rtt_measures
 from .matrix import Cell, Direction, Plan
 from .procstat import CpuWindow
 from .runner import CellResult, Sample, run_cells
@@ -38,6 +40,8 @@ LINK_MARGIN = 30.0  # the link workload after the measured one: sysfs reads, a f
 def workload_for(cell: Cell, ctx: RunContext) -> Workload:
     """The guest workload that measures ``cell``."""
     secs = ctx.duration
+    if cell.direction.is_latency:
+        return Workload("ping", target=ctx.host_ip, **ping_params(cell.direction, secs))
     if cell.direction is Direction.TX:
         # Broadcast destination MAC: every backend accepts it, no neighbour lookup in the guest.
         return Workload("pktgen-tx", size=cell.frame_len, duration=secs, dst=ctx.host_ip)
@@ -48,7 +52,10 @@ def workload_for(cell: Cell, ctx: RunContext) -> Workload:
 
 
 def measure(cell: Cell, guest: dict[str, Any]) -> dict[str, Any]:
-    """pps / Gbit/s / packets / bytes / seconds from the guest's result line."""
+    """pps / Gbit/s / packets / bytes / seconds from the guest's result line (RTT percentiles, replies
+    and loss for a latency cell)."""
+    if cell.direction.is_latency:
+        return rtt_measures(guest)
     if cell.direction.is_tcp:
         bps = guest.get("received_bps")
         nbytes = guest.get("received_bytes")
@@ -158,7 +165,11 @@ class VmRunner:
         sample.features = link_features(results[1:])
         for key, value in measure(cell, sample.guest).items():
             setattr(sample, key, value)
-        if not (sample.gbps if cell.direction.is_tcp else sample.pps):
+        if cell.direction.is_latency:
+            counted = sample.rtt_p50_ms is not None
+        else:
+            counted = bool(sample.gbps if cell.direction.is_tcp else sample.pps)
+        if not counted:
             sample.ok = False
             sample.error = "the guest counted no traffic"
             return sample

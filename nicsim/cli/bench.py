@@ -94,7 +94,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--directions",
         type=_directions,
         metavar="LIST",
-        help="any of tx,rx,tcp-tx,tcp-rx (default: all; --quick: tx,rx,tcp-tx)",
+        help="any of tx,rx,tcp-tx,tcp-rx,ping,ping-flood (default: all but ping; --quick: tx,rx,tcp-tx)",
+    )
+    p.add_argument(
+        "--nicsim-args",
+        metavar="ARGS",
+        help="extra options for the nicsim backend's 'nicsim serve', e.g. \"--kick-batch 0 --poll-us 200\"",
+    )
+    p.add_argument(
+        "--latency",
+        action="store_true",
+        help="add the latency rows: guest ping RTT p50/p99/max every 10 ms (ping) and back to back",
     )
     p.add_argument("--repetitions", type=int, metavar="N", help="runs per cell (default 3; --quick 1)")
     p.add_argument(
