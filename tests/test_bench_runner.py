@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nicsim.bench import BACKEND_CLASSES, DpdkBackend, NicsimBackend, QemuTapBackend, RunContext
+from nicsim.bench import BACKEND_CLASSES, PEERS, DpdkBackend, NicsimBackend, QemuTapBackend, RunContext
 from nicsim.bench.matrix import Cell, Direction, build_plan
 from nicsim.bench.progress import Progress, clock
 from nicsim.bench.runner import run_directory
@@ -69,6 +69,17 @@ async def test_a_run_that_cannot_boot_is_failed_with_its_reason_and_the_plan_goe
     results = await runner.run_plan(plan, [Gone(), QemuTapBackend()])
     assert [r.status for r in results] == ["skipped", "failed"]
     assert results[1].reason is not None and "could not open kernel file" in results[1].reason
+
+
+def test_nicsim_guest_tx_reads_every_byte_unless_the_row_is_labelled_count_only() -> None:
+    tx = Cell(backend="nicsim", direction=Direction.TX, size=1500)
+    assert serve_port(tx, read=True) == "sink,read=on"
+    assert NicsimBackend.read_tx is True
+    count_only = BACKEND_CLASSES["nicsim-count-only"]()
+    assert isinstance(count_only, NicsimBackend) and count_only.read_tx is False
+    assert count_only.unsupported(tx) is None
+    assert count_only.unsupported(Cell(backend="nicsim-count-only", direction=Direction.RX, size=64))
+    assert "nicsim-count-only" not in PEERS
 
 
 def test_nicsim_backend_speaks_the_serve_contract() -> None:
