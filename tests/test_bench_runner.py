@@ -12,11 +12,12 @@ import pytest
 from nicsim.bench import BACKEND_CLASSES, PEERS, DpdkBackend, NicsimBackend, QemuTapBackend, RunContext
 from nicsim.bench.matrix import Cell, Direction, build_plan
 from nicsim.bench.progress import Progress, clock
-from nicsim.bench.runner import run_directory
+from nicsim.bench.runner import Sample, run_directory
 from nicsim.bench.serve import TESTPMD_FRAME, high_water, serve_port
 from nicsim.bench.testpmd import build_testpmd_argv, parse_counters
 from nicsim.bench.vm import VmRunner, measure, skip_runs, workload_for
 from nicsim.cli import main
+from qemu.testvm import DEFAULT_MAC
 
 CTX = RunContext(workdir=Path("/nonexistent"), duration=2.0)
 
@@ -192,3 +193,28 @@ def test_a_bench_with_a_log_dir_keeps_its_logs_there_and_leaves_no_temporary_dir
     assert status == 1 and "could not open kernel file" in capsys.readouterr().out
     assert (logs / "qemu-pinned").exists()  # the runs worked there (QEMU's taskset wrapper)
     assert list(tmp.iterdir()) == []
+
+
+def test_total_core_use_counts_qemu_backend_and_sender_once_each() -> None:
+    from nicsim.bench.vm import total_cpu
+
+    assert total_cpu(Sample(ok=True, cpu_qemu_pct=98.0, cpu_backend_pct=None, cpu_sender_pct=40.0)) == 138.0
+    assert total_cpu(Sample(ok=True, cpu_qemu_pct=90.0, cpu_backend_pct=100.0)) == 190.0
+    assert total_cpu(Sample(ok=True, cpu_backend_pct=100.0)) is None  # QEMU not measured: no total
+
+
+def test_qemu_tap_rx_sender_writes_the_frame_nicsims_generator_sends() -> None:
+    from nicsim.bench.blaster import frame_for
+    from nicsim.cli.serve import parse_port
+    from nicsim.ports import GeneratorPort
+    from nicsim.ports import frames as fr
+
+    for size in (64, 1500):
+        cell = Cell(backend="nicsim", direction=Direction.RX, size=size)
+        port = parse_port(serve_port(cell))
+        assert isinstance(port, GeneratorPort)
+        frame = frame_for(cell.frame_len, DEFAULT_MAC)
+        assert frame == port.template.tobytes() and len(frame) == cell.frame_len
+        assert frame[:6] == fr.mac_bytes(DEFAULT_MAC)
+        assert frame[fr.ETH_HLEN + 16 : fr.ETH_HLEN + 20] == fr.ip_bytes("198.18.0.2")
+        assert frame[fr.ETH_HLEN + fr.IPV4_HLEN + 6 : fr.ETH_HLEN + fr.IPV4_HLEN + 8] == b"\0\0"

@@ -11,7 +11,8 @@ own count the guest's is checked against (odd queues: taken from the guest; even
 cleanly. TCP cells use ``--port tap,netns=NS,ifname=tap0`` (offloads on): the run creates namespace
 ``NS`` with ``tap0`` (the host address, the guest as a permanent neighbour) and an iperf3 server there,
 exactly as the ``qemu-tap`` peer does, and deletes it afterwards; QEMU itself stays in the root
-namespace. The backend CPU column is nicsim's; the namespace's kernel and iperf3 share its core.
+namespace. The backend CPU column is nicsim's; the namespace's kernel and iperf3 share its core
+(iperf3's share is the "CPU sender" column).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class NicsimBackend(Backend):
             try:
                 if ns is not None:
                     iperf3 = await start_iperf3_server(ns, ctx)
+                    run.sender_pid = iperf3.pid
                 await proc.start()
                 run.pid = proc.pid
                 await proc.wait_for_path(sock, ctx.start_timeout)
