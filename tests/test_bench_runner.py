@@ -218,3 +218,25 @@ def test_qemu_tap_rx_sender_writes_the_frame_nicsims_generator_sends() -> None:
         assert frame[:6] == fr.mac_bytes(DEFAULT_MAC)
         assert frame[fr.ETH_HLEN + 16 : fr.ETH_HLEN + 20] == fr.ip_bytes("198.18.0.2")
         assert frame[fr.ETH_HLEN + fr.IPV4_HLEN + 6 : fr.ETH_HLEN + fr.IPV4_HLEN + 8] == b"\0\0"
+
+
+def test_qemu_cpus_lets_qemu_run_free_on_a_list_of_cores(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nicsim.bench.command import qemu_cores
+    from nicsim.bench.vm import qemu_wrapper
+    from nicsim.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--qemu-cpus", "1,0"])
+    assert args.qemu_cpus == "0,1" and qemu_cores(args) == "0,1"
+    assert qemu_cores(build_parser().parse_args(["bench", "--qemu-cpu", "1"])) == 1
+    wrapper = Path(qemu_wrapper(tmp_path, qemu_cores(args), "qemu-system-x86_64"))
+    assert "exec taskset -c 0,1 qemu-system-x86_64" in wrapper.read_text()
+    with pytest.raises(SystemExit) as usage:
+        main(["bench", "--qemu-cpus", "0,x"])
+    assert usage.value.code == 2
+    assert "core numbers separated by commas" in capsys.readouterr().err
+    assert main(["bench", "--qemu-cpus", "0,99"]) == 2
+    assert "core(s)" in capsys.readouterr().err
+    assert main(["bench", "--backend-only", "--qemu-cpus", "0,1"]) == 2
+    assert "--qemu-cpus places QEMU" in capsys.readouterr().err

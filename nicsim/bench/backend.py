@@ -46,7 +46,7 @@ class RunContext:
 
     workdir: Path
     duration: float
-    qemu_cpu: int | None = 0
+    qemu_cpu: int | str | None = 0  # a core, or a taskset list ("0,1": QEMU free on both)
     backend_cpu: int | None = 1
     guest_mac: str = DEFAULT_MAC
     guest_ip: str = GUEST_IP

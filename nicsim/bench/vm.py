@@ -95,8 +95,9 @@ def total_cpu(sample: Sample) -> float | None:
     return sum(p for p in parts if p is not None)
 
 
-def qemu_wrapper(workdir: Path, cpu: int | None, qemu: str) -> str:
-    """A tiny executable that runs QEMU under ``taskset``; ``exec`` keeps QEMU's pid the one TestVM sees."""
+def qemu_wrapper(workdir: Path, cpu: int | str | None, qemu: str) -> str:
+    """A tiny executable that runs QEMU under ``taskset`` (one core, or a list such as ``0,1``);
+    ``exec`` keeps QEMU's pid the one TestVM sees."""
     if cpu is None:
         return qemu
     path = workdir / "qemu-pinned"
