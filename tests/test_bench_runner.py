@@ -240,3 +240,30 @@ def test_qemu_cpus_lets_qemu_run_free_on_a_list_of_cores(
     assert "core(s)" in capsys.readouterr().err
     assert main(["bench", "--backend-only", "--qemu-cpus", "0,1"]) == 2
     assert "--qemu-cpus places QEMU" in capsys.readouterr().err
+
+
+def test_qemu_tap_sender_backs_off_while_the_tap_is_full_and_counts_what_it_sent() -> None:
+    import errno
+
+    from nicsim.bench import blaster
+
+    clock = [0.0]
+    drops = [0]
+    sleeps: list[float] = []
+    calls = [0]
+
+    def send() -> None:
+        calls[0] += 1
+        clock[0] += 0.001
+        if calls[0] % 200 == 0:
+            drops[0] += 5  # the TAP's queue overflowed: the kernel dropped frames
+        if calls[0] % 300 == 0:
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+
+    result = blaster.send_loop(send, lambda: drops[0], 1.0, sleep=sleeps.append, monotonic=lambda: clock[0])
+    refused = calls[0] // 300
+    assert result["sent"] == calls[0] - refused and result["refused"] == refused
+    assert result["dropped_at_tap"] == drops[0]
+    assert result["backoffs"] == len(sleeps) > 0 and set(sleeps) == {blaster.BACKOFF}
+    # a burst backs off only when the queue was full: not after every burst
+    assert len(sleeps) < calls[0] // blaster.BURST

@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import json
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from nicsim.ports.generator import GeneratorConfig, GeneratorPort
 
@@ -48,41 +49,48 @@ def _dropped(fd: int) -> int:
     return int(os.pread(fd, 32, 0) or b"0")
 
 
-def blast(ifname: str, frame: bytes, seconds: float) -> dict[str, float]:
+def send_loop(send: Callable[[], object], dropped: Callable[[], int], seconds: float, *,
+              sleep: Callable[[float], object] = time.sleep,
+              monotonic: Callable[[], float] = time.monotonic) -> dict[str, float]:  # fmt: skip
+    """Call ``send()`` in bursts for ``seconds``; after a burst in which the TAP's drop counter
+    (``dropped()``) rose or a send was refused (ENOBUFS), sleep ``BACKOFF``: the queue is full."""
     sent = refused = backoffs = 0
+    dropped0 = last = dropped()
+    start = monotonic()
+    deadline = start + seconds
+    # SIGINT (the benchmark stopping it early) ends the loop but still reports the counts.
+    with contextlib.suppress(KeyboardInterrupt):
+        while monotonic() < deadline:
+            full = False
+            for _ in range(BURST):
+                try:
+                    send()
+                except OSError as err:  # ENOBUFS: the device refused it (queue stopped): full
+                    if err.errno != errno.ENOBUFS:
+                        raise
+                    refused += 1
+                    full = True
+                    break
+                sent += 1
+            now = dropped()
+            if full or now != last:
+                last = now
+                backoffs += 1
+                sleep(BACKOFF)
+    elapsed = monotonic() - start
+    return {"sent": sent, "dropped_at_tap": dropped() - dropped0, "refused": refused, "backoffs": backoffs,
+            "seconds": round(elapsed, 6)}  # fmt: skip
+
+
+def blast(ifname: str, frame: bytes, seconds: float) -> dict[str, float]:
+    """``frame`` onto ``ifname`` (an ``AF_PACKET`` socket bound to it) for ``seconds``."""
     with open(f"/sys/class/net/{ifname}/statistics/tx_dropped", "rb", buffering=0) as counter, \
             socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as sock:  # fmt: skip
         stats = counter.fileno()
         sock.bind((ifname, 0))
         with contextlib.suppress(OSError):
             sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
-        send, monotonic, sleep = sock.send, time.monotonic, time.sleep
-        dropped0 = last = _dropped(stats)
-        start = monotonic()
-        deadline = start + seconds
-        # SIGINT (the benchmark stopping it early) ends the loop but still reports the counts.
-        with contextlib.suppress(KeyboardInterrupt):
-            while monotonic() < deadline:
-                full = False
-                for _ in range(BURST):
-                    try:
-                        send(frame)
-                    except OSError as err:  # ENOBUFS: the device refused it (queue stopped): full
-                        if err.errno != errno.ENOBUFS:
-                            raise
-                        refused += 1
-                        full = True
-                        break
-                    sent += 1
-                now = _dropped(stats)
-                if full or now != last:
-                    last = now
-                    backoffs += 1
-                    sleep(BACKOFF)
-        elapsed = monotonic() - start
-        dropped = _dropped(stats) - dropped0
-    return {"sent": sent, "dropped_at_tap": dropped, "refused": refused, "backoffs": backoffs,
-            "seconds": round(elapsed, 6)}  # fmt: skip
+        return send_loop(functools.partial(sock.send, frame), functools.partial(_dropped, stats), seconds)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
