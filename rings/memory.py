@@ -25,6 +25,8 @@ U64_LIMIT = 1 << 64
 """Addresses are u64: ``address + length`` may not exceed this."""
 
 _T = TypeVar("_T")
+#: the mean segment length from which ``gather`` copies segment by segment instead of by byte index
+GATHER_SLICE_MIN = 128
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,8 +225,11 @@ class GuestMemory:
         offsets: npt.NDArray[np.uint64],
         lengths: npt.NDArray[Any],
     ) -> npt.NDArray[np.uint8]:
-        """Concatenate many translated segments into one new ``uint8`` array (one copy per region,
-        not per segment). Zero-length segments contribute nothing."""
+        """Concatenate many translated segments into one new ``uint8`` array. Zero-length segments
+        contribute nothing. Short segments are copied with one fancy-indexed copy per region; long
+        ones (``GATHER_SLICE_MIN`` bytes on average and up) with one slice copy each: a per-byte
+        index costs far more than a Python step per segment once segments are long (measured:
+        128 segments of 1514 B, about 1.5 ms by index against about 40 us by slices)."""
         self._check_live()
         lens = np.asarray(lengths, dtype=np.int64)
         total = int(lens.sum())
@@ -234,8 +239,14 @@ class GuestMemory:
         dst_start = np.cumsum(lens) - lens
         for r in np.unique(regions[lens > 0]).tolist():
             sel = (regions == r) & (lens > 0)
-            src_idx, dst_idx = _expand(offsets[sel].astype(np.int64), dst_start[sel], lens[sel])
-            out[dst_idx] = self._data[r][src_idx]
+            src, starts, seg_lens = offsets[sel].astype(np.int64), dst_start[sel], lens[sel]
+            data = self._data[r]
+            if int(seg_lens.sum()) >= GATHER_SLICE_MIN * len(seg_lens):
+                for a, b, n in zip(src.tolist(), starts.tolist(), seg_lens.tolist(), strict=True):
+                    out[b : b + n] = data[a : a + n]
+            else:
+                src_idx, dst_idx = _expand(src, starts, seg_lens)
+                out[dst_idx] = data[src_idx]
         return out
 
     def scatter(

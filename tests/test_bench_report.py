@@ -88,3 +88,29 @@ def test_plot_writes_a_png_or_says_which_package_to_install(tmp_path: Path) -> N
     else:
         assert problem is None
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cores_column_sits_beside_the_rate_and_a_busy_sender_is_flagged() -> None:
+    def run(sender: float) -> Sample:
+        s = sample(150e3, cpu_q=100.0, cpu_b=0.0)
+        s.cpu_sender_pct, s.cpu_total_pct = sender, 100.0 + sender
+        return s
+
+    rx = Direction.RX
+    cells = [
+        CellResult(cell=Cell(backend="qemu-tap", direction=rx, size=64), samples=[run(60.0), run(70.0)]),
+        CellResult(cell=Cell(backend="dpdk", direction=rx, size=64), samples=[run(50.0), run(95.0)]),
+    ]
+    lines = render_table(cells).splitlines()
+    header = lines[0].split()
+    assert header[header.index("Gbit/s") + 1 : header.index("Gbit/s") + 4] == ["cores", "CPU", "sender"]
+    tap_row = next(line for line in lines if line.startswith("qemu-tap")).split()
+    gbps = 6  # backend dir size min med max Gbit/s
+    assert tap_row[gbps + 1 : gbps + 3] == ["1.65", "65%"]  # medians: 165 % of a core, sender 65 %
+    dpdk_row = next(line for line in lines if line.startswith("dpdk")).split()
+    assert dpdk_row[gbps + 2] == "72%!"  # one run's sender at 95 %: flagged
+    plan = build_plan(["qemu-tap", "dpdk"], quick=True)
+    doc = to_json(cells, plan=plan, versions={}, machine={}, config={})
+    assert [c["sender_bound"] for c in doc["cells"]] == [False, True]
+    assert doc["cells"][0]["summary"]["cpu_total_pct"]["median"] == 165.0
+    assert doc["cells"][1]["samples"][1]["cpu_sender_pct"] == 95.0

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from nicsim.bench import BACKEND_CLASSES, DpdkBackend, NicsimBackend, QemuTapBackend, RunContext
+from nicsim.bench import BACKEND_CLASSES, PEERS, DpdkBackend, NicsimBackend, QemuTapBackend, RunContext
 from nicsim.bench.matrix import Cell, Direction, build_plan
 from nicsim.bench.progress import Progress, clock
-from nicsim.bench.runner import run_directory
+from nicsim.bench.runner import Sample, run_directory
 from nicsim.bench.serve import TESTPMD_FRAME, high_water, serve_port
 from nicsim.bench.testpmd import build_testpmd_argv, parse_counters
 from nicsim.bench.vm import VmRunner, measure, skip_runs, workload_for
 from nicsim.cli import main
+from qemu.testvm import DEFAULT_MAC
 
 CTX = RunContext(workdir=Path("/nonexistent"), duration=2.0)
 
@@ -69,6 +70,17 @@ async def test_a_run_that_cannot_boot_is_failed_with_its_reason_and_the_plan_goe
     results = await runner.run_plan(plan, [Gone(), QemuTapBackend()])
     assert [r.status for r in results] == ["skipped", "failed"]
     assert results[1].reason is not None and "could not open kernel file" in results[1].reason
+
+
+def test_nicsim_guest_tx_reads_every_byte_unless_the_row_is_labelled_count_only() -> None:
+    tx = Cell(backend="nicsim", direction=Direction.TX, size=1500)
+    assert serve_port(tx, read=True) == "sink,read=on"
+    assert NicsimBackend.read_tx is True
+    count_only = BACKEND_CLASSES["nicsim-count-only"]()
+    assert isinstance(count_only, NicsimBackend) and count_only.read_tx is False
+    assert count_only.unsupported(tx) is None
+    assert count_only.unsupported(Cell(backend="nicsim-count-only", direction=Direction.RX, size=64))
+    assert "nicsim-count-only" not in PEERS
 
 
 def test_nicsim_backend_speaks_the_serve_contract() -> None:
@@ -181,3 +193,77 @@ def test_a_bench_with_a_log_dir_keeps_its_logs_there_and_leaves_no_temporary_dir
     assert status == 1 and "could not open kernel file" in capsys.readouterr().out
     assert (logs / "qemu-pinned").exists()  # the runs worked there (QEMU's taskset wrapper)
     assert list(tmp.iterdir()) == []
+
+
+def test_total_core_use_counts_qemu_backend_and_sender_once_each() -> None:
+    from nicsim.bench.vm import total_cpu
+
+    assert total_cpu(Sample(ok=True, cpu_qemu_pct=98.0, cpu_backend_pct=None, cpu_sender_pct=40.0)) == 138.0
+    assert total_cpu(Sample(ok=True, cpu_qemu_pct=90.0, cpu_backend_pct=100.0)) == 190.0
+    assert total_cpu(Sample(ok=True, cpu_backend_pct=100.0)) is None  # QEMU not measured: no total
+
+
+def test_qemu_tap_rx_sender_writes_the_frame_nicsims_generator_sends() -> None:
+    from nicsim.bench.blaster import frame_for
+    from nicsim.cli.serve import parse_port
+    from nicsim.ports import GeneratorPort
+    from nicsim.ports import frames as fr
+
+    for size in (64, 1500):
+        cell = Cell(backend="nicsim", direction=Direction.RX, size=size)
+        port = parse_port(serve_port(cell))
+        assert isinstance(port, GeneratorPort)
+        frame = frame_for(cell.frame_len, DEFAULT_MAC)
+        assert frame == port.template.tobytes() and len(frame) == cell.frame_len
+        assert frame[:6] == fr.mac_bytes(DEFAULT_MAC)
+        assert frame[fr.ETH_HLEN + 16 : fr.ETH_HLEN + 20] == fr.ip_bytes("198.18.0.2")
+        assert frame[fr.ETH_HLEN + fr.IPV4_HLEN + 6 : fr.ETH_HLEN + fr.IPV4_HLEN + 8] == b"\0\0"
+
+
+def test_qemu_cpus_lets_qemu_run_free_on_a_list_of_cores(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nicsim.bench.command import qemu_cores
+    from nicsim.bench.vm import qemu_wrapper
+    from nicsim.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--qemu-cpus", "1,0"])
+    assert args.qemu_cpus == "0,1" and qemu_cores(args) == "0,1"
+    assert qemu_cores(build_parser().parse_args(["bench", "--qemu-cpu", "1"])) == 1
+    wrapper = Path(qemu_wrapper(tmp_path, qemu_cores(args), "qemu-system-x86_64"))
+    assert "exec taskset -c 0,1 qemu-system-x86_64" in wrapper.read_text()
+    with pytest.raises(SystemExit) as usage:
+        main(["bench", "--qemu-cpus", "0,x"])
+    assert usage.value.code == 2
+    assert "core numbers separated by commas" in capsys.readouterr().err
+    assert main(["bench", "--qemu-cpus", "0,99"]) == 2
+    assert "core(s)" in capsys.readouterr().err
+    assert main(["bench", "--backend-only", "--qemu-cpus", "0,1"]) == 2
+    assert "--qemu-cpus places QEMU" in capsys.readouterr().err
+
+
+def test_qemu_tap_sender_backs_off_while_the_tap_is_full_and_counts_what_it_sent() -> None:
+    import errno
+
+    from nicsim.bench import blaster
+
+    clock = [0.0]
+    drops = [0]
+    sleeps: list[float] = []
+    calls = [0]
+
+    def send() -> None:
+        calls[0] += 1
+        clock[0] += 0.001
+        if calls[0] % 200 == 0:
+            drops[0] += 5  # the TAP's queue overflowed: the kernel dropped frames
+        if calls[0] % 300 == 0:
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+
+    result = blaster.send_loop(send, lambda: drops[0], 1.0, sleep=sleeps.append, monotonic=lambda: clock[0])
+    refused = calls[0] // 300
+    assert result["sent"] == calls[0] - refused and result["refused"] == refused
+    assert result["dropped_at_tap"] == drops[0]
+    assert result["backoffs"] == len(sleeps) > 0 and set(sleeps) == {blaster.BACKOFF}
+    # a burst backs off only when the queue was full: not after every burst
+    assert len(sleeps) < calls[0] // blaster.BURST

@@ -125,6 +125,20 @@ def test_gather_and_scatter_round_trip_across_regions() -> None:
     assert mem.gather(region, offset, lens).tolist() == list(range(10))
 
 
+def test_gather_of_long_segments_copies_the_same_bytes_as_of_short_ones() -> None:
+    mem, _ = two_regions()
+    rng = np.random.default_rng(7)
+    mem.scatter(np.array([0, 1], np.int32), np.array([0, 0], np.uint64), np.array([4096, 4096]),
+                rng.integers(0, 256, 8192, dtype=np.uint8), np.array([0, 4096]))  # fmt: skip
+    backing = {0: mem.view(0x1000, 4096).copy(), 1: mem.view(0x2000, 4096).copy()}
+    for lens in ([1500, 0, 700, 1024], [3, 9, 0, 60]):  # by slices (long), by byte index (short)
+        region = np.array([1, 0, 1, 0], dtype=np.int32)
+        offset = np.array([100, 2000, 3000, 5], dtype=np.uint64)
+        parts = zip(region.tolist(), offset.astype(int).tolist(), lens, strict=True)
+        want = np.concatenate([backing[r][o : o + n] for r, o, n in parts])
+        assert mem.gather(region, offset, np.array(lens)).tolist() == want.tolist()
+
+
 def test_scatter_one_template_into_many_buffers() -> None:
     mem, _ = two_regions()
     template = np.array([7, 8, 9], dtype=np.uint8)

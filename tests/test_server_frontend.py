@@ -13,11 +13,13 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nicsim.frontend import FrontendError, Malformed, VhostUserFrontend
 from nicsim.ports import GeneratorConfig, GeneratorPort, Port, SinkPort
 from nicsim.ports.frames import ip_bytes, mac_bytes, udp_frame
+from nicsim.ports.sink import SinkConfig, frame_sums
 from nicsim.server import Server, Session
 from nicsim.vhost import features as vf
 from nicsim.virtio.device import VirtioNetDevice
@@ -76,6 +78,33 @@ def serve(tmp_path: Path) -> Serve:
         return h
 
     return start
+
+
+async def test_reading_sink_sums_every_byte_of_every_frame(serve: Serve) -> None:
+    h = await serve(lambda: SinkPort(SinkConfig(read=True)))
+    fe = await h.frontend()
+    sess = await h.session()
+    frames = [frame(i, size=60 + 97 * i) for i in range(12)]  # sizes up to 1127 B, all distinct bytes
+    fe.transmit(frames)
+    await fe.wait_used(1, len(frames))
+    port = sess.device.snapshot()["port"]
+    assert port["read"] is True
+    assert port["packets"] == len(frames)
+    assert port["checksum"] == sum(sum(f) for f in frames)
+    await fe.close()
+    await h.server.close()
+
+
+def test_frame_sums_covers_each_frame_and_nothing_between() -> None:
+    data = np.arange(20, dtype=np.uint8)
+    # frames at [2, 5) and [9, 20): the bytes between them (a header, say) are not summed
+    sums = frame_sums(data, np.array([2, 9], dtype=np.int64), np.array([3, 11], dtype=np.uint32))
+    assert sums.tolist() == [2 + 3 + 4, sum(range(9, 20))]
+
+
+def test_count_only_sink_reads_no_bytes_and_says_so() -> None:
+    sink = SinkPort()
+    assert sink.stats() == {"packets": 0, "bytes": 0, "read": False}
 
 
 async def test_tx_to_the_sink_counts_every_frame_and_returns_every_buffer(serve: Serve) -> None:

@@ -15,7 +15,7 @@ defined in ``nicsim.cli.bench``.
 from .backend import Backend, BenchError, BenchRun, RunContext
 from .matrix import Cell, Direction, Plan, Summary, build_plan, ratio
 from .runner import CellResult, Sample
-from .serve import NicsimBackend
+from .serve import NicsimBackend, NicsimCountOnlyBackend
 from .tap import QemuTapBackend
 from .testpmd import DpdkBackend
 from .vm import VmRunner
@@ -26,6 +26,7 @@ BACKEND_CLASSES: dict[str, type[Backend]] = {
     "nicsim": NicsimBackend,
     "qemu-tap": QemuTapBackend,
     "dpdk": DpdkBackend,
+    "nicsim-count-only": NicsimCountOnlyBackend,  # guest TX without reading the bytes: a labelled row
 }
 PEERS = ("qemu-tap", "dpdk")
 
@@ -40,6 +41,7 @@ __all__ = [
     "Direction",
     "DpdkBackend",
     "NicsimBackend",
+    "NicsimCountOnlyBackend",
     "Plan",
     "QemuTapBackend",
     "RunContext",

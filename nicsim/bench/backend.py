@@ -46,7 +46,7 @@ class RunContext:
 
     workdir: Path
     duration: float
-    qemu_cpu: int | None = 0
+    qemu_cpu: int | str | None = 0  # a core, or a taskset list ("0,1": QEMU free on both)
     backend_cpu: int | None = 1
     guest_mac: str = DEFAULT_MAC
     guest_ip: str = GUEST_IP
@@ -78,6 +78,9 @@ class BenchRun:
     pool_high_water: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     carried: Carried | None = None  # set once the run has ended, from the backend's own counters
+    #: a traffic helper outside QEMU and the backend (qemu-tap's RX sender, a TCP cell's iperf3
+    #: server): its CPU share is the "CPU sender" column and counts in the cell's total core use
+    sender_pid: int | None = None
 
     async def ready(self) -> None:
         """Called once the guest printed NICSIM-READY, before the measured window opens."""

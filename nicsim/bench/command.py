@@ -163,7 +163,7 @@ class VmMode(Mode):
     ) -> list[CellResult]:
         args = self.args
         self.ctx = RunContext(workdir=workdir, duration=plan.duration,
-                              qemu_cpu=args.qemu_cpu if self.pin else None,
+                              qemu_cpu=qemu_cores(args) if self.pin else None,
                               backend_cpu=args.backend_cpu if self.pin else None,
                               nicsim_args=nicsim_args(args))  # fmt: skip
         runner = VmRunner(kernel=self.kernel, initrd=self.initrd, ctx=self.ctx, accel=self.accel,
@@ -175,7 +175,9 @@ class VmMode(Mode):
         config = {"mode": self.name, "backends": self.names, "quick": args.quick, "accel": self.accel,
                   "pinned": self.pin, "qemu_cpu": ctx.qemu_cpu, "backend_cpu": ctx.backend_cpu,
                   "nicsim_args": list(ctx.nicsim_args)}  # fmt: skip
-        return render_table(results), lambda: to_json(
+        placement = [f"placement: QEMU on core(s) {ctx.qemu_cpu}, the backend and its helpers on core "
+                     f"{ctx.backend_cpu}" if self.pin else "placement: not pinned (--no-pin)"]
+        return render_table(results, footer=placement), lambda: to_json(
             results, plan=plan, machine=machine(), config=config,
             versions=versions(qemu=args.qemu, guest_kernel=self.guest_kernel),
         )  # fmt: skip
@@ -257,14 +259,21 @@ class BackendOnlyMode(Mode):
                                       config=config)  # fmt: skip
 
 
+def qemu_cores(args: argparse.Namespace) -> int | str:
+    """Where QEMU may run: ``--qemu-cpus`` (a list, e.g. "0,1") when given, else ``--qemu-cpu``."""
+    cores: str | None = getattr(args, "qemu_cpus", None)
+    return cores if cores is not None else int(args.qemu_cpu)
+
+
 def machine_problem(args: argparse.Namespace, mode: Mode) -> str | None:
     """What stops either mode on this machine with these options: cores, matplotlib; or None."""
     cpus = os.cpu_count() or 1
     if not args.no_pin:
         if mode.same_core is not None and args.qemu_cpu == args.backend_cpu:
             return mode.same_core
-        if max(args.qemu_cpu, args.backend_cpu) >= cpus:
-            return (f"this machine has {cpus} core(s): choose --qemu-cpu/--backend-cpu below {cpus}, "
+        listed = [int(c) for c in str(qemu_cores(args)).split(",")]
+        if max(*listed, args.qemu_cpu, args.backend_cpu) >= cpus:
+            return (f"this machine has {cpus} core(s): choose --qemu-cpu(s)/--backend-cpu below {cpus}, "
                     "or --no-pin")  # fmt: skip
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         return MATPLOTLIB_HINT
@@ -275,6 +284,8 @@ def option_problem(args: argparse.Namespace) -> str | None:
     """Options that do not go together, or ``None``."""
     if args.max_regress is not None and args.baseline is None:
         return "--max-regress needs --baseline FILE (an earlier 'nicsim bench --json' document)"
+    if getattr(args, "qemu_cpus", None) is not None and getattr(args, "backend_only", False):
+        return "--qemu-cpus places QEMU, and --backend-only runs none: use --qemu-cpu for the frontend"
     if args.json == "-" and args.json_stream == "-":
         return "--json and --json-stream cannot both write to stdout ('-'): give one of them a file"
     return None

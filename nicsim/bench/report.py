@@ -1,7 +1,10 @@
 """Rendering results: the table for a person, the JSON document for tools, the plot for a slide.
 
-One row per cell: backend, direction, frame size, pps min / median / max, Gbit/s median, the median
-CPU share of QEMU and of the backend process, nicsim's pool high-water mark (the largest over the
+One row per cell: backend, direction, frame size, pps min / median / max, Gbit/s median, the cell's
+total core use beside it (QEMU + backend + sender, median, in cores: QEMU's tap works inside QEMU,
+nicsim and DPDK on a core of their own), the sender's CPU share (flagged ``!`` at 90 % and
+``sender_bound`` in the JSON: it may have set the rate), the median CPU share of QEMU and of the
+backend process, nicsim's pool high-water mark (the largest over the
 runs), and the ratio *reference ÷ this row* of the median throughput (pps, or Gbit/s for TCP) against
 the reference backend's row with the same direction and size — nicsim when it is benchmarked. Cells
 that were not measured show their status ("n/a", "skipped", "failed") and the reason is listed
@@ -21,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .matrix import Plan, Summary, ratio
-from .runner import CellResult
+from .runner import SENDER_BOUND_PCT, CellResult
 
 LATENCY_MEASURES = ("rtt_p50_ms", "rtt_p99_ms", "rtt_max_ms", "loss_pct")
 MATPLOTLIB_HINT = "--plot needs matplotlib: install it with 'pip install matplotlib'"
@@ -69,6 +72,14 @@ def _median(s: Summary | None) -> float | None:
     return None if s is None else s.median
 
 
+def core_columns(result: CellResult) -> list[str]:
+    """"cores" (the median total core use, QEMU + backend + sender, in cores) and "CPU sender" (the
+    median, ``!`` when some run's sender was at or above ``SENDER_BOUND_PCT``: maybe the bottleneck)."""
+    total = _median(result.summary("cpu_total_pct"))
+    sender = pct(_median(result.summary("cpu_sender_pct")))
+    return ["-" if total is None else f"{total / 100:.2f}", f"{sender}!" if result.sender_bound else sender]
+
+
 def table_rows(results: Sequence[CellResult], reference: str | None) -> list[list[str]]:
     rat = ratios(results, reference)
     rows: list[list[str]] = []
@@ -77,7 +88,7 @@ def table_rows(results: Sequence[CellResult], reference: str | None) -> list[lis
         size = str(c.size) if c.size else "-"
         head = [c.backend, c.direction.value, size]
         if r.status != "ok":
-            rows.append([*head, r.status, "", "", "", "", "", "", ""])
+            rows.append([*head, r.status, "", "", "", "", "", "", "", "", ""])
             continue
         pps = r.summary("pps")
         hw = [s.pool_high_water for s in r.good() if s.pool_high_water is not None]
@@ -90,6 +101,7 @@ def table_rows(results: Sequence[CellResult], reference: str | None) -> list[lis
             *head,
             si(None if pps is None else pps.min), si(_median(pps)), si(None if pps is None else pps.max),
             "-" if r.summary("gbps") is None else f"{_median(r.summary('gbps')):.3f}",
+            *core_columns(r),
             pct(_median(r.summary("cpu_qemu_pct"))), pct(_median(r.summary("cpu_backend_pct"))),
             str(max(hw)) if hw else "-", rel,
         ])  # fmt: skip
@@ -148,7 +160,7 @@ def render_table(
     process of the first CPU column (QEMU; the frontend with ``--backend-only``); ``footer`` is extra
     lines printed under the legend."""
     reference = reference if reference is not None else reference_of(results)
-    header = ["backend", "dir", "size", "pps min", "pps med", "pps max", "Gbit/s",
+    header = ["backend", "dir", "size", "pps min", "pps med", "pps max", "Gbit/s", "cores", "CPU sender",
               f"CPU {first_cpu}", "CPU backend", "pool HW", f"{reference}÷this"]  # fmt: skip
     throughput = [r for r in results if not r.cell.direction.is_latency]
     latency = [r for r in results if r.cell.direction.is_latency]
@@ -162,14 +174,17 @@ def render_table(
     ]  # fmt: skip
     if notes or failed_runs:
         lines += ["", "not measured / failed runs:", *notes, *failed_runs]
-    legend = (
+    legend = [
         "size: Ethernet frame with FCS (64 B hands 60 bytes to the NIC); Gbit/s counts frame bytes "
         "without FCS; CPU: share of one core over the measured window (median); pool HW: nicsim's "
-        f"packet pool high-water mark; {reference}÷this: ratio of median pps (Gbit/s for TCP)."
-    )
+        f"packet pool high-water mark; {reference}÷this: ratio of median pps (Gbit/s for TCP).",
+        f"cores: {first_cpu} + backend + sender together, in cores (median); CPU sender: the traffic "
+        f"helper outside {first_cpu} and the backend (qemu-tap's RX sender, iperf3's server); "
+        f"'!': a run's sender used >= {SENDER_BOUND_PCT:.0f}% of its core and may have set the rate.",
+    ]
     lines += [
         "",
-        *([legend] if throughput or not latency else []),
+        *(legend if throughput or not latency else []),
         *([LATENCY_LEGEND] if latency else []),
         *footer,
     ]
@@ -186,8 +201,9 @@ def cell_json(result: CellResult, ratio_value: float | None) -> dict[str, Any]:
         "backend": c.backend, "direction": c.direction.value, "size": c.size, "frame_len": c.frame_len,
         "status": result.status, "reason": result.reason,
         "summary": {m: _summary_dict(result.summary(m))
-                    for m in ("pps", "gbps", "cpu_qemu_pct", "cpu_backend_pct", "pool_high_water",
-                              *LATENCY_MEASURES)},
+                    for m in ("pps", "gbps", "cpu_qemu_pct", "cpu_backend_pct", "cpu_sender_pct",
+                              "cpu_total_pct", "pool_high_water", *LATENCY_MEASURES)},
+        "sender_bound": result.sender_bound,
         "ratio_reference_over_this": ratio_value,
         "samples": [dataclasses.asdict(s) for s in result.samples],
     }  # fmt: skip

@@ -23,6 +23,8 @@ from typing import Any
 
 from .matrix import Cell, Plan, Summary
 
+SENDER_BOUND_PCT = 90.0  # a sender at or above this share of its core is flagged as maybe the bottleneck
+
 
 @dataclass(kw_only=True)
 class Sample:
@@ -37,6 +39,10 @@ class Sample:
     seconds: float | None = None
     cpu_qemu_pct: float | None = None
     cpu_backend_pct: float | None = None
+    #: the traffic helper outside QEMU and the backend (``BenchRun.sender_pid``), if the run has one
+    cpu_sender_pct: float | None = None
+    #: every measured process together (QEMU + backend + sender): 100 is one core busy all window
+    cpu_total_pct: float | None = None
     pool_high_water: int | None = None
     guest: dict[str, Any] = field(default_factory=dict)
     backend: dict[str, Any] = field(default_factory=dict)
@@ -49,6 +55,11 @@ class Sample:
     rtt_p99_ms: float | None = None
     rtt_max_ms: float | None = None
     loss_pct: float | None = None
+
+    @property
+    def sender_bound(self) -> bool:
+        """The sender used at least ``SENDER_BOUND_PCT`` of its core: it may have set the rate."""
+        return self.cpu_sender_pct is not None and self.cpu_sender_pct >= SENDER_BOUND_PCT
 
     @property
     def miscounted(self) -> bool:
@@ -67,6 +78,11 @@ class CellResult:
 
     def good(self) -> list[Sample]:
         return [s for s in self.samples if s.ok]
+
+    @property
+    def sender_bound(self) -> bool:
+        """Some successful run's sender was at or above ``SENDER_BOUND_PCT`` of its core."""
+        return any(s.sender_bound for s in self.good())
 
     def summary(self, measure: str) -> Summary | None:
         values = [getattr(s, measure) for s in self.good()]

@@ -1,7 +1,9 @@
 """The ``nicsim`` backend: ``python -m nicsim serve`` as a subprocess, the guest's vhost-user backend.
 
 Written against the serve contract: ``--socket SOCK`` (nicsim listens, QEMU connects once the file
-exists), ``--port sink`` for guest TX cells, ``--port generator,size=N`` for guest RX cells (UDP
+exists), ``--port sink,read=on`` for guest TX cells (a sink that reads every frame byte, as DPDK
+copies every frame; ``nicsim-count-only`` is the labelled row with the count-only ``sink``),
+``--port generator,size=N`` for guest RX cells (UDP
 frames of N bytes, FCS excluded, to the guest's MAC as fast as the guest takes them), and
 ``--stats-file FILE``: a JSON snapshot rewritten every second and at exit, whose ``pool.high_water``
 is the table's pool column and whose per-queue counters go into the run's JSON and are the backend's
@@ -9,9 +11,9 @@ own count the guest's is checked against (odd queues: taken from the guest; even
 cleanly. TCP cells use ``--port tap,netns=NS,ifname=tap0`` (offloads on): the run creates namespace
 ``NS`` with ``tap0`` (the host address, the guest as a permanent neighbour) and an iperf3 server there,
 exactly as the ``qemu-tap`` peer does, and deletes it afterwards; QEMU itself stays in the root
-namespace. The backend CPU column is nicsim's; the namespace's kernel and iperf3 share its core.
-Latency cells (ping) use the same tap port and namespace, without iperf3: the namespace's kernel
-answers the guest's pings, as it does behind the ``qemu-tap`` peer.
+namespace. The backend CPU column is nicsim's; the namespace's kernel and iperf3 share its core
+(iperf3's share is the "CPU sender" column). Latency cells (ping) use the same tap port and namespace,
+without iperf3: the namespace's kernel answers the guest's pings, as it does behind the ``qemu-tap`` peer.
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ _counter = itertools.count()
 TESTPMD_FRAME = "src_ip=198.18.0.1,dst_ip=198.18.0.2,udp_checksum=0"
 
 
-def serve_port(cell: Cell, netns: str | None = None) -> str:
-    """The ``--port`` argument for a cell: a sink for guest TX, a sized generator for guest RX, the tap
-    port in ``netns`` for TCP."""
+def serve_port(cell: Cell, netns: str | None = None, *, read: bool = False) -> str:
+    """The ``--port`` argument for a cell: a sink for guest TX (``read``: one that reads every byte),
+    a sized generator for guest RX, the tap port in ``netns`` for TCP."""
     if cell.direction is Direction.TX:
-        return "sink"
+        return "sink,read=on" if read else "sink"
     if cell.direction is Direction.RX:
         # The same frame testpmd's txonly sends (198.18.0.1 -> 198.18.0.2, UDP checksum 0), so every
         # backend makes the guest do the same work per packet: a frame to the guest's own address with
@@ -75,6 +77,8 @@ def nicsim_carried(stats: dict[str, Any]) -> Carried:
 
 class NicsimBackend(Backend):
     name = "nicsim"
+    #: guest TX into a sink that reads (sums) every frame byte, as DPDK copies every frame into an mbuf
+    read_tx: bool = True
 
     def unavailable(self) -> str | None:
         if importlib.util.find_spec("nicsim.cli.serve") is None:
@@ -98,15 +102,17 @@ class NicsimBackend(Backend):
         iperf3: ChildProcess | None = None
         with contextlib.ExitStack() as stack:  # the namespace outlives the processes that use it
             ns = stack.enter_context(peer_netns(ctx)) if cell.direction.sizeless else None
+            port = serve_port(cell, None if ns is None else ns.name, read=self.read_tx)
             argv = pinned([
                 sys.executable, "-m", "nicsim", "serve", "--socket", str(sock),
-                "--port", serve_port(cell, None if ns is None else ns.name), "--stats-file", str(stats_file),
+                "--port", port, "--stats-file", str(stats_file),
                 *ctx.nicsim_args,
             ], ctx.backend_cpu)  # fmt: skip
             proc = ChildProcess(argv, ctx.workdir / f"nicsim-{n}.log", env=python_env())
             try:
                 if ns is not None and cell.direction.is_tcp:
                     iperf3 = await start_iperf3_server(ns, ctx)
+                    run.sender_pid = iperf3.pid
                 await proc.start()
                 run.pid = proc.pid
                 await proc.wait_for_path(sock, ctx.start_timeout)
@@ -126,3 +132,16 @@ class NicsimBackend(Backend):
                 if iperf3 is not None:
                     await iperf3.stop()
                 sock.unlink(missing_ok=True)
+
+
+class NicsimCountOnlyBackend(NicsimBackend):
+    """nicsim's guest TX into the count-only sink (lengths only, no frame byte read): the device's TX
+    path alone, not comparable with a backend that copies frames, hence its own, labelled row."""
+
+    name = "nicsim-count-only"
+    read_tx = False
+
+    def unsupported(self, cell: Cell) -> str | None:
+        if cell.direction is not Direction.TX:
+            return "the count-only sink is a guest TX row; other directions are nicsim's rows"
+        return None

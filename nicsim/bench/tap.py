@@ -4,9 +4,11 @@ Each run creates a namespace ``nicsim-bench-<pid>-<n>`` with ``tap0`` (10.0.2.2/
 neighbour entry for the guest (so no ARP is needed before the first frame), runs QEMU in it, and
 deletes it afterwards, which deletes the TAP too; nothing is ever addressed outside it. Guest TX:
 pktgen in the guest into the TAP (the guest's own count is the measure; the namespace's kernel drops
-the frames). Guest RX: ``nicsim.bench.blaster`` in the namespace sends UDP to the guest's address only,
-started when the guest is up, for the window plus a margin. TCP: an iperf3 server in the namespace.
-The "backend" CPU column is that sender or iperf3 server; QEMU's tap backend itself runs in QEMU.
+the frames). Guest RX: ``nicsim.bench.blaster`` in the namespace writes the frame every backend
+sends (nicsim's generator, testpmd's txonly: to 198.18.0.2, UDP checksum 0) onto the TAP, started
+when the guest is up, for the window plus a margin. TCP: an iperf3 server in the namespace. QEMU's
+tap backend runs inside QEMU, so this backend has no process of its own (no "CPU backend"); the
+sender or iperf3 server is the run's ``sender_pid`` (the "CPU sender" column, flagged at 90 %).
 Once the guest has gone, the TAP's own counters (``ip -s -j link``) are the backend's count the
 guest's is checked against: QEMU writes what the guest sent into the TAP (the TAP's rx, dropped
 frames included: they reached it) and reads from it what the guest receives (the TAP's tx).
@@ -91,14 +93,15 @@ class TapRun(BenchRun):
         child = ChildProcess(argv, self.ctx.workdir / f"{name}.log", env=python_env())
         self.children.append(child)
         await child.start()
-        self.pid = child.pid
+        self.sender_pid = child.pid
         return child
 
     async def ready(self) -> None:
         if self.cell.direction is Direction.RX:
             await self.spawn("blaster", [
-                sys.executable, "-m", "nicsim.bench.blaster", "--dst", self.ctx.guest_ip,
-                "--frame", str(self.cell.frame_len), "--seconds", str(self.ctx.duration + SEND_MARGIN),
+                sys.executable, "-m", "nicsim.bench.blaster", "--ifname", "tap0", "--dst-mac",
+                self.ctx.guest_mac, "--frame", str(self.cell.frame_len),
+                "--seconds", str(self.ctx.duration + SEND_MARGIN),
             ])  # fmt: skip
 
 
@@ -118,7 +121,7 @@ class QemuTapBackend(Backend):
                 if cell.direction.is_tcp:
                     server = await start_iperf3_server(ns, ctx)
                     run.children.append(server)
-                    run.pid = server.pid
+                    run.sender_pid = server.pid
                 yield run
                 for child in run.children:
                     # SIGINT makes the blaster print its counts. The iperf3 server runs without -1 so

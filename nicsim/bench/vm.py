@@ -93,8 +93,18 @@ def check_sample(cell: Cell, sample: Sample, carried: Carried | None) -> None:
         sample.error = f"backend count check: {sample.counts['reason']}"
 
 
-def qemu_wrapper(workdir: Path, cpu: int | None, qemu: str) -> str:
-    """A tiny executable that runs QEMU under ``taskset``; ``exec`` keeps QEMU's pid the one TestVM sees."""
+def total_cpu(sample: Sample) -> float | None:
+    """QEMU + backend + sender, each counted once (a process the run did not have adds nothing);
+    ``None`` when QEMU itself was not measured."""
+    if sample.cpu_qemu_pct is None:
+        return None
+    parts = (sample.cpu_qemu_pct, sample.cpu_backend_pct, sample.cpu_sender_pct)
+    return sum(p for p in parts if p is not None)
+
+
+def qemu_wrapper(workdir: Path, cpu: int | str | None, qemu: str) -> str:
+    """A tiny executable that runs QEMU under ``taskset`` (one core, or a list such as ``0,1``);
+    ``exec`` keeps QEMU's pid the one TestVM sees."""
     if cpu is None:
         return qemu
     path = workdir / "qemu-pinned"
@@ -145,13 +155,15 @@ class VmRunner:
                     await run.ready()
                     if marker != "NICSIM-READY":
                         await vm.wait_for(marker, BOOT_TIMEOUT)
-                    window = CpuWindow({"qemu": vm.pid, "backend": run.pid})
+                    window = CpuWindow({"qemu": vm.pid, "backend": run.pid, "sender": run.sender_pid})
                     window.start()
                     await vm.wait_for("(?m)^NICSIM-RESULT ", ctx.duration + RESULT_MARGIN)
                     window.stop()
                     results = await vm.results(LINK_MARGIN)
                 sample = Sample(ok=True, cpu_qemu_pct=window.percent("qemu"),
-                                cpu_backend_pct=window.percent("backend"))  # fmt: skip
+                                cpu_backend_pct=window.percent("backend"),
+                                cpu_sender_pct=window.percent("sender"))  # fmt: skip
+                sample.cpu_total_pct = total_cpu(sample)
             # The backend's final report (pool high-water) exists only once its run has ended.
             sample.pool_high_water = run.pool_high_water
             sample.backend = dict(run.extra)

@@ -32,8 +32,10 @@ guest's count and the backend's own disagreed), none was measured, or a cell's m
 than --max-regress percent from the baseline's; 2 for a usage error.
 
 Frame sizes include the 4-byte FCS (64 B = 60 bytes handed to the NIC). QEMU runs pinned to
---qemu-cpu and the backend to --backend-cpu. Peers: qemu-tap needs /dev/net/tun (a TAP inside a
-network namespace created and deleted by the run); dpdk needs dpdk-testpmd ('apt-get install dpdk-dev').
+--qemu-cpu (or free on --qemu-cpus, e.g. 0,1) and the backend to --backend-cpu; the "cores" column
+is each cell's total core use (QEMU + backend + sender), since QEMU's tap works inside QEMU.
+Peers: qemu-tap needs /dev/net/tun (a TAP inside a network namespace created and deleted by the run);
+dpdk needs dpdk-testpmd ('apt-get install dpdk-dev').
 """
 
 
@@ -56,6 +58,17 @@ def _directions(text: str) -> list[str]:
     if bad:
         raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad))}: choose from {', '.join(choices)}")
     return _csv(text)
+
+
+def _cpu_list(text: str) -> str:
+    """``0,1``: a comma-separated list of core numbers (``taskset -c`` syntax, ranges not needed)."""
+    try:
+        cores = sorted({int(c) for c in _csv(text)})
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: core numbers separated by commas, e.g. 0,1") from err
+    if not cores or cores[0] < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: core numbers separated by commas, e.g. 0,1")
+    return ",".join(map(str, cores))
 
 
 def _percent(text: str) -> float:
@@ -149,6 +162,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="'auto' uses KVM only if a probe boot succeeds (default: auto)",
     )
     p.add_argument("--qemu-cpu", type=int, default=0, metavar="N", help="core QEMU is pinned to (default 0)")
+    p.add_argument(
+        "--qemu-cpus",
+        type=_cpu_list,
+        metavar="LIST",
+        help="cores QEMU may run on, instead of --qemu-cpu: '0,1' leaves QEMU free on both cores, so "
+        "QEMU's own tap device model (in its main loop) need not share the vCPU's core",
+    )
     p.add_argument(
         "--backend-cpu", type=int, default=1, metavar="N", help="core the backend is pinned to (default 1)"
     )

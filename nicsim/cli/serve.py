@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nicsim.ports import PORTS, GeneratorConfig, GeneratorPort, Port, ResponderConfig, ResponderPort
+from nicsim.ports.sink import SinkConfig, SinkPort
 from nicsim.ports.tap import TapConfig, TapPort
 from nicsim.server import DEFAULT_MAX_QUEUE_SIZE, Server
 from nicsim.virtio.device import VirtioNetDevice
@@ -33,7 +34,7 @@ EPILOG = """\
 ports:
   responder   (default) answers ARP, ICMP echo and UDP echo (port 7) as 10.0.2.2 / 52:54:00:00:00:02;
               keys: ip=, mac=, udp_echo_port=
-  sink        counts what the guest sends and discards it
+  sink        counts what the guest sends and discards it; read=on also reads (sums) every byte
   generator   sends UDP frames into the guest as fast as it posts buffers;
               keys: size= (frame bytes without FCS, default 64), count=, rate_pps=, dst_mac=, src_mac=,
               src_ip=, dst_ip=, sport=, dport=, udp_checksum=0|1
@@ -113,7 +114,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 _CONFIGS: dict[str, type[Any]] = {
-    "generator": GeneratorConfig, "responder": ResponderConfig, "tap": TapConfig,
+    "generator": GeneratorConfig, "responder": ResponderConfig, "tap": TapConfig, "sink": SinkConfig,
 }  # fmt: skip
 _BOOLS = {"on": True, "off": False, "1": True, "0": False, "yes": True, "no": False}
 
@@ -157,6 +158,8 @@ def parse_port(spec: str) -> Port:
         return GeneratorPort(cfg)
     if name == "responder":
         return ResponderPort(ResponderConfig(**kwargs))
+    if name == "sink":
+        return SinkPort(SinkConfig(**kwargs))
     if name == "tap":
         return TapPort(TapConfig(**kwargs))  # opens the TAP: TapError (an OSError) says why not
     return PORTS[name]()
