@@ -148,7 +148,8 @@ def test_offered_generator_drops_and_counts_what_falls_due_with_no_buffer() -> N
     rx.post_rx(count=16)
     dev.poll_rx(0, now=1.0)
     assert gen.sent == 20 and gen.offered_count == 1000 and gen.finished and len(rx.reap()) == 20
-    assert gen.stats()["offered"] == 1000 and gen.stats()["dropped"] == 980
+    burst = gen.stats()["burst"]
+    assert burst["offered"] == 1000 and burst["dropped"] == 980 and burst["finished"]
 
 
 def test_offered_generator_loses_nothing_when_the_guest_keeps_up() -> None:
@@ -175,3 +176,17 @@ def test_held_generator_sends_nothing_until_started() -> None:
 def test_offered_generator_needs_a_rate() -> None:
     with pytest.raises(ValueError, match="rate"):
         GeneratorPort(GeneratorConfig(offered=True))
+
+
+def test_each_start_is_a_burst_counted_on_its_own() -> None:
+    gen = GeneratorPort(GeneratorConfig(size=64, count=3, rate_pps=1000.0, offered=True, hold=True))
+    rx, _, dev = wire(gen)
+    gen.start()
+    dev.poll_rx(0, now=0.0)
+    dev.poll_rx(0, now=1.0)
+    assert gen.finished and gen.burst_sent == 3
+    gen.start(rate_pps=2000.0, count=5)
+    assert not gen.finished and gen.offered_count == 0
+    dev.poll_rx(0, now=5.0)
+    dev.poll_rx(0, now=6.0)
+    assert gen.burst_sent == 5 and gen.sent == 8 and gen.bursts == 2 and len(rx.reap()) == 8

@@ -52,6 +52,7 @@ from .baseline import (
     render_comparison,
 )
 from .matrix import BOOT_OVERHEAD, Cell, Direction, Plan, build_plan
+from .ndr_vm import NdrCell, render_ndr, run_ndr
 from .progress import Progress, clock
 from .report import MATPLOTLIB_HINT, emit, failed_cells, render_table, to_json
 from .runner import CellResult, run_directory
@@ -165,16 +166,29 @@ class VmMode(Mode):
                               backend_cpu=args.backend_cpu if self.pin else None)  # fmt: skip
         runner = VmRunner(kernel=self.kernel, initrd=self.initrd, ctx=self.ctx, accel=self.accel,
                           qemu=args.qemu, on_run=on_run, on_cell=on_cell)  # fmt: skip
-        return await runner.run_plan(plan, self.backends)
+        results = await runner.run_plan(plan, self.backends)
+        self.ndr: list[NdrCell] | None = None
+        if getattr(args, "ndr", False):
+            self.ndr = await run_ndr(results, kernel=self.kernel, initrd=self.initrd, ctx=self.ctx,
+                                     accel=self.accel, qemu=args.qemu, quick=args.quick,
+                                     progress=_err)  # fmt: skip
+        return results
 
     def report(self, plan: Plan, results: list[CellResult]) -> tuple[str, Document]:
         args, ctx = self.args, self.ctx
         config = {"mode": self.name, "backends": self.names, "quick": args.quick, "accel": self.accel,
                   "pinned": self.pin, "qemu_cpu": ctx.qemu_cpu, "backend_cpu": ctx.backend_cpu}  # fmt: skip
-        return render_table(results), lambda: to_json(
-            results, plan=plan, machine=machine(), config=config,
-            versions=versions(qemu=args.qemu, guest_kernel=self.guest_kernel),
-        )  # fmt: skip
+        ndr = getattr(self, "ndr", None)
+        table = render_table(results) if ndr is None else f"{render_table(results)}\n\n{render_ndr(ndr)}"
+
+        def document() -> dict[str, Any]:
+            doc = to_json(results, plan=plan, machine=machine(), config=config,
+                          versions=versions(qemu=args.qemu, guest_kernel=self.guest_kernel))  # fmt: skip
+            if ndr is not None:
+                doc["ndr"] = [c.to_json() for c in ndr]
+            return doc
+
+        return table, document
 
 
 def backend_only_plan(args: argparse.Namespace) -> Plan:

@@ -109,6 +109,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="offer VHOST_USER_PROTOCOL_F_CONFIG (GET_CONFIG reads the virtio-net config space) for a "
         "frontend that uses it; off by default: QEMU's virtio-net never does, and warns when offered",
     )  # fmt: skip
+    parser.add_argument(
+        "--burst-file", type=Path, metavar="FILE",
+        help='on SIGUSR1, read {"rate_pps": R, "count": N} from FILE and start a burst of N frames at R '
+        "on the generator (without it, SIGUSR1 only releases hold=on); nicsim bench --ndr's trials",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no periodic stats lines, warnings only")
     add_policy_arguments(parser)
     return parser
@@ -199,7 +204,19 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
         return VirtioNetDevice(port=port, pool=PacketPool(args.pool_size, name="virtio-net"), policy=policy)
 
     def start_generators() -> None:
-        # SIGUSR1 releases a generator's hold (hold=on): a benchmark trial's burst starts now.
+        # SIGUSR1 releases a generator's hold (hold=on), or starts the burst --burst-file describes:
+        # a benchmark trial's burst starts now.
+        burst: dict[str, Any] = {}
+        if args.burst_file is not None:
+            try:
+                burst = json.loads(args.burst_file.read_text())
+                rate, count = float(burst["rate_pps"]), int(burst["count"])
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                print(f"nicsim serve: --burst-file {args.burst_file}: {err}; no burst", file=sys.stderr)
+                return
+            for gen in generators:
+                gen.start(rate_pps=rate, count=count)
+            return
         for gen in generators:
             gen.start()
 

@@ -13,11 +13,14 @@ then either ``sent`` (written into a guest buffer) or ``dropped``, so once ``fin
 count is exactly ``count`` and loss is ``count`` minus what the guest counted. With ``hold`` it
 sends nothing until :meth:`GeneratorPort.start` (``nicsim serve`` calls it on SIGUSR1), so a trial's
 burst starts inside the guest's counting window; the first poll after ``start`` is time zero.
+``start`` may also give a new rate and count: each call is one burst (one trial), counted on its own
+(``burst_sent``, ``burst_dropped``, ``bursts``) beside the running totals, so one guest can take a
+whole search's trials.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -67,20 +70,39 @@ class GeneratorPort(Port):
         self.dropped = 0  # offered mode: frames that fell due with no guest buffer to take them
         self.tx_ignored = 0
         self.held = c.hold
+        self.bursts = 0
+        self._burst_base = (0, 0)  # sent, dropped when the current burst started
         # An offered load starts from an empty bucket: the first frames fall due at the rate.
         self._tokens = 0.0 if c.offered else float(c.burst)
         self._last: float | None = None
 
-    def start(self) -> None:
-        """Release a ``hold``: the next poll is time zero of the burst."""
-        if self.held:
-            self.held = False
-            self.sink.wake(0)
+    def start(self, *, rate_pps: float | None = None, count: int | None = None) -> None:
+        """Start a burst: release a ``hold`` (the next poll is time zero), at a new ``rate_pps`` and
+        ``count`` when given (a new burst of its own then, even if the last one has finished)."""
+        if rate_pps is not None or count is not None:
+            self.config = replace(self.config, rate_pps=rate_pps or self.config.rate_pps,
+                                  count=count if count is not None else self.config.count)  # fmt: skip
+            self._burst_base = (self.sent, self.dropped)
+            self._tokens = 0.0 if self.config.offered else float(self.config.burst)
+            self._last = None
+        elif not self.held:
+            return
+        self.held = False
+        self.bursts += 1
+        self.sink.wake(0)
+
+    @property
+    def burst_sent(self) -> int:
+        return self.sent - self._burst_base[0]
+
+    @property
+    def burst_dropped(self) -> int:
+        return self.dropped - self._burst_base[1]
 
     @property
     def offered_count(self) -> int:
-        """Frames offered so far: sent into the guest's buffers or dropped for want of one."""
-        return self.sent + self.dropped
+        """Frames this burst offered so far: sent into the guest's buffers or dropped for want of one."""
+        return self.burst_sent + self.burst_dropped
 
     @property
     def finished(self) -> bool:
@@ -97,7 +119,7 @@ class GeneratorPort(Port):
             return self._poll_offered(pair, budget, now)
         n = budget
         if self.config.count is not None:
-            n = min(n, self.config.count - self.sent)
+            n = min(n, self.config.count - self.burst_sent)
         rate = self.config.rate_pps
         if rate is not None:
             if self._last is not None:
@@ -137,6 +159,8 @@ class GeneratorPort(Port):
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"sent": self.sent, "size": self.config.size, "tx_ignored": self.tx_ignored}
         if self.config.offered:
-            out.update(offered=self.offered_count, dropped=self.dropped, dropped_reason="ring_full",
-                       count=self.config.count, rate_pps=self.config.rate_pps)  # fmt: skip
+            out.update(dropped=self.dropped, dropped_reason="ring_full", bursts=self.bursts,
+                       burst={"count": self.config.count, "rate_pps": self.config.rate_pps,
+                              "offered": self.offered_count, "sent": self.burst_sent,
+                              "dropped": self.burst_dropped, "finished": self.finished})  # fmt: skip
         return out
