@@ -64,3 +64,24 @@ def test_loss_ratio_and_pass_counts_frames() -> None:
 def test_search_refuses_bad_bounds() -> None:
     with pytest.raises(ValueError):
         next(search(max_rate=1.0, min_rate=2.0, phases=PHASES))
+
+
+def test_a_dip_under_the_limit_bounds_ndr_and_pdr_stays_at_least_ndr() -> None:
+    # 1 % loss at exactly one rate the search measures: a dip under the real limit (noise).
+    clean = run_synthetic(search(max_rate=1e6, min_rate=1e3, phases=PHASES), knee(300e3, 400e3))
+    dip = next(t.rate for t in clean.trials if t.duration == 2.0 and t.rate < clean.ndr.rate)
+
+    def loss(rate: float, duration: float) -> float:
+        return 0.01 if rate == dip and duration == 2.0 else knee(300e3, 400e3)(rate, duration)
+
+    res = run_synthetic(search(max_rate=1e6, min_rate=1e3, phases=PHASES), loss)
+    assert res.ndr.rate < dip and res.pdr.rate >= res.ndr.rate and res.ndr.upper == dip
+
+
+def test_a_later_target_starts_from_the_trials_an_earlier_one_made() -> None:
+    res = run_synthetic(search(max_rate=1e6, min_rate=1e3, phases=PHASES), knee(300e3, 310e3))
+    # PDR sits within NDR's final bracket: NDR's trials leave it little or nothing to measure.
+    ndr_only = run_synthetic(
+        search(max_rate=1e6, min_rate=1e3, phases=PHASES, targets=(("NDR", 0.0),)), knee(300e3, 310e3)
+    )
+    assert len(res.trials) - len(ndr_only.trials) <= 3

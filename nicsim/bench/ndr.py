@@ -76,12 +76,14 @@ class Bound:
     below_min: bool = False
     at_max: bool = False
     lower_trial: Trial | None = None
+    #: final-duration trials that passed above ``upper`` (noise: ignored, the result stays below it)
+    ignored_passes: int = 0
 
     def to_json(self) -> dict[str, Any]:
         t = self.lower_trial
         return {
             "name": self.name, "max_loss": self.max_loss, "pps": self.rate, "upper_pps": self.upper,
-            "below_min": self.below_min, "at_max": self.at_max,
+            "below_min": self.below_min, "at_max": self.at_max, "ignored_passes": self.ignored_passes,
             "loss_ratio": None if t is None else t.loss_ratio, "duration": None if t is None else t.duration,
         }  # fmt: skip
 
@@ -138,18 +140,16 @@ def search(
         d = phase.duration
         for i, bound in enumerate(bounds):
             hint_lo, hint_hi = hints[i]
-            lo: Trial | None = None
-            hi: float | None = None  # a rate that failed at this duration
-            first = hint_lo if hint_lo is not None else max_rate
-            candidates = [first] if hint_hi is None or hint_lo is None else [hint_lo, hint_hi]
-            for rate in candidates:
-                t = yield from measure(rate, d)
-                if t is None:
-                    break
-                if t.passes(bound.max_loss):
-                    lo = t if lo is None or t.rate > lo.rate else lo
-                else:
-                    hi = t.rate if hi is None else min(hi, t.rate)
+            # What this duration already measured (for another target) comes first.
+            lo, hi = _bounds(done, d, bound.max_loss)
+            if lo is None and hi is None:
+                first = hint_lo if hint_lo is not None else max_rate
+                candidates = [first] if hint_hi is None or hint_lo is None else [hint_lo, hint_hi]
+                for rate in candidates:
+                    t = yield from measure(rate, d)
+                    if t is None:
+                        break
+                    lo, hi = _bounds(done, d, bound.max_loss)
             step = 0.25
             while lo is None and hi is not None:  # go down until a rate passes
                 rate = max(hi * (1 - step), min_rate)
@@ -184,19 +184,34 @@ def search(
                     lo = t
                 else:
                     hi = t.rate
-            # Every rate this duration measured counts, whichever target asked for it.
-            for (rate, dur), t in done.items():
-                inside = dur == d and (lo is None or rate > lo.rate) and (hi is None or rate < hi)
-                if inside and t.passes(bound.max_loss):
-                    lo = t
-                elif inside:
-                    hi = rate
+            hints[i] = (None if lo is None else lo.rate, hi)
+        # Every rate this duration measured counts, whichever target asked for it (a later target's
+        # trial may sit inside an earlier one's bracket).
+        for i, bound in enumerate(bounds):
+            lo, hi = _bounds(done, d, bound.max_loss)
             hints[i] = (None if lo is None else lo.rate, hi)
             bound.lower_trial, bound.upper = lo, hi
             bound.rate = 0.0 if lo is None else lo.rate
             bound.below_min = lo is None
             bound.at_max = lo is not None and hi is None and lo.rate >= max_rate
+            bound.ignored_passes = sum(
+                1 for (r, dur), t in done.items()
+                if dur == d and hi is not None and r > hi and t.passes(bound.max_loss)
+            )
     return SearchResult(ndr=bounds[0], pdr=bounds[1] if len(bounds) > 1 else bounds[0], trials=trials)
+
+
+def _bounds(
+    done: dict[tuple[float, float], Trial], duration: float, max_loss: float
+) -> tuple[Trial | None, float | None]:
+    """From the trials of ``duration``: the lowest rate that lost too much (upper bound), and the
+    highest that passed below it (lower bound). With noise a pass above the upper bound is ignored."""
+    at = [t for (_, dur), t in done.items() if dur == duration]
+    fails = [t.rate for t in at if not t.passes(max_loss)]
+    hi = min(fails) if fails else None
+    passes = [t for t in at if t.passes(max_loss) and (hi is None or t.rate < hi)]
+    lo = max(passes, key=lambda t: t.rate) if passes else None
+    return lo, hi
 
 
 def run_synthetic(gen: SearchGen, loss_at: Any) -> SearchResult:
