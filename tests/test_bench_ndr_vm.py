@@ -35,3 +35,15 @@ def test_table_shows_mrr_ndr_pdr_and_the_trial_durations() -> None:
     row = next(line for line in table.splitlines() if line.startswith("nicsim rx 64 B"))
     assert "100.0k" in row and f"{res.ndr.rate / 1e3:.1f}k" in row
     assert "0.5 s to 25%, then 1 s to 10%" in table and "no simple rate control" in table
+
+
+def test_ndr_is_refused_with_backend_only() -> None:
+    import argparse
+
+    from nicsim.bench.command import option_problem
+
+    args = argparse.Namespace(ndr=True, backend_only=True, max_regress=None, baseline=None, json=None,
+                              json_stream=None)  # fmt: skip
+    assert "--backend-only" in (option_problem(args) or "")
+    args.backend_only = False
+    assert option_problem(args) is None

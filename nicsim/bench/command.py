@@ -52,7 +52,7 @@ from .baseline import (
     render_comparison,
 )
 from .matrix import BOOT_OVERHEAD, Cell, Direction, Plan, build_plan
-from .ndr_vm import NdrCell, render_ndr, run_ndr
+from .ndr_vm import PACED, NdrCell, ndr_estimate_seconds, render_ndr, run_ndr
 from .progress import Progress, clock
 from .report import MATPLOTLIB_HINT, emit, failed_cells, render_table, to_json
 from .runner import CellResult, run_directory
@@ -153,6 +153,9 @@ class VmMode(Mode):
         runs = plan.runs - skip_runs(plan, self.backends)
         self.accel = await choose_accel(args.accel, kernel, qemu=args.qemu)
         estimate = runs * (plan.duration + BOOT_OVERHEAD)
+        if getattr(args, "ndr", False):
+            searched = sum(1 for c in plan.cells if c.direction is Direction.RX and c.backend in PACED)
+            estimate += searched * ndr_estimate_seconds(quick=args.quick)
         _err(f"{len(plan.cells)} cells x {plan.repetitions} repetition(s): {runs} guest boots, "
              f"about {clock(estimate)} (accelerator {self.accel})")  # fmt: skip
         return runs, estimate
@@ -278,6 +281,8 @@ def option_problem(args: argparse.Namespace) -> str | None:
     """Options that do not go together, or ``None``."""
     if args.max_regress is not None and args.baseline is None:
         return "--max-regress needs --baseline FILE (an earlier 'nicsim bench --json' document)"
+    if getattr(args, "ndr", False) and args.backend_only:
+        return "--ndr searches guest RX in a guest; it does not go with --backend-only"
     if args.json == "-" and args.json_stream == "-":
         return "--json and --json-stream cannot both write to stdout ('-'): give one of them a file"
     return None
