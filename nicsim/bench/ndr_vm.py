@@ -21,9 +21,12 @@ guest lost after the ring (both are loss to RFC 2544). Nothing else sends to the
 generator's port, so the counter moves only with the burst. The trial's duration is ``count / rate``;
 ``QUICK_PHASES`` and ``FULL_PHASES`` say which durations were used (short first, long last).
 
-Only nicsim is searched: its generator paces itself. The peers have no paced sender here: the
-qemu-tap sender (:mod:`nicsim.bench.blaster`) sends as fast as it can and counts what the socket
-accepted, not an offered load, and DPDK testpmd's txonly has no simple rate control; their rows say so.
+nicsim and the qemu-tap peer are searched. nicsim's generator paces itself; for qemu-tap,
+:mod:`nicsim.bench.paced` in the peer's namespace sends each burst (exactly ``count`` datagrams on a
+clock schedule; a send that fails is an offered frame lost) and reports the rate it achieved, and a
+trial where it fell below 97 % of the rate asked is marked ``sender_bound``. Its datagrams go to the
+guest's own address through the namespace's kernel (UDP checksum computed), as the blaster's do.
+DPDK testpmd's txonly has no simple rate control: its rows say so.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ import asyncio
 import json
 import os
 import signal
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,7 @@ from .matrix import Cell, Direction
 from .ndr import Phase, SearchResult, Trial, search
 from .runner import CellResult
 from .serve import NicsimBackend
+from .tap import QemuTapBackend, TapRun
 from .vm import BOOT_TIMEOUT, qemu_wrapper
 
 QUICK_PHASES = (Phase(duration=0.5, precision=0.25), Phase(duration=1.0, precision=0.1))
@@ -57,11 +62,8 @@ WATCH_INTERVAL = 0.2
 STATS_INTERVAL = 0.1
 FINISH_MARGIN = 10.0  # a failure deadline beyond the burst's own duration, not a performance figure
 WATCH_LINE = r"rx-watch (\d+) (\d+) (\d+)\r?\n"
-PACED = ("nicsim",)
-NOT_PACED = {
-    "qemu-tap": "its sender (blaster) is not paced: it sends as fast as it can",
-    "dpdk": "testpmd's txonly has no simple rate control",
-}
+PACED = ("nicsim", "qemu-tap")
+NOT_PACED = {"dpdk": "testpmd's txonly has no simple rate control"}
 
 
 def ndr_estimate_seconds(*, quick: bool) -> float:
@@ -126,33 +128,69 @@ async def _counter_line(vm: TestVM, since: int, timeout: float) -> tuple[int, in
     return found.end(), int(found.group(2))
 
 
+# Starts a burst of ``count`` frames at ``rate`` (trial ``number``, ``duration`` s), returns once every
+# frame was offered, with what the sender reported; BenchError when the burst did not go as asked.
+Fire = Callable[[float, int, int, float], Awaitable[dict[str, Any]]]
+
+
+def nicsim_fire(backend: NdrBackend, pid: int) -> Fire:
+    async def fire(rate: float, count: int, number: int, duration: float) -> dict[str, Any]:
+        backend.burst_file.write_text(json.dumps({"rate_pps": rate, "count": count}))
+        started = time.monotonic()
+        os.kill(pid, signal.SIGUSR1)
+        await asyncio.sleep(duration)
+        assert backend.stats_file is not None
+        burst = None
+        while time.monotonic() - started < duration + FINISH_MARGIN:
+            burst = _burst(backend.stats_file)
+            if burst is not None and burst.get("bursts") == number and burst.get("finished"):
+                break
+            await asyncio.sleep(STATS_INTERVAL)
+        else:
+            raise BenchError(f"burst {number} ({count} frames at {rate:.0f} pps) did not finish: {burst}")
+        if burst.get("offered") != count:
+            raise BenchError(f"burst {number}: the generator offered {burst.get('offered')} of {count}")
+        return {"dropped_at_ring": burst.get("dropped")}
+
+    return fire
+
+
+def tap_fire(run: TapRun, cell: Cell, ctx: RunContext) -> Fire:
+    async def fire(rate: float, count: int, number: int, duration: float) -> dict[str, Any]:
+        child = await run.spawn(f"paced-{number}", [
+            sys.executable, "-m", "nicsim.bench.paced", "--dst", ctx.guest_ip, "--frame", str(cell.frame_len),
+            "--pps", f"{rate:.3f}", "--count", str(count),
+        ])  # fmt: skip
+        status = await child.wait(duration + FINISH_MARGIN)
+        if status != 0:
+            await child.stop()
+            raise BenchError(f"paced sender, trial {number}: exit status {status}: {child.output(300)}")
+        try:
+            sender = json.loads(child.output(500).strip().splitlines()[-1])
+        except (ValueError, IndexError) as err:
+            raise BenchError(f"paced sender, trial {number}: no result line ({err})") from err
+        if sender.get("offered") != count:
+            raise BenchError(f"paced sender, trial {number}: offered {sender.get('offered')} of {count}")
+        # The sender set the pace only if it kept up: below 97 % of the rate asked, say so.
+        sender["sender_bound"] = sender.get("achieved_pps", 0) < 0.97 * rate
+        return {"sender": sender}
+
+    return fire
+
+
 async def one_trial(
-    vm: TestVM, backend: NdrBackend, pid: int, rate: float, duration: float, number: int
+    vm: TestVM, fire: Fire, rate: float, duration: float, number: int
 ) -> tuple[Trial, dict[str, Any]]:
     count = max(round(rate * duration), 1)
     timeout = duration + FINISH_MARGIN
     _, before = await _counter_line(vm, len(vm.console_text), timeout)
-    backend.burst_file.write_text(json.dumps({"rate_pps": rate, "count": count}))
-    started = time.monotonic()
-    os.kill(pid, signal.SIGUSR1)
-    await asyncio.sleep(duration)
-    assert backend.stats_file is not None
-    burst = None
-    while time.monotonic() - started < timeout:
-        burst = _burst(backend.stats_file)
-        if burst is not None and burst.get("bursts") == number and burst.get("finished"):
-            break
-        await asyncio.sleep(STATS_INTERVAL)
-    else:
-        raise BenchError(f"burst {number} ({count} frames at {rate:.0f} pps) did not finish: {burst}")
-    if burst.get("offered") != count:
-        raise BenchError(f"burst {number}: the generator offered {burst.get('offered')} of {count}")
+    extra = await fire(rate, count, number, duration)
     end, _ = await _counter_line(vm, len(vm.console_text), timeout)
     _, after = await _counter_line(vm, end, timeout)
     received = after - before
     trial = Trial(rate=rate, duration=duration, offered=count, received=received)
     record = {"rate_pps": rate, "duration": duration, "offered": count, "received": received,
-              "dropped_at_ring": burst.get("dropped"), "loss_ratio": round(trial.loss_ratio, 6)}  # fmt: skip
+              "loss_ratio": round(trial.loss_ratio, 6), **extra}  # fmt: skip
     return trial, record
 
 
@@ -162,7 +200,7 @@ async def ndr_cell(
 ) -> NdrCell:  # fmt: skip
     """The search for ``cell`` in one guest, between ``MIN_FRACTION`` and ``MAX_FRACTION`` of ``mrr_pps``."""
     out = NdrCell(cell=cell, mrr_pps=mrr_pps, phases=phases)
-    backend = NdrBackend()
+    backend: NdrBackend | QemuTapBackend = NdrBackend() if cell.backend == "nicsim" else QemuTapBackend()
     started = time.monotonic()
     gen = search(max_rate=mrr_pps * MAX_FRACTION, min_rate=mrr_pps * MIN_FRACTION, phases=phases,
                  max_trials=MAX_TRIALS)  # fmt: skip
@@ -175,15 +213,20 @@ async def ndr_cell(
             name=f"bench-ndr-{backend.name}", launch_timeout=ctx.start_timeout + BOOT_TIMEOUT,
         ) as vm:  # fmt: skip
             await vm.wait_for("(?m)^NICSIM-READY", BOOT_TIMEOUT)
-            await run.ready()
+            if isinstance(backend, NdrBackend):
+                await run.ready()
+                assert run.pid is not None
+                fire = nicsim_fire(backend, run.pid)
+            else:  # qemu-tap: not run.ready(), which would start the unpaced blaster
+                assert isinstance(run, TapRun)
+                fire = tap_fire(run, cell, ctx)
             await vm.wait_for(WATCH_LINE, BOOT_TIMEOUT)
-            assert run.pid is not None
             try:
                 rate, duration = next(gen)
                 number = 0
                 while True:
                     number += 1
-                    trial, record = await one_trial(vm, backend, run.pid, rate, duration, number)
+                    trial, record = await one_trial(vm, fire, rate, duration, number)
                     out.trials.append(record)
                     if progress is not None:
                         progress(f"ndr {cell.label()}: trial {number} {rate:.0f} pps x {duration:g} s, "
