@@ -47,3 +47,10 @@ def test_ndr_is_refused_with_backend_only() -> None:
     assert "--backend-only" in (option_problem(args) or "")
     args.backend_only = False
     assert option_problem(args) is None
+
+
+def test_an_ndr_above_the_mrr_says_the_mrr_was_sender_bound() -> None:
+    phases = (Phase(duration=1.0, precision=0.1),)
+    res = run_synthetic(search(max_rate=1.25e5, min_rate=1e3, phases=phases), lambda r, d: 0.0)
+    cell = Cell(backend="qemu-tap", direction=Direction.RX, size=64)
+    assert "the MRR row's sender" in render_ndr([NdrCell(cell=cell, mrr_pps=1e5, result=res, phases=phases)])

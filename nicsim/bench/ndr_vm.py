@@ -277,6 +277,8 @@ def render_ndr(cells: Sequence[NdrCell]) -> str:
                  for b in (r.ndr, r.pdr) if b.below_min or b.at_max]  # fmt: skip
         notes += [f"{b.name}: {b.ignored_passes} pass(es) above a failure ignored (noise)"
                   for b in (r.ndr, r.pdr) if b.ignored_passes]  # fmt: skip
+        if c.mrr_pps and r.ndr.rate > c.mrr_pps:
+            notes.append("NDR above MRR: the MRR row's sender, not the guest, set that rate")
         lines.append(f"{c.cell.label():<22} {_k(c.mrr_pps):>9} {_k(r.ndr.rate):>9} {_k(r.pdr.rate):>9} "
                      f"{share:>8} {len(r.trials):>6}  {'; '.join(notes)}")  # fmt: skip
     phases = next((c.phases for c in cells if c.phases), ())
