@@ -204,6 +204,27 @@ w_rx_count() {
     put_num pps "$(awk -v n=$((p1 - p0)) -v s="$secs" 'BEGIN { printf "%.1f", (s > 0 ? n / s : 0) }')"
 }
 
+# For a host that runs several trials in one boot (nicsim bench --ndr): eth0's receive counter on the
+# console every `interval` seconds, for `duration` seconds, as "nicsim: rx-watch SEQ RX_PACKETS RX_DROPPED".
+# A trial's count is the difference of two lines that bracket it. The host usually ends the guest
+# before the duration is up.
+w_rx_watch() {
+    need_iface
+    duration=$(p duration 600) interval=$(p interval 0.2)
+    need_num duration "$duration"; need_num interval "$interval"
+    lines=$(awk -v d="$duration" -v i="$interval" 'BEGIN { printf "%d", (i > 0 ? d / i : 1) }')
+    stats=/sys/class/net/$IFACE/statistics seq=0
+    # Shell builtins only in the loop (read, echo): no fork that would take the guest's CPU from its
+    # receive path while a trial runs; sleep is the one program it starts.
+    while [ $seq -lt "$lines" ]; do
+        read -r pk <$stats/rx_packets; read -r dr <$stats/rx_dropped
+        echo "nicsim: rx-watch $seq $pk $dr" >/dev/console
+        seq=$((seq + 1))
+        sleep "$interval"
+    done
+    put_num lines "$seq"
+}
+
 # iperf3's -J document goes to the host whole, as one line, and the host reads the numbers out of it
 # (qemu.testvm.workload): JSON is parsed where there is a JSON parser, not in awk.
 iperf_report() {
@@ -255,6 +276,7 @@ run_workload() {
     ping) w_ping ;;
     pktgen-tx) w_pktgen_tx ;;
     rx-count) w_rx_count ;;
+    rx-watch) w_rx_watch ;;
     iperf3-client) w_iperf3_client ;;
     iperf3-server) w_iperf3_server ;;
     *) fail "unknown workload '$name'" ;;
@@ -328,7 +350,7 @@ deadline() {
     ping) awk -v c="$(get count)" -v i="$(get interval)" 'BEGIN { if (c == "") c = 3; if (i == "") i = 1; printf "%d", c * i + 15 }' ;;
     iperf3-client) awk -v t="$(get time)" 'BEGIN { if (t == "") t = 5; printf "%d", t + 20 }' ;;
     iperf3-server) echo 60 ;;
-    pktgen-tx | rx-count) awk -v d="$(get duration)" 'BEGIN { if (d == "") d = 5; printf "%d", d + 60 }' ;;
+    pktgen-tx | rx-count | rx-watch) awk -v d="$(get duration)" 'BEGIN { if (d == "") d = 5; printf "%d", d + 60 }' ;;
     sleep) awk -v s="$(get seconds)" 'BEGIN { if (s == "") s = 1; printf "%d", s + 10 }' ;;
     *) echo 15 ;;
     esac

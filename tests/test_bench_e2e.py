@@ -61,3 +61,24 @@ def test_tiny_qemu_tap_bench_reports_a_positive_packet_rate(guest_image: Any, tm
     assert [e["event"] for e in events] == ["start", "cell", "end"] and events[1]["data"] == cell
     assert "compared with" in done.stdout and "  qemu-tap rx 64 B: not in this run" in done.stdout
     assert doc["comparison"]["cells"][0]["regressed"] is False
+
+
+def test_ndr_search_reports_ndr_up_to_pdr_from_exact_offered_counts(guest_image: Any, tmp_path: Path) -> None:
+    out = tmp_path / "ndr.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "nicsim", "bench", "--ndr", "--quick", "--backends", "nicsim", "--directions",
+         "rx", "--sizes", "64", "--accel", "tcg", "--kernel", str(guest_image.kernel), "--initrd",
+         str(guest_image.initrd), "--json", str(out)],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "RFC 2544 throughput, guest RX" in done.stdout
+    (cell,) = json.loads(out.read_text())["ndr"]
+    assert cell["error"] is None and cell["mrr_pps"] > 0
+    assert 0 < cell["ndr"]["pps"] <= cell["pdr"]["pps"] <= 1.25 * cell["mrr_pps"]
+    # Every trial's offered count is exact and its loss is what the generator dropped at the ring
+    # or the guest lost after it: never negative (the guest never counts more than was offered).
+    for trial in cell["trials"]:
+        assert trial["offered"] == max(round(trial["rate_pps"] * trial["duration"]), 1)
+        assert 0 <= trial["dropped_at_ring"] <= trial["offered"] - trial["received"]
+    assert cell["ndr"]["duration"] == 1.0  # confirmed by the last phase's (longest) trials

@@ -136,3 +136,57 @@ def test_make_port_builds_every_builtin_and_rejects_unknown_names() -> None:
         "responder", "sink", "generator", "reflect"]
     with pytest.raises(ValueError):
         make_port("nope")
+
+
+def test_offered_generator_drops_and_counts_what_falls_due_with_no_buffer() -> None:
+    # 16 buffers posted; 1000 frames fall due at once: 16 are sent, burst (4) wait, the rest dropped.
+    gen = GeneratorPort(GeneratorConfig(size=64, count=1000, rate_pps=1000.0, burst=4, offered=True))
+    rx, _, dev = wire(gen)
+    assert dev.poll_rx(0, now=0.0).processed == 0  # an offered load starts from an empty bucket
+    dev.poll_rx(0, now=1.0)
+    assert gen.sent == 16 and gen.dropped == 1000 - 16 - 4 and not gen.finished
+    rx.post_rx(count=16)
+    dev.poll_rx(0, now=1.0)
+    assert gen.sent == 20 and gen.offered_count == 1000 and gen.finished and len(rx.reap()) == 20
+    burst = gen.stats()["burst"]
+    assert burst["offered"] == 1000 and burst["dropped"] == 980 and burst["finished"]
+
+
+def test_offered_generator_loses_nothing_when_the_guest_keeps_up() -> None:
+    gen = GeneratorPort(GeneratorConfig(size=64, count=40, rate_pps=1000.0, burst=4, offered=True))
+    rx, _, dev = wire(gen)
+    dev.poll_rx(0, now=0.0)
+    for ms in range(1, 60):
+        dev.poll_rx(0, now=ms / 1000)
+        rx.reap()
+        rx.post_rx(count=1)
+    assert gen.sent == 40 and gen.dropped == 0 and gen.finished
+
+
+def test_held_generator_sends_nothing_until_started() -> None:
+    gen = GeneratorPort(GeneratorConfig(size=64, count=5, hold=True))
+    rx, _, dev = wire(gen)
+    dev.poll_rx(0, now=0.0)
+    assert gen.sent == 0
+    gen.start()
+    dev.poll_rx(0, now=0.0)
+    assert gen.sent == 5 and len(rx.reap()) == 5
+
+
+def test_offered_generator_needs_a_rate() -> None:
+    with pytest.raises(ValueError, match="rate"):
+        GeneratorPort(GeneratorConfig(offered=True))
+
+
+def test_each_start_is_a_burst_counted_on_its_own() -> None:
+    gen = GeneratorPort(GeneratorConfig(size=64, count=3, rate_pps=1000.0, offered=True, hold=True))
+    rx, _, dev = wire(gen)
+    gen.start()
+    dev.poll_rx(0, now=0.0)
+    dev.poll_rx(0, now=1.0)
+    assert gen.finished and gen.burst_sent == 3
+    gen.start(rate_pps=2000.0, count=5)
+    assert not gen.finished and gen.offered_count == 0
+    dev.poll_rx(0, now=5.0)
+    dev.poll_rx(0, now=6.0)
+    assert gen.burst_sent == 5 and gen.sent == 8 and gen.bursts == 2 and len(rx.reap()) == 8

@@ -53,6 +53,7 @@ from .baseline import (
     render_comparison,
 )
 from .matrix import BOOT_OVERHEAD, Cell, Direction, Plan, build_plan
+from .ndr_vm import PACED, NdrCell, ndr_estimate_seconds, render_ndr, run_ndr
 from .progress import Progress, clock
 from .report import MATPLOTLIB_HINT, emit, failed_cells, render_table, to_json
 from .runner import CellResult, run_directory
@@ -154,6 +155,9 @@ class VmMode(Mode):
         runs = plan.runs - skip_runs(plan, self.backends)
         self.accel = await choose_accel(args.accel, kernel, qemu=args.qemu)
         estimate = runs * (plan.duration + BOOT_OVERHEAD)
+        if getattr(args, "ndr", False):
+            searched = sum(1 for c in plan.cells if c.direction is Direction.RX and c.backend in PACED)
+            estimate += searched * ndr_estimate_seconds(quick=args.quick)
         _err(f"{len(plan.cells)} cells x {plan.repetitions} repetition(s): {runs} guest boots, "
              f"about {clock(estimate)} (accelerator {self.accel})")  # fmt: skip
         return runs, estimate
@@ -168,7 +172,13 @@ class VmMode(Mode):
                               nicsim_args=nicsim_args(args))  # fmt: skip
         runner = VmRunner(kernel=self.kernel, initrd=self.initrd, ctx=self.ctx, accel=self.accel,
                           qemu=args.qemu, on_run=on_run, on_cell=on_cell)  # fmt: skip
-        return await runner.run_plan(plan, self.backends)
+        results = await runner.run_plan(plan, self.backends)
+        self.ndr: list[NdrCell] | None = None
+        if getattr(args, "ndr", False):
+            self.ndr = await run_ndr(results, kernel=self.kernel, initrd=self.initrd, ctx=self.ctx,
+                                     accel=self.accel, qemu=args.qemu, quick=args.quick,
+                                     progress=_err)  # fmt: skip
+        return results
 
     def report(self, plan: Plan, results: list[CellResult]) -> tuple[str, Document]:
         args, ctx = self.args, self.ctx
@@ -177,10 +187,19 @@ class VmMode(Mode):
                   "nicsim_args": list(ctx.nicsim_args)}  # fmt: skip
         placement = [f"placement: QEMU on core(s) {ctx.qemu_cpu}, the backend and its helpers on core "
                      f"{ctx.backend_cpu}" if self.pin else "placement: not pinned (--no-pin)"]
-        return render_table(results, footer=placement), lambda: to_json(
-            results, plan=plan, machine=machine(), config=config,
-            versions=versions(qemu=args.qemu, guest_kernel=self.guest_kernel),
-        )  # fmt: skip
+        ndr = getattr(self, "ndr", None)
+        table = render_table(results, footer=placement)
+        if ndr is not None:
+            table = f"{table}\n\n{render_ndr(ndr)}"
+
+        def document() -> dict[str, Any]:
+            doc = to_json(results, plan=plan, machine=machine(), config=config,
+                          versions=versions(qemu=args.qemu, guest_kernel=self.guest_kernel))  # fmt: skip
+            if ndr is not None:
+                doc["ndr"] = [c.to_json() for c in ndr]
+            return doc
+
+        return table, document
 
 
 def backend_only_plan(args: argparse.Namespace) -> Plan:
@@ -286,6 +305,8 @@ def option_problem(args: argparse.Namespace) -> str | None:
         return "--max-regress needs --baseline FILE (an earlier 'nicsim bench --json' document)"
     if getattr(args, "qemu_cpus", None) is not None and getattr(args, "backend_only", False):
         return "--qemu-cpus places QEMU, and --backend-only runs none: use --qemu-cpu for the frontend"
+    if getattr(args, "ndr", False) and args.backend_only:
+        return "--ndr searches guest RX in a guest; it does not go with --backend-only"
     if args.json == "-" and args.json_stream == "-":
         return "--json and --json-stream cannot both write to stdout ('-'): give one of them a file"
     return None

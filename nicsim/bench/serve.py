@@ -79,6 +79,13 @@ class NicsimBackend(Backend):
     name = "nicsim"
     #: guest TX into a sink that reads (sums) every frame byte, as DPDK copies every frame into an mbuf
     read_tx: bool = True
+    #: appended to the guest-RX generator's port spec (``nicsim bench --ndr``: an offered load)
+    generator_options = ""
+    stats_file: Path | None = None
+
+    def extra_serve_args(self, ctx: RunContext, n: int) -> list[str]:
+        """More ``nicsim serve`` arguments for run ``n`` (none here; ``nicsim.bench.ndr_vm`` adds some)."""
+        return []
 
     def unavailable(self) -> str | None:
         if importlib.util.find_spec("nicsim.cli.serve") is None:
@@ -103,11 +110,14 @@ class NicsimBackend(Backend):
         with contextlib.ExitStack() as stack:  # the namespace outlives the processes that use it
             ns = stack.enter_context(peer_netns(ctx)) if cell.direction.sizeless else None
             port = serve_port(cell, None if ns is None else ns.name, read=self.read_tx)
+            if cell.direction is Direction.RX and self.generator_options:
+                port = f"{port},{self.generator_options}"
             argv = pinned([
                 sys.executable, "-m", "nicsim", "serve", "--socket", str(sock),
-                "--port", port, "--stats-file", str(stats_file),
+                "--port", port, "--stats-file", str(stats_file), *self.extra_serve_args(ctx, n),
                 *ctx.nicsim_args,
             ], ctx.backend_cpu)  # fmt: skip
+            self.stats_file = stats_file  # the run's live stats (nicsim.bench.ndr_vm reads it)
             proc = ChildProcess(argv, ctx.workdir / f"nicsim-{n}.log", env=python_env())
             try:
                 if ns is not None and cell.direction.is_tcp:

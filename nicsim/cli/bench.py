@@ -102,6 +102,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="1 repetition, 64 and 1500 B, 2 s windows, no host->guest TCP row (< 2 minutes)",
     )
+    p.add_argument(
+        "--ndr", action="store_true",
+        help="after the plan, NDR and PDR (RFC 2544: highest offered rate with zero / at most 0.5%% loss) "
+        "for each guest-RX cell, searched from its MRR in one guest per cell "
+        "(nicsim and qemu-tap; dpdk has no paced sender)",
+    )  # fmt: skip
     p.add_argument("--sizes", type=_sizes, metavar="LIST", help="frame sizes with FCS (default 64,512,1500)")
     p.add_argument(
         "--directions",

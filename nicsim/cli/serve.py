@@ -38,7 +38,9 @@ ports:
   generator   sends UDP frames into the guest as fast as it posts buffers;
               keys: size= (frame bytes without FCS, default 64), count=, rate_pps=, dst_mac=, src_mac=,
               src_ip=, dst_ip=, sport=, dport=, udp_checksum=0|1
-              (0 sends checksum 0, as DPDK testpmd's txonly does)
+              (0 sends checksum 0, as DPDK testpmd's txonly does), burst=, offered=on (rate_pps is an
+              offered load: frames due with no guest buffer are dropped and counted), hold=on (send
+              nothing until SIGUSR1)
   reflect     sends every frame back to the guest
   tap         forwards to and from a TAP device inside a network namespace (traffic never touches the
               root namespace); keys: netns= (required: the namespace, `ip netns add NAME`), ifname=
@@ -107,6 +109,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--config-space", action="store_true",
         help="offer VHOST_USER_PROTOCOL_F_CONFIG (GET_CONFIG reads the virtio-net config space) for a "
         "frontend that uses it; off by default: QEMU's virtio-net never does, and warns when offered",
+    )  # fmt: skip
+    parser.add_argument(
+        "--burst-file", type=Path, metavar="FILE",
+        help='on SIGUSR1, read {"rate_pps": R, "count": N} from FILE and start a burst of N frames at R '
+        "on the generator (without it, SIGUSR1 only releases hold=on); nicsim bench --ndr's trials",
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no periodic stats lines, warnings only")
     add_policy_arguments(parser)
@@ -191,14 +198,36 @@ def _summary(snap: dict[str, Any]) -> str:
 async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
     parse_port(args.port).close()  # refuse a bad --port before listening
 
+    generators: list[GeneratorPort] = []
+
     def make_device() -> VirtioNetDevice:
-        return VirtioNetDevice(port=parse_port(args.port), pool=PacketPool(args.pool_size, name="virtio-net"),
-                               policy=policy)  # fmt: skip
+        port = parse_port(args.port)
+        if isinstance(port, GeneratorPort):
+            generators.append(port)
+        return VirtioNetDevice(port=port, pool=PacketPool(args.pool_size, name="virtio-net"), policy=policy)
+
+    def start_generators() -> None:
+        # SIGUSR1 releases a generator's hold (hold=on), or starts the burst --burst-file describes:
+        # a benchmark trial's burst starts now.
+        burst: dict[str, Any] = {}
+        if args.burst_file is not None:
+            try:
+                burst = json.loads(args.burst_file.read_text())
+                rate, count = float(burst["rate_pps"]), int(burst["count"])
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                print(f"nicsim serve: --burst-file {args.burst_file}: {err}; no burst", file=sys.stderr)
+                return
+            for gen in generators:
+                gen.start(rate_pps=rate, count=count)
+            return
+        for gen in generators:
+            gen.start()
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, start_generators)
     server = Server(args.socket, make_device, client=args.client, max_queue_size=args.queue_size,
                     config_space=args.config_space)  # fmt: skip
     try:
@@ -217,7 +246,7 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
                     state = "up" if ep["connected"] else "idle"
                     print(f"{Path(ep['path']).name} [{state}] {_summary(ep)}", file=sys.stderr, flush=True)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
         await server.close()
         if args.stats_file is not None:

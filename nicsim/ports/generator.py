@@ -4,11 +4,23 @@ It builds one template frame at start and, each time the device polls it, asks t
 template into as many guest RX buffers as the budget, the remaining count and the rate allow: one
 vectorised scatter per poll, nothing per packet. The rate is a token bucket fed by the ``now`` the
 device passes in, so the port itself reads no clock.
+
+Two options make it an RFC 2544 traffic generator (``nicsim bench --ndr``). With ``offered`` the
+rate is an offered load, as on a wire: frames fall due at ``rate_pps`` whether or not the guest has
+buffers posted, and a frame that falls due while the RX ring has no buffer left (beyond a FIFO of
+``burst`` frames) is dropped and counted (``dropped``, reason ring full). Every frame of ``count`` is
+then either ``sent`` (written into a guest buffer) or ``dropped``, so once ``finished`` the offered
+count is exactly ``count`` and loss is ``count`` minus what the guest counted. With ``hold`` it
+sends nothing until :meth:`GeneratorPort.start` (``nicsim serve`` calls it on SIGUSR1), so a trial's
+burst starts inside the guest's counting window; the first poll after ``start`` is time zero.
+``start`` may also give a new rate and count: each call is one burst (one trial), counted on its own
+(``burst_sent``, ``burst_dropped``, ``bursts``) beside the running totals, so one guest can take a
+whole search's trials.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -32,6 +44,10 @@ class GeneratorConfig:
     # 0: send UDP checksum 0 ("none", RFC 768), as DPDK testpmd's txonly does. A guest verifies a
     # real checksum in software (nicsim offers no GUEST_CSUM), which costs it per byte under TCG.
     udp_checksum: bool = True
+    # An offered load: frames due while the guest has no buffer posted are dropped and counted.
+    offered: bool = False
+    # Send nothing until start() is called (nicsim serve: SIGUSR1).
+    hold: bool = False
 
 
 class GeneratorPort(Port):
@@ -48,23 +64,62 @@ class GeneratorPort(Port):
         self.template = np.frombuffer(frame, dtype=np.uint8).copy()
         if not c.udp_checksum:
             self.template[fr.ETH_HLEN + fr.IPV4_HLEN + 6 : fr.ETH_HLEN + fr.IPV4_HLEN + 8] = 0
+        if c.offered and c.rate_pps is None:
+            raise ValueError("generator offered=on needs a rate (rate_pps): an offered load has a rate")
         self.sent = 0
+        self.dropped = 0  # offered mode: frames that fell due with no guest buffer to take them
         self.tx_ignored = 0
-        self._tokens = float(c.burst)
+        self.held = c.hold
+        self.bursts = 0
+        self._burst_base = (0, 0)  # sent, dropped when the current burst started
+        # An offered load starts from an empty bucket: the first frames fall due at the rate.
+        self._tokens = 0.0 if c.offered else float(c.burst)
         self._last: float | None = None
+
+    def start(self, *, rate_pps: float | None = None, count: int | None = None) -> None:
+        """Start a burst: release a ``hold`` (the next poll is time zero), at a new ``rate_pps`` and
+        ``count`` when given (a new burst of its own then, even if the last one has finished)."""
+        if rate_pps is not None or count is not None:
+            self.config = replace(self.config, rate_pps=rate_pps or self.config.rate_pps,
+                                  count=count if count is not None else self.config.count)  # fmt: skip
+            self._burst_base = (self.sent, self.dropped)
+            self._tokens = 0.0 if self.config.offered else float(self.config.burst)
+            self._last = None
+        elif not self.held:
+            return
+        self.held = False
+        self.bursts += 1
+        self.sink.wake(0)
+
+    @property
+    def burst_sent(self) -> int:
+        return self.sent - self._burst_base[0]
+
+    @property
+    def burst_dropped(self) -> int:
+        return self.dropped - self._burst_base[1]
+
+    @property
+    def offered_count(self) -> int:
+        """Frames this burst offered so far: sent into the guest's buffers or dropped for want of one."""
+        return self.burst_sent + self.burst_dropped
 
     @property
     def finished(self) -> bool:
-        return self.config.count is not None and self.sent >= self.config.count
+        return self.config.count is not None and self.offered_count >= self.config.count
 
     def transmit(self, batch: TxFrames) -> bool:
         self.tx_ignored += batch.count
         return True
 
     def poll_rx(self, pair: int, budget: int, now: float) -> int:
+        if self.held:
+            return 0
+        if self.config.offered:
+            return self._poll_offered(pair, budget, now)
         n = budget
         if self.config.count is not None:
-            n = min(n, self.config.count - self.sent)
+            n = min(n, self.config.count - self.burst_sent)
         rate = self.config.rate_pps
         if rate is not None:
             if self._last is not None:
@@ -79,5 +134,33 @@ class GeneratorPort(Port):
             self._tokens -= delivered
         return delivered
 
+    def _poll_offered(self, pair: int, budget: int, now: float) -> int:
+        rate = self.config.rate_pps
+        assert rate is not None  # checked in __init__
+        if self._last is not None:
+            self._tokens += (now - self._last) * rate
+        self._last = now
+        due = int(self._tokens)
+        if self.config.count is not None:
+            due = min(due, self.config.count - self.offered_count)
+        if due <= 0:
+            return 0
+        delivered = self.sink.push_template(self.template, min(due, budget), pair=pair) if budget else 0
+        self.sent += delivered
+        self._tokens -= delivered
+        left = due - delivered
+        if left > 0 and self.sink.rx_space(pair) == 0:
+            # No guest buffer: what the FIFO cannot hold is lost, as on a wire into a full ring.
+            lost = max(left - self.config.burst, 0)
+            self.dropped += lost
+            self._tokens -= lost
+        return delivered
+
     def stats(self) -> dict[str, Any]:
-        return {"sent": self.sent, "size": self.config.size, "tx_ignored": self.tx_ignored}
+        out: dict[str, Any] = {"sent": self.sent, "size": self.config.size, "tx_ignored": self.tx_ignored}
+        if self.config.offered:
+            out.update(dropped=self.dropped, dropped_reason="ring_full", bursts=self.bursts,
+                       burst={"count": self.config.count, "rate_pps": self.config.rate_pps,
+                              "offered": self.offered_count, "sent": self.burst_sent,
+                              "dropped": self.burst_dropped, "finished": self.finished})  # fmt: skip
+        return out
