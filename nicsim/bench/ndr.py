@@ -156,22 +156,16 @@ def search(
                 t = yield from measure(rate, d)
                 if t is None:
                     break
-                if t.passes(bound.max_loss):
-                    lo = t
-                else:
-                    hi = t.rate
-                    if rate <= min_rate:
-                        break
+                lo, hi = _narrowed(t, lo, hi, bound.max_loss)
+                if lo is None and rate <= min_rate:
+                    break
                 step = min(step * 2, 0.9)
             step = 0.25
             while lo is not None and hi is None and lo.rate < max_rate:  # go up until a rate fails
                 t = yield from measure(min(lo.rate * (1 + step), max_rate), d)
                 if t is None:
                     break
-                if t.passes(bound.max_loss):
-                    lo = t
-                else:
-                    hi = t.rate
+                lo, hi = _narrowed(t, lo, hi, bound.max_loss)
                 step *= 2
             while lo is not None and hi is not None and _width(lo.rate, hi) > phase.precision:
                 mid = float(round((lo.rate + hi) / 2, 3))
@@ -180,10 +174,7 @@ def search(
                 t = yield from measure(mid, d)
                 if t is None:
                     break
-                if t.passes(bound.max_loss):
-                    lo = t
-                else:
-                    hi = t.rate
+                lo, hi = _narrowed(t, lo, hi, bound.max_loss)
             hints[i] = (None if lo is None else lo.rate, hi)
         # Every rate this duration measured counts, whichever target asked for it (a later target's
         # trial may sit inside an earlier one's bracket).
@@ -199,6 +190,13 @@ def search(
                 if dur == d and hi is not None and r > hi and t.passes(bound.max_loss)
             )
     return SearchResult(ndr=bounds[0], pdr=bounds[1] if len(bounds) > 1 else bounds[0], trials=trials)
+
+
+def _narrowed(
+    t: Trial, lo: Trial | None, hi: float | None, max_loss: float
+) -> tuple[Trial | None, float | None]:
+    """The bracket after trial ``t``: a pass raises the lower bound, a failure lowers the upper one."""
+    return (t, hi) if t.passes(max_loss) else (lo, t.rate)
 
 
 def _bounds(
