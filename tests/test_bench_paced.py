@@ -1,26 +1,53 @@
-"""The paced sender of --ndr's qemu-tap trials, on loopback only."""
+"""The paced sender of --ndr's qemu-tap trials: exactly ``count`` frames on a clock schedule, a refused
+send counted as an offered frame lost, and the frame every other backend sends the guest."""
 
 from __future__ import annotations
 
-import socket
+import errno
 
-from nicsim.bench.paced import paced
-
-
-def test_paced_sender_offers_exactly_count_datagrams_at_about_the_rate() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
-        rx.bind(("127.0.0.1", 0))
-        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        out = paced("127.0.0.1", 60, 2000.0, 100, port=rx.getsockname()[1])
-        rx.settimeout(1.0)
-        got = sum(1 for _ in range(100) if len(rx.recv(2048)) == 60 - 42)
-    assert out["offered"] == out["sent"] == got == 100 and out["errors"] == 0
-    assert out["seconds"] >= 96 / 2000  # paced: the last burst (frames 96..99) is due at 96 / 2000 s
+from nicsim.bench import blaster
+from nicsim.bench.paced import BURST, paced
 
 
-def test_a_refused_send_is_sent_again_not_counted_lost() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = probe.getsockname()[1]  # closed once the probe is gone: ICMP port unreachable
-    out = paced("127.0.0.1", 60, 1000.0, 40, port=closed)
-    assert out["offered"] == 40 and out["refused"] > 0 and out["sent"] + out["errors"] == 40
+class Clock:
+    """A fake monotonic clock that ``sleep`` advances, so pacing is checked without timing anything."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sends: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_paced_sender_offers_exactly_count_frames_on_the_clock_schedule() -> None:
+    clock = Clock()
+    out = paced(lambda: clock.sends.append(clock.now), 2000.0, 100,
+                sleep=clock.sleep, monotonic=clock.monotonic)  # fmt: skip
+    assert out["offered"] == out["sent"] == len(clock.sends) == 100 and out["errors"] == 0
+    # Burst k is due at k * BURST / pps: frames 0..31 at 0, 32..63 at 16 ms, ...
+    starts = [clock.sends[i] for i in range(0, 100, BURST)]
+    assert starts == [k * BURST / 2000.0 for k in range(len(starts))]
+    assert out["achieved_pps"] == round(100 / (96 / 2000.0), 1)
+
+
+def test_a_refused_send_is_an_offered_frame_lost() -> None:
+    clock = Clock()
+    calls = [0]
+
+    def send() -> None:
+        calls[0] += 1
+        if calls[0] % 10 == 0:
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+
+    out = paced(send, 1000.0, 40, sleep=clock.sleep, monotonic=clock.monotonic)
+    assert out == {**out, "offered": 40, "sent": 36, "errors": 4}
+
+
+def test_the_paced_frame_is_the_one_every_backend_sends() -> None:
+    frame = blaster.frame_for(60, "52:54:00:12:34:56")
+    assert len(frame) == 60 and frame[:6] == bytes.fromhex("525400123456")
+    assert frame[30:34] == bytes([198, 18, 0, 2]) and frame[40:42] == b"\0\0"  # dst IP, UDP checksum 0

@@ -22,10 +22,10 @@ generator's port, so the counter moves only with the burst. The trial's duration
 ``QUICK_PHASES`` and ``FULL_PHASES`` say which durations were used (short first, long last).
 
 nicsim and the qemu-tap peer are searched. nicsim's generator paces itself; for qemu-tap,
-:mod:`nicsim.bench.paced` in the peer's namespace sends each burst (exactly ``count`` datagrams on a
+:mod:`nicsim.bench.paced` in the peer's namespace sends each burst (exactly ``count`` frames on a
 clock schedule; a send that fails is an offered frame lost) and reports the rate it achieved, and a
-trial where it fell below 97 % of the rate asked is marked ``sender_bound``. Its datagrams go to the
-guest's own address through the namespace's kernel (UDP checksum computed), as the blaster's do.
+trial where it fell below 97 % of the rate asked is marked ``sender_bound``. It writes the frame every
+other backend sends the guest (198.18.0.2, UDP checksum 0) raw onto the TAP, as the blaster does.
 DPDK testpmd's txonly has no simple rate control: its rows say so.
 """
 
@@ -158,8 +158,8 @@ def nicsim_fire(backend: NdrBackend, pid: int) -> Fire:
 def tap_fire(run: TapRun, cell: Cell, ctx: RunContext) -> Fire:
     async def fire(rate: float, count: int, number: int, duration: float) -> dict[str, Any]:
         child = await run.spawn(f"paced-{number}", [
-            sys.executable, "-m", "nicsim.bench.paced", "--dst", ctx.guest_ip, "--frame", str(cell.frame_len),
-            "--pps", f"{rate:.3f}", "--count", str(count),
+            sys.executable, "-m", "nicsim.bench.paced", "--ifname", "tap0", "--dst-mac", ctx.guest_mac,
+            "--frame", str(cell.frame_len), "--pps", f"{rate:.3f}", "--count", str(count),
         ])  # fmt: skip
         status = await child.wait(duration + FINISH_MARGIN)
         if status != 0:
