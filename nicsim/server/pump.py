@@ -154,25 +154,21 @@ class RingPump:
 
     def signal(self) -> None:
         """Interrupt the guest (write the call eventfd)."""
-        if self.call_fd is None:
-            return
-        try:
-            os.write(self.call_fd, _ONE)
-        except BlockingIOError:
-            pass  # the counter is saturated: the guest has an interrupt pending anyway
-        except OSError as err:
-            log.warning("ring %d: call eventfd write failed: %s", self.index, err)
+        self._write_eventfd(self.call_fd, "call")
 
     def signal_error(self) -> None:
         """Tell the frontend the ring broke (write the err eventfd of SET_VRING_ERR, if it gave one)."""
-        if self.err_fd is None:
+        self._write_eventfd(self.err_fd, "err")
+
+    def _write_eventfd(self, fd: int | None, name: str) -> None:
+        if fd is None:
             return
         try:
-            os.write(self.err_fd, _ONE)
+            os.write(fd, _ONE)
         except BlockingIOError:
-            pass  # the counter is saturated: the frontend has the error pending anyway
+            pass  # the counter is saturated: the other side has a notification pending anyway
         except OSError as err:
-            log.warning("ring %d: err eventfd write failed: %s", self.index, err)
+            log.warning("ring %d: %s eventfd write failed: %s", self.index, name, err)
 
     def _on_kick(self) -> None:
         assert self.kick_fd is not None
