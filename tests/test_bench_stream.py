@@ -70,3 +70,15 @@ def test_dash_is_stdout_and_is_left_open(capsys: pytest.CaptureFixture[str]) -> 
 def test_the_reference_is_known_from_the_plan() -> None:
     assert reference_for(build_plan(["dpdk", "nicsim"], quick=True)) == "nicsim"
     assert reference_for(build_plan(["qemu-tap", "dpdk"], quick=True)) == "qemu-tap"
+
+
+def test_an_ndr_search_is_one_line_with_the_json_documents_ndr_entry(tmp_path: Path) -> None:
+    from nicsim.bench.ndr_vm import NdrCell
+
+    path = tmp_path / "run.jsonl"
+    stream = JsonStream.open(str(path), reference="nicsim")
+    found = NdrCell(cell=Cell(backend="dpdk", direction=Direction.RX, size=64), mrr_pps=None,
+                    error="dpdk: testpmd has no paced sender")  # fmt: skip
+    stream.ndr(found)
+    assert lines(path) == [{"event": "ndr", "data": found.to_json()}]
+    stream.close()

@@ -80,6 +80,8 @@ class Mode(abc.ABC):
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.pin = not args.no_pin
+        #: told each NDR/PDR search once it is finished (``--json-stream``'s "ndr" lines)
+        self.on_ndr: Callable[[NdrCell], None] | None = None
 
     @abc.abstractmethod
     def plan(self) -> Plan:
@@ -177,7 +179,7 @@ class VmMode(Mode):
         if getattr(args, "ndr", False):
             self.ndr = await run_ndr(results, kernel=self.kernel, initrd=self.initrd, ctx=self.ctx,
                                      accel=self.accel, qemu=args.qemu, quick=args.quick,
-                                     progress=_err)  # fmt: skip
+                                     progress=_err, on_result=self.on_ndr)  # fmt: skip
         return results
 
     def report(self, plan: Plan, results: list[CellResult]) -> tuple[str, Document]:
@@ -352,6 +354,7 @@ async def _run(
     runs, estimate = await mode.prepare(plan)
     if stream is not None:
         stream.start(plan, mode=mode.name)
+        mode.on_ndr = stream.ndr
     with run_directory(args.log_dir) as workdir:
         progress = Progress(runs, estimate=estimate, repetitions=plan.repetitions)
         try:

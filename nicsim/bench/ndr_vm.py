@@ -291,14 +291,19 @@ def render_ndr(cells: Sequence[NdrCell]) -> str:
 async def run_ndr(
     results: Sequence[CellResult], *, kernel: Path, initrd: Path, ctx: RunContext, accel: str, qemu: str,
     quick: bool, progress: Callable[[str], None] | None = None,
+    on_result: Callable[[NdrCell], None] | None = None,
 ) -> list[NdrCell]:  # fmt: skip
-    """NDR/PDR for every guest-RX cell of ``results`` that can have one; the others say why not."""
+    """NDR/PDR for every guest-RX cell of ``results`` that can have one; the others say why not.
+    ``on_result`` hears each cell as soon as it is known."""
     phases = QUICK_PHASES if quick else FULL_PHASES
     out: list[NdrCell] = []
     for cell, mrr, why in ndr_candidates(results):
         if mrr is None:
-            out.append(NdrCell(cell=cell, mrr_pps=None, error=why))
-            continue
-        out.append(await ndr_cell(cell, mrr, kernel=kernel, initrd=initrd, ctx=ctx, accel=accel, qemu=qemu,
-                                  phases=phases, progress=progress))  # fmt: skip
+            found = NdrCell(cell=cell, mrr_pps=None, error=why)
+        else:
+            found = await ndr_cell(cell, mrr, kernel=kernel, initrd=initrd, ctx=ctx, accel=accel, qemu=qemu,
+                                   phases=phases, progress=progress)  # fmt: skip
+        out.append(found)
+        if on_result is not None:
+            on_result(found)
     return out

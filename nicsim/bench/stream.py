@@ -3,7 +3,8 @@
 The lines follow iperf3's ``--json-stream``: each is ``{"event": NAME, "data": {...}}``. ``start``
 comes first (the stream's format, the mode, the plan), then one ``cell`` per cell in plan order —
 its ``data`` has exactly the fields of a cell in the ``--json`` document, the ratio to the
-reference backend included once the reference's cell of that direction and size has run —, and
+reference backend included once the reference's cell of that direction and size has run —, with
+``--ndr`` one ``ndr`` per guest-RX cell searched (the ``--json`` document's ``ndr`` entry), and
 ``end`` last, with the exit status and the cells that failed or regressed. A stream without an
 ``end`` line is a run that was interrupted; every line before it is complete. ``-`` is stdout.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .matrix import Plan, ratio
+from .ndr_vm import NdrCell
 from .report import cell_json, headline
 from .runner import CellResult
 
@@ -67,6 +69,10 @@ class JsonStream:
         else:
             value = ratio(self._ref_medians.get(where), headline(result))
         self.event("cell", cell_json(result, value))
+
+    def ndr(self, found: NdrCell) -> None:
+        """One finished NDR/PDR search (``--ndr``), as the ``--json`` document's ``ndr`` entry."""
+        self.event("ndr", found.to_json())
 
     def end(self, *, status: int, failed: Sequence[str], regressed: Sequence[str]) -> None:
         self.event("end", {"status": status, "failed": list(failed), "regressed": list(regressed)})

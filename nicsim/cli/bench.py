@@ -140,7 +140,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--json-stream",
         metavar="FILE",
         help="write one JSON line per finished cell to FILE (or '-', stdout) as it finishes, iperf3-style "
-        "{\"event\": \"start\"|\"cell\"|\"end\", \"data\": ...}; a cell's data is its --json entry",
+        "{\"event\": \"start\"|\"cell\"|\"ndr\"|\"end\", \"data\": ...}; a cell's (or an --ndr "
+        "search's) data is its --json entry",
     )
     p.add_argument(
         "--baseline",

@@ -15,8 +15,11 @@ ring for good: while the ring is active a watchdog ticks every ``stall_recheck_m
 ring (no round scheduled, no timer set) that had work pending at two ticks in a row with none of its
 indices moved (:func:`~nicsim.virtio.policy.is_stalled`) is re-checked: the interrupt the ring wants
 is sent, a round is run, and the device counts it (``stall_rechecks``). A tick only reads the ring (no
-round), so an idle ring still costs no rounds. Counters of what the pump did (wakeups by cause,
-rounds, sleeps) are in :meth:`RingPump.snapshot`. A ring the guest broke stops and writes the err
+round), so an idle ring still costs no rounds. A TX interrupt of a sparse round may be held for the
+pair's RX interrupt (:func:`~nicsim.virtio.policy.defer_tx_interrupt`): the RX pump sends it just
+before its own, or its ``tx_irq_wait_us`` deadline does, or stopping the ring does. Counters of what
+the pump did (wakeups by cause, rounds, sleeps, interrupts held and merged) are in
+:meth:`RingPump.snapshot`. A ring the guest broke stops and writes the err
 eventfd (the device then reports DEVICE_NEEDS_RESET). It owns the three eventfds it is given and
 closes them.
 """
@@ -33,7 +36,7 @@ from collections.abc import Callable
 
 from nicsim.ports.base import Port
 from nicsim.virtio.device import DeviceStateError, QueueResult, VirtioNetDevice
-from nicsim.virtio.policy import PollAction, is_stalled, poll_action
+from nicsim.virtio.policy import PollAction, defer_tx_interrupt, is_stalled, poll_action
 from nicsim.virtio.port import DevicePort
 from rings.errors import GuestError, RingsError
 
@@ -43,6 +46,7 @@ _ONE = struct.pack("=Q", 1)
 _RETRY_S = 0.001  # pool exhausted, or a rate-limited port: look again this much later
 PUMP_COUNTERS = (
     "wakeups_kick", "wakeups_timer", "wakeups_stall", "wakeups_other", "rounds", "sleeps", "batch_sleeps",
+    "irqs_held", "irqs_merged",
 )
 
 
@@ -80,6 +84,11 @@ class RingPump:
         self._moved = 0  # buffers moved since this wakeup began
         self._watchdog: asyncio.TimerHandle | None = None
         self._stall_mark: tuple[int, ...] | None = None  # progress at the last tick that found work
+        # TX: a due interrupt held for the pair's RX one (``defer_tx_interrupt``), and its deadline.
+        # RX: the pair's TX pump, whose held interrupt goes out just before this ring's own.
+        self._irq_held: asyncio.TimerHandle | None = None
+        self.tx_partner: RingPump | None = None
+        self._rx_peer: RingPump | None = None
 
     # -- fds --------------------------------------------------------------------------------------
 
@@ -113,8 +122,14 @@ class RingPump:
         self._arm_watchdog()
         self.wake()
 
+    def pair_with(self, tx: RingPump) -> None:
+        """This RX pump and ``tx``, the same queue pair's TX pump, share held interrupts."""
+        self.tx_partner, tx._rx_peer = tx, self
+
     def deactivate(self) -> None:
-        """Stop watching and polling (the device queue itself is stopped by the caller)."""
+        """Stop watching and polling (the device queue itself is stopped by the caller); a held
+        interrupt is sent, since the used entries it announces are in the ring."""
+        self.release_interrupt()
         self.active = False
         self._unwatch()
         self._cancel()
@@ -153,8 +168,28 @@ class RingPump:
         self._handle = self.loop.call_soon(self._round)
 
     def signal(self) -> None:
-        """Interrupt the guest (write the call eventfd)."""
+        """Interrupt the guest (write the call eventfd). An RX ring first sends the interrupt its
+        pair's TX ring is holding, so the frontend sees both at once (one interrupt, with one INTx line)."""
+        partner = self.tx_partner
+        if partner is not None and partner._irq_held is not None:
+            partner.counters["irqs_merged"] += 1
+            partner.release_interrupt()
         self._write_eventfd(self.call_fd, "call")
+
+    def hold_interrupt(self) -> None:
+        """TX: the round's interrupt waits for the pair's next RX interrupt, at most ``tx_irq_wait_us``."""
+        if self._irq_held is None:
+            self.counters["irqs_held"] += 1
+            wait = self.device.policy.tx_irq_wait_us * 1e-6
+            self._irq_held = self.loop.call_later(wait, self.release_interrupt)
+
+    def release_interrupt(self) -> None:
+        """Send the held interrupt now: the RX ring signals, the deadline passed, a round moved a batch,
+        or the ring stops."""
+        if self._irq_held is not None:
+            self._irq_held.cancel()
+            self._irq_held = None
+            self.signal()
 
     def signal_error(self) -> None:
         """Tell the frontend the ring broke (write the err eventfd of SET_VRING_ERR, if it gave one)."""
@@ -203,7 +238,13 @@ class RingPump:
             log.exception("ring %d: the port raised; its batch was dropped", self.index)
             res = QueueResult(queue=self.index, more=True)
         if res.interrupt:
-            self.signal()
+            if self._tx and self.paired_rx_active() and defer_tx_interrupt(self.device.policy,
+                                                                           processed=res.processed):
+                self.hold_interrupt()
+            elif self._irq_held is not None:
+                self.release_interrupt()  # one write announces the held entries and these
+            else:
+                self.signal()
         if res.error is not None:
             self._fail(res.error)
             return None
@@ -215,6 +256,10 @@ class RingPump:
         else:
             self._empty_rounds += 1
         return res
+
+    def paired_rx_active(self) -> bool:
+        """Whether an RX pump will send this TX ring's held interrupt with its own (else the deadline)."""
+        return self._rx_peer is not None and self._rx_peer.active and not self._rx_peer.broken
 
     def _round(self) -> None:
         self._handle = None
@@ -295,6 +340,7 @@ class RingPump:
     def _fail(self, err: Exception) -> None:
         # The guest broke the ring (or we called out of order): stop it until the frontend resets it.
         log.error("ring %d stopped: %s", self.index, err)
+        self.release_interrupt()
         self.broken = True
         self._busy = False
         self._unwatch()

@@ -83,6 +83,8 @@ class Session:
         self._retired: list[act.ReleaseInflight] = []
         n = device.num_queues
         self.pumps = [RingPump(self.loop, device, i, after_tx=self._after_tx) for i in range(n)]
+        for rx, tx in zip(self.pumps[0::2], self.pumps[1::2], strict=False):
+            rx.pair_with(tx)
         self._wbuf: deque[tuple[bytes, tuple[int, ...]]] = deque()
         self._writing = False
         device.on_wakeup = self._on_wakeup

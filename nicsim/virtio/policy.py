@@ -20,6 +20,13 @@ first entry, so an idle guest's single packet is served at once. ``poll_us`` / `
 classic busy-polling with kicks suppressed before sleeping, for hosts where a wakeup is dearer than a
 core.
 
+A TX completion is rarely urgent, but under TCG an interrupt is dear, and a request/response guest (a
+ping, an RPC) would take two per round trip: its request's completion, then the reply ~0.2 ms later.
+So a sparse TX round's due interrupt is held (:func:`defer_tx_interrupt`) until the same pair's next
+RX interrupt, which sends both together (with the NIC's one INTx line, one exit and one handler run in
+the guest), or until ``tx_irq_wait_us`` passed. Measured, ping every 10 ms: p50 1.4 ms -> 0.8 ms. A
+round that moved a batch is signalled at once, so a guest whose TX ring fills never waits on it.
+
 Notifications can still be lost (a guest that reads an old ``avail_event``, a driver that re-enabled
 interrupts just as we decided against one, or anything else that leaves both sides waiting), so no
 ring may depend on them alone: a sleeping ring that has work pending, and whose indices did not move
@@ -54,13 +61,14 @@ class NotifyPolicy:
     poll_us: float = 0.0         # ...for at most this long since the last work (both 0: sleep at once)
     rx_backlog: int = 256        # frames a port may queue while the guest has no RX buffer
     stall_recheck_ms: float = 10.0  # a sleeping ring with work pending and no progress this long: re-check
+    tx_irq_wait_us: float = 1000.0  # a sparse TX round's interrupt waits this long for the RX one (0: never)
 
     def __post_init__(self) -> None:
         for name in ("tx_batch", "rx_batch", "irq_coalesce", "rx_backlog", "rounds_per_call"):
             if getattr(self, name) < 1:
                 raise ValueError(f"NotifyPolicy.{name} must be >= 1")
         for name in ("kick_batch", "rx_kick_batch", "flow_batch", "poll_rounds", "poll_us", "batch_wait_us",
-                     "stall_recheck_ms"):
+                     "stall_recheck_ms", "tx_irq_wait_us"):
             if getattr(self, name) < 0:
                 raise ValueError(f"NotifyPolicy.{name} must be >= 0")
 
@@ -91,6 +99,9 @@ POLICY_OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "rx_batch": (int, "RX buffers filled per round"),
     "stall_recheck_ms": (float, "re-check a sleeping ring that has work pending and made no progress for "
                                 "this many milliseconds: run a round, send a wanted interrupt (0: never)"),
+    "tx_irq_wait_us": (float, "hold the TX-completion interrupt of a round that moved fewer than "
+                              "--flow-batch frames until the pair's next RX interrupt, or for this many "
+                              "microseconds: a request and its reply cost one interrupt (0: never)"),
 }
 
 
@@ -136,6 +147,16 @@ def poll_action(policy: NotifyPolicy, *, more: bool, empty_rounds: int, idle_us:
     if empty_rounds < policy.poll_rounds and idle_us < policy.poll_us:
         return PollAction.POLL
     return PollAction.REARM
+
+
+def defer_tx_interrupt(policy: NotifyPolicy, *, processed: int) -> bool:
+    """Whether a TX round's due interrupt may wait for the pair's RX interrupt (at most
+    ``tx_irq_wait_us``). Only sparse rounds (request/response traffic: a ping, an RPC) wait: their
+    reply usually follows within a round trip of the port, and one interrupt for both costs the
+    guest one exit and one handler run instead of two; under TCG, with the NIC's single INTx line,
+    that is about 0.4 ms of the guest's round trip. A round that moved a batch (traffic flows) is
+    signalled at once: a guest whose TX ring fills waits for those completions."""
+    return policy.tx_irq_wait_us > 0 and processed < max(policy.flow_batch, 1)
 
 
 def is_stalled(*, pending: bool, progress: tuple[int, ...], previous: tuple[int, ...] | None) -> bool:
