@@ -7,9 +7,9 @@ pktgen in the guest into the TAP (the guest's own count is the measure; the name
 the frames). Guest RX: ``nicsim.bench.blaster`` in the namespace writes the frame every backend
 sends (nicsim's generator, testpmd's txonly: to 198.18.0.2, UDP checksum 0) onto the TAP, started
 when the guest is up, for the window plus a margin. TCP: an iperf3 server in the namespace; udp-rr:
-a sockperf server there; ping: the namespace's kernel. QEMU's
-tap backend runs inside QEMU, so this backend has no process of its own (no "CPU backend"); the
-sender, iperf3 or sockperf server is the run's ``sender_pid`` (the "CPU sender" column, flagged at 90 %).
+a sockperf server there; ping: the namespace's kernel. QEMU's tap backend runs inside QEMU, so this
+backend has no process of its own (no "CPU backend"); the sender, iperf3 or sockperf server is the
+run's ``sender_pid`` (the "CPU sender" column, flagged at 90 %).
 Once the guest has gone, the TAP's own counters (``ip -s -j link``) are the backend's count the
 guest's is checked against: QEMU writes what the guest sent into the TAP (the TAP's rx, dropped
 frames included: they reached it) and reads from it what the guest receives (the TAP's tx).
