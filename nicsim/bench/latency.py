@@ -9,9 +9,10 @@ replies is the second-largest. Loss is requests sent minus replies received.
 
 The ``udp-rr`` cell is UDP request/response: the guest's sockperf client sends a 64-byte message to a
 ``sockperf server`` at the same address (``RR_PORT``) and the next one as soon as the reply is in,
-for the run's duration. sockperf computes its own percentiles (its nearest rank too) over the replies
-of its valid window (the run without its 400 ms warm-up and 50 ms cool-down), and the rate is its
-replies over that window: transactions per second, one outstanding. The replies of the whole run,
+for the run's duration. sockperf computes its own percentiles (the reply at rank round(q × n), also
+a value that occurred) over the replies of its valid window (the run without its 400 ms warm-up and
+50 ms cool-down), and the rate is its replies over that window: transactions per second, one
+outstanding. The replies of the whole run,
 warm-up included, are the count the backend's is checked against: all of them crossed it.
 """
 
