@@ -258,9 +258,10 @@ w_iperf3_server() {
 }
 
 # UDP request/response: sockperf's ping-pong client, one message outstanding (the next request as
-# soon as the reply is in), against a `sockperf server` at server:port, for `time` seconds after its
-# own 400 ms warm-up. Its report lines go to the host as printed (qemu.testvm.sockperf parses them):
-# the numbers are read where the parser can be tested, not in awk.
+# soon as the reply is in), against a `sockperf server` at server:port, for `time` whole seconds (its
+# 400 ms warm-up and 50 ms cool-down included, and left out of its statistics). Its report lines go
+# to the host as printed (qemu.testvm.sockperf parses them): the numbers are read where the parser
+# can be tested, not in awk. sockperf exits with 0 even when no reply came: the host decides.
 w_sockperf_ping_pong() {
     server=$(p server 10.0.2.2) port=$(p port 11111) time=$(p time 2) size=$(p size 64)
     need_num port "$port"; need_num time "$time"; need_num size "$size"
