@@ -10,7 +10,7 @@ failed build never leaves something that looks like an image. Layout of the cach
     <cache>/debs/*.deb                 downloaded packages, verified against APT's SHA-256
     <cache>/resolved.json              package resolution, reused while APT's lists are unchanged
     <cache>/<key>/vmlinuz              the Debian cloud kernel
-    <cache>/<key>/initrd.img           busybox, /init, modules, iperf3 and its libraries (cpio newc)
+    <cache>/<key>/initrd.img           busybox, /init, modules, iperf3, sockperf, their libraries (cpio newc)
     <cache>/<key>/manifest.json        versions, module order, file hashes, build time
 """
 
@@ -39,6 +39,10 @@ KERNEL_META = "linux-image-cloud-amd64"
 BUSYBOX = "busybox-static"
 IPERF = "iperf3"
 IPERF_LIB = "libiperf0"  # its dependency closure brings the shared libraries iperf3 needs
+# UDP request/response (``nicsim bench`` udp-rr); its closure brings libstdc++6 and libgcc-s1.
+SOCKPERF = "sockperf"
+# The dynamically linked tools the guest runs, with the package whose closure holds their libraries.
+TOOLS = (("usr/bin/iperf3", IPERF_LIB), ("usr/bin/sockperf", SOCKPERF))
 APT_LISTS = Path("/var/lib/apt/lists")
 MULTIARCH = "lib/x86_64-linux-gnu"
 LOADER = "lib64/ld-linux-x86-64.so.2"
@@ -84,8 +88,9 @@ def image_key(packages: list[Package], inputs: dict[str, str]) -> str:
 
 
 def _lists_fingerprint() -> str:
-    # APT's candidates change only when its package lists (or its configuration) change.
-    digest = hashlib.sha256(f"format {FORMAT}".encode())
+    # APT's candidates change only when its package lists (or its configuration) change; the set of
+    # packages asked for is part of it, so adding a tool resolves again instead of reusing the record.
+    digest = hashlib.sha256(f"format {FORMAT} roots {' '.join(_roots())}".encode())
     for root in (APT_LISTS, Path("/etc/apt")):
         if root.is_dir():
             for path in sorted(p for p in root.rglob("*") if p.is_file()):
@@ -94,8 +99,13 @@ def _lists_fingerprint() -> str:
     return digest.hexdigest()
 
 
+def _roots() -> list[str]:
+    """The packages the image asks for by name (the rest is their dependency closure)."""
+    return [KERNEL_META, BUSYBOX, IPERF, *(closure_of for _, closure_of in TOOLS)]
+
+
 def _resolve_fresh(progress: Progress) -> list[Package]:
-    top = apt.show([KERNEL_META, BUSYBOX, IPERF, IPERF_LIB], progress)
+    top = apt.show(_roots(), progress)
     kernels = [d for d in apt.depends_of(top[KERNEL_META]) if d.startswith("linux-image-")]
     if not kernels:
         raise ImageBuildError(f"{KERNEL_META} does not depend on a linux-image-* package")
@@ -110,7 +120,7 @@ def _resolve_fresh(progress: Progress) -> list[Package]:
             "--no-breaks",
             "--no-replaces",
             "--no-enhances",
-            IPERF_LIB,
+            *(closure_of for _, closure_of in TOOLS),
         ],
         capture_output=True,
         text=True,
@@ -118,8 +128,9 @@ def _resolve_fresh(progress: Progress) -> list[Package]:
         env={**os.environ, "LC_ALL": "C"},
     )
     libs = [ln for ln in closure.stdout.splitlines() if ln and not ln[0].isspace() and not ln.startswith("<")]
-    if closure.returncode != 0 or IPERF_LIB not in libs:
-        raise ImageBuildError(f"apt-cache depends {IPERF_LIB} failed:\n{closure.stderr.strip()}")
+    roots = [closure_of for _, closure_of in TOOLS]
+    if closure.returncode != 0 or not set(roots) <= set(libs):
+        raise ImageBuildError(f"apt-cache depends {' '.join(roots)} failed:\n{closure.stderr.strip()}")
     names = sorted({kernels[0], BUSYBOX, IPERF, *libs})
     stanzas = apt.show(names, progress)
     return [apt.package_of(stanzas[n]) for n in names]
@@ -196,7 +207,7 @@ def build_image(
         progress(f"  kernel {kernel_version}; modules: {' '.join(name for name, _ in modules)}")
         progress("[4/5] initramfs")
         entries, libs = _initramfs_entries(root, kernel_version, modules, init_script)
-        progress(f"  iperf3 libraries: {' '.join(libs)}")
+        progress(f"  iperf3 and sockperf libraries: {' '.join(libs)}")
         with (out / "initrd.img").open("wb") as f:
             size = cpio.write_archive(f, entries)
         progress(f"  {len(entries)} entries, {size / 1e6:.1f} MB")
@@ -327,9 +338,10 @@ def _initramfs_entries(
         order.append(f"/{target}\n")
     add(cpio.regular("lib/nicsim/modules.order", "".join(order).encode()))
 
-    iperf = root / "usr" / "bin" / "iperf3"
-    add(cpio.regular("usr/bin/iperf3", iperf.read_bytes(), 0o755))
-    libs = _needed_libraries(root, iperf)
+    libs: dict[str, Path] = {}
+    for tool, _ in TOOLS:
+        add(cpio.regular(tool, (root / tool).read_bytes(), 0o755))
+        libs.update(_needed_libraries(root, root / tool))
     for soname, path in sorted(libs.items()):
         add(cpio.regular(f"{MULTIARCH}/{soname}", path.resolve().read_bytes(), 0o755))
     loader_name = PurePosixPath(LOADER).name

@@ -257,6 +257,29 @@ w_iperf3_server() {
     iperf_report "$WORK/iperf.$IDX.json" "$WORK/iperf.$IDX.err"
 }
 
+# UDP request/response: sockperf's ping-pong client, one message outstanding (the next request as
+# soon as the reply is in), against a `sockperf server` at server:port, for `time` whole seconds (its
+# 400 ms warm-up and 50 ms cool-down included, and left out of its statistics). Its report lines go
+# to the host as printed (qemu.testvm.sockperf parses them): the numbers are read where the parser
+# can be tested, not in awk. sockperf exits with 0 even when no reply came: the host decides.
+w_sockperf_ping_pong() {
+    server=$(p server 10.0.2.2) port=$(p port 11111) time=$(p time 2) size=$(p size 64)
+    need_num port "$port"; need_num time "$time"; need_num size "$size"
+    put_str server "$server"; put_num port "$port"; put_num size "$size"
+    out=$WORK/sockperf.$IDX
+    # --full-rtt: round trips, as ping reports them (sockperf's default is half of one).
+    sockperf ping-pong -i "$server" -p "$port" -t "$time" -m "$size" --mps=max --full-rtt \
+        >"$out" 2>&1
+    rc=$?
+    lines=""
+    while IFS= read -r ln; do
+        case $ln in sockperf:*) lines="$lines${lines:+, }\"$(jstr "$ln")\"" ;; esac
+    done <"$out"
+    put_raw sockperf "[$lines]"
+    put_num exit_status "$rc"
+    [ $rc -eq 0 ] || fail "sockperf exited with status $rc: $(tail -n 1 "$out")"
+}
+
 run_workload() {
     IDX=$1 name=$2 params=$3
     FIELDS=$WORK/fields.$IDX ERRFILE=$WORK/error.$IDX
@@ -279,6 +302,7 @@ run_workload() {
     rx-watch) w_rx_watch ;;
     iperf3-client) w_iperf3_client ;;
     iperf3-server) w_iperf3_server ;;
+    sockperf-ping-pong) w_sockperf_ping_pong ;;
     *) fail "unknown workload '$name'" ;;
     esac
     exit 0
@@ -350,6 +374,7 @@ deadline() {
     ping) awk -v c="$(get count)" -v i="$(get interval)" 'BEGIN { if (c == "") c = 3; if (i == "") i = 1; printf "%d", c * i + 15 }' ;;
     iperf3-client) awk -v t="$(get time)" 'BEGIN { if (t == "") t = 5; printf "%d", t + 20 }' ;;
     iperf3-server) echo 60 ;;
+    sockperf-ping-pong) awk -v t="$(get time)" 'BEGIN { if (t == "") t = 2; printf "%d", t + 20 }' ;;
     pktgen-tx | rx-count | rx-watch) awk -v d="$(get duration)" 'BEGIN { if (d == "") d = 5; printf "%d", d + 60 }' ;;
     sleep) awk -v s="$(get seconds)" 'BEGIN { if (s == "") s = 1; printf "%d", s + 10 }' ;;
     *) echo 15 ;;

@@ -97,7 +97,7 @@ def test_the_table_shows_baseline_now_and_change_and_says_what_was_not_compared(
     c = compare(baseline, now, max_regress=5.0, config={"accel": "kvm", "duration": 2.0},
                 machine={"cpu_model": "AMD EPYC", "cores": 4})  # fmt: skip
     lines = render_comparison(c).splitlines()
-    assert lines[0] == "compared with base.json (median pps; Gbit/s for TCP), limit -5%:"
+    assert lines[0] == "compared with base.json (median pps; Gbit/s for TCP; trans/s for udp-rr), limit -5%:"
     assert lines[1].split() == ["backend", "dir", "size", "unit", "baseline", "now", "change"]
     assert lines[3].split() == ["nicsim", "tx", "64", "pps", "1M", "940k", "-6.00%", "REGRESSED"]
     assert lines[4].split() == ["nicsim", "tcp-tx", "-", "Gbit/s", "2.000", "2.500", "+25.00%"]

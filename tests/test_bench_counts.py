@@ -117,6 +117,18 @@ def test_a_vm_sample_is_checked_against_the_backend_and_fails_with_the_reason() 
     assert bad.error.startswith("backend count check: the guest counted 2000 packets")
 
 
+def test_udp_rr_replies_span_the_run_and_are_checked_against_what_the_backend_gave() -> None:
+    rr = Cell(backend="qemu-tap", direction=Direction.UDP_RR)
+    held = Sample(ok=True, tps=1.0, packets=4991)
+    check_sample(rr, held, CARRIED)  # the backend gave 5000: a few ARP and IPv6 frames more
+    assert held.ok and held.counts is not None and held.counts["rule"] == "within"
+    assert held.counts["unit"] == "packets" and held.counts["backend"] == 5000
+    # Far fewer replies than the backend gave the guest: something it carried never reached sockperf.
+    short = Sample(ok=True, tps=1.0, packets=5000 - RING_SIZE - 1)
+    check_sample(rr, short, CARRIED)
+    assert not short.ok and short.miscounted
+
+
 async def test_one_miscounted_run_fails_its_cell_even_when_the_others_hold() -> None:
     plan = build_plan(["nicsim"], quick=True, directions=[Direction.TX], sizes=[64, 1500], repetitions=3)
     runs: list[Cell] = []

@@ -82,3 +82,37 @@ def test_ndr_search_reports_ndr_up_to_pdr_from_exact_offered_counts(guest_image:
         assert trial["offered"] == max(round(trial["rate_pps"] * trial["duration"]), 1)
         assert 0 <= trial["dropped_at_ring"] <= trial["offered"] - trial["received"]
     assert cell["ndr"]["duration"] == 1.0  # confirmed by the last phase's (longest) trials
+
+
+def test_udp_rr_rows_report_a_transaction_rate_through_nicsim_and_qemu_tap(
+    guest_image: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "bench.json"
+    with subprocess.Popen(
+        [sys.executable, "-m", "nicsim", "bench", "--backends", "nicsim,qemu-tap,dpdk", "--directions",
+         "udp-rr", "--repetitions", "1", "--duration", "2", "--accel", "tcg",
+         "--kernel", str(guest_image.kernel), "--initrd", str(guest_image.initrd), "--json", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as bench:  # fmt: skip
+        stdout, stderr = bench.communicate(timeout=RUN_TIMEOUT)
+    assert bench.returncode == 0, stderr
+    assert stdout.splitlines()[0].split()[:3] == ["backend", "latency", "trans/s"]
+    cells = {c["backend"]: c for c in json.loads(out.read_text())["cells"]}
+    for backend in ("nicsim", "qemu-tap"):
+        cell = cells[backend]
+        assert (cell["direction"], cell["status"]) == ("udp-rr", "ok"), cell
+        (sample,) = cell["samples"]
+        assert sample["ok"] and sample["tps"] > 0 and sample["seconds"] > 0, sample
+        guest = sample["guest"]
+        assert guest["workload"] == "sockperf-ping-pong" and guest["round_trip"] is True
+        assert guest["dropped"] == 0 and guest["duplicated"] == 0 and sample["loss_pct"] == 0
+        assert 0 < sample["rtt_p50_ms"] <= sample["rtt_p99_ms"] <= sample["rtt_max_ms"]
+        # Every reply sockperf counted crossed the backend, and little else did.
+        assert sample["counts"]["ok"] and sample["counts"]["rule"] == "within", sample["counts"]
+        assert sample["counts"]["guest"] == guest["total_received"] > 0
+    # testpmd cannot answer sockperf: the row says so instead of failing (skipped without testpmd).
+    assert cells["dpdk"]["status"] in ("n/a", "skipped")
+    if cells["dpdk"]["status"] == "n/a":
+        assert "5tswap" in cells["dpdk"]["reason"]
+    # The run's namespaces (and their sockperf servers) are gone; another bench may have its own.
+    assert not {ns for ns in bench_namespaces() if ns.startswith(f"nicsim-bench-{bench.pid}-")}

@@ -99,7 +99,7 @@ def test_a_regression_beyond_the_limit_exits_1_naming_the_cell_in_every_output(
     stream, doc = tmp_path / "run.jsonl", tmp_path / "now.json"
     assert run(tmp_path, now, baseline=base, max_regress=10.0, json_stream=str(stream), json=str(doc)) == 1
     out, err = capsys.readouterr()
-    assert f"compared with {base} (median pps; Gbit/s for TCP), limit -10%:" in out
+    assert f"compared with {base} (median pps; Gbit/s for TCP; trans/s for udp-rr), limit -10%:" in out
     regressed = next(line for line in out.splitlines() if "REGRESSED" in line)
     assert regressed.split()[:3] == ["nicsim", "tx", "64"] and "-20.00%" in regressed
     named = [line for line in err.splitlines() if "regression:" in line]

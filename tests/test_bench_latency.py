@@ -1,5 +1,5 @@
-"""Latency cells of ``nicsim bench``: the plan, the guest's ping parameters, the host's percentiles,
-the table."""
+"""Latency cells of ``nicsim bench``: the plan, the guest's ping and sockperf parameters, the host's
+percentiles and transaction rate, the table."""
 
 from __future__ import annotations
 
@@ -9,18 +9,21 @@ import pytest
 
 from nicsim.bench import testpmd
 from nicsim.bench.backend import RunContext
-from nicsim.bench.latency import percentile, ping_params, rtt_measures
+from nicsim.bench.latency import RR_PORT, percentile, ping_params, rr_measures, rr_params, rtt_measures
 from nicsim.bench.matrix import Cell, Direction, build_plan
 from nicsim.bench.report import render_table
 from nicsim.bench.runner import CellResult, Sample
 from nicsim.bench.vm import measure, workload_for
 
 
-def test_latency_adds_both_ping_rows_sizeless_per_backend() -> None:
+def test_latency_adds_the_ping_and_udp_rr_rows_sizeless_per_backend() -> None:
     plan = build_plan(["nicsim", "dpdk"], quick=True, latency=True)
     pings = [(c.backend, c.direction, c.size) for c in plan.cells if c.direction.is_latency]
     assert pings == [("nicsim", Direction.PING, 0), ("nicsim", Direction.PING_FLOOD, 0),
-                     ("dpdk", Direction.PING, 0), ("dpdk", Direction.PING_FLOOD, 0)]  # fmt: skip
+                     ("nicsim", Direction.UDP_RR, 0), ("dpdk", Direction.PING, 0),
+                     ("dpdk", Direction.PING_FLOOD, 0), ("dpdk", Direction.UDP_RR, 0)]  # fmt: skip
+    only = build_plan(["nicsim"], quick=True, directions=[Direction.UDP_RR])
+    assert [(c.direction, c.size) for c in only.cells] == [(Direction.UDP_RR, 0)]
     assert not any(c.direction.is_latency for c in build_plan(["nicsim"], quick=True).cells)
 
 
@@ -60,7 +63,7 @@ def test_measure_and_table_for_a_latency_cell() -> None:
     assert sample.rtt_p50_ms == 0.25 and sample.rtt_max_ms == 0.75
     table = render_table([CellResult(cell=cell, samples=[sample])])
     row = next(line for line in table.splitlines() if line.startswith("dpdk"))
-    assert row.split()[:4] == ["dpdk", "ping", "0.250", "0.250-0.250"]
+    assert row.split()[:5] == ["dpdk", "ping", "-", "0.250", "0.250-0.250"]  # no trans/s for ping
     assert "pps min" not in table and "size: Ethernet" not in table  # no throughput cell, no its table
     assert "latency: guest ping RTT" in table
 
@@ -82,3 +85,67 @@ def test_nicsim_args_reach_nicsim_serve_as_argv_words() -> None:
     assert nicsim_args(args) == ("--kick-batch", "0", "--poll-us", "200")
     assert args.latency is True
     assert nicsim_args(parser.parse_args(["bench"])) == ()
+
+
+# A sockperf result as the host has it once qemu.testvm.sockperf has read the guest's report.
+SOCKPERF = {"transactions": 1550, "sent": 1550, "seconds": 1.55, "tps": 1000.0, "total_sent": 2000,
+            "total_received": 1999, "rtt_p50_us": 950.5, "rtt_p99_us": 1800.0, "rtt_max_us": 4200.0,
+            "rtt_avg_us": 1000.0, "round_trip": True, "dropped": 0}  # fmt: skip
+
+
+def test_udp_rr_workload_is_sockperf_ping_pong_to_the_host_address(tmp_path: Path) -> None:
+    ctx = RunContext(workdir=tmp_path, duration=2.0)
+    wl = workload_for(Cell(backend="nicsim", direction=Direction.UDP_RR), ctx)
+    assert wl.name == "sockperf-ping-pong"
+    assert dict(wl.params) == {"server": ctx.host_ip, "port": str(RR_PORT), "size": "64", "time": "2"}
+    # sockperf takes whole seconds, and at least one.
+    assert rr_params(0.3)["time"] == 1 and rr_params(2.6)["time"] == 3
+
+
+def test_rr_measures_are_the_rate_and_sockperfs_percentiles_in_ms() -> None:
+    got = rr_measures(SOCKPERF)
+    assert got["tps"] == 1000.0 and got["seconds"] == 1.55
+    assert (got["rtt_p50_ms"], got["rtt_p99_ms"], got["rtt_max_ms"]) == (0.9505, 1.8, 4.2)
+    # Every reply of the run crossed the backend: that is what its count is checked against.
+    assert got["packets"] == 1999 and got["loss_pct"] == 0.0
+    lossy = rr_measures({**SOCKPERF, "sent": 100, "transactions": 99})
+    assert lossy["loss_pct"] == pytest.approx(1.0)
+    assert rr_measures({})["tps"] is None and rr_measures({})["rtt_p50_ms"] is None
+
+
+def test_udp_rr_row_shows_transactions_per_second_and_its_json_has_them() -> None:
+    from nicsim.bench.report import cell_json, headline
+
+    cell = Cell(backend="qemu-tap", direction=Direction.UDP_RR)
+    samples = []
+    for tps in (900.0, 1000.0, 1100.0):
+        sample = Sample(ok=True)
+        for key, value in measure(cell, {**SOCKPERF, "tps": tps}).items():
+            setattr(sample, key, value)
+        samples.append(sample)
+    result = CellResult(cell=cell, samples=samples)
+    table = render_table([result, CellResult(cell=Cell(backend="dpdk", direction=Direction.UDP_RR),
+                                             status="n/a", reason=testpmd.UDP_RR_NA)])  # fmt: skip
+    header = next(line for line in table.splitlines() if line.startswith("backend"))
+    assert header.split()[:4] == ["backend", "latency", "trans/s", "p50"]
+    row = next(line for line in table.splitlines() if line.startswith("qemu-tap"))
+    assert row.split()[:5] == ["qemu-tap", "udp-rr", "1k", "0.951", "0.951-0.951"]
+    assert "udp-rr: the guest's sockperf ping-pong" in table
+    assert "dpdk udp-rr -: n/a: testpmd has no UDP responder" in table
+    assert headline(result) == 1000.0  # what --baseline compares a udp-rr cell on
+    doc = cell_json(result, None)
+    assert doc["summary"]["tps"] == {"min": 900.0, "median": 1000.0, "max": 1100.0, "n": 3}
+    assert [s["tps"] for s in doc["samples"]] == [900.0, 1000.0, 1100.0]
+
+
+def test_udp_rr_is_na_for_testpmd_and_runs_on_the_tap_peers() -> None:
+    from nicsim.bench.serve import NicsimBackend
+    from nicsim.bench.tap import QemuTapBackend
+
+    cell = Cell(backend="dpdk", direction=Direction.UDP_RR)
+    why = testpmd.DpdkBackend().unsupported(cell)
+    assert why is not None and "5tswap" in why and "client" in why
+    assert testpmd.DpdkBackend().unsupported(Cell(backend="dpdk", direction=Direction.PING)) is None
+    # sockperf is on this host (./run setup installs it): the tap peers can answer.
+    assert QemuTapBackend().unsupported(cell) is None
+    assert NicsimBackend().unsupported(cell) is None

@@ -79,6 +79,14 @@ def test_builder_inputs_cover_init_script_and_build_code() -> None:
     assert {"init.sh", "build.py", "apt.py", "cpio.py", "kmod.py"} <= set(builder_inputs())
 
 
+def test_asking_for_another_package_resolves_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The resolution record is reused while APT's lists are unchanged; a tool added to the image
+    # (sockperf, say) must not be answered from a record made without it.
+    before = build._lists_fingerprint()
+    monkeypatch.setattr(build, "TOOLS", build.TOOLS[:1])
+    assert build._lists_fingerprint() != before
+
+
 def test_warm_build_returns_same_paths_and_does_no_work(
     image: GuestImage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -103,6 +111,8 @@ def test_manifest_records_versions_and_file_hashes(image: GuestImage) -> None:
     assert image.kernel.parent.name == manifest["key"]
     names = {p["name"]: p["version"] for p in manifest["packages"]}
     assert {"busybox-static", "iperf3", "libiperf0", "libc6", "libssl3"} <= set(names)
+    assert {"sockperf", "libstdc++6", "libgcc-s1"} <= set(names)
+    assert {"libstdc++.so.6", "libgcc_s.so.1", "libiperf.so.0"} <= set(manifest["libraries"])
     assert any(n.startswith("linux-image-") and n.endswith("-cloud-amd64") for n in names)
     assert all(names.values())
     for name, path in (("vmlinuz", image.kernel), ("initrd.img", image.initrd)):

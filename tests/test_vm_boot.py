@@ -77,6 +77,29 @@ async def test_iperf3_client_reports_numbers_against_a_server_in_the_namespace(
     assert server.wait() == 0
 
 
+async def test_sockperf_ping_pong_reports_a_transaction_rate_against_a_server_in_the_namespace(
+    guest_image: Any, netns: Callable[[], Netns]
+) -> None:
+    ns = tap_namespace(netns)
+    # sockperf's server never exits by itself: the fixture's close kills it by pid.
+    ns.popen("sockperf", "server", "-i", "10.0.2.2", "-p", "11111", stdout=subprocess.DEVNULL)
+    async with TestVM(
+        kernel=guest_image.kernel,
+        initrd=guest_image.initrd,
+        nic=TapNic(ifname="tap0"),
+        netns=ns.name,
+        workloads=[Workload("sockperf-ping-pong", server="10.0.2.2", port=11111, time=1, size=64)],
+    ) as vm:
+        (result,) = await vm.results(BOOT_TIMEOUT)
+    assert result.workload == "sockperf-ping-pong" and result.ok, result
+    assert result["transactions"] > 0 and result["seconds"] > 0 and result["tps"] > 0, result.data
+    assert result["round_trip"] is True and result["dropped"] == 0
+    assert 0 < result["rtt_p50_us"] <= result["rtt_p99_us"] <= result["rtt_max_us"], result.data
+    # One message outstanding: the rate and the mean round trip are two views of the same thing.
+    assert result["tps"] * result["rtt_avg_us"] / 1e6 == pytest.approx(1.0, rel=0.2), result.data
+    assert "sockperf" not in result.data  # the numbers replace the raw report
+
+
 async def test_missing_kernel_raises_launch_error_with_qemu_message(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-kernel"
     with pytest.raises(VMLaunchError) as info:

@@ -1,7 +1,8 @@
 """``--baseline FILE --max-regress PCT``: this run against an earlier ``--json`` document, cell by cell.
 
 Cells are matched on (backend, direction, size) and compared on the figure the table's ratios use:
-the median pps, or the median Gbit/s for TCP cells. A cell regressed when its median fell by more
+the median pps, the median Gbit/s for TCP cells, the median transactions/s for udp-rr (ping cells
+have none and are not compared). A cell regressed when its median fell by more
 than PCT percent of the baseline's; without ``--max-regress`` the comparison is shown and gates
 nothing. A cell measured on one side only (absent, failed, skipped or n/a on the other) is not
 compared and is listed as such; a cell measured on neither side is left out. The baseline must be a
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .matrix import Direction
-from .report import headline, si
+from .report import headline, headline_measure, si
 from .runner import CellResult
 
 FORMAT = "nicsim-bench/1"
@@ -28,6 +29,7 @@ Key = tuple[str, str, int]
 # config and machine fields that, when they differ, make a comparison doubtful (named, not refused)
 SETTINGS = ("accel", "pinned", "qemu_cpu", "backend_cpu", "frontend_cpu", "duration", "repetitions")
 MACHINE = ("cpu_model", "cores")
+UNITS = {"pps": "pps", "gbps": "Gbit/s", "tps": "trans/s"}  # a headline measure's unit, as shown
 
 
 class BaselineError(ValueError):
@@ -53,7 +55,7 @@ def document_mode(config: Mapping[str, Any]) -> str:
 
 
 def _cell_median(cell: Mapping[str, Any]) -> float | None:
-    measure = "gbps" if Direction(cell["direction"]).is_tcp else "pps"
+    measure = headline_measure(Direction(cell["direction"]))
     summary = cell.get("summary") or {}
     value = (summary.get(measure) or {}).get("median")
     return float(value) if isinstance(value, int | float) else None
@@ -166,8 +168,9 @@ def compare(
         else:
             change = (now - base) / base * 100 if base > 0 else None
             regressed = max_regress is not None and change is not None and change < -max_regress
-            rows.append(Row(key=key, unit="Gbit/s" if r.cell.direction.is_tcp else "pps", baseline=base,
-                            now=now, change_pct=change, regressed=regressed))  # fmt: skip
+            unit = UNITS[headline_measure(r.cell.direction)]
+            rows.append(Row(key=key, unit=unit, baseline=base, now=now, change_pct=change,
+                            regressed=regressed))  # fmt: skip
     for key, base in baseline.medians.items():
         if key not in seen and base is not None:
             not_compared.append((key, "not in this run"))
@@ -186,7 +189,7 @@ def _change(value: float | None) -> str:
 def render_comparison(c: Comparison) -> str:
     """The comparison table for a person, with what was not compared and why."""
     gate = "not gating (no --max-regress)" if c.max_regress is None else f"limit -{c.max_regress:g}%"
-    lines = [f"compared with {c.baseline.path} (median pps; Gbit/s for TCP), {gate}:"]
+    lines = [f"compared with {c.baseline.path} (median pps; Gbit/s for TCP; trans/s for udp-rr), {gate}:"]
     header = ["backend", "dir", "size", "unit", "baseline", "now", "change", ""]
     body = [[r.key[0], r.key[1], str(r.key[2]) if r.key[2] else "-", r.unit, _figure(r.baseline, r.unit),
              _figure(r.now, r.unit), _change(r.change_pct), "REGRESSED" if r.regressed else ""]

@@ -216,7 +216,8 @@ def backend_only_plan(args: argparse.Namespace) -> Plan:
     if args.directions is not None:
         directions = [Direction(d) for d in args.directions]
         if any(d.sizeless for d in directions):
-            raise ValueError("--backend-only measures frames (tx, rx); TCP needs a guest, and so does ping")
+            raise ValueError("--backend-only measures frames (tx, rx); TCP needs a guest, and so do the "
+                             "latency rows")
     if getattr(args, "latency", False):
         raise ValueError("--backend-only measures frames (tx, rx); --latency needs a guest")
     duration = (

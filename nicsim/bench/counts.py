@@ -9,8 +9,9 @@ is what the backend took from the guest, ``rx`` what it gave the guest.
 
 Two rules, by what the two counts cover:
 
-* ``within``: both cover the same traffic (guest TX, where pktgen counts every frame it sent, and
-  both directions with ``--backend-only``, where the frontend's counters span the whole run). They
+* ``within``: both cover the same traffic (guest TX, where pktgen counts every frame it sent; udp-rr,
+  where sockperf counts every reply of its run, the boot's only traffic; and both directions with
+  ``--backend-only``, where the frontend's counters span the whole run). They
   may differ by at most one ring's worth: frames still on a ring when one side stopped, and the
   guest's own few frames while it boots (ARP, IPv6). DPDK's virtio-user receiving is allowed two
   rings: its device start also discards, uncounted, what the backend already put on its receive

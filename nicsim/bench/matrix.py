@@ -34,6 +34,7 @@ class Direction(enum.Enum):
     TCP_RX = "tcp-rx"  # iperf3, host -> guest
     PING = "ping"  # guest pings the host address behind the backend every 10 ms; RTT percentiles
     PING_FLOOD = "ping-flood"  # the same back to back: the next request as soon as the reply is in
+    UDP_RR = "udp-rr"  # sockperf ping-pong: UDP request/response, one outstanding; transactions/s
 
     @property
     def is_tcp(self) -> bool:
@@ -41,21 +42,22 @@ class Direction(enum.Enum):
 
     @property
     def is_latency(self) -> bool:
-        """A request/response cell (one outstanding request): RTTs, not a rate; sizeless like TCP."""
-        return self in (Direction.PING, Direction.PING_FLOOD)
+        """A request/response cell (one outstanding request): RTTs (and udp-rr's transactions/s), not
+        a throughput; sizeless like TCP."""
+        return self in LATENCY_DIRECTIONS
 
     @property
     def sizeless(self) -> bool:
         return self.is_tcp or self.is_latency
 
 
-LATENCY_DIRECTIONS = (Direction.PING, Direction.PING_FLOOD)
+LATENCY_DIRECTIONS = (Direction.PING, Direction.PING_FLOOD, Direction.UDP_RR)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Cell:
     """One row of the result table: ``size`` is 0 for TCP cells (iperf3 picks its segment size) and for
-    latency cells (ping's 64-byte ICMP echo)."""
+    latency cells (ping's 64-byte ICMP echo, sockperf's 64-byte UDP message)."""
 
     backend: str
     direction: Direction
@@ -105,7 +107,7 @@ def build_plan(
 
     Quick defaults: 1 repetition, 64 and 1500 bytes, 2 s, no host->guest TCP row; full: 3 repetitions,
     64/512/1500 bytes, 5 s, all four directions. Explicit arguments override either; ``latency`` adds
-    the two ping rows (``--latency``) to whichever directions there are.
+    the latency rows (``--latency``: ping, ping-flood, udp-rr) to whichever directions there are.
     """
     if not backends:
         raise ValueError("no backend to benchmark")

@@ -8,7 +8,8 @@ backend process, nicsim's pool high-water mark (the largest over the
 runs), and the ratio *reference ÷ this row* of the median throughput (pps, or Gbit/s for TCP) against
 the reference backend's row with the same direction and size — nicsim when it is benchmarked. Cells
 that were not measured show their status ("n/a", "skipped", "failed") and the reason is listed
-under the table. Latency cells (ping) get a table of their own under it: RTT p50 / p99 / max in ms.
+under the table. Latency cells get a table of their own under it: RTT p50 / p99 / max in ms, and
+for udp-rr the transactions per second.
 The JSON holds every sample. The plot is throughput against frame size, one line
 per backend and direction, and needs matplotlib (``pip install matplotlib``), said so if missing.
 """
@@ -23,10 +24,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .matrix import Plan, Summary, ratio
+from .matrix import Direction, Plan, Summary, ratio
 from .runner import SENDER_BOUND_PCT, CellResult
 
-LATENCY_MEASURES = ("rtt_p50_ms", "rtt_p99_ms", "rtt_max_ms", "loss_pct")
+LATENCY_MEASURES = ("rtt_p50_ms", "rtt_p99_ms", "rtt_max_ms", "loss_pct", "tps")
 MATPLOTLIB_HINT = "--plot needs matplotlib: install it with 'pip install matplotlib'"
 
 
@@ -44,10 +45,17 @@ def pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}%"
 
 
+def headline_measure(direction: Direction) -> str:
+    """The measure a cell is compared on: Gbit/s for TCP, transactions/s for udp-rr, else pps (which
+    ping cells have none of: they are not compared)."""
+    if direction.is_tcp:
+        return "gbps"
+    return "tps" if direction is Direction.UDP_RR else "pps"
+
+
 def headline(result: CellResult) -> float | None:
-    """The figure ratios compare: median pps, or median Gbit/s for TCP cells."""
-    measure = "gbps" if result.cell.direction.is_tcp else "pps"
-    s = result.summary(measure)
+    """The figure ratios and baselines compare: median pps, Gbit/s for TCP, transactions/s for udp-rr."""
+    s = result.summary(headline_measure(result.cell.direction))
     return None if s is None else s.median
 
 
@@ -121,12 +129,15 @@ def grid(header: list[str], rows: list[list[str]]) -> list[str]:
     return [fmt(header), fmt(["-" * w for w in widths]), *(fmt(row) for row in rows)]
 
 
-LATENCY_HEADER = ["backend", "latency", "p50 ms", "p50 min-max", "p99 ms", "p99-p50", "max ms", "loss",
-                  "runs"]  # fmt: skip
+LATENCY_HEADER = ["backend", "latency", "trans/s", "p50 ms", "p50 min-max", "p99 ms", "p99-p50", "max ms",
+                  "loss", "runs"]  # fmt: skip
 LATENCY_LEGEND = (
     "latency: guest ping RTT to the host address behind the backend (ping: every 10 ms; ping-flood: "
     "the next request as soon as the reply is in); p50/p99 are nearest-rank over one run's replies, "
-    "the median over runs shown, p50 min-max its spread over runs; max ms the largest RTT of any run."
+    "the median over runs shown, p50 min-max its spread over runs; max ms the largest RTT of any run. "
+    "udp-rr: the guest's sockperf ping-pong to a sockperf server there, 64-byte UDP messages, one "
+    "outstanding; trans/s its replies per second (median over runs), its RTTs sockperf's own over its "
+    "window (the run without sockperf's 0.45 s warm-up and cool-down)."
 )
 
 
@@ -135,18 +146,20 @@ def ms(value: float | None) -> str:
 
 
 def latency_rows(results: Sequence[CellResult]) -> list[list[str]]:
-    """One row per latency cell: median p50 / p99 over runs, the p50 spread, the worst RTT, loss."""
+    """One row per latency cell: median transactions/s (udp-rr), median p50 / p99 over runs, the p50
+    spread, the worst RTT, loss."""
     rows: list[list[str]] = []
     for r in results:
         head = [r.cell.backend, r.cell.direction.value]
         if r.status != "ok":
-            rows.append([*head, r.status, "", "", "", "", "", ""])
+            rows.append([*head, r.status, "", "", "", "", "", "", ""])
             continue
         p50, p99, worst = (r.summary(m) for m in ("rtt_p50_ms", "rtt_p99_ms", "rtt_max_ms"))
         loss = r.summary("loss_pct")
         spread = "-" if p50 is None else f"{p50.min:.3f}-{p50.max:.3f}"
         gap = None if p50 is None or p99 is None else p99.median - p50.median
-        rows.append([*head, ms(_median(p50)), spread, ms(_median(p99)), ms(gap),
+        tps = si(_median(r.summary("tps")))
+        rows.append([*head, tps, ms(_median(p50)), spread, ms(_median(p99)), ms(gap),
                      ms(None if worst is None else worst.max),
                      "-" if loss is None else f"{loss.max:.1f}%", str(len(r.good()))])  # fmt: skip
     return rows

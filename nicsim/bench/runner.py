@@ -55,6 +55,8 @@ class Sample:
     rtt_p99_ms: float | None = None
     rtt_max_ms: float | None = None
     loss_pct: float | None = None
+    #: udp-rr (``latency.rr_measures``): replies per second of sockperf's window, one outstanding
+    tps: float | None = None
 
     @property
     def sender_bound(self) -> bool:

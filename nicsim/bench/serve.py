@@ -12,8 +12,9 @@ cleanly. TCP cells use ``--port tap,netns=NS,ifname=tap0`` (offloads on): the ru
 ``NS`` with ``tap0`` (the host address, the guest as a permanent neighbour) and an iperf3 server there,
 exactly as the ``qemu-tap`` peer does, and deletes it afterwards; QEMU itself stays in the root
 namespace. The backend CPU column is nicsim's; the namespace's kernel and iperf3 share its core
-(iperf3's share is the "CPU sender" column). Latency cells (ping) use the same tap port and namespace,
-without iperf3: the namespace's kernel answers the guest's pings, as it does behind the ``qemu-tap`` peer.
+(iperf3's share is the "CPU sender" column). Latency cells use the same tap port and namespace: the
+namespace's kernel answers the guest's pings, and a sockperf server there its udp-rr requests, as
+behind the ``qemu-tap`` peer.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from qemu.testvm import VhostUserNic
 from .backend import Backend, BenchError, BenchRun, ChildProcess, RunContext, pinned, python_env
 from .counts import Carried
 from .matrix import Cell, Direction
-from .tap import peer_netns, start_iperf3_server
+from .tap import peer_netns, sockperf_missing, start_peer_server
 
 _counter = itertools.count()
 TESTPMD_FRAME = "src_ip=198.18.0.1,dst_ip=198.18.0.2,udp_checksum=0"
@@ -98,7 +99,10 @@ class NicsimBackend(Backend):
         return None
 
     def unsupported(self, cell: Cell) -> str | None:
-        return self.unavailable_tcp() if cell.direction.sizeless else None
+        if not cell.direction.sizeless:
+            return None
+        missing = sockperf_missing() if cell.direction is Direction.UDP_RR else None
+        return self.unavailable_tcp() or missing
 
     @contextlib.asynccontextmanager
     async def open_run(self, cell: Cell, ctx: RunContext) -> AsyncIterator[BenchRun]:
@@ -106,7 +110,7 @@ class NicsimBackend(Backend):
         sock = ctx.workdir / f"nicsim-{n}.sock"
         stats_file = ctx.workdir / f"nicsim-{n}.stats.json"
         run = BenchRun(nic=VhostUserNic(mac=ctx.guest_mac, socket=sock))
-        iperf3: ChildProcess | None = None
+        server: ChildProcess | None = None  # iperf3 (TCP) or sockperf (udp-rr) in the namespace
         with contextlib.ExitStack() as stack:  # the namespace outlives the processes that use it
             ns = stack.enter_context(peer_netns(ctx)) if cell.direction.sizeless else None
             port = serve_port(cell, None if ns is None else ns.name, read=self.read_tx)
@@ -120,9 +124,9 @@ class NicsimBackend(Backend):
             self.stats_file = stats_file  # the run's live stats (nicsim.bench.ndr_vm reads it)
             proc = ChildProcess(argv, ctx.workdir / f"nicsim-{n}.log", env=python_env())
             try:
-                if ns is not None and cell.direction.is_tcp:
-                    iperf3 = await start_iperf3_server(ns, ctx)
-                    run.sender_pid = iperf3.pid
+                if ns is not None:
+                    server = await start_peer_server(ns, cell, ctx)
+                    run.sender_pid = None if server is None else server.pid
                 await proc.start()
                 run.pid = proc.pid
                 await proc.wait_for_path(sock, ctx.start_timeout)
@@ -139,8 +143,8 @@ class NicsimBackend(Backend):
                 run.extra["nicsim"] = stats
             finally:
                 await proc.stop()
-                if iperf3 is not None:
-                    await iperf3.stop()
+                if server is not None:
+                    await server.stop()
                 sock.unlink(missing_ok=True)
 
 

@@ -6,9 +6,10 @@ deletes it afterwards, which deletes the TAP too; nothing is ever addressed outs
 pktgen in the guest into the TAP (the guest's own count is the measure; the namespace's kernel drops
 the frames). Guest RX: ``nicsim.bench.blaster`` in the namespace writes the frame every backend
 sends (nicsim's generator, testpmd's txonly: to 198.18.0.2, UDP checksum 0) onto the TAP, started
-when the guest is up, for the window plus a margin. TCP: an iperf3 server in the namespace. QEMU's
-tap backend runs inside QEMU, so this backend has no process of its own (no "CPU backend"); the
-sender or iperf3 server is the run's ``sender_pid`` (the "CPU sender" column, flagged at 90 %).
+when the guest is up, for the window plus a margin. TCP: an iperf3 server in the namespace; udp-rr:
+a sockperf server there; ping: the namespace's kernel. QEMU's tap backend runs inside QEMU, so this
+backend has no process of its own (no "CPU backend"); the sender, iperf3 or sockperf server is the
+run's ``sender_pid`` (the "CPU sender" column, flagged at 90 %).
 Once the guest has gone, the TAP's own counters (``ip -s -j link``) are the backend's count the
 guest's is checked against: QEMU writes what the guest sent into the TAP (the TAP's rx, dropped
 frames included: they reached it) and reads from it what the guest receives (the TAP's tx).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -27,6 +29,7 @@ from qemu.testvm import Netns, NetnsError, TapNic
 
 from .backend import PREFIX_LEN, Backend, BenchError, BenchRun, ChildProcess, RunContext, pinned, python_env
 from .counts import Carried
+from .latency import RR_PORT
 from .matrix import Cell, Direction
 
 SEND_MARGIN = 3.0  # the sender outlives the guest's counting window by this much
@@ -48,16 +51,42 @@ def pinned_in(ns: Netns, argv: list[str], ctx: RunContext) -> list[str]:
     return ns.exec_argv(pinned(argv, ctx.backend_cpu))
 
 
+async def _start_server(ns: Netns, ctx: RunContext, argv: list[str]) -> ChildProcess:
+    server = ChildProcess(pinned_in(ns, argv, ctx), ctx.workdir / f"{argv[0]}-{ns.name}.log")
+    await server.start()
+    # The server must be listening before the guest's client starts; it is up within ms, and the
+    # guest needs seconds to boot, but check it did not die at once.
+    if await server.wait(0.2) is not None:
+        raise BenchError(f"{argv[0]} server in {ns.name} exited: {server.output()}")
+    return server
+
+
 async def start_iperf3_server(ns: Netns, ctx: RunContext) -> ChildProcess:
     """An iperf3 server on ``ctx.host_ip`` in ``ns``, on the backend's core; the caller stops it."""
-    server = ChildProcess(pinned_in(ns, ["iperf3", "-s", "-B", ctx.host_ip], ctx),
-                          ctx.workdir / f"iperf3-{ns.name}.log")  # fmt: skip
-    await server.start()
-    # iperf3 must be listening before the guest's client connects; it is up within ms,
-    # and the guest needs seconds to boot, but check it did not die at once.
-    if await server.wait(0.2) is not None:
-        raise BenchError(f"iperf3 server in {ns.name} exited: {server.output()}")
-    return server
+    return await _start_server(ns, ctx, ["iperf3", "-s", "-B", ctx.host_ip])
+
+
+async def start_sockperf_server(ns: Netns, ctx: RunContext) -> ChildProcess:
+    """A UDP ``sockperf server`` on ``ctx.host_ip`` in ``ns`` (udp-rr's peer, blocking in recvfrom,
+    not polling), on the backend's core; the caller stops it (SIGINT)."""
+    return await _start_server(ns, ctx, ["sockperf", "server", "-i", ctx.host_ip, "-p", str(RR_PORT)])
+
+
+def sockperf_missing() -> str | None:
+    """Why the host cannot answer a udp-rr cell, or ``None``."""
+    if shutil.which("sockperf") is None:
+        return "udp-rr needs sockperf on the host: 'apt-get install sockperf'"
+    return None
+
+
+async def start_peer_server(ns: Netns, cell: Cell, ctx: RunContext) -> ChildProcess | None:
+    """The server in ``ns`` that ``cell``'s guest talks to: iperf3 for TCP, sockperf for udp-rr;
+    ``None`` for the cells the namespace's kernel (ping) or a sender serves."""
+    if cell.direction.is_tcp:
+        return await start_iperf3_server(ns, ctx)
+    if cell.direction is Direction.UDP_RR:
+        return await start_sockperf_server(ns, ctx)
+    return None
 
 
 def tap_stats(ns: Netns, ifname: str = "tap0") -> dict[str, Any]:
@@ -113,19 +142,23 @@ class QemuTapBackend(Backend):
             return "qemu-tap: /dev/net/tun is missing (load the tun module)"
         return None
 
+    def unsupported(self, cell: Cell) -> str | None:
+        return sockperf_missing() if cell.direction is Direction.UDP_RR else None
+
     @contextlib.asynccontextmanager
     async def open_run(self, cell: Cell, ctx: RunContext) -> AsyncIterator[BenchRun]:
         with peer_netns(ctx) as ns:
             run = TapRun(nic=TapNic(mac=ctx.guest_mac, ifname="tap0"), ns=ns, cell=cell, ctx=ctx)
             try:
-                if cell.direction.is_tcp:
-                    server = await start_iperf3_server(ns, ctx)
+                server = await start_peer_server(ns, cell, ctx)
+                if server is not None:
                     run.children.append(server)
                     run.sender_pid = server.pid
                 yield run
                 for child in run.children:
                     # SIGINT makes the blaster print its counts. The iperf3 server runs without -1 so
-                    # that its CPU time is still readable when the measured window closes.
+                    # that its CPU time is still readable when the measured window closes (sockperf's
+                    # server never ends by itself).
                     await child.stop()
                     if "nicsim.bench.blaster" in child.argv:
                         run.extra["sender"] = child.output(500).strip()

@@ -7,8 +7,9 @@ bounded mbuf pool (``--total-num-mbufs``), and ``--stats-period 1`` so it runs w
 (otherwise it exits at once on an empty stdin). Two lcores, both mapped onto the backend's CPU: the
 main lcore only prints statistics, the forwarding lcore busy-polls, so "CPU% backend" reads ~100 %
 by design. Guest TX cells use ``--forward-mode=rxonly``; guest RX cells ``txonly`` with
-``--txpkts=<frame length>`` and ``--eth-peer`` set to the guest's MAC; latency cells ``icmpecho``
-(testpmd itself answers the guest's ARP requests and pings: no kernel, no TAP behind it). QEMU
+``--txpkts=<frame length>`` and ``--eth-peer`` set to the guest's MAC; ping cells ``icmpecho``
+(testpmd itself answers the guest's ARP requests and pings: no kernel, no TAP behind it). udp-rr is
+"n/a": no forwarding mode answers a sockperf request (``UDP_RR_NA`` says why). QEMU
 starts once the socket exists; SIGINT stops testpmd, which prints its accumulated counters (kept in
 the run's JSON); its packet counters are the backend's own count the guest's is checked against
 (``testpmd_carried``).
@@ -34,6 +35,15 @@ from .matrix import Cell, Direction
 TESTPMD = "dpdk-testpmd"
 RUNTIME_DIR = Path("/var/run/dpdk")
 _counter = itertools.count()
+# Tried with testpmd 22.11 (5tswap on a net_tap port, sockperf 3.7 on the kernel's side): the request
+# came back with MACs, addresses and ports swapped and reached the client's socket, and the client
+# waited on, its first message unanswered. 5tswap leaves the payload alone, and sockperf's header
+# flags a message a client sent (MASK_CLIENT) until a server clears it; the client ignores one that
+# still has it. 5tswap also answers no ARP request (it swaps the MACs and sends the request back).
+UDP_RR_NA = (
+    "testpmd has no UDP responder: 5tswap sends the request back with addresses and ports swapped but "
+    "its payload unchanged, and sockperf's client ignores a message still flagged as a client's"
+)
 _STAT_RE = re.compile(r"(RX-packets|RX-bytes|RX-missed|TX-packets|TX-bytes|TX-errors):\s*(\d+)")
 
 
@@ -101,6 +111,8 @@ class DpdkBackend(Backend):
     def unsupported(self, cell: Cell) -> str | None:
         if cell.direction.is_tcp:
             return "testpmd forwards frames and has no TCP stack"
+        if cell.direction is Direction.UDP_RR:
+            return UDP_RR_NA
         return None
 
     @contextlib.asynccontextmanager

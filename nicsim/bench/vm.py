@@ -7,11 +7,12 @@ from /proc) and closes it when the guest prints its result. The window opens at 
 for guest RX at the rx-count workload's "counting" line, so the guest's boot is never in the CPU
 figures; it closes at the workload's result line. Throughput is the guest's own count (pktgen for
 TX, eth0's counters for RX, iperf3 for TCP; for latency cells, ping's replies, whose RTTs the host
-turns into percentiles: :mod:`nicsim.bench.latency`), checked against the backend's own count once the run
-has ended (:mod:`nicsim.bench.counts`). After the measured workload the guest runs ``link``, whose
-feature bits are the negotiated virtio features recorded with the sample. A run that fails is
-recorded with its reason, and the run goes on with the next one (the loop over the plan is
-:func:`nicsim.bench.runner.run_cells`, shared with the backend-only mode).
+turns into percentiles, or sockperf's replies and percentiles: :mod:`nicsim.bench.latency`), checked
+against the backend's own count once the run has ended (:mod:`nicsim.bench.counts`). After the
+measured workload the guest runs ``link``, whose feature bits are the negotiated virtio features
+recorded with the sample. A run that fails is recorded with its reason, and the run goes on with the
+next one (the loop over the plan is :func:`nicsim.bench.runner.run_cells`, shared with the
+backend-only mode).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from qemu.testvm import NetnsError, TestVM, TestVMError, Workload, WorkloadResul
 
 from .backend import Backend, BenchError, RunContext
 from .counts import Carried, check_counts, guest_features
-from .latency import ping_params, rtt_measures
+from .latency import ping_params, rr_measures, rr_params, rtt_measures
 from .matrix import Cell, Direction, Plan
 from .procstat import CpuWindow
 from .runner import CellResult, Sample, run_cells
@@ -40,6 +41,8 @@ LINK_MARGIN = 30.0  # the link workload after the measured one: sysfs reads, a f
 def workload_for(cell: Cell, ctx: RunContext) -> Workload:
     """The guest workload that measures ``cell``."""
     secs = ctx.duration
+    if cell.direction is Direction.UDP_RR:
+        return Workload("sockperf-ping-pong", server=ctx.host_ip, **rr_params(secs))
     if cell.direction.is_latency:
         return Workload("ping", target=ctx.host_ip, **ping_params(cell.direction, secs))
     if cell.direction is Direction.TX:
@@ -53,7 +56,9 @@ def workload_for(cell: Cell, ctx: RunContext) -> Workload:
 
 def measure(cell: Cell, guest: dict[str, Any]) -> dict[str, Any]:
     """pps / Gbit/s / packets / bytes / seconds from the guest's result line (RTT percentiles, replies
-    and loss for a latency cell)."""
+    and loss for a latency cell; with the transaction rate for udp-rr)."""
+    if cell.direction is Direction.UDP_RR:
+        return rr_measures(guest)
     if cell.direction.is_latency:
         return rtt_measures(guest)
     if cell.direction.is_tcp:
@@ -84,10 +89,12 @@ def link_features(results: Sequence[WorkloadResult]) -> dict[str, Any]:
 
 def check_sample(cell: Cell, sample: Sample, carried: Carried | None) -> None:
     """Check a measured ``sample`` against the backend's own count; a check that fails fails it."""
-    # pktgen counts every frame the guest sent, so guest TX spans the backend's whole run; rx-count
-    # and iperf3 count a window (or payload) of it.
+    # pktgen counts every frame the guest sent, so guest TX spans the backend's whole run, and so do
+    # sockperf's replies (warm-up included: the only traffic of the boot but a few ARP and IPv6
+    # frames); rx-count and iperf3 count a window (or payload) of it, ping the replies to its requests.
+    spans_run = cell.direction in (Direction.TX, Direction.UDP_RR)
     sample.counts = check_counts(cell, counted=guest_count(cell, sample), carried=carried,
-                                 spans_run=cell.direction is Direction.TX)  # fmt: skip
+                                 spans_run=spans_run)  # fmt: skip
     if sample.miscounted:
         sample.ok = False
         sample.error = f"backend count check: {sample.counts['reason']}"
@@ -177,7 +184,9 @@ class VmRunner:
         sample.features = link_features(results[1:])
         for key, value in measure(cell, sample.guest).items():
             setattr(sample, key, value)
-        if cell.direction.is_latency:
+        if cell.direction is Direction.UDP_RR:
+            counted = bool(sample.tps) and sample.rtt_p50_ms is not None
+        elif cell.direction.is_latency:
             counted = sample.rtt_p50_ms is not None
         else:
             counted = bool(sample.gbps if cell.direction.is_tcp else sample.pps)

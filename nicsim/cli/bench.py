@@ -113,7 +113,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--directions",
         type=_directions,
         metavar="LIST",
-        help="any of tx,rx,tcp-tx,tcp-rx,ping,ping-flood (default: all but ping; --quick: tx,rx,tcp-tx)",
+        help="any of tx,rx,tcp-tx,tcp-rx,ping,ping-flood,udp-rr "
+        "(default: tx,rx,tcp-tx,tcp-rx; --quick: tx,rx,tcp-tx)",
     )
     p.add_argument(
         "--nicsim-args",
@@ -123,7 +124,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--latency",
         action="store_true",
-        help="add the latency rows: guest ping RTT p50/p99/max every 10 ms (ping) and back to back",
+        help="add the latency rows: guest ping RTT p50/p99/max every 10 ms (ping) and back to back "
+        "(ping-flood), and UDP request/response with one outstanding (udp-rr: sockperf ping-pong, "
+        "transactions/s and RTT p50/p99/max; dpdk: n/a, testpmd has no UDP responder)",
     )
     p.add_argument("--repetitions", type=int, metavar="N", help="runs per cell (default 3; --quick 1)")
     p.add_argument(

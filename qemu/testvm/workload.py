@@ -4,7 +4,8 @@ This module owns both ends of the ARCHITECTURE.md contract that ``qemu.testvm`` 
 ``Workload(name, **params)`` renders to one ``nicsim.run=`` item (workloads joined by ``;``,
 parameters by ``,`` as ``key=value``), refusing any value that would break that syntax or the kernel's
 own space-separated command line; and ``parse_results`` turns the guest's ``NICSIM-RESULT {json}``
-lines into ``WorkloadResult`` objects. It is pure: no QEMU, no asyncio.
+lines into ``WorkloadResult`` objects (reading the numbers out of the iperf3 document or sockperf
+report a result carries: ``iperf3_summary``, :mod:`.sockperf`). It is pure: no QEMU, no asyncio.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import GuestOutputError, InvalidOptionError
+from .sockperf import sockperf_summary
 
 RESULT_MARKER = "NICSIM-RESULT"
 READY_MARKER = "NICSIM-READY"
@@ -129,12 +131,15 @@ def parse_result_line(line: str) -> WorkloadResult:
     ):
         raise GuestOutputError(f"result line lacks 'workload' (str) or 'ok' (bool): {line!r}")
     ok, error = data["ok"], data.get("error")
-    doc = data.pop("iperf3", None)
-    if doc is not None:
-        fields, iperf_error = iperf3_summary(doc)
+    # Tools whose own output the guest sends whole; the host reads the numbers out of it.
+    for key, summary in (("iperf3", iperf3_summary), ("sockperf", sockperf_summary)):
+        doc = data.pop(key, None)
+        if doc is None:
+            continue
+        fields, tool_error = summary(doc)
         data.update(fields)
-        if iperf_error is not None and ok:
-            ok, error = False, iperf_error
+        if tool_error is not None and ok:
+            ok, error = False, tool_error
             data.update(ok=False, error=error)
     return WorkloadResult(
         workload=data["workload"], ok=ok, error=None if error is None else str(error), data=data
