@@ -24,11 +24,18 @@ Index = npt.NDArray[np.int64]
 
 
 def pack(data: Bytes, offsets: Index, lengths: npt.NDArray[np.uint32]) -> Bytes:
-    """Frames ``data[offsets[i]:offsets[i] + lengths[i]]`` copied back to back, in one fancy index."""
+    """Frames ``data[offsets[i]:offsets[i] + lengths[i]]`` copied back to back, in one copy."""
     lens = lengths.astype(np.int64)
     total = int(lens.sum())
     if total == 0:
         return np.zeros(0, np.uint8)
+    first = int(offsets[0])
+    end = int(offsets[-1]) + int(lens[-1])
+    if end - first == total and np.array_equal(offsets[1:], offsets[:-1] + lens[:-1]):
+        return data[first:first + total].copy()  # already back to back (a delay line in arrival order)
+    if lens.size > 1 and int(lens.min()) == int(lens.max()):  # one size: a 2-D index, no repeat
+        same: Bytes = data[offsets[:, None] + np.arange(int(lens[0]), dtype=np.int64)].reshape(-1)
+        return same
     base = np.cumsum(lens) - lens
     within = np.arange(total, dtype=np.int64) - np.repeat(base, lens)
     packed: Bytes = data[np.repeat(offsets.astype(np.int64), lens) + within]

@@ -22,7 +22,7 @@ limit. Times are integer nanoseconds inside, so that release times are exact and
 from __future__ import annotations
 
 import math
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -48,6 +48,14 @@ def _ns(seconds: float) -> int:
 
 def _empty() -> Frames:
     return np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, np.uint32)
+
+
+class _Shaped(NamedTuple):
+    """The rate shaper's answer for one batch, committed up to the last frame it really sent."""
+
+    departure: npt.NDArray[np.int64]
+    tat: npt.NDArray[np.int64]
+    scaled: npt.NDArray[np.int64]
 
 
 class Impairment:
@@ -123,9 +131,10 @@ class Impairment:
         release = now_ns + (delay[frame] if delay is not None else np.zeros(frame.size, np.int64))
         release[now_copy] = now_ns
         eligible = release.copy()
+        queued = ~now_copy
         if cfg.rate:
-            queued = ~now_copy
-            release[queued] = self._shape(release[queued], lengths[frame[queued]], now_ns, commit=False)
+            shaped = self._shape(release[queued], lengths[frame[queued]])
+            release[queued] = shaped.departure
 
         # The limit counts frames still ahead of their release time, held before or in this batch.
         later = release > now_ns
@@ -137,8 +146,9 @@ class Impairment:
             self.dropped["limit"] += int(over.sum() - by_rate.sum())
         keep = ~over
         if cfg.rate:
-            accepted = keep & ~now_copy  # the frames the shaper really sent: a prefix of those it saw
-            self._shape(eligible[accepted], lengths[frame[accepted]], now_ns, commit=True)
+            # The frames the shaper sends are a prefix of those it saw: departures only grow, so
+            # once one is over the limit, every later one is too.
+            self._commit(shaped, int(np.count_nonzero(keep & queued)) - 1)
 
         hold = later & keep
         if hold.any():
@@ -242,9 +252,7 @@ class Impairment:
 
     # -- rate ------------------------------------------------------------------------------------
 
-    def _shape(
-        self, eligible: npt.NDArray[np.int64], lengths: npt.NDArray[np.uint32], now_ns: int, *, commit: bool
-    ) -> npt.NDArray[np.int64]:
+    def _shape(self, eligible: npt.NDArray[np.int64], lengths: npt.NDArray[np.uint32]) -> _Shaped:
         """Departure times through a token bucket of ``rate`` bits/s, depth ``burst`` bytes.
 
         The virtual-scheduling form of a token bucket (GCRA): ``tat[i] = max(tat[i-1], eligible[i]) +
@@ -255,25 +263,24 @@ class Impairment:
         running sum of serialisation times, which are exact integers: the nanosecond fraction of each
         frame is carried to the next, so a long run sends exactly ``rate`` bits per second.
         """
-        cfg = self.config
-        if eligible.size == 0:
-            return eligible
+        rate = self.config.rate
         bits = np.cumsum(lengths, dtype=np.int64) * 8
-        if int(bits[-1]) > _MAX_BATCH_BITS:
+        if bits.size and int(bits[-1]) > _MAX_BATCH_BITS:
             raise ValueError(f"a batch of {int(bits[-1]) // 8} bytes is too large for the rate shaper")
-        scaled = self._carry + bits * _NS  # bit-nanoseconds since the last frame's end
-        ends = scaled // cfg.rate
+        scaled = self._carry + bits * _NS  # bit-nanoseconds since the end of the last frame sent
+        ends = scaled // rate
         serialisation = np.diff(ends, prepend=0)
-        start_gap = eligible - (ends - serialisation)
-        tat = ends + np.maximum(self._tat, np.maximum.accumulate(start_gap))
-        burst_ns = cfg.burst * 8 * _NS // cfg.rate
-        departure = np.maximum(eligible, tat - burst_ns)
+        tat = ends + np.maximum(self._tat, np.maximum.accumulate(eligible - (ends - serialisation)))
+        departure = np.maximum(eligible, tat - self.config.burst * 8 * _NS // rate)
         departure = np.maximum.accumulate(np.maximum(departure, self._last_departure))
-        if commit:
-            self._tat = int(tat[-1])
-            self._carry = int(scaled[-1] % cfg.rate)
-            self._last_departure = int(departure[-1])
-        return departure
+        return _Shaped(departure, tat, scaled)
+
+    def _commit(self, shaped: _Shaped, last: int) -> None:
+        """Carry the shaper's state on from frame ``last`` of the batch (none sent: -1)."""
+        if last >= 0:
+            self._tat = int(shaped.tat[last])
+            self._carry = int(shaped.scaled[last] % self.config.rate)
+            self._last_departure = int(shaped.departure[last])
 
     # -- output ----------------------------------------------------------------------------------
 
