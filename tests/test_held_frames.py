@@ -4,6 +4,7 @@ through arena compaction and growth, checked against a plain sorted list."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from nicsim.ports.held_frames import HeldFrames, flip_bits, pack
 
@@ -21,8 +22,9 @@ def test_flip_bits_counts_from_the_first_bytes_top_bit() -> None:
     assert buf.tolist() == [0x80, 0, 0, 0, 0, 0x10, 0, 0]
 
 
-def test_random_workload_matches_a_sorted_list_through_compaction_and_growth() -> None:
-    rng = np.random.default_rng(5)
+@pytest.mark.parametrize("scale", [1, 1000, 100_000])  # ns: all near the horizon, or spread across both rungs
+def test_random_workload_matches_a_sorted_list_through_compaction_and_growth(scale: int) -> None:
+    rng = np.random.default_rng(scale)
     held = HeldFrames(arena_bytes=4096, records=4)  # tiny: forces compaction, growth, record shifts
     reference: list[tuple[int, int, bytes]] = []  # (release, arrival number, bytes)
     arrival = 0
@@ -33,13 +35,13 @@ def test_random_workload_matches_a_sorted_list_through_compaction_and_growth() -
         data = rng.integers(0, 256, int(lengths.sum()) + 50, dtype=np.uint8)
         offsets = (np.cumsum(lengths, dtype=np.int64) - lengths) + 50
         jittered = rng.random() < 0.5
-        release = now + (rng.integers(0, 2000, n) if jittered else np.full(n, 1000))
+        release = now + scale * (rng.integers(0, 2000, n) if jittered else np.full(n, 1000))
         held.add(release.astype(np.int64), data, offsets, lengths)
         for i in range(n):
             reference.append((int(release[i]), arrival, data[offsets[i]:offsets[i] + lengths[i]].tobytes()))
             arrival += 1
         assert held.count_after(now) == sum(1 for r, _, _ in reference if r > now)
-        now += int(rng.integers(0, 400))
+        now += scale * int(rng.integers(0, 400))
         packed, lengths_out = held.pop_due(now)
         reference.sort()
         due = [f for f in reference if f[0] <= now]

@@ -2,11 +2,15 @@
 
 This module owns :class:`HeldFrames`. Frame bytes are copied into one preallocated byte arena, in
 arrival order; the records (release time in integer nanoseconds, arena start, length) are kept in
-numpy arrays sorted by release time, ties in arrival order. That sorted array is the priority queue:
-a batch is merged in with one ``searchsorted`` (or appended, when its times do not go backwards, the
-common case of a fixed delay or a rate), and everything due is one prefix, popped with another
-``searchsorted``. No Python object per frame; the arena is compacted (into a second, reused arena)
-only when its end is reached, so steady state allocates nothing per frame.
+numpy arrays in two rungs of a ladder queue (Tang, Goh and Thng, "Ladder queue", ACM TOMACS 2005):
+*near*, sorted by release time (ties in arrival order), holds every frame due before a horizon;
+*far*, unsorted in arrival order, holds the rest. A batch is appended to far (or merged into near with
+one ``searchsorted`` for the few due before the horizon); when the clock passes the horizon, it moves
+on by an eighth of what far spans and the frames now before it are sorted into near in one pass. So
+a frame is sorted once, among the frames due near its own time, not among everything held; and
+everything due is one prefix of near, popped with one ``searchsorted``. No Python object per frame;
+the arena is compacted (into a second, reused arena) only when its end is reached, so steady state
+allocates nothing per frame.
 
 Also here: :func:`pack`, the vectorised copy of frames given as (flat buffer, offsets, lengths), and
 :func:`flip_bits`, which the corruption impairment applies to copies.
@@ -48,6 +52,51 @@ def flip_bits(buf: Bytes, starts: Index, bits: Index) -> None:
         np.bitwise_xor.at(buf, starts + (bits >> 3), (0x80 >> (bits & 7)).astype(np.uint8))
 
 
+_MIN_SPAN = 50_000  # ns: the horizon moves at least this far, so a near-empty far is not re-scanned per call
+_RUNGS = 8  # the horizon moves by 1/_RUNGS of the span far covers: each frame is scanned about that often
+
+
+class _Records:
+    """Release time, arena start and length of frames, as three columns that grow by doubling."""
+
+    def __init__(self, capacity: int) -> None:
+        self.release: Index = np.zeros(capacity, np.int64)
+        self.start: Index = np.zeros(capacity, np.int64)
+        self.length = np.zeros(capacity, np.uint32)
+        self.head = 0  # records [head, tail) are live
+        self.tail = 0
+
+    def __len__(self) -> int:
+        return self.tail - self.head
+
+    def live(self) -> slice:
+        return slice(self.head, self.tail)
+
+    def make_room(self, n: int) -> None:
+        """Records [tail, tail + n) writable: shift the live ones to the front, or grow."""
+        if self.tail + n <= self.release.size:
+            return
+        held, size = len(self), self.release.size
+        while held + n > size // 2:
+            size *= 2
+        for name in ("release", "start", "length"):
+            old = getattr(self, name)
+            new = old if size == old.size else np.zeros(size, old.dtype)
+            new[:held] = old[self.head:self.tail]  # numpy copies overlapping ranges safely
+            setattr(self, name, new)
+        self.head, self.tail = 0, held
+
+    def append(self, release: Index, start: Index, length: npt.NDArray[np.uint32]) -> None:
+        self.make_room(release.size)
+        span = slice(self.tail, self.tail + release.size)
+        self.release[span], self.start[span], self.length[span] = release, start, length
+        self.tail += release.size
+
+    def replace(self, release: Index, start: Index, length: npt.NDArray[np.uint32]) -> None:
+        self.head = self.tail = 0
+        self.append(release, start, length)
+
+
 class HeldFrames:
     """A delay line: frames in, each with a release time; out in (release time, arrival) order."""
 
@@ -55,14 +104,13 @@ class HeldFrames:
         self._arena: Bytes = np.zeros(arena_bytes, np.uint8)
         self._spare: Bytes | None = None  # the second arena compaction copies into, then swaps
         self._arena_end = 0  # bytes of the arena used, live or not
-        self._release: Index = np.zeros(records, np.int64)
-        self._start: Index = np.zeros(records, np.int64)
-        self._length = np.zeros(records, np.uint32)
-        self._head = 0  # records [head, tail) are held, sorted by release time
-        self._tail = 0
+        self._near = _Records(records)  # sorted; every release < horizon
+        self._far = _Records(records)  # arrival order; every release >= horizon
+        self._horizon = -(1 << 62)
+        self._far_min = self._far_max = 0  # meaningful while far holds anything
 
     def __len__(self) -> int:
-        return self._tail - self._head
+        return len(self._near) + len(self._far)
 
     @property
     def arena_bytes(self) -> int:
@@ -70,12 +118,15 @@ class HeldFrames:
 
     def next_release(self) -> int | None:
         """The earliest release time held (nanoseconds), or None."""
-        return int(self._release[self._head]) if self._tail > self._head else None
+        if len(self._near):
+            return int(self._near.release[self._near.head])
+        return self._far_min if len(self._far) else None
 
     def count_after(self, now_ns: int) -> int:
         """Frames whose release time is still ahead of ``now_ns`` (what a queue limit counts)."""
-        held = self._release[self._head:self._tail]
-        return int(held.size - np.searchsorted(held, now_ns, side="right"))
+        self._advance(now_ns)
+        near = self._near.release[self._near.live()]
+        return int(near.size - np.searchsorted(near, now_ns, side="right")) + len(self._far)
 
     def add(
         self, release: Index, data: Bytes, offsets: Index, lengths: npt.NDArray[np.uint32],
@@ -83,8 +134,7 @@ class HeldFrames:
     ) -> None:
         """Hold copies of the frames (given in arrival order); ``flip`` (bit per frame, -1 for none)
         corrupts the held copy, never the caller's buffer."""
-        n = int(release.size)
-        if n == 0:
+        if release.size == 0:
             return
         packed = pack(data, offsets, lengths)
         starts = self._reserve(packed.size) + (np.cumsum(lengths, dtype=np.int64) - lengths)
@@ -93,22 +143,70 @@ class HeldFrames:
         if flip is not None:
             hit = flip >= 0
             flip_bits(self._arena, starts[hit], flip[hit])
-        order = np.argsort(release, kind="stable")  # ties stay in arrival order
-        release, starts, lens = release[order], starts[order], lengths[order]
-        self._insert(release, starts, lens)
+        soon = release < self._horizon
+        if soon.any():
+            self._merge_near(release[soon], starts[soon], lengths[soon])
+            later = ~soon
+            release, starts, lengths = release[later], starts[later], lengths[later]
+        if release.size:
+            low, high = int(release.min()), int(release.max())
+            empty = len(self._far) == 0
+            self._far_min = low if empty else min(self._far_min, low)
+            self._far_max = high if empty else max(self._far_max, high)
+            self._far.append(release, starts, lengths)
 
     def pop_due(self, now_ns: int) -> tuple[Bytes, npt.NDArray[np.uint32]]:
         """Take every frame released at or before ``now_ns``: (packed bytes, lengths), release order."""
-        held = self._release[self._head:self._tail]
-        k = int(np.searchsorted(held, now_ns, side="right"))
+        self._advance(now_ns)
+        near = self._near
+        k = int(np.searchsorted(near.release[near.live()], now_ns, side="right"))
         if k == 0:
             return np.zeros(0, np.uint8), np.zeros(0, np.uint32)
-        span = slice(self._head, self._head + k)
-        out = pack(self._arena, self._start[span], self._length[span]), self._length[span].copy()
-        self._head += k
-        if self._head == self._tail:  # empty: the whole arena is free again
-            self._head = self._tail = self._arena_end = 0
+        span = slice(near.head, near.head + k)
+        out = pack(self._arena, near.start[span], near.length[span]), near.length[span].copy()
+        near.head += k
+        if len(self) == 0:  # empty: the whole arena is free again
+            near.head = near.tail = self._arena_end = 0
         return out
+
+    # -- the ladder ------------------------------------------------------------------------------
+
+    def _advance(self, now_ns: int) -> None:
+        """Once the clock reaches the horizon, move it on and sort what it passes into near."""
+        if now_ns < self._horizon:
+            return
+        far = self._far
+        self._horizon = now_ns + max(_MIN_SPAN, (self._far_max - now_ns) // _RUNGS if len(far) else 0)
+        if not len(far):
+            return
+        live = far.live()
+        moving = far.release[live] < self._horizon
+        if not moving.any():
+            return
+        release, start, length = far.release[live], far.start[live], far.length[live]
+        order = np.argsort(release[moving], kind="stable")  # far is in arrival order: ties stay so
+        # Everything in near is before the old horizon, everything moving at or after it: append.
+        self._near.append(release[moving][order], start[moving][order], length[moving][order])
+        staying = ~moving
+        far.replace(release[staying], start[staying], length[staying])
+        if len(far):
+            self._far_min = int(far.release[far.live()].min())
+
+    def _merge_near(self, release: Index, starts: Index, lens: npt.NDArray[np.uint32]) -> None:
+        order = np.argsort(release, kind="stable")  # ties stay in arrival order
+        release, starts, lens = release[order], starts[order], lens[order]
+        near = self._near
+        if not len(near) or release[0] >= near.release[near.tail - 1]:
+            near.append(release, starts, lens)
+            return
+        # Side "right": after held frames with the same release time, which arrived earlier.
+        live = near.live()
+        at = np.searchsorted(near.release[live], release, side="right")
+        near.replace(
+            np.insert(near.release[live], at, release),
+            np.insert(near.start[live], at, starts),
+            np.insert(near.length[live], at, lens),
+        )
 
     # -- storage ---------------------------------------------------------------------------------
 
@@ -121,54 +219,19 @@ class HeldFrames:
     def _compact(self, need: int) -> None:
         # Released frames leave holes anywhere (jitter reorders); copy the live ones to the front of
         # the other arena. Grow when live data would fill more than half: compaction stays rare.
-        span = slice(self._head, self._tail)
-        live_lengths = self._length[span]
-        live = int(live_lengths.sum(dtype=np.int64))
+        rungs = (self._near, self._far)
+        live = sum(int(r.length[r.live()].sum(dtype=np.int64)) for r in rungs)
         size = self._arena.size
         while live + need > size // 2:
             size *= 2
         spare = self._spare
         target = spare if spare is not None and spare.size == size else np.zeros(size, np.uint8)
-        packed = pack(self._arena, self._start[span], live_lengths)
-        target[:live] = packed
-        self._start[span] = np.cumsum(live_lengths, dtype=np.int64) - live_lengths
+        end = 0
+        for r in rungs:
+            span = r.live()
+            packed = pack(self._arena, r.start[span], r.length[span])
+            target[end:end + packed.size] = packed
+            r.start[span] = end + np.cumsum(r.length[span], dtype=np.int64) - r.length[span]
+            end += packed.size
         self._spare = self._arena if self._arena.size == size else None
         self._arena, self._arena_end = target, live
-
-    def _insert(self, release: Index, starts: Index, lens: npt.NDArray[np.uint32]) -> None:
-        n, held = int(release.size), len(self)
-        if held == 0 or release[0] >= self._release[self._tail - 1]:
-            self._make_room(n)
-            span = slice(self._tail, self._tail + n)
-            self._release[span], self._start[span], self._length[span] = release, starts, lens
-            self._tail += n
-            return
-        # A batch reaching back in time (jitter): merge. Side "right" puts new frames after held
-        # ones with the same release time, which arrived earlier.
-        old = slice(self._head, self._tail)
-        at = np.searchsorted(self._release[old], release, side="right")
-        merged = (
-            np.insert(self._release[old], at, release),
-            np.insert(self._start[old], at, starts),
-            np.insert(self._length[old], at, lens),
-        )
-        self._head, self._tail = 0, 0
-        self._make_room(held + n)
-        span = slice(0, held + n)
-        self._release[span], self._start[span], self._length[span] = merged
-        self._tail = held + n
-
-    def _make_room(self, n: int) -> None:
-        """Records [tail, tail + n) writable: shift the held ones to the front, or grow."""
-        if self._tail + n <= self._release.size:
-            return
-        held = len(self)
-        size = self._release.size
-        while held + n > size // 2:
-            size *= 2
-        for name in ("_release", "_start", "_length"):
-            old = getattr(self, name)
-            new = old if size == old.size else np.zeros(size, old.dtype)
-            new[:held] = old[self._head:self._tail]  # a copy first: the ranges may overlap
-            setattr(self, name, new)
-        self._head, self._tail = 0, held
