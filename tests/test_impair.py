@@ -445,3 +445,23 @@ def test_no_impairment_passes_the_callers_buffer_through() -> None:
     data, offsets, lengths = imp.offer(0.0, frames.data, frames.offsets, frames.lengths)
     assert data is frames.data and np.array_equal(offsets, frames.offsets) and lengths.size == 10
     assert imp.stats()["delivered"] == 10 and imp.next_deadline() is None
+
+
+def test_an_empty_batch_only_serves_what_is_due() -> None:
+    frames = make_frames(4)
+    imp = Impairment(EVERYTHING)
+    none = np.zeros(0, np.int64)
+    assert imp.offer(0.0, frames.data, none, none.astype(np.uint32))[2].size == 0
+    imp.offer(0.0, frames.data, frames.offsets, frames.lengths)
+    got = imp.offer(1.0, frames.data, none, none.astype(np.uint32))
+    assert got[2].size >= 3 and imp.held == 0 and conserved(imp)
+
+
+def test_a_clock_stepping_back_is_held_at_the_latest_time_seen() -> None:
+    frames = make_frames(2)
+    imp = Impairment("delay=10ms")
+    imp.offer(1.0, frames.data, frames.offsets[:1], frames.lengths[:1])
+    assert imp.due(0.5)[2].size == 0
+    imp.offer(0.5, frames.data, frames.offsets[1:], frames.lengths[1:])  # taken as offered at 1.0
+    assert imp.next_deadline() == pytest.approx(1.01)
+    assert imp.due(1.01)[2].size == 2

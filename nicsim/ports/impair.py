@@ -68,6 +68,7 @@ class Impairment:
             name: np.random.Generator(np.random.PCG64(s)) for name, s in zip(_STREAMS, streams, strict=True)
         }
         self._held = HeldFrames()
+        self._now_ns = -(1 << 62)  # the latest time seen
         self._bad_state = False  # Gilbert-Elliott: in the bad state now
         self._since_reorder = 0  # netem's counter: frames delayed since the last reordered one
         # The rate shaper (see _shape): theoretical arrival time of the next frame, the nanosecond
@@ -92,7 +93,7 @@ class Impairment:
         The returned buffer may be ``data`` itself (when no frame had to be copied); the caller must
         not change ``data`` until it is done with what was returned.
         """
-        now_ns = _ns(now)
+        now_ns = self._clock(now)
         offsets = np.asarray(offsets, dtype=np.int64)
         lengths = np.asarray(lengths, dtype=np.uint32)
         n = int(lengths.size)
@@ -121,7 +122,6 @@ class Impairment:
             hit = (corrupt_draw[kept, 0] < cfg.corrupt) & (payload_bits > 0)  # a bare header: nothing to flip
             bit = ETH_HLEN * 8 + (corrupt_draw[kept, 1] * payload_bits).astype(np.int64)
             flip[first[hit]] = bit[hit]
-            self.counters["corrupted"] += int(hit.sum())
 
         now_copy = np.zeros(frame.size, np.bool_)  # reordered: sent at once
         if reorder_draw is not None:
@@ -145,6 +145,7 @@ class Impairment:
             self.dropped["rate"] += int(by_rate.sum())
             self.dropped["limit"] += int(over.sum() - by_rate.sum())
         keep = ~over
+        self.counters["corrupted"] += int(np.count_nonzero(flip[keep] >= 0))
         if cfg.rate:
             # The frames the shaper sends are a prefix of those it saw: departures only grow, so
             # once one is over the limit, every later one is too.
@@ -161,7 +162,7 @@ class Impairment:
 
     def due(self, now: float) -> Frames:
         """The held frames whose release time has come by ``now``, in release order."""
-        return self._deliver(self._release_due(_ns(now)), _empty(), None)
+        return self._deliver(self._release_due(self._clock(now)), _empty(), None)
 
     def next_deadline(self) -> float | None:
         """When to call :meth:`due` next (seconds, the caller's clock), or None if nothing is held."""
@@ -174,13 +175,21 @@ class Impairment:
             t = math.nextafter(t, math.inf)
         return t
 
+    def _clock(self, now: float) -> int:
+        """``now`` in nanoseconds, never before a time already seen: a clock stepping back must not
+        release a frame twice or let one overtake another."""
+        self._now_ns = max(self._now_ns, _ns(now))
+        return self._now_ns
+
     @property
     def held(self) -> int:
         return len(self._held)
 
     def stats(self) -> dict[str, Any]:
         """Counters, drops by reason and frames held now. Every offered frame (and duplicate) is
-        delivered, held or dropped: offered + duplicated == delivered + held + sum(dropped)."""
+        delivered, held or dropped: offered + duplicated == delivered + held + sum(dropped).
+        ``duplicated`` counts copies made (a full queue may drop one), ``corrupted`` and ``reordered``
+        frames that were accepted."""
         return {**self.counters, "held": self.held, "dropped": dict(self.dropped)}
 
     # -- random decisions ------------------------------------------------------------------------
