@@ -1,5 +1,6 @@
 """The switch's forwarding database: learning, the flooding rules, ageing, moves, eviction and a port
-leaving, on batches of MAC keys read from real frame bytes."""
+leaving, on batches of MAC keys read from real frame bytes; the fan-out of a batch to ports, and the
+per-port counters."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from nicsim.ports import frames as fr
-from nicsim.ports.fdb import FILTER, FLOOD, ForwardingTable, is_group, mac_key, mac_keys, mac_text
+from nicsim.ports.fdb import FILTER, FLOOD, ForwardingTable, fan_out, is_group, mac_key, mac_keys, mac_text
+from nicsim.ports.port_counters import PortCounters
 
 A, B, C = (mac_key(f"52:54:00:00:00:0{i}") for i in (1, 2, 3))
 BCAST = mac_key("ff:ff:ff:ff:ff:ff")
@@ -157,3 +159,33 @@ def test_bad_arguments_are_refused() -> None:
         ForwardingTable(max_entries=0)
     with pytest.raises(ValueError, match="port"):
         ForwardingTable().learn(keys(A), port=-1, now=0.0)
+
+
+def test_fan_out_sends_known_frames_to_their_port_and_floods_the_rest_to_all_but_the_ingress() -> None:
+    out = np.array([2, FLOOD, 1, FILTER, FLOOD, 2], np.int32)
+    fan = fan_out(out, ingress=0, ports=4)
+    assert {p: v.tolist() for p, v in fan.items()} == {1: [1, 2, 4], 2: [0, 1, 4, 5], 3: [1, 4]}
+    only_up = fan_out(out, ingress=3, ports=[0, 2])  # port 1 is down: nothing goes there
+    assert {p: v.tolist() for p, v in only_up.items()} == {0: [1, 4], 2: [0, 1, 4, 5]}
+    assert fan_out(np.array([FILTER], np.int32), ingress=0, ports=3) == {}
+
+
+def test_port_counters_by_batch_by_fan_out_and_drops_by_reason() -> None:
+    c = PortCounters(2)
+    c.received(0, np.array([60, 1514], np.uint32))
+    c.sent(1, np.array([60], np.uint32))
+    c.sent_many(np.array([1, 3, 3], np.int64), np.array([100, 200, 300], np.uint32))  # grows to 4 ports
+    c.dropped(3, "no_rx_buffer", 5)
+    c.dropped(3, "loss")
+    assert c.ports == 4
+    assert c.port(0) == {"rx_packets": 2, "rx_bytes": 1574, "tx_packets": 0, "tx_bytes": 0, "drops": {}}
+    assert c.port(1)["tx_packets"] == 2 and c.port(1)["tx_bytes"] == 160
+    assert c.port(3) == {
+        "rx_packets": 0, "rx_bytes": 0, "tx_packets": 2, "tx_bytes": 500,
+        "drops": {"loss": 1, "no_rx_buffer": 5},
+    }
+    assert c.port(9)["tx_packets"] == 0
+    c.forget(3)
+    assert c.port(3)["tx_bytes"] == 0 and c.port(3)["drops"] == {}
+    with pytest.raises(ValueError, match="out of range"):
+        c.dropped(-1, "loss")

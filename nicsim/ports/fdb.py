@@ -27,7 +27,8 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
-    "DEFAULT_AGEING", "FILTER", "FLOOD", "ForwardingTable", "is_group", "mac_key", "mac_keys", "mac_text",
+    "DEFAULT_AGEING", "FILTER", "FLOOD", "ForwardingTable", "fan_out", "is_group", "mac_key", "mac_keys",
+    "mac_text",
 ]
 
 FLOOD: Final = -1   # send to every port but the ingress one
@@ -63,6 +64,24 @@ def is_group(keys: MacKeys) -> npt.NDArray[np.bool_]:
     """Broadcast and multicast addresses (the group bit), which a switch always floods."""
     group: npt.NDArray[np.bool_] = (np.asarray(keys, dtype=np.uint64) & _GROUP_BIT) != 0
     return group
+
+
+def fan_out(
+    out_ports: npt.NDArray[np.int32], ingress: int, ports: int | list[int]
+) -> dict[int, npt.NDArray[np.intp]]:
+    """Which frames of a batch go to which port: ``{port: frame indices}`` for every port in ``ports``
+    (a count, or the list of ports up now) but ``ingress``, from :meth:`ForwardingTable.lookup`'s
+    answer. A flooded frame goes to all of them; ports with nothing to send are left out."""
+    flood = out_ports == FLOOD
+    targets = range(ports) if isinstance(ports, int) else ports
+    result = {}
+    for port in targets:  # one vectorised pass per port, not per frame
+        if port == ingress:
+            continue
+        picked = np.flatnonzero(flood | (out_ports == port))
+        if picked.size:
+            result[port] = picked
+    return result
 
 
 class ForwardingTable:
