@@ -156,7 +156,7 @@ def constant(size: int) -> Iterator[int]:
     "config",
     [
         "loss=10%", "loss=gemodel:2%,30%,90%,1%", "delay=5ms jitter=2ms",
-        "delay=5ms jitter=1ms distribution=uniform",
+        "delay=5ms jitter=1ms distribution=uniform", "delay=5ms jitter=2ms,60%",
         "delay=5ms reorder=30% gap=3", "duplicate=10% corrupt=10%", "rate=20mbit limit=50",
         "rate=20mbit burst=8kb delay=1ms jitter=1ms limit=30", "delay=50ms limit=70", EVERYTHING,
     ],
@@ -252,6 +252,19 @@ def test_delay_and_jitter_statistics(distribution: str, sd: float) -> None:
         assert delays.min() >= 0.015 - 1e-9 and delays.max() <= 0.025 + 1e-9
     assert np.all(np.diff(trace.times) >= 0)  # released in time order, so jitter reorders frames
     assert (np.diff(trace.ids) < 0).any()
+
+
+def test_correlated_jitter_keeps_its_spread_and_follows_the_previous_frame() -> None:
+    n = 50_000
+    times = ticks(n, 10, 0.001)
+    trace = drive(Impairment("delay=20ms jitter=2ms,75% seed=12"), make_frames(n), times)
+    delays = delays_of(trace, times)[np.argsort(trace.ids)]  # in offer order
+    assert delays.mean() == pytest.approx(0.020, abs=1e-4)
+    assert delays.std() == pytest.approx(0.002, abs=1e-4)
+    assert np.corrcoef(delays[1:], delays[:-1])[0, 1] == pytest.approx(0.75, abs=0.02)
+    independent = drive(Impairment("delay=20ms jitter=2ms seed=12"), make_frames(n), times)
+    plain = delays_of(independent, times)[np.argsort(independent.ids)]
+    assert abs(np.corrcoef(plain[1:], plain[:-1])[0, 1]) < 0.02
 
 
 def test_jitter_larger_than_delay_never_releases_a_frame_before_it_was_offered() -> None:

@@ -51,6 +51,12 @@ def test_gemodel_with_tcs_defaults_for_what_is_left_out() -> None:
     assert GilbertElliott(p=0.01, r=0.25).mean_loss() == pytest.approx(0.01 / 0.26)
 
 
+def test_jitter_takes_netems_correlation_as_a_second_value() -> None:
+    c = ImpairConfig.parse("delay=20ms jitter=5ms,25% loss=1%")
+    assert (c.jitter, c.jitter_correlation, c.loss) == (0.005, 0.25, 0.01)
+    assert str(c) == "loss=1% delay=20ms jitter=5ms,25%"
+
+
 def test_empty_text_is_a_perfect_wire() -> None:
     c = ImpairConfig.parse("")
     assert c == ImpairConfig() and not c.active and str(c) == ""
@@ -64,6 +70,7 @@ def test_empty_text_is_a_perfect_wire() -> None:
         "loss=gemodel:1%,25%,70%,0.1% delay=1.5ms reorder=25% gap=3",
         "delay=0.1234567us duplicate=0.5% corrupt=0.01% rate=1234567bit distribution=uniform seed=99",
         "jitter=3s limit=1",
+        "delay=20ms jitter=5ms,25% loss=1%",
     ],
 )
 def test_text_written_back_parses_to_the_same_config(text: str) -> None:
@@ -104,6 +111,10 @@ def test_text_written_back_uses_readable_units() -> None:
         ("loss=gemodel:", r"loss: gemodel takes p\[,r\[,1-h\[,1-k\]\]\]"),
         ("loss=gemodel:1%,2%,3%,4%,5%", r"loss: gemodel takes"),
         ("loss=gemodel:1%,x", r"loss gemodel: 'x' is not a percentage"),
+        ("delay=1ms jitter=1ms,25% distribution=uniform", r"jitter: a correlation needs distribution=normal"),
+        ("delay=1ms jitter=0ms,25%", r"jitter: a correlation needs a jitter"),
+        ("delay=1ms jitter=1ms,100%", r"jitter: a correlation of 100% would never vary"),
+        ("delay=1ms jitter=1ms,abc", r"jitter correlation: 'abc' is not a percentage"),
     ],
 )
 def test_bad_input_names_the_key_and_what_is_allowed(text: str, message: str) -> None:

@@ -71,6 +71,7 @@ class Impairment:
         self._now_ns = -(1 << 62)  # the latest time seen
         self._bad_state = False  # Gilbert-Elliott: in the bad state now
         self._since_reorder = 0  # netem's counter: frames delayed since the last reordered one
+        self._last_jitter = 0.0  # the last frame's normal deviate, for a correlated jitter
         # The rate shaper (see _shape): theoretical arrival time of the next frame, the nanosecond
         # fraction carried between frames (in bit-nanoseconds), the last departure.
         self._tat = -(1 << 62)
@@ -253,11 +254,27 @@ class Impairment:
         rng = self._rng["delay"]
         if cfg.distribution == "uniform":
             spread = cfg.delay + cfg.jitter * (2 * rng.random(n) - 1)
+        elif cfg.jitter_correlation:
+            spread = cfg.delay + cfg.jitter * self._correlated(rng.standard_normal(n))
         else:
             spread = cfg.delay + cfg.jitter * rng.standard_normal(n)
         # Clamped at 0: a frame never leaves before it was offered.
         delays: npt.NDArray[np.int64] = np.rint(np.maximum(spread, 0.0) * _NS).astype(np.int64)
         return delays
+
+    def _correlated(self, noise: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """AR(1): ``z[i] = rho z[i-1] + sqrt(1 - rho^2) noise[i]``, still N(0, 1), carried across
+        batches. Solved as a scan in log2(n) vectorised steps (Hillis-Steele) instead of a loop."""
+        rho = self.config.jitter_correlation
+        z: npt.NDArray[np.float64] = np.sqrt(1 - rho * rho) * noise
+        if z.size:
+            z[0] += rho * self._last_jitter
+            step, factor = 1, rho
+            while step < z.size and factor > 1e-300:
+                z[step:] += factor * z[:-step]  # the right side is evaluated before the update
+                step, factor = step * 2, factor * factor
+            self._last_jitter = float(z[-1])
+        return z
 
     # -- rate ------------------------------------------------------------------------------------
 

@@ -64,6 +64,10 @@ class ImpairConfig:
     # is clamped to 0: a frame never leaves before it was offered, which raises the mean a little
     # when jitter is large next to delay.
     jitter: float = 0.0
+    # ``jitter=5ms,25%``: successive frames' jitter correlated with coefficient 0.25 (netem's third
+    # delay parameter). Unlike netem's, which blends uniform draws and so narrows the distribution,
+    # this is an AR(1) on the normal deviates: the jitter keeps its standard deviation.
+    jitter_correlation: float = 0.0
     distribution: str = "normal"
     # netem: with a delay, this share of frames is sent at once, ahead of the delayed ones; with
     # ``gap`` N, only every Nth frame or later after the last reordered one may be (tc's default gap: 1).
@@ -81,6 +85,13 @@ class ImpairConfig:
     def __post_init__(self) -> None:
         for name in ("loss", "reorder", "duplicate", "corrupt"):
             _check_fraction(name, getattr(self, name))
+        _check_fraction("jitter correlation", self.jitter_correlation)
+        if self.jitter_correlation and self.distribution != "normal":
+            raise ValueError("jitter: a correlation needs distribution=normal")
+        if self.jitter_correlation and not self.jitter:
+            raise ValueError("jitter: a correlation needs a jitter")
+        if self.jitter_correlation == 1:
+            raise ValueError("jitter: a correlation of 100% would never vary; use below 100%")
         if self.loss_model is not None:
             for name in ("p", "r", "loss_bad", "loss_good"):
                 _check_fraction(f"loss gemodel {name}", getattr(self.loss_model, name))
@@ -137,6 +148,8 @@ class ImpairConfig:
             parsed = _PARSERS[key](key, value)
             if isinstance(parsed, GilbertElliott):
                 values["loss_model"] = parsed
+            elif isinstance(parsed, tuple):  # jitter, correlation
+                values[key], values["jitter_correlation"] = parsed
             else:
                 values[key] = parsed
         return cls(**values)  # type: ignore[arg-type]
@@ -148,13 +161,18 @@ class ImpairConfig:
             value = getattr(self, f.name)
             if value == getattr(default, f.name):
                 continue
+            if f.name == "jitter_correlation":
+                continue  # written with the jitter
             if f.name == "loss_model":
                 m = value
                 parts.append(f"loss=gemodel:{_pct(m.p)},{_pct(m.r)},{_pct(m.loss_bad)},{_pct(m.loss_good)}")
             elif f.name in ("loss", "reorder", "duplicate", "corrupt"):
                 parts.append(f"{f.name}={_pct(value)}")
             elif f.name in ("delay", "jitter"):
-                parts.append(f"{f.name}={_unit_text(value, ('s', 'ms', 'us', 'ns'), _TIME_UNITS, 1)}")
+                text = _unit_text(value, ("s", "ms", "us", "ns"), _TIME_UNITS, 1)
+                if f.name == "jitter" and self.jitter_correlation:
+                    text += f",{_pct(self.jitter_correlation)}"
+                parts.append(f"{f.name}={text}")
             elif f.name == "rate":
                 parts.append(f"rate={_unit_text(value, ('gbit', 'mbit', 'kbit', 'bit'), _RATE_UNITS, -1)}")
             else:
@@ -222,6 +240,13 @@ def _time(key: str, text: str) -> float:
     return number / _TIME_UNITS[unit]
 
 
+def _jitter(key: str, text: str) -> float | tuple[float, float]:
+    time, _, correlation = text.partition(",")
+    if not correlation:
+        return _time(key, time)
+    return _time(key, time), _fraction("jitter correlation", correlation)
+
+
 def _rate(key: str, text: str) -> int:
     number, unit = _split(key, text, f"a rate with a unit ({', '.join(_RATE_UNITS)})")
     if unit not in _RATE_UNITS:
@@ -250,7 +275,7 @@ def _distribution(key: str, text: str) -> str:
 
 
 _PARSERS: Final[dict[str, Callable[[str, str], object]]] = {
-    "loss": _loss, "delay": _time, "jitter": _time, "distribution": _distribution, "reorder": _fraction,
+    "loss": _loss, "delay": _time, "jitter": _jitter, "distribution": _distribution, "reorder": _fraction,
     "gap": _integer, "duplicate": _fraction, "corrupt": _fraction, "rate": _rate, "burst": _size,
     "limit": _integer, "seed": _integer,
 }
