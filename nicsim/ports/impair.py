@@ -13,10 +13,20 @@ offered frame, in frame order, whether or not an earlier stage dropped it. So th
 same frames give the same decisions however the frames are cut into batches, and turning one
 impairment on does not change which frames another one picks.
 
-Per frame, in netem's order: loss (a lost frame is gone, whatever else was drawn for it) ->
-duplicate (a second, uncorrupted copy right behind the original, sharing its fate in the steps
-below) -> corrupt -> reorder (sent at once, bypassing delay and rate) or delay + jitter -> rate ->
+Per frame: loss -> duplicate -> corrupt -> reorder (sent at once) or delay + jitter -> rate ->
 limit. Times are integer nanoseconds inside, so that release times are exact and batch-independent.
+Where netem is loose or differs, the choices made here:
+
+- loss comes first: a lost frame is gone, duplicate or not (netem sends a lost duplicated packet once);
+- a duplicate is an uncorrupted copy right behind its original, sharing its delay, reorder and
+  rate fate (netem re-enqueues it at the root qdisc, where it draws its own delay);
+- reorder (needs a delay, as in tc): a frame sent at once bypasses delay and rate and never counts
+  toward the limit; netem's gap counter counts frames that survived loss;
+- jitter reorders frames, which leave in release-time order (netem's tfifo); with a rate the
+  queue is FIFO, so it does not (as netem);
+- the limit counts frames whose release time is still ahead of ``now`` (due but not yet collected
+  ones are on the wire already); a frame a full queue refuses is counted ``rate`` if the shaper
+  had pushed it later than its delay alone would, else ``limit``.
 """
 
 from __future__ import annotations
