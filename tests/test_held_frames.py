@@ -16,6 +16,25 @@ def test_pack_copies_frames_back_to_back() -> None:
     assert pack(data, np.zeros(0, np.int64), np.zeros(0, np.uint32)).size == 0
 
 
+@pytest.mark.parametrize("shape", ["same", "mixed", "spread", "one_jumbo", "back_to_back"])
+def test_pack_matches_slicing_for_every_shape_of_batch(shape: str) -> None:
+    rng = np.random.default_rng(len(shape))
+    data = rng.integers(0, 256, 5000, dtype=np.uint8)
+    n = 40
+    lengths = {
+        "same": np.full(n, 64), "mixed": rng.integers(60, 120, n), "spread": rng.integers(1, 1500, n),
+        "back_to_back": rng.integers(0, 100, n), "one_jumbo": np.r_[4000, np.full(n - 1, 10)],
+    }[shape].astype(np.uint32)
+    if shape == "back_to_back":
+        offsets = 7 + np.cumsum(lengths, dtype=np.int64) - lengths
+    else:  # anywhere, in any order, some ending on the buffer's last byte
+        offsets = rng.integers(0, data.size - lengths.astype(np.int64) + 1)
+        offsets[:3] = data.size - lengths[:3]
+    spans = zip(offsets.tolist(), lengths.tolist(), strict=True)
+    expected = b"".join(data[o:o + n].tobytes() for o, n in spans)
+    assert pack(data, offsets.astype(np.int64), lengths).tobytes() == expected
+
+
 def test_flip_bits_counts_from_the_first_bytes_top_bit() -> None:
     buf = np.zeros(8, np.uint8)
     flip_bits(buf, np.array([0, 4], np.int64), np.array([0, 11], np.int64))
