@@ -141,6 +141,14 @@ def test_same_seed_same_frames_same_result_and_another_seed_differs() -> None:
     assert min(stats[0].counters[k] for k in ("delayed", "reordered", "duplicated", "corrupted")) > 0
 
 
+def test_links_sharing_a_seed_differ_by_stream() -> None:
+    frames, times = make_frames(2000), np.zeros(2000)
+    streams: list[tuple[int, ...]] = [(), (0, 0), (0, 1), (0, 1)]
+    ids = [drive(Impairment("loss=50% seed=1", stream=s), frames, times).ids for s in streams]
+    assert not np.array_equal(ids[1], ids[2]) and not np.array_equal(ids[0], ids[1])
+    assert np.array_equal(ids[2], ids[3])
+
+
 def random_sizes(seed: int) -> Iterator[int]:
     rng = np.random.default_rng(seed)
     while True:

@@ -71,9 +71,12 @@ class _Shaped(NamedTuple):
 class Impairment:
     """Apply an :class:`ImpairConfig` to a stream of frame batches."""
 
-    def __init__(self, config: ImpairConfig | str = "") -> None:
+    def __init__(self, config: ImpairConfig | str = "", *, stream: tuple[int, ...] = ()) -> None:
+        """``stream`` tells apart links that share a seed (e.g. ``(port, direction)``), so the two
+        directions of a link, or two links, do not drop the very same frame numbers."""
         self.config = config if isinstance(config, ImpairConfig) else ImpairConfig.parse(config)
-        streams = np.random.SeedSequence(self.config.seed).spawn(len(_STREAMS))
+        root = np.random.SeedSequence(self.config.seed, spawn_key=stream)
+        streams = root.spawn(len(_STREAMS))
         self._rng = {
             name: np.random.Generator(np.random.PCG64(s)) for name, s in zip(_STREAMS, streams, strict=True)
         }
