@@ -101,6 +101,7 @@ def test_text_written_back_uses_readable_units() -> None:
         ("limit=0", r"limit: must be an integer >= 1"),
         ("limit=1.5", r"limit: '1.5' is not a whole number"),
         ("gap=0 delay=1ms reorder=1%", r"gap: must be an integer >= 1"),
+        ("gap=5 delay=1ms", r"gap: only means something with reorder"),
         ("seed=-3", r"seed: '-3' is not a whole number"),
         ("reorder=25%", r"reorder: needs a delay"),
         ("distribution=pareto", r"distribution: 'pareto' is not supported; allowed: normal, uniform"),

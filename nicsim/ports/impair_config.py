@@ -59,10 +59,11 @@ class ImpairConfig:
     loss: float = 0.0  # independent (Bernoulli) loss per frame
     loss_model: GilbertElliott | None = None  # burst loss instead of ``loss``
     delay: float = 0.0
-    # Per frame: normal (the default, as tc loads its "normal" table) with standard deviation
-    # ``jitter``, or uniform on delay +- jitter (the kernel's behaviour with no table). A delay below 0
-    # is clamped to 0: a frame never leaves before it was offered, which raises the mean a little
-    # when jitter is large next to delay.
+    # Per frame: normal with standard deviation ``jitter`` (our default, as netem's "distribution
+    # normal" table), or uniform on delay +- jitter (what netem does when tc is given no
+    # distribution: to match a plain "delay 20ms 5ms", say distribution=uniform). A delay below 0 is
+    # clamped to 0: a frame never leaves before it was offered, which raises the mean a little when
+    # jitter is large next to delay.
     jitter: float = 0.0
     # ``jitter=5ms,25%``: successive frames' jitter correlated with coefficient 0.25 (netem's third
     # delay parameter). Unlike netem's, which blends uniform draws and so narrows the distribution,
@@ -106,6 +107,8 @@ class ImpairConfig:
             )
         if self.reorder and self.delay <= 0:
             raise ValueError("reorder: needs a delay (as in netem: nothing can jump an empty queue)")
+        if self.gap != 1 and not self.reorder:
+            raise ValueError("gap: only means something with reorder (as in tc)")
         for name, low in (("gap", 1), ("limit", 1), ("rate", 0), ("burst", 0), ("seed", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
