@@ -263,11 +263,11 @@ def test_delay_and_jitter_statistics(distribution: str, sd: float) -> None:
 
 
 def test_correlated_jitter_keeps_its_spread_and_follows_the_previous_frame() -> None:
-    n = 50_000
+    n = 20_000
     times = ticks(n, 10, 0.001)
     trace = drive(Impairment("delay=20ms jitter=2ms,75% seed=12"), make_frames(n), times)
     delays = delays_of(trace, times)[np.argsort(trace.ids)]  # in offer order
-    assert delays.mean() == pytest.approx(0.020, abs=1e-4)
+    assert delays.mean() == pytest.approx(0.020, abs=1.5e-4)  # correlated: the mean wanders more
     assert delays.std() == pytest.approx(0.002, abs=1e-4)
     assert np.corrcoef(delays[1:], delays[:-1])[0, 1] == pytest.approx(0.75, abs=0.02)
     independent = drive(Impairment("delay=20ms jitter=2ms seed=12"), make_frames(n), times)
