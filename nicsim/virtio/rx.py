@@ -11,7 +11,10 @@ the used ring and the chains no frame used are given back. A header-passing port
 frames that already carry the kernel's virtio-net header; staging keeps it (offloads negotiated) or
 zeroes it, and always fills num_buffers. Pool exhaustion is backpressure: frames wait in the backlog,
 which drops (``no_rx_buffer``) only when full. A started ring that is disabled fills no buffer and
-drops the frames pushed for it (``ring_disabled``).
+drops the frames pushed for it (``ring_disabled``). A round of a few frames that each fit the one
+buffer they go to is delivered with plain ints by :class:`~nicsim.virtio.rx_short.ShortRx` (the same
+bytes, entries and counts); it declines anything else before touching the ring, and the round goes on
+here.
 """
 
 from __future__ import annotations

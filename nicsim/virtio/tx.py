@@ -11,6 +11,10 @@ one batch with the virtio-net header already skipped: lengths as one numpy array
 reads a byte), a per-frame view when the frame sits in one segment (zero copy), a vectorised gather of
 the whole batch, and the header-and-frame segment views a header-passing port writes out with one
 ``writev``.
+A round of a few chains (at most ``QueueSet.short_round``), each a good direct chain of one or two
+readable descriptors, is read with plain ints instead (``rings.short_chains``) and handed over as a
+:class:`~nicsim.virtio.tx_short.ShortTxBatch`: a guest sending one packet at a time pays for no numpy
+batch. Any other round goes the numpy way, which alone sorts out and counts bad chains.
 """
 
 from __future__ import annotations
