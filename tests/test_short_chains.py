@@ -45,8 +45,9 @@ def test_translate_one_matches_translate_batch(layout: list[tuple[int, int]]) ->
 
 
 def _walk_both(drv: GuestDriver, q_index: int, count: int, *, indirect: bool) -> None:
-    """Every head: walk_short gives the walker's segments for a good direct chain of at most
-    MAX_SHORT_DESCS descriptors, and None for every other chain (bad, indirect or longer)."""
+    """Every head: walk_short gives the walker's segments for a good chain of at most MAX_SHORT_DESCS
+    descriptors (direct, or in its head's indirect table), and None for every other chain (bad,
+    longer, or an indirect descriptor behind a direct one)."""
     dq = drv.queues[q_index].device_queue()
     mem = drv.memory
     shorts = []
@@ -59,8 +60,11 @@ def _walk_both(drv: GuestDriver, q_index: int, count: int, *, indirect: bool) ->
     declined = 0
     for k, got in enumerate(shorts):
         segs = cb.segments(k)
-        via_table = indirect and any(int(flags[int(cb.seg_desc[s])]) & 4 for s in segs)
-        if cb.error[k] != 0 or via_table or len(segs) > MAX_SHORT_DESCS:
+        head = int(cb.heads[k])
+        late_table = indirect and any(
+            int(cb.seg_desc[s]) != head and int(flags[int(cb.seg_desc[s])]) & 4 for s in segs
+        )
+        if cb.error[k] != 0 or late_table or len(segs) > MAX_SHORT_DESCS:
             assert got is None, k
             declined += 1
             continue
