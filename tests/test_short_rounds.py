@@ -270,14 +270,22 @@ def test_short_rounds_match_the_numpy_path(seed: int, features: int, carried: bo
         assert w.dev.stats.inflight.tolist() == [0, 0]
 
 
-@pytest.mark.parametrize("layout", [TxLayout.ONE, TxLayout.TWO])
-@pytest.mark.parametrize(("features", "carried"), [(V1 | IND | EVT, False), (V1 | MRG, False), (0, False),
-                                                   (V1 | MRG | GCSUM, True), (V1 | IND, True)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("layout", "features", "carried"),
+    [
+        *((layout, features, carried) for layout in (TxLayout.ONE, TxLayout.TWO) for features, carried in (
+            (V1 | IND | EVT, False), (V1 | MRG, False), (0, False), (V1 | MRG | GCSUM, True), (V1 | IND, True)
+        )),
+        (TxLayout.INDIRECT, V1 | IND | EVT, False),
+        (TxLayout.INDIRECT, V1 | MRG | IND, False),
+        (TxLayout.INDIRECT, V1 | IND | GCSUM, True),
+    ],
+)  # fmt: skip
 def test_a_one_packet_round_of_a_common_shape_takes_no_numpy_walk(
     monkeypatch: pytest.MonkeyPatch, layout: TxLayout, features: int, carried: bool
 ) -> None:
-    """Ping-pong traffic: one frame each way per round, in one or two descriptors, never walked by
-    the numpy walker (which would cost tens of microseconds of numpy calls)."""
+    """Ping-pong traffic: one frame each way per round, in one or two descriptors (direct or in an
+    indirect table), never walked by the numpy walker (tens of microseconds of numpy calls)."""
     w = world(features, short_round=SHORT_ROUND, carried=carried, hooks=False, pool=8, tx_batch=256,
               rx_batch=256)  # fmt: skip
 

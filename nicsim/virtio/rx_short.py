@@ -2,10 +2,10 @@
 the guest gets is byte for byte what :class:`~nicsim.virtio.rx.RxPath`'s general delivery gives it.
 
 This module owns :class:`ShortRx`. It takes a round only when every frame fits the one chain it goes
-to: one buffer per frame (``num_buffers`` 1, with or without MRG_RXBUF), each chain a good direct one
-of one or two device-writable descriptors (``rings.short_chains``). Anything else (a chain it does not
-read, a frame needing several buffers or too big for its buffer, a carried header longer than its
-frame) is declined before anything changes, and the general path takes the round and counts its drops.
+to: one buffer per frame (``num_buffers`` 1, with or without MRG_RXBUF), each chain a good one of one
+or two device-writable descriptors (``rings.short_chains``). Anything else (a chain it does not read,
+a frame needing several buffers or too big for its buffer, a carried header longer than its frame)
+is declined before anything changes, and the general path takes the round and counts its drops.
 """
 
 from __future__ import annotations

@@ -11,10 +11,11 @@ one batch with the virtio-net header already skipped: lengths as one numpy array
 reads a byte), a per-frame view when the frame sits in one segment (zero copy), a vectorised gather of
 the whole batch, and the header-and-frame segment views a header-passing port writes out with one
 ``writev``.
-A round of a few chains (at most ``QueueSet.short_round``), each a good direct chain of one or two
-readable descriptors, is read with plain ints instead (``rings.short_chains``) and handed over as a
-:class:`~nicsim.virtio.tx_short.ShortTxBatch`: a guest sending one packet at a time pays for no numpy
-batch. Any other round goes the numpy way, which alone sorts out and counts bad chains.
+A round of a few chains (at most ``QueueSet.short_round``), each a good chain of one or two readable
+descriptors (direct, or in its head's indirect table), is read with plain ints instead
+(``rings.short_chains``) and handed over as a :class:`~nicsim.virtio.tx_short.ShortTxBatch`: a guest
+sending one packet at a time pays for no numpy batch. Any other round goes the numpy way, which alone
+sorts out and counts bad chains.
 """
 
 from __future__ import annotations
@@ -201,9 +202,9 @@ class TxPath:
 
     def _process_short(self, index: int, st: QueueState, mem: GuestMemory, want: int) -> QueueResult | None:
         """``process`` for a round of a few chains, with plain ints instead of numpy batches; None,
-        having changed nothing, unless every chain is a good direct one of one or two device-readable
-        descriptors holding at least a header and an Ethernet header (the general path then takes
-        the round, and counts any drop)."""
+        having changed nothing, unless every chain is a good one of one or two device-readable
+        descriptors (``rings.short_chains``) holding at least a header and an Ethernet header (the
+        general path then takes the round, and counts any drop)."""
         qs, pool = self._qs, self._pool
         q = st.q
         chains = q.peek_short(mem, want, indirect=qs.indirect)

@@ -2,7 +2,7 @@
 port sees of it is exactly what :class:`~nicsim.virtio.tx.TxBatch` shows for the same chains.
 
 This module owns :class:`ShortTxBatch`, the :class:`~nicsim.virtio.port.TxFrames` the TX path hands a
-port for a round that took the scalar path: every chain good, direct, device-readable only, at least a
+port for a round that took the scalar path: every chain good, short, device-readable only, at least a
 virtio-net header and an Ethernet header long (anything else went down the numpy path). Its numpy
 arrays (lengths, the heads and descriptors a deferred completion returns) are built only when asked
 for: a port that reads a frame or two (the responder) never pays for them.
