@@ -178,7 +178,7 @@ class SplitQueue:
     # -- short rounds: a few chains, read and written with plain ints -----------------------------------
 
     def peek_short(self, mem: GuestMemory, count: int, *, indirect: bool = True) -> list[ShortChain] | None:
-        """The next ``count`` avail chains, not popped, if every one is a good direct chain short enough
+        """The next ``count`` avail chains, not popped, if every one is a good chain short enough
         for :func:`~rings.short_chains.walk_short`; else None. ``count`` must not exceed
         :meth:`avail_pending` (the caller has just asked it, which also checks ``avail.idx``)."""
         v = self._views(mem)
