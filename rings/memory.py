@@ -86,6 +86,7 @@ class GuestMemory:
         ordered = sorted(regions, key=lambda r: r.guest_phys_addr)
         self._regions: tuple[MemoryRegion, ...] = tuple(ordered)
         self._starts = [r.guest_phys_addr for r in ordered]
+        self._sizes = [r.size for r in ordered]
         self._data = [r.data for r in ordered]
         self._starts_np = np.array(self._starts, dtype=np.uint64)
         self._sizes_np = np.array([r.size for r in ordered], dtype=np.uint64)
@@ -198,6 +199,27 @@ class GuestMemory:
         region = np.where(inside, slot - 1, -1).astype(np.int32)
         offset *= inside
         return region, offset, ok
+
+    def translate_one(self, gpa: int, length: int) -> tuple[int, int] | None:
+        """``translate_batch`` for one ``(gpa, length)`` pair, in plain Python ints (a round of a few
+        chains pays more for the numpy calls than for the lookups): ``(region, offset)``, or None when
+        the range is not inside one region. A zero length is ``(-1, 0)`` without being translated
+        (CVE-2020-10725)."""
+        self._check_live()
+        if length == 0:
+            return -1, 0
+        if self._single is not None:
+            i = 0
+        else:
+            i = bisect.bisect_right(self._starts, gpa) - 1
+            if i < 0:
+                return None
+        offset = gpa - self._starts[i]
+        # ``gpa`` and ``length`` come from a descriptor (u64, u32): no sign to check; a GPA below the
+        # only region gives a negative offset.
+        if offset >= 0 and offset + length <= self._sizes[i]:
+            return i, offset
+        return None
 
     def gpa_to_uva(self, gpa: int, length: int) -> int:
         """The frontend's virtual address for ``[gpa, gpa + length)``."""

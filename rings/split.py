@@ -9,6 +9,9 @@ so a new memory table can never leave a stale view here. Walking the chains behi
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
+
 import numpy as np
 import numpy.typing as npt
 
@@ -27,10 +30,13 @@ from .layout import (
     vring_need_event,
 )
 from .memory import GuestMemory
+from .short_chains import ShortChain, walk_short
 from .walker import ChainWalker
 
 _U16 = np.dtype("<u2")
 _U32 = np.dtype("<u4")
+_U16_LE = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")  # §2.7.8 struct virtq_used_elem: id, len
 
 
 class _RingViews:
@@ -38,12 +44,15 @@ class _RingViews:
 
     __slots__ = (
         "avail",
+        "avail_raw",
         "avail_ring",
         "d_addr",
         "d_flags",
         "d_len",
         "d_next",
+        "desc_raw",
         "used_head",
+        "used_raw",
         "used_ring",
         "used_tail",
     )
@@ -62,6 +71,11 @@ class _RingViews:
         self.used_head: npt.NDArray[np.uint16] = mem.view_as(q.used_addr, _U16, 2)
         self.used_ring: npt.NDArray[np.uint32] = mem.view_as(q.used_addr + 4, _U32, 2 * size).reshape(size, 2)
         self.used_tail: npt.NDArray[np.uint16] = mem.view_as(q.used_addr + 4 + 8 * size, _U16, 1)
+        # The same bytes untyped, for the scalar reads and writes of short rounds (``struct``). Like
+        # the views above they live only in the memory's cache, so its release drops them too.
+        self.desc_raw: memoryview = desc.view(np.uint8).data
+        self.avail_raw: memoryview = self.avail.view(np.uint8).data
+        self.used_raw: memoryview = mem.view(q.used_addr, 6 + 8 * size).data
 
 
 class SplitQueue:
@@ -160,6 +174,43 @@ class SplitQueue:
         table = self._views(mem)
         heads_a = np.asarray(heads, dtype=np.uint16)
         return ChainWalker(mem, table, heads_a, queue=self.index, indirect=indirect).run()
+
+    # -- short rounds: a few chains, read and written with plain ints -----------------------------------
+
+    def peek_short(self, mem: GuestMemory, count: int, *, indirect: bool = True) -> list[ShortChain] | None:
+        """The next ``count`` avail chains, not popped, if every one is a good chain short enough
+        for :func:`~rings.short_chains.walk_short`; else None. ``count`` must not exceed
+        :meth:`avail_pending` (the caller has just asked it, which also checks ``avail.idx``)."""
+        v = self._views(mem)
+        avail, table, size, mask = v.avail_raw, v.desc_raw, self.size, self._mask
+        chains: list[ShortChain] = []
+        for i in range(self.last_avail_idx, self.last_avail_idx + count):
+            (head,) = _U16_LE.unpack_from(avail, 4 + 2 * (i & mask))
+            chain = walk_short(mem, table, size, head, indirect=indirect)
+            if chain is None:
+                return None
+            chains.append(chain)
+        return chains
+
+    def skip_avail(self, count: int) -> None:
+        """Pop ``count`` heads already read with :meth:`peek_short` (``count`` at most what it read)."""
+        self.last_avail_idx = (self.last_avail_idx + count) & U16_MASK
+
+    def push_used_few(self, mem: GuestMemory, ids: Sequence[int], lengths: Sequence[int]) -> None:
+        """:meth:`push_used` for a few entries given as ints: the entries, then ``used.idx`` last
+        (the same ordering argument)."""
+        k = len(ids)
+        if k == 0:
+            return
+        if k > self.size or len(lengths) != k:
+            raise ValueError(f"push_used of {k} ids / {len(lengths)} lengths on a queue of {self.size}")
+        raw = self._views(mem).used_raw
+        idx, mask = self.used_idx, self._mask
+        for head, length in zip(ids, lengths, strict=True):
+            _USED_ELEM.pack_into(raw, 4 + 8 * (idx & mask), head, length)
+            idx += 1
+        self.used_idx = idx & U16_MASK
+        _U16_LE.pack_into(raw, 2, self.used_idx)
 
     # -- used side ------------------------------------------------------------------------------------
 

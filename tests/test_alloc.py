@@ -1,5 +1,6 @@
 """Steady state allocates nothing per packet: 1 M packets through the device with the driver model
-(TX -> sink, generator -> RX), traced with tracemalloc.
+(TX -> sink, generator -> RX), and 40 k one-packet round trips (TX -> reflect -> RX, the short rounds),
+traced with tracemalloc.
 
 The device works in batches, so each round makes a few short-lived numpy arrays and frees them; what
 must not happen is memory that grows with the packet count (a list of per-packet objects, a counter
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from nicsim.ports import GeneratorConfig, GeneratorPort, Port, SinkPort
+from nicsim.ports import GeneratorConfig, GeneratorPort, Port, ReflectPort, SinkPort
 from nicsim.virtio.device import VirtioNetDevice
 from nicsim.virtio.features import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF
 from nicsim.virtio.policy import NotifyPolicy
@@ -28,6 +29,8 @@ WARM = 100_000
 TOTAL = 1_000_000
 GROWTH_LIMIT = 64 * 1024  # bytes between packet WARM and TOTAL: far below 1 byte per packet
 PEAK_LIMIT = 4 * 1024 * 1024  # bytes one round may hold at once above the steady state
+PING_WARM = 5_000  # one packet a round (the short rounds' scalar path): fewer packets, more rounds
+PING_TOTAL = 40_000
 
 
 def _device(port: Port) -> tuple[DriverQueue, DriverQueue, VirtioNetDevice]:
@@ -107,4 +110,31 @@ def test_a_million_packets_allocate_nothing_that_stays(traced: None, direction: 
     assert peak - warm < PEAK_LIMIT
     q = 1 if direction == "tx" else 0
     assert int(dev.stats.packets[q]) == done
+    assert dev.pool.usage == 0 and dev.stats.drops_total() == 0
+
+
+def test_ping_pong_rounds_allocate_nothing_that_stays(traced: None) -> None:
+    """One frame each way per round (a guest pinging), through the short rounds' scalar path: the
+    Python ints and small lists it makes per round must all go away again."""
+    port = ReflectPort()
+    rx, tx, dev = _device(port)
+    rx.post_rx(12 + 1514, count=RING)
+    tx.post_tx(bytes(98))
+
+    def step() -> int:
+        n = dev.process_tx(1).processed
+        n += dev.deliver_rx(0).processed
+        tx.recycle()
+        rx.recycle()
+        return n // 2
+
+    done = _run_to(step, 0, PING_WARM)
+    warm, _ = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    done = _run_to(step, done, PING_TOTAL)
+    end, peak = tracemalloc.get_traced_memory()
+    print(f"ping-pong: {done} round trips, growth {end - warm:+d} bytes, peak {peak - warm} bytes")
+    assert end - warm < GROWTH_LIMIT
+    assert peak - warm < PEAK_LIMIT
+    assert int(dev.stats.packets[0]) == int(dev.stats.packets[1]) == done
     assert dev.pool.usage == 0 and dev.stats.drops_total() == 0

@@ -8,7 +8,11 @@ the RX path's ``scatter_template`` / ``push_used`` run on it and are checked aga
 reference walk written from virtio 1.2 §2.7.5 (differential test): the same chains are good, good
 chains have exactly the segments the reference finds (translated inside the right region), bad chains
 carry the exception class of the first rule they break, the only exception raised is
-AvailIndexError, and nothing outside the device-writable segments and the used ring is written.
+AvailIndexError, and nothing outside the device-writable segments and the used ring is written. The
+short rounds' scalar reader (``SplitQueue.peek_short``) must return exactly the reference's segments
+for a good chain of one or two descriptors (direct, or in the indirect table of its head) and decline
+every other chain, and
+``push_used_few`` must write what ``push_used`` writes.
 
 ``NICSIM_FUZZ_EXAMPLES`` (or ``scripts/fuzz.py --examples N``) sets the budget.
 """
@@ -457,3 +461,71 @@ def test_walking_any_heads_marks_every_bad_chain_and_never_raises(
         assert int(batch.seg_count[k]) == len(segs)
     assert int(batch.seg_count.sum()) == batch.seg_addr.shape[0] <= world.size * max(1, len(heads))
     assert world.guards_intact()
+
+
+def _short_shape(world: World, head: int, indirect: bool, segs: list[Segment]) -> bool:
+    """Whether a chain the reference walks without error has a shape the short reader takes: at most
+    two descriptors, direct, or (with ``indirect``) all in the table its head points at."""
+    _, _, flags, nxt = _unpack(world.read(world.desc + 16 * head, 16))
+    if indirect and flags & VIRTQ_DESC_F_INDIRECT:
+        return len(segs) <= 2
+    if not flags & VIRTQ_DESC_F_NEXT:
+        return True
+    _, _, flags, _ = _unpack(world.read(world.desc + 16 * nxt, 16))
+    return not (indirect and flags & VIRTQ_DESC_F_INDIRECT) and not flags & VIRTQ_DESC_F_NEXT
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(case=scenarios())
+def test_random_rings_short_chains_are_the_reference_walk_or_declined(
+    case: tuple[World, SplitQueue, int, int, bool, bytes],
+) -> None:
+    """The short rounds' scalar reader on hostile memory: a chain it returns is exactly what the
+    reference walk finds (translated inside the right region), every other chain is declined (None),
+    it raises nothing, writes nothing, and moves no index; ``push_used_few`` writes what ``push_used``
+    writes."""
+    world, q, pending, max_count, indirect, _ = case
+    mem, size = world.mem, world.size
+    if pending > size or max_count == 0:
+        return  # pop_avail's own test covers a corrupt avail.idx
+    count = min(pending, max_count)
+    before = world.backing.copy()
+    start = q.last_avail_idx
+    heads = q.pop_avail(mem, count).tolist()
+    q.last_avail_idx = start
+    for k, head in enumerate(heads):
+        q.last_avail_idx = (start + k) & 0xFFFF
+        got = q.peek_short(mem, 1, indirect=indirect)
+        segs, code = reference_walk(world, head, indirect)
+        short = code is ErrorCode.OK and _short_shape(world, head, indirect, segs)
+        event("short" if got is not None else f"declined {code.name}")
+        if not short:
+            assert got is None, f"chain {k} (head {head}, {code.name})"
+            continue
+        assert got is not None, f"chain {k} (head {head})"
+        (chain,) = got
+        assert chain.head == head and chain.addr == segs[0][0]
+        assert chain.readable_len == sum(n for _, n, w in segs if not w)
+        assert chain.writable_len == sum(n for _, n, w in segs if w)
+        assert chain.writable == sum(w for _, _, w in segs)
+        for (a, n, _), (r, off, length) in zip(segs, chain.segments, strict=True):
+            assert length == n
+            if n == 0:
+                assert (r, off) == (-1, 0)  # never translated (CVE-2020-10725)
+            else:
+                assert r == world.inside(a, n) and world.regions[r].guest_phys_addr + off == a
+    q.last_avail_idx = start
+    assert np.array_equal(world.backing, before)
+
+    lens = [(h * 2654435761) & U32_MAX for h in heads]
+    used_idx = q.used_idx
+    q.push_used(mem, np.array(heads, np.uint32), np.array(lens, np.uint32))
+    after_batch = world.backing.copy()
+    world.backing[:] = before
+    q.used_idx = used_idx
+    q.push_used_few(mem, heads, lens)
+    assert np.array_equal(world.backing, after_batch)

@@ -38,7 +38,15 @@ from nicsim.virtio.features import has as has_bit
 from nicsim.virtio.inflight import InflightHooks
 from nicsim.virtio.policy import NotifyPolicy
 from nicsim.virtio.port import Buffer, DevicePort
-from nicsim.virtio.queues import DROP_REASONS, DeviceStateError, QueueResult, QueueSet, QueueState, RingProbe
+from nicsim.virtio.queues import (
+    DROP_REASONS,
+    SHORT_ROUND,
+    DeviceStateError,
+    QueueResult,
+    QueueSet,
+    QueueState,
+    RingProbe,
+)  # fmt: skip
 from nicsim.virtio.rx import RxPath
 from nicsim.virtio.stats import DeviceStats
 from nicsim.virtio.tx import TxPath
@@ -66,7 +74,9 @@ class VirtioNetDevice:
         pool: PacketPool | None = None,
         policy: NotifyPolicy | None = None,
         on_wakeup: Callable[[int], None] | None = None,
+        short_round: int = SHORT_ROUND,
     ) -> None:
+        """``short_round``: rounds of at most this many chains take the scalar path (0: none do)."""
         if pairs < 1:
             raise ValueError("a virtio-net device needs at least one queue pair")
         self.pairs = pairs
@@ -75,7 +85,8 @@ class VirtioNetDevice:
         self.pool = pool if pool is not None else PacketPool(4096, name="virtio-net")
         self.port = port
         self.stats = DeviceStats(self.num_queues, DROP_REASONS)
-        self._qs = QueueSet(self.num_queues, pool=self.pool, stats=self.stats, policy=self.policy)
+        self._qs = QueueSet(self.num_queues, pool=self.pool, stats=self.stats, policy=self.policy,
+                            short_round=short_round)  # fmt: skip
         self._qs.on_wakeup = on_wakeup
         self._offloads = port.features() & OFFLOAD_FEATURES
         self._tx = TxPath(self._qs, port)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 ETH_HLEN = 14        # destination MAC, source MAC, EtherType: a TX frame shorter than this is a runt
 HDR_LEN_V1 = 12      # struct virtio_net_hdr_v1 (virtio 1.2 §5.1.6): ... num_buffers le16 at offset 10
 HDR_LEN_LEGACY = 10  # legacy header without num_buffers (neither VERSION_1 nor MRG_RXBUF)
+NUM_BUFFERS_OFFSET = 10  # in struct virtio_net_hdr_v1, le16: how many RX buffers the frame spans
 MAX_FRAME = 65550    # an IPv4 packet of 65535 bytes behind an Ethernet + VLAN header
 
 Buffer = bytes | bytearray | memoryview | npt.NDArray[np.uint8]

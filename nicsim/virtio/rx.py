@@ -11,7 +11,10 @@ the used ring and the chains no frame used are given back. A header-passing port
 frames that already carry the kernel's virtio-net header; staging keeps it (offloads negotiated) or
 zeroes it, and always fills num_buffers. Pool exhaustion is backpressure: frames wait in the backlog,
 which drops (``no_rx_buffer``) only when full. A started ring that is disabled fills no buffer and
-drops the frames pushed for it (``ring_disabled``).
+drops the frames pushed for it (``ring_disabled``). A round of a few frames that each fit the one
+buffer they go to is delivered with plain ints by :class:`~nicsim.virtio.rx_short.ShortRx` (the same
+bytes, entries and counts); it declines anything else before touching the ring, and the round goes on
+here.
 """
 
 from __future__ import annotations
@@ -21,13 +24,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import numpy.typing as npt
 
-from nicsim.virtio.port import HDR_LEN_V1, MAX_FRAME, Buffer, DevicePort
+from nicsim.virtio.port import HDR_LEN_V1, MAX_FRAME, NUM_BUFFERS_OFFSET, Buffer, DevicePort
 from nicsim.virtio.queues import QueueResult, QueueSet, QueueState
+from nicsim.virtio.rx_short import ShortRx
 from rings.chains import ChainBatch
 from rings.errors import GuestError
 from rings.memory import GuestMemory
-
-NUM_BUFFERS_OFFSET = 10  # in struct virtio_net_hdr_v1 (virtio 1.2 §5.1.6), le16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -333,6 +335,7 @@ class RxPath:
             backlog_bytes = max(backlog_bytes, 8 * (MAX_FRAME + HDR_LEN_V1))
         self.backlog = [RxBacklog(policy.rx_backlog, backlog_bytes) for _ in range(pairs)]
         self._scratch: npt.NDArray[np.uint8] = np.zeros(policy.rx_batch * 2048, np.uint8)
+        self._short = ShortRx(queues)  # rounds of a few frames, one buffer each
         self._tmpl_key: tuple[int, int, int] | None = None
         self._tmpl: npt.NDArray[np.uint8] = np.zeros(0, np.uint8)
 
@@ -498,6 +501,11 @@ class RxPath:
         """Place frames ``data[offsets[i]:][:lengths[i]]`` in order; returns how many were consumed
         (placed or dropped as too big); the rest wait."""
         qs = self._qs
+        carried = self._port.vnet_hdr  # the frames start with the port's (the kernel's) header
+        if lengths.shape[0] <= qs.short_round:
+            taken = self._short.deliver(rxq, st, mem, data, offsets, lengths, carried=carried)
+            if taken is not None:
+                return taken
         # With MRG_RXBUF a frame may span several buffers: take a full batch, give back what is unused.
         want = qs.policy.rx_batch if qs.mergeable else int(lengths.shape[0])
         got = self._take_chains(rxq, st, mem, want)
@@ -506,7 +514,6 @@ class RxPath:
         cb, descs = got
         good_pos = np.flatnonzero(cb.error == 0)
         hdr = qs.hdr_len
-        carried = self._port.vnet_hdr  # the frames start with the port's (the kernel's) header
         need = lengths.astype(np.int64) + (0 if carried else hdr)
         plan = plan_rx(need, cb.writable_len[good_pos].astype(np.int64), mergeable=qs.mergeable)
         if plan.dropped.shape[0]:

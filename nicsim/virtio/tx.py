@@ -11,6 +11,11 @@ one batch with the virtio-net header already skipped: lengths as one numpy array
 reads a byte), a per-frame view when the frame sits in one segment (zero copy), a vectorised gather of
 the whole batch, and the header-and-frame segment views a header-passing port writes out with one
 ``writev``.
+A round of a few chains (at most ``QueueSet.short_round``), each a good chain of one or two readable
+descriptors (direct, or in its head's indirect table), is read with plain ints instead
+(``rings.short_chains``) and handed over as a :class:`~nicsim.virtio.tx_short.ShortTxBatch`: a guest
+sending one packet at a time pays for no numpy batch. Any other round goes the numpy way, which alone
+sorts out and counts bad chains.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy.typing as npt
 
 from nicsim.virtio.port import ETH_HLEN, DevicePort
 from nicsim.virtio.queues import DeviceStateError, QueueResult, QueueSet, QueueState
+from nicsim.virtio.tx_short import ShortTxBatch
 from rings.chains import ChainBatch
 from rings.errors import GuestError
 from rings.memory import GuestMemory
@@ -132,7 +138,7 @@ class TxPath:
         self._pool = queues.pool
         self._stats = queues.stats
         # id(batch) -> batch the port has not completed, per queue (empty for receive queues).
-        self._deferred: list[dict[int, TxBatch]] = [{} for _ in range(queues.num_queues)]
+        self._deferred: list[dict[int, TxBatch | ShortTxBatch]] = [{} for _ in range(queues.num_queues)]
 
     def process(self, index: int) -> QueueResult:
         """Take up to ``policy.tx_batch`` chains off TX queue ``index`` and hand their frames to the port."""
@@ -152,6 +158,10 @@ class TxPath:
         want = min(pending, qs.policy.tx_batch)
         if want == 0:
             return QueueResult(queue=index, interrupt=qs.decide_interrupt(index, st, mem, idle=True))
+        if want <= qs.short_round and not st.resubmit.shape[0]:
+            done = self._process_short(index, st, mem, want)
+            if done is not None:
+                return done
         descs = self._pool.allocate_batch(want, partial=True)
         k = int(descs.shape[0])
         if k == 0:
@@ -189,6 +199,63 @@ class TxPath:
             return qs.broke(index, st, err)
         irq = qs.decide_interrupt(index, st, mem, idle=not more)
         return QueueResult(queue=index, processed=k, dropped=dropped, interrupt=irq, more=more)
+
+    def _process_short(self, index: int, st: QueueState, mem: GuestMemory, want: int) -> QueueResult | None:
+        """``process`` for a round of a few chains, with plain ints instead of numpy batches; None,
+        having changed nothing, unless every chain is a good one of one or two device-readable
+        descriptors (``rings.short_chains``) holding at least a header and an Ethernet header (the
+        general path then takes the round, and counts any drop)."""
+        qs, pool = self._qs, self._pool
+        q = st.q
+        chains = q.peek_short(mem, want, indirect=qs.indirect)
+        hdr = qs.hdr_len
+        if chains is None or any(c.writable or c.readable_len < hdr + ETH_HLEN for c in chains):
+            return None
+        k = min(want, pool.available)
+        if k == 0:
+            return QueueResult(queue=index, more=True, blocked=True)
+        del chains[k:]
+        descs = [pool.allocate() for _ in range(k)]
+        for d, c in zip(descs, chains, strict=True):
+            pool.track_one(d, queue=index, head=c.head, addr=c.addr, length=c.readable_len)
+        self._stats.add_inflight(index, k)
+        q.skip_avail(k)
+        if qs.inflight is not None:
+            qs.inflight.popped(index, np.array([c.head for c in chains], np.uint16))
+        batch = ShortTxBatch(queue=index, mem=mem, chains=chains, descriptors=descs, hdr_len=hdr,
+                             on_complete=self._completed)  # fmt: skip
+        self._hand_over_short(index, st, mem, batch)
+        try:
+            more = q.avail_pending(mem) > 0
+        except GuestError as err:
+            return qs.broke(index, st, err)
+        irq = qs.decide_interrupt(index, st, mem, idle=not more)
+        return QueueResult(queue=index, processed=k, interrupt=irq, more=more)
+
+    def _hand_over_short(self, index: int, st: QueueState, mem: GuestMemory, batch: ShortTxBatch) -> None:
+        """``_hand_over`` for a short round (nothing was sorted out before)."""
+        stats = self._stats
+        stats.packets[index] += np.uint64(batch.count)
+        stats.bytes[index] += np.uint64(batch.frame_bytes)
+        stats.batches[index] += np.uint64(1)
+        self._qs.in_call = True
+        try:
+            finished = self._port.transmit(batch)
+        except Exception:
+            stats.drop(index, "port_error", batch.count)
+            batch.completed = True
+            finished = True
+            raise
+        finally:
+            self._qs.in_call = False
+            if finished or batch.completed:
+                batch.completed = True
+                self._qs.mark_used_few(index, st.q, mem, batch.head_list, [0] * batch.count)
+                for d in batch.desc_list:
+                    self._pool.free(d)
+                self._stats.add_inflight(index, -batch.count)
+            else:
+                self._deferred[index][id(batch)] = batch
 
     def _discard(self, index: int, st: QueueState, mem: GuestMemory) -> QueueResult:
         """A started ring that is disabled: take up to ``tx_batch`` chains and return them unread (len 0),
@@ -271,7 +338,7 @@ class TxPath:
         self._pool.free_batch(descs)
         self._stats.add_inflight(index, -int(descs.shape[0]))
 
-    def _completed(self, batch: TxBatch) -> None:
+    def _completed(self, batch: TxBatch | ShortTxBatch) -> None:
         """An asynchronous port finished a batch: return its chains."""
         if batch.cancelled:
             return
@@ -281,7 +348,7 @@ class TxPath:
         self._release(st, batch)
         self._qs.wake(batch.queue)
 
-    def _release(self, st: QueueState, batch: TxBatch) -> None:
+    def _release(self, st: QueueState, batch: TxBatch | ShortTxBatch) -> None:
         self._deferred[batch.queue].pop(id(batch), None)
         if self._qs.mem is not None:
             self._return(st, self._qs.mem, batch.queue, batch.heads, batch.descriptors)
