@@ -1,10 +1,12 @@
-"""A sparse TX round's interrupt waits for the pair's RX interrupt (``tx_irq_wait_us``), so a request
-and its reply cost the guest one interrupt; it is never lost: the RX signal, the deadline, a batch
-round or the ring stopping sends it.
+"""Request/response traffic: a sparse TX round's interrupt waits for the pair's RX interrupt
+(``tx_irq_wait_us``), so a request and its reply cost the guest one interrupt; it is never lost: the RX
+signal, the deadline, a batch round or the ring stopping sends it. And a TX ring whose sparse requests
+come back within ``rr_poll_us`` is polled for, with kicks off, instead of put to sleep.
 
 The backend is the real server in the test's loop and the frontend sleeps on the call eventfds, so an
 interrupt that never came fails the wait. What the pump did is read from its counters: ``irqs_held``
-(a TX interrupt waited), ``irqs_merged`` (the RX ring's signal sent it).
+(a TX interrupt waited), ``irqs_merged`` (the RX ring's signal sent it); whether the frontend had to
+kick is what the ring told it (NO_NOTIFY / avail_event).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from nicsim.ports import Port, ReflectPort, SinkPort
 from nicsim.server import Server, Session
 from nicsim.server.pump import RingPump
 from nicsim.virtio.device import VirtioNetDevice
-from nicsim.virtio.policy import NotifyPolicy, defer_tx_interrupt
+from nicsim.virtio.policy import NotifyPolicy, PollAction, defer_tx_interrupt, poll_action, request_response
 from tests.hardening import frame
 
 RX, TX = 0, 1
@@ -119,3 +121,49 @@ async def test_a_tx_ring_without_a_live_rx_ring_does_not_hold(tmp_path: Path) ->
         fe.transmit([frame(0)])
         assert len(await fe.wait_used(TX, 1, timeout=5)) == 1
         assert tx_pump(sess).counters["irqs_held"] == 0
+
+
+# -- request/response polling (rr_poll_us) --------------------------------------------------------
+
+
+def test_request_response_is_sparse_work_that_comes_back_soon() -> None:
+    policy = NotifyPolicy(rr_poll_us=400, flow_batch=8)
+    assert request_response(policy, gap_us=150, last_batch=1)
+    assert not request_response(policy, gap_us=10_000, last_batch=1)  # a ping every 10 ms: sleep
+    assert not request_response(policy, gap_us=150, last_batch=64)  # a stream: the batching policy
+    assert not request_response(policy, gap_us=0, last_batch=1)  # the first request: nothing to go by
+    assert not request_response(NotifyPolicy(rr_poll_us=0), gap_us=150, last_batch=1)
+    assert poll_action(policy, more=False, empty_rounds=5, idle_us=100, rr=True) is PollAction.POLL
+    assert poll_action(policy, more=False, empty_rounds=5, idle_us=500, rr=True) is PollAction.REARM
+    assert poll_action(policy, more=False, empty_rounds=0, idle_us=100, rr=False) is PollAction.REARM
+
+
+async def _exchange(fe: VhostUserFrontend, n: int) -> list[bool]:
+    """``n`` requests, one outstanding, each sent as soon as its reply is in; whether each kicked."""
+    kicked = []
+    for i in range(n):
+        q = fe.queues[TX]
+        q.post_tx(frame(i))
+        kicked.append(fe.kick(TX))
+        assert len(await fe.wait_used(RX, 1, timeout=5)) == 1
+        fe.post_rx(1)
+    return kicked
+
+
+async def test_back_to_back_requests_are_polled_for_without_kicks(tmp_path: Path) -> None:
+    # A window far above a loop turn, so the test does not depend on this machine's speed.
+    async with rig(tmp_path, ReflectPort, rr_poll_us=2e6, tx_irq_wait_us=0) as (fe, sess):
+        fe.post_rx(4)
+        kicked = await _exchange(fe, 6)
+        # The first two requests wake the backend; from the second on it sees request/response
+        # traffic and keeps polling with kicks off, so the guest never needs to kick again.
+        assert kicked[:1] == [True] and not any(kicked[2:])
+        assert int(sess.device.stats.kicks[TX]) <= 2
+
+
+async def test_without_the_window_every_request_kicks(tmp_path: Path) -> None:
+    async with rig(tmp_path, ReflectPort, rr_poll_us=0, tx_irq_wait_us=0) as (fe, sess):
+        assert sess.pumps[TX].active
+        fe.post_rx(4)
+        kicked = await _exchange(fe, 6)
+        assert all(kicked)

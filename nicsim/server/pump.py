@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 from nicsim.ports.base import Port
 from nicsim.virtio.device import DeviceStateError, QueueResult, VirtioNetDevice
-from nicsim.virtio.policy import PollAction, defer_tx_interrupt, is_stalled, poll_action
+from nicsim.virtio.policy import PollAction, defer_tx_interrupt, is_stalled, poll_action, request_response
 from nicsim.virtio.port import DevicePort
 from rings.errors import GuestError, RingsError
 
@@ -82,6 +82,8 @@ class RingPump:
         self._empty_rounds = 0
         self._last_work = 0.0
         self._moved = 0  # buffers moved since this wakeup began
+        self._gap_us = 0.0  # from the work before to the last round that found work (request/response)
+        self._last_batch = 0  # buffers the last round that found work moved
         self._watchdog: asyncio.TimerHandle | None = None
         self._stall_mark: tuple[int, ...] | None = None  # progress at the last tick that found work
         # TX: a due interrupt held for the pair's RX one (``defer_tx_interrupt``), and its deadline.
@@ -164,7 +166,6 @@ class RingPump:
         self._busy = True
         self._empty_rounds = 0
         self._moved = 0
-        self._last_work = time.monotonic()
         self._handle = self.loop.call_soon(self._round)
 
     def signal(self) -> None:
@@ -249,6 +250,8 @@ class RingPump:
             self._fail(res.error)
             return None
         if res.processed:
+            self._gap_us = (now - self._last_work) * 1e6
+            self._last_batch = res.processed
             self._empty_rounds, self._last_work = 0, now
             self._moved += res.processed
             if self._tx and self.after_tx is not None:
@@ -284,8 +287,9 @@ class RingPump:
         if res.blocked:
             self._later(_RETRY_S)
             return
+        rr = self._tx and request_response(policy, gap_us=self._gap_us, last_batch=self._last_batch)
         action = poll_action(policy, more=res.more, empty_rounds=self._empty_rounds,
-                             idle_us=(now - self._last_work) * 1e6)  # fmt: skip
+                             idle_us=(now - self._last_work) * 1e6, rr=rr)  # fmt: skip
         if action is not PollAction.REARM:
             self._handle = self.loop.call_soon(self._round)
             return
