@@ -14,7 +14,8 @@ At most ``files`` files exist. Batches are cut on record boundaries; a single re
 limit gets a file to itself.
 
 A write that fails at run time (a full disk) does not stop the device: capture stops, the error is
-logged once, and frames offered after it are counted as ``not_written``.
+logged once, the file is cut back to its last whole record, and the frames of that batch and of every
+batch after it are counted as ``not_written``.
 """
 
 from __future__ import annotations
@@ -151,8 +152,10 @@ class CaptureWriter:
         else:
             records = pcap_records(data, offsets, lengths, snaplen=cfg.snaplen, ts_ns=self._clock(),
                                    nanosecond=cfg.nanosecond)  # fmt: skip
-        self._write_records(records)
         c = self._counters
+        if not self._write_records(records):
+            c.not_written += n
+            return
         c.frames += n
         c.truncated += records.truncated
         c.per_interface[interface][0 if direction is Direction.INBOUND else 1] += n
@@ -215,14 +218,15 @@ class CaptureWriter:
             except OSError as err:
                 self._fail(err)
 
-    def _write_records(self, records: Records) -> None:
+    def _write_records(self, records: Records) -> bool:
+        """Write the batch (rotating as the limit says); False if a write failed and capture stopped."""
         limit = self.config.max_bytes
         buf, ends = records.data, records.ends
         try:
             if not limit or self._file_bytes + buf.shape[0] <= limit:
                 self._write_to(self._fh, memoryview(buf.data))
                 self._file_records += ends.shape[0]
-                return
+                return True
             done = 0  # records of this batch written so far
             while done < ends.shape[0]:
                 base = int(ends[done - 1]) if done else 0
@@ -240,9 +244,14 @@ class CaptureWriter:
                 done += fit
         except (OSError, CaptureError) as err:
             self._fail(err)
+            return False
+        return True
 
     def _fail(self, err: OSError) -> None:
         self._failed = str(err)
+        # Cut a half-written record off, so the file still reads to its end.
+        with contextlib.suppress(OSError, ValueError):
+            self._fh.truncate(self._file_bytes)
         log.warning("capture stopped: %s: %s", self.config.path, err)
 
     # -- lifecycle ------------------------------------------------------------------------------------
