@@ -22,7 +22,7 @@ from nicsim.ports.capture import (
     Format,
     rotated_name,
 )
-from nicsim.ports.capture.records import copy_runs
+from nicsim.ports.capture.records import Scratch, copy_runs, pcapng_records
 from nicsim.ports.frames import ip_bytes, mac_bytes, udp_frame
 from tests.pcap_read import read_capture, tcpdump
 
@@ -262,3 +262,20 @@ def test_copy_runs_matches_a_copy_per_run(case: str) -> None:
         expect[d : d + k] = data[s : s + k]
     copy_runs(out, dst, data, src, lens)
     assert np.array_equal(out, expect)
+
+
+def test_pcapng_padding_is_zero_even_in_a_reused_buffer() -> None:
+    scratch = Scratch()
+    scratch.take(4096)[:] = 0xFF  # what an earlier batch left behind
+    frames = [frame(0, 61), frame(1, 62), frame(2, 63), frame(3, 64)]
+    rec = pcapng_records(*batch(frames), snaplen=MAX_SNAPLEN, ts_ns=T0, nanosecond=False, interface=0,
+                         direction=Direction.OUTBOUND, scratch=scratch)  # fmt: skip
+    raw = rec.data.tobytes()
+    at = 0
+    for f in frames:
+        size = int.from_bytes(raw[at + 4 : at + 8], "little")
+        body = raw[at + 28 : at + 28 + (len(f) + 3) // 4 * 4]
+        assert body == f + b"\0" * (-len(f) % 4)
+        assert raw[at + size - 4 : at + size] == size.to_bytes(4, "little")
+        at += size
+    assert at == len(raw)

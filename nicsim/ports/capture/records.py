@@ -66,9 +66,23 @@ class Format(enum.StrEnum):
 class Records:
     """A batch's records: ``data`` to write as is; ``ends[i]`` is where record ``i`` ends in it."""
 
-    data: npt.NDArray[np.uint8]
+    data: npt.NDArray[np.uint8]  # may be a view of a Scratch: write it before the next batch is built
     ends: npt.NDArray[np.int64]
     truncated: int  # frames cut to the snap length
+
+
+class Scratch:
+    """A record buffer reused batch after batch: a fresh array per batch would page-fault on every
+    first touch of its pages, which costs more than building the records."""
+
+    def __init__(self) -> None:
+        self._buf = np.empty(0, dtype=np.uint8)
+
+    def take(self, size: int) -> npt.NDArray[np.uint8]:
+        """``size`` bytes, contents undefined, valid until the next call."""
+        if self._buf.shape[0] < size:
+            self._buf = np.empty(max(size, 2 * self._buf.shape[0]), dtype=np.uint8)
+        return self._buf[:size]
 
 
 def _option(code: int, value: bytes) -> bytes:
@@ -145,7 +159,18 @@ def _scatter_words(out: npt.NDArray[np.uint8], at: npt.NDArray[np.int64],
                    words: npt.NDArray[np.uint32]) -> None:  # fmt: skip
     """Write row ``i`` of ``words`` (little-endian uint32s) at byte ``at[i]`` of ``out``."""
     raw = words.astype("<u4", copy=False).view(np.uint8).reshape(words.shape[0], -1)
-    out[at[:, None] + np.arange(raw.shape[1], dtype=np.int64)[None, :]] = raw
+    step = _regular(at)
+    if step is not None and step >= raw.shape[1]:
+        # Records of one size: the rows are one strided view, a single copy.
+        as_strided(out[int(at[0]) :], shape=raw.shape, strides=(step, 1))[...] = raw
+    elif out.shape[0] % 4 == 0 and not bool(np.any(at & 3)):
+        # pcapng keeps every block 32-bit aligned: one assignment per word column, not per byte.
+        out32 = out.view("<u4")
+        base = at >> 2
+        for k in range(words.shape[1]):
+            out32[base + k] = words[:, k]
+    else:
+        out[at[:, None] + np.arange(raw.shape[1], dtype=np.int64)[None, :]] = raw
 
 
 def _check(data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64],
@@ -164,7 +189,7 @@ def _timestamps(ts_ns: int, *, nanosecond: bool) -> tuple[int, int]:
 
 def pcap_records(
     data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.uint32], *,
-    snaplen: int, ts_ns: int, nanosecond: bool,
+    snaplen: int, ts_ns: int, nanosecond: bool, scratch: Scratch | None = None,
 ) -> Records:  # fmt: skip
     """Classic pcap records of frames ``data[offsets[i]:][:lengths[i]]``, cut to ``snaplen`` bytes."""
     _check(data, offsets, lengths)
@@ -173,7 +198,7 @@ def pcap_records(
     size = PCAP_RECORD_HEAD + caplen
     ends = np.cumsum(size)
     starts = ends - size
-    out = np.empty(int(ends[-1]) if n else 0, dtype=np.uint8)
+    out = (scratch or Scratch()).take(int(ends[-1]) if n else 0)
     seconds, frac = _timestamps(ts_ns, nanosecond=nanosecond)
     words = np.empty((n, 4), dtype=np.uint32)
     words[:, 0] = seconds & 0xFFFFFFFF
@@ -188,6 +213,7 @@ def pcap_records(
 def pcapng_records(
     data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.uint32], *,
     snaplen: int, ts_ns: int, nanosecond: bool, interface: int, direction: Direction,
+    scratch: Scratch | None = None,
 ) -> Records:  # fmt: skip
     """One Enhanced Packet Block per frame, on interface ``interface`` (its IDB's index in the section),
     with the direction in ``epb_flags``; frames cut to ``snaplen`` bytes, padded to 32 bits."""
@@ -198,8 +224,11 @@ def pcapng_records(
     size = EPB_HEAD + padded + EPB_TAIL
     ends = np.cumsum(size)
     starts = ends - size
-    # Zeroed, because the padding after each frame must be (and is cheaper to zero than to find).
-    out = np.zeros(int(ends[-1]) if n else 0, dtype=np.uint8)
+    out = (scratch or Scratch()).take(int(ends[-1]) if n else 0)
+    # The padding after a frame must be zero: zero the last word of each padded frame, then copy the
+    # frame over its first bytes (blocks are 32-bit aligned, so that word is whole).
+    pad_word = (starts + EPB_HEAD + padded - 4) >> 2
+    out.view("<u4")[pad_word[padded > caplen]] = 0
     units = ts_ns if nanosecond else ts_ns // 1000
     head = np.empty((n, 7), dtype=np.uint32)
     head[:, 0] = BT_EPB

@@ -38,6 +38,7 @@ from nicsim.ports.capture.records import (
     Direction,
     Format,
     Records,
+    Scratch,
     interface_description,
     pcap_file_header,
     pcap_records,
@@ -108,6 +109,7 @@ class CaptureWriter:
         self._file_bytes = 0
         self._file_records = 0
         self._failed: str | None = None
+        self._scratch = Scratch()
         self._fh = self._open()
 
     # -- interfaces -----------------------------------------------------------------------------------
@@ -147,11 +149,11 @@ class CaptureWriter:
         if cfg.format is Format.PCAPNG:
             records = pcapng_records(
                 data, offsets, lengths, snaplen=cfg.snaplen, ts_ns=self._clock(),
-                nanosecond=cfg.nanosecond, interface=interface, direction=direction,
+                nanosecond=cfg.nanosecond, interface=interface, direction=direction, scratch=self._scratch,
             )  # fmt: skip
         else:
             records = pcap_records(data, offsets, lengths, snaplen=cfg.snaplen, ts_ns=self._clock(),
-                                   nanosecond=cfg.nanosecond)  # fmt: skip
+                                   nanosecond=cfg.nanosecond, scratch=self._scratch)  # fmt: skip
         c = self._counters
         if not self._write_records(records):
             c.not_written += n
