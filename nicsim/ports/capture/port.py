@@ -58,8 +58,7 @@ class CapturingSink:
     def push_template(self, template: npt.NDArray[np.uint8], count: int, *, pair: int = 0) -> int:
         delivered = self._sink.push_template(template, count, pair=pair)
         if delivered:
-            self._owner.captured_rx(template, np.zeros(delivered, dtype=np.int64),
-                                    np.full(delivered, template.shape[0], dtype=np.uint32))  # fmt: skip
+            self._owner.captured_rx_repeated(template, delivered)
         return delivered
 
     def rx_space(self, pair: int = 0) -> int:
@@ -102,6 +101,10 @@ class CapturingPort(Port):
             lengths = np.maximum(lengths, np.uint32(hdr)) - np.uint32(hdr)
             offsets = offsets + hdr
         self.writer.write(self.interface, Direction.INBOUND, data, offsets, lengths)
+
+    def captured_rx_repeated(self, template: npt.NDArray[np.uint8], count: int) -> None:
+        """A template frame the device wrote into ``count`` guest buffers."""
+        self.writer.write_repeated(self.interface, Direction.INBOUND, template[self._hdr_len :], count)
 
     def features(self) -> int:
         return self.inner.features()

@@ -247,3 +247,13 @@ def pcapng_records(
     _scatter_words(out, ends - EPB_TAIL, tail)
     copy_runs(out, starts + EPB_HEAD, data, offsets.astype(np.int64, copy=False), caplen)
     return Records(data=out, ends=ends, truncated=int(np.count_nonzero(caplen < lengths)))
+
+
+def repeated(records: Records, count: int, scratch: Scratch | None = None) -> Records:
+    """``records`` (one batch, usually one record) written ``count`` times back to back; ``scratch``
+    must not be the one ``records.data`` lives in."""
+    one = records.data.shape[0]
+    data = (scratch or Scratch()).take(one * count)
+    data.reshape(count, one)[...] = records.data
+    ends = (records.ends[None, :] + one * np.arange(count, dtype=np.int64)[:, None]).ravel()
+    return Records(data=data, ends=ends, truncated=records.truncated * count)

@@ -43,6 +43,7 @@ from nicsim.ports.capture.records import (
     pcap_file_header,
     pcap_records,
     pcapng_records,
+    repeated,
     section_header,
 )
 
@@ -110,6 +111,7 @@ class CaptureWriter:
         self._file_records = 0
         self._failed: str | None = None
         self._scratch = Scratch()
+        self._repeat_scratch = Scratch()  # a repeated record is copied out of _scratch into this
         self._fh = self._open()
 
     # -- interfaces -----------------------------------------------------------------------------------
@@ -136,7 +138,22 @@ class CaptureWriter:
     def write(self, interface: int, direction: Direction, data: npt.NDArray[np.uint8],
               offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.uint32]) -> None:  # fmt: skip
         """Capture frames ``data[offsets[i]:][:lengths[i]]``, all seen now, in this order."""
-        n = int(lengths.shape[0])
+        self._write(interface, direction, data, offsets, lengths, repeat=1)
+
+    def write_repeated(self, interface: int, direction: Direction, frame: npt.NDArray[np.uint8],
+                       count: int) -> None:  # fmt: skip
+        """Capture ``frame`` ``count`` times (a template delivered to ``count`` buffers): one record,
+        repeated, since every copy has the same bytes and the batch's one timestamp."""
+        if count <= 0:
+            return
+        one = np.zeros(1, dtype=np.int64)
+        length = np.array([frame.shape[0]], dtype=np.uint32)
+        self._write(interface, direction, frame, one, length, repeat=count)
+
+    def _write(self, interface: int, direction: Direction, data: npt.NDArray[np.uint8],
+               offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.uint32], *,
+               repeat: int) -> None:  # fmt: skip
+        n = int(lengths.shape[0]) * repeat
         if n == 0:
             return
         if interface < 0 or interface >= len(self._interfaces):
@@ -154,23 +171,16 @@ class CaptureWriter:
         else:
             records = pcap_records(data, offsets, lengths, snaplen=cfg.snaplen, ts_ns=self._clock(),
                                    nanosecond=cfg.nanosecond, scratch=self._scratch)  # fmt: skip
+        if repeat > 1:
+            records = repeated(records, repeat, self._repeat_scratch)
         c = self._counters
         if not self._write_records(records):
             c.not_written += n
             return
         c.frames += n
-        c.truncated += records.truncated
+        c.truncated += records.truncated * repeat
         c.per_interface[interface][0 if direction is Direction.INBOUND else 1] += n
         c.busy_ns += time.perf_counter_ns() - began
-
-    def write_repeated(self, interface: int, direction: Direction, frame: npt.NDArray[np.uint8],
-                       count: int) -> None:  # fmt: skip
-        """Capture ``frame`` ``count`` times (a template delivered to ``count`` buffers)."""
-        if count <= 0:
-            return
-        offsets = np.zeros(count, dtype=np.int64)
-        lengths = np.full(count, frame.shape[0], dtype=np.uint32)
-        self.write(interface, direction, frame, offsets, lengths)
 
     # -- files ----------------------------------------------------------------------------------------
 
