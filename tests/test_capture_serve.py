@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from nicsim.cli.capture import interface_names, pcap_paths
 from nicsim.frontend import VhostUserFrontend
 from nicsim.ports import frames as fr
 from tests.pcap_read import read_capture, tcpdump
@@ -38,7 +39,7 @@ class Served:
 async def serve(tmp_path: Path, sockets: list[Path], *args: str) -> AsyncIterator[Served]:
     """``nicsim serve`` on ``sockets`` until the block ends, then SIGINT and wait for it to exit."""
     log = tmp_path / "serve.log"
-    argv = [sys.executable, "-m", "nicsim", "serve", "--quiet", *args]
+    argv = [sys.executable, "-m", "nicsim", "serve", "--stats-interval", "0.2", *args]
     for s in sockets:
         argv += ["--socket", str(s)]
     with log.open("wb") as err:
@@ -91,8 +92,9 @@ async def test_a_ping_through_serve_is_captured_exactly(tmp_path: Path) -> None:
     _, dumped = tcpdump(cap)
     kinds = ["Request who-has", "Reply 10.0.2.2 is-at", "ICMP echo request", "ICMP echo reply"]
     assert [next(k for k in kinds if k in d.line) for d in dumped] == kinds[:2] + kinds[2:] * 3
-    assert f"nicsim serve: capture: 8 frames in {cap} (pcapng)" in served.stderr
+    assert f"nicsim serve: capture: 8 frames in {cap} (pcapng), " in served.stderr
     assert "ms spent capturing" in served.stderr
+    assert served.stderr.rstrip().endswith("nicsim serve: stopped")
     (summary,) = json.loads(stats.read_text())["capture"]
     assert summary["frames"] == 8
     assert summary["interfaces"] == [{"name": "nicsim.sock", "inbound": 4, "outbound": 4}]
@@ -176,3 +178,13 @@ def test_a_bad_capture_option_is_named_and_exits_2(tmp_path: Path, option: list[
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_socket_names_stay_apart_in_interfaces_and_pcap_file_names() -> None:
+    cap = Path("run/cap.pcap")
+    assert interface_names([Path("x/a.sock"), Path("x/b.sock")]) == ["a.sock", "b.sock"]
+    assert interface_names([Path("x/g.sock"), Path("y/g.sock")]) == ["x/g.sock", "y/g.sock"]
+    assert pcap_paths(cap, [Path("x/a.sock")]) == [cap]
+    two, clash = [Path("x/a.sock"), Path("x/b.sock")], [Path("x/g.sock"), Path("y/g.sock")]
+    assert pcap_paths(cap, two) == [Path("run/cap-a.pcap"), Path("run/cap-b.pcap")]
+    assert pcap_paths(cap, clash) == [Path("run/cap-0.pcap"), Path("run/cap-1.pcap")]

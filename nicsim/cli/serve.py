@@ -264,9 +264,9 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
             captures.close()
         if args.stats_file is not None:
             write_json_atomic(args.stats_file, _snapshot(server, captures))
-    if captures is not None:
-        print(f"nicsim serve: capture: {captures.summary()}", file=sys.stderr, flush=True)
     if not args.quiet:
+        if captures is not None:
+            print(f"nicsim serve: capture: {captures.summary()}", file=sys.stderr, flush=True)
         print("nicsim serve: stopped", file=sys.stderr, flush=True)
     return 0
 
