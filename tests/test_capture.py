@@ -239,8 +239,9 @@ def test_frames_outside_the_buffer_are_refused(tmp_path: Path) -> None:
             w.write(1, Direction.OUTBOUND, data, offsets, lengths)
 
 
-@pytest.mark.parametrize("case", ["regular", "template", "short", "long", "mixed"])
-def test_copy_runs_matches_a_copy_per_run(case: str) -> None:
+@pytest.mark.parametrize("gap", [0, 5])
+@pytest.mark.parametrize("case", ["regular", "template", "short", "short-in-order", "long", "mixed"])
+def test_copy_runs_matches_a_copy_per_run(case: str, gap: int) -> None:
     rng = np.random.default_rng(7)
     data = rng.integers(0, 256, 50_000, dtype=np.uint8)
     n = 40
@@ -250,12 +251,15 @@ def test_copy_runs_matches_a_copy_per_run(case: str) -> None:
     elif case == "template":
         lens = np.full(n, 60)
         src = np.zeros(n, dtype=np.int64)
-    else:
+    elif case == "short-in-order":  # a gathered batch: in order, some runs touching the next
+        lens = rng.integers(1, 60, n)
+        src = np.cumsum(lens + rng.integers(0, 3, n)) - lens
+    else:  # anywhere, overlapping or not
         lo, hi = {"short": (1, 60), "long": (400, 1200), "mixed": (1, 1200)}[case]
         lens = rng.integers(lo, hi, n)
         src = rng.integers(0, data.shape[0] - hi, n)
     lens, src = lens.astype(np.int64), src.astype(np.int64)
-    dst = np.cumsum(lens + 5) - lens  # 5 bytes between runs, left alone
+    dst = np.cumsum(lens + gap) - lens  # gap bytes between runs, left alone
     out = np.zeros(int(dst[-1] + lens[-1]), dtype=np.uint8)
     expect = out.copy()
     for s, d, k in zip(src, dst, lens, strict=True):

@@ -6,9 +6,9 @@ and returns the records of the whole batch as one ``uint8`` array plus each reco
 writer can cut a batch on record boundaries (rotation) and write it with one call. Headers are numpy
 word arrays scattered into place; frame bytes are copied with one strided copy when the batch is
 regular (one frame size at a fixed stride, such as a gathered batch of equal frames or a template sent
-``count`` times), else one fancy-indexed copy for short frames, else one slice copy per frame (a
-per-byte index costs more than a Python step per frame once frames are long, as ``rings.memory.gather``
-measured).
+``count`` times), else one slice copy per frame when frames are long (a Python step per frame costs
+less than any per-byte work then, as ``rings.memory.gather`` measured), else one boolean-masked copy
+for short frames in order, else one fancy-indexed copy.
 
 Formats: pcap is the libpcap savefile (magic ``a1b2c3d4`` for microseconds, ``a1b23c4d`` for
 nanoseconds; 16-byte record header; no direction, no interface). pcapng (IETF draft
@@ -124,6 +124,21 @@ def _expand(src: npt.NDArray[np.int64], dst: npt.NDArray[np.int64],
     return np.repeat(src, lens) + within, np.repeat(dst, lens) + within
 
 
+def _runs_mask(length: int, starts: npt.NDArray[np.int64],
+               lens: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:  # fmt: skip
+    """True over ``[starts[i], starts[i] + lens[i])`` for every ``i``, for non-empty runs in order that
+    do not overlap: +1 at each start, -1 at each end, and a running sum (no per-byte index)."""
+    edges = np.zeros(length + 1, dtype=np.int8)
+    edges[starts] += 1
+    edges[starts + lens] -= 1  # an end equal to the next run's start cancels it: the mask runs on
+    return np.cumsum(edges[:-1], dtype=np.int8).astype(bool)
+
+
+def _ordered(src: npt.NDArray[np.int64], lens: npt.NDArray[np.int64]) -> bool:
+    """Runs that are non-empty, in increasing order and do not overlap."""
+    return bool(np.all(lens > 0)) and bool(np.all(src[1:] >= src[:-1] + lens[:-1]))
+
+
 def _regular(values: npt.NDArray[np.int64]) -> int | None:
     """The common step of an arithmetic sequence (0 for one value), else None."""
     if values.shape[0] < 2:
@@ -133,14 +148,17 @@ def _regular(values: npt.NDArray[np.int64]) -> int | None:
 
 
 def copy_runs(out: npt.NDArray[np.uint8], dst: npt.NDArray[np.int64], data: npt.NDArray[np.uint8],
-              src: npt.NDArray[np.int64], lens: npt.NDArray[np.int64]) -> None:  # fmt: skip
+              src: npt.NDArray[np.int64], lens: npt.NDArray[np.int64], *,
+              dst_step: int | None = None) -> None:  # fmt: skip
     """``out[dst[i]:][:lens[i]] = data[src[i]:][:lens[i]]`` for every ``i``, in as few numpy calls as
-    the batch allows (see the module docstring)."""
+    the batch allows (see the module docstring). ``dst_step``: the caller knows ``dst`` is regular."""
     n = lens.shape[0]
     if n == 0:
         return
     first = int(lens[0])
-    src_step, dst_step = _regular(src), _regular(dst)
+    src_step = _regular(src)
+    if dst_step is None:
+        dst_step = _regular(dst)
     if src_step is not None and dst_step is not None and src_step >= 0 and bool(np.all(lens == first)):
         # One size at fixed strides (a template repeats with source step 0): two strided views.
         s0, d0 = int(src[0]), int(dst[0])
@@ -150,16 +168,23 @@ def copy_runs(out: npt.NDArray[np.uint8], dst: npt.NDArray[np.int64], data: npt.
     elif int(lens.sum()) >= GATHER_SLICE_MIN * n:
         for s, d, k in zip(src.tolist(), dst.tolist(), lens.tolist(), strict=True):
             out[d : d + k] = data[s : s + k]
+    elif _ordered(src, lens) and _ordered(dst, lens):
+        # Short frames of several sizes: select the bytes of all runs at once with boolean masks over
+        # the spans they cover; measured five times faster than a per-byte index for 64 B frames.
+        s_lo, s_hi = int(src[0]), int(src[-1] + lens[-1])
+        d_lo, d_hi = int(dst[0]), int(dst[-1] + lens[-1])
+        picked = data[s_lo:s_hi][_runs_mask(s_hi - s_lo, src - s_lo, lens)]
+        out[d_lo:d_hi][_runs_mask(d_hi - d_lo, dst - d_lo, lens)] = picked
     else:
         src_idx, dst_idx = _expand(src, dst, lens)
         out[dst_idx] = data[src_idx]
 
 
-def _scatter_words(out: npt.NDArray[np.uint8], at: npt.NDArray[np.int64],
-                   words: npt.NDArray[np.uint32]) -> None:  # fmt: skip
-    """Write row ``i`` of ``words`` (little-endian uint32s) at byte ``at[i]`` of ``out``."""
+def _scatter_words(out: npt.NDArray[np.uint8], at: npt.NDArray[np.int64], words: npt.NDArray[np.uint32],
+                   step: int | None) -> None:  # fmt: skip
+    """Write row ``i`` of ``words`` (little-endian uint32s) at byte ``at[i]`` of ``out``; ``step``,
+    when not None, is the one distance between successive ``at``."""
     raw = words.astype("<u4", copy=False).view(np.uint8).reshape(words.shape[0], -1)
-    step = _regular(at)
     if step is not None and step >= raw.shape[1]:
         # Records of one size: the rows are one strided view, a single copy.
         as_strided(out[int(at[0]) :], shape=raw.shape, strides=(step, 1))[...] = raw
@@ -171,6 +196,13 @@ def _scatter_words(out: npt.NDArray[np.uint8], at: npt.NDArray[np.int64],
             out32[base + k] = words[:, k]
     else:
         out[at[:, None] + np.arange(raw.shape[1], dtype=np.int64)[None, :]] = raw
+
+
+def _record_step(size: npt.NDArray[np.int64]) -> int | None:
+    """The distance between successive records when they all have one size (then every field of
+    theirs sits at a fixed stride), else None."""
+    first = int(size[0]) if size.shape[0] else 0
+    return first if size.shape[0] and bool(np.all(size == first)) else None
 
 
 def _check(data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64],
@@ -205,8 +237,10 @@ def pcap_records(
     words[:, 1] = frac
     words[:, 2] = caplen
     words[:, 3] = lengths
-    _scatter_words(out, starts, words)
-    copy_runs(out, starts + PCAP_RECORD_HEAD, data, offsets.astype(np.int64, copy=False), caplen)
+    step = _record_step(size)
+    _scatter_words(out, starts, words, step)
+    copy_runs(out, starts + PCAP_RECORD_HEAD, data, offsets.astype(np.int64, copy=False), caplen,
+              dst_step=step)  # fmt: skip
     return Records(data=out, ends=ends, truncated=int(np.count_nonzero(caplen < lengths)))
 
 
@@ -238,14 +272,15 @@ def pcapng_records(
     head[:, 4] = units & 0xFFFFFFFF
     head[:, 5] = caplen
     head[:, 6] = lengths
-    _scatter_words(out, starts, head)
+    step = _record_step(size)
+    _scatter_words(out, starts, head, step)
     tail = np.empty((n, 4), dtype=np.uint32)
     tail[:, 0] = OPT_EPB_FLAGS | (4 << 16)  # code 2, length 4 (two little-endian u16s in one word)
     tail[:, 1] = int(direction)
     tail[:, 2] = OPT_ENDOFOPT
     tail[:, 3] = size
-    _scatter_words(out, ends - EPB_TAIL, tail)
-    copy_runs(out, starts + EPB_HEAD, data, offsets.astype(np.int64, copy=False), caplen)
+    _scatter_words(out, ends - EPB_TAIL, tail, step)
+    copy_runs(out, starts + EPB_HEAD, data, offsets.astype(np.int64, copy=False), caplen, dst_step=step)
     return Records(data=out, ends=ends, truncated=int(np.count_nonzero(caplen < lengths)))
 
 
