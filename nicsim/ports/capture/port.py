@@ -10,8 +10,9 @@ Directions are the guest's: a frame the guest transmits is *outbound*, a frame f
 *inbound*, as ``tcpdump`` on the guest's interface would mark them. A TX frame is captured when the
 device hands it to the port; an RX frame when the device accepts it from the port (delivered, or
 queued in the RX backlog for delivery); frames the device refuses (dropped and counted by the device)
-are not captured. A port that passes virtio-net headers (the tap) has the header stripped: the file
-holds Ethernet frames.
+are not captured, while a queued frame the device drops later because its queue stopped (counted as
+``queue_stopped``) is. All frames of one batch share one timestamp, taken when it is written. A port
+that passes virtio-net headers (the tap) has the header stripped: the file holds Ethernet frames.
 
 Pull-style ports (those that override ``poll_rx``, such as the generator and the tap) are wrapped by a
 subclass that overrides it too, because the pump tells the two kinds apart by that override.
