@@ -17,7 +17,6 @@ from nicsim.ports import frames as fr
 from nicsim.ports.capture import CaptureConfig, CaptureWriter, CapturingPort, Direction, Format, capturing
 from nicsim.ports.capture.port import CapturingPullPort
 from nicsim.server import Server
-from nicsim.server.pump import _pull_style
 from nicsim.virtio.device import VirtioNetDevice
 from nicsim.virtio.features import VIRTIO_F_VERSION_1
 from nicsim.virtio.policy import NotifyPolicy
@@ -127,8 +126,9 @@ def test_a_generator_stays_pull_style_and_its_frames_are_captured(tmp_path: Path
     with CaptureWriter(CaptureConfig(path=path, snaplen=40)) as w:
         gen = GeneratorPort(GeneratorConfig(size=200, count=10))
         port = capturing(gen, w, w.add_interface("guest0"))
-        assert isinstance(port, CapturingPullPort) and _pull_style(port)
-        assert not _pull_style(capturing(SinkPort(), w, w.add_interface("other")))
+        # The pump's test for a pull-style port: it overrides poll_rx.
+        assert isinstance(port, CapturingPullPort) and type(port).poll_rx is not Port.poll_rx
+        assert type(capturing(SinkPort(), w, w.add_interface("other"))).poll_rx is Port.poll_rx
         rx, _, dev = wired(port)
         for _ in range(3):
             dev.poll_rx(0, now=0.0)
@@ -164,23 +164,32 @@ async def run_server(tmp_path: Path, make_port: Callable[[], Port], w: CaptureWr
     return server
 
 
+async def pings(sock: Path, requests: list[bytes]) -> list[tuple[bytes, int]]:
+    """One guest connection: each request, then its reply; what the capture should hold."""
+    fe = await VhostUserFrontend.connect(sock)
+    try:
+        await fe.handshake()
+        await fe.start()
+        fe.post_rx(16)
+        expect: list[tuple[bytes, int]] = []
+        for request in requests:
+            fe.transmit([request])
+            await fe.wait_used(1, 1)
+            (reply,) = await fe.wait_used(0, 1)
+            expect += [(request, OUT), ((reply.data or b"")[12:], IN)]
+        return expect
+    finally:
+        await fe.close()
+
+
 async def test_ping_over_vhost_user_captures_exactly_requests_and_replies_in_order(tmp_path: Path) -> None:
     path = tmp_path / "cap.pcapng"
     with CaptureWriter(CaptureConfig(path=path)) as w:
         server = await run_server(tmp_path, ResponderPort, w)
-        fe = await VhostUserFrontend.connect(tmp_path / "nicsim.sock")
         try:
-            await fe.handshake()
-            await fe.start()
-            fe.post_rx(16)
-            expect: list[tuple[bytes, int]] = []
-            for request in (arp_request(), *(ping(seq) for seq in range(1, 6))):
-                fe.transmit([request])
-                await fe.wait_used(1, 1)
-                (reply,) = await fe.wait_used(0, 1)
-                expect += [(request, OUT), ((reply.data or b"")[12:], IN)]
+            requests = [arp_request(), *(ping(seq) for seq in range(1, 6))]
+            expect = await pings(tmp_path / "nicsim.sock", requests)
         finally:
-            await fe.close()
             await server.close()
     captured = read_capture(path)
     assert [(c.data, c.direction) for c in captured] == expect
@@ -216,3 +225,17 @@ async def test_a_burst_through_reflect_over_vhost_user_is_captured_whole(tmp_pat
     inbound = [c for c in captured if c[:6] == GUEST_MAC]
     assert outbound == sent and inbound == got
     assert len(tcpdump(path)[1]) == 400
+
+
+async def test_the_next_guest_on_a_socket_writes_on_in_the_same_file(tmp_path: Path) -> None:
+    path = tmp_path / "cap.pcapng"
+    with CaptureWriter(CaptureConfig(path=path)) as w:
+        server = await run_server(tmp_path, ResponderPort, w)
+        try:
+            first = await pings(tmp_path / "nicsim.sock", [ping(1)])
+            await asyncio.wait_for(server.endpoints[0].wait_idle(), 10)  # the first device is gone
+            second = await pings(tmp_path / "nicsim.sock", [ping(2), ping(3)])
+        finally:
+            await server.close()
+        assert w.interfaces == ("nicsim.sock",)
+    assert [(c.data, c.direction) for c in read_capture(path)] == first + second

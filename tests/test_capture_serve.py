@@ -153,6 +153,26 @@ async def test_a_size_limit_rotates_the_files_serve_writes(tmp_path: Path) -> No
     assert "rotations" in served.stderr
 
 
+async def test_generator_frames_reach_the_guest_and_the_capture_through_the_pump(tmp_path: Path) -> None:
+    sock, cap = tmp_path / "nicsim.sock", tmp_path / "cap.pcapng"
+    args = ["--port", "generator,size=100,count=300", "--pcap", str(cap)]
+    async with serve(tmp_path, [sock], *args) as served:
+        fe = await VhostUserFrontend.connect(sock)
+        try:
+            await fe.handshake()
+            await fe.start()
+            got: list[bytes] = []
+            while len(got) < 300:
+                fe.post_rx(100)
+                got += [(c.data or b"")[12:] for c in await fe.wait_used(0, 100)]
+        finally:
+            await fe.close()
+    assert served.proc.returncode == 0, served.stderr
+    captured = read_capture(cap)
+    assert len(set(got)) == 1 and len(got[0]) == 100
+    assert [(c.data, c.direction) for c in captured] == [(got[0], 1)] * 300
+
+
 def nicsim(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "nicsim", *argv], capture_output=True, text=True, timeout=60,
                           cwd=ROOT)  # fmt: skip
