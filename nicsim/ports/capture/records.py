@@ -159,9 +159,15 @@ def copy_runs(out: npt.NDArray[np.uint8], dst: npt.NDArray[np.int64], data: npt.
     src_step = _regular(src)
     if dst_step is None:
         dst_step = _regular(dst)
-    if src_step is not None and dst_step is not None and src_step >= 0 and bool(np.all(lens == first)):
+    s0, d0 = int(src[0]), int(dst[0])
+    if (
+        src_step is not None and dst_step is not None and src_step >= 0 and (n == 1 or dst_step >= first)
+        and bool(np.all(lens == first))
+        # as_strided checks no bounds: the views must end inside their buffers.
+        and s0 + (n - 1) * src_step + first <= data.shape[0]
+        and d0 + (n - 1) * dst_step + first <= out.shape[0]
+    ):  # fmt: skip
         # One size at fixed strides (a template repeats with source step 0): two strided views.
-        s0, d0 = int(src[0]), int(dst[0])
         src_view = as_strided(data[s0:], shape=(n, first), strides=(src_step, 1), writeable=False)
         dst_view = as_strided(out[d0:], shape=(n, first), strides=(dst_step, 1))
         dst_view[...] = src_view
@@ -185,7 +191,8 @@ def _scatter_words(out: npt.NDArray[np.uint8], at: npt.NDArray[np.int64], words:
     """Write row ``i`` of ``words`` (little-endian uint32s) at byte ``at[i]`` of ``out``; ``step``,
     when not None, is the one distance between successive ``at``."""
     raw = words.astype("<u4", copy=False).view(np.uint8).reshape(words.shape[0], -1)
-    if step is not None and step >= raw.shape[1]:
+    n, width = raw.shape
+    if step is not None and step >= width and int(at[0]) + (n - 1) * step + width <= out.shape[0]:
         # Records of one size: the rows are one strided view, a single copy.
         as_strided(out[int(at[0]) :], shape=raw.shape, strides=(step, 1))[...] = raw
     elif out.shape[0] % 4 == 0 and not bool(np.any(at & 3)):
