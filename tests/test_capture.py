@@ -3,6 +3,7 @@ interfaces, timestamps, rotation under a size limit, and failures (an unwritable
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import signal
@@ -22,7 +23,7 @@ from nicsim.ports.capture import (
     Format,
     rotated_name,
 )
-from nicsim.ports.capture.records import Scratch, copy_runs, pcapng_records
+from nicsim.ports.capture.records import Scratch, copy_runs, pcap_records, pcapng_records
 from nicsim.ports.frames import ip_bytes, mac_bytes, udp_frame
 from tests.pcap_read import read_capture, tcpdump
 
@@ -283,3 +284,16 @@ def test_pcapng_padding_is_zero_even_in_a_reused_buffer() -> None:
         assert raw[at + size - 4 : at + size] == size.to_bytes(4, "little")
         at += size
     assert at == len(raw)
+
+
+@pytest.mark.parametrize("fmt", list(Format))
+@pytest.mark.parametrize("snaplen", [MAX_SNAPLEN, 61])
+def test_a_batch_of_one_is_built_byte_for_byte_as_in_a_bigger_batch(fmt: Format, snaplen: int) -> None:
+    frames = [frame(0, 60), frame(1, 61), frame(2, 62), frame(3, 63), frame(4, 1514)]
+    build = pcap_records if fmt is Format.PCAP else functools.partial(
+        pcapng_records, interface=3, direction=Direction.INBOUND)  # fmt: skip
+    whole = build(*batch(frames, gap=12), snaplen=snaplen, ts_ns=T0, nanosecond=True)
+    ones = [build(*batch([f], gap=12), snaplen=snaplen, ts_ns=T0, nanosecond=True) for f in frames]
+    assert b"".join(one.data.tobytes() for one in ones) == whole.data.tobytes()
+    assert [int(one.ends[0]) for one in ones] == np.diff(whole.ends, prepend=0).tolist()
+    assert sum(one.truncated for one in ones) == whole.truncated == (3 if snaplen == 61 else 0)
