@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from nicsim.cli.capture import Captures, add_capture_arguments, config_from_args
 from nicsim.ports import PORTS, GeneratorConfig, GeneratorPort, Port, ResponderConfig, ResponderPort
 from nicsim.ports.sink import SinkConfig, SinkPort
 from nicsim.ports.tap import TapConfig, TapPort
@@ -51,6 +53,7 @@ ports:
 examples:
   nicsim serve --socket /tmp/nicsim.sock
   nicsim serve --socket /tmp/a.sock --socket /tmp/b.sock --port generator,size=1500 --stats-file s.json
+  nicsim serve --socket /tmp/nicsim.sock --pcap nicsim.pcapng; tcpdump -r nicsim.pcapng -nn -e
   ip netns add lab; ip -n lab tuntap add dev tap0 mode tap; ip -n lab addr add 10.0.2.2/24 dev tap0
   ip -n lab link set tap0 up; nicsim serve --socket /tmp/nicsim.sock --port tap,netns=lab,ifname=tap0
 
@@ -116,6 +119,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "on the generator (without it, SIGUSR1 only releases hold=on); nicsim bench --ndr's trials",
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no periodic stats lines, warnings only")
+    add_capture_arguments(parser)
     add_policy_arguments(parser)
     return parser
 
@@ -199,11 +203,16 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
     parse_port(args.port).close()  # refuse a bad --port before listening
 
     generators: list[GeneratorPort] = []
+    # Opened before listening, so an unwritable capture file stops serve before any guest connects.
+    captures = Captures(args, list(args.socket)) if args.pcap is not None else None
 
-    def make_device() -> VirtioNetDevice:
+    def make_device(socket: Path | None = None) -> VirtioNetDevice:
         port = parse_port(args.port)
         if isinstance(port, GeneratorPort):
             generators.append(port)
+        if captures is not None:
+            assert socket is not None, "each endpoint's factory is given its socket below"
+            port = captures.wrap(port, socket)
         return VirtioNetDevice(port=port, pool=PacketPool(args.pool_size, name="virtio-net"), policy=policy)
 
     def start_generators() -> None:
@@ -230,6 +239,8 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
     loop.add_signal_handler(signal.SIGUSR1, start_generators)
     server = Server(args.socket, make_device, client=args.client, max_queue_size=args.queue_size,
                     config_space=args.config_space)  # fmt: skip
+    for ep in server.endpoints:  # each socket's devices know their socket: its capture interface
+        ep.make_device = functools.partial(make_device, ep.path)
     try:
         await server.start()
         where = ", ".join(str(p) for p in args.socket)
@@ -238,7 +249,7 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), args.stats_interval)
-            snap = server.snapshot()
+            snap = _snapshot(server, captures)
             if args.stats_file is not None:
                 write_json_atomic(args.stats_file, snap)
             if not args.quiet and not stop.is_set():
@@ -249,11 +260,22 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
         await server.close()
+        if captures is not None:
+            captures.close()
         if args.stats_file is not None:
-            write_json_atomic(args.stats_file, server.snapshot())
+            write_json_atomic(args.stats_file, _snapshot(server, captures))
     if not args.quiet:
+        if captures is not None:
+            print(f"nicsim serve: capture: {captures.summary()}", file=sys.stderr, flush=True)
         print("nicsim serve: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _snapshot(server: Server, captures: Captures | None) -> dict[str, Any]:
+    snap = server.snapshot()
+    if captures is not None:
+        snap["capture"] = captures.stats()
+    return snap
 
 
 DEFAULT_LOG_LEVEL = logging.INFO  # connections and disconnections are what a person watches for
@@ -268,6 +290,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         policy = policy_from_args(args)
         parse_port(args.port).close()
+        if args.pcap is not None:
+            config_from_args(args, args.pcap)
     except ValueError as err:
         print(f"nicsim serve: {err}", file=sys.stderr)
         return 2
