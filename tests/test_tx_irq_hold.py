@@ -167,3 +167,21 @@ async def test_without_the_window_every_request_kicks(tmp_path: Path) -> None:
         fe.post_rx(4)
         kicked = await _exchange(fe, 6)
         assert all(kicked)
+
+
+async def test_after_polling_a_request_stream_the_ring_sleeps_wanting_the_next_kick_at_once(
+    tmp_path: Path,
+) -> None:
+    """Polling served many requests one by one; the sleep after it must not ask for a batch of kicks
+    (the guest would then wait ``batch_wait_us`` for its next reply)."""
+    async with rig(tmp_path, ReflectPort, rr_poll_us=50e3, tx_irq_wait_us=0, flow_batch=8) as (fe, sess):
+        fe.post_rx(4)
+        await _exchange(fe, 12)  # more requests than flow_batch within one polling stretch
+        pump = tx_pump(sess)
+        assert pump.busy  # still polling for the next request
+        slept = pump.counters["sleeps"]
+        async with asyncio.timeout(5):
+            while pump.counters["sleeps"] == slept:  # the window passes with no request: it sleeps
+                await asyncio.sleep(0.01)
+        assert pump.counters["batch_sleeps"] == 0
+        assert await _exchange(fe, 1) == [True]  # the ring asks for the very next request's kick

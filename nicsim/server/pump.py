@@ -144,6 +144,11 @@ class RingPump:
             _close(getattr(self, name))
             setattr(self, name, None)
 
+    @property
+    def busy(self) -> bool:
+        """Rounds are scheduled (kicks suppressed, polling included); False: asleep on the kick."""
+        return self._busy
+
     def snapshot(self) -> dict[str, int]:
         return dict(self.counters)
 
@@ -293,9 +298,9 @@ class RingPump:
         if action is not PollAction.REARM:
             self._handle = self.loop.call_soon(self._round)
             return
-        self._rearm(res)
+        self._rearm(res, rr=rr)
 
-    def _rearm(self, res: QueueResult) -> None:
+    def _rearm(self, res: QueueResult, *, rr: bool = False) -> None:
         if not self._tx and not self._rx_has_work():
             # Nothing to deliver: posted buffers are not work. Sleep until the port wakes us
             # (on_wakeup) or the guest kicks.
@@ -303,7 +308,9 @@ class RingPump:
             return
         q = self.device.queue(self.index)
         batch = 0
-        if q is not None and (self._tx or _pull_style(self.device.port)):
+        # Request/response traffic wants its next request served at once, however many requests the
+        # polling before this sleep served one by one: no batch (its 1 ms wait would be the RTT).
+        if q is not None and not rr and (self._tx or _pull_style(self.device.port)):
             batch = self.device.policy.kick_target(queue_size=q.size, moved=self._moved, tx=self._tx)
         self._sleep(batch, idle_rx=False, starved=not self._tx and not res.processed)
 

@@ -424,9 +424,14 @@ class RxPath:
             if pull:
                 budget = min(st.q.avail_pending(mem), qs.policy.rx_batch) if not len(bl) else 0
                 produced = self._port.poll_rx(pair, budget, now) if budget else 0
+                if produced and len(bl):
+                    # A port that pushes what it reads (the tap): deliver it in this round, not the next.
+                    self._flush_backlog(rxq, st, mem)
                 # More only if buffers are still posted after a round that produced (the batch limit
-                # cut it short); a round that filled every posted buffer is done, not one round early.
-                more = (produced > 0 or len(bl) > 0) and st.q.avail_pending(mem) > 0
+                # cut it short) and the port may have more (a drained tap says so: ``finished``); a
+                # round that filled every posted buffer is done, not one round early.
+                drained = bool(getattr(self._port, "finished", False))
+                more = (len(bl) > 0 or (produced > 0 and not drained)) and st.q.avail_pending(mem) > 0
                 blocked = budget > 0 and produced == 0 and self._pool.available == 0
             else:
                 more = len(bl) > 0 and self.rx_space(pair) > 0
