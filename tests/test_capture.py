@@ -4,11 +4,13 @@ interfaces, timestamps, rotation under a size limit, and failures (an unwritable
 from __future__ import annotations
 
 import functools
+import json
 import os
 import resource
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -200,32 +202,50 @@ def test_bad_options_say_which(tmp_path: Path, kwargs: dict[str, int], message: 
         CaptureConfig(path=tmp_path / "x", **kwargs)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def file_size_limit() -> Iterator[int]:
-    """A process file-size limit (writes past it fail with EFBIG instead of raising SIGXFSZ)."""
-    limit = 2000
-    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    old = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old[1]))
-    try:
-        yield limit
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, old)
-        signal.signal(signal.SIGXFSZ, old_handler)
+def _with_file_size_limit(limit: int, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``fn()`` in a forked child under a file-size limit (writes past it fail with EFBIG instead of
+    raising SIGXFSZ). A child, because the limit is per process and would also fail the test runner's
+    own output when that is a file; the result comes back through a pipe, which has no such limit."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest, never write to a file-backed stdout
+        os.close(r)
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+            out = json.dumps(fn(), default=str)
+        except BaseException as err:  # handed to the parent
+            out = json.dumps({"child_error": repr(err)})
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    result: dict[str, Any] = json.loads(b"".join(chunks))
+    assert "child_error" not in result, result
+    return result
 
 
-def test_a_failed_write_stops_capture_and_counts_the_rest(tmp_path: Path, file_size_limit: int) -> None:
+def test_a_failed_write_stops_capture_and_counts_the_rest(tmp_path: Path) -> None:
     path = tmp_path / "cap.pcap"
-    with writer(path, format=Format.PCAP) as w:
-        w.add_interface("guest0")
-        w.write(0, Direction.OUTBOUND, *batch([frame(0, 1000)]))
-        w.write(0, Direction.OUTBOUND, *batch([frame(1, 1000), frame(2, 1000)]))  # past the limit
-        w.write(0, Direction.OUTBOUND, *batch([frame(3, 60)]))  # capture has stopped
-        stats = w.stats()
+    limit = 2000
+
+    def capture_past_the_limit() -> dict[str, Any]:
+        with writer(path, format=Format.PCAP) as w:
+            w.add_interface("guest0")
+            w.write(0, Direction.OUTBOUND, *batch([frame(0, 1000)]))
+            w.write(0, Direction.OUTBOUND, *batch([frame(1, 1000), frame(2, 1000)]))  # past the limit
+            w.write(0, Direction.OUTBOUND, *batch([frame(3, 60)]))  # capture has stopped
+            return dict(w.stats())
+
+    stats = _with_file_size_limit(limit, capture_past_the_limit)
     assert "File too large" in stats["error"]
     assert stats["not_written"] == 3
     assert stats["frames"] == 1
-    assert os.path.getsize(path) <= file_size_limit
+    assert os.path.getsize(path) <= limit
     assert [number(g.data) for g in read_capture(path)] == [0]  # the half-written record was cut off
     assert len(tcpdump(path)[1]) == 1
 
