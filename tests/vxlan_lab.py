@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from qemu.testvm import Netns
 
-VNI = 4242 % 4096 + 42  # any 24-bit value; not 1, so that a default could not pass by luck
+VNI = 4242  # any 24-bit value: not 0 or 1, so that a default could not pass by luck
 UNDERLAY_A, UNDERLAY_B = "10.99.0.1", "10.99.0.2"
 OVERLAY_B, OVERLAY_GUEST = "192.168.77.2", "192.168.77.1"
 
