@@ -24,7 +24,10 @@ socket with ``loop.add_reader`` and wakes the device when it is readable; the so
 the backlog. A datagram is accepted only from the configured ``remote`` IP (any source port: Linux hashes
 it), with a valid header (see :func:`nicsim.ports.vxlan_wire.check`) and the configured VNI; anything else
 is dropped and counted by reason (``rx_foreign_source``, ``rx_runt``, ``rx_bad_flags``,
-``rx_bad_reserved``, ``rx_wrong_vni``). There is no learning of remote VTEPs: one port, one remote.
+``rx_bad_reserved``, ``rx_wrong_vni``). Datagrams the kernel dropped because the socket's receive queue
+was full (the guest posted no buffers for a while) are counted too, as ``rx_socket_overflow``: read from
+the socket's ``sk_drops`` (``SO_MEMINFO``) when stats are taken, so the hot path pays nothing for it.
+There is no learning of remote VTEPs: one port, one remote.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import asyncio
 import errno
 import ipaddress
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +53,8 @@ RX_BURST_BYTES = 256 * 1024  # stop one poll after this much, so other rings get
 RX_BURST_READS = 1024  # ... or after this many reads, dropped ones included: junk cannot hold the loop
 IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+SO_MEMINFO = 55         # <asm-generic/socket.h>: the socket's memory counters, sk_drops among them
+SK_MEMINFO_DROPS = 8    # <linux/sock_diag.h>: index of sk_drops in SO_MEMINFO's u32 array
 
 
 class VxlanError(LocalError, OSError):
@@ -132,6 +138,7 @@ class VxlanPort(Port):
         self._rxview = self._rxbuf.data  # recvfrom_into's target, made once
         self.counters: dict[str, int] = {"tx_frames": 0, "tx_bytes": 0, "rx_frames": 0, "rx_bytes": 0}
         self.drops: dict[str, int] = {}
+        self._closed_socket_drops = 0
 
     def start_io(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -230,11 +237,25 @@ class VxlanPort(Port):
     def close(self) -> None:
         self._unwatch()
         if self._sock is not None:
+            self._closed_socket_drops = self._socket_drops()  # keep the count the stats showed
             self._sock.close()
             self._sock = None
         super().close()
 
+    def _socket_drops(self) -> int:
+        """Datagrams the kernel dropped before we read them (a full receive queue): ``sk_drops``."""
+        if self._sock is None:
+            return self._closed_socket_drops
+        try:
+            info = self._sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * (SK_MEMINFO_DROPS + 1))
+        except OSError:  # a kernel without SO_MEMINFO (before 4.6): not counted
+            return 0
+        return int(struct.unpack_from("=I", info, 4 * SK_MEMINFO_DROPS)[0])
+
     def stats(self) -> dict[str, Any]:
         c = self.config
-        return {**self.counters, "drops": dict(self.drops), "remote": c.remote, "local": c.local,
+        drops = dict(self.drops)
+        if overflow := self._socket_drops():
+            drops["rx_socket_overflow"] = overflow
+        return {**self.counters, "drops": drops, "remote": c.remote, "local": c.local,
                 "port": c.port, "vni": c.vni, "netns": c.netns}  # fmt: skip
