@@ -18,6 +18,7 @@ purpose, or one of its two branches to tell whose fault it was.
         ├── DeviceStateError       a device call in the wrong state                 (nicsim.virtio.device)
         ├── SocketPathError        a socket path in use (also a FileExistsError)    (nicsim.server.endpoint)
         ├── TapError               a TAP that cannot be opened (also an OSError)    (nicsim.ports.tap)
+        ├── VxlanError             a tunnel socket that cannot be bound (OSError)   (nicsim.ports.vxlan)
         ├── CaptureError           a capture file that cannot be written (OSError)  (nicsim.ports.capture)
         └── BenchError             a benchmark run that cannot go on                (nicsim.bench.backend)
 

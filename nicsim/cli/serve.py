@@ -27,6 +27,7 @@ from nicsim.cli.capture import Captures, add_capture_arguments, config_from_args
 from nicsim.ports import PORTS, GeneratorConfig, GeneratorPort, Port, ResponderConfig, ResponderPort
 from nicsim.ports.sink import SinkConfig, SinkPort
 from nicsim.ports.tap import TapConfig, TapPort
+from nicsim.ports.vxlan import VxlanConfig, VxlanPort
 from nicsim.server import DEFAULT_MAX_QUEUE_SIZE, Server
 from nicsim.virtio.device import VirtioNetDevice
 from nicsim.virtio.policy import NotifyPolicy, add_policy_arguments, policy_from_args
@@ -49,6 +50,12 @@ ports:
               (default tap0: attached if it exists, else created for the session), offload=on|off
               (default on: offer CSUM/GUEST_CSUM/HOST_TSO4/6/GUEST_TSO4/6 when the kernel can honour
               them; the virtio-net header goes through to the kernel with IFF_VNET_HDR)
+  vxlan       tunnels the guest's frames to a remote VXLAN endpoint (RFC 7348, UDP; Linux's `vxlan`
+              device interoperates); keys: remote= (required: the other end's IPv4 address), vni=
+              (required, 0..16777215), local= (address to bind, default any), port= (UDP port listened
+              on and sent to, default 4789; the source port is that same port), netns= (open the socket
+              in that namespace); inner MTU is the underlay's minus 50 (1450 over 1500): larger frames
+              are dropped (tx_too_big), never fragmented
 
 examples:
   nicsim serve --socket /tmp/nicsim.sock
@@ -56,6 +63,7 @@ examples:
   nicsim serve --socket /tmp/nicsim.sock --pcap nicsim.pcapng; tcpdump -r nicsim.pcapng -nn -e
   ip netns add lab; ip -n lab tuntap add dev tap0 mode tap; ip -n lab addr add 10.0.2.2/24 dev tap0
   ip -n lab link set tap0 up; nicsim serve --socket /tmp/nicsim.sock --port tap,netns=lab,ifname=tap0
+  nicsim serve --socket /tmp/nicsim.sock --port vxlan,remote=192.0.2.2,vni=42
 
   then start QEMU (under TCG add vectors=0: QEMU 7.2 crashes with vhost-user and MSI-X there):
     qemu-system-x86_64 -accel tcg -m 256 \\
@@ -126,6 +134,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 _CONFIGS: dict[str, type[Any]] = {
     "generator": GeneratorConfig, "responder": ResponderConfig, "tap": TapConfig, "sink": SinkConfig,
+    "vxlan": VxlanConfig,
 }  # fmt: skip
 _BOOLS = {"on": True, "off": False, "1": True, "0": False, "yes": True, "no": False}
 
@@ -173,6 +182,8 @@ def parse_port(spec: str) -> Port:
         return SinkPort(SinkConfig(**kwargs))
     if name == "tap":
         return TapPort(TapConfig(**kwargs))  # opens the TAP: TapError (an OSError) says why not
+    if name == "vxlan":
+        return VxlanPort(VxlanConfig(**kwargs))  # binds the socket: VxlanError (an OSError) says why not
     return PORTS[name]()
 
 

@@ -1,7 +1,8 @@
 """The ports a nicsim device can be wired to, behind the one interface in :mod:`nicsim.ports.base`.
 
 ``make_port(name)`` builds a built-in port by name (``responder``, the default; ``sink``; ``generator``;
-``reflect``; ``tap`` needs a :class:`TapConfig` and is built by ``nicsim serve --port tap,...``).
+``reflect``; ``tap`` needs a :class:`TapConfig` and is built by ``nicsim serve --port tap,...``; ``vxlan``
+needs a :class:`VxlanConfig`, ``nicsim serve --port vxlan,...``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from nicsim.ports.reflect import ReflectPort
 from nicsim.ports.responder import ResponderConfig, ResponderPort
 from nicsim.ports.sink import SinkPort
 from nicsim.ports.tap import TapConfig, TapError, TapPort
+from nicsim.ports.vxlan import VxlanConfig, VxlanError, VxlanPort
 
 PORTS: dict[str, type[Port]] = {
     "responder": ResponderPort,
@@ -19,12 +21,15 @@ PORTS: dict[str, type[Port]] = {
     "generator": GeneratorPort,
     "reflect": ReflectPort,
     "tap": TapPort,
+    "vxlan": VxlanPort,
 }
 
 
 def make_port(name: str = "responder") -> Port:
     if name == "tap":
         raise ValueError("the tap port needs a namespace: TapPort(TapConfig(netns=..., ifname=...))")
+    if name == "vxlan":
+        raise ValueError("the vxlan port needs a remote: VxlanPort(VxlanConfig(remote=..., vni=...))")
     try:
         return PORTS[name]()
     except KeyError:
@@ -33,5 +38,6 @@ def make_port(name: str = "responder") -> Port:
 
 __all__ = [
     "PORTS", "GeneratorConfig", "GeneratorPort", "Port", "ReflectPort", "ResponderConfig",
-    "ResponderPort", "RxSink", "SinkPort", "TapConfig", "TapError", "TapPort", "TxFrames", "make_port",
+    "ResponderPort", "RxSink", "SinkPort", "TapConfig", "TapError", "TapPort", "TxFrames",
+    "VxlanConfig", "VxlanError", "VxlanPort", "make_port",
 ]
