@@ -75,6 +75,11 @@ MAX_READ = MAX_FRAME + HDR_LEN_V1 + 64  # a 64 KB GSO frame, its header, and sla
 RX_BURST_BYTES = 256 * 1024  # stop a poll after this much; the device's backlog holds more (8 x 64 KB)
 WRITE_TRIES = 3
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")
+
+
+def is_netns_name(name: str) -> bool:
+    """Whether ``name`` can be a namespace under /run/netns (a file name, not a path or . / ..)."""
+    return bool(_NAME_RE.match(name)) and name not in (".", "..")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 T = TypeVar("T")
@@ -102,7 +107,7 @@ class TapConfig:
     offload: bool = True
 
     def check(self) -> None:
-        if not self.netns or not _NAME_RE.match(self.netns) or self.netns in (".", ".."):
+        if not is_netns_name(self.netns):
             raise ValueError(f"tap: netns={self.netns!r}: the name of a network namespace is required")
         if not _IFNAME_RE.match(self.ifname):
             raise ValueError(f"tap: ifname={self.ifname!r} is not a Linux interface name (1-15 chars)")

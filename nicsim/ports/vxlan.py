@@ -45,7 +45,7 @@ import numpy.typing as npt
 
 from nicsim.errors import LocalError
 from nicsim.ports.base import Port, TxFrames
-from nicsim.ports.tap import _NAME_RE, NETNS_DIR, in_netns
+from nicsim.ports.tap import NETNS_DIR, in_netns, is_netns_name
 from nicsim.ports.vxlan_wire import VXLAN_HLEN, VXLAN_PORT, check, check_vni, header
 
 RX_BUF = 65536      # the largest UDP payload over IPv4 is 65507 bytes: a datagram is never truncated
@@ -93,7 +93,7 @@ class VxlanConfig:
         check_vni(self.vni)
         if not 1 <= self.port <= 65535:
             raise ValueError(f"vxlan: port={self.port} is not a UDP port")
-        if self.netns and (not _NAME_RE.match(self.netns) or self.netns in (".", "..")):
+        if self.netns and not is_netns_name(self.netns):
             raise ValueError(f"vxlan: netns={self.netns!r} is not the name of a network namespace")
 
 
