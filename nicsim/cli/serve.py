@@ -20,12 +20,14 @@ import os
 import signal
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from nicsim.cli.capture import Captures, add_capture_arguments, config_from_args
 from nicsim.ports import PORTS, GeneratorConfig, GeneratorPort, Port, ResponderConfig, ResponderPort
 from nicsim.ports.sink import SinkConfig, SinkPort
+from nicsim.ports.switch import DIRECTIONS, Switch
 from nicsim.ports.tap import TapConfig, TapPort
 from nicsim.ports.vxlan import VxlanConfig, VxlanPort
 from nicsim.server import DEFAULT_MAX_QUEUE_SIZE, Server
@@ -45,6 +47,11 @@ ports:
               offered load: frames due with no guest buffer are dropped and counted), hold=on (send
               nothing until SIGUSR1)
   reflect     sends every frame back to the guest
+  switch      joins the guests on all the sockets with a learning L2 switch (one port per socket, named
+              after it): it learns source MACs, floods broadcast and unknown unicast, ages entries out;
+              a guest without room for a frame never holds up the others (the frame is dropped and
+              counted on its port, reason no_rx_buffer); keys: ageing= (seconds, default 300),
+              max_entries= (default 4096). Impair a port's direction with --impair (below)
   tap         forwards to and from a TAP device inside a network namespace (traffic never touches the
               root namespace); keys: netns= (required: the namespace, `ip netns add NAME`), ifname=
               (default tap0: attached if it exists, else created for the session), offload=on|off
@@ -60,6 +67,8 @@ ports:
 examples:
   nicsim serve --socket /tmp/nicsim.sock
   nicsim serve --socket /tmp/a.sock --socket /tmp/b.sock --port generator,size=1500 --stats-file s.json
+  nicsim serve --socket /tmp/a.sock --socket /tmp/b.sock --socket /tmp/c.sock --port switch \\
+      --impair 'a.sock:tx:loss=10% seed=1' --impair 'b.sock:rx:delay=20ms jitter=2ms'
   nicsim serve --socket /tmp/nicsim.sock --pcap nicsim.pcapng; tcpdump -r nicsim.pcapng -nn -e
   ip netns add lab; ip -n lab tuntap add dev tap0 mode tap; ip -n lab addr add 10.0.2.2/24 dev tap0
   ip -n lab link set tap0 up; nicsim serve --socket /tmp/nicsim.sock --port tap,netns=lab,ifname=tap0
@@ -126,6 +135,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help='on SIGUSR1, read {"rate_pps": R, "count": N} from FILE and start a burst of N frames at R '
         "on the generator (without it, SIGUSR1 only releases hold=on); nicsim bench --ndr's trials",
     )  # fmt: skip
+    parser.add_argument(
+        "--impair", action="append", default=[], metavar="SOCKET:DIR:SPEC",
+        help="with --port switch: impair one direction of the port on SOCKET (its path or file name); "
+        "DIR is tx (what that guest sends into the switch), rx (what the switch sends it) or both; "
+        "SPEC is netem's words, space-separated: loss=10%% [burst model], delay=20ms jitter=2ms, "
+        "reorder=, duplicate=, corrupt=, rate=10mbit, limit=1000, seed=1 (same seed, same fate)",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no periodic stats lines, warnings only")
     add_capture_arguments(parser)
     add_policy_arguments(parser)
@@ -155,9 +171,43 @@ def _port_value(port: str, key: str, value: str, default: Any, known: str) -> An
         raise ValueError(f"port {port}: {key}={value!r} is not {what} (keys: {known})") from None
 
 
+_SWITCH_KEYS = {"ageing": float, "max_entries": int}
+
+
+def parse_switch(spec: str, impairs: Sequence[str] = (), sockets: Sequence[Path] = ()) -> Switch:
+    """The one :class:`Switch` of ``--port switch[,ageing=S,max_entries=N]``, its ports named after
+    ``sockets`` and impaired as ``impairs`` (``SOCKET:DIR:SPEC`` each) say; ValueError says what is wrong."""
+    _, *items = spec.split(",")
+    kwargs: dict[str, Any] = {}
+    known = ", ".join(_SWITCH_KEYS)
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in _SWITCH_KEYS:
+            raise ValueError(f"port switch: bad option {item!r} (known keys: {known})")
+        try:
+            kwargs[key] = _SWITCH_KEYS[key](value)
+        except ValueError:
+            raise ValueError(f"port switch: {key}={value!r} is not a number (keys: {known})") from None
+    switch = Switch(**kwargs)
+    for path in sockets:
+        switch.slot(str(path))  # ports numbered in --socket order
+    for text in impairs:
+        where, _, rest = text.partition(":")
+        direction, _, impairment = rest.partition(":")
+        matches = [p for p in sockets if where in (str(p), p.name)]
+        if len(matches) != 1:
+            raise ValueError(f"--impair {text!r}: {where!r} names {'no' if not matches else 'more than one'} "
+                             "--socket (give its path or file name, then :tx, :rx or :both, then :SPEC)")
+        for way in DIRECTIONS if direction == "both" else (direction,):
+            switch.impair(str(matches[0]), way, impairment)  # ValueError names the bad direction or key
+    return switch
+
+
 def parse_port(spec: str) -> Port:
     """Build a port from ``NAME[,key=value...]``; ValueError says what is wrong."""
     name, *items = spec.split(",")
+    if name == "switch":
+        return parse_switch(spec).port("check")
     if name not in PORTS:
         raise ValueError(f"unknown port {name!r}; built-in ports: {', '.join(PORTS)}")
     kwargs: dict[str, Any] = {}
@@ -214,11 +264,17 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
     parse_port(args.port).close()  # refuse a bad --port before listening
 
     generators: list[GeneratorPort] = []
+    # One switch for every socket: each connection's device gets its own port on it.
+    switch = parse_switch(args.port, args.impair, args.socket) if _is_switch(args.port) else None
     # Opened before listening, so an unwritable capture file stops serve before any guest connects.
     captures = Captures(args, list(args.socket)) if args.pcap is not None else None
 
     def make_device(socket: Path | None = None) -> VirtioNetDevice:
-        port = parse_port(args.port)
+        if switch is not None:
+            assert socket is not None, "each endpoint's factory is given its socket below"
+            port: Port = switch.port(str(socket))
+        else:
+            port = parse_port(args.port)
         if isinstance(port, GeneratorPort):
             generators.append(port)
         if captures is not None:
@@ -260,7 +316,7 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), args.stats_interval)
-            snap = _snapshot(server, captures)
+            snap = _snapshot(server, captures, switch)
             if args.stats_file is not None:
                 write_json_atomic(args.stats_file, snap)
             if not args.quiet and not stop.is_set():
@@ -271,10 +327,12 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
         await server.close()
+        if switch is not None:
+            switch.close()
         if captures is not None:
             captures.close()
         if args.stats_file is not None:
-            write_json_atomic(args.stats_file, _snapshot(server, captures))
+            write_json_atomic(args.stats_file, _snapshot(server, captures, switch))
     if not args.quiet:
         if captures is not None:
             print(f"nicsim serve: capture: {captures.summary()}", file=sys.stderr, flush=True)
@@ -282,11 +340,17 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
     return 0
 
 
-def _snapshot(server: Server, captures: Captures | None) -> dict[str, Any]:
+def _snapshot(server: Server, captures: Captures | None, switch: Switch | None) -> dict[str, Any]:
     snap = server.snapshot()
     if captures is not None:
         snap["capture"] = captures.stats()
+    if switch is not None:  # every port's counters, joined or not, and the forwarding table's
+        snap["switch"] = switch.stats()
     return snap
+
+
+def _is_switch(spec: str) -> bool:
+    return spec.split(",", 1)[0] == "switch"
 
 
 DEFAULT_LOG_LEVEL = logging.INFO  # connections and disconnections are what a person watches for
@@ -301,6 +365,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         policy = policy_from_args(args)
         parse_port(args.port).close()
+        if _is_switch(args.port):
+            parse_switch(args.port, args.impair, args.socket).close()
+        elif args.impair:
+            raise ValueError("--impair needs --port switch")
         if args.pcap is not None:
             config_from_args(args, args.pcap)
     except ValueError as err:

@@ -1,8 +1,9 @@
 """The ports a nicsim device can be wired to, behind the one interface in :mod:`nicsim.ports.base`.
 
 ``make_port(name)`` builds a built-in port by name (``responder``, the default; ``sink``; ``generator``;
-``reflect``; ``tap`` needs a :class:`TapConfig` and is built by ``nicsim serve --port tap,...``; ``vxlan``
-needs a :class:`VxlanConfig`, ``nicsim serve --port vxlan,...``).
+``reflect``; ``switch``, alone a switch of one port: ``nicsim serve`` joins one per socket; ``tap``
+needs a :class:`TapConfig` and is built by ``nicsim serve --port tap,...``; ``vxlan`` needs a
+:class:`VxlanConfig`, ``nicsim serve --port vxlan,...``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from nicsim.ports.generator import GeneratorConfig, GeneratorPort
 from nicsim.ports.reflect import ReflectPort
 from nicsim.ports.responder import ResponderConfig, ResponderPort
 from nicsim.ports.sink import SinkPort
+from nicsim.ports.switch import Switch, SwitchPort
 from nicsim.ports.tap import TapConfig, TapError, TapPort
 from nicsim.ports.vxlan import VxlanConfig, VxlanError, VxlanPort
 
@@ -22,6 +24,7 @@ PORTS: dict[str, type[Port]] = {
     "reflect": ReflectPort,
     "tap": TapPort,
     "vxlan": VxlanPort,
+    "switch": SwitchPort,
 }
 
 
@@ -38,6 +41,6 @@ def make_port(name: str = "responder") -> Port:
 
 __all__ = [
     "PORTS", "GeneratorConfig", "GeneratorPort", "Port", "ReflectPort", "ResponderConfig",
-    "ResponderPort", "RxSink", "SinkPort", "TapConfig", "TapError", "TapPort", "TxFrames",
-    "VxlanConfig", "VxlanError", "VxlanPort", "make_port",
+    "ResponderPort", "RxSink", "SinkPort", "Switch", "SwitchPort", "TapConfig", "TapError", "TapPort",
+    "TxFrames", "VxlanConfig", "VxlanError", "VxlanPort", "make_port",
 ]

@@ -1,0 +1,224 @@
+"""A learning L2 switch joining several guests of one nicsim process, one :class:`SwitchPort` each.
+
+This module owns :class:`Switch` (the forwarding table, per-port counters, per-direction impairments
+and the one timer that releases delayed frames) and :class:`SwitchPort`, the :class:`Port` a guest's
+device is wired to. A port has a fixed number (its slot) for its name, the socket it serves: a guest
+that leaves (its session ends, :meth:`SwitchPort.close`) frees the slot and its MAC addresses are
+forgotten; the next guest on that socket joins again with the same number and counters.
+
+A batch the guest sends is gathered once (one copy out of the sender's TX buffers, while the sender's
+pool descriptors are still held), learned and looked up a batch at a time
+(:class:`~nicsim.ports.fdb.ForwardingTable`), and pushed into each destination device's RX sink, which
+places what the destination has buffers for and keeps the rest in its bounded backlog. Nothing ever
+waits on a destination: what its backlog cannot take is dropped and counted on that destination's
+port (``no_rx_buffer``; the device's own stats say more precisely why). This is the two-copy path
+(gather, then the sink's copy); a one-copy scatter from the sender's iovecs into posted RX buffers is
+not built yet.
+
+Impairments (:class:`~nicsim.ports.impair.Impairment`) apply per port and direction, named from the
+guest's side: ``tx`` is what the guest sends into the switch, ``rx`` what the switch sends to the
+guest. Delayed frames wait in the impairment's delay line; one timer on the event loop, armed for the
+earliest :meth:`~nicsim.ports.impair.Impairment.next_deadline` of all of them, releases them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from nicsim.ports.base import Port, TxFrames
+from nicsim.ports.fdb import DEFAULT_AGEING, FILTER, ForwardingTable, fan_out, mac_keys
+from nicsim.ports.impair import Frames, Impairment
+from nicsim.ports.port_counters import PortCounters
+
+__all__ = ["DIRECTIONS", "Switch", "SwitchPort"]
+
+DIRECTIONS: Final = ("tx", "rx")  # from the guest's side: tx into the switch, rx out of it
+
+
+class Switch:
+    """The switch all :class:`SwitchPort` objects of one process share."""
+
+    def __init__(
+        self, *, ageing: float = DEFAULT_AGEING, max_entries: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        self.fdb = ForwardingTable(ageing=ageing, max_entries=max_entries)
+        self.counters = PortCounters()
+        self._clock = clock
+        self._slots: dict[str, int] = {}  # port name -> number, for good
+        self._live: dict[int, SwitchPort] = {}  # number -> the port a guest is joined on now
+        self._impair: dict[tuple[int, str], Impairment] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    # -- ports and configuration -----------------------------------------------------------------
+
+    def slot(self, name: str) -> int:
+        """The fixed number of the port called ``name`` (allotted on first use)."""
+        return self._slots.setdefault(name, len(self._slots))
+
+    def port(self, name: str) -> SwitchPort:
+        """A new port for a guest on ``name``; it joins when its device attaches."""
+        return SwitchPort(self, name)
+
+    def impair(self, name: str, direction: str, spec: str) -> None:
+        """Impair one direction (``tx``, ``rx``) of port ``name`` with a netem-style ``spec``."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"impairment direction {direction!r}: use {' or '.join(DIRECTIONS)}")
+        number = self.slot(name)
+        self._impair[(number, direction)] = Impairment(spec, stream=(number, DIRECTIONS.index(direction)))
+
+    def join(self, port: SwitchPort) -> None:
+        self._live[port.number] = port
+
+    def leave(self, port: SwitchPort) -> None:
+        # A new guest may have taken the slot before the old session finished closing.
+        if self._live.get(port.number) is port:
+            del self._live[port.number]
+            self.fdb.forget_port(port.number)
+
+    def start_io(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    # -- forwarding ------------------------------------------------------------------------------
+
+    def forward(self, ingress: int, data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64],
+                lengths: npt.NDArray[np.uint32]) -> None:  # fmt: skip
+        """A batch port ``ingress``'s guest sent, as a flat buffer: impair, switch, deliver."""
+        self.counters.received(ingress, lengths)
+        imp = self._impair.get((ingress, "tx"))
+        if imp is not None:
+            data, offsets, lengths = imp.offer(self._clock(), data, offsets, lengths)
+        self._switch(ingress, data, offsets, lengths)
+        self._arm()
+
+    def _switch(self, ingress: int, data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64],
+                lengths: npt.NDArray[np.uint32]) -> None:  # fmt: skip
+        if lengths.size == 0:
+            return
+        now = self._clock()
+        self.fdb.learn(mac_keys(data, offsets, 6), ingress, now)
+        out = self.fdb.lookup(mac_keys(data, offsets, 0), now, ingress=ingress)
+        filtered = int(np.count_nonzero(out == FILTER))
+        if filtered:
+            self.counters.dropped(ingress, "filtered", filtered)
+        for dest, picked in fan_out(out, ingress, sorted(self._live)).items():
+            frames = (data, offsets[picked], lengths[picked])
+            imp = self._impair.get((dest, "rx"))
+            if imp is not None:
+                frames = imp.offer(now, *frames)
+            self._deliver(dest, frames)
+
+    def _deliver(self, dest: int, frames: Frames) -> None:
+        data, offsets, lengths = frames
+        if lengths.size == 0:
+            return
+        port = self._live.get(dest)
+        if port is None:  # a delayed frame whose guest left meanwhile
+            self.counters.dropped(dest, "port_down", int(lengths.size))
+            return
+        sink = port.sink
+        # The sink copies each frame into the destination's backlog or drops it; it never blocks.
+        kept = np.fromiter(
+            (sink.push(data[o : o + n]) for o, n in zip(offsets.tolist(), lengths.tolist(), strict=True)),
+            dtype=np.bool_, count=int(lengths.size),
+        )  # fmt: skip
+        self.counters.sent(dest, lengths[kept])
+        refused = int(lengths.size - np.count_nonzero(kept))
+        if refused:
+            self.counters.dropped(dest, "no_rx_buffer", refused)
+
+    # -- the delay timer -------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        """Keep one timer, set for the earliest frame any impairment holds."""
+        deadlines = [d for imp in self._impair.values() if (d := imp.next_deadline()) is not None]
+        if not deadlines or self._loop is None:
+            return
+        at = min(deadlines)
+        if self._timer is not None and self._timer_at is not None and self._timer_at <= at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_later(max(0.0, at - self._clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        now = self._clock()
+        for (number, direction), imp in list(self._impair.items()):
+            if imp.next_deadline() is None:
+                continue
+            frames = imp.due(now)
+            if direction == "tx":
+                self._switch(number, *frames)
+            else:
+                self._deliver(number, frames)
+        self._arm()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._timer_at = None
+
+    # -- stats -----------------------------------------------------------------------------------
+
+    def port_stats(self, number: int) -> dict[str, Any]:
+        row = self.counters.port(number)
+        row["macs"] = int(self.fdb.entries_per_port(number + 1)[number])
+        impaired = {d: self._impair[(number, d)].stats() for d in DIRECTIONS if (number, d) in self._impair}
+        if impaired:
+            row["impair"] = impaired
+        return row
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "fdb": {**self.fdb.counters, "entries": len(self.fdb)},
+            "ports": {name: self.port_stats(n) for name, n in self._slots.items()},
+            "joined": sorted(name for name, n in self._slots.items() if n in self._live),
+        }
+
+
+class SwitchPort(Port):
+    """One guest's port on a :class:`Switch`, named after the socket it serves."""
+
+    name = "switch"
+
+    def __init__(self, switch: Switch | None = None, port_name: str = "port0") -> None:
+        super().__init__()
+        self.switch = switch if switch is not None else Switch()
+        self.port_name = port_name
+        self.number = self.switch.slot(port_name)
+        self._joined = False
+
+    def attach(self, sink: Any) -> None:
+        super().attach(sink)
+        self.switch.join(self)
+        self._joined = True
+
+    def start_io(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.switch.start_io(loop)
+
+    def transmit(self, batch: TxFrames) -> bool:
+        if batch.count == 0 or not self._joined:
+            return True
+        data, offsets = batch.gather()
+        self.switch.forward(self.number, data, offsets, batch.lengths)
+        return True  # every frame is copied out: the sender's buffers go back now
+
+    def close(self) -> None:
+        if self._joined:
+            self.switch.leave(self)
+            self._joined = False
+        super().close()
+
+    def stats(self) -> dict[str, Any]:
+        return {"port": self.port_name, "number": self.number, **self.switch.port_stats(self.number),
+                "fdb": {**self.switch.fdb.counters, "entries": len(self.switch.fdb)}}  # fmt: skip
