@@ -12,22 +12,24 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 
 @contextlib.asynccontextmanager
 async def nicsim_serve(
-    tmp_path: Path, *args: str
+    tmp_path: Path, *args: str, more_sockets: Sequence[str] = ()
 ) -> AsyncIterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+    """``more_sockets``: further socket file names under ``tmp_path`` (a switch's other guests)."""
     sock, stats = tmp_path / "nicsim.sock", tmp_path / "stats.json"
+    others = [tmp_path / name for name in more_sockets]
     argv = [sys.executable, "-m", "nicsim", "serve", "--socket", str(sock), "--stats-file", str(stats),
-            "--stats-interval", "0.2", "--quiet", *args]
+            "--stats-interval", "0.2", "--quiet", *(a for p in others for a in ("--socket", str(p))), *args]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
     try:
         async with asyncio.timeout(30):
-            while not sock.exists():
+            while not all(p.exists() for p in (sock, *others)):
                 assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
                 await asyncio.sleep(0.05)
         yield proc, sock, stats
