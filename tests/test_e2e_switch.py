@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +79,78 @@ async def test_three_guests_on_one_switch_ping_each_other_with_no_loss(
             assert port["rx_packets"] >= 20 and port["tx_packets"] >= 20, port
             assert "no_rx_buffer" not in port["drops"], port
     print(f"three guests: {asyncio.get_running_loop().time() - t0:.1f} s")
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+async def test_impaired_ports_lose_and_delay_what_they_are_told_to(guest_image: Any, tmp_path: Path) -> None:
+    """Frames to B wait 20 ms; frames to C are lost 10 % of the time (a seeded draw). A pings C
+    10 000 times back to back, and B and C 20 times each for the RTT: B's grows by the delay."""
+    t0 = asyncio.get_running_loop().time()
+    names = ["nicsim.sock", "b.sock", "c.sock"]
+    impair = ["--impair", "b.sock:rx:delay=20ms", "--impair", "c.sock:rx:loss=10% seed=1"]
+    async with nicsim_serve(tmp_path, "--port", "switch", *impair, more_sockets=names[1:]) as (
+        proc, _, stats_path,
+    ):  # fmt: skip
+        socks = [tmp_path / n for n in names]
+        a = guest(guest_image, socks[0], 1, Workload("sleep", seconds=SETTLE),
+                  ping(3, count=20, interval=0.05, rtts=True), ping(2, count=20, interval=0.05, rtts=True),
+                  ping(3, count=10_000, interval=0.01, adaptive=True))  # fmt: skip
+        peers = [guest(guest_image, socks[n - 1], n, Workload("sleep", seconds=600)) for n in (2, 3)]
+        async with contextlib.AsyncExitStack() as stack:
+            await boot_together([a, *peers], stack)
+            _, base, delayed, flood = await a.results(BOOT_TIMEOUT + SETTLE + 120)
+            for v in peers:
+                await v.quit()
+        assert base.ok and delayed.ok and flood.ok, (base, delayed, flood)
+        assert delayed["received"] == 20, delayed
+        grown = median(delayed["rtt_ms"]) - median(base["rtt_ms"])
+        assert 18 <= grown <= 22, (grown, base["rtt_ms"], delayed["rtt_ms"])
+        lost = 1 - flood["received"] / flood["transmitted"]
+        assert flood["transmitted"] >= 10_000  # busybox ping -A may send a few past -c
+        assert 0.085 <= lost <= 0.115, flood
+        stats = await read_stats(stats_path, lambda s: not any(e["connected"] for e in s["sockets"]))
+        assert proc.poll() is None
+        loss = stats["switch"]["ports"][str(socks[2])]["impair"]["rx"]
+        # What the switch says it lost covers what ping lost (and ARP or IPv6 frames besides).
+        assert loss["dropped"]["loss"] >= flood["transmitted"] - flood["received"] - 2
+        assert [e["pool"]["usage"] for e in stats["sockets"]] == [0, 0, 0]
+    print(f"impairments: {asyncio.get_running_loop().time() - t0:.1f} s, RTT +{grown:.1f} ms, "
+          f"loss {100 * lost:.2f} %")
+
+
+async def test_a_broadcast_flood_and_a_killed_guest_leave_the_others_pinging(
+    guest_image: Any, tmp_path: Path
+) -> None:
+    """A floods broadcast (pktgen) while B pings C; then A's QEMU is killed (SIGKILL) and B pings C
+    again. The flood costs A's peers receive buffers, never their pings' way through the switch."""
+    t0 = asyncio.get_running_loop().time()
+    names = ["nicsim.sock", "b.sock", "c.sock"]
+    async with nicsim_serve(tmp_path, "--port", "switch", more_sockets=names[1:]) as (proc, _, stats_path):
+        socks = [tmp_path / n for n in names]
+        a = guest(guest_image, socks[0], 1, Workload("sleep", seconds=SETTLE - 3),
+                  Workload("pktgen-tx", duration=600, size=60, dst="10.0.3.255"))  # fmt: skip
+        b = guest(guest_image, socks[1], 2, Workload("sleep", seconds=SETTLE), ping(3, count=20),
+                  Workload("sleep", seconds=8), ping(3, count=5))  # fmt: skip
+        c = guest(guest_image, socks[2], 3, Workload("sleep", seconds=600))
+        async with contextlib.AsyncExitStack() as stack:
+            await boot_together([a, b, c], stack)
+            await b.wait_for('NICSIM-RESULT.*"ping"', BOOT_TIMEOUT + SETTLE)
+            flooded = await read_stats(stats_path, lambda s: True)
+            os.kill(a.pid, signal.SIGKILL)
+            _, during, _, after = await b.results(BOOT_TIMEOUT)
+            await c.quit()
+        assert during.ok and after.ok, (during, after)
+        assert during["received"] == during["transmitted"] == 20, during
+        assert after["received"] == after["transmitted"] == 5, after
+        ports = flooded["switch"]["ports"]
+        assert ports[str(socks[0])]["rx_packets"] > 1000, "A flooded while B pinged"
+        stats = await read_stats(stats_path, lambda s: not any(e["connected"] for e in s["sockets"]))
+        assert proc.poll() is None
+        assert [e["pool"]["usage"] for e in stats["sockets"]] == [0, 0, 0]
+        assert str(socks[0]) not in stats["switch"]["joined"]
+    print(f"flood and kill: {asyncio.get_running_loop().time() - t0:.1f} s; "
+          f"drops on B, C: {[ports[str(s)]['drops'] for s in socks[1:]]}")
