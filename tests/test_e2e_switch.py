@@ -154,3 +154,25 @@ async def test_a_broadcast_flood_and_a_killed_guest_leave_the_others_pinging(
         assert str(socks[0]) not in stats["switch"]["joined"]
     print(f"flood and kill: {asyncio.get_running_loop().time() - t0:.1f} s; "
           f"drops on B, C: {[ports[str(s)]['drops'] for s in socks[1:]]}")
+
+
+async def test_iperf3_tcp_between_two_guests_through_the_switch(guest_image: Any, tmp_path: Path) -> None:
+    t0 = asyncio.get_running_loop().time()
+    async with nicsim_serve(tmp_path, "--port", "switch", more_sockets=["b.sock"]) as (
+        proc, sock, stats_path,
+    ):  # fmt: skip
+        server = guest(guest_image, tmp_path / "b.sock", 2, Workload("iperf3-server"))
+        client = guest(guest_image, sock, 1, Workload("sleep", seconds=SETTLE),
+                       Workload("iperf3-client", server="10.0.3.2", time=3, proto="tcp"))  # fmt: skip
+        async with contextlib.AsyncExitStack() as stack:
+            await boot_together([server, client], stack)
+            _, sent = await client.results(BOOT_TIMEOUT + SETTLE)
+            (served,) = await server.results(60)
+        assert sent.ok and served.ok, (sent, served)
+        assert sent["received_bytes"] > 1_000_000, sent
+        stats = await read_stats(stats_path, lambda s: not any(e["connected"] for e in s["sockets"]))
+        assert proc.poll() is None
+        assert [e["pool"]["usage"] for e in stats["sockets"]] == [0, 0]
+    drops = [p["drops"] for p in stats["switch"]["ports"].values()]
+    print(f"iperf3: {asyncio.get_running_loop().time() - t0:.1f} s, {sent['received_bps'] / 1e6:.0f} Mbit/s, "
+          f"retransmits {sent.get('retransmits')}, drops {drops}")
