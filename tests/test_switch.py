@@ -242,3 +242,23 @@ def test_serve_builds_one_switch_with_ports_in_socket_order_and_named_impairment
         with pytest.raises(ValueError, match=says):
             parse_switch("switch", [impair], socks)
     assert parse_port("switch").name == "switch"
+
+
+async def test_frames_a_tx_delay_holds_for_a_guest_that_left_are_dropped_as_port_down(tmp_path: Path) -> None:
+    switch = Switch()
+    lab = Lab(tmp_path, switch, guests=2)
+    switch.impair(str(lab.paths[0]), "tx", "delay=200ms")
+    await lab.server.start()
+    try:
+        a, b = await lab.guest(0), await lab.guest(1)
+        a.transmit([frame(0, MACS[1], k) for k in range(4)])
+        await a.wait_used(1, 4)  # copied into the delay line: A's buffers are back at once
+        await a.close()
+        await until(lambda: lab.port(0)["drops"] == {"port_down": 4}, "the held frames were dropped")
+        await nothing_more(b)
+        assert switch.fdb.port_of(MACS[0], 0.0) is None  # A's address was not learned on its empty port
+        await b.close()
+        await lab.pools_empty()
+    finally:
+        await lab.server.close()
+        switch.close()

@@ -103,6 +103,11 @@ class Switch:
                 lengths: npt.NDArray[np.uint32]) -> None:  # fmt: skip
         if lengths.size == 0:
             return
+        if ingress not in self._live:
+            # Frames a tx delay held while their guest left: learning them would point its MACs at
+            # an empty port, where frames would vanish uncounted.
+            self.counters.dropped(ingress, "port_down", int(lengths.size))
+            return
         now = self._clock()
         self.fdb.learn(mac_keys(data, offsets, 6), ingress, now)
         out = self.fdb.lookup(mac_keys(data, offsets, 0), now, ingress=ingress)
