@@ -11,9 +11,9 @@ pool descriptors are still held), learned and looked up a batch at a time
 (:class:`~nicsim.ports.fdb.ForwardingTable`), and pushed into each destination device's RX sink, which
 places what the destination has buffers for and keeps the rest in its bounded backlog. Nothing ever
 waits on a destination: what its backlog cannot take is dropped and counted on that destination's
-port (``no_rx_buffer``; the device's own stats say more precisely why). This is the two-copy path
-(gather, then the sink's copy); a one-copy scatter from the sender's iovecs into posted RX buffers is
-not built yet.
+port (``no_rx_buffer``; the device's own stats say more precisely why). This path copies more than
+once (the gather, the sink's backlog, then the RX path's staging and scatter as for any push-style
+port); a one-copy scatter from the sender's TX segments into posted RX buffers is not built yet.
 
 Impairments (:class:`~nicsim.ports.impair.Impairment`) apply per port and direction, named from the
 guest's side: ``tx`` is what the guest sends into the switch, ``rx`` what the switch sends to the
