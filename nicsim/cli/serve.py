@@ -51,7 +51,7 @@ ports:
               after it): it learns source MACs, floods broadcast and unknown unicast, ages entries out;
               a guest without room for a frame never holds up the others (the frame is dropped and
               counted on its port, reason no_rx_buffer); keys: ageing= (seconds, default 300),
-              max_entries= (default 4096). Impair a port's direction with --impair (below)
+              max_entries= (default 4096); impair a port's direction with --impair
   tap         forwards to and from a TAP device inside a network namespace (traffic never touches the
               root namespace); keys: netns= (required: the namespace, `ip netns add NAME`), ifname=
               (default tap0: attached if it exists, else created for the session), offload=on|off
@@ -198,8 +198,11 @@ def parse_switch(spec: str, impairs: Sequence[str] = (), sockets: Sequence[Path]
         if len(matches) != 1:
             raise ValueError(f"--impair {text!r}: {where!r} names {'no' if not matches else 'more than one'} "
                              "--socket (give its path or file name, then :tx, :rx or :both, then :SPEC)")
-        for way in DIRECTIONS if direction == "both" else (direction,):
-            switch.impair(str(matches[0]), way, impairment)  # ValueError names the bad direction or key
+        try:
+            for way in DIRECTIONS if direction == "both" else (direction,):
+                switch.impair(str(matches[0]), way, impairment)
+        except ValueError as err:  # a bad direction or impairment key: say which --impair it was
+            raise ValueError(f"--impair {text!r}: {err}") from None
     return switch
 
 
