@@ -262,3 +262,34 @@ async def test_frames_a_tx_delay_holds_for_a_guest_that_left_are_dropped_as_port
     finally:
         await lab.server.close()
         switch.close()
+
+
+async def test_frames_reach_posted_buffers_byte_for_byte_one_buffer_or_several(lab: Lab) -> None:
+    a, b = await lab.guest(0), await lab.guest(1, rx=0)
+    sizes = [60, 61, 200, 777, 1514]
+    sent = [frame(0, MACS[1], k, size=n) for k, n in enumerate(sizes)]
+    b.post_rx(len(sizes))  # room for each: straight into B's buffers
+    a.transmit(sent)
+    got = await b.wait_used(0, len(sizes), timeout=5)
+    for c, f in zip(got, sent, strict=True):
+        assert c.data is not None
+        assert c.data[HDR:] == f and c.len == HDR + len(f)
+        assert c.data[:10] == bytes(10) and int.from_bytes(c.data[10:12], "little") == 1  # num_buffers
+    # Buffers of 12 + 256 bytes: a 1000-byte frame spans four of them (MRG_RXBUF), in one copy too.
+    big = frame(0, MACS[1], 9, size=1000)
+    b.post_rx(8, buf_size=HDR + 256)
+    a.transmit([big])
+    parts = await b.wait_used(0, 4, timeout=5)
+    assert parts[0].data is not None and int.from_bytes(parts[0].data[10:12], "little") == 4
+    assert b"".join(p.data or b"" for p in parts)[HDR:] == big
+    assert [p.len for p in parts] == [HDR + 256] * 3 + [HDR + 1000 - 3 * (HDR + 256)]
+    # No buffer posted: the frames wait in B's backlog and arrive, the same bytes, once B posts.
+    late = [frame(0, MACS[1], 20 + k, size=100 + k) for k in range(3)]
+    a.transmit(late)
+    await a.wait_used(1, len(sizes) + 1 + 3)
+    b.post_rx(4)
+    assert [c.data[HDR:] for c in await b.wait_used(0, 3, timeout=5) if c.data] == late
+    assert lab.port(1)["tx_packets"] == len(sizes) + 1 + 3
+    for fe in (a, b):
+        await fe.close()
+    await lab.pools_empty()

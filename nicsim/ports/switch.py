@@ -6,14 +6,15 @@ device is wired to. A port has a fixed number (its slot) for its name, the socke
 that leaves (its session ends, :meth:`SwitchPort.close`) frees the slot and its MAC addresses are
 forgotten; the next guest on that socket joins again with the same number and counters.
 
-A batch the guest sends is gathered once (one copy out of the sender's TX buffers, while the sender's
-pool descriptors are still held), learned and looked up a batch at a time
-(:class:`~nicsim.ports.fdb.ForwardingTable`), and pushed into each destination device's RX sink, which
-places what the destination has buffers for and keeps the rest in its bounded backlog. Nothing ever
-waits on a destination: what its backlog cannot take is dropped and counted on that destination's
-port (``no_rx_buffer``; the device's own stats say more precisely why). This path copies more than
-once (the gather, the sink's backlog, then the RX path's staging and scatter as for any push-style
-port); a one-copy scatter from the sender's TX segments into posted RX buffers is not built yet.
+A batch the guest sends is switched while the sender's pool descriptors still hold its TX buffers:
+its addresses are learned and looked up a batch at a time
+(:class:`~nicsim.ports.fdb.ForwardingTable`), and each destination's RX sink is handed views of the
+sender's frames (``push_views``), which it copies once, straight into the buffers its guest has
+posted. Nothing ever waits on a destination: frames it has no buffer for go to its bounded backlog
+(a second copy), and what the backlog cannot take is dropped and counted on that destination's port
+(``no_rx_buffer``; the device's own stats say more precisely why). An impaired direction copies the
+frames it handles into a flat batch first (the delay line keeps copies); a frame split across TX
+descriptors is gathered.
 
 Impairments (:class:`~nicsim.ports.impair.Impairment`) apply per port and direction, named from the
 guest's side: ``tx`` is what the guest sends into the switch, ``rx`` what the switch sends to the
@@ -33,12 +34,18 @@ import numpy.typing as npt
 
 from nicsim.ports.base import Port, TxFrames
 from nicsim.ports.fdb import DEFAULT_AGEING, FILTER, ForwardingTable, fan_out, mac_keys
-from nicsim.ports.impair import Frames, Impairment
+from nicsim.ports.impair import Impairment
 from nicsim.ports.port_counters import PortCounters
 
 __all__ = ["DIRECTIONS", "Switch", "SwitchPort"]
 
 DIRECTIONS: Final = ("tx", "rx")  # from the guest's side: tx into the switch, rx out of it
+
+Frame = npt.NDArray[np.uint8]
+
+
+def _views(data: Frame, offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.uint32]) -> list[Frame]:
+    return [data[o : o + n] for o, n in zip(offsets.tolist(), lengths.tolist(), strict=True)]
 
 
 class Switch:
@@ -89,54 +96,62 @@ class Switch:
 
     # -- forwarding ------------------------------------------------------------------------------
 
-    def forward(self, ingress: int, data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64],
-                lengths: npt.NDArray[np.uint32]) -> None:  # fmt: skip
-        """A batch port ``ingress``'s guest sent, as a flat buffer: impair, switch, deliver."""
+    def forward(self, ingress: int, batch: TxFrames) -> None:
+        """A batch port ``ingress``'s guest sent: impair, switch, deliver, before the batch returns."""
+        lengths = batch.lengths
         self.counters.received(ingress, lengths)
         imp = self._impair.get((ingress, "tx"))
-        if imp is not None:
+        if imp is None:
+            # Views of the sender's TX buffers (a frame split across descriptors is gathered): the
+            # receiver's RX path copies them once, into its own buffers.
+            views = [batch.frame(i) for i in range(batch.count)]
+        else:
+            data, offsets = batch.gather()  # the delay line keeps its own copy of what it holds
             data, offsets, lengths = imp.offer(self._clock(), data, offsets, lengths)
-        self._switch(ingress, data, offsets, lengths)
+            views = _views(data, offsets, lengths)
+        self._switch(ingress, views, lengths)
         self._arm()
 
-    def _switch(self, ingress: int, data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64],
-                lengths: npt.NDArray[np.uint32]) -> None:  # fmt: skip
-        if lengths.size == 0:
+    def _switch(self, ingress: int, views: list[Frame], lengths: npt.NDArray[np.uint32]) -> None:
+        if not views:
             return
         if ingress not in self._live:
             # Frames a tx delay held while their guest left: learning them would point its MACs at
             # an empty port, where frames would vanish uncounted.
-            self.counters.dropped(ingress, "port_down", int(lengths.size))
+            self.counters.dropped(ingress, "port_down", len(views))
             return
         now = self._clock()
-        self.fdb.learn(mac_keys(data, offsets, 6), ingress, now)
-        out = self.fdb.lookup(mac_keys(data, offsets, 0), now, ingress=ingress)
+        # Both addresses of every frame, 12 bytes each, in one small array: all the switch reads.
+        heads = np.stack([v[:12] for v in views]).reshape(-1)
+        at = np.arange(len(views), dtype=np.int64) * 12
+        self.fdb.learn(mac_keys(heads, at, 6), ingress, now)
+        out = self.fdb.lookup(mac_keys(heads, at, 0), now, ingress=ingress)
         filtered = int(np.count_nonzero(out == FILTER))
         if filtered:
             self.counters.dropped(ingress, "filtered", filtered)
         for dest, picked in fan_out(out, ingress, sorted(self._live)).items():
-            frames = (data, offsets[picked], lengths[picked])
+            chosen = [views[i] for i in picked.tolist()]
             imp = self._impair.get((dest, "rx"))
-            if imp is not None:
-                frames = imp.offer(now, *frames)
-            self._deliver(dest, frames)
+            if imp is None:
+                self._deliver(dest, chosen, lengths[picked])
+                continue
+            lens = lengths[picked]
+            starts = np.cumsum(lens, dtype=np.int64) - lens
+            data, offsets, lens = imp.offer(now, np.concatenate(chosen), starts, lens)
+            self._deliver(dest, _views(data, offsets, lens), lens)
 
-    def _deliver(self, dest: int, frames: Frames) -> None:
-        data, offsets, lengths = frames
-        if lengths.size == 0:
+    def _deliver(self, dest: int, views: list[Frame], lengths: npt.NDArray[np.uint32]) -> None:
+        if not views:
             return
         port = self._live.get(dest)
         if port is None:  # a delayed frame whose guest left meanwhile
-            self.counters.dropped(dest, "port_down", int(lengths.size))
+            self.counters.dropped(dest, "port_down", len(views))
             return
-        sink = port.sink
-        # The sink copies each frame into the destination's backlog or drops it; it never blocks.
-        kept = np.fromiter(
-            (sink.push(data[o : o + n]) for o, n in zip(offsets.tolist(), lengths.tolist(), strict=True)),
-            dtype=np.bool_, count=int(lengths.size),
-        )  # fmt: skip
+        # Into the buffers the destination has posted, or its bounded backlog, or dropped: the sink
+        # never blocks, so a slow guest costs only itself.
+        kept = port.sink.push_views(views)
         self.counters.sent(dest, lengths[kept])
-        refused = int(lengths.size - np.count_nonzero(kept))
+        refused = len(views) - int(np.count_nonzero(kept))
         if refused:
             self.counters.dropped(dest, "no_rx_buffer", refused)
 
@@ -161,11 +176,11 @@ class Switch:
         for (number, direction), imp in list(self._impair.items()):
             if imp.next_deadline() is None:
                 continue
-            frames = imp.due(now)
+            data, offsets, lengths = imp.due(now)
             if direction == "tx":
-                self._switch(number, *frames)
+                self._switch(number, _views(data, offsets, lengths), lengths)
             else:
-                self._deliver(number, frames)
+                self._deliver(number, _views(data, offsets, lengths), lengths)
         self._arm()
 
     def close(self) -> None:
@@ -214,8 +229,7 @@ class SwitchPort(Port):
     def transmit(self, batch: TxFrames) -> bool:
         if batch.count == 0 or not self._joined:
             return True
-        data, offsets = batch.gather()
-        self.switch.forward(self.number, data, offsets, batch.lengths)
+        self.switch.forward(self.number, batch)
         return True  # every frame is copied out: the sender's buffers go back now
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ This module owns the three contracts and the few facts both sides must agree on:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -91,6 +92,10 @@ class RxSink(Protocol):
         pair: int = 0,
     ) -> int:
         """Queue frames ``data[offsets[i]:offsets[i] + lengths[i]]`` (copied); returns how many were kept."""
+
+    def push_views(self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int = 0) -> npt.NDArray[np.bool_]:
+        """Frames given as views (of another guest's TX buffers, say): written into posted buffers with
+        one copy when none wait before them, else queued or dropped as :meth:`push`; which were kept."""
 
     def push_template(self, template: npt.NDArray[np.uint8], count: int, *, pair: int = 0) -> int:
         """Write ``template`` into up to ``count`` guest buffers now; returns how many were delivered.

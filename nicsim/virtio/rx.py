@@ -19,6 +19,7 @@ here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -26,6 +27,7 @@ import numpy.typing as npt
 
 from nicsim.virtio.port import HDR_LEN_V1, MAX_FRAME, NUM_BUFFERS_OFFSET, Buffer, DevicePort
 from nicsim.virtio.queues import QueueResult, QueueSet, QueueState
+from nicsim.virtio.rx_direct import write_frames
 from nicsim.virtio.rx_short import ShortRx
 from rings.chains import ChainBatch
 from rings.errors import GuestError
@@ -365,6 +367,53 @@ class RxPath:
         for off, n in zip(offsets.tolist(), lengths.tolist(), strict=True):
             kept += self.push(data[off : off + n], pair=pair)
         return kept
+
+    def push_views(self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int = 0) -> npt.NDArray[np.bool_]:
+        """Frames as views (another guest's TX buffers): written straight into the buffers posted now,
+        one copy each, when nothing waits in the backlog before them; the rest are pushed (copied into
+        the backlog, or dropped). Returns which frames were kept."""
+        kept = np.zeros(len(frames), np.bool_)
+        rxq = 2 * pair
+        qs = self._qs
+        st, mem = qs.states[rxq], qs.mem
+        start = 0
+        if (st is not None and mem is not None and st.broken is None and qs.enabled[rxq] and frames
+                and not len(self.backlog[pair]) and not self._port.vnet_hdr):  # fmt: skip
+            try:
+                start = self._deliver_views(rxq, st, mem, frames, kept)
+            except GuestError as err:
+                qs.broke(rxq, st, err)  # the ring's pump reports it; the frames go the push way
+            if start:
+                qs.wake(rxq)  # the pump decides the interrupt for the entries published here
+        for i in range(start, len(frames)):
+            kept[i] = self.push(frames[i], pair=pair)
+        return kept
+
+    def _deliver_views(
+        self, rxq: int, st: QueueState, mem: GuestMemory, frames: Sequence[npt.NDArray[np.uint8]],
+        kept: npt.NDArray[np.bool_],
+    ) -> int:  # fmt: skip
+        """:meth:`_deliver` for frames given as views, without staging; returns how many it consumed."""
+        qs = self._qs
+        lengths = np.fromiter((f.shape[0] for f in frames), np.int64, len(frames))
+        if int(lengths.max()) > MAX_FRAME:
+            return 0  # push counts it too_big, in order
+        got = self._take_chains(rxq, st, mem, qs.policy.rx_batch if qs.mergeable else len(frames))
+        if got is None:
+            return 0
+        cb, descs = got
+        good_pos = np.flatnonzero(cb.error == 0)
+        hdr = qs.hdr_len
+        plan = plan_rx(lengths + hdr, cb.writable_len[good_pos].astype(np.int64), mergeable=qs.mergeable)
+        if plan.dropped.shape[0]:
+            self._stats.drop(rxq, "too_big", int(plan.dropped.shape[0]))
+        placed = plan.placed_frames
+        if placed.shape[0]:
+            write_frames(mem, cb, good_pos, hdr, frames, placed, plan.nbufs)
+            self._count(rxq, int(placed.shape[0]), int(lengths[placed].sum()))
+            kept[placed] = True
+        self._finish_chains(rxq, st, mem, cb, descs, good_pos, plan.chains, plan.chain_bytes)
+        return plan.consumed
 
     def push_template(self, template: npt.NDArray[np.uint8], count: int, *, pair: int = 0) -> int:
         rxq = 2 * pair

@@ -21,6 +21,7 @@ subclass that overrides it too, because the pump tells the two kinds apart by th
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,14 @@ class CapturingSink:
             kept[i] = self._sink.push(data[off : off + n], pair=pair)
         self._owner.captured_rx(data, offsets[kept], lengths[kept])
         return int(np.count_nonzero(kept))
+
+    def push_views(self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int = 0) -> npt.NDArray[np.bool_]:
+        kept = self._sink.push_views(frames, pair=pair)
+        if kept.any():  # the capture's own copy: what the guest was given, one write for the batch
+            lengths = np.fromiter((f.shape[0] for f in frames), np.int64, len(frames))[kept]
+            data = np.concatenate([f for f, k in zip(frames, kept.tolist(), strict=True) if k])
+            self._owner.captured_rx(data, np.cumsum(lengths) - lengths, lengths.astype(np.uint32))
+        return kept
 
     def push_template(self, template: npt.NDArray[np.uint8], count: int, *, pair: int = 0) -> int:
         delivered = self._sink.push_template(template, count, pair=pair)
