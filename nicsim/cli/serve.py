@@ -48,7 +48,8 @@ ports:
               nothing until SIGUSR1)
   reflect     sends every frame back to the guest
   switch      joins the guests on all the sockets with a learning L2 switch (one port per socket, named
-              after it): it learns source MACs, floods broadcast and unknown unicast, ages entries out;
+              after it): it learns source MACs, floods broadcast and unknown unicast, ages entries out,
+              and copies a frame once, from the sender's TX buffer into the receiver's RX buffer;
               a guest without room for a frame never holds up the others (the frame is dropped and
               counted on its port, reason no_rx_buffer); keys: ageing= (seconds, default 300),
               max_entries= (default 4096); impair a port's direction with --impair
