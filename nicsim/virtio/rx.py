@@ -14,7 +14,8 @@ which drops (``no_rx_buffer``) only when full. A started ring that is disabled f
 drops the frames pushed for it (``ring_disabled``). A round of a few frames that each fit the one
 buffer they go to is delivered with plain ints by :class:`~nicsim.virtio.rx_short.ShortRx` (the same
 bytes, entries and counts); it declines anything else before touching the ring, and the round goes on
-here.
+here. Frames handed as views of another guest's memory (the switch, :meth:`RxPath.push_views`) skip
+the backlog and the staging when buffers are posted: :mod:`nicsim.virtio.rx_direct` copies them once.
 """
 
 from __future__ import annotations
