@@ -405,12 +405,13 @@ class RxPath:
         cb, descs = got
         good_pos = np.flatnonzero(cb.error == 0)
         hdr = qs.hdr_len
-        plan = plan_rx(lengths + hdr, cb.writable_len[good_pos].astype(np.int64), mergeable=qs.mergeable)
+        need = lengths + hdr
+        plan = plan_rx(need, cb.writable_len[good_pos].astype(np.int64), mergeable=qs.mergeable)
         if plan.dropped.shape[0]:
             self._stats.drop(rxq, "too_big", int(plan.dropped.shape[0]))
         placed = plan.placed_frames
         if placed.shape[0]:
-            write_frames(mem, cb, good_pos, hdr, frames, placed, plan.nbufs)
+            write_frames(mem, cb, good_pos, hdr, frames, placed, plan.nbufs, need)
             self._count(rxq, int(placed.shape[0]), int(lengths[placed].sum()))
             kept[placed] = True
         self._finish_chains(rxq, st, mem, cb, descs, good_pos, plan.chains, plan.chain_bytes)

@@ -45,10 +45,26 @@ def _stream(dst: list[npt.NDArray[np.uint8]], parts: tuple[npt.NDArray[np.uint8]
 def write_frames(
     mem: GuestMemory, cb: ChainBatch, good_pos: npt.NDArray[np.int64], hdr_len: int,
     frames: Sequence[npt.NDArray[np.uint8]], placed: npt.NDArray[np.int64], nbufs: npt.NDArray[np.int64],
+    need: npt.NDArray[np.int64],
 ) -> None:  # fmt: skip
     """Write frame ``placed[i]`` with its header into the next ``nbufs[i]`` good chains, in order.
-    The plan guarantees the room (it sized every chain's share from the same lengths)."""
+    The plan guarantees the room (it sized every chain's share from ``need``, header + frame)."""
     header = np.zeros(hdr_len, np.uint8)
+    if hdr_len >= HDR_LEN_V1:
+        header[NUM_BUFFERS_OFFSET] = 1
+    n = int(placed.shape[0])
+    if n and int(nbufs.max()) == 1:
+        # The common case (Linux posts one writable buffer per chain, big enough for a frame): each
+        # frame goes whole into its chain's first segment, two slice copies and no segment walk.
+        seg = cb.first_seg[good_pos[:n]]
+        if bool((cb.seg_writable[seg] & (cb.seg_len[seg] >= need[placed])).all()):
+            for i, region, offset, size in zip(placed.tolist(), cb.seg_region[seg].tolist(),
+                                               cb.seg_offset[seg].tolist(), need[placed].tolist(),
+                                               strict=True):  # fmt: skip
+                dst = mem.segment(region, offset, size)
+                dst[:hdr_len] = header
+                dst[hdr_len:] = frames[i]
+            return
     chain = 0
     for i, nb in zip(placed.tolist(), nbufs.tolist(), strict=True):
         if hdr_len >= HDR_LEN_V1:
