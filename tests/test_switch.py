@@ -154,6 +154,7 @@ async def test_a_guest_that_leaves_is_forgotten_and_the_next_one_on_its_socket_j
     # B's frame for A's old address now floods, and nobody is there to take it.
     b.transmit([frame(1, MACS[0], 2)])
     await until(lambda: lab.port(1)["rx_packets"] == 1, "the switch saw B's frame")
+    assert lab.port(1)["drops"] == {"no_peer": 1}  # counted, not lost silently
     a2 = await lab.guest(0)
     b.transmit([frame(1, MACS[0], 3)])
     assert await received(a2, 1) == [3]

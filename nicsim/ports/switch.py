@@ -129,6 +129,10 @@ class Switch:
         filtered = int(np.count_nonzero(out == FILTER))
         if filtered:
             self.counters.dropped(ingress, "filtered", filtered)
+        if len(self._live) == 1:  # nobody else on the switch: what is not filtered goes nowhere
+            if len(views) > filtered:
+                self.counters.dropped(ingress, "no_peer", len(views) - filtered)
+            return
         for dest, picked in fan_out(out, ingress, sorted(self._live)).items():
             chosen = [views[i] for i in picked.tolist()]
             imp = self._impair.get((dest, "rx"))
