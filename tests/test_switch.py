@@ -132,13 +132,40 @@ async def test_a_guest_without_rx_buffers_loses_frames_with_a_reason_and_holds_u
         await a.wait_used(1, 100)  # A's TX buffers come back: C's lack of room did not hold them
         assert await received(b, 100) == list(range(sent, sent + 100))
         sent += 100
-    pc = lab.port(2)
-    drops = pc["drops"]
-    assert isinstance(drops, dict)
-    backlog = len(lab.device(2)._rx.backlog[0])
-    assert drops["no_rx_buffer"] + backlog == sent
-    assert drops["no_rx_buffer"] > sent // 2
+    # Flooded frames never wait in a backlog: every broadcast C had no buffer for is dropped at once.
+    assert lab.port(2)["drops"] == {"flood_no_rx_buffer": sent}
+    assert len(lab.device(2)._rx.backlog[0]) == 0
     assert lab.port(1)["drops"] == {}
+    # Frames addressed to C do wait, in its bounded backlog (256 frames), and past it are dropped.
+    c.transmit([frame(2, MACS[0], 0)])
+    assert await received(a, 1) == [0]  # and now the switch knows where C is
+    for start in range(0, 400, 100):
+        a.transmit([frame(0, MACS[2], start + k) for k in range(100)])
+        await a.wait_used(1, 100)
+    assert lab.port(2)["drops"] == {"flood_no_rx_buffer": sent, "no_rx_buffer": 400 - 256}
+    c.post_rx(256)
+    assert await received(c, 256) == list(range(256))  # the first 256, in order
+    await nothing_more(c)
+    for fe in (a, b, c):
+        await fe.close()
+    await lab.pools_empty()
+
+
+async def test_a_flood_leaves_room_for_frames_addressed_to_a_guest(lab: Lab) -> None:
+    a, b, c = await lab.guest(0, rx=0), await lab.guest(1, rx=0), await lab.guest(2, rx=0)
+    c.transmit([frame(2, MACS[1], 1)])  # C is learned (its frame, flooded, finds no buffer anywhere)
+    await c.wait_used(1, 1)
+    b.transmit([frame(1, MACS[2], 0)])  # C, with no buffer, keeps B's frame waiting in its backlog
+    await b.wait_used(1, 1)
+    flood = frame(0, BROADCAST, 10)
+    for _ in range(25):  # A floods: 5000 broadcasts, while C still has no buffer
+        a.transmit([flood] * 200)
+        await a.wait_used(1, 200)
+    b.transmit([frame(1, MACS[2], 2)])  # a unicast right in the flood
+    await b.wait_used(1, 1)
+    c.post_rx(8)
+    assert await received(c, 2) == [0, 2]  # both of B's frames, none of the flood's, were kept
+    assert lab.port(2)["drops"] == {"flood_no_rx_buffer": 5000}
     for fe in (a, b, c):
         await fe.close()
     await lab.pools_empty()

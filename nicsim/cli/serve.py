@@ -51,7 +51,8 @@ ports:
               after it): it learns source MACs, floods broadcast and unknown unicast, ages entries out,
               and copies a frame once, from the sender's TX buffer into the receiver's RX buffer;
               a guest without room for a frame never holds up the others (the frame is dropped and
-              counted on its port, reason no_rx_buffer); keys: ageing= (seconds, default 300),
+              counted on its port, reason no_rx_buffer; a flooded frame never waits in a backlog:
+              flood_no_rx_buffer); keys: ageing= (seconds, default 300),
               max_entries= (default 4096); impair a port's direction with --impair
   tap         forwards to and from a TAP device inside a network namespace (traffic never touches the
               root namespace); keys: netns= (required: the namespace, `ip netns add NAME`), ifname=

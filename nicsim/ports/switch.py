@@ -12,9 +12,11 @@ its addresses are learned and looked up a batch at a time
 sender's frames (``push_views``), which it copies once, straight into the buffers its guest has
 posted. Nothing ever waits on a destination: frames it has no buffer for go to its bounded backlog
 (a second copy), and what the backlog cannot take is dropped and counted on that destination's port
-(``no_rx_buffer``; the device's own stats say more precisely why). An impaired direction copies the
-frames it handles into a flat batch first (the delay line keeps copies); a frame split across TX
-descriptors is gathered.
+(``no_rx_buffer``; the device's own stats say more precisely why). Flooded frames (broadcast,
+unknown unicast) go only into posted buffers, never into a backlog (``flood_no_rx_buffer``): a guest
+flooding the switch cannot take the backlog room of the frames addressed to the others. An impaired
+direction copies the frames it handles into a flat batch first (the delay line keeps copies, and
+releases them as frames that may wait); a frame split across TX descriptors is gathered.
 
 Impairments (:class:`~nicsim.ports.impair.Impairment`) apply per port and direction, named from the
 guest's side: ``tx`` is what the guest sends into the switch, ``rx`` what the switch sends to the
@@ -33,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nicsim.ports.base import Port, TxFrames
-from nicsim.ports.fdb import DEFAULT_AGEING, FILTER, ForwardingTable, fan_out, mac_keys
+from nicsim.ports.fdb import DEFAULT_AGEING, FILTER, FLOOD, ForwardingTable, fan_out, mac_keys
 from nicsim.ports.impair import Impairment
 from nicsim.ports.port_counters import PortCounters
 
@@ -133,18 +135,25 @@ class Switch:
             if len(views) > filtered:
                 self.counters.dropped(ingress, "no_peer", len(views) - filtered)
             return
+        flood = out == FLOOD
         for dest, picked in fan_out(out, ingress, sorted(self._live)).items():
-            chosen = [views[i] for i in picked.tolist()]
-            imp = self._impair.get((dest, "rx"))
-            if imp is None:
-                self._deliver(dest, chosen, lengths[picked])
-                continue
-            lens = lengths[picked]
-            starts = np.cumsum(lens, dtype=np.int64) - lens
-            data, offsets, lens = imp.offer(now, np.concatenate(chosen), starts, lens)
-            self._deliver(dest, _views(data, offsets, lens), lens)
+            # Flooded frames first (an ARP request before what follows it), then those for ``dest``.
+            for part, queue in ((picked[flood[picked]], False), (picked[~flood[picked]], True)):
+                if part.size:
+                    self._send(dest, [views[i] for i in part.tolist()], lengths[part], now, queue=queue)
 
-    def _deliver(self, dest: int, views: list[Frame], lengths: npt.NDArray[np.uint32]) -> None:
+    def _send(self, dest: int, views: list[Frame], lengths: npt.NDArray[np.uint32], now: float, *,
+              queue: bool) -> None:  # fmt: skip
+        imp = self._impair.get((dest, "rx"))
+        if imp is None:
+            self._deliver(dest, views, lengths, queue=queue)
+            return
+        starts = np.cumsum(lengths, dtype=np.int64) - lengths
+        data, offsets, lengths = imp.offer(now, np.concatenate(views), starts, lengths)
+        self._deliver(dest, _views(data, offsets, lengths), lengths, queue=queue)
+
+    def _deliver(self, dest: int, views: list[Frame], lengths: npt.NDArray[np.uint32], *,
+                 queue: bool = True) -> None:  # fmt: skip
         if not views:
             return
         port = self._live.get(dest)
@@ -152,12 +161,14 @@ class Switch:
             self.counters.dropped(dest, "port_down", len(views))
             return
         # Into the buffers the destination has posted, or its bounded backlog, or dropped: the sink
-        # never blocks, so a slow guest costs only itself.
-        kept = port.sink.push_views(views)
+        # never blocks, so a slow guest costs only itself. Flooded frames (broadcast, unknown
+        # unicast) never wait in the backlog: a guest flooding the switch must not fill every other
+        # guest's backlog and leave no room for the frames addressed to them.
+        kept = port.sink.push_views(views, queue=queue)
         self.counters.sent(dest, lengths[kept])
         refused = len(views) - int(np.count_nonzero(kept))
         if refused:
-            self.counters.dropped(dest, "no_rx_buffer", refused)
+            self.counters.dropped(dest, "no_rx_buffer" if queue else "flood_no_rx_buffer", refused)
 
     # -- the delay timer -------------------------------------------------------------------------
 

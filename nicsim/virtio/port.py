@@ -93,9 +93,12 @@ class RxSink(Protocol):
     ) -> int:
         """Queue frames ``data[offsets[i]:offsets[i] + lengths[i]]`` (copied); returns how many were kept."""
 
-    def push_views(self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int = 0) -> npt.NDArray[np.bool_]:
+    def push_views(
+        self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int = 0, queue: bool = True
+    ) -> npt.NDArray[np.bool_]:
         """Frames given as views (of another guest's TX buffers, say): written into posted buffers with
-        one copy when none wait before them, else queued or dropped as :meth:`push`; which were kept."""
+        one copy when none wait before them, else queued or dropped as :meth:`push` (``queue=False``:
+        dropped, never queued); returns which were kept."""
 
     def push_template(self, template: npt.NDArray[np.uint8], count: int, *, pair: int = 0) -> int:
         """Write ``template`` into up to ``count`` guest buffers now; returns how many were delivered.

@@ -369,10 +369,13 @@ class RxPath:
             kept += self.push(data[off : off + n], pair=pair)
         return kept
 
-    def push_views(self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int = 0) -> npt.NDArray[np.bool_]:
+    def push_views(
+        self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int = 0, queue: bool = True
+    ) -> npt.NDArray[np.bool_]:
         """Frames as views (another guest's TX buffers): written straight into the buffers posted now,
         one copy each, when nothing waits in the backlog before them; the rest are pushed (copied into
-        the backlog, or dropped). Returns which frames were kept."""
+        the backlog, or dropped), or with ``queue=False`` dropped at once (``no_rx_buffer``), leaving
+        the backlog to frames that may wait. Returns which frames were kept."""
         kept = np.zeros(len(frames), np.bool_)
         rxq = 2 * pair
         qs = self._qs
@@ -386,6 +389,10 @@ class RxPath:
                 qs.broke(rxq, st, err)  # the ring's pump reports it; the frames go the push way
             if start:
                 qs.wake(rxq)  # the pump decides the interrupt for the entries published here
+        if not queue:
+            if start < len(frames):
+                self._stats.drop(rxq, "no_rx_buffer", len(frames) - start)
+            return kept
         for i in range(start, len(frames)):
             kept[i] = self.push(frames[i], pair=pair)
         return kept

@@ -57,8 +57,10 @@ class CapturingSink:
         self._owner.captured_rx(data, offsets[kept], lengths[kept])
         return int(np.count_nonzero(kept))
 
-    def push_views(self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int = 0) -> npt.NDArray[np.bool_]:
-        kept = self._sink.push_views(frames, pair=pair)
+    def push_views(
+        self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int = 0, queue: bool = True
+    ) -> npt.NDArray[np.bool_]:
+        kept = self._sink.push_views(frames, pair=pair, queue=queue)
         if kept.any():  # the capture's own copy: what the guest was given, one write for the batch
             lengths = np.fromiter((f.shape[0] for f in frames), np.int64, len(frames))[kept]
             data = np.concatenate([f for f, k in zip(frames, kept.tolist(), strict=True) if k])
