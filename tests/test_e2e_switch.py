@@ -126,7 +126,8 @@ async def test_a_broadcast_flood_and_a_killed_guest_leave_the_others_pinging(
     guest_image: Any, tmp_path: Path
 ) -> None:
     """A floods broadcast (pktgen) while B pings C; then A's QEMU is killed (SIGKILL) and B pings C
-    again, with no loss. The flood costs A's peers receive buffers, not their pings' way through."""
+    again. Neither costs B a ping: the flood takes A's peers' free receive buffers, never their
+    backlog room."""
     t0 = asyncio.get_running_loop().time()
     names = ["nicsim.sock", "b.sock", "c.sock"]
     async with nicsim_serve(tmp_path, "--port", "switch", more_sockets=names[1:]) as (proc, _, stats_path):
@@ -144,10 +145,9 @@ async def test_a_broadcast_flood_and_a_killed_guest_leave_the_others_pinging(
             _, during, _, after = await b.results(BOOT_TIMEOUT)
             await c.quit()
         assert during.ok and after.ok, (during, after)
-        # The flood fills B's and C's receive rings too, and a learning switch gives a unicast frame
-        # no priority over a broadcast one: a ping may meet a full ring now and then, as behind a
-        # real switch. What must hold is that the pings keep getting through.
-        assert during["transmitted"] == 20 and during["received"] >= 14, during
+        # The flood fills B's and C's receive rings too, but flooded frames never wait in a backlog:
+        # a ping that meets a full ring waits there, ahead of the flood, and is not lost.
+        assert during["received"] == during["transmitted"] == 20, during
         assert after["received"] == after["transmitted"] == 5, after
         ports = flooded["switch"]["ports"]
         assert ports[str(socks[0])]["rx_packets"] > 1000, "A flooded while B pinged"
