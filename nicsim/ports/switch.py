@@ -27,6 +27,7 @@ earliest :meth:`~nicsim.ports.impair.Impairment.next_deadline` of all of them, r
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -38,8 +39,9 @@ from nicsim.ports.base import Port, TxFrames
 from nicsim.ports.fdb import DEFAULT_AGEING, FILTER, FLOOD, ForwardingTable, fan_out, mac_keys
 from nicsim.ports.impair import Impairment
 from nicsim.ports.port_counters import PortCounters
+from nicsim.ports.uplink import Uplink
 
-__all__ = ["DIRECTIONS", "Switch", "SwitchPort"]
+__all__ = ["DIRECTIONS", "Switch", "SwitchPort", "Uplink"]
 
 DIRECTIONS: Final = ("tx", "rx")  # from the guest's side: tx into the switch, rx out of it
 
@@ -61,7 +63,8 @@ class Switch:
         self.counters = PortCounters()
         self._clock = clock
         self._slots: dict[str, int] = {}  # port name -> number, for good
-        self._live: dict[int, SwitchPort] = {}  # number -> the port a guest is joined on now
+        self._live: dict[int, SwitchPort | Uplink] = {}  # number -> the guest's port or uplink joined now
+        self._uplinks: dict[str, Uplink] = {}
         self._impair: dict[tuple[int, str], Impairment] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -76,6 +79,23 @@ class Switch:
     def port(self, name: str) -> SwitchPort:
         """A new port for a guest on ``name``; it joins when its device attaches."""
         return SwitchPort(self, name)
+
+    def uplink(self, name: str, port: Port) -> Uplink:
+        """Join ``port`` (a tap, a vxlan tunnel) to the switch as the uplink called ``name``, for good;
+        the switch owns it from now on (:meth:`close` closes it)."""
+        if name in self._uplinks:
+            raise ValueError(f"switch: there is already an uplink called {name!r}")
+        number = self.slot(name)
+        up = Uplink(name, number, port, functools.partial(self.forward_flat, number), clock=self._clock)
+        self._uplinks[name] = up
+        self._live[number] = up
+        if self._loop is not None:
+            up.start_io(self._loop)
+        return up
+
+    @property
+    def uplinks(self) -> dict[str, Uplink]:
+        return dict(self._uplinks)
 
     def impair(self, name: str, direction: str, spec: str) -> None:
         """Impair one direction (``tx``, ``rx``) of port ``name`` with a netem-style ``spec``."""
@@ -94,7 +114,10 @@ class Switch:
             self.fdb.forget_port(port.number)
 
     def start_io(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run on ``loop``: the delay timer, and the uplinks' reads (from now on, guest or no guest)."""
         self._loop = loop
+        for up in self._uplinks.values():
+            up.start_io(loop)
 
     # -- forwarding ------------------------------------------------------------------------------
 
@@ -112,6 +135,17 @@ class Switch:
             data, offsets, lengths = imp.offer(self._clock(), data, offsets, lengths)
             views = _views(data, offsets, lengths)
         self._switch(ingress, views, lengths)
+        self._arm()
+
+    def forward_flat(self, ingress: int, data: Frame, offsets: npt.NDArray[np.int64],
+                     lengths: npt.NDArray[np.uint32]) -> None:  # fmt: skip
+        """Frames ``data[offsets[i]:offsets[i] + lengths[i]]`` port ``ingress`` sent (an uplink's): as
+        :meth:`forward`; ``data`` may be reused once this returns (what waits is copied)."""
+        self.counters.received(ingress, lengths)
+        imp = self._impair.get((ingress, "tx"))
+        if imp is not None:
+            data, offsets, lengths = imp.offer(self._clock(), data, offsets, lengths)
+        self._switch(ingress, _views(data, offsets, lengths), lengths)
         self._arm()
 
     def _switch(self, ingress: int, views: list[Frame], lengths: npt.NDArray[np.uint32]) -> None:
@@ -164,11 +198,15 @@ class Switch:
         # never blocks, so a slow guest costs only itself. Flooded frames (broadcast, unknown
         # unicast) never wait in the backlog: a guest flooding the switch must not fill every other
         # guest's backlog and leave no room for the frames addressed to them.
-        kept = port.sink.push_views(views, queue=queue)
+        kept = port.deliver(views, queue=queue)
         self.counters.sent(dest, lengths[kept])
         refused = len(views) - int(np.count_nonzero(kept))
         if refused:
-            self.counters.dropped(dest, "no_rx_buffer" if queue else "flood_no_rx_buffer", refused)
+            # An uplink sends or drops at once (its port's stats say why): never a backlog.
+            reason = "no_rx_buffer" if queue else "flood_no_rx_buffer"
+            if isinstance(port, Uplink):
+                reason = "uplink_tx"
+            self.counters.dropped(dest, reason, refused)
 
     # -- the delay timer -------------------------------------------------------------------------
 
@@ -202,6 +240,11 @@ class Switch:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = self._timer_at = None
+        for up in self._uplinks.values():
+            if self._live.get(up.number) is up:
+                del self._live[up.number]
+                self.fdb.forget_port(up.number)
+            up.close()
 
     # -- stats -----------------------------------------------------------------------------------
 
@@ -211,6 +254,9 @@ class Switch:
         impaired = {d: self._impair[(number, d)].stats() for d in DIRECTIONS if (number, d) in self._impair}
         if impaired:
             row["impair"] = impaired
+        uplink = next((up for up in self._uplinks.values() if up.number == number), None)
+        if uplink is not None:
+            row["uplink"] = uplink.stats()
         return row
 
     def stats(self) -> dict[str, Any]:
@@ -240,6 +286,10 @@ class SwitchPort(Port):
 
     def start_io(self, loop: asyncio.AbstractEventLoop) -> None:
         self.switch.start_io(loop)
+
+    def deliver(self, views: list[Frame], *, queue: bool = True) -> npt.NDArray[np.bool_]:
+        """Frames the switch sends this guest: into its posted buffers (one copy), its backlog, or not."""
+        return self.sink.push_views(views, queue=queue)
 
     def transmit(self, batch: TxFrames) -> bool:
         if batch.count == 0 or not self._joined:
