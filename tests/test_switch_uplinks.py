@@ -9,10 +9,15 @@ ways; every device's pool goes back to 0. Root is needed, as for every namespace
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from nicsim.cli.serve import parse_switch
 from nicsim.frontend import CompletionTimeout, VhostUserFrontend
 from nicsim.ports.frames import (
     ARP_REPLY,
@@ -38,6 +43,7 @@ from nicsim.ports.switch import Switch
 from nicsim.ports.tap import TapConfig, TapPort
 from nicsim.ports.vxlan import VxlanConfig, VxlanPort
 from qemu.testvm import Netns
+from tests.hardening import until
 from tests.test_switch import MACS, Lab
 from tests.vxlan_lab import OVERLAY_B, OVERLAY_GUEST, UNDERLAY_A, UNDERLAY_B, VNI, vxlan_lab
 
@@ -161,3 +167,43 @@ async def test_a_guest_pings_an_address_behind_linux_vxlan_through_a_vxlan_uplin
     assert tunnel["kind"] == "vxlan" and tunnel["drops"] == {} and tunnel["vni"] == VNI
     assert tunnel["tx_frames"] == 3 and tunnel["rx_frames"] == row["rx_packets"]
     await finish(lab, a, b)
+
+
+async def test_an_impaired_uplink_loses_what_the_kernel_sends_and_counts_it(
+    tmp_path: Path, netns: Callable[[], Netns]
+) -> None:
+    """Impairments apply to an uplink's switch port as to a guest's: ``tx`` is what the uplink sends
+    into the switch. With loss=100% there, the kernel's ARP reply never reaches A, and is counted."""
+    ns = netns()
+    ns.run("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
+    ns.add_tap("tap0", "10.0.2.2/24")
+    switch = parse_switch("switch", ["uplink0:tx:loss=100% seed=1"], [], [f"tap,netns={ns.name},ifname=tap0"])
+    lab = Lab(tmp_path, switch, guests=2)
+    await lab.server.start()
+    switch.start_io(asyncio.get_running_loop())
+    a, b = await lab.guest(0), await lab.guest(1)
+    mac_a, ip_a, ip_p = mac_bytes(MACS[0]), ip_bytes("10.0.2.15"), ip_bytes("10.0.2.2")
+    a.transmit([ethernet(BROADCAST_MAC, mac_a, ETHERTYPE_ARP, arp(ARP_REQUEST, mac_a, ip_a, bytes(6), ip_p))])
+    await next_frame(b, is_arp(ARP_REQUEST))  # the request did go out, to B and the uplink alike
+    tap = switch.uplinks["uplink0"].port
+    await until(lambda: tap.stats()["rx_frames"] >= 1, "the kernel's reply came in on the TAP")
+    with pytest.raises(CompletionTimeout):
+        await a.wait_used(0, 1, timeout=0.5)
+    row = switch.port_stats(switch.slot("uplink0"))
+    assert row["rx_packets"] == tap.stats()["rx_frames"] >= 1
+    assert row["impair"]["tx"]["dropped"]["loss"] == row["rx_packets"]
+    assert row["tx_packets"] == 1
+    await finish(lab, a, b)
+
+
+def test_an_uplink_must_be_a_tap_or_a_vxlan_tunnel_and_needs_a_switch(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="an uplink is tap or vxlan"):
+        parse_switch("switch", [], [], ["responder"])
+    with pytest.raises(ValueError, match=r"--uplink 'vxlan,vni=1'.*remote"):
+        parse_switch("switch", [], [], ["vxlan,vni=1"])
+    with pytest.raises(ValueError, match="'uplink1' names no --socket or uplink"):
+        parse_switch("switch", ["uplink1:tx:loss=1%"], [], [])
+    argv = [sys.executable, "-m", "nicsim", "serve", "--socket", str(tmp_path / "x.sock"),
+            "--uplink", "vxlan,remote=10.0.0.1,vni=1"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--uplink needs --port switch" in done.stderr, done.stderr

@@ -53,7 +53,9 @@ ports:
               a guest without room for a frame never holds up the others (the frame is dropped and
               counted on its port, reason no_rx_buffer; a flooded frame never waits in a backlog:
               flood_no_rx_buffer); keys: ageing= (seconds, default 300),
-              max_entries= (default 4096); impair a port's direction with --impair
+              max_entries= (default 4096); impair a port's direction with --impair; join a tap or a
+              vxlan tunnel to the switch with --uplink (a port like the guests' ones, named uplink0,
+              uplink1... in --uplink order: learned, flooded to, counted and impaired the same way)
   tap         forwards to and from a TAP device inside a network namespace (traffic never touches the
               root namespace); keys: netns= (required: the namespace, `ip netns add NAME`), ifname=
               (default tap0: attached if it exists, else created for the session), offload=on|off
@@ -75,6 +77,10 @@ examples:
   ip netns add lab; ip -n lab tuntap add dev tap0 mode tap; ip -n lab addr add 10.0.2.2/24 dev tap0
   ip -n lab link set tap0 up; nicsim serve --socket /tmp/nicsim.sock --port tap,netns=lab,ifname=tap0
   nicsim serve --socket /tmp/nicsim.sock --port vxlan,remote=192.0.2.2,vni=42
+  nicsim serve --socket /tmp/a.sock --socket /tmp/b.sock --port switch --uplink tap,netns=lab,ifname=tap0
+  guests on two hosts, one switch each, joined by a VXLAN tunnel (host 192.0.2.1 and host 192.0.2.2):
+    192.0.2.1$ nicsim serve --socket /tmp/a.sock --port switch --uplink vxlan,remote=192.0.2.2,vni=42
+    192.0.2.2$ nicsim serve --socket /tmp/b.sock --port switch --uplink vxlan,remote=192.0.2.1,vni=42
 
   then start QEMU (under TCG add vectors=0: QEMU 7.2 crashes with vhost-user and MSI-X there):
     qemu-system-x86_64 -accel tcg -m 256 \\
@@ -144,6 +150,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "SPEC is netem's words, space-separated: loss=10%% [burst model], delay=20ms jitter=2ms, "
         "reorder=, duplicate=, corrupt=, rate=10mbit, limit=1000, seed=1 (same seed, same fate)",
     )  # fmt: skip
+    parser.add_argument(
+        "--uplink", action="append", default=[], metavar="PORT[,KEY=VALUE...]",
+        help="with --port switch: join a port that is not a guest to the switch, as switch port uplinkN "
+        "(N counts --uplink options from 0); PORT is tap (tap,netns=NS[,ifname=tap0]: a TAP in that "
+        "namespace) or vxlan (vxlan,remote=IP,vni=N[,local=IP,port=4789,netns=NS]: a tunnel to another "
+        "host's nicsim switch or Linux vxlan device), with the keys of --port tap / --port vxlan; "
+        "repeat for several; --impair names it uplinkN; its stats are in the switch section",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no periodic stats lines, warnings only")
     add_capture_arguments(parser)
     add_policy_arguments(parser)
@@ -176,9 +190,15 @@ def _port_value(port: str, key: str, value: str, default: Any, known: str) -> An
 _SWITCH_KEYS = {"ageing": float, "max_entries": int}
 
 
-def parse_switch(spec: str, impairs: Sequence[str] = (), sockets: Sequence[Path] = ()) -> Switch:
+UPLINK_PORTS = ("tap", "vxlan")
+
+
+def parse_switch(spec: str, impairs: Sequence[str] = (), sockets: Sequence[Path] = (),
+                 uplinks: Sequence[str] = ()) -> Switch:  # fmt: skip
     """The one :class:`Switch` of ``--port switch[,ageing=S,max_entries=N]``, its ports named after
-    ``sockets`` and impaired as ``impairs`` (``SOCKET:DIR:SPEC`` each) say; ValueError says what is wrong."""
+    ``sockets``, its uplinks (``uplink0``... : the ports ``uplinks`` specify, opened now) joined, and
+    impaired as ``impairs`` (``SOCKET:DIR:SPEC`` each) say; ValueError says what is wrong (OSError: an
+    uplink's TAP or socket could not be opened)."""
     _, *items = spec.split(",")
     kwargs: dict[str, Any] = {}
     known = ", ".join(_SWITCH_KEYS)
@@ -190,21 +210,37 @@ def parse_switch(spec: str, impairs: Sequence[str] = (), sockets: Sequence[Path]
             kwargs[key] = _SWITCH_KEYS[key](value)
         except ValueError:
             raise ValueError(f"port switch: {key}={value!r} is not a number (keys: {known})") from None
+    for text in uplinks:
+        if text.split(",", 1)[0] not in UPLINK_PORTS:
+            kinds = " or ".join(UPLINK_PORTS)
+            raise ValueError(f"--uplink {text!r}: an uplink is {kinds} (PORT,KEY=VALUE...)")
     switch = Switch(**kwargs)
     for path in sockets:
-        switch.slot(str(path))  # ports numbered in --socket order
-    for text in impairs:
-        where, _, rest = text.partition(":")
-        direction, _, impairment = rest.partition(":")
-        matches = [p for p in sockets if where in (str(p), p.name)]
-        if len(matches) != 1:
-            raise ValueError(f"--impair {text!r}: {where!r} names {'no' if not matches else 'more than one'} "
-                             "--socket (give its path or file name, then :tx, :rx or :both, then :SPEC)")
-        try:
-            for way in DIRECTIONS if direction == "both" else (direction,):
-                switch.impair(str(matches[0]), way, impairment)
-        except ValueError as err:  # a bad direction or impairment key: say which --impair it was
-            raise ValueError(f"--impair {text!r}: {err}") from None
+        switch.slot(str(path))  # ports numbered in --socket order, then the uplinks
+    try:
+        for i, text in enumerate(uplinks):
+            try:
+                switch.uplink(f"uplink{i}", parse_port(text))
+            except ValueError as err:
+                raise ValueError(f"--uplink {text!r}: {err}") from None
+        names = [*map(str, sockets), *switch.uplinks]
+        for text in impairs:
+            where, _, rest = text.partition(":")
+            direction, _, impairment = rest.partition(":")
+            matches = [n for n in names if where in (n, Path(n).name)]
+            if len(matches) != 1:
+                count = "no" if not matches else "more than one"
+                raise ValueError(f"--impair {text!r}: {where!r} names {count} --socket or uplink (give a "
+                                 "socket's path or file name, or uplink0..., then :tx, :rx or :both, then "
+                                 ":SPEC)")  # fmt: skip
+            try:
+                for way in DIRECTIONS if direction == "both" else (direction,):
+                    switch.impair(matches[0], way, impairment)
+            except ValueError as err:  # a bad direction or impairment key: say which --impair it was
+                raise ValueError(f"--impair {text!r}: {err}") from None
+    except BaseException:
+        switch.close()  # the uplinks opened so far
+        raise
     return switch
 
 
@@ -270,7 +306,7 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
 
     generators: list[GeneratorPort] = []
     # One switch for every socket: each connection's device gets its own port on it.
-    switch = parse_switch(args.port, args.impair, args.socket) if _is_switch(args.port) else None
+    switch = parse_switch(args.port, args.impair, args.socket, args.uplink) if _is_switch(args.port) else None
     # Opened before listening, so an unwritable capture file stops serve before any guest connects.
     captures = Captures(args, list(args.socket)) if args.pcap is not None else None
 
@@ -315,6 +351,8 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
         ep.make_device = functools.partial(make_device, ep.path)
     try:
         await server.start()
+        if switch is not None:
+            switch.start_io(loop)  # the uplinks are read from now on, guest or no guest
         where = ", ".join(str(p) for p in args.socket)
         print(f"nicsim serve: {'connecting to' if args.client else 'listening on'} {where}; port {args.port}",
               file=sys.stderr, flush=True)  # fmt: skip
@@ -371,9 +409,9 @@ def run(args: argparse.Namespace) -> int:
         policy = policy_from_args(args)
         parse_port(args.port).close()
         if _is_switch(args.port):
-            parse_switch(args.port, args.impair, args.socket).close()
-        elif args.impair:
-            raise ValueError("--impair needs --port switch")
+            parse_switch(args.port, args.impair, args.socket, args.uplink).close()
+        elif args.impair or args.uplink:
+            raise ValueError(f"{'--impair' if args.impair else '--uplink'} needs --port switch")
         if args.pcap is not None:
             config_from_args(args, args.pcap)
     except ValueError as err:
