@@ -52,7 +52,7 @@ def tx_pump(sess: Session) -> RingPump:
 
 
 def test_only_sparse_rounds_wait() -> None:
-    policy = NotifyPolicy(flow_batch=8)
+    policy = NotifyPolicy(flow_batch=8, tx_irq_wait_us=1000)
     assert defer_tx_interrupt(policy, processed=1)
     assert defer_tx_interrupt(policy, processed=7)
     assert not defer_tx_interrupt(policy, processed=8)
