@@ -22,10 +22,12 @@ core.
 
 A TX completion is rarely urgent, but under TCG an interrupt is dear, and a request/response guest (a
 ping, an RPC) would take two per round trip: its request's completion, then the reply ~0.2 ms later.
-So a sparse TX round's due interrupt is held (:func:`defer_tx_interrupt`) until the same pair's next
-RX interrupt, which sends both together (with the NIC's one INTx line, one exit and one handler run in
-the guest), or until ``tx_irq_wait_us`` passed. Measured, ping every 10 ms: p50 1.4 ms -> 0.8 ms. A
-round that moved a batch is signalled at once, so a guest whose TX ring fills never waits on it.
+So, with ``tx_irq_wait_us`` set (off by default for now, as is ``rr_poll_us``: see the note in
+:class:`NotifyPolicy`), a sparse TX round's due interrupt is held (:func:`defer_tx_interrupt`) until
+the same pair's next RX interrupt, which sends both together (with the NIC's one INTx line, one exit
+and one handler run in the guest), or until ``tx_irq_wait_us`` passed. Measured, ping every 10 ms:
+p50 1.4 ms -> 0.8 ms. A round that moved a batch is signalled at once, so a guest whose TX ring fills
+never waits on it.
 For the same traffic, a TX ring whose one-request rounds come within ``rr_poll_us`` of each other (a
 ping flood, an RPC loop) is polled for that long with kicks off instead of put to sleep
 (:func:`request_response`): the guest skips the doorbell, the backend its wakeup. A sparse guest (a
