@@ -8,6 +8,7 @@ return to where they started once the test closes them.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -91,9 +92,13 @@ class Link:
 
 @contextmanager
 def no_fd_leak() -> Iterator[None]:
+    # Collect first: an earlier test's garbage (a socket in a reference cycle) may otherwise close its
+    # fd in the middle of this one and show as a difference that is not this test's.
+    gc.collect()
     before = open_fds()
     yield
     close_originals()
+    gc.collect()
     assert open_fds() == before
 
 
