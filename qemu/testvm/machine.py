@@ -39,7 +39,7 @@ from .cmdline import (
 )
 from .console import ConsoleReader
 from .errors import QMPCommandError, VMExitedError, VMLaunchError, VMStateError, VMTimeoutError
-from .workload import DONE_MARKER, Workload, WorkloadResult, parse_results
+from .workload import DONE_MARKER, RESULT_MARKER, Workload, WorkloadResult, parse_results
 
 QUIT_TIMEOUT = 3.0  # QMP quit answered and QEMU gone
 TERM_TIMEOUT = 3.0  # after SIGTERM
@@ -258,6 +258,20 @@ class TestVM:
         """Every ``NICSIM-RESULT`` line up to ``NICSIM-DONE``, parsed (GuestOutputError if malformed)."""
         done = await self.wait_for(f"(?m)^{DONE_MARKER}", timeout, since=since)
         return parse_results(self.console_text[since : done.end()])
+
+    async def wait_results(self, count: int, timeout: float, *, since: int = 0) -> list[WorkloadResult]:
+        """The first ``count`` ``NICSIM-RESULT`` lines from ``since``, parsed, as soon as the guest has
+        printed them, while its later workloads still run: a guest whose last workload is a long
+        sleep stays up for the others (a peer that powered off as soon as its own pings were done
+        would lose theirs)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        end = since
+        for _ in range(count):
+            line = await self.wait_for(f"(?m)^{RESULT_MARKER} [^\\n]*\\n", max(0.0, deadline - loop.time()),
+                                       since=end)  # fmt: skip
+            end = line.end()
+        return parse_results(self.console_text[since:end])
 
     # ---- QMP ------------------------------------------------------------------------------------
 
