@@ -150,6 +150,24 @@ pg() {
     grep -q '^Result: OK' "$1" || fail "pktgen: '$2' -> $(grep '^Result' "$1")"
 }
 
+# A peer that boots later than this guest (a lab's guests boot at once): ping it once a second until
+# it answers, for at most `timeout` seconds, so that the workloads after this one find it up.
+w_wait_for() {
+    target=$(p target "") timeout=$(p timeout 60)
+    [ -n "$target" ] || fail "wait-for needs target=ADDRESS"
+    need_num timeout "$timeout"
+    put_str target "$target"
+    t0=$(uptime_s) tries=0
+    until ping -c 1 -W 1 "$target" >/dev/null 2>&1; do
+        tries=$((tries + 1))
+        waited=$(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { printf "%d", b - a }')
+        [ "$waited" -lt "$timeout" ] || fail "$target did not answer a ping within $timeout s"
+        sleep 0.2
+    done
+    put_num tries "$tries"
+    put_num seconds "$(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { printf "%.2f", b - a }')"
+}
+
 w_pktgen_tx() {
     need_iface
     [ -d /proc/net/pktgen ] || fail "pktgen module not loaded"
@@ -297,6 +315,7 @@ run_workload() {
     shell) w_shell ;;
     link) w_link ;;
     ping) w_ping ;;
+    wait-for) w_wait_for ;;
     pktgen-tx) w_pktgen_tx ;;
     rx-count) w_rx_count ;;
     rx-watch) w_rx_watch ;;

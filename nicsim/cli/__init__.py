@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, str] = {
     "serve": "nicsim.cli.serve",
     "bench": "nicsim.cli.bench",
     "image": "nicsim.cli.image",
+    "lab": "nicsim.cli.lab",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

@@ -1,0 +1,200 @@
+"""Run a planned lab once: start its switches, boot its guests, collect their results, stop everything.
+
+``run_lab`` starts one ``nicsim serve --port switch`` per switch (a child process, ended by pid),
+boots every guest at once, and waits until each has printed the results of every workload before
+its final sleep (:class:`~nicsim.lab.plan.GuestPlan` ``expect``), within the topology's ``timeout``.
+Then it stops the guests and the switches (whose captures are complete only then), counts the frames
+each capture check asks about with Debian's ``tcpdump``, and evaluates the checks. Whatever happens,
+nothing it started is left running; the lab's directory keeps each switch's log and stats and each
+guest's console log for a person to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from nicsim.errors import LocalError
+from qemu.testvm import TestVM, VhostUserNic
+from qemu.testvm.workload import WorkloadResult, parse_results
+
+from .checks import Outcome, evaluate
+from .plan import GuestPlan, LabPlan, SwitchPlan
+
+SOCKET_TIMEOUT = 30.0
+
+
+class LabError(LocalError):
+    """A lab that could not be brought up (a switch that would not start, a guest that would not boot)."""
+
+
+@dataclass(kw_only=True)
+class LabReport:
+    plan: LabPlan
+    outcomes: list[Outcome]
+    results: dict[str, list[WorkloadResult]]
+    switch_stats: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)  # what went wrong beside the checks (a boot, a timeout)
+
+    @property
+    def passed(self) -> bool:
+        return not self.errors and all(o.passed for o in self.outcomes)
+
+
+def _say(stream: TextIO | None) -> Callable[[str], None]:
+    def say(text: str) -> None:
+        if stream is not None:
+            print(f"nicsim lab: {text}", file=stream, flush=True)
+
+    return say
+
+
+async def run_lab(lab: LabPlan, *, image: Any = None, progress: TextIO | None = sys.stderr) -> LabReport:
+    """Run ``lab`` once; ``image``: the built-in guest image, for guests without a kernel of their own."""
+    say = _say(progress)
+    t0 = time.monotonic()
+    lab.run_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[WorkloadResult]] = {n: [] for n in lab.guests}
+    errors: list[str] = []
+    servers: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for sw in lab.switches.values():
+            say(f"switch {sw.name}: starting ({len(sw.sockets)} guests)")
+            servers[sw.name] = await _start_switch(sw, lab.run_dir)
+        vms = {n: _vm(lab, g, image) for n, g in lab.guests.items()}
+        async with contextlib.AsyncExitStack() as stack:
+            say(f"booting {', '.join(vms)}")
+            for vm in vms.values():
+                await stack.enter_async_context(vm)
+            deadline = t0 + lab.topology.timeout
+            outcome = await asyncio.gather(
+                *(_collect(n, vms[n], g, deadline, say) for n, g in lab.guests.items()),
+                return_exceptions=True,
+            )
+            for (n, vm), got in zip(vms.items(), outcome, strict=True):
+                if isinstance(got, BaseException):
+                    errors.append(f"{n}: {got}")
+                    results[n] = parse_results(vm.console_text)
+                else:
+                    results[n] = got
+            say("stopping the guests")
+    finally:
+        for name, proc in servers.items():
+            _stop(proc)
+            say(f"switch {name}: stopped")
+    stats = {s.name: _read_json(s.stats_file) for s in lab.switches.values()}
+    captures = {
+        i: _count_frames(lab, c.get("switch"), c.get("filter", ""))
+        for i, c in enumerate(lab.topology.checks)
+        if c.kind == "capture"
+    }
+    return LabReport(
+        plan=lab,
+        outcomes=evaluate(lab, results, captures),
+        results=results,
+        switch_stats=stats,
+        seconds=time.monotonic() - t0,
+        errors=errors,
+    )
+
+
+def _vm(lab: LabPlan, g: GuestPlan, image: Any) -> TestVM:
+    kernel = g.spec.kernel or (image.kernel if image is not None else None)
+    initrd = g.spec.initrd if g.spec.initrd is not None else (image.initrd if g.spec.kernel is None else None)
+    if kernel is None:
+        raise LabError(f"guest {g.name}: no kernel (give one, or let the lab use the built-in image)")
+    return TestVM(
+        kernel=kernel,
+        initrd=initrd,
+        nic=VhostUserNic(socket=g.socket, mac=g.mac),
+        guest_ip=g.ip,
+        workloads=g.workloads,
+        memory_mb=g.spec.memory,
+        cpus=g.spec.cpus,
+        accel="tcg",
+        extra_append=tuple(g.spec.append.split()),
+        log_dir=lab.run_dir / g.name,
+        name=f"{lab.topology.name}-{g.name}",
+    )
+
+
+async def _collect(
+    name: str, vm: TestVM, g: GuestPlan, deadline: float, say: Callable[[str], None]
+) -> list[WorkloadResult]:
+    results = await vm.wait_results(g.expect, max(1.0, deadline - time.monotonic()))
+    failed = sum(not r.ok for r in results)
+    say(f"{name}: {len(results)} workloads done" + (f", {failed} failed" if failed else ""))
+    return results
+
+
+async def _start_switch(sw: SwitchPlan, run_dir: Path) -> subprocess.Popen[bytes]:
+    log = (run_dir / f"switch-{sw.name}.log").open("wb")
+    proc = subprocess.Popen(sw.argv, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    t_end = time.monotonic() + SOCKET_TIMEOUT
+    while not all(p.exists() for p in sw.sockets.values()):
+        if proc.poll() is not None:
+            tail = (run_dir / f"switch-{sw.name}.log").read_text(errors="replace").strip().splitlines()[-3:]
+            raise LabError(
+                f"switch {sw.name}: nicsim serve exited with {proc.returncode}: {' / '.join(tail)}"
+            )
+        if time.monotonic() > t_end:
+            _stop(proc)
+            raise LabError(f"switch {sw.name}: its sockets did not appear within {SOCKET_TIMEOUT:g} s")
+        await asyncio.sleep(0.05)
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # a graceful stop writes the final stats and closes the capture
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _count_frames(lab: LabPlan, switch: str, bpf: str) -> int | str:
+    """Frames of ``switch``'s capture that match the tcpdump filter ``bpf``; a string says why not."""
+    path = lab.switches[switch].capture
+    tcpdump = shutil.which("tcpdump") or next(
+        (p for p in ("/usr/sbin/tcpdump", "/usr/bin/tcpdump") if Path(p).exists()), None
+    )
+    if path is None or tcpdump is None:
+        return "no capture file" if path is None else "tcpdump is not installed (apt install tcpdump)"
+    done = subprocess.run(
+        [tcpdump, "-r", str(path), "-nn", *bpf.split()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0:
+        return f"tcpdump: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+    return len([ln for ln in done.stdout.splitlines() if ln.strip()])
+
+
+def guests_results_json(results: Mapping[str, Sequence[WorkloadResult]]) -> dict[str, list[dict[str, Any]]]:
+    return {
+        n: [{"workload": r.workload, "ok": r.ok, "error": r.error, **dict(r.data)} for r in rs]
+        for n, rs in results.items()
+    }

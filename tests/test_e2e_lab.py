@@ -1,0 +1,102 @@
+"""End to end: ``nicsim lab run`` on real guests, as a user runs it.
+
+The example topology (two guests, a lossy link, a ping, an iperf3 and a capture check) runs twice at
+once under two lab names, which must not clash, and passes both times; a variant that asks for what
+the lossy link cannot give fails, and says which check failed. A lab whose switch cannot start fails
+at once, with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "labs" / "lossy-pair.toml"
+
+pytestmark = pytest.mark.vm
+
+
+async def lab_run(file: Path, run_dir: Path, *more: str) -> tuple[int, dict[str, Any], str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "nicsim",
+        "lab",
+        "run",
+        str(file),
+        "--dir",
+        str(run_dir),
+        "--json",
+        "-",
+        *more,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 300)
+    assert proc.returncode is not None
+    doc = json.loads(out) if out.strip() else {}
+    return proc.returncode, doc, err.decode()
+
+
+async def test_the_example_lab_passes_twice_at_once_under_two_names(guest_image: Any, tmp_path: Path) -> None:
+    (rc_a, a, err_a), (rc_b, b, err_b) = await asyncio.gather(
+        lab_run(EXAMPLE, tmp_path / "a", "--name", "pair-a"),
+        lab_run(EXAMPLE, tmp_path / "b", "--name", "pair-b"),
+    )
+    assert rc_a == 0 and rc_b == 0, (err_a[-2000:], err_b[-2000:])
+    for doc, name in ((a, "pair-a"), (b, "pair-b")):
+        assert doc["lab"] == name and doc["passed"] is True
+        assert [c["name"] for c in doc["checks"]] == [
+            "ping h1 -> h2",
+            "iperf3 h1 -> h2",
+            "the capture holds the pings",
+        ]
+        assert all(c["passed"] for c in doc["checks"]), doc["checks"]
+        assert doc["checks"][1]["value"] > 1  # Mbit/s
+        sw = doc["switches"]["lan"]
+        assert [e["pool"]["usage"] for e in sw["sockets"]] == [0, 0]  # every guest buffer went back
+        loss = sw["switch"]["ports"][doc["guests"]["h2"]["socket"]]["impair"]["rx"]
+        assert loss["dropped"]["loss"] >= 1
+    assert {g["mac"] for g in a["guests"].values()}.isdisjoint(g["mac"] for g in b["guests"].values())
+    assert (tmp_path / "a" / "lan.pcapng").stat().st_size > 0
+
+
+async def test_a_check_the_link_cannot_meet_fails_the_run_and_is_named(
+    guest_image: Any, tmp_path: Path
+) -> None:
+    strict = tmp_path / "strict.toml"
+    strict.write_text(
+        EXAMPLE.read_text()
+        .replace('rx = "loss=10% seed=1"', 'rx = "loss=50% seed=1"')
+        .replace("max_loss_pct = 30", "max_loss_pct = 0")
+    )
+    rc, doc, err = await lab_run(strict, tmp_path / "run", "--name", "strict")
+    assert rc == 1, err[-2000:]
+    verdict = {c["name"]: c["passed"] for c in doc["checks"]}
+    assert verdict["ping h1 -> h2"] is False
+    assert verdict["the capture holds the pings"] is True
+    assert "FAILED" in err and "ping h1 -> h2" in err
+
+
+def test_a_lab_whose_switch_cannot_start_fails_at_once_with_the_reason(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[switches.lan]\nuplinks = ["tap,netns=nicsim-no-such-namespace"]\n[guests.h1]\nswitch = "lan"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "nicsim", "lab", "run", str(bad), "--dir", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "switch lan: nicsim serve exited" in done.stderr
