@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +102,57 @@ def test_a_lab_whose_switch_cannot_start_fails_at_once_with_the_reason(tmp_path:
     )
     assert done.returncode == 1, done.stderr
     assert "switch lan: nicsim serve exited" in done.stderr
+
+
+def test_up_console_status_and_down_leave_nothing_behind(guest_image: Any, tmp_path: Path) -> None:
+    """A lab that stays up: its consoles answer, status sees its processes, down ends every one of them."""
+    top = tmp_path / "solo.toml"
+    top.write_text(
+        'name = "solo"\n[switches.lan]\n[guests.h1]\nswitch = "lan"\n[guests.h2]\nswitch = "lan"\n'
+        '[[checks]]\nkind = "ping"\nfrom = "h2"\nto = "h1"\ncount = 3\n'
+    )
+    run_dir = tmp_path / "lab"
+
+    def lab(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "nicsim", "lab", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            cwd=ROOT,
+        )
+
+    up = lab("up", str(top), "--dir", str(run_dir))
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        assert "check ping h2 -> h1: pass" in up.stdout
+        status = lab("status", "--dir", str(run_dir), "--json")
+        (state,) = json.loads(status.stdout)
+        assert state["state"] == "up" and state["alive"] is True
+        assert set(state["processes"]) == {"switch:lan", "guest:h1", "guest:h2"}
+        assert all(state["processes"].values()), state["processes"]
+        said = lab("console", "h2", "--dir", str(run_dir), "--for", "4", stdin="echo nicsim-$((6*7))\n")
+        assert "nicsim-42" in said.stdout, said.stdout[-2000:]
+        second = lab("up", str(top), "--dir", str(run_dir))
+        assert second.returncode == 1 and "is running" in second.stderr  # one lab per directory
+    finally:
+        down = lab("down", "--dir", str(run_dir))
+    assert down.returncode == 0, down.stderr
+    pids = [state["pid"], *state["pids"].values()]
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids), "a process of the lab outlived nicsim lab down"
+    assert not list(run_dir.glob("*.sock")) and not (run_dir / "state.json").exists()
+    assert (run_dir / "h1" / "console.log").stat().st_size > 0  # the logs stay for a person to read
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")

@@ -1,9 +1,12 @@
 """``nicsim lab``: guests, switches, impaired links, captures and checks from one topology file.
 
 ``run FILE`` boots the lab, runs every guest's workloads and the checks' own, evaluates the checks,
-prints a table (and ``--json``), stops everything and exits 0 only if every check passed. ``check
-FILE`` reads the file and says what would run, without running it. ``schema`` prints the JSON Schema
-of topology files, for editors. The file's format is in :mod:`nicsim.lab.fields` (and the README).
+prints a table (and ``--json``), stops everything and exits 0 only if every check passed. ``up FILE``
+leaves the lab running (its own process, in its own session); ``console NAME`` attaches to a guest's
+console, ``status`` lists the labs that are up, and ``down`` stops one and removes what it made.
+``check FILE`` reads the file and says what would run; ``schema`` prints the JSON Schema of topology
+files, for editors. The file's format is in :mod:`nicsim.lab.fields` (and the README); the lab's
+life outside one command is in :mod:`nicsim.lab.control`.
 """
 
 from __future__ import annotations
@@ -11,10 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,10 @@ EXAMPLE = textwrap.dedent("""\
     count = 20
     max_loss_pct = 30
 """)
+DIR_HELP = (
+    "the lab's directory: sockets, logs, consoles, captures (default: nicsim-lab-NAME in the temporary "
+    "directory)"
+)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -52,58 +56,85 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="run a lab of guests on switches from a topology file, and check what it does",
         description="Guests on nicsim switches, links with impairments, captures and checks, from a TOML "
         "topology file. 'nicsim lab run FILE' exits 0 only if every check passed.",
-        epilog="a topology file:\n\n" + textwrap.indent(EXAMPLE, "  ") + "\nexit codes: 0 every check "
-        "passed; 1 a check failed or the lab could not run; 2 the file or the options are wrong",
+        epilog="a topology file:\n\n" + textwrap.indent(EXAMPLE, "  ") + "\nexamples:\n"
+        "  nicsim lab run lab.toml --json result.json\n"
+        "  nicsim lab up lab.toml; nicsim lab console h1 --lab demo; nicsim lab down demo\n\n"
+        "exit codes: 0 every check passed; 1 a check failed or the lab could not run; "
+        "2 the file or the options are wrong",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
     run = sub.add_parser("run", help="boot the lab, run it, check it, tear it down")
-    run.add_argument("file", type=Path, metavar="FILE", help="the topology file (TOML)")
+    up = sub.add_parser("up", help="boot the lab and leave it running (nicsim lab down stops it)")
+    check = sub.add_parser("check", help="read a topology file and say what would run, without running it")
+    supervise = sub.add_parser("_supervise")  # what `up` starts: the process that keeps the lab up
+    for q in (run, up, check, supervise):
+        q.add_argument("file", type=Path, metavar="FILE", help="the topology file (TOML)")
+        q.add_argument(
+            "--name",
+            metavar="NAME",
+            help="the lab's name instead of the file's (the same file twice at once)",
+        )
+        q.add_argument("--dir", type=Path, metavar="DIR", help=DIR_HELP)
     run.add_argument(
         "--json",
         metavar="FILE",
-        help="also write the results as JSON to FILE ('-': stdout, and the table goes to stderr)",
+        help="also write the results as JSON to FILE ('-': stdout; the table goes to stderr)",
     )
-    run.add_argument(
-        "--dir",
-        type=Path,
-        metavar="DIR",
-        help="where sockets, logs and consoles go (default: a directory named after the lab "
-        "under the temporary directory, emptied first)",
+    console = sub.add_parser(
+        "console", help="attach to a guest's console in a lab that is up (Ctrl-] detaches)"
     )
-    check = sub.add_parser("check", help="read a topology file and say what would run, without running it")
-    check.add_argument("file", type=Path, metavar="FILE")
-    for p_ in (run, check):
-        p_.add_argument(
-            "--name",
-            metavar="NAME",
-            help="run the lab under this name instead of the file's (the same file twice at once)",
-        )
+    console.add_argument("guest", metavar="GUEST")
+    console.add_argument("--lab", metavar="NAME", help="the lab (default: the only one that is up)")
+    console.add_argument("--dir", type=Path, metavar="DIR", help=DIR_HELP)
+    console.add_argument(
+        "--for",
+        dest="seconds",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="without a terminal: send standard input, show the output for S more seconds, detach "
+        "(default 2)",
+    )
+    status = sub.add_parser("status", help="the labs that are up, their guests and processes")
+    status.add_argument("name", nargs="?", metavar="NAME")
+    status.add_argument("--dir", type=Path, metavar="DIR", help=DIR_HELP)
+    status.add_argument("--json", action="store_true", help="as JSON")
+    down = sub.add_parser("down", help="stop a lab that is up: every process it started, its sockets")
+    down.add_argument("name", nargs="?", metavar="NAME", help="the lab (default: the only one that is up)")
+    down.add_argument("--dir", type=Path, metavar="DIR", help=DIR_HELP)
     sub.add_parser("schema", help="print the JSON Schema of topology files (for editors)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.lab_command == "schema":
+    cmd = args.lab_command
+    if cmd == "schema":
         from nicsim.lab.schema import schema
 
         print(json.dumps(schema(), indent=2))
         return 0
-    from nicsim.lab import plan as planning
-    from nicsim.lab import topology
+    from nicsim.lab import control
 
+    if cmd == "status":
+        return control.status(args.name, args.dir, as_json=args.json)
+    if cmd == "down":
+        return control.down(args.name, args.dir)
+    if cmd == "console":
+        return control.console(args.guest, args.lab, args.dir, seconds=args.seconds)
     try:
-        top = topology.load(args.file)
-        if args.name is not None:
-            top = topology.renamed(top, args.name)
-        where = getattr(args, "dir", None)
-        run_dir = (where or Path(tempfile.gettempdir()) / f"nicsim-lab-{top.name}").resolve()
-        lab = planning.plan(top, run_dir)
+        lab = control.load_plan(args.file, args.name, args.dir, interactive=cmd in ("up", "_supervise"))
     except TopologyError as err:
         print(f"nicsim lab: {err}", file=sys.stderr)
         return 2
-    if args.lab_command == "check":
+    if cmd == "check":
         return _describe(lab)
+    if cmd == "up":
+        return control.up(lab, args.file, args.name)
+    if cmd == "_supervise":
+        from nicsim.lab.supervise import supervise
+
+        return asyncio.run(supervise(lab, image=control.image_for(lab, quiet=True)))
     return _run(lab, args)
 
 
@@ -121,27 +152,15 @@ def _describe(lab: Any) -> int:
 
 
 def _run(lab: Any, args: argparse.Namespace) -> int:
+    from nicsim.lab import control
     from nicsim.lab.report import render_table, to_json
     from nicsim.lab.run import run_lab
 
-    owner = _running(lab.run_dir)
-    if owner is not None:
-        print(
-            f"nicsim lab: lab {lab.topology.name} is running (pid {owner}) in {lab.run_dir}: wait for it, or "
-            "run this one under another --name",
-            file=sys.stderr,
-        )
+    refused = control.claim(lab)
+    if refused:
+        print(f"nicsim lab: {refused}", file=sys.stderr)
         return 1
-    if lab.run_dir.exists():
-        shutil.rmtree(lab.run_dir)
-    lab.run_dir.mkdir(parents=True)
-    (lab.run_dir / "lab.pid").write_text(f"{os.getpid()}\n")
-    image = None
-    if any(g.spec.kernel is None for g in lab.guests.values()):
-        from images.build import build_image
-
-        image = build_image(progress=lambda line: print(f"nicsim lab: image: {line}", file=sys.stderr))
-    report = asyncio.run(run_lab(lab, image=image))
+    report = asyncio.run(run_lab(lab, image=control.image_for(lab)))
     doc = to_json(report)
     table = render_table(report)
     if args.json == "-":
@@ -153,20 +172,3 @@ def _run(lab: Any, args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     return 0 if report.passed else 1
-
-
-def _running(run_dir: Path) -> int | None:
-    """The pid of a live ``nicsim lab`` that owns ``run_dir``, if there is one."""
-    try:
-        pid = int((run_dir / "lab.pid").read_text())
-    except (OSError, ValueError):
-        return None
-    if pid == os.getpid():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, someone else's
-    return pid

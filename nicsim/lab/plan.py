@@ -17,7 +17,7 @@ last, so every guest's list is, in order:
    guest's address (a ``dst_mac`` by its MAC);
 4. what its checks run (a ping, an iperf3 client after a 1 s pause for the server);
 5. a long sleep: it stays up, answering the others, until the runner has every guest's results and
-   stops them all.
+   stops them all (``nicsim lab up``: a shell on its console first, for ``nicsim lab console``).
 
 ``GuestPlan.expect`` is how many results come before that sleep; ``result_index`` says which result a
 user workload or a check reads.
@@ -58,6 +58,11 @@ class GuestPlan:
     def address(self) -> str:
         return self.ip.split("/")[0]
 
+    def as_json(self) -> dict[str, Any]:
+        """Where it is and what it runs (before its final sleep), for the JSON and state files."""
+        return {"switch": self.switch, "ip": self.ip, "mac": self.mac, "socket": str(self.socket),
+                "workloads": [w.render() for w in self.workloads[: self.expect]]}  # fmt: skip
+
 
 @dataclass(frozen=True, kw_only=True)
 class SwitchPlan:
@@ -84,8 +89,11 @@ def lab_mac(lab: str, guest: str) -> str:
     return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
 
 
-def plan(topology: Topology, run_dir: Path, *, python: str = sys.executable) -> LabPlan:
-    """What to start for ``topology``, with sockets, stats and logs under ``run_dir``."""
+def plan(
+    topology: Topology, run_dir: Path, *, python: str = sys.executable, interactive: bool = False
+) -> LabPlan:
+    """What to start for ``topology``, with sockets, stats and logs under ``run_dir``. ``interactive``
+    (``nicsim lab up``): each guest ends with a shell on its console before the final sleep."""
     ips = _addresses(topology)
     macs = {n: g.mac or lab_mac(topology.name, n) for n, g in topology.guests.items()}
     sockets = {n: run_dir / f"{n}.sock" for n in topology.guests}
@@ -145,6 +153,7 @@ def plan(topology: Topology, run_dir: Path, *, python: str = sys.executable) -> 
         elif c.kind == "result":
             check_at[i] = (c.get("guest"), ids[(c.get("guest"), c.get("workload"))])
     guests: dict[str, GuestPlan] = {}
+    tail = (*((Workload("shell"),) if interactive else ()), Workload("sleep", seconds=HOLD_SECONDS))
     for n, g in topology.guests.items():
         items = lists[n]
         guests[n] = GuestPlan(
@@ -154,7 +163,7 @@ def plan(topology: Topology, run_dir: Path, *, python: str = sys.executable) -> 
             mac=macs[n],
             ip=ips[n],
             spec=g,
-            workloads=(*(w for w, _ in items), Workload("sleep", seconds=HOLD_SECONDS)),
+            workloads=(*(w for w, _ in items), *tail),
             expect=len(items),
             labels=tuple(label for _, label in items),
         )

@@ -44,16 +44,7 @@ def to_json(report: LabReport) -> dict[str, Any]:
         "seconds": round(report.seconds, 2),
         "errors": report.errors,
         "checks": [o.as_json() for o in report.outcomes],
-        "guests": {
-            n: {
-                "switch": g.switch,
-                "ip": g.ip,
-                "mac": g.mac,
-                "socket": str(g.socket),
-                "workloads": [w.render() for w in g.workloads[: g.expect]],
-            }
-            for n, g in lab.guests.items()
-        },
+        "guests": {n: g.as_json() for n, g in lab.guests.items()},
         "results": guests_results_json(report.results),
         "switches": report.switch_stats,
         "run_dir": str(lab.run_dir),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import shutil
 import signal
@@ -60,40 +61,79 @@ def _say(stream: TextIO | None) -> Callable[[str], None]:
     return say
 
 
+class RunningLab:
+    """A lab's switches and guests, up from ``async with`` to its end (everything stopped, by pid).
+
+    ``echo(guest, text)`` sees every guest's console output as it comes (``nicsim lab up``'s consoles).
+    """
+
+    def __init__(self, lab: LabPlan, *, image: Any = None, say: Callable[[str], None] = lambda _: None,
+                 echo: Callable[[str, str], None] | None = None) -> None:  # fmt: skip
+        self.plan = lab
+        self.say = say
+        self.servers: dict[str, subprocess.Popen[bytes]] = {}
+        self.vms = {n: _vm(lab, g, image, echo) for n, g in lab.guests.items()}
+        self._stack = contextlib.AsyncExitStack()
+        self.t0 = time.monotonic()
+
+    async def __aenter__(self) -> RunningLab:
+        self.plan.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for sw in self.plan.switches.values():
+                self.say(f"switch {sw.name}: starting ({len(sw.sockets)} guests)")
+                self.servers[sw.name] = await _start_switch(sw, self.plan.run_dir)
+            self.say(f"booting {', '.join(self.vms)}")
+            for vm in self.vms.values():
+                await self._stack.enter_async_context(vm)
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop the guests, then the switches (whose captures are complete only then)."""
+        try:
+            if self.vms:
+                self.say("stopping the guests")
+            await self._stack.aclose()
+        finally:
+            for name, proc in self.servers.items():
+                _stop(proc)
+                self.say(f"switch {name}: stopped")
+            self.servers.clear()
+
+    async def collect(self) -> tuple[dict[str, list[WorkloadResult]], list[str]]:
+        """Every guest's results up to its final sleep, within the topology's timeout, and what failed."""
+        deadline = self.t0 + self.plan.topology.timeout
+        got = await asyncio.gather(
+            *(_collect(n, self.vms[n], g, deadline, self.say) for n, g in self.plan.guests.items()),
+            return_exceptions=True,
+        )
+        results: dict[str, list[WorkloadResult]] = {}
+        errors: list[str] = []
+        for (n, vm), r in zip(self.vms.items(), got, strict=True):
+            if isinstance(r, BaseException):
+                errors.append(f"{n}: {r}")
+                results[n] = parse_results(vm.console_text)
+            else:
+                results[n] = r
+        return results, errors
+
+    def pids(self) -> dict[str, int]:
+        """Every process the lab started: ``switch:NAME`` and ``guest:NAME`` -> pid."""
+        out = {f"switch:{n}": p.pid for n, p in self.servers.items()}
+        out.update({f"guest:{n}": vm.pid for n, vm in self.vms.items()})
+        return out
+
+
 async def run_lab(lab: LabPlan, *, image: Any = None, progress: TextIO | None = sys.stderr) -> LabReport:
     """Run ``lab`` once; ``image``: the built-in guest image, for guests without a kernel of their own."""
-    say = _say(progress)
-    t0 = time.monotonic()
-    lab.run_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[WorkloadResult]] = {n: [] for n in lab.guests}
-    errors: list[str] = []
-    servers: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        for sw in lab.switches.values():
-            say(f"switch {sw.name}: starting ({len(sw.sockets)} guests)")
-            servers[sw.name] = await _start_switch(sw, lab.run_dir)
-        vms = {n: _vm(lab, g, image) for n, g in lab.guests.items()}
-        async with contextlib.AsyncExitStack() as stack:
-            say(f"booting {', '.join(vms)}")
-            for vm in vms.values():
-                await stack.enter_async_context(vm)
-            deadline = t0 + lab.topology.timeout
-            outcome = await asyncio.gather(
-                *(_collect(n, vms[n], g, deadline, say) for n, g in lab.guests.items()),
-                return_exceptions=True,
-            )
-            for (n, vm), got in zip(vms.items(), outcome, strict=True):
-                if isinstance(got, BaseException):
-                    errors.append(f"{n}: {got}")
-                    results[n] = parse_results(vm.console_text)
-                else:
-                    results[n] = got
-            say("stopping the guests")
-    finally:
-        for name, proc in servers.items():
-            _stop(proc)
-            say(f"switch {name}: stopped")
-    stats = {s.name: _read_json(s.stats_file) for s in lab.switches.values()}
+    running = RunningLab(lab, image=image, say=_say(progress))
+    async with running:
+        results, errors = await running.collect()
     captures = {
         i: _count_frames(lab, c.get("switch"), c.get("filter", ""))
         for i, c in enumerate(lab.topology.checks)
@@ -103,13 +143,13 @@ async def run_lab(lab: LabPlan, *, image: Any = None, progress: TextIO | None = 
         plan=lab,
         outcomes=evaluate(lab, results, captures),
         results=results,
-        switch_stats=stats,
-        seconds=time.monotonic() - t0,
+        switch_stats={s.name: _read_json(s.stats_file) for s in lab.switches.values()},
+        seconds=time.monotonic() - running.t0,
         errors=errors,
     )
 
 
-def _vm(lab: LabPlan, g: GuestPlan, image: Any) -> TestVM:
+def _vm(lab: LabPlan, g: GuestPlan, image: Any, echo: Callable[[str, str], None] | None) -> TestVM:
     kernel = g.spec.kernel or (image.kernel if image is not None else None)
     initrd = g.spec.initrd if g.spec.initrd is not None else (image.initrd if g.spec.kernel is None else None)
     if kernel is None:
@@ -126,6 +166,7 @@ def _vm(lab: LabPlan, g: GuestPlan, image: Any) -> TestVM:
         extra_append=tuple(g.spec.append.split()),
         log_dir=lab.run_dir / g.name,
         name=f"{lab.topology.name}-{g.name}",
+        echo=None if echo is None else functools.partial(echo, g.name),
     )
 
 

@@ -103,6 +103,10 @@ class ConsoleReader:
                 console_tail=self.tail(),
             ) from err
 
+    async def write(self, data: bytes) -> None:
+        """Type ``data`` on the guest's console (what a person at the serial port would)."""
+        await asyncio.get_running_loop().sock_sendall(self._sock, data)
+
     async def wait_eof(self) -> None:
         """Wait until QEMU closed the console (every byte it wrote has been read)."""
         while not self._eof:

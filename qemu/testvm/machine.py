@@ -273,6 +273,12 @@ class TestVM:
             end = line.end()
         return parse_results(self.console_text[since:end])
 
+    async def send_console(self, data: bytes) -> None:
+        """Type ``data`` on the guest's serial console (a shell workload reads it)."""
+        if self._console is None:
+            raise VMStateError(f"{self._name}: not launched")
+        await self._console.write(data)
+
     # ---- QMP ------------------------------------------------------------------------------------
 
     async def qmp(self, command: str, arguments: dict[str, object] | None = None) -> object:
