@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -25,6 +26,8 @@ from nicsim.errors import LocalError
 from nicsim.server.session import Session
 from nicsim.vhost.backend_core import DEFAULT_MAX_QUEUE_SIZE
 from nicsim.virtio.device import VirtioNetDevice
+
+SUN_PATH_MAX = 108  # sockaddr_un.sun_path, its terminating NUL included
 
 log = logging.getLogger("nicsim.server")
 
@@ -63,16 +66,25 @@ class Endpoint:
             return
         _remove_stale_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The path appears only once the socket listens: bound under a temporary name, renamed after
+        # listen(). A frontend (or a script) that connects as soon as the file exists would otherwise
+        # meet a bound socket that does not listen yet, and be refused.
+        staging = _staging_path(self.path)
         # The socket hands out guest memory: only our user may connect (0600 from the first moment,
         # hence the umask around bind rather than a chmod after it).
         old_umask = os.umask(0o177)
         try:
-            sock.bind(str(self.path))
+            sock.bind(str(staging))
             os.umask(old_umask)
             sock.listen(4)
             sock.setblocking(False)
+            if staging != self.path:
+                os.rename(staging, self.path)
         except OSError:
             sock.close()
+            with contextlib.suppress(OSError):
+                if staging != self.path:
+                    staging.unlink()
             raise
         finally:
             os.umask(old_umask)
@@ -265,3 +277,12 @@ class Server:
         self._closed = True
         for ep in self.endpoints:
             await ep.close()
+
+
+_staged = itertools.count()
+
+
+def _staging_path(path: Path) -> Path:
+    """A short temporary name beside ``path`` to bind to (``path`` itself if that would be too long)."""
+    staging = path.with_name(f".nicsim-{os.getpid()}-{next(_staged)}")
+    return staging if len(os.fsencode(staging)) < SUN_PATH_MAX else path
