@@ -22,12 +22,15 @@ LAYERS = (
     ("nicsim.ports",),
     ("nicsim.vhost",),
     ("nicsim.server", "nicsim.frontend"),
-    ("nicsim.bench",),
+    ("nicsim.bench", "nicsim.lab"),
     ("nicsim.cli",),
 )
 STANDALONE = ("qemu.testvm", "images")
 # Who may use a standalone package, besides itself.
-STANDALONE_USERS = {"qemu.testvm": ("nicsim.bench", "nicsim.cli"), "images": ("nicsim.bench", "nicsim.cli")}
+STANDALONE_USERS = {
+    "qemu.testvm": ("nicsim.bench", "nicsim.lab", "nicsim.cli"),
+    "images": ("nicsim.bench", "nicsim.lab", "nicsim.cli"),
+}
 # nicsim.__main__ only runs the CLI; it is the program's entry, not a layer's module.
 ENTRY_POINTS = {"nicsim.__main__": ("nicsim.cli",)}
 
