@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from nicsim.errors import RemoteError
 from nicsim.vhost import FrontendConnection, Outgoing, Reply, Request
@@ -174,6 +175,7 @@ class VhostUserFrontend:
         self._received = 0  # replies decoded so far
         self._claimed = 0  # replies expected so far (a call() that sends a request claims one)
         self.inflight: tuple[int, p.InflightDesc] | None = None  # kept across backend restarts
+        self._log_mm: mmap.mmap | None = None  # the dirty log shared with start_dirty_log
         self.loop.add_reader(sock.fileno(), self._on_readable)
 
     @classmethod
@@ -241,15 +243,18 @@ class VhostUserFrontend:
     # -- the handshake (QEMU 7.2's order) ---------------------------------------------------------
 
     async def handshake(
-        self, *, event_idx: bool = True, mrg_rxbuf: bool = True, inflight: bool = False
+        self, *, event_idx: bool = True, mrg_rxbuf: bool = True, inflight: bool = False, log: bool = False
     ) -> int:
         """GET/SET features and protocol features, queue count, owner, call fds; returns the features.
-        ``inflight``: also negotiate INFLIGHT_SHMFD (then call :meth:`setup_inflight` before ``start``)."""
+        ``inflight``: also negotiate INFLIGHT_SHMFD (then call :meth:`setup_inflight` before ``start``);
+        ``log``: LOG_SHMFD, for :meth:`start_dirty_log` (a migration)."""
         offered = (await self._u64(self.conn.get_features()))
         protocol = await self._u64(self.conn.get_protocol_features())
         wanted = [vf.VHOST_USER_PROTOCOL_F_MQ, vf.VHOST_USER_PROTOCOL_F_REPLY_ACK]
         if inflight:
             wanted.append(vf.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)
+        if log:
+            wanted.append(vf.VHOST_USER_PROTOCOL_F_LOG_SHMFD)
         want_protocol = protocol & vf.mask(wanted)
         await self.call(self.conn.set_protocol_features(want_protocol))
         self.protocol_features = want_protocol
@@ -262,6 +267,7 @@ class VhostUserFrontend:
             await self.call(self.conn.set_vring_call(i, self.call_fds[i]))
         drop = 0 if event_idx else vf.bit(VIRTIO_F_EVENT_IDX)
         drop |= 0 if mrg_rxbuf else vf.bit(VIRTIO_NET_F_MRG_RXBUF)
+        drop |= vf.bit(vf.VHOST_F_LOG_ALL)  # QEMU sets it only while it migrates (start_dirty_log)
         self.features = offered & ~drop
         return self.features
 
@@ -274,6 +280,27 @@ class VhostUserFrontend:
             self.queues[i] = DriverQueue(self.ram, index=i, size=self.queue_size, event_idx=event_idx,
                                          start_idx=base)  # fmt: skip
             await self.start_ring(i, base=base)
+
+    async def start_dirty_log(self) -> npt.NDArray[np.uint8]:
+        """What QEMU does when a migration starts: share a dirty log (one bit per 4 KiB page of guest
+        memory, in a memfd; SET_LOG_BASE), then set VHOST_F_LOG_ALL. Returns the bitmap, which the
+        backend fills while logging (``handshake(log=True)`` first)."""
+        pages = -(-max(r.guest_phys_addr + r.size for r in self.ram.regions) // 4096)
+        size = -(-pages // 64) * 8  # whole u64 words, as QEMU sizes it
+        fd = os.memfd_create("nicsim-dirty-log", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            self._log_mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+            await self.call(self.conn.set_log_base(size, 0, fd))
+        finally:
+            os.close(fd)
+        logging = self.features | vf.bit(vf.VHOST_F_LOG_ALL)
+        await self.call(self.conn.set_features(logging, need_reply=self._ack))
+        return np.frombuffer(self._log_mm, dtype=np.uint8)
+
+    async def stop_dirty_log(self) -> None:
+        """A cancelled migration: VHOST_F_LOG_ALL cleared (the log stays shared)."""
+        await self.call(self.conn.set_features(self.features, need_reply=self._ack))
 
     async def set_memory_table(self) -> None:
         """Send (or re-send: a replacement) the memory table with the memfd; acked when REPLY_ACK."""
@@ -504,6 +531,10 @@ class VhostUserFrontend:
             os.close(fd)
         self.queues.clear()
         self.ram.close()
+        if self._log_mm is not None:
+            with contextlib.suppress(BufferError):  # the caller still holds the bitmap: the GC unmaps it
+                self._log_mm.close()
+            self._log_mm = None
 
     async def __aenter__(self) -> VhostUserFrontend:
         return self

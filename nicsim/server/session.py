@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from nicsim.server.dirty_log_map import MappedDirtyLog
 from nicsim.server.guestmem import MappedMemory, MappedRegion, MemoryMapError, close_fds
 from nicsim.server.inflight_fd import InflightStore
 from nicsim.server.pump import RingPump
@@ -190,6 +191,10 @@ class Session:
                 return self._adopt_inflight(action)
             case act.ReleaseInflight():
                 self._release_inflight(action)
+            case act.MapDirtyLog():
+                return self._map_dirty_log(action)
+            case act.ReleaseDirtyLog():
+                action.storage.close()
             case act.CloseFds():
                 close_fds(action.fds)
         return []
@@ -259,6 +264,15 @@ class Session:
         finally:
             close_fds([action.fd])  # the mapping, if any, keeps the buffer
         return self.core.inflight_adopted(action, store)
+
+    def _map_dirty_log(self, action: act.MapDirtyLog) -> list[act.Action]:
+        try:
+            storage = MappedDirtyLog.map(action.fd, action.mmap_size, action.mmap_offset)
+        except (OSError, ValueError) as err:
+            return self.core.action_failed(action, f"SET_LOG_BASE: cannot map the log: {err}")
+        finally:
+            close_fds([action.fd])  # the mapping keeps the memory
+        return self.core.dirty_log_mapped(action, storage)
 
     def _release_inflight(self, action: act.ReleaseInflight) -> None:
         fd = action.storage.fd

@@ -20,6 +20,7 @@ from typing import Protocol
 from nicsim.errors import RemoteError
 from nicsim.vhost import events as ev
 from nicsim.virtio.inflight import InflightHooks
+from rings.dirty_log import DirtyLog
 from rings.inflight import Recovery
 
 
@@ -118,6 +119,33 @@ class ReleaseInflight(Action):
     """Unmap ``storage`` and close its memfd, once no reply still to be written carries that fd."""
 
     storage: InflightStorage
+
+
+class DirtyLogStorage(Protocol):
+    """A mapped dirty log (SET_LOG_BASE with VHOST_USER_PROTOCOL_F_LOG_SHMFD), as the core uses it."""
+
+    log: DirtyLog
+
+    def close(self) -> None:
+        """Unmap it (the shell does, on ``ReleaseDirtyLog``; the core never calls it)."""
+        ...
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MapDirtyLog(Action):
+    """Map the dirty log QEMU shares for a migration (closing ``fd``); answer ``dirty_log_mapped``
+    or ``action_failed``."""
+
+    fd: int
+    mmap_size: int
+    mmap_offset: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReleaseDirtyLog(Action):
+    """Unmap a dirty log nobody writes any more (the device let go of it first)."""
+
+    storage: DirtyLogStorage
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -30,11 +30,14 @@ from nicsim.vhost.actions import (
     Action,
     AdoptInflight,
     CloseFds,
+    DirtyLogStorage,
     InflightError,
     InflightFactory,
     InflightStorage,
+    MapDirtyLog,
     MapMemoryRegion,
     MapMemoryTable,
+    ReleaseDirtyLog,
     ReleaseInflight,
     RingFd,
     SetRingFd,
@@ -89,11 +92,16 @@ class BackendCore:
         self.errors: list[str] = []
         self._create_inflight = create_inflight
         self._config = net_config(mac, status=1, pairs=device.pairs, mtu=1500)
-        features = device.device_features() | vf.bit(vf.VHOST_USER_F_PROTOCOL_FEATURES)
+        # VHOST_F_LOG_ALL and LOG_SHMFD: QEMU migrates a guest whose NIC is on vhost-user only with both
+        # (the dirty log of every page the backend writes; see rings.dirty_log).
+        vhost_bits = vf.bit(vf.VHOST_USER_F_PROTOCOL_FEATURES) | vf.bit(vf.VHOST_F_LOG_ALL)
+        features = device.device_features() | vhost_bits
         self.conn = BackendConnection(
             device=self, features=features, queue_pairs=device.pairs, max_queue_size=max_queue_size,
+            protocol_features=vf.DEFAULT_PROTOCOL_FEATURES | vf.bit(vf.VHOST_USER_PROTOCOL_F_LOG_SHMFD),
             inflight_shmfd=True, config_space=config_space,
         )  # fmt: skip
+        self.dirty_log: DirtyLogStorage | None = None
         self.memory: GuestMemory | None = None  # the table the shell mapped last
         self.inflight: InflightStorage | None = None
         n = device.num_queues
@@ -145,6 +153,15 @@ class BackendCore:
         if isinstance(action, UnmapMemoryRegion):
             return []  # less memory cannot let a ring start
         return self._sync_rings(action.cause, range(self.device.num_queues))
+
+    def dirty_log_mapped(self, action: MapDirtyLog, storage: DirtyLogStorage) -> list[Action]:
+        """SET_LOG_BASE's log is mapped: the device logs into it while VHOST_F_LOG_ALL is on."""
+        return self._set_dirty_log(storage)
+
+    def _set_dirty_log(self, storage: DirtyLogStorage | None) -> list[Action]:
+        old, self.dirty_log = self.dirty_log, storage
+        self.device.set_dirty_log(None if storage is None else storage.log)
+        return [] if old is None else [ReleaseDirtyLog(storage=old)]
 
     def inflight_adopted(self, action: AdoptInflight, storage: InflightStorage) -> list[Action]:
         """SET_INFLIGHT_FD's buffer is mapped: rings started from now on resubmit what it says."""
@@ -211,6 +228,7 @@ class BackendCore:
                 self.note(f"{event.request} refused in state {event.state}: {event.reason}"
                           + (" (fatal)" if event.fatal else ""))  # fmt: skip
             case ev.FeaturesSet():
+                self.device.set_log_all(vf.has(event.features, vf.VHOST_F_LOG_ALL))
                 try:
                     self.device.set_features(event.features & self.device.device_features())
                 except (DeviceStateError, OSError) as err:  # OSError: the port refused (a tap's ioctl)
@@ -236,7 +254,10 @@ class BackendCore:
                 return self._adopt_inflight(event)
             case ev.StatusSet() if event.status == 0:
                 self.device.driver_reset()  # virtio 1.2 §2.4: writing 0 resets the device
-            case ev.LogBaseSet() | ev.LogFdSet() | ev.BackendReqFdSet():
+            case ev.LogBaseSet():
+                return [MapDirtyLog(cause=event, fd=event.fd, mmap_size=event.mmap_size,
+                                    mmap_offset=event.mmap_offset)]  # fmt: skip
+            case ev.LogFdSet() | ev.BackendReqFdSet():
                 self.note(f"{type(event).__name__} ignored: not offered")
                 return [CloseFds(cause=event, fds=(event.fd,))]  # features we never offer; the fd is ours
         return []
@@ -336,7 +357,7 @@ class BackendCore:
             self.device.shutdown()
         except Exception:
             log.exception("%s: device shutdown failed", self.name)
-        out = self._set_inflight(None)
+        out = self._set_inflight(None) + self._set_dirty_log(None)
         self.device.set_memory(None)
         self.memory = None
         self.conn.close()

@@ -338,11 +338,14 @@ class BackendConnection:
         if extra:
             raise FrontendProtocolError(f"features not offered: {', '.join(f.feature_names(extra))}")
         started = [r.index for r in self.rings if r.phase is RingPhase.STARTED]
-        if started and payload.value != self.acked_features:
+        # VHOST_F_LOG_ALL is not a ring's business: QEMU sets it while the rings run, when a migration
+        # starts (and clears it when one is cancelled), to turn the dirty log on and off.
+        moved = (payload.value ^ (self.acked_features or 0)) & ~f.bit(f.VHOST_F_LOG_ALL)
+        if started and (self.acked_features is None or moved):
             # A started ring reads its layout, header size and notification scheme from the
             # features; they cannot change under it. The same bits again are no change: QEMU sends
             # SET_FEATURES once per queue pair (one vhost_dev each) while the first pair runs.
-            changed = f.feature_names(payload.value ^ (self.acked_features or 0))
+            changed = f.feature_names(moved)
             raise FrontendProtocolError(
                 f"features cannot change while vring {started[0]} is started ({', '.join(changed)})"
             )

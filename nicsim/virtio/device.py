@@ -50,6 +50,7 @@ from nicsim.virtio.queues import (
 from nicsim.virtio.rx import RxPath
 from nicsim.virtio.stats import DeviceStats
 from nicsim.virtio.tx import TxPath
+from rings.dirty_log import DirtyLog
 from rings.errors import GuestError
 from rings.memory import GuestMemory
 from rings.pool import PacketPool
@@ -264,6 +265,8 @@ class VirtioNetDevice:
         """Ask the guest not to kick while we poll (§2.7.7 NO_NOTIFY / §2.7.10 avail_event)."""
         st, mem = self._qs.running(index)
         st.q.suppress_kicks(mem, True, event_idx=self._qs.event_idx)
+        if self._qs.logging:
+            self._qs.log_used(st.q)  # the flag or avail_event just written is in the used ring
 
     def rearm_kicks(self, index: int, *, after: int = 0) -> bool:
         """Enable kicks, then re-check avail to close the race with a guest that published just before
@@ -282,10 +285,26 @@ class VirtioNetDevice:
         else:
             after = 0
             q.suppress_kicks(mem, False, event_idx=event_idx)
+        if self._qs.logging:
+            self._qs.log_used(q)  # the flag or avail_event just written is in the used ring
         if q.avail_pending(mem) <= after:
             return True
         q.suppress_kicks(mem, True, event_idx=event_idx)
         return False
+
+    # -- live migration ---------------------------------------------------------------------------
+
+    def set_dirty_log(self, log: DirtyLog | None) -> None:
+        """The dirty log QEMU shares for a migration (SET_LOG_BASE), or None (gone with the session)."""
+        self._qs.dirty_log = log
+
+    def set_log_all(self, on: bool) -> None:
+        """VHOST_F_LOG_ALL: log every write to guest memory from now on (a migration runs), or stop."""
+        self._qs.log_all = on
+
+    @property
+    def logging(self) -> bool:
+        return self._qs.logging
 
     def probe(self, index: int) -> RingProbe:
         """Look at a queue for the pump's stall watchdog (reads the ring, changes nothing)."""

@@ -35,6 +35,7 @@ from nicsim.virtio.policy import NotifyPolicy, should_interrupt
 from nicsim.virtio.port import vnet_hdr_len
 from nicsim.virtio.stats import DeviceStats
 from rings.chains import ChainBatch, ErrorCode
+from rings.dirty_log import DirtyLog
 from rings.errors import GuestError
 from rings.memory import GuestMemory
 from rings.pool import PacketPool
@@ -136,6 +137,10 @@ class QueueSet:
         self.inflight: InflightHooks | None = None  # set by the server with INFLIGHT_SHMFD
         self.on_wakeup: Callable[[int], None] | None = None
         self.in_call = False  # a port runs inside process_tx: no wakeups (the server asks afterwards)
+        # A live migration's dirty log (vhost-user SET_LOG_BASE) and whether it is on (VHOST_F_LOG_ALL):
+        # while ``logging``, every write to guest memory is logged (:meth:`log_used`, and RX data in rx).
+        self.dirty_log: DirtyLog | None = None
+        self.log_all = False
         self.closed = False
         # DEVICE_NEEDS_RESET (virtio 1.2 §2.1.2): a ring broke; latched until the driver resets the device.
         self.needs_reset = False
@@ -176,6 +181,8 @@ class QueueSet:
         if hooks is not None:
             hooks.before_used(index, heads)
         q.push_used(mem, heads, lens)
+        if self.logging:
+            self.log_used(q)
         if hooks is not None:
             hooks.after_used(index, heads, q.used_idx)
 
@@ -184,11 +191,20 @@ class QueueSet:
     ) -> None:
         """:meth:`mark_used` for a short round's few entries, as ints (the hooks get arrays)."""
         hooks = self.inflight
-        if hooks is not None:
+        if hooks is not None or self.logging:
             self.mark_used(index, q, mem, np.array(heads, np.uint16), np.array(lens, np.uint32))
             return
         q.push_used_few(mem, heads, lens)
 
+    @property
+    def logging(self) -> bool:
+        """A migration is under way: every write to guest memory goes in the dirty log."""
+        return self.log_all and self.dirty_log is not None
+
+    def log_used(self, q: SplitQueue) -> None:
+        """Log the used ring's pages (entries, index, ``avail_event``: all of it, a page or two)."""
+        assert self.dirty_log is not None
+        self.dirty_log.mark(q.used_addr, 6 + 8 * q.size)
     def count_chain_errors(self, index: int, cb: ChainBatch) -> int:
         """Count the batch's bad chains as drops, by error code; returns how many there were."""
         if not cb.errors:  # the walker sets ``errors[k]`` with every ``error[k]``

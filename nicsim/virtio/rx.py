@@ -554,7 +554,14 @@ class RxPath:
             lens[good_pos[:used_good]] = chain_bytes.astype(np.uint32)
             self._qs.count_chain_errors(rxq, _prefix_errors(cb, cut))
         if cut:
-            self._qs.mark_used(rxq, st.q, mem, cb.heads[:cut], lens[:cut])
+            qs = self._qs
+            if qs.logging:
+                # Every buffer of the published chains may have been written: log them all (a buffer
+                # only partly written costs a spurious page copy at worst, a missed one a stale page).
+                assert qs.dirty_log is not None
+                seg = np.flatnonzero(cb.seg_writable & (cb.seg_chain < cut))
+                qs.dirty_log.mark_ranges(cb.seg_addr[seg], cb.seg_len[seg])
+            qs.mark_used(rxq, st.q, mem, cb.heads[:cut], lens[:cut])
         self._give_back(rxq, st, descs, k - cut)
 
     def _deliver(
@@ -565,7 +572,7 @@ class RxPath:
         (placed or dropped as too big); the rest wait."""
         qs = self._qs
         carried = self._port.vnet_hdr  # the frames start with the port's (the kernel's) header
-        if lengths.shape[0] <= qs.short_round:
+        if lengths.shape[0] <= qs.short_round and not qs.logging:  # the short path does not log
             taken = self._short.deliver(rxq, st, mem, data, offsets, lengths, carried=carried)
             if taken is not None:
                 return taken
