@@ -33,8 +33,9 @@ from nicsim.ports.frames import (
     parse_ipv4,
 )
 from qemu.testvm import Netns
+from tests.hardening import until
 from tests.pcap_read import Captured, read_capture, tcpdump
-from tests.test_switch import MACS, Lab
+from tests.test_switch import BROADCAST, MACS, Lab, frame
 from tests.test_switch_uplinks import arp_and_ping, finish, next_frame
 
 INBOUND, OUTBOUND = 1, 2
@@ -153,3 +154,35 @@ async def test_pcap_gives_the_tap_uplink_its_own_file(tmp_path: Path, netns: Cal
     header, dumped = tcpdump(uplink, "icmp")
     assert header.startswith("reading from file") and len(dumped) == 6, (header, dumped)
     assert all(MACS[0] in (d.src, d.dst) for d in dumped)
+
+
+async def test_a_frame_the_tap_refuses_is_captured_yet_counted_as_dropped_not_sent(
+    tmp_path: Path, netns: Callable[[], Netns]
+) -> None:
+    """The capture holds what the switch handed to the uplink's port; whether it left is the port's
+    ``tx_frames``, which the switch still reads through the capture's wrapper: a TAP that is down
+    refuses the write (EIO), and the switch counts the frame ``uplink_tx``, not as sent."""
+    ns = netns()
+    ns.add_tap("tap0", f"{PEER_IP}/24")
+    ns.run("ip", "link", "set", "tap0", "down")
+    args = build_parser().parse_args(["serve", "--socket", str(tmp_path / "a.sock"), "--port", "switch",
+                                      "--uplink", f"tap,netns={ns.name},ifname=tap0",
+                                      "--pcap", str(tmp_path / "cap.pcapng")])  # fmt: skip
+    captures = Captures(args, args.socket, args.uplink)
+    try:
+        switch = parse_switch("switch", [], args.socket, args.uplink, wrap_uplink=captures.wrap_uplink)
+        lab = Lab(tmp_path, switch, guests=1, wrap=captures.wrap)
+        await lab.server.start()
+        switch.start_io(asyncio.get_running_loop())
+        a = await lab.guest(0)
+        a.transmit([frame(0, BROADCAST)])
+        number = switch.slot("uplink0")
+        await until(lambda: switch.port_stats(number)["drops"] == {"uplink_tx": 1}, "the drop is counted")
+        row = switch.port_stats(number)
+        assert row["tx_packets"] == 0 and row["uplink"]["drops"] == {"tx_eio": 1}
+        assert row["uplink"]["capture"] == {"inbound": 1, "outbound": 0}
+        await finish(lab, a)
+    finally:
+        captures.close()
+    on_uplink = [c.direction for c in read_capture(tmp_path / "cap.pcapng") if c.interface == UPLINK_IF]
+    assert on_uplink == [INBOUND]
