@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from nicsim.cli.capture import interface_names, pcap_paths
+from nicsim.cli.capture import interface_names, pcap_paths, uplink_interface
 from nicsim.frontend import VhostUserFrontend
 from nicsim.ports import frames as fr
 from tests.pcap_read import read_capture, tcpdump
@@ -208,3 +208,15 @@ def test_socket_names_stay_apart_in_interfaces_and_pcap_file_names() -> None:
     two, clash = [Path("x/a.sock"), Path("x/b.sock")], [Path("x/g.sock"), Path("y/g.sock")]
     assert pcap_paths(cap, two) == [Path("run/cap-a.pcap"), Path("run/cap-b.pcap")]
     assert pcap_paths(cap, clash) == [Path("run/cap-0.pcap"), Path("run/cap-1.pcap")]
+
+
+def test_uplinks_are_named_after_their_switch_port_and_kind() -> None:
+    cap = Path("run/cap.pcap")
+    assert uplink_interface("uplink0", "tap,netns=lab,ifname=tap0") == "uplink0 (tap)"
+    assert uplink_interface("uplink1", "vxlan,remote=10.0.0.2,vni=42") == "uplink1 (vxlan)"
+    # A socket and an uplink are two captured ports: a file each, the uplink's named after it.
+    assert pcap_paths(cap, [Path("x/a.sock")], ["uplink0"]) == [Path("run/cap-a.pcap"),
+                                                                Path("run/cap-uplink0.pcap")]  # fmt: skip
+    assert pcap_paths(cap, [], ["uplink0"]) == [cap]
+    assert pcap_paths(cap, [Path("x/uplink0.sock")], ["uplink0"]) == [Path("run/cap-0.pcap"),
+                                                                      Path("run/cap-1.pcap")]  # fmt: skip

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from nicsim.frontend import CompletionTimeout, VhostUserFrontend
+from nicsim.ports.base import Port
 from nicsim.ports.frames import ip_bytes, mac_bytes, udp_frame
 from nicsim.ports.impair import Impairment
 from nicsim.ports.switch import Switch
@@ -40,15 +42,18 @@ def sport(data: bytes | None) -> int:
 
 
 class Lab:
-    """A switch, a server with one socket per guest, and the devices each connection got."""
+    """A switch, a server with one socket per guest, and the devices each connection got; ``wrap``
+    (a capture's) is applied to each guest's switch port, as ``nicsim serve --pcap`` does."""
 
-    def __init__(self, tmp_path: Path, switch: Switch, guests: int = 3) -> None:
+    def __init__(self, tmp_path: Path, switch: Switch, guests: int = 3, *,
+                 wrap: Callable[[Port, Path], Port] | None = None) -> None:  # fmt: skip
         self.switch = switch
         self.paths = [tmp_path / f"{chr(ord('a') + i)}.sock" for i in range(guests)]
         self.devices: dict[Path, list[VirtioNetDevice]] = {p: [] for p in self.paths}
 
         def make_device(path: Path) -> VirtioNetDevice:
-            dev = VirtioNetDevice(port=switch.port(str(path)), pool=PacketPool(256))
+            port: Port = switch.port(str(path))
+            dev = VirtioNetDevice(port=port if wrap is None else wrap(port, path), pool=PacketPool(256))
             self.devices[path].append(dev)
             return dev
 

@@ -1,35 +1,41 @@
 """``nicsim serve --pcap FILE``: the capture options, the files they open, and the closing summary.
 
-This module owns the mapping from sockets to capture files: with pcapng (the default) one file holds
-every socket, each socket an interface named after its socket file; with pcap, which has no
-interfaces, a single socket writes ``FILE`` and several sockets each write their own file, the
-socket's name inserted before the suffix (``cap.pcap`` -> ``cap-a.pcap`` for ``a.sock``). The writers
-live for the whole run, across the guests that connect and disconnect; each device's port is wrapped
-by :func:`nicsim.ports.capture.capturing`. Without ``--pcap`` nothing here runs and no port is wrapped.
+This module owns the mapping from sockets and a switch's uplinks to capture files: with pcapng (the
+default) one file holds them all, each socket an interface named after its socket file and each
+uplink one named after it and its kind (``uplink0 (tap)``); with pcap, which has no interfaces, a
+single socket writes ``FILE`` and several captured ports each write their own file, the socket's or
+uplink's name inserted before the suffix (``cap.pcap`` -> ``cap-a.pcap`` for ``a.sock``,
+``cap-uplink0.pcap``). The writers live for the whole run, across the guests that connect and
+disconnect; each device's port and each uplink's port is wrapped by
+:func:`nicsim.ports.capture.capturing` (an uplink's directions seen from the network's side, so that
+on every interface outbound is into the switch). Without ``--pcap`` nothing here runs and no port is
+wrapped.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from nicsim.ports import Port
-from nicsim.ports.capture import MAX_SNAPLEN, CaptureConfig, CaptureWriter, Format, capturing
+from nicsim.ports.capture import MAX_SNAPLEN, CaptureConfig, CaptureWriter, Direction, Format, capturing
 
 FORMATS = [f.value for f in Format]
 
 
 def add_capture_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
-        "capture", "write every frame each guest sends (outbound) and receives (inbound) to a file that "
-        "tcpdump -r and Wireshark read",
+        "capture", "write every frame each guest sends (outbound) and receives (inbound), and every frame "
+        "a switch's --uplink carries, to a file that tcpdump -r and Wireshark read",
     )  # fmt: skip
     group.add_argument(
         "--pcap", type=Path, metavar="FILE",
         help="capture into FILE (overwritten); pcapng: one interface per --socket, named after it, and "
-        "each frame's direction from the guest's side; pcap: one file per socket when there are several "
-        "(FILE's name plus -SOCKET), no direction",
+        "one per --uplink (uplinkN (tap|vxlan)), each frame's direction from the guest's side or the "
+        "network's (outbound: into the switch); pcap: one file per socket and uplink when there are "
+        "several (FILE's name plus -SOCKET or -uplinkN), no direction",
     )  # fmt: skip
     group.add_argument("--pcap-format", choices=FORMATS, default=Format.PCAPNG.value,
                        help="file format (default: pcapng)")  # fmt: skip
@@ -68,41 +74,59 @@ def interface_names(sockets: list[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(s) for s in sockets]
 
 
-def pcap_paths(path: Path, sockets: list[Path]) -> list[Path]:
-    """One pcap file per socket: ``path`` itself for one socket, else the socket's stem inserted."""
-    if len(sockets) == 1:
+def uplink_interface(name: str, spec: str) -> str:
+    """An uplink's interface in a capture: its switch port's name and its kind (``uplink0 (tap)``)."""
+    return f"{name} ({spec.split(',', 1)[0]})"
+
+
+def pcap_paths(path: Path, sockets: Sequence[Path], uplinks: Sequence[str] = ()) -> list[Path]:
+    """One pcap file per socket, then per uplink (its name): ``path`` itself for a single one, else the
+    socket's stem or the uplink's name inserted (indices if two clash)."""
+    stems = [s.stem for s in sockets] + list(uplinks)
+    if len(stems) == 1:
         return [path]
-    stems = [s.stem for s in sockets]
     if len(set(stems)) != len(stems):
-        stems = [str(i) for i in range(len(sockets))]
+        stems = [str(i) for i in range(len(stems))]
     return [path.with_name(f"{path.stem}-{stem}{path.suffix}") for stem in stems]
 
 
 class Captures:
-    """The capture files of one ``nicsim serve`` run: the writer and interface of each socket."""
+    """The capture files of one ``nicsim serve`` run: the writer and interface of each socket, and of
+    each uplink (``uplinks``: the ``--uplink`` specs, switch ports ``uplink0``... in that order)."""
 
-    def __init__(self, args: argparse.Namespace, sockets: list[Path]) -> None:
+    def __init__(self, args: argparse.Namespace, sockets: list[Path], uplinks: Sequence[str] = ()) -> None:
         self.writers: list[CaptureWriter] = []
-        self._by_socket: dict[Path, tuple[CaptureWriter, int]] = {}
-        names = interface_names(sockets)
+        self._by_port: dict[Path | str, tuple[CaptureWriter, int]] = {}
+        uplink_names = [f"uplink{i}" for i in range(len(uplinks))]
+        keys: list[Path | str] = [*sockets, *uplink_names]
+        names = interface_names(sockets) + [uplink_interface(n, u) for n, u in zip(uplink_names, uplinks,
+                                                                                    strict=True)]  # fmt: skip
         try:
             if args.pcap_format == Format.PCAP.value:
-                for sock, name, path in zip(sockets, names, pcap_paths(args.pcap, sockets), strict=True):
+                paths = pcap_paths(args.pcap, sockets, uplink_names)
+                for key, name, path in zip(keys, names, paths, strict=True):
                     writer = CaptureWriter(config_from_args(args, path))
                     self.writers.append(writer)
-                    self._by_socket[sock] = (writer, writer.add_interface(name))
+                    self._by_port[key] = (writer, writer.add_interface(name))
             else:
                 writer = CaptureWriter(config_from_args(args, args.pcap))
                 self.writers.append(writer)
-                for sock, name in zip(sockets, names, strict=True):
-                    self._by_socket[sock] = (writer, writer.add_interface(name))
+                for key, name in zip(keys, names, strict=True):
+                    self._by_port[key] = (writer, writer.add_interface(name))
         except BaseException:
             self.close()
             raise
 
     def wrap(self, port: Port, socket: Path) -> Port:
-        writer, interface = self._by_socket[socket]
+        """A guest's port on ``socket``, captured from the guest's side."""
+        writer, interface = self._by_port[socket]
         return capturing(port, writer, interface)
+
+    def wrap_uplink(self, name: str, port: Port) -> Port:
+        """The port of uplink ``name`` (``uplink0``...), captured from the network's side: what the
+        switch sends out of it is inbound, what comes in outbound (into the switch, as for a guest)."""
+        writer, interface = self._by_port[name]
+        return capturing(port, writer, interface, transmit_as=Direction.INBOUND)
 
     def stats(self) -> list[dict[str, Any]]:
         return [w.stats() for w in self.writers]

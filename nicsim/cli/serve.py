@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,11 +194,13 @@ UPLINK_PORTS = ("tap", "vxlan")
 
 
 def parse_switch(spec: str, impairs: Sequence[str] = (), sockets: Sequence[Path] = (),
-                 uplinks: Sequence[str] = ()) -> Switch:  # fmt: skip
+                 uplinks: Sequence[str] = (), *,
+                 wrap_uplink: Callable[[str, Port], Port] | None = None) -> Switch:  # fmt: skip
     """The one :class:`Switch` of ``--port switch[,ageing=S,max_entries=N]``, its ports named after
-    ``sockets``, its uplinks (``uplink0``... : the ports ``uplinks`` specify, opened now) joined, and
-    impaired as ``impairs`` (``SOCKET:DIR:SPEC`` each) say; ValueError says what is wrong (OSError: an
-    uplink's TAP or socket could not be opened)."""
+    ``sockets``, its uplinks (``uplink0``... : the ports ``uplinks`` specify, opened now, each passed
+    through ``wrap_uplink(name, port)`` first if given: the capture's wrapper) joined, and impaired as
+    ``impairs`` (``SOCKET:DIR:SPEC`` each) say; ValueError says what is wrong (OSError: an uplink's TAP
+    or socket could not be opened)."""
     _, *items = spec.split(",")
     kwargs: dict[str, Any] = {}
     known = ", ".join(_SWITCH_KEYS)
@@ -219,10 +221,12 @@ def parse_switch(spec: str, impairs: Sequence[str] = (), sockets: Sequence[Path]
         switch.slot(str(path))  # ports numbered in --socket order, then the uplinks
     try:
         for i, text in enumerate(uplinks):
+            name = f"uplink{i}"
             try:
-                switch.uplink(f"uplink{i}", parse_port(text))
+                port = parse_port(text)
             except ValueError as err:
                 raise ValueError(f"--uplink {text!r}: {err}") from None
+            switch.uplink(name, port if wrap_uplink is None else wrap_uplink(name, port))
         names = [*map(str, sockets), *switch.uplinks]
         for text in impairs:
             where, _, rest = text.partition(":")
@@ -305,10 +309,19 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
     parse_port(args.port).close()  # refuse a bad --port before listening
 
     generators: list[GeneratorPort] = []
+    # Opened before listening, so an unwritable capture file stops serve before any guest connects;
+    # before the switch too, whose uplinks it wraps as they join.
+    uplinks = args.uplink if _is_switch(args.port) else []
+    captures = Captures(args, list(args.socket), uplinks) if args.pcap is not None else None
     # One switch for every socket: each connection's device gets its own port on it.
-    switch = parse_switch(args.port, args.impair, args.socket, args.uplink) if _is_switch(args.port) else None
-    # Opened before listening, so an unwritable capture file stops serve before any guest connects.
-    captures = Captures(args, list(args.socket)) if args.pcap is not None else None
+    try:
+        switch = (parse_switch(args.port, args.impair, args.socket, uplinks,
+                               wrap_uplink=captures.wrap_uplink if captures is not None else None)
+                  if _is_switch(args.port) else None)  # fmt: skip
+    except BaseException:
+        if captures is not None:
+            captures.close()
+        raise
 
     def make_device(socket: Path | None = None) -> VirtioNetDevice:
         if switch is not None:

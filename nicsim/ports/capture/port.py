@@ -14,6 +14,15 @@ are not captured, while a queued frame the device drops later because its queue 
 ``queue_stopped``) is. All frames of one batch share one timestamp, taken when it is written. A port
 that passes virtio-net headers (the tap) has the header stripped: the file holds Ethernet frames.
 
+A switch's uplink (a tap, a vxlan tunnel) is captured by the same wrapper around the uplink's port,
+the switch's :class:`~nicsim.ports.uplink.Uplink` in the device's place, with the directions swapped
+(``transmit_as=INBOUND``): what the switch sends out of the uplink is *inbound*, what comes in from the
+network *outbound*, as ``tcpdump`` on the far end's interface (the TAP in its namespace) marks them.
+So on every interface of a switch's capture, outbound is into the switch and inbound out of it,
+whether a guest or the network sits at that switch port. A frame the switch sends out is captured
+when it is handed to the uplink's port (one the port then fails to send is counted ``uplink_tx`` on
+the switch), a frame coming in when the uplink takes it (a runt it refuses is not).
+
 Pull-style ports (those that override ``poll_rx``, such as the generator and the tap) are wrapped by a
 subclass that overrides it too, because the pump tells the two kinds apart by that override.
 """
@@ -34,7 +43,8 @@ from nicsim.virtio.port import HDR_LEN_LEGACY, Buffer, vnet_hdr_len
 
 
 class CapturingSink:
-    """The device's sink as the inner port sees it: each accepted frame is captured, inbound."""
+    """The device's sink as the inner port sees it: each accepted frame is captured (inbound for a
+    guest's port)."""
 
     def __init__(self, sink: RxSink, owner: CapturingPort) -> None:
         self._sink = sink
@@ -81,13 +91,17 @@ class CapturingSink:
 
 
 class CapturingPort(Port):
-    """``inner``, with its traffic written to ``writer`` as interface ``interface``."""
+    """``inner``, with its traffic written to ``writer`` as interface ``interface``; what it is handed
+    to transmit is recorded as ``transmit_as``, what it receives as the other direction."""
 
-    def __init__(self, inner: Port, writer: CaptureWriter, interface: int) -> None:
+    def __init__(self, inner: Port, writer: CaptureWriter, interface: int, *,
+                 transmit_as: Direction = Direction.OUTBOUND) -> None:  # fmt: skip
         super().__init__()
         self.inner = inner
         self.writer = writer
         self.interface = interface
+        self._tx_dir = transmit_as
+        self._rx_dir = Direction.INBOUND if transmit_as is Direction.OUTBOUND else Direction.OUTBOUND
         self.name = inner.name
         self.vnet_hdr = inner.vnet_hdr
         # Until negotiation says otherwise, a header-passing port's frames carry the legacy header
@@ -102,7 +116,7 @@ class CapturingPort(Port):
         # Before the port sees it: a reflecting port rewrites the gathered bytes in place.
         if batch.count:
             data, offsets = batch.gather()  # header already stripped; cached for the inner port
-            self.writer.write(self.interface, Direction.OUTBOUND, data, offsets, batch.lengths)
+            self.writer.write(self.interface, self._tx_dir, data, offsets, batch.lengths)
         return self.inner.transmit(batch)
 
     def captured_rx(self, data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64],
@@ -112,11 +126,17 @@ class CapturingPort(Port):
         if hdr:
             lengths = np.maximum(lengths, np.uint32(hdr)) - np.uint32(hdr)
             offsets = offsets + hdr
-        self.writer.write(self.interface, Direction.INBOUND, data, offsets, lengths)
+        self.writer.write(self.interface, self._rx_dir, data, offsets, lengths)
 
     def captured_rx_repeated(self, template: npt.NDArray[np.uint8], count: int) -> None:
         """A template frame the device wrote into ``count`` guest buffers."""
-        self.writer.write_repeated(self.interface, Direction.INBOUND, template[self._hdr_len :], count)
+        self.writer.write_repeated(self.interface, self._rx_dir, template[self._hdr_len :], count)
+
+    @property
+    def counters(self) -> dict[str, Any]:
+        """The inner port's counters, if it keeps any: an uplink reads ``tx_frames`` to know what left."""
+        counters: dict[str, Any] = getattr(self.inner, "counters", {})
+        return counters
 
     def features(self) -> int:
         return self.inner.features()
@@ -152,7 +172,9 @@ class CapturingPullPort(CapturingPort):
         return bool(getattr(self.inner, "finished", False))
 
 
-def capturing(inner: Port, writer: CaptureWriter, interface: int) -> CapturingPort:
-    """Wrap ``inner`` so its traffic is captured as ``interface`` of ``writer``."""
+def capturing(inner: Port, writer: CaptureWriter, interface: int, *,
+              transmit_as: Direction = Direction.OUTBOUND) -> CapturingPort:  # fmt: skip
+    """Wrap ``inner`` so its traffic is captured as ``interface`` of ``writer``; ``transmit_as``:
+    OUTBOUND for a guest's port (the guest transmits), INBOUND for a switch's uplink."""
     pull = type(inner).poll_rx is not Port.poll_rx
-    return (CapturingPullPort if pull else CapturingPort)(inner, writer, interface)
+    return (CapturingPullPort if pull else CapturingPort)(inner, writer, interface, transmit_as=transmit_as)

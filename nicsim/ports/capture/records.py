@@ -51,7 +51,9 @@ EPB_TAIL = 16          # epb_flags option (4 + 4), end of options (4), total len
 
 class Direction(enum.IntEnum):
     """The pcapng ``epb_flags`` direction bits, from the guest's side of the wire: what the guest
-    transmits is outbound, what is delivered to it inbound (as ``tcpdump`` inside the guest sees it)."""
+    transmits is outbound, what is delivered to it inbound (as ``tcpdump`` inside the guest sees it).
+    A switch's uplink is seen from the network's side the same way: what it sends into the switch is
+    outbound (:mod:`nicsim.ports.capture.port`)."""
 
     INBOUND = 1
     OUTBOUND = 2
