@@ -126,6 +126,26 @@ async def test_pcap_gives_each_socket_its_own_file(tmp_path: Path) -> None:
     assert len(tcpdump(tmp_path / "cap-b.pcap")[1]) == 4
 
 
+async def test_one_port_is_captured_on_its_own_beside_the_shared_file(tmp_path: Path) -> None:
+    """--pcap-port b.sock=FILE: b's frames alone in FILE (one interface, named after it), while --pcap
+    still holds both sockets' frames."""
+    a, b, cap, own = tmp_path / "a.sock", tmp_path / "b.sock", tmp_path / "cap.pcapng", tmp_path / "b.pcapng"
+    async with serve(tmp_path, [a, b], "--pcap", str(cap), "--pcap-port", f"b.sock={own}") as served:
+        seen_a = await exchange(a, [ping(1)])
+        seen_b = await exchange(b, [ping(2), ping(3)])
+    assert served.proc.returncode == 0, served.stderr
+    assert [(c.interface, c.data) for c in read_capture(own)] == [("b.sock", f) for f in seen_b]
+    assert len(read_capture(cap)) == len(seen_a) + len(seen_b)
+    assert len(tcpdump(own)[1]) == 4
+
+
+def test_a_pcap_port_that_names_no_port_is_refused_with_the_ports(tmp_path: Path) -> None:
+    done = nicsim("serve", "--socket", str(tmp_path / "s.sock"), "--pcap-port", f"x.sock={tmp_path / 'c'}")
+    assert done.returncode == 2
+    assert "--pcap-port" in done.stderr and "the ports: s.sock" in done.stderr
+    assert not (tmp_path / "c").exists() and not (tmp_path / "s.sock").exists()
+
+
 async def test_a_size_limit_rotates_the_files_serve_writes(tmp_path: Path) -> None:
     sock, cap = tmp_path / "nicsim.sock", tmp_path / "cap.pcapng"
     args = ["--port", "reflect", "--pcap", str(cap), "--pcap-max-mb", "0.004", "--pcap-files", "3"]

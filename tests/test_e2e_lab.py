@@ -60,6 +60,7 @@ async def test_the_example_lab_passes_twice_at_once_under_two_names(guest_image:
             "ping h1 -> h2",
             "iperf3 h1 -> h2",
             "the capture holds the pings",
+            "h2's link saw requests and replies",
         ]
         assert all(c["passed"] for c in doc["checks"]), doc["checks"]
         assert doc["checks"][1]["value"] > 1  # Mbit/s
@@ -69,6 +70,7 @@ async def test_the_example_lab_passes_twice_at_once_under_two_names(guest_image:
         assert loss["dropped"]["loss"] >= 1
     assert {g["mac"] for g in a["guests"].values()}.isdisjoint(g["mac"] for g in b["guests"].values())
     assert (tmp_path / "a" / "lan.pcapng").stat().st_size > 0
+    assert (tmp_path / "a" / "h2.pcapng").stat().st_size > 0
 
 
 async def test_a_check_the_link_cannot_meet_fails_the_run_and_is_named(

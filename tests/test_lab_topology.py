@@ -98,6 +98,13 @@ def test_checks_name_what_exists() -> None:
     assert "guest h1 has no workload with id 'x'" in str(refused(doc))
     doc = with_("checks", [{"kind": "capture", "switch": "lan", "min": 1}])
     assert "switch lan must have a pcapng capture" in str(refused(doc))
+    doc = with_("checks", [{"kind": "capture", "link": "h2", "min": 1}])
+    assert "no link of 'h2' has capture" in str(refused(doc))
+    doc = with_("checks", [{"kind": "capture", "min": 1}])
+    assert 'give switch = "NAME" or link = "GUEST"' in str(refused(doc))
+    doc["links"][0]["capture"] = "h2.pcap"
+    doc["checks"][0]["link"] = "h2"
+    from_dict(doc)
     doc = with_("checks", [{"kind": "iperf3", "from": "h1", "to": "h2"}] * 2)
     assert "one iperf3 check per receiving guest" in str(refused(doc))
 
@@ -168,12 +175,14 @@ def test_each_guest_waits_for_its_peers_then_runs_its_own_then_the_checks_then_s
 
 def test_the_switch_command_line_carries_sockets_impairments_uplinks_and_capture(tmp_path: Path) -> None:
     doc = with_("switches.lan", {"ageing": 30, "capture": "c.pcapng", "uplinks": ["tap,netns=x"]})
+    doc["links"][0]["capture"] = "h2.pcapng"
     lab = plan(from_dict(doc, base_dir=tmp_path), tmp_path / "run", python="py")
     argv = list(lab.switches["lan"].argv)
     assert argv[:5] == ["py", "-m", "nicsim", "serve", "--port"] and argv[5] == "switch,ageing=30"
     sock = str(tmp_path / "run" / "h2.sock")
     assert argv[argv.index("--impair") + 1] == f"{sock}:rx:loss=10% seed=1"
     assert argv[argv.index("--uplink") + 1] == "tap,netns=x"
+    assert argv[argv.index("--pcap-port") + 1] == f"{sock}={tmp_path / 'run' / 'h2.pcapng'}"  # one link alone
     assert argv[argv.index("--pcap") + 1] == str(tmp_path / "run" / "c.pcapng")  # an output: in the run dir
     sockets = [argv[i + 1] for i, a in enumerate(argv) if a == "--socket"]
     assert sockets == [str(tmp_path / "run" / "h1.sock"), sock]

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from nicsim.cli.capture import Captures, add_capture_arguments, config_from_args
+from nicsim.cli.capture import Captures, add_capture_arguments, config_from_args, parse_port_captures
 from nicsim.ports import PORTS, GeneratorConfig, GeneratorPort, Port, ResponderConfig, ResponderPort
 from nicsim.ports.sink import SinkConfig, SinkPort
 from nicsim.ports.switch import DIRECTIONS, Switch
@@ -312,7 +312,8 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
     # Opened before listening, so an unwritable capture file stops serve before any guest connects;
     # before the switch too, whose uplinks it wraps as they join.
     uplinks = args.uplink if _is_switch(args.port) else []
-    captures = Captures(args, list(args.socket), uplinks) if args.pcap is not None else None
+    want_capture = args.pcap is not None or bool(args.pcap_port)
+    captures = Captures(args, list(args.socket), uplinks) if want_capture else None
     # One switch for every socket: each connection's device gets its own port on it.
     try:
         switch = (parse_switch(args.port, args.impair, args.socket, uplinks,
@@ -427,6 +428,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{'--impair' if args.impair else '--uplink'} needs --port switch")
         if args.pcap is not None:
             config_from_args(args, args.pcap)
+        uplink_names = [f"uplink{i}" for i in range(len(args.uplink))]
+        for _, path in parse_port_captures(args.pcap_port, list(args.socket), uplink_names):
+            config_from_args(args, path)
     except ValueError as err:
         print(f"nicsim serve: {err}", file=sys.stderr)
         return 2

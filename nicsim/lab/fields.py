@@ -114,6 +114,10 @@ TABLES: Final[dict[str, dict[str, Key]]] = {
             "delay=20ms jitter=2ms reorder=5% duplicate=1% corrupt=0.1% rate=10mbit limit=100 seed=1",
         ),
         "rx": Key(kind="string", doc="impairment of what the guest receives (same syntax)"),
+        "capture": Key(
+            kind="string",
+            doc="a capture of this link alone (in the lab's directory), in its switch's capture_format",
+        ),
     },
     "check": {
         "kind": Key(
@@ -141,7 +145,8 @@ TABLES: Final[dict[str, dict[str, Key]]] = {
         "field": Key(kind="string", doc="result: the result field, e.g. received or loss_pct"),
         "min": Key(kind="number", doc="result, capture: the lowest value that passes"),
         "max": Key(kind="number", doc="result, capture: the highest value that passes"),
-        "switch": Key(kind="string", doc="capture: the switch whose capture is read"),
+        "switch": Key(kind="string", doc="capture: the switch whose capture is read (or link)"),
+        "link": Key(kind="string", doc="capture: the guest whose link capture is read (or switch)"),
         "filter": Key(kind="string", doc="capture: a tcpdump filter, e.g. 'icmp' (default: every frame)"),
     },
 }
@@ -151,5 +156,5 @@ CHECK_KEYS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "ping": (("from", "to"), ("count", "interval", "max_loss_pct", "max_rtt_ms")),
     "iperf3": (("from", "to"), ("seconds", "min_mbps")),
     "result": (("guest", "workload", "field"), ("min", "max")),
-    "capture": (("switch",), ("filter", "min", "max")),
+    "capture": ((), ("switch", "link", "filter", "min", "max")),  # switch or link
 }

@@ -254,11 +254,15 @@ def _switch_plan(
             spec = getattr(link, direction) if link is not None else None
             if spec:
                 argv += ["--impair", f"{sock}:{direction}:{spec}"]
+        if link is not None and link.capture is not None:
+            argv += ["--pcap-port", f"{sock}={run_dir / link.capture}"]
     for up in sw.uplinks:
         argv += ["--uplink", up]
     capture = run_dir / sw.capture if sw.capture is not None else None  # an absolute path stays itself
     if capture is not None:
-        argv += ["--pcap", str(capture), "--pcap-format", sw.capture_format]
+        argv += ["--pcap", str(capture)]
+    if capture is not None or "--pcap-port" in argv:
+        argv += ["--pcap-format", sw.capture_format]
         if sw.snaplen is not None:
             argv += ["--snaplen", str(sw.snaplen)]
     return SwitchPlan(name=name, argv=tuple(argv), stats_file=stats, sockets=members, capture=capture)

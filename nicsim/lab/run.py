@@ -135,7 +135,7 @@ async def run_lab(lab: LabPlan, *, image: Any = None, progress: TextIO | None = 
     async with running:
         results, errors = await running.collect()
     captures = {
-        i: _count_frames(lab, c.get("switch"), c.get("filter", ""))
+        i: _count_frames(_capture_of(lab, c.get("switch"), c.get("link")), c.get("filter", ""))
         for i, c in enumerate(lab.topology.checks)
         if c.kind == "capture"
     }
@@ -214,9 +214,16 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _count_frames(lab: LabPlan, switch: str, bpf: str) -> int | str:
-    """Frames of ``switch``'s capture that match the tcpdump filter ``bpf``; a string says why not."""
-    path = lab.switches[switch].capture
+def _capture_of(lab: LabPlan, switch: str | None, link: str | None) -> Path | None:
+    """The capture file of ``switch``, or of the link of guest ``link``."""
+    if switch is not None:
+        return lab.switches[switch].capture
+    spec = lab.topology.links[str(link)].capture
+    return None if spec is None else lab.run_dir / spec
+
+
+def _count_frames(path: Path | None, bpf: str) -> int | str:
+    """Frames of the capture ``path`` that match the tcpdump filter ``bpf``; a string says why not."""
     tcpdump = shutil.which("tcpdump") or next(
         (p for p in ("/usr/sbin/tcpdump", "/usr/bin/tcpdump") if Path(p).exists()), None
     )

@@ -84,6 +84,7 @@ class LinkSpec:
     guest: str
     tx: str | None = None
     rx: str | None = None
+    capture: Path | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,7 +251,8 @@ class _Reader:
                 )
             links[link.guest] = link
         checks = tuple(
-            self.check(t, f"checks[{i}]", guests, switches) for i, t in enumerate(top.get("checks", []))
+            self.check(t, f"checks[{i}]", guests, switches, links)
+            for i, t in enumerate(top.get("checks", []))
         )
         self.servers(checks)
         return Topology(
@@ -350,7 +352,8 @@ class _Reader:
                     ImpairConfig.parse(t[d])
                 except ValueError as err:
                     raise self.fail(f"{where}.{d}", str(err)) from None
-        return LinkSpec(guest=t["guest"], tx=t.get("tx"), rx=t.get("rx"))
+        capture = Path(t["capture"]).expanduser() if t.get("capture") else None
+        return LinkSpec(guest=t["guest"], tx=t.get("tx"), rx=t.get("rx"), capture=capture)
 
     def check(
         self,
@@ -358,6 +361,7 @@ class _Reader:
         where: str,
         guests: Mapping[str, GuestSpec],
         switches: Mapping[str, SwitchSpec],
+        links: Mapping[str, LinkSpec],
     ) -> CheckSpec:
         kind = t["kind"]
         needed, optional = CHECK_KEYS[kind]
@@ -383,7 +387,15 @@ class _Reader:
                     f"guest {t['guest']} has no workload with id "
                     f"{t['workload']!r}; its ids: {', '.join(ids) or 'none'}",
                 )
-        if kind == "capture":
+        if kind == "capture" and ("switch" in t) == ("link" in t):
+            raise self.fail(
+                where, 'a capture check reads one capture: give switch = "NAME" or link = "GUEST"'
+            )
+        if kind == "capture" and "link" in t:
+            link = links.get(t["link"])
+            if link is None or link.capture is None:
+                raise self.fail(f"{where}.link", f'no link of {t["link"]!r} has capture = "FILE"')
+        if kind == "capture" and "switch" in t:
             sw = switches.get(t["switch"])
             if sw is None:
                 raise self.fail(
@@ -419,7 +431,8 @@ def _check_name(kind: str, t: Mapping[str, Any]) -> str:
         return f"{kind} {t['from']} -> {t['to']}"
     if kind == "result":
         return f"{t['guest']} {t['workload']}.{t['field']}"
-    return f"capture {t['switch']}" + (f" '{t['filter']}'" if t.get("filter") else "")
+    where = f"switch {t['switch']}" if "switch" in t else f"link {t['link']}"
+    return f"capture {where}" + (f" '{t['filter']}'" if t.get("filter") else "")
 
 
 def _kind(v: Any) -> str:
