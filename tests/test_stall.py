@@ -231,3 +231,45 @@ def test_the_recheck_period_is_a_knob_and_zero_turns_it_off() -> None:
     assert policy_from_options({"stall_recheck_ms": 0}).stall_recheck_ms == 0.0
     with pytest.raises(ValueError, match="stall_recheck_ms"):
         NotifyPolicy(stall_recheck_ms=-1)
+
+
+async def test_a_round_that_raises_does_not_wedge_the_ring() -> None:
+    """A bug in what a round calls back (here the pair's after_tx hook, once) is logged and counted,
+    and the ring goes on: the frames already posted and those after are all taken."""
+    rig = Rig(1)
+    failures = [RuntimeError("a bug in a callback")]
+
+    def after_tx(pair: int) -> None:
+        if failures:
+            raise failures.pop()
+
+    rig.pump.after_tx = after_tx
+    try:
+        rig.pump.activate()
+        await asleep(rig)
+        rig.tx.post_tx(FRAME)
+        rig.kick_if_asked()
+        assert await wait_for(lambda: rig.packets() == 1, DEADLINE_S)
+        assert await wait_for(lambda: not rig.pump.busy, DEADLINE_S)
+        assert rig.pump.snapshot()["round_errors"] == 1
+        rig.tx.post_tx(FRAME)
+        rig.kick_if_asked()
+        assert await wait_for(lambda: rig.packets() == 2, DEADLINE_S)
+    finally:
+        rig.close()
+
+
+async def test_a_pump_left_busy_with_nothing_scheduled_is_restarted_by_the_watchdog() -> None:
+    """Whatever bug might leave the pump so (rounds due, none scheduled: kicks are ignored while busy),
+    the watchdog restarts it and counts it, and the chains posted meanwhile are taken."""
+    rig = Rig(1)
+    try:
+        rig.pump.activate()
+        await asleep(rig)
+        rig.pump._busy = True  # the state such a bug leaves behind: busy, no handle
+        rig.tx.post_tx(FRAME)
+        rig.kick_if_asked()
+        assert await wait_for(lambda: rig.packets() == 1, DEADLINE_S)
+        assert rig.pump.snapshot()["wedges"] == 1
+    finally:
+        rig.close()

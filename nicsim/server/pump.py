@@ -15,7 +15,9 @@ ring for good: while the ring is active a watchdog ticks every ``stall_recheck_m
 ring (no round scheduled, no timer set) that had work pending at two ticks in a row with none of its
 indices moved (:func:`~nicsim.virtio.policy.is_stalled`) is re-checked: the interrupt the ring wants
 is sent, a round is run, and the device counts it (``stall_rechecks``). A tick only reads the ring (no
-round), so an idle ring still costs no rounds. A TX interrupt of a sparse round may be held for the
+round), so an idle ring still costs no rounds. Nor can a bug wedge a ring: a round that raises is
+logged, counted (``round_errors``) and tried again 1 ms later, and a pump found busy with no round
+scheduled is restarted by the watchdog (``wedges``). A TX interrupt of a sparse round may be held for the
 pair's RX interrupt (:func:`~nicsim.virtio.policy.defer_tx_interrupt`): the RX pump sends it just
 before its own, or its ``tx_irq_wait_us`` deadline does, or stopping the ring does. Counters of what
 the pump did (wakeups by cause, rounds, sleeps, interrupts held and merged) are in
@@ -46,7 +48,7 @@ _ONE = struct.pack("=Q", 1)
 _RETRY_S = 0.001  # pool exhausted, or a rate-limited port: look again this much later
 PUMP_COUNTERS = (
     "wakeups_kick", "wakeups_timer", "wakeups_stall", "wakeups_other", "rounds", "sleeps", "batch_sleeps",
-    "irqs_held", "irqs_merged",
+    "irqs_held", "irqs_merged", "round_errors", "wedges",
 )
 
 
@@ -271,6 +273,21 @@ class RingPump:
 
     def _round(self) -> None:
         self._handle = None
+        try:
+            self._rounds()
+        except Exception:
+            # A bug in a round (or in what it calls back: the pair's pump, a port's wakeup) must not
+            # leave the pump marked busy with nothing scheduled: kicks and the watchdog would skip it
+            # for good and the ring would stall with every counter at rest. Said loudly, counted, and
+            # the ring is looked at again shortly.
+            log.exception("ring %d: a round failed; looking at the ring again in %.0f ms", self.index,
+                          _RETRY_S * 1e3)  # fmt: skip
+            self.counters["round_errors"] += 1
+            if self.active and not self.broken and self._handle is None:
+                self._busy = True
+                self._later(_RETRY_S)
+
+    def _rounds(self) -> None:
         if not self.active:
             self._busy = False
             return
@@ -384,6 +401,14 @@ class RingPump:
             self._arm_watchdog()
 
     def _check_stall(self) -> None:
+        if self._busy and self._handle is None:
+            # Busy with no round scheduled: no code path leaves the pump so, and nothing would ever
+            # wake it again. Restart it rather than trust that no bug ever will.
+            log.error("ring %d: rounds were due but none was scheduled; restarting them", self.index)
+            self.counters["wedges"] += 1
+            self._busy = False
+            self.wake("wakeups_stall")
+            return
         if self._busy or self._handle is not None:
             # Rounds are scheduled, or a timer (batch wait, retry) will look at the ring anyway.
             self._stall_mark = None
