@@ -44,7 +44,7 @@ except ImportError:  # the plugin loads in every pytest run; without pytest-asyn
     pytest_asyncio = None  # type: ignore[assignment]
 
 VM_FIXTURES = ("nicsim_vm", "nicsim_image")
-TAIL_LINES = 20
+TAIL_LINES = 8
 _artifacts = pytest.StashKey[list[tuple[str, Path]]]()
 
 
