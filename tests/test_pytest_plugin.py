@@ -13,10 +13,11 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from nicsim.testing import ServerError, ServerProcess, WorkerIds, worker_number
+from nicsim.testing import ServerError, ServerProcess, VMFactory, WorkerIds, worker_number
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,3 +133,20 @@ def test_the_plugin_is_a_pytest11_entry_point_named_after_its_module() -> None:
     plugin = __import__("nicsim.pytest_plugin", fromlist=["*"])
     for fixture in ("nicsim_image", "nicsim_server", "nicsim_vm", "nicsim_netns", "nicsim_ids"):
         assert hasattr(plugin, fixture), fixture
+
+
+def test_the_vm_factory_names_and_addresses_each_guest_and_refuses_a_name_twice(tmp_path: Path) -> None:
+    image = SimpleNamespace(kernel=tmp_path / "vmlinuz", initrd=tmp_path / "initrd.img")
+    recorded: list[tuple[str, Path]] = []
+    make = VMFactory(image, WorkerIds(worker="gw2", pid=99), tmp_path, accel="tcg",
+                     record=lambda label, path: recorded.append((label, path)))  # fmt: skip
+    b = make(tmp_path / "b.sock", name="b")
+    a = make(tmp_path / "a.sock")
+    plain = make(guest_ip=None, kernel=tmp_path / "bzImage")
+    assert (make.ip_of(b), make.ip_of(a)) == ("10.130.0.1", "10.130.0.2")
+    assert make.name_of(a) == "vm2" and recorded[0] == ("console of b", tmp_path / "b" / "console.log")
+    with pytest.raises(ValueError, match="taken"):
+        make(tmp_path / "c.sock", name="b")
+    with pytest.raises(ValueError, match="no address"):
+        make.ip_of(plain)
+    assert make.vms == [b, a, plain]

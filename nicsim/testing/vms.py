@@ -62,7 +62,8 @@ class VMFactory:
 
         ``name`` (default ``vm1``, ``vm2``, ...) names its log directory; ``mac`` defaults to a fresh
         unique one; ``guest_ip`` to host N of this worker's subnet (``None``: no address); every other
-        keyword goes to ``TestVM`` as is (``memory_mb``, ``cpus``, ``netns``, ``extra_append``...).
+        keyword goes to ``TestVM`` as is (``kernel`` and ``initrd`` of your own, ``memory_mb``, ``cpus``,
+        ``netns``, ``extra_append``...).
         """
         if socket is not None and nic is not None:
             raise ValueError("give a socket or a nic, not both")
@@ -75,9 +76,11 @@ class VMFactory:
         if guest_ip == "":
             guest_ip = self.ids.address(number)
         options.setdefault("accel", self.accel)
+        options.setdefault("kernel", self.image.kernel)  # a test may boot its own kernel= and initrd=
+        options.setdefault("initrd", self.image.initrd)
         log_dir = self.out_dir / label
-        vm = TestVM(kernel=self.image.kernel, initrd=self.image.initrd, nic=nic, workloads=workloads,
-                    guest_ip=guest_ip, name=self.ids.name(label), log_dir=log_dir, **options)  # fmt: skip
+        vm = TestVM(nic=nic, workloads=workloads, guest_ip=guest_ip, name=self.ids.name(label),
+                    log_dir=log_dir, **options)  # fmt: skip
         self.vms.append(vm)
         self._names[vm] = label
         self._ips[vm] = guest_ip
