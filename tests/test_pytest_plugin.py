@@ -11,13 +11,22 @@ import json
 import os
 import subprocess
 import sys
+import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from nicsim.testing import ServerError, ServerProcess, VMFactory, WorkerIds, worker_number
+from nicsim.testing import (
+    ServerError,
+    ServerProcess,
+    VMFactory,
+    WorkerIds,
+    locked_build_image,
+    worker_number,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,3 +159,26 @@ def test_the_vm_factory_names_and_addresses_each_guest_and_refuses_a_name_twice(
     with pytest.raises(ValueError, match="no address"):
         make.ip_of(plain)
     assert make.vms == [b, a, plain]
+
+
+def test_image_builds_that_start_together_run_one_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two builders at once would download into one debs/ directory; the cache's flock keeps them apart
+    (flock is per open file, so two threads here contend exactly as two xdist workers do)."""
+    import images.build
+
+    running, overlaps = [0], []
+
+    def slow_build(cache: Path, *, progress: object) -> Path:
+        running[0] += 1
+        overlaps.append(running[0])
+        time.sleep(0.2)
+        running[0] -= 1
+        return cache
+
+    monkeypatch.setattr(images.build, "build_image", slow_build)
+    with ThreadPoolExecutor(3) as pool:
+        caches = list(pool.map(lambda _: locked_build_image(tmp_path), range(3)))
+    assert caches == [tmp_path.resolve()] * 3
+    assert overlaps == [1, 1, 1]
