@@ -27,12 +27,23 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from nicsim.errors import LocalError
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 STOP_TIMEOUT = 30.0
 
 
-class ServerError(RuntimeError):
-    """``nicsim serve`` did not come up (its exit code and output are in the message)."""
+class ServerError(LocalError):
+    """``nicsim serve`` did not come up, or the handle was used out of order; ``exitcode`` (None while it
+    runs or before it started), ``argv`` and ``output`` say what happened (the message has them too)."""
+
+    def __init__(
+        self, message: str, *, exitcode: int | None = None, argv: Sequence[str] = (), output: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.argv = list(argv)
+        self.output = output
 
 
 class ServerProcess:
@@ -96,7 +107,8 @@ class ServerProcess:
                 code = self._proc.poll()
                 self.stop()
                 why = f"exited with code {code}" if code is not None else f"no sockets after {timeout:g} s"
-                raise ServerError(f"nicsim serve {why}: {' '.join(self.argv)}\n{self.output()}")
+                raise ServerError(f"nicsim serve {why}: {' '.join(self.argv)}\n{self.output()}",
+                                  exitcode=code, argv=self.argv, output=self.output())  # fmt: skip
             time.sleep(0.05)
         return self
 
