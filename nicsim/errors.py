@@ -20,7 +20,8 @@ purpose, or one of its two branches to tell whose fault it was.
         ├── TapError               a TAP that cannot be opened (also an OSError)    (nicsim.ports.tap)
         ├── VxlanError             a tunnel socket that cannot be bound (OSError)   (nicsim.ports.vxlan)
         ├── CaptureError           a capture file that cannot be written (OSError)  (nicsim.ports.capture)
-        └── BenchError             a benchmark run that cannot go on                (nicsim.bench.backend)
+        ├── BenchError             a benchmark run that cannot go on                (nicsim.bench.backend)
+        └── ServerError            a test's `nicsim serve` child that did not come up (nicsim.testing.server)
 
 The guest's own mistakes inside rings (a bad descriptor chain, an address outside its memory) are
 ``rings.errors.GuestError``: ``rings`` is a package of its own, with its own root, and a bad chain is

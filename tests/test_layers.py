@@ -24,13 +24,12 @@ LAYERS = (
     ("nicsim.server", "nicsim.frontend"),
     ("nicsim.bench", "nicsim.lab"),
     ("nicsim.cli",),
+    ("nicsim.testing", "nicsim.pytest_plugin"),
 )
 STANDALONE = ("qemu.testvm", "images")
 # Who may use a standalone package, besides itself.
-STANDALONE_USERS = {
-    "qemu.testvm": ("nicsim.bench", "nicsim.lab", "nicsim.cli"),
-    "images": ("nicsim.bench", "nicsim.lab", "nicsim.cli"),
-}
+USERS = ("nicsim.bench", "nicsim.lab", "nicsim.cli", "nicsim.testing", "nicsim.pytest_plugin")
+STANDALONE_USERS = {"qemu.testvm": USERS, "images": USERS}
 # nicsim.__main__ only runs the CLI; it is the program's entry, not a layer's module.
 ENTRY_POINTS = {"nicsim.__main__": ("nicsim.cli",)}
 
