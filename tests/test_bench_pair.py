@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 
 from nicsim.bench.matrix import Cell, Direction
-from nicsim.bench.pair import GOALS, check_b_count, goal_rows, pair_plan, render_pair_table, row_name
+from nicsim.bench.pair import (
+    GOALS,
+    PairBoot,
+    check_b_count,
+    goal_rows,
+    pair_plan,
+    render_pair_table,
+    row_name,
+)
 from nicsim.bench.pair_run import B_IP, B_MAC, a_workloads, b_workloads, cpu_fields, last_watch
 from nicsim.bench.procstat import CpuWindow
 from nicsim.bench.runner import CellResult, Sample, conclude
@@ -19,6 +27,7 @@ def test_the_plan_is_every_row_for_each_setup_in_order() -> None:
     setups = ("nicsim", "linux-bridge")
     assert [c.key for c in plan.cells] == [(s, d, size) for s in setups for d, size in rows]
     assert [row_name(c) for c in plan.cells[:3]] == ["tcp", "pps64", "ping"]
+    assert PairBoot(backend="nicsim", direction=Direction.TCP_TX).label() == "nicsim: tcp, pps64, ping"
     assert (plan.repetitions, plan.duration) == (3, 5.0)
     quick = pair_plan(["linux-bridge"], quick=True, repetitions=None, duration=None)
     assert (quick.repetitions, quick.duration, {c.backend for c in quick.cells}) == (1, 2.0, {"linux-bridge"})

@@ -63,6 +63,14 @@ GOALS = (
 )
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PairBoot(Cell):
+    """What the progress line names: one boot of the pair on ``backend``, which measures every row."""
+
+    def label(self) -> str:
+        return f"{self.backend}: {', '.join(ROWS.values())}"
+
+
 def row_name(cell: Cell) -> str:
     return ROWS[cell.direction]
 

@@ -39,7 +39,7 @@ from .backend import BenchError, ChildProcess, RunContext, python_env
 from .latency import ping_params, rtt_measures
 from .matrix import Cell, Direction, Plan
 from .ndr_vm import WATCH_LINE
-from .pair import BRIDGE, NICSIM, check_b_count, setup_cells
+from .pair import BRIDGE, NICSIM, PairBoot, check_b_count, setup_cells
 from .procstat import CpuWindow
 from .runner import CellResult, Sample, conclude
 from .serve import nicsim_carried
@@ -279,7 +279,7 @@ class PairRunner:
             results = {c.direction: CellResult(cell=c) for c in cells}
             for rep in range(plan.repetitions):
                 if self.on_run is not None:
-                    self.on_run(cells[0], rep)
+                    self.on_run(PairBoot(backend=setup, direction=cells[0].direction), rep)
                 for direction, sample in (await self.run_pair(setup, cells)).items():
                     results[direction].samples.append(sample)
             for result in results.values():
