@@ -15,7 +15,7 @@ from nicsim.bench.pair import (
     render_pair_table,
     row_name,
 )
-from nicsim.bench.pair_run import B_IP, B_MAC, a_workloads, b_workloads, cpu_fields, last_watch
+from nicsim.bench.pair_run import B_IP, B_MAC, a_dropped, a_workloads, b_workloads, cpu_fields, last_watch
 from nicsim.bench.procstat import CpuWindow
 from nicsim.bench.runner import CellResult, Sample, conclude
 from nicsim.cli import main
@@ -61,6 +61,13 @@ def test_b_s_count_and_the_wire_s_agree_within_a_small_slack() -> None:
     far = check_b_count(1000, 1100, "nicsim's counters")
     assert far["ok"] is False and "nicsim's counters says 1100" in far["reason"]
     assert check_b_count(None, 5, "x")["ok"] is None
+
+
+def test_frames_pktgen_counted_but_the_wire_never_took_were_dropped_in_a() -> None:
+    pps = Sample(ok=True, guest={"sent_packets": 2_000_000})
+    assert a_dropped(pps, 2_100_000) is None  # the wire took them all (and TCP's frames besides)
+    assert a_dropped(pps, 213_114) == 2_000_000 - 213_114
+    assert a_dropped(pps, None) is None
 
 
 def result(backend: str, direction: Direction, *values: dict[str, float]) -> CellResult:

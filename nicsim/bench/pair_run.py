@@ -56,12 +56,13 @@ _counter = itertools.count()
 @dataclass(kw_only=True)
 class Wire:
     """What joins A and B for one run: their NICs, the namespace QEMU runs in (bridge), the backend's
-    pid (nicsim), and once the wire is gone its count of frames handed to B."""
+    pid (nicsim), and once the wire is gone its count of frames handed to B and taken from A."""
 
     nics: tuple[Nic, Nic]
     netns: str | None = None
     backend_pid: int | None = None
     handed_b: int | None = None
+    taken_a: int | None = None
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -93,9 +94,11 @@ async def nicsim_wire(ctx: RunContext, cores: str | None) -> AsyncIterator[Wire]
             stats = json.loads(stats_file.read_text())
         except (OSError, ValueError) as err:
             raise BenchError(f"nicsim serve left no readable stats file {stats_file}: {err}") from err
-        entry = next((e for e in stats.get("sockets", []) if e.get("path") == str(socks[1])), None)
-        if entry is not None:
-            wire.handed_b = nicsim_carried(entry).rx_packets
+        entries = {e.get("path"): e for e in stats.get("sockets", []) if isinstance(e, dict)}
+        if str(socks[1]) in entries:
+            wire.handed_b = nicsim_carried(entries[str(socks[1])]).rx_packets
+        if str(socks[0]) in entries:
+            wire.taken_a = nicsim_carried(entries[str(socks[0])]).tx_packets
         wire.extra["nicsim"] = {"switch": stats.get("switch"), "sockets": stats.get("sockets")}
     finally:
         await proc.stop()
@@ -119,6 +122,7 @@ async def bridge_wire(ctx: RunContext, cores: str | None) -> AsyncIterator[Wire]
         yield wire
         stats = tap_stats(ns, "tapb")  # both guests have gone: nothing crosses the bridge any more
         wire.handed_b = tap_carried(stats).rx_packets
+        wire.taken_a = tap_carried(tap_stats(ns, "tapa")).tx_packets
         wire.extra["tapb"] = stats
 
 
@@ -153,6 +157,16 @@ def cpu_fields(window: CpuWindow) -> dict[str, Any]:
     qemu = None if qa is None or qb is None else qa + qb
     total = None if qemu is None else qemu + (be or 0.0)
     return {"cpu_qemu_pct": qemu, "cpu_backend_pct": be, "cpu_total_pct": total}
+
+
+def a_dropped(pps: Sample, taken_a: int | None) -> int | None:
+    """How many of pktgen's frames at least never left A: pktgen counts a frame the driver dropped on a
+    full transmit ring as sent, and the wire's count of frames taken from A (the whole run, so every
+    pktgen frame that left A is in it) cannot be smaller than pktgen's unless A dropped some."""
+    sent = pps.guest.get("sent_packets")
+    if taken_a is None or not isinstance(sent, int):
+        return None
+    return max(sent - taken_a, 0) or None
 
 
 def failed(cell: Cell, why: str, data: dict[str, Any] | None = None) -> Sample:
@@ -233,6 +247,12 @@ class PairRunner:
         pps.backend = dict(wire.extra)
         if pps.ok and pps.miscounted:
             pps.ok, pps.error = False, f"count check: {pps.counts['reason']}"
+        lost_in_a = a_dropped(pps, wire.taken_a)
+        if pps.ok and lost_in_a:
+            pps.ok, pps.error = False, (
+                f"A's pktgen counted {pps.guest['sent_packets']} frames sent, but the wire took only "
+                f"{wire.taken_a} from A in the whole run: A's driver dropped at least {lost_in_a} (its "
+                "transmit ring stayed full: the wire stopped taking A's frames)")
         contact = results[0]
         if not contact.ok:
             for sample in samples.values():
