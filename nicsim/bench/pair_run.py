@@ -292,19 +292,22 @@ class PairRunner:
         return sample
 
     async def run_plan(self, plan: Plan) -> list[CellResult]:
-        """Every repetition of every setup of ``plan``; each cell's result once its setup is done."""
-        out: list[CellResult] = []
-        for setup in dict.fromkeys(c.backend for c in plan.cells):
-            cells = setup_cells(plan, setup)
-            results = {c.direction: CellResult(cell=c) for c in cells}
-            for rep in range(plan.repetitions):
+        """Every repetition of every setup of ``plan``, the setups taking turns (nicsim, bridge, nicsim,
+        ...) so that a busy spell of the host falls on both rather than on one setup's runs; each
+        cell's result once its last repetition is done."""
+        setups = list(dict.fromkeys(c.backend for c in plan.cells))
+        cells = {setup: setup_cells(plan, setup) for setup in setups}
+        results = {c.key: CellResult(cell=c) for c in plan.cells}
+        for rep in range(plan.repetitions):
+            for setup in setups:
                 if self.on_run is not None:
-                    self.on_run(PairBoot(backend=setup, direction=cells[0].direction), rep)
-                for direction, sample in (await self.run_pair(setup, cells)).items():
-                    results[direction].samples.append(sample)
-            for result in results.values():
-                conclude(result)
-                out.append(result)
-                if self.on_cell is not None:
-                    self.on_cell(result)
+                    self.on_run(PairBoot(backend=setup, direction=cells[setup][0].direction), rep)
+                samples = await self.run_pair(setup, cells[setup])
+                for cell in cells[setup]:
+                    results[cell.key].samples.append(samples[cell.direction])
+        out = [results[c.key] for c in plan.cells]
+        for result in out:
+            conclude(result)
+            if self.on_cell is not None:
+                self.on_cell(result)
         return out
