@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -31,6 +32,18 @@ def test_a_namespace_has_lo_up_a_tap_with_its_neighbour_and_is_gone_after_close(
         other.close()
     assert ns.name not in namespaces() and other.name not in namespaces()
     ns.close()  # a second close is harmless
+
+
+def test_a_bridge_holds_two_taps_without_addresses_and_goes_with_the_namespace() -> None:
+    with Netns.create("nicsim-t") as ns:
+        ns.add_bridge("br0")
+        for tap in ("tapa", "tapb"):
+            ns.add_tap(tap, None, master="br0")
+        links = {link["ifname"]: link for link in json.loads(ns.run("ip", "-j", "link", "show").stdout)}
+        assert links["tapa"].get("master") == links["tapb"].get("master") == "br0"
+        assert "UP" in links["br0"]["flags"] and "UP" in links["tapa"]["flags"]
+        assert "inet " not in ns.run("ip", "addr", "show", "tapa").stdout
+    assert ns.name not in namespaces()
 
 
 def test_close_kills_what_popen_started() -> None:

@@ -3,8 +3,9 @@
 Modules: ``matrix`` (cells, repetitions, min/median/max; pure), ``procstat`` (CPU time from /proc),
 ``backend`` (the Backend interface and child-process plumbing), one module per backend — ``serve``
 (nicsim), ``tap`` (QEMU's tap in a namespace, with ``blaster`` as its UDP sender), ``testpmd``
-(DPDK) —, the two modes ``vm`` (one guest per run, the measured window) and ``backend_only``
-(DPDK's virtio-user as the frontend, no VM), ``runner`` (what both modes share: samples, the loop
+(DPDK) —, the modes ``vm`` (one guest per run, the measured window), ``backend_only``
+(DPDK's virtio-user as the frontend, no VM) and ``pair``/``pair_run`` (``--guests 2``: guest to
+guest, nicsim's switch against a Linux bridge), ``runner`` (what both modes share: samples, the loop
 over the plan, the working directory), ``counts`` (the guest's count against the backend's own,
 the negotiated features), ``command`` (one invocation of either mode, from options to exit code),
 ``report`` (table, JSON, plot), ``stream`` (``--json-stream``), ``baseline`` (``--baseline`` and

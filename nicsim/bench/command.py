@@ -8,9 +8,10 @@ lets the mode get ready and state how long it will take, runs the plan in one wo
 (``--log-dir``, kept, or a temporary one, removed) with live progress on stderr and each finished
 cell on the ``--json-stream``, and prints the table, the comparison with the baseline, the JSON and
 the plot. The exit status is 0, or 1 when a cell failed, none was measured, or a cell regressed by
-more than ``--max-regress`` (each named on stderr). What differs lives in the two ``Mode``
-classes: ``VmMode`` (a guest per run: the image, the accelerator, backends it must skip) and
-``BackendOnlyMode`` (DPDK's virtio-user as the frontend, no VM). The options themselves are defined
+more than ``--max-regress`` (each named on stderr). What differs lives in the ``Mode``
+classes: ``VmMode`` (a guest per run: the image, the accelerator, backends it must skip),
+``BackendOnlyMode`` (DPDK's virtio-user as the frontend, no VM) and ``TwoGuestMode`` (``--guests 2``:
+two guests, nicsim's switch against a Linux bridge). The options themselves are defined
 in :mod:`nicsim.cli.bench`.
 """
 
@@ -54,6 +55,8 @@ from .baseline import (
 )
 from .matrix import BOOT_OVERHEAD, Cell, Direction, Plan, build_plan
 from .ndr_vm import PACED, NdrCell, ndr_estimate_seconds, render_ndr, run_ndr
+from .pair import BRIDGE, PAIR_OVERHEAD, ROWS, SETUPS, goal_rows, pair_plan, render_pair_table
+from .pair_run import PairRunner
 from .progress import Progress, clock
 from .report import MATPLOTLIB_HINT, emit, failed_cells, render_table, to_json
 from .runner import CellResult, run_directory
@@ -142,14 +145,8 @@ class VmMode(Mode):
         from qemu.testvm import choose_accel
 
         args = self.args
-        kernel, initrd, self.guest_kernel = args.kernel, args.initrd, None
-        if kernel is None or initrd is None:
-            from images.build import build_image  # only when the guest image is not given
-
-            image = build_image(progress=lambda line: print(f"image: {line}", file=sys.stderr))
-            kernel, initrd = kernel or image.kernel, initrd or image.initrd
-            self.guest_kernel = image.manifest.get("kernel_version")
-        self.kernel, self.initrd = Path(kernel), Path(initrd)
+        self.kernel, self.initrd, self.guest_kernel = guest_files(args)
+        kernel = self.kernel
         for b in self.backends:
             why = b.unavailable()
             if why is not None:
@@ -199,6 +196,104 @@ class VmMode(Mode):
                           versions=versions(qemu=args.qemu, guest_kernel=self.guest_kernel))  # fmt: skip
             if ndr is not None:
                 doc["ndr"] = [c.to_json() for c in ndr]
+            return doc
+
+        return table, document
+
+
+def guest_files(args: argparse.Namespace) -> tuple[Path, Path, str | None]:
+    """The guest kernel and initramfs (``--kernel``/``--initrd``, else the built image's, built or found
+    in its cache now) and the kernel version when the image says it."""
+    kernel, initrd, version = args.kernel, args.initrd, None
+    if kernel is None or initrd is None:
+        from images.build import build_image  # only when the guest image is not given
+
+        image = build_image(progress=lambda line: print(f"image: {line}", file=sys.stderr))
+        kernel, initrd = kernel or image.kernel, initrd or image.initrd
+        version = image.manifest.get("kernel_version")
+    return Path(kernel), Path(initrd), version
+
+
+class TwoGuestMode(Mode):
+    """``--guests 2``: guest A to guest B through nicsim's switch and through a Linux bridge
+    (:mod:`nicsim.bench.pair`, :mod:`nicsim.bench.pair_run`, which says why placement is what it is)."""
+
+    name = "two-guest"
+    kernel: Path
+    initrd: Path
+    guest_kernel: str | None
+    accel: str
+    cores: str | None
+    ctx: RunContext
+
+    def plan(self) -> Plan:
+        args = self.args
+        fixed = {"--peers": args.peers, "--sizes": args.sizes is not None,
+                 "--directions": args.directions is not None, "--latency": getattr(args, "latency", False),
+                 "--ndr": getattr(args, "ndr", False), "--backend-only": args.backend_only,
+                 "--qemu-cpus": getattr(args, "qemu_cpus", None) is not None}  # fmt: skip
+        given = [flag for flag, on in fixed.items() if on]
+        if given:
+            raise ValueError(f"--guests 2 has fixed rows (tcp, pps64, ping), setups (nicsim, linux-bridge) "
+                             f"and placement (every process on every core): drop {', '.join(given)}")
+        return pair_plan(args.backends, quick=args.quick, repetitions=args.repetitions,
+                         duration=args.duration)  # fmt: skip
+
+    def missing(self) -> str | None:
+        qemu = self.args.qemu
+        if shutil.which(qemu) is None:
+            return f"{qemu} not found: install QEMU ('apt-get install qemu-system-x86' on Debian/Ubuntu)"
+        if BRIDGE in (self.args.backends or SETUPS):
+            if os.geteuid() != 0:
+                return ("linux-bridge creates a network namespace with a bridge and TAPs: run as root "
+                        "(sudo), or compare nothing: --backends nicsim")  # fmt: skip
+            if not Path("/dev/net/tun").exists():
+                return "linux-bridge: /dev/net/tun is missing (load the tun module: 'modprobe tun')"
+        return None
+
+    async def prepare(self, plan: Plan) -> tuple[int, float]:
+        from qemu.testvm import choose_accel
+
+        args = self.args
+        self.kernel, self.initrd, self.guest_kernel = guest_files(args)
+        self.accel = await choose_accel(args.accel, self.kernel, qemu=args.qemu)
+        runs = plan.runs // len(ROWS)  # one boot of the pair measures every row
+        estimate = runs * (len(ROWS) * plan.duration + PAIR_OVERHEAD)
+        setups = sorted({c.backend for c in plan.cells}, key=SETUPS.index)
+        _err(f"two guests, {' and '.join(setups)} x {plan.repetitions} repetition(s): {runs} boots of the "
+             f"pair, about {clock(estimate)} (accelerator {self.accel})")  # fmt: skip
+        return runs, estimate
+
+    async def run(
+        self, plan: Plan, workdir: Path, on_run: Callable[[Cell, int], None], on_cell: OnCell = None
+    ) -> list[CellResult]:
+        args = self.args
+        self.cores = ",".join(str(c) for c in range(os.cpu_count() or 1)) if self.pin else None
+        self.ctx = RunContext(workdir=workdir, duration=plan.duration, qemu_cpu=self.cores, backend_cpu=None,
+                              nicsim_args=nicsim_args(args))  # fmt: skip
+        runner = PairRunner(kernel=self.kernel, initrd=self.initrd, ctx=self.ctx, cores=self.cores,
+                            accel=self.accel, qemu=args.qemu, on_run=on_run, on_cell=on_cell)  # fmt: skip
+        return await runner.run_plan(plan)
+
+    def placement(self) -> str:
+        if self.cores is None:
+            return "placement: not pinned (--no-pin), the same for both setups"
+        return (f"placement: both QEMUs and nicsim each free on cores {self.cores}, the same for both "
+                "setups (nothing pinned apart: see nicsim.bench.pair_run)")
+
+    def report(self, plan: Plan, results: list[CellResult]) -> tuple[str, Document]:
+        args = self.args
+        setups = sorted({c.backend for c in plan.cells}, key=SETUPS.index)
+        config = {"mode": self.name, "guests": 2, "backends": setups, "quick": args.quick,
+                  "accel": self.accel, "pinned": self.pin, "cores": self.cores, "placement": self.placement(),
+                  "nicsim_args": list(self.ctx.nicsim_args),
+                  "rows": {d.value: name for d, name in ROWS.items()}}  # fmt: skip
+        table = render_pair_table(results, placement=self.placement())
+
+        def document() -> dict[str, Any]:
+            doc = to_json(results, plan=plan, machine=machine(), config=config,
+                          versions=versions(qemu=args.qemu, guest_kernel=self.guest_kernel))  # fmt: skip
+            doc["goals"] = goal_rows(results)
             return doc
 
         return table, document
@@ -318,7 +413,11 @@ def option_problem(args: argparse.Namespace) -> str | None:
 def run_bench(args: argparse.Namespace) -> int:
     """``nicsim bench`` with parsed ``args``: 0 when every cell that ran was measured (none regressed),
     1 when a cell failed or regressed or none was measured, 2 for a usage error (one line)."""
-    mode: Mode = BackendOnlyMode(args) if args.backend_only else VmMode(args)
+    mode: Mode
+    if getattr(args, "guests", 1) == 2:
+        mode = TwoGuestMode(args)
+    else:
+        mode = BackendOnlyMode(args) if args.backend_only else VmMode(args)
     try:
         plan = mode.plan()
     except ValueError as err:

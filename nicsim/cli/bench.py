@@ -1,7 +1,8 @@
 """``nicsim bench``: measure a test guest's network throughput, nicsim and its peers side by side.
 
-This module owns the command line's options, for both modes (a guest per run, or ``--backend-only``
-with DPDK's virtio-user as the frontend): their names, defaults, help and syntax checks. What an
+This module owns the command line's options, for every mode (a guest per run, ``--backend-only``
+with DPDK's virtio-user as the frontend, or ``--guests 2``: guest to guest, nicsim against a Linux
+bridge): their names, defaults, help and syntax checks. What an
 invocation does with them — the plan, the checks that say what to install, the image, the runs with
 live progress on stderr, the table (stdout), the JSON (``--json``, or one line per finished cell
 with ``--json-stream``), the comparison with an earlier run (``--baseline``, gated by
@@ -23,6 +24,8 @@ examples:
   nicsim bench --backends qemu-tap,dpdk      the peers only, full matrix
   nicsim bench --peers --json out.json --plot out.png
   nicsim bench --backend-only                no VM: nicsim vs DPDK vhost under DPDK's virtio-user
+  nicsim bench --guests 2 --json pair.json   guest to guest: nicsim's switch vs a Linux bridge
+                                             (tcp, 64 B pps, ping p50/p99; root: a namespace)
   nicsim bench --json-stream run.jsonl       one JSON line per cell as it finishes (tail -f it)
   nicsim bench --json base.json              keep a run, then gate a later one against it:
   nicsim bench --baseline base.json --max-regress 10
@@ -164,6 +167,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="no VM: DPDK's virtio-user frontend (dpdk-testpmd) drives nicsim's sink/generator and DPDK's "
         "own net_vhost backend; Mpps at 64 and 1500 B and their ratio (frontend on --qemu-cpu)",
+    )
+    p.add_argument(
+        "--guests",
+        type=int,
+        choices=[1, 2],
+        default=1,
+        help="2: two guests, A to B, through one 'nicsim serve --port switch' and through a Linux bridge "
+        "(two TAPs in a namespace, QEMU's tap netdev), in the same run: iperf3 TCP, 64 B pktgen pps "
+        "counted by B, ping every 10 ms; --backends may pick nicsim or linux-bridge; every QEMU and "
+        "nicsim free on every core (default: 1, a guest per run)",
     )
     p.add_argument(
         "--accel",

@@ -6,7 +6,8 @@ with an address in it, optionally with the guest as a permanent neighbour so tha
 answered before the first frame. ``exec_argv`` wraps a command in ``ip netns exec``; ``run`` and
 ``popen`` run one there, and ``close`` kills what ``popen`` started (by pid) and deletes the namespace,
 which deletes its TAP; it is harmless when the namespace is already gone, and the handle is a context
-manager that closes on the way out. A failed ``ip`` command raises ``NetnsError``, whose message says
+manager that closes on the way out. ``add_bridge`` makes a bridge there whose ports are TAPs made with
+``add_tap(..., master=...)``. A failed ``ip`` command raises ``NetnsError``, whose message says
 which command failed and what it printed (without root: "Operation not permitted"). Nothing here
 addresses anything outside the namespace it created.
 """
@@ -70,16 +71,27 @@ class Netns:
         return proc
 
     def add_tap(
-        self, ifname: str = "tap0", address: str = "10.0.2.2/24", *, neighbour: tuple[str, str] | None = None
-    ) -> None:
-        """A persistent TAP ``ifname`` with ``address`` (CIDR), up, for QEMU's tap backend or nicsim's tap
-        port to attach to; ``neighbour=(ip, mac)`` adds that host as a permanent neighbour on it."""
+        self, ifname: str = "tap0", address: str | None = "10.0.2.2/24", *,
+        neighbour: tuple[str, str] | None = None, master: str | None = None,
+    ) -> None:  # fmt: skip
+        """A persistent TAP ``ifname`` with ``address`` (CIDR; ``None``: none), up, for QEMU's tap backend
+        or nicsim's tap port to attach to; ``neighbour=(ip, mac)`` adds that host as a permanent
+        neighbour on it; ``master`` enslaves it to that bridge (``add_bridge``) before it goes up."""
         self.run("ip", "tuntap", "add", "dev", ifname, "mode", "tap")
-        self.run("ip", "addr", "add", address, "dev", ifname)
+        if address is not None:
+            self.run("ip", "addr", "add", address, "dev", ifname)
+        if master is not None:
+            self.run("ip", "link", "set", ifname, "master", master)
         self.run("ip", "link", "set", ifname, "up")
         if neighbour is not None:
             ip, mac = neighbour
             self.run("ip", "neigh", "replace", ip, "lladdr", mac, "dev", ifname, "nud", "permanent")
+
+    def add_bridge(self, name: str = "br0") -> None:
+        """A Linux bridge ``name``, up, without STP and with no forwarding delay, so that its ports
+        forward as soon as they are up (``NetnsError`` when the kernel has no bridge support)."""
+        self.run("ip", "link", "add", name, "type", "bridge", "stp_state", "0", "forward_delay", "0")
+        self.run("ip", "link", "set", name, "up")
 
     def close(self) -> None:
         """Kill the children still running, then delete the namespace (and its TAP); a second call is
