@@ -23,14 +23,21 @@ The ``vm`` marker is registered here, and a test that uses ``nicsim_vm`` or ``ni
 fails, its report gets a "nicsim" section naming the guests' console logs (with their last lines), the
 server's capture, stats file and output, all kept under the test's ``tmp_path``.
 
-Seam for a lab fixture: ``nicsim_lab`` (a whole lab from a topology file or dict) belongs in this
-module, built from the same parts: ``nicsim_ids`` for names, ``nicsim_image``, :func:`record_artifact`
-for the failure report, and ``nicsim.lab`` for the rest. It is not here yet.
+``nicsim_lab``     (async) factory: ``report = await nicsim_lab(topology)`` runs a whole lab once, from
+                   a topology file or the same thing as a dict (:mod:`nicsim.lab`), under a name
+                   unique to this worker, and returns its :class:`~nicsim.lab.run.LabReport`
+                   (``.passed``, ``.outcomes``, ``.results``; ``nicsim.lab.report.render_table`` makes
+                   the table a person reads). The
+                   lab's consoles, captures and logs end up in the test's ``tmp_path``.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+import dataclasses
+import itertools
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +50,7 @@ try:
 except ImportError:  # the plugin loads in every pytest run; without pytest-asyncio only nicsim_vm is lost
     pytest_asyncio = None  # type: ignore[assignment]
 
-VM_FIXTURES = ("nicsim_vm", "nicsim_image")
+VM_FIXTURES = ("nicsim_vm", "nicsim_image", "nicsim_lab")
 TAIL_LINES = 8
 _artifacts = pytest.StashKey[list[tuple[str, Path]]]()
 
@@ -183,6 +190,41 @@ if pytest_asyncio is not None:
             yield factory
         finally:
             await factory.close()
+
+    @pytest_asyncio.fixture
+    async def nicsim_lab(
+        request: pytest.FixtureRequest, nicsim_image: Any, nicsim_ids: WorkerIds, tmp_path: Path
+    ) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+        """Factory: ``await nicsim_lab(topology, timeout=None)`` runs the lab (a topology file's path,
+        or a dict in its format) once and returns the report; everything it started is stopped
+        before it returns."""
+        runs = itertools.count(1)
+
+        async def run(topology: Mapping[str, Any] | str | Path, *, timeout: float | None = None) -> Any:
+            from nicsim.lab import plan as planning
+            from nicsim.lab import topology as topo
+            from nicsim.lab.run import run_lab
+
+            if isinstance(topology, Mapping):
+                top = topo.from_dict(topology, source=f"{request.node.name} (dict)", base_dir=tmp_path)
+            else:
+                top = topo.load(topology)
+            top = topo.renamed(top, nicsim_ids.name("lab"))
+            if timeout is not None:
+                top = dataclasses.replace(top, timeout=timeout)
+            n = next(runs)
+            # Sockets need a short path (108 bytes); the results move to tmp_path once the lab is down.
+            run_dir = Path(tempfile.mkdtemp(prefix=f"nicsim-{nicsim_ids.tag}-"))
+            report = await run_lab(planning.plan(top, run_dir), image=nicsim_image, progress=None)
+            kept = tmp_path / f"lab{n}"
+            shutil.move(run_dir, kept)
+            for g in report.plan.guests:
+                record_artifact(request, f"console of lab guest {g}", kept / g / "console.log")
+            for log in sorted(kept.glob("switch-*.log")):
+                record_artifact(request, f"lab {log.stem}", log)
+            return report
+
+        yield run
 
 else:
 

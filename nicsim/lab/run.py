@@ -162,7 +162,7 @@ def _vm(lab: LabPlan, g: GuestPlan, image: Any, echo: Callable[[str, str], None]
         workloads=g.workloads,
         memory_mb=g.spec.memory,
         cpus=g.spec.cpus,
-        accel="tcg",
+        accel="auto",
         extra_append=tuple(g.spec.append.split()),
         log_dir=lab.run_dir / g.name,
         name=f"{lab.topology.name}-{g.name}",
