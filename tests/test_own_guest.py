@@ -1,7 +1,8 @@
 """The user's own guest: Debian's generic kernel (``linux-image-amd64``, not the cloud kernel) with an
 initrd the image builder made for it from that kernel's own modules, booted through ``TestVM``'s
 kernel/initrd/disk/command-line options on nicsim's vhost-user backend (``nicsim serve``, whose
-default port is the responder), pinging with no loss.
+default port is the responder), pinging with no loss; and ``nicsim vm --kernel-package`` booting it
+with a disk.
 
 Guest traffic stays between the guest and the backend: no network is touched. The disk image is a
 file under ``tmp_path``; the guest writes to it, and the test checks the file is unchanged.
@@ -10,6 +11,9 @@ file under ``tmp_path``; the guest writes to it, and the test checks the file is
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ pytestmark = pytest.mark.vm
 
 GENERIC_KERNEL = "linux-image-amd64"
 BOOT_TIMEOUT = 180.0  # the generic kernel probes more drivers than the cloud one; a failure guard only
+ROOT = Path(__file__).resolve().parent.parent
 DISK_MAGIC = b"nicsim-disk-0123"  # 16 bytes: the disk workload reports the first 16 in hex
 
 
@@ -80,3 +85,23 @@ async def test_debians_generic_kernel_boots_with_its_own_initrd_and_pings_nicsim
     assert bytes.fromhex(written["head"]).startswith(b"written-by-guest")
     assert hashlib.sha256(disk.read_bytes()).hexdigest() == before
     assert proc.returncode == 0
+
+
+def test_nicsim_vm_boots_the_generic_kernel_package_with_a_disk_it_may_write_but_not_change(
+    generic_image: Any, tmp_path: Path
+) -> None:
+    disk = tmp_path / "disk.img"
+    before = make_disk(disk)
+    done = subprocess.run(
+        [sys.executable, "-m", "nicsim", "vm", "--kernel-package", GENERIC_KERNEL, "--nic", "none",
+         "--accel", "tcg", "--disk", str(disk), "--append", "nicsim_test.marker=1",
+         "--workload", "disk,write=nicsim-vm-wrote"],
+        capture_output=True, text=True, timeout=BOOT_TIMEOUT, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = (json.loads(line) for line in done.stdout.splitlines() if line.strip())
+    assert result["ok"] and result["dev"] == "vda" and result["bytes"] == disk.stat().st_size, result
+    assert bytes.fromhex(result["head"]).startswith(b"nicsim-vm-wrote")
+    assert hashlib.sha256(disk.read_bytes()).hexdigest() == before
+    # Building for another kernel package is seconds of work, so its progress is always shown.
+    assert f"({GENERIC_KERNEL})" in done.stderr or f"for {GENERIC_KERNEL}" in done.stderr

@@ -105,7 +105,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--workload", action="append", default=[], metavar="NAME[,KEY=VALUE...]",
         help="a guest workload, repeatable, run in order, e.g. 'ping,target=10.0.2.2,count=3', "
-        "'iperf3-client,server=10.0.2.2,time=5', 'sleep,seconds=2', 'link' (default: shell)",
+        "'iperf3-client,server=10.0.2.2,time=5', 'sleep,seconds=2', 'link', 'disk' (the --disk as "
+        "/dev/vda: size and first bytes; 'disk,write=TEXT' writes TEXT first) (default: shell)",
     )  # fmt: skip
     parser.add_argument(
         "--accel", choices=["auto", "kvm", "tcg"], default="auto",
