@@ -1,8 +1,8 @@
 """The user's own guest: Debian's generic kernel (``linux-image-amd64``, not the cloud kernel) with an
 initrd the image builder made for it from that kernel's own modules, booted through ``TestVM``'s
 kernel/initrd/disk/command-line options on nicsim's vhost-user backend (``nicsim serve``, whose
-default port is the responder), pinging with no loss; and ``nicsim vm --kernel-package`` booting it
-with a disk.
+default port is the responder), pinging with no loss; ``nicsim vm --kernel-package`` booting it with
+a raw disk; and a qcow2 disk (made with ``qemu-img``) on the default guest.
 
 Guest traffic stays between the guest and the backend: no network is touched. The disk image is a
 file under ``tmp_path``; the guest writes to it, and the test checks the file is unchanged.
@@ -105,3 +105,23 @@ def test_nicsim_vm_boots_the_generic_kernel_package_with_a_disk_it_may_write_but
     assert hashlib.sha256(disk.read_bytes()).hexdigest() == before
     # Building for another kernel package is seconds of work, so its progress is always shown.
     assert f"({GENERIC_KERNEL})" in done.stderr or f"for {GENERIC_KERNEL}" in done.stderr
+
+
+async def test_a_qcow2_disk_on_the_default_guest_takes_the_guests_writes_but_keeps_its_file(
+    guest_image: Any, tmp_path: Path
+) -> None:
+    raw, disk = tmp_path / "disk.img", tmp_path / "disk.qcow2"
+    make_disk(raw)
+    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(disk)], check=True)
+    before = hashlib.sha256(disk.read_bytes()).hexdigest()
+    async with TestVM(
+        kernel=guest_image.kernel, initrd=guest_image.initrd, disk=disk, accel="tcg",
+        workloads=[Workload("disk"), Workload("disk", write="qcow2-overlay")],
+    ) as vm:  # fmt: skip
+        first, second = await vm.results(BOOT_TIMEOUT)
+        argv = vm.argv
+    assert any(a.endswith(",format=qcow2,snapshot=on") for a in argv), argv  # read from the magic
+    assert first.ok and bytes.fromhex(first["head"]) == DISK_MAGIC, first
+    assert first["bytes"] == raw.stat().st_size
+    assert second.ok and bytes.fromhex(second["head"]).startswith(b"qcow2-overlay"), second
+    assert hashlib.sha256(disk.read_bytes()).hexdigest() == before
