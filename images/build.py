@@ -140,7 +140,14 @@ def _kernel_image_package(kernel_package: str, stanza: dict[str, str]) -> str:
 
 
 def _resolve_fresh(progress: Progress, kernel_package: str = KERNEL_META) -> list[Package]:
-    top = apt.show(_roots(kernel_package), progress)
+    try:
+        top = apt.show(_roots(kernel_package), progress)
+    except ImageBuildError as err:
+        if kernel_package == KERNEL_META or kernel_package not in str(err):
+            raise
+        raise ImageBuildError(
+            f"{err}; 'apt-cache search --names-only ^linux-image-' lists the kernel packages APT knows"
+        ) from err
     kernel = _kernel_image_package(kernel_package, top[kernel_package])
     closure = subprocess.run(
         [

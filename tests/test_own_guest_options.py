@@ -203,3 +203,13 @@ def test_a_wanted_module_the_kernel_has_built_in_is_skipped(tmp_path: Path) -> N
     (moddir / "modules.builtin").unlink()
     with pytest.raises(ImageBuildError, match="virtio_blk"):
         kmod.load_order(("virtio_blk",), moddir)
+
+
+def test_an_unknown_kernel_package_says_how_to_list_the_known_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    def show(names: object, progress: object) -> dict[str, dict[str, str]]:
+        raise ImageBuildError("APT knows no candidate for linux-image-nope even after apt-get update")
+
+    monkeypatch.setattr(build.apt, "show", show)
+    hint = r"linux-image-nope.*apt-cache search --names-only \^linux-image-"
+    with pytest.raises(ImageBuildError, match=hint):
+        build._resolve_fresh(lambda _: None, "linux-image-nope")
