@@ -237,6 +237,9 @@ def run(args: argparse.Namespace) -> int:
     interactive = any(w.name == "shell" for w in workloads)
     if interactive:
         print(f"nicsim vm: accelerator {accel}; Ctrl-A X quits", file=sys.stderr)
+        if args.disk is not None:
+            print(f"nicsim vm: {args.disk} ({fmt}) is /dev/vda, snapshot=on: the guest's writes are "
+                  "dropped when QEMU exits and the file is not modified", file=sys.stderr)  # fmt: skip
     spec = VMSpec(
         kernel=kernel, initrd=initrd, memory_mb=args.memory, accel=accel, nic=nic, guest_ip=args.ip,
         workloads=workloads, console=ConsoleStdio(), extra_append=" ".join(args.append),
