@@ -5,11 +5,18 @@ the cache directory. The key hashes the resolved packages (name, version, archit
 the builder's own inputs (``init.sh`` and this package's Python sources), so any change to either
 gives a new image directory and an unchanged one is found again without doing any work. An image is
 assembled in a private temporary directory and renamed into place in one step, so an interrupted or
-failed build never leaves something that looks like an image. Layout of the cache::
+failed build never leaves something that looks like an image.
+
+The kernel is Debian's cloud kernel (``linux-image-cloud-amd64``) unless ``kernel_package`` names
+another Debian kernel package (``linux-image-amd64``, the generic kernel, or a versioned
+``linux-image-6.1.0-NN-amd64``); the initramfs then carries that kernel's own modules. The package
+name is part of the key and each one has its own resolution record, so images of different kernels
+sit side by side in one cache. Layout of the cache::
 
     <cache>/debs/*.deb                 downloaded packages, verified against APT's SHA-256
     <cache>/resolved.json              package resolution, reused while APT's lists are unchanged
-    <cache>/<key>/vmlinuz              the Debian cloud kernel
+    <cache>/resolved-<package>.json    the same for another kernel package
+    <cache>/<key>/vmlinuz              the kernel of the kernel package
     <cache>/<key>/initrd.img           busybox, /init, modules, iperf3, sockperf, their libraries (cpio newc)
     <cache>/<key>/manifest.json        versions, module order, file hashes, build time
 """
@@ -51,6 +58,9 @@ EXTRA_LIBS = ("libgcc_s.so.1",)
 # The modules whose code decides the image's bytes (the command line, for one, does not).
 BUILDER_MODULES = ("apt.py", "build.py", "cpio.py", "kmod.py")
 FORMAT = 1  # bump when the image layout changes in a way the hashed sources do not capture
+# A Debian binary package name (Debian policy 5.6.1), and a kernel image's prefix.
+_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+KERNEL_PREFIX = "linux-image-"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,20 +87,35 @@ def builder_inputs(init_script: Path = INIT_SCRIPT) -> dict[str, str]:
     return {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in sorted(files.items())}
 
 
-def image_key(packages: list[Package], inputs: dict[str, str]) -> str:
-    """The content address: a hash of the resolved packages and of the builder's inputs."""
+def check_kernel_package(name: str | None) -> str:
+    """The kernel package to build for (``None`` is the cloud kernel); a bad name is an ImageBuildError."""
+    if name is None:
+        return KERNEL_META
+    if not _PACKAGE_RE.match(name) or not name.startswith(KERNEL_PREFIX):
+        raise ImageBuildError(
+            f"kernel package {name!r} is not a Debian kernel image package name: give one such as "
+            f"linux-image-amd64 (the generic kernel) or {KERNEL_META} (the default); "
+            "'apt-cache search --names-only ^linux-image-' lists them"
+        )
+    return name
+
+
+def image_key(packages: list[Package], inputs: dict[str, str], kernel_package: str = KERNEL_META) -> str:
+    """The content address: a hash of the kernel package asked for, the resolved packages and the
+    builder's inputs."""
     doc = {
         "format": FORMAT,
+        "kernel_package": kernel_package,
         "packages": [[p.name, p.version, p.arch, p.sha256] for p in sorted(packages)],
         "inputs": inputs,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _lists_fingerprint() -> str:
+def _lists_fingerprint(kernel_package: str = KERNEL_META) -> str:
     # APT's candidates change only when its package lists (or its configuration) change; the set of
     # packages asked for is part of it, so adding a tool resolves again instead of reusing the record.
-    digest = hashlib.sha256(f"format {FORMAT} roots {' '.join(_roots())}".encode())
+    digest = hashlib.sha256(f"format {FORMAT} roots {' '.join(_roots(kernel_package))}".encode())
     for root in (APT_LISTS, Path("/etc/apt")):
         if root.is_dir():
             for path in sorted(p for p in root.rglob("*") if p.is_file()):
@@ -99,16 +124,31 @@ def _lists_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def _roots() -> list[str]:
+def _roots(kernel_package: str = KERNEL_META) -> list[str]:
     """The packages the image asks for by name (the rest is their dependency closure)."""
-    return [KERNEL_META, BUSYBOX, IPERF, *(closure_of for _, closure_of in TOOLS)]
+    return [kernel_package, BUSYBOX, IPERF, *(closure_of for _, closure_of in TOOLS)]
 
 
-def _resolve_fresh(progress: Progress) -> list[Package]:
-    top = apt.show(_roots(), progress)
-    kernels = [d for d in apt.depends_of(top[KERNEL_META]) if d.startswith("linux-image-")]
-    if not kernels:
+def _kernel_image_package(kernel_package: str, stanza: dict[str, str]) -> str:
+    """The package that holds the kernel: a metapackage's linux-image-* dependency, else itself."""
+    kernels = [d for d in apt.depends_of(stanza) if d.startswith(KERNEL_PREFIX)]
+    if kernels:
+        return kernels[0]
+    if kernel_package == KERNEL_META:
         raise ImageBuildError(f"{KERNEL_META} does not depend on a linux-image-* package")
+    return kernel_package  # a versioned kernel package, e.g. linux-image-6.1.0-NN-amd64
+
+
+def _resolve_fresh(progress: Progress, kernel_package: str = KERNEL_META) -> list[Package]:
+    try:
+        top = apt.show(_roots(kernel_package), progress)
+    except ImageBuildError as err:
+        if kernel_package == KERNEL_META or kernel_package not in str(err):
+            raise
+        raise ImageBuildError(
+            f"{err}; 'apt-cache search --names-only ^linux-image-' lists the kernel packages APT knows"
+        ) from err
+    kernel = _kernel_image_package(kernel_package, top[kernel_package])
     closure = subprocess.run(
         [
             "apt-cache",
@@ -131,25 +171,32 @@ def _resolve_fresh(progress: Progress) -> list[Package]:
     roots = [closure_of for _, closure_of in TOOLS]
     if closure.returncode != 0 or not set(roots) <= set(libs):
         raise ImageBuildError(f"apt-cache depends {' '.join(roots)} failed:\n{closure.stderr.strip()}")
-    names = sorted({kernels[0], BUSYBOX, IPERF, *libs})
+    names = sorted({kernel, BUSYBOX, IPERF, *libs})
     stanzas = apt.show(names, progress)
     return [apt.package_of(stanzas[n]) for n in names]
 
 
-def resolve(cache_dir: Path, progress: Progress) -> list[Package]:
+def resolution_record(cache_dir: Path, kernel_package: str = KERNEL_META) -> Path:
+    """Where the resolution for ``kernel_package`` is kept (one file per kernel package)."""
+    if kernel_package == KERNEL_META:
+        return cache_dir / "resolved.json"
+    return cache_dir / f"resolved-{kernel_package}.json"
+
+
+def resolve(cache_dir: Path, progress: Progress, kernel_package: str = KERNEL_META) -> list[Package]:
     """The packages (candidate versions) of the image; cached until APT's package lists change."""
-    record = cache_dir / "resolved.json"
-    fingerprint = _lists_fingerprint()
+    record = resolution_record(cache_dir, kernel_package)
+    fingerprint = _lists_fingerprint(kernel_package)
     try:
         saved = json.loads(record.read_text())
         if saved["fingerprint"] == fingerprint:
             return [Package(**p) for p in saved["packages"]]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    progress("resolving package versions with apt-cache")
-    packages = _resolve_fresh(progress)
-    doc = {"fingerprint": _lists_fingerprint(), "packages": [vars(p) for p in packages]}
-    tmp = record.with_name(f".resolved.{os.getpid()}.json")
+    progress(f"resolving package versions with apt-cache (kernel from {kernel_package})")
+    packages = _resolve_fresh(progress, kernel_package)
+    doc = {"fingerprint": _lists_fingerprint(kernel_package), "packages": [vars(p) for p in packages]}
+    tmp = record.with_name(f".{record.stem}.{os.getpid()}.json")
     tmp.write_text(json.dumps(doc, indent=1))
     tmp.replace(record)
     return packages
@@ -172,25 +219,29 @@ def build_image(
     progress: Progress = print,
     force: bool = False,
     init_script: Path = INIT_SCRIPT,
+    kernel_package: str | None = None,
 ) -> GuestImage:
     """Return the guest image for the current packages and builder, building it if it is not cached.
 
     ``force`` rebuilds even when an image with the same key exists (replacing it atomically);
-    ``init_script`` swaps in another ``/init`` (it is part of the key, so it gets its own image).
+    ``init_script`` swaps in another ``/init`` (it is part of the key, so it gets its own image);
+    ``kernel_package`` builds for another Debian kernel package than the cloud kernel, with that
+    kernel's own modules (``linux-image-amd64`` is Debian's generic kernel).
     """
     started = time.monotonic()
+    kernel_package = check_kernel_package(kernel_package)
     cache_dir = (cache_dir or default_cache_dir()).resolve()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    packages = resolve(cache_dir, progress)
+    packages = resolve(cache_dir, progress, kernel_package)
     inputs = builder_inputs(init_script)
-    key = image_key(packages, inputs)
+    key = image_key(packages, inputs, kernel_package)
     final = cache_dir / key
     existing = _load_image(final)
     if existing is not None and not force:
-        progress(f"guest image {key[:12]} is up to date ({final}); nothing to do")
+        progress(f"guest image {key[:12]} ({kernel_package}) is up to date ({final}); nothing to do")
         return existing
 
-    progress(f"building guest image {key[:12]} in {final}")
+    progress(f"building guest image {key[:12]} for {kernel_package} in {final}")
     progress(f"[1/5] packages ({len(packages)})")
     debs = apt.download(packages, cache_dir / "debs", progress)
     staging = Path(os.fspath(cache_dir / f".build-{key[:12]}-{os.getpid()}"))
@@ -201,9 +252,11 @@ def build_image(
         out.mkdir()
         progress("[2/5] unpacking")
         for p in packages:
+            if p.size > 8 << 20:  # a kernel package: seconds of work, so say so
+                progress(f"  {p.name} ({p.size / 1e6:.0f} MB)")
             apt.extract(debs[p.name], root)
         progress("[3/5] kernel and modules")
-        kernel_version, modules = _kernel(root, out)
+        kernel_version, modules = _kernel(root, out, kernel_package)
         progress(f"  kernel {kernel_version}; modules: {' '.join(name for name, _ in modules)}")
         progress("[4/5] initramfs")
         entries, libs = _initramfs_entries(root, kernel_version, modules, init_script)
@@ -215,6 +268,7 @@ def build_image(
         manifest = {
             "key": key,
             "format": FORMAT,
+            "kernel_package": kernel_package,
             "kernel_version": kernel_version,
             "packages": [vars(p) for p in packages],
             "inputs": inputs,
@@ -256,10 +310,13 @@ def _publish(out: Path, final: Path, staging: Path, *, replace: bool) -> None:
             raise
 
 
-def _kernel(root: Path, out: Path) -> tuple[str, list[tuple[str, Path]]]:
+def _kernel(root: Path, out: Path, kernel_package: str) -> tuple[str, list[tuple[str, Path]]]:
     vmlinuz = sorted((root / "boot").glob("vmlinuz-*"))
     if len(vmlinuz) != 1:
-        raise ImageBuildError(f"expected one kernel in the kernel package, found {len(vmlinuz)}")
+        raise ImageBuildError(
+            f"expected one kernel (boot/vmlinuz-*) from {kernel_package}, found {len(vmlinuz)}: "
+            "name a kernel image package such as linux-image-amd64"
+        )
     version = vmlinuz[0].name.removeprefix("vmlinuz-")
     shutil.copyfile(vmlinuz[0], out / "vmlinuz")
     modules = kmod.load_order(kmod.WANTED_MODULES, kmod.run_depmod(root, version))

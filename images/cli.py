@@ -23,6 +23,11 @@ iperf3 with its libraries and nicsim's /init, all taken from Debian packages thr
 manifest.json, where <key> hashes the package versions and the builder's own files: building again
 with the same inputs does nothing and says so. Needs apt-get, apt-cache and dpkg-deb; runs
 apt-get update once when APT's package lists are missing or stale (as root; otherwise it tells you).
+
+--kernel-package builds the same guest for another Debian kernel package, with that kernel's own
+modules: --kernel-package linux-image-amd64 is Debian's generic kernel. Each kernel package gets
+its own image in the cache; boot it with 'nicsim vm --kernel-package PKG' or with the printed
+kernel and initrd paths ('nicsim vm --kernel K --initrd I', TestVM(kernel=K, initrd=I)).
 """
 
 
@@ -33,6 +38,13 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         default=None,
         help=f"image cache directory (default: $NICSIM_CACHE/images or {default_cache_dir()})",
+    )
+    parser.add_argument(
+        "--kernel-package",
+        metavar="PKG",
+        default=None,
+        help="build for this Debian kernel package instead of the cloud kernel, with its own modules, "
+        "e.g. linux-image-amd64 (the generic kernel); cached separately",
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if the image is up to date")
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only the result")
@@ -46,7 +58,9 @@ def run_build(args: argparse.Namespace) -> int:
             print(message, file=sys.stderr, flush=True)
 
     try:
-        image = build_image(args.cache, progress=progress, force=args.force)
+        image = build_image(
+            args.cache, progress=progress, force=args.force, kernel_package=args.kernel_package
+        )
     except ImageBuildError as err:
         # One line that says what failed; the tool's own output (apt's, depmod's) only when asked for.
         first, _, rest = str(err).partition("\n")
@@ -62,6 +76,8 @@ def run_build(args: argparse.Namespace) -> int:
             json.dumps(
                 {
                     "key": image.key,
+                    "kernel_package": image.manifest.get("kernel_package"),
+                    "kernel_version": image.manifest.get("kernel_version"),
                     "kernel": str(image.kernel),
                     "initrd": str(image.initrd),
                     "manifest": str(image.kernel.parent / "manifest.json"),

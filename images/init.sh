@@ -298,6 +298,27 @@ w_sockperf_ping_pong() {
     [ $rc -eq 0 ] || fail "sockperf exited with status $rc: $(tail -n 1 "$out")"
 }
 
+# A block device (dev=, default vda: the disk image given with TestVM(disk=...) or nicsim vm --disk):
+# its size, whether it is read-only, and its first 16 bytes in hex. write=TEXT first writes TEXT at
+# its start and reads it back past the page cache (QEMU opens the image with snapshot=on, so the
+# host's file stays as it was).
+w_disk() {
+    dev=$(p dev vda)
+    case $dev in '' | *[!a-z0-9]*) fail "dev must be a block device name such as vda, got '$dev'" ;; esac
+    [ -b /dev/$dev ] || fail "no block device /dev/$dev (no disk attached, or no virtio_blk)"
+    put_str dev "$dev"
+    put_num bytes $(($(cat /sys/block/$dev/size) * 512))
+    put_bool read_only "$(cat /sys/block/$dev/ro)"
+    text=$(p write "")
+    if [ -n "$text" ]; then
+        printf '%s' "$text" | dd of=/dev/$dev conv=notrunc,fsync 2>/dev/null || fail "cannot write /dev/$dev"
+        sync
+        echo 3 >/proc/sys/vm/drop_caches
+        put_str wrote "$text"
+    fi
+    put_str head "$(od -A n -t x1 -N 16 /dev/$dev | tr -d ' \n')"
+}
+
 run_workload() {
     IDX=$1 name=$2 params=$3
     FIELDS=$WORK/fields.$IDX ERRFILE=$WORK/error.$IDX
@@ -322,6 +343,7 @@ run_workload() {
     iperf3-client) w_iperf3_client ;;
     iperf3-server) w_iperf3_server ;;
     sockperf-ping-pong) w_sockperf_ping_pong ;;
+    disk) w_disk ;;
     *) fail "unknown workload '$name'" ;;
     esac
     exit 0

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from qemu.testvm import Netns, TapNic, TestVM, VMLaunchError, Workload
+from qemu.testvm import InvalidOptionError, Netns, Runstate, TapNic, TestVM, VMLaunchError, Workload
 
 pytestmark = pytest.mark.vm
 
@@ -100,15 +100,14 @@ async def test_sockperf_ping_pong_reports_a_transaction_rate_against_a_server_in
     assert "sockperf" not in result.data  # the numbers replace the raw report
 
 
-async def test_missing_kernel_raises_launch_error_with_qemu_message(tmp_path: Path) -> None:
+async def test_missing_kernel_is_refused_before_qemu_starts_naming_the_parameter(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-kernel"
-    with pytest.raises(VMLaunchError) as info:
-        async with TestVM(kernel=missing, accel="tcg"):
+    vm = TestVM(kernel=missing, accel="tcg")
+    with pytest.raises(InvalidOptionError, match=r"kernel= .*no-such-kernel: no such file") as info:
+        async with vm:
             pass
-    err = info.value
-    assert err.exitcode not in (None, 0)
-    assert str(missing) in err.argv
-    assert "could not open kernel file" in err.log
+    assert "kernel image" in str(info.value)
+    assert vm.runstate is Runstate.STOPPED and vm.exitcode is None  # QEMU never ran
 
 
 async def test_bad_qemu_option_raises_launch_error_with_qemu_message(guest_image: Any) -> None:

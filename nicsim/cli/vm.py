@@ -1,9 +1,12 @@
 """``nicsim vm``: boot the test guest with its serial console attached to your terminal.
 
 This module owns the interactive front of ``qemu.testvm``: it turns command-line options into a
-``VMSpec`` (console on stdio, no QMP), builds the guest image if none is given, chooses the
-accelerator (KVM only when the probe shows it boots), and for ``--nic tap`` creates a throwaway
-network namespace holding the TAP (10.0.2.2/24 on its end) which it deletes when QEMU exits.
+``VMSpec`` (console on stdio, no QMP), builds the guest image if none is given (for another Debian
+kernel package with ``--kernel-package``), boots the user's own ``--kernel``/``--initrd``/``--disk``
+(checked first: a missing or unreadable file is one line naming the option) with ``--append`` added
+to the kernel command line, chooses the accelerator (KVM only when the probe shows it boots), and
+for ``--nic tap`` creates a throwaway network namespace holding the TAP (10.0.2.2/24 on its end)
+which it deletes when QEMU exits.
 With a ``shell`` workload the console is the terminal's. Otherwise the run is a script's: the console
 is read (and shown only with ``--verbose``), each workload's result goes to stdout as one JSON line,
 and the exit code is 0 only if every workload reported and succeeded.
@@ -32,8 +35,11 @@ from qemu.testvm import (
     VMSpec,
     Workload,
     WorkloadResult,
+    append_words,
     build_cmdline,
+    check_file,
     choose_accel,
+    disk_format,
     parse_result_line,
 )
 from qemu.testvm.workload import RESULT_MARKER
@@ -50,6 +56,12 @@ examples:
   nicsim serve --socket /tmp/nicsim.sock &    (in another terminal) then:
   nicsim vm --nic vhost-user --socket /tmp/nicsim.sock
                                               the guest's NIC is served by nicsim over vhost-user
+  nicsim vm --kernel-package linux-image-amd64
+                                              the built-in guest on Debian's generic kernel (its
+                                              initrd built once with that kernel's modules)
+  nicsim vm --kernel vmlinuz --initrd initrd.img --disk disk.qcow2 --append "root=/dev/vda1"
+                                              your own guest: its kernel, initrd and disk (virtio-blk,
+                                              snapshot=on: the guest's writes never reach the file)
 
 In the console: Ctrl-A X quits QEMU, Ctrl-A C toggles QEMU's monitor; Ctrl-C goes to the guest.
 The guest powers off (and QEMU exits) after its last workload. Without a shell workload, each
@@ -93,14 +105,47 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--workload", action="append", default=[], metavar="NAME[,KEY=VALUE...]",
         help="a guest workload, repeatable, run in order, e.g. 'ping,target=10.0.2.2,count=3', "
-        "'iperf3-client,server=10.0.2.2,time=5', 'sleep,seconds=2', 'link' (default: shell)",
+        "'iperf3-client,server=10.0.2.2,time=5', 'sleep,seconds=2', 'link', 'disk' (the --disk as "
+        "/dev/vda: size and first bytes; 'disk,write=TEXT' writes TEXT first) (default: shell)",
     )  # fmt: skip
     parser.add_argument(
         "--accel", choices=["auto", "kvm", "tcg"], default="auto",
         help="'auto' uses KVM only if a probe boot under KVM succeeds, else TCG (default: auto)",
     )  # fmt: skip
-    parser.add_argument("--kernel", type=Path, help="guest kernel (default: the built guest image's)")
-    parser.add_argument("--initrd", type=Path, help="guest initramfs (default: the built guest image's)")
+    own = parser.add_argument_group(
+        "your own guest",
+        "By default the built-in guest image boots (built once, then cached). These options boot "
+        "another kernel, initrd or disk; the nicsim.* parameters stay on the kernel command line for "
+        "the built-in /init, and any other init ignores them.",
+    )
+    own.add_argument(
+        "--kernel", type=Path, metavar="FILE",
+        help="guest kernel (bzImage/vmlinuz); without --initrd it boots with no initramfs "
+        "(default: the built guest image's kernel)",
+    )  # fmt: skip
+    own.add_argument(
+        "--initrd", type=Path, metavar="FILE", help="guest initramfs (default: the built guest image's)"
+    )
+    own.add_argument(
+        "--kernel-package", metavar="PKG",
+        help="boot the built-in guest on this Debian kernel package, e.g. linux-image-amd64 (the "
+        "generic kernel): its image is built once with that kernel's own modules, then cached "
+        "(same as 'nicsim image build --kernel-package PKG')",
+    )  # fmt: skip
+    own.add_argument(
+        "--disk", type=Path, metavar="FILE",
+        help="a disk image (raw or qcow2) on virtio-blk, /dev/vda in the guest; opened with "
+        "snapshot=on: the guest may write, the file itself is never modified",
+    )  # fmt: skip
+    own.add_argument(
+        "--disk-format", choices=["auto", "raw", "qcow2"], default="auto",
+        help="the disk image's format; 'auto' reads the qcow2 magic, else raw (default: auto)",
+    )  # fmt: skip
+    own.add_argument(
+        "--append", action="append", default=[], metavar="PARAMS",
+        help="kernel parameters added after nicsim's own, e.g. 'root=/dev/vda1 ro' "
+        "(repeatable; split on spaces, so a value cannot contain one)",
+    )  # fmt: skip
     return parser
 
 
@@ -144,10 +189,30 @@ def run_workloads(argv: list[str], workloads: list[Workload], *, verbose: bool) 
     return 1 if failed or qemu.returncode != 0 else 0
 
 
+def check_own_guest(args: argparse.Namespace) -> str | None:
+    """The user's own files checked before anything is built or started; the disk's format."""
+    if args.kernel_package is not None and (args.kernel is not None or args.initrd is not None):
+        raise InvalidOptionError(
+            "--kernel-package boots the built-in guest's image for that kernel: give it alone, or "
+            "--kernel/--initrd alone"
+        )
+    if args.kernel is not None:
+        check_file(args.kernel, "--kernel", "give the path of a kernel image (bzImage/vmlinuz), "
+                   "or leave --kernel out to boot the built-in guest image")  # fmt: skip
+    if args.initrd is not None:
+        check_file(args.initrd, "--initrd", "give an initramfs image, or leave --initrd out")
+    append_words(" ".join(args.append))
+    if args.disk is None:
+        return None
+    check_file(args.disk, "--disk", "give a raw or qcow2 disk image, or leave --disk out")
+    return disk_format(args.disk, args.disk_format)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         workloads = [Workload.parse(w) for w in args.workload] or [Workload("shell")]
         nic = _nic(args)
+        fmt = check_own_guest(args)
     except InvalidOptionError as err:
         print(f"nicsim vm: {err}", file=sys.stderr)
         return 2
@@ -159,19 +224,26 @@ def run(args: argparse.Namespace) -> int:
     if kernel is None:
         from images.build import build_image  # only when no kernel was given
 
-        def progress(line: str) -> None:
-            if args.verbose:
-                print(f"image: {line}", file=sys.stderr)
+        # Building for another kernel package downloads and unpacks it (seconds): always say so.
+        loud = bool(args.verbose) or args.kernel_package is not None
 
-        image = build_image(progress=progress)
+        def progress(line: str) -> None:
+            if loud:
+                print(f"image: {line}", file=sys.stderr, flush=True)
+
+        image = build_image(progress=progress, kernel_package=args.kernel_package)
         kernel, initrd = image.kernel, initrd or image.initrd
     accel = asyncio.run(choose_accel(args.accel, kernel))
     interactive = any(w.name == "shell" for w in workloads)
     if interactive:
         print(f"nicsim vm: accelerator {accel}; Ctrl-A X quits", file=sys.stderr)
+        if args.disk is not None:
+            print(f"nicsim vm: {args.disk} ({fmt}) is /dev/vda, snapshot=on: the guest's writes are "
+                  "dropped when QEMU exits and the file is not modified", file=sys.stderr)  # fmt: skip
     spec = VMSpec(
         kernel=kernel, initrd=initrd, memory_mb=args.memory, accel=accel, nic=nic, guest_ip=args.ip,
-        workloads=workloads, console=ConsoleStdio(),
+        workloads=workloads, console=ConsoleStdio(), extra_append=" ".join(args.append),
+        disk=args.disk, disk_format=fmt or "raw",
     )  # fmt: skip
     try:
         argv = build_cmdline(spec)

@@ -6,7 +6,8 @@ neither ``nicsim`` nor ``rings`` nor ``images``: it knows QEMU, the guest's cons
 command line contract of docs/ARCHITECTURE.md, nothing else. Modules: ``cmdline`` (pure ``argv``
 building), ``workload`` (``nicsim.run=`` and result lines), ``accel`` (KVM probe), ``console``
 (live transcript), ``machine`` (``TestVM`` lifecycle), ``netns`` (throwaway network namespaces
-holding a TAP), ``errors`` (the exception tree).
+holding a TAP), ``guestfiles`` (checking the user's own kernel, initrd and disk image),
+``errors`` (the exception tree).
 """
 
 from .accel import choose_accel, probe_kvm
@@ -22,7 +23,9 @@ from .cmdline import (
     UserNic,
     VhostUserNic,
     VMSpec,
+    append_words,
     build_cmdline,
+    disk_args,
     in_netns,
     kernel_cmdline,
 )
@@ -37,6 +40,7 @@ from .errors import (
     VMStateError,
     VMTimeoutError,
 )
+from .guestfiles import check_file, disk_format
 from .machine import Runstate, TestVM
 from .netns import Netns
 from .workload import Workload, WorkloadResult, parse_result_line, parse_results, render_run
@@ -67,8 +71,12 @@ __all__ = [
     "VhostUserNic",
     "Workload",
     "WorkloadResult",
+    "append_words",
     "build_cmdline",
+    "check_file",
     "choose_accel",
+    "disk_args",
+    "disk_format",
     "in_netns",
     "kernel_cmdline",
     "parse_result_line",

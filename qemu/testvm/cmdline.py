@@ -2,10 +2,13 @@
 
 This module owns every QEMU option the harness uses, so a command line can be unit-tested without
 QEMU: shared memfd guest RAM (a vhost-user backend sees nothing without ``share=on``), the serial
-console and QMP chardevs, ``-kernel/-initrd/-append`` with the ARCHITECTURE.md kernel command line,
-and one virtio-net NIC backed by vhost-user, a TAP inside a network namespace, or slirp with
-``restrict=on``. Under TCG it adds ``vectors=0`` (QEMU 7.2 segfaults in ``msix_set_vector_notifiers``
-with vhost-user + MSI-X under TCG) and an empty ``romfile=`` (skips the iPXE ROM, faster boot).
+console and QMP chardevs, ``-kernel/-initrd/-append`` with the ARCHITECTURE.md kernel command line
+(the caller's own words appended), an optional disk image on virtio-blk opened with ``snapshot=on``
+(the guest may write; its writes go to a temporary overlay QEMU deletes at exit, so the image file
+is never modified), and one virtio-net NIC backed by vhost-user, a TAP inside a network namespace,
+or slirp with ``restrict=on``. Under TCG it adds ``vectors=0`` (QEMU 7.2 segfaults in
+``msix_set_vector_notifiers`` with vhost-user + MSI-X under TCG) and an empty ``romfile=`` (skips the
+iPXE ROM, faster boot).
 """
 
 from __future__ import annotations
@@ -22,7 +25,12 @@ DEFAULT_MAC = "52:54:00:12:34:56"
 DEFAULT_QEMU = "qemu-system-x86_64"
 NETDEV_ID = "n0"
 NIC_ID = "nic0"
+DISK_ID = "disk0"
 ACCELS = ("tcg", "kvm")
+DISK_FORMATS = ("raw", "qcow2")
+# x86 Linux keeps at most 2047 bytes of its command line (COMMAND_LINE_SIZE 2048, NUL included) and
+# drops the rest without a word: the nicsim.run= workloads would be cut short.
+MAX_CMDLINE = 2047
 
 # virtio-net-pci properties we pass through from `offloads=` (QEMU spells them with '_').
 OFFLOADS = frozenset(
@@ -221,22 +229,48 @@ def qmp_args(qmp: Qmp) -> list[str]:
     return ["-chardev", chardev, "-mon", "chardev=qmp,mode=control"]
 
 
+def append_words(extra: str | Sequence[str]) -> list[str]:
+    """The caller's own kernel parameters as words: a string is split on whitespace, a sequence is
+    taken word by word (each must be one non-empty word). Control characters are refused."""
+    words = extra.split() if isinstance(extra, str) else list(extra)
+    for word in words:
+        if not word or any(c.isspace() for c in word):
+            raise InvalidOptionError(f"extra kernel parameter {word!r} is empty or contains whitespace")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in word):
+            raise InvalidOptionError(f"extra kernel parameter {word!r} contains a control character")
+    return words
+
+
 def kernel_cmdline(
     *,
     nic: Nic | None,
     guest_ip: str | None,
     workloads: Sequence[Workload],
     mtu: int | None = 1500,
-    extra: Sequence[str] = (),
+    extra: str | Sequence[str] = (),
 ) -> str:
-    """The ``-append`` string: ``console=ttyS0 panic=-1`` then the ``nicsim.*`` contract, then ``extra``."""
+    """The ``-append`` string: ``console=ttyS0 panic=-1`` then the ``nicsim.*`` contract, then ``extra``
+    (the caller's words come last, so where the kernel takes the last value, e.g. ``console=``, theirs
+    wins; the built-in ``/init`` reads the ``nicsim.*`` words, any other init ignores them)."""
     mac = nic.mac if nic is not None else None
     ip = guest_ip if nic is not None else None
-    for word in extra:
-        if not word or any(c.isspace() for c in word):
-            raise InvalidOptionError(f"extra kernel parameter {word!r} is empty or contains whitespace")
+    words = append_words(extra)
     params = kernel_params(mac=mac, ip=ip, mtu=mtu if nic is not None else None, workloads=workloads)
-    return " ".join(["console=ttyS0", "panic=-1", *params, *extra])
+    line = " ".join(["console=ttyS0", "panic=-1", *params, *words])
+    if len(line.encode()) > MAX_CMDLINE:
+        raise InvalidOptionError(
+            f"the kernel command line is {len(line.encode())} bytes; Linux keeps only {MAX_CMDLINE} "
+            "(fewer or shorter workloads or extra parameters)"
+        )
+    return line
+
+
+def disk_args(path: str | Path, fmt: str = "raw") -> list[str]:
+    """A disk image on virtio-blk, ``snapshot=on``: the guest's writes never reach the file."""
+    if fmt not in DISK_FORMATS:
+        raise InvalidOptionError(f"disk format {fmt!r}: choose one of {DISK_FORMATS} (resolve 'auto' first)")
+    drive = f"file={_check_path(path, 'disk image')},if=none,id={DISK_ID},format={fmt},snapshot=on"
+    return ["-drive", drive, "-device", f"virtio-blk-pci,drive={DISK_ID}"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -252,7 +286,9 @@ class VMSpec:
     guest_ip: str | None = "10.0.2.15/24"
     mtu: int | None = 1500
     workloads: Sequence[Workload] = ()
-    extra_append: Sequence[str] = ()
+    extra_append: str | Sequence[str] = ()
+    disk: str | Path | None = None
+    disk_format: str = "raw"
     console: Console = field(default_factory=lambda: ConsoleStdio())
     qmp: Qmp | None = None
     qemu: str = DEFAULT_QEMU
@@ -294,6 +330,8 @@ def build_cmdline(spec: VMSpec) -> list[str]:
             extra=spec.extra_append,
         ),
     ]  # fmt: skip
+    if spec.disk is not None:
+        argv += disk_args(spec.disk, spec.disk_format)
     if spec.nic is not None:
         argv += spec.nic.args(tcg=tcg)
     argv += list(spec.extra_args)

@@ -39,6 +39,7 @@ from .cmdline import (
 )
 from .console import ConsoleReader
 from .errors import QMPCommandError, VMExitedError, VMLaunchError, VMStateError, VMTimeoutError
+from .guestfiles import check_file, disk_format
 from .workload import DONE_MARKER, RESULT_MARKER, Workload, WorkloadResult, parse_results
 
 QUIT_TIMEOUT = 3.0  # QMP quit answered and QEMU gone
@@ -58,7 +59,17 @@ class Runstate(enum.Enum):
 
 
 class TestVM:
-    """A QEMU guest booted on ``kernel``/``initrd`` that runs ``workloads`` and reports on its console."""
+    """A QEMU guest booted on ``kernel``/``initrd`` that runs ``workloads`` and reports on its console.
+
+    The built-in guest image (``images.build.build_image()``) is the usual ``kernel``/``initrd``; any
+    other works too: a Debian kernel with an initrd built for it (``build_image(kernel_package=...)``),
+    or the user's own kernel, initrd and ``disk`` image (virtio-blk, ``snapshot=on``: the guest may
+    write to it, the file itself is never modified; ``disk_format`` ``auto`` reads the qcow2 magic,
+    else raw). ``extra_append`` is appended to the kernel command line after the ``nicsim.*``
+    contract: a string (split on whitespace) or a sequence of words. The files are checked when
+    ``launch()`` starts, before QEMU: a missing, unreadable or empty one is an ``InvalidOptionError``
+    that names the parameter.
+    """
 
     __test__ = False  # not a pytest test class
 
@@ -77,17 +88,20 @@ class TestVM:
         netns: str | None = None,
         cpus: int = 1,
         qemu: str = DEFAULT_QEMU,
-        extra_append: Sequence[str] = (),
+        extra_append: str | Sequence[str] = (),
         extra_args: Sequence[str] = (),
+        disk: str | Path | None = None,
+        disk_format: str = "auto",
         launch_timeout: float = 30.0,
         name: str = "testvm",
         echo: Callable[[str], None] | None = None,
     ) -> None:
         self._spec = VMSpec(
             kernel=kernel, initrd=initrd, memory_mb=memory_mb, cpus=cpus, nic=nic, guest_ip=guest_ip,
-            mtu=mtu, workloads=tuple(workloads), extra_append=tuple(extra_append), qemu=qemu,
-            extra_args=tuple(extra_args), accel="tcg",
+            mtu=mtu, workloads=tuple(workloads), qemu=qemu, extra_args=tuple(extra_args), accel="tcg",
+            extra_append=extra_append if isinstance(extra_append, str) else tuple(extra_append), disk=disk,
         )  # fmt: skip
+        self._disk_format = disk_format
         self._requested_accel = accel
         self._netns = netns
         self._log_dir = Path(log_dir) if log_dir is not None else None
@@ -169,7 +183,19 @@ class TestVM:
             raise
         self._state = Runstate.RUNNING
 
+    def _check_files(self) -> dict[str, Any]:
+        """The guest's files checked (InvalidOptionError naming the parameter); the disk's format."""
+        spec = self._spec
+        check_file(spec.kernel, "kernel=", "give the path of a kernel image (bzImage/vmlinuz)")
+        if spec.initrd is not None:
+            check_file(spec.initrd, "initrd=", "give an initramfs image, or initrd=None to boot without")
+        if spec.disk is None:
+            return {}
+        check_file(spec.disk, "disk=", "give a raw or qcow2 disk image, or disk=None for no disk")
+        return {"disk_format": disk_format(spec.disk, self._disk_format)}
+
     async def _launch(self) -> None:
+        resolved = self._check_files()
         self._accel = await choose_accel(self._requested_accel, self._spec.kernel, qemu=self._spec.qemu)
         if self._log_dir is not None:
             self._log_dir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +210,7 @@ class TestVM:
         spec = VMSpec(
             **{
                 **self._spec.__dict__,
+                **resolved,
                 "accel": self._accel,
                 "console": ConsoleFd(fd=console_theirs.fileno(), logfile=self._run_dir / "console.log"),
                 "qmp": QmpFd(fd=qmp_theirs.fileno()),
