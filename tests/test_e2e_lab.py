@@ -109,9 +109,13 @@ def test_a_lab_whose_switch_cannot_start_fails_at_once_with_the_reason(tmp_path:
 def test_up_console_status_and_down_leave_nothing_behind(guest_image: Any, tmp_path: Path) -> None:
     """A lab that stays up: its consoles answer, status sees its processes, down ends every one of them."""
     top = tmp_path / "solo.toml"
+    disk = tmp_path / "data.img"  # h1's own disk, relative to the file: the guest sees it, never changes it
+    disk.write_bytes(b"nicsim-lab-disk!" + bytes(1 << 20))
     top.write_text(
-        'name = "solo"\n[switches.lan]\n[guests.h1]\nswitch = "lan"\n[guests.h2]\nswitch = "lan"\n'
+        'name = "solo"\n[switches.lan]\n[guests.h1]\nswitch = "lan"\ndisk = "data.img"\n'
+        'workloads = [{ run = "disk", write = "changed", id = "disk" }]\n[guests.h2]\nswitch = "lan"\n'
         '[[checks]]\nkind = "ping"\nfrom = "h2"\nto = "h1"\ncount = 3\n'
+        '[[checks]]\nkind = "result"\nguest = "h1"\nworkload = "disk"\nfield = "bytes"\nmin = 1048576\n'
     )
     run_dir = tmp_path / "lab"
 
@@ -129,6 +133,7 @@ def test_up_console_status_and_down_leave_nothing_behind(guest_image: Any, tmp_p
     try:
         assert up.returncode == 0, up.stderr[-3000:]
         assert "check ping h2 -> h1: pass" in up.stdout
+        assert "check h1 disk.bytes: pass" in up.stdout  # the topology's disk is the guest's /dev/vda
         status = lab("status", "--dir", str(run_dir), "--json")
         (state,) = json.loads(status.stdout)
         assert state["state"] == "up" and state["alive"] is True
@@ -148,6 +153,7 @@ def test_up_console_status_and_down_leave_nothing_behind(guest_image: Any, tmp_p
     assert not any(alive(p) for p in pids), "a process of the lab outlived nicsim lab down"
     assert not list(run_dir.glob("*.sock")) and not (run_dir / "state.json").exists()
     assert (run_dir / "h1" / "console.log").stat().st_size > 0  # the logs stay for a person to read
+    assert disk.read_bytes().startswith(b"nicsim-lab-disk!")  # the guest wrote to a snapshot only
 
 
 def alive(pid: int) -> bool:

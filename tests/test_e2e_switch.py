@@ -91,11 +91,6 @@ async def test_three_guests_on_one_switch_ping_each_other_with_no_loss(
     print(f"three guests: {asyncio.get_running_loop().time() - t0:.1f} s")
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
-
-
 async def test_impaired_ports_lose_and_delay_what_they_are_told_to(guest_image: Any, tmp_path: Path) -> None:
     """Frames to B wait 20 ms; frames to C are lost 10 % of the time (a seeded draw). A pings C
     10 000 times back to back, and B and C 20 times each for the RTT: B's grows by the delay."""
@@ -117,7 +112,9 @@ async def test_impaired_ports_lose_and_delay_what_they_are_told_to(guest_image: 
                 await v.quit()
         assert base.ok and delayed.ok and flood.ok, (base, delayed, flood)
         assert delayed["received"] == 20, delayed
-        grown = median(delayed["rtt_ms"]) - median(base["rtt_ms"])
+        # The fastest round trip of each: the path's own time, which the host's load (two TCG guests
+        # and nicsim on two cores) only ever adds to; a median moves with that load by milliseconds.
+        grown = min(delayed["rtt_ms"]) - min(base["rtt_ms"])
         assert 18 <= grown <= 22, (grown, base["rtt_ms"], delayed["rtt_ms"])
         lost = 1 - flood["received"] / flood["transmitted"]
         assert flood["transmitted"] >= 10_000  # busybox ping -A may send a few past -c
