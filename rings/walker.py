@@ -84,28 +84,17 @@ _NO_SEGMENTS = Segments(
 )
 
 
-class ChainWalker:
-    """One batch walk: lockstep over the descriptor table, per chain inside indirect tables.
-
-    ``table`` is the descriptor table of queue ``queue`` (its length is the queue size); ``indirect``
-    says whether VIRTIO_F_INDIRECT_DESC was negotiated.
+class ChainAssembler:
+    """The half of a batch walk that does not depend on the ring format: marking bad chains (the
+    first error found wins) and :meth:`assemble`, which turns walked segments into a ChainBatch with
+    the order, length and translation checks. ``heads`` are what the used ring will be given back
+    (split: head indices; packed: buffer ids). ``rings.packed`` walks its ring itself and uses this.
     """
 
-    def __init__(
-        self,
-        mem: GuestMemory,
-        table: DescriptorTable,
-        heads: npt.NDArray[np.uint16],
-        *,
-        queue: int,
-        indirect: bool,
-    ) -> None:
+    def __init__(self, mem: GuestMemory, heads: npt.NDArray[np.uint16], *, queue: int) -> None:
         self.mem = mem
-        self.v = table
         self.queue = queue
-        self.size = int(table.d_addr.shape[0])
         self.heads = heads
-        self.indirect = indirect
         n = heads.shape[0]
         self.n = n
         self.error = np.zeros(n, dtype=np.uint8)
@@ -121,6 +110,125 @@ class ChainWalker:
         if self.error[chain] == 0:
             self.error[chain] = ErrorCode.GUEST_MEMORY
             self.errors[chain] = exc
+
+    def assemble(
+        self,
+        s_chain: npt.NDArray[np.int64],
+        s_desc: npt.NDArray[np.int64],
+        s_depth: npt.NDArray[np.int64],
+        s_addr: npt.NDArray[np.uint64],
+        s_len: npt.NDArray[np.uint32],
+        s_flags: npt.NDArray[np.uint16],
+        ordered: bool,
+    ) -> ChainBatch:
+        """The ChainBatch of walked segments given in any order: ``s_chain`` the chain (batch
+        position), ``s_depth`` the position within it, ``s_desc`` the descriptor each came from, and
+        its addr/len/flags (only WRITE is looked at). ``ordered`` says they are already chain by
+        chain in depth order. Checks, in this order, what every ring format shares: readable after
+        writable (§2.7.4.2, §2.8.17), a total above 2^32 - 1, and every non-empty segment inside guest
+        memory; segments of chains already marked bad are dropped."""
+        n, qi = self.n, self.queue
+        if self.errors:
+            keep = self.error[s_chain] == 0
+            s_chain, s_desc, s_depth = s_chain[keep], s_desc[keep], s_depth[keep]
+            s_addr, s_len, s_flags = s_addr[keep], s_len[keep], s_flags[keep]
+        counts = np.bincount(s_chain, minlength=n).astype(np.int64)
+        first = np.cumsum(counts) - counts
+        if not ordered:
+            # Depth-major walk order -> chain-major segment order.
+            pos = first[s_chain] + s_depth
+            order = np.empty_like(pos)
+            order[pos] = np.arange(pos.shape[0], dtype=np.int64)
+            s_chain, s_desc = s_chain[order], s_desc[order]
+            s_addr, s_len, s_flags = s_addr[order], s_len[order], s_flags[order]
+        writable = (s_flags & VIRTQ_DESC_F_WRITE) != 0
+        lens64 = s_len.astype(np.float64)  # exact: < 2^32 * 2^16 * ...  well below 2^53
+        wlen = np.bincount(s_chain, weights=np.where(writable, lens64, 0.0), minlength=n)
+        rlen = np.bincount(s_chain, weights=np.where(writable, 0.0, lens64), minlength=n)
+        new_bad = False
+
+        # §2.7.4.2: device-writable descriptors come after all device-readable ones.
+        if writable.shape[0] > 1:
+            viol = writable[:-1] & ~writable[1:] & (s_chain[:-1] == s_chain[1:])
+            if viol.any():
+                for p in np.flatnonzero(viol).tolist():
+                    c, d = int(s_chain[p + 1]), int(s_desc[p + 1])
+                    self.fail(
+                        c,
+                        ErrorCode.DESCRIPTOR_ORDER,
+                        d,
+                        f"device-readable descriptor {d} follows a device-writable one",
+                    )
+                new_bad = True
+
+        # The used ring's len is u32, so a chain may not describe more than 2^32 - 1 bytes.
+        too_long = (wlen + rlen) > U32_MAX
+        if too_long.any():
+            for c in np.flatnonzero(too_long).tolist():
+                d = int(self.heads[c])
+                self.fail(
+                    c,
+                    ErrorCode.CHAIN_TOO_LONG,
+                    d,
+                    f"chain totals {int(wlen[c] + rlen[c])} bytes, above 2^32 - 1",
+                )
+            new_bad = True
+
+        # Translate every segment at once; zero lengths are left untranslated (CVE-2020-10725).
+        region, offset, ok = self.mem.translate_batch(s_addr, s_len)
+        if not ok.all():
+            for p in np.flatnonzero(~ok).tolist():
+                c, d = int(s_chain[p]), int(s_desc[p])
+                self.fail_memory(c, GuestMemoryError(int(s_addr[p]), int(s_len[p]), queue=qi, descriptor=d))
+            new_bad = True
+
+        if new_bad:
+            keep = self.error[s_chain] == 0
+            s_chain, s_desc, s_addr, s_len = s_chain[keep], s_desc[keep], s_addr[keep], s_len[keep]
+            writable, region, offset = writable[keep], region[keep], offset[keep]
+            counts = np.bincount(s_chain, minlength=n).astype(np.int64)
+            first = np.cumsum(counts) - counts
+            good = self.error == 0
+            wlen = np.where(good, wlen, 0.0)
+            rlen = np.where(good, rlen, 0.0)
+        return ChainBatch(
+            heads=self.heads,
+            first_seg=first,
+            seg_count=counts,
+            readable_len=rlen.astype(np.int64),
+            writable_len=wlen.astype(np.int64),
+            error=self.error,
+            errors=self.errors,
+            seg_chain=s_chain,
+            seg_desc=s_desc,
+            seg_addr=s_addr,
+            seg_len=s_len,
+            seg_writable=writable,
+            seg_region=region,
+            seg_offset=offset,
+        )
+
+
+class ChainWalker(ChainAssembler):
+    """One batch walk: lockstep over the descriptor table, per chain inside indirect tables.
+
+    ``table`` is the descriptor table of queue ``queue`` (its length is the queue size); ``indirect``
+    says whether VIRTIO_F_INDIRECT_DESC was negotiated.
+    """
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        table: DescriptorTable,
+        heads: npt.NDArray[np.uint16],
+        *,
+        queue: int,
+        indirect: bool,
+    ) -> None:
+        super().__init__(mem, heads, queue=queue)
+        self.v = table
+        self.size = int(table.d_addr.shape[0])
+        self.indirect = indirect
 
     def run(self) -> ChainBatch:
         v, n, size = self.v, self.n, self.size
@@ -209,7 +317,7 @@ class ChainWalker:
             s_flags = np.concatenate((s_flags, extra.flags))
         # One depth and no indirect tables: segments are already in chain order.
         ordered = len(chain_parts) <= 1 and not ind
-        return self._assemble(s_chain, s_desc, s_depth, s_addr, s_len, s_flags, ordered)
+        return self.assemble(s_chain, s_desc, s_depth, s_addr, s_len, s_flags, ordered)
 
     def _chain_flags(self) -> int:
         return VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT if self.indirect else VIRTQ_DESC_F_NEXT
@@ -332,94 +440,3 @@ class ChainWalker:
             keep = ~(oob | over)
             c, d, dep, reg, off, count, limit, j = (x[keep] for x in (c, d, dep, reg, off, count, limit, j))
         return Segments.concat(parts) if parts else _NO_SEGMENTS
-
-    def _assemble(
-        self,
-        s_chain: npt.NDArray[np.int64],
-        s_desc: npt.NDArray[np.int64],
-        s_depth: npt.NDArray[np.int64],
-        s_addr: npt.NDArray[np.uint64],
-        s_len: npt.NDArray[np.uint32],
-        s_flags: npt.NDArray[np.uint16],
-        ordered: bool,
-    ) -> ChainBatch:
-        n, qi = self.n, self.queue
-        if self.errors:
-            keep = self.error[s_chain] == 0
-            s_chain, s_desc, s_depth = s_chain[keep], s_desc[keep], s_depth[keep]
-            s_addr, s_len, s_flags = s_addr[keep], s_len[keep], s_flags[keep]
-        counts = np.bincount(s_chain, minlength=n).astype(np.int64)
-        first = np.cumsum(counts) - counts
-        if not ordered:
-            # Depth-major walk order -> chain-major segment order.
-            pos = first[s_chain] + s_depth
-            order = np.empty_like(pos)
-            order[pos] = np.arange(pos.shape[0], dtype=np.int64)
-            s_chain, s_desc = s_chain[order], s_desc[order]
-            s_addr, s_len, s_flags = s_addr[order], s_len[order], s_flags[order]
-        writable = (s_flags & VIRTQ_DESC_F_WRITE) != 0
-        lens64 = s_len.astype(np.float64)  # exact: < 2^32 * 2^16 * ...  well below 2^53
-        wlen = np.bincount(s_chain, weights=np.where(writable, lens64, 0.0), minlength=n)
-        rlen = np.bincount(s_chain, weights=np.where(writable, 0.0, lens64), minlength=n)
-        new_bad = False
-
-        # §2.7.4.2: device-writable descriptors come after all device-readable ones.
-        if writable.shape[0] > 1:
-            viol = writable[:-1] & ~writable[1:] & (s_chain[:-1] == s_chain[1:])
-            if viol.any():
-                for p in np.flatnonzero(viol).tolist():
-                    c, d = int(s_chain[p + 1]), int(s_desc[p + 1])
-                    self.fail(
-                        c,
-                        ErrorCode.DESCRIPTOR_ORDER,
-                        d,
-                        f"device-readable descriptor {d} follows a device-writable one",
-                    )
-                new_bad = True
-
-        # The used ring's len is u32, so a chain may not describe more than 2^32 - 1 bytes.
-        too_long = (wlen + rlen) > U32_MAX
-        if too_long.any():
-            for c in np.flatnonzero(too_long).tolist():
-                d = int(self.heads[c])
-                self.fail(
-                    c,
-                    ErrorCode.CHAIN_TOO_LONG,
-                    d,
-                    f"chain totals {int(wlen[c] + rlen[c])} bytes, above 2^32 - 1",
-                )
-            new_bad = True
-
-        # Translate every segment at once; zero lengths are left untranslated (CVE-2020-10725).
-        region, offset, ok = self.mem.translate_batch(s_addr, s_len)
-        if not ok.all():
-            for p in np.flatnonzero(~ok).tolist():
-                c, d = int(s_chain[p]), int(s_desc[p])
-                self.fail_memory(c, GuestMemoryError(int(s_addr[p]), int(s_len[p]), queue=qi, descriptor=d))
-            new_bad = True
-
-        if new_bad:
-            keep = self.error[s_chain] == 0
-            s_chain, s_desc, s_addr, s_len = s_chain[keep], s_desc[keep], s_addr[keep], s_len[keep]
-            writable, region, offset = writable[keep], region[keep], offset[keep]
-            counts = np.bincount(s_chain, minlength=n).astype(np.int64)
-            first = np.cumsum(counts) - counts
-            good = self.error == 0
-            wlen = np.where(good, wlen, 0.0)
-            rlen = np.where(good, rlen, 0.0)
-        return ChainBatch(
-            heads=self.heads,
-            first_seg=first,
-            seg_count=counts,
-            readable_len=rlen.astype(np.int64),
-            writable_len=wlen.astype(np.int64),
-            error=self.error,
-            errors=self.errors,
-            seg_chain=s_chain,
-            seg_desc=s_desc,
-            seg_addr=s_addr,
-            seg_len=s_len,
-            seg_writable=writable,
-            seg_region=region,
-            seg_offset=offset,
-        )
