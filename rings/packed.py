@@ -1,0 +1,501 @@
+"""The device side of a packed virtqueue (virtio 1.2 §2.8): finding the chains the driver made
+available (AVAIL/USED flags against the wrap counters), walking them in batches into a
+:class:`~rings.chains.ChainBatch`, writing used descriptors back in place, and the notification
+decisions in both directions (the event suppression structures, with and without EVENT_IDX).
+
+A :class:`PackedQueue` owns its positions, wrap counters and ring GPAs, never memory: every operation
+takes the current :class:`~rings.memory.GuestMemory`, and the typed views live in that memory's cache.
+
+The methods the device uses on a :class:`~rings.split.SplitQueue` exist here with the same signatures
+and the same meaning per *chain*: ``avail_pending``, ``pop_avail``, ``walk``, ``push_used``,
+``push_used_few``, ``needs_interrupt``, ``suppress_kicks``, ``kick_after``, and the ``size``,
+``index``, ``last_avail_idx`` and ``used_idx`` attributes. Differences the device must know about:
+
+- ``pop_avail`` returns *buffer ids* (what the used ring takes back, §2.8.6), and ``walk`` takes them;
+  it walks the chains recorded for those ids at their pop. :meth:`pop_chains` does both in one call.
+- ``last_avail_idx`` and ``used_idx`` are free-running u16 counts of ring *descriptors* (a chain of
+  three counts three), read-only: they show progress and feed ``needs_interrupt(old_used_idx=...)``;
+  the ring position and wrap counter are ``avail_pos``/``avail_wrap``, ``used_pos``/``used_wrap``, and
+  :attr:`vring_base` is the GET_VRING_BASE value. Giving popped chains back (the RX path writes
+  ``last_avail_idx`` on a split ring) is :meth:`unpop_avail`.
+- ``kick_after(count)`` counts descriptors, not chains.
+- The ring addresses are the descriptor ring, the driver area (driver event suppression, read here)
+  and the device area (device event suppression, written here): SET_VRING_ADDR's desc, avail and
+  used addresses in that order.
+- There is no ``peek_short``/``skip_avail`` yet (the short rounds of a few chains).
+
+Malformed chains are marked, never raised (see :meth:`pop_chains`); the only exception a guest can
+cause is a GuestMemoryError for rings outside guest memory, as on the split ring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from .barrier import full_fence
+from .chains import ChainBatch, ErrorCode
+from .errors import GuestMemoryError, QueueConfigError
+from .layout import U16_MASK, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from .memory import GuestMemory
+from .packed_layout import (
+    AVAIL_USED_MASK,
+    EVENT_ALIGN,
+    EVENT_FLAGS,
+    EVENT_OFF_WRAP,
+    PDESC_ALIGN,
+    PDESC_DTYPE,
+    PDESC_SIZE,
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
+    RING_EVENT_FLAGS_MASK,
+    advance,
+    avail_flags,
+    is_valid_packed_size,
+    off_wrap,
+    packed_need_event,
+    used_flags,
+)
+from .walker import ChainAssembler
+
+_U16 = np.dtype("<u2")
+_IDS = 1 << 16  # buffer ids are le16 (§2.8.13); the driver picks them, so any value can come
+
+
+class PackedPop(NamedTuple):
+    """Chains found available, in ring order: buffer ``ids`` (from each chain's last descriptor,
+    §2.8.6), ring position of each chain's first descriptor (``starts``), descriptors each takes in
+    the ring (``ndesc``), and ``unended``: the chain fills the whole ring and still has NEXT on its last
+    descriptor (longer than the queue size, §2.8.17)."""
+
+    ids: npt.NDArray[np.uint16]
+    starts: npt.NDArray[np.int64]
+    ndesc: npt.NDArray[np.int64]
+    unended: npt.NDArray[np.bool_]
+
+
+class _PackedViews:
+    """Typed views of one queue's descriptor ring and event suppression structures in one table."""
+
+    __slots__ = ("d_addr", "d_flags", "d_id", "d_len", "device_event", "driver_event")
+
+    def __init__(self, mem: GuestMemory, q: PackedQueue) -> None:
+        ring = mem.view_as(q.desc_addr, PDESC_DTYPE, q.size)
+        self.d_addr: npt.NDArray[np.uint64] = ring["addr"]
+        self.d_len: npt.NDArray[np.uint32] = ring["len"]
+        self.d_id: npt.NDArray[np.uint16] = ring["id"]
+        self.d_flags: npt.NDArray[np.uint16] = ring["flags"]
+        # §2.8.14 struct pvirtq_event_suppress as u16[2]: off_wrap, flags.
+        self.driver_event: npt.NDArray[np.uint16] = mem.view_as(q.driver_addr, _U16, 2)
+        self.device_event: npt.NDArray[np.uint16] = mem.view_as(q.device_addr, _U16, 2)
+
+
+class PackedQueue:
+    """The device side of one packed virtqueue. Owns positions, wrap counters and ring GPAs; every call
+    takes ``mem``. Both wrap counters start at 1 (§2.8.1); a restarted queue gets its positions and
+    counters from SET_VRING_BASE (:meth:`from_vring_base`)."""
+
+    def __init__(
+        self,
+        *,
+        index: int,
+        size: int,
+        desc_addr: int,
+        driver_addr: int,
+        device_addr: int,
+        avail_pos: int = 0,
+        avail_wrap: int = 1,
+        used_pos: int = 0,
+        used_wrap: int = 1,
+    ) -> None:
+        if not is_valid_packed_size(size):
+            raise QueueConfigError(f"packed queue size {size} is not in 1..32768", queue=index)
+        for name, addr, align in (
+            ("descriptor ring", desc_addr, PDESC_ALIGN),
+            ("driver area", driver_addr, EVENT_ALIGN),
+            ("device area", device_addr, EVENT_ALIGN),
+        ):
+            # §2.8.10.1: each part has an alignment requirement the driver MUST meet.
+            if addr < 0 or addr % align:
+                raise QueueConfigError(f"{name} address 0x{addr:x} is not {align}-byte aligned", queue=index)
+        for name, pos in (("avail", avail_pos), ("used", used_pos)):
+            if not 0 <= pos < size:
+                raise QueueConfigError(f"{name} position {pos} is outside a ring of {size}", queue=index)
+        self.index = index
+        self.size = size
+        self.desc_addr = desc_addr
+        self.driver_addr = driver_addr
+        self.device_addr = device_addr
+        self.avail_pos = avail_pos
+        self.avail_wrap = avail_wrap & 1
+        self.used_pos = used_pos
+        self.used_wrap = used_wrap & 1
+        self.last_avail_idx = 0  # descriptors popped, mod 2^16
+        self.used_idx = 0  # descriptors marked used, mod 2^16
+        # Per buffer id, where its chain began in the ring and how many descriptors it took, as
+        # recorded when it was last popped: walk() and push_used() need them, the driver only
+        # gives the id back. An id reused while in flight (the driver's bug) keeps the latest.
+        self._start = np.zeros(_IDS, dtype=np.int64)
+        self._ndesc = np.ones(_IDS, dtype=np.int64)
+        self._unended = np.zeros(_IDS, dtype=np.bool_)
+        self._last_pop = np.empty(0, dtype=np.int64)  # ndesc of the last pop, for unpop_avail
+        self._key = ("packed", size, desc_addr, driver_addr, device_addr)
+
+    @classmethod
+    def from_vring_base(
+        cls, num: int, *, index: int, size: int, desc_addr: int, driver_addr: int, device_addr: int
+    ) -> PackedQueue:
+        """A queue resumed from SET_VRING_BASE: for a packed ring the low 15 bits of ``num`` are the
+        next avail position and bit 15 its wrap counter; bits 16-31, when not all zero, the same for
+        the used side (the vhost convention), else the used side starts where the avail side does
+        (DPDK, QEMU's vhost-user: nothing is in flight across a stop)."""
+        low, high = num & U16_MASK, (num >> 16) & U16_MASK
+        used = high if high else low
+        return cls(
+            index=index, size=size, desc_addr=desc_addr, driver_addr=driver_addr, device_addr=device_addr,
+            avail_pos=low & 0x7FFF, avail_wrap=low >> 15, used_pos=used & 0x7FFF, used_wrap=used >> 15,
+        )  # fmt: skip
+
+    @property
+    def vring_base(self) -> int:
+        """GET_VRING_BASE for a packed ring: avail position | avail wrap << 15, and the same for the
+        used side in bits 16-31."""
+        return off_wrap(self.avail_pos, self.avail_wrap) | off_wrap(self.used_pos, self.used_wrap) << 16
+
+    def __repr__(self) -> str:
+        return (
+            f"PackedQueue(index={self.index}, size={self.size}, avail={self.avail_pos}/{self.avail_wrap}, "
+            f"used={self.used_pos}/{self.used_wrap})"
+        )
+
+    def _views(self, mem: GuestMemory) -> _PackedViews:
+        try:
+            return mem.cached(self._key, self._build_views)
+        except GuestMemoryError as err:
+            raise GuestMemoryError(
+                err.address, err.length, queue=self.index, reason="a ring outside guest memory"
+            ) from err
+
+    def _build_views(self, mem: GuestMemory) -> _PackedViews:
+        return _PackedViews(mem, self)
+
+    # -- finding available chains ---------------------------------------------------------------------
+
+    def _scan(self, v: _PackedViews, max_chains: int) -> PackedPop:
+        """The first ``max_chains`` complete chains from the avail position, without moving it.
+
+        §2.8.1: a descriptor is available when its AVAIL bit matches the wrap counter of its lap and
+        USED does not; the device reads no further than the first one that is not (§2.8.15: "MUST NOT
+        use a descriptor unless it observes the VIRTQ_DESC_F_AVAIL bit ... being changed"), so a chain
+        whose tail is not available yet is not taken. A chain ends at its first descriptor without
+        NEXT (§2.8.6); one that fills the whole ring without ending is taken as one (bad) chain.
+        """
+        size, p, w = self.size, self.avail_pos, self.avail_wrap
+        if max_chains <= 0:
+            return _NO_POP
+        # The ring in the order the device reads it: p .. size - 1 in this lap, 0 .. p - 1 in the next.
+        flags = np.concatenate((v.d_flags[p:], v.d_flags[:p])) if p else v.d_flags.copy()
+        expect = np.full(size, avail_flags(w), dtype=np.uint16)
+        expect[size - p :] = avail_flags(w ^ 1)
+        ok = (flags & AVAIL_USED_MASK) == expect
+        n_avail = size if ok.all() else int(np.argmin(ok))
+        ends = np.flatnonzero((flags[:n_avail] & VIRTQ_DESC_F_NEXT) == 0)
+        unended = False
+        if ends.shape[0] == 0:
+            if n_avail < size:
+                return _NO_POP
+            ends = np.array([size - 1], dtype=np.int64)  # §2.8.17: no list is longer than the queue
+            unended = True
+        ends = ends[:max_chains]
+        starts = np.empty_like(ends)
+        starts[0] = 0
+        starts[1:] = ends[:-1] + 1
+        ndesc = ends - starts + 1
+        ring_ends = (ends + p) % size
+        return PackedPop(
+            ids=v.d_id[ring_ends],
+            starts=(starts + p) % size,
+            ndesc=ndesc,
+            unended=np.full(ends.shape[0], unended, dtype=np.bool_),
+        )
+
+    def avail_pending(self, mem: GuestMemory) -> int:
+        """Complete chains the driver has made available that we have not popped yet."""
+        return int(self._scan(self._views(mem), self.size).ids.shape[0])
+
+    def _take(self, pop: PackedPop) -> None:
+        """Move the avail position past the chains of ``pop`` and record them by id."""
+        total = int(pop.ndesc.sum())
+        self.avail_pos, self.avail_wrap = advance(self.avail_pos, self.avail_wrap, total, self.size)
+        self.last_avail_idx = (self.last_avail_idx + total) & U16_MASK
+        self._start[pop.ids] = pop.starts
+        self._ndesc[pop.ids] = pop.ndesc
+        self._unended[pop.ids] = pop.unended
+        self._last_pop = pop.ndesc
+
+    def pop_avail(self, mem: GuestMemory, max_count: int) -> npt.NDArray[np.uint16]:
+        """The buffer ids of up to ``max_count`` available chains (a copy), advancing past them."""
+        pop = self._scan(self._views(mem), max_count)
+        self._take(pop)
+        return pop.ids
+
+    def unpop_avail(self, count: int) -> None:
+        """Give the last ``count`` chains of the last pop back (not popped after all): the avail
+        position moves back over their descriptors, so the next pop reads them again."""
+        if not 0 <= count <= self._last_pop.shape[0]:
+            raise ValueError(f"unpop_avail({count}) after a pop of {self._last_pop.shape[0]} chains")
+        if count == 0:
+            return
+        back = int(self._last_pop[self._last_pop.shape[0] - count :].sum())
+        self._last_pop = self._last_pop[: self._last_pop.shape[0] - count]
+        pos = self.avail_pos - back
+        if pos < 0:
+            pos += self.size
+            self.avail_wrap ^= 1
+        self.avail_pos = pos
+        self.last_avail_idx = (self.last_avail_idx - back) & U16_MASK
+
+    # -- chain walking --------------------------------------------------------------------------------
+
+    def pop_chains(self, mem: GuestMemory, max_count: int, *, indirect: bool = True) -> ChainBatch:
+        """Pop up to ``max_count`` available chains and walk them: ``pop_avail`` then ``walk``, but
+        walking each chain where it was found even if the driver gave two chains one id."""
+        v = self._views(mem)
+        pop = self._scan(v, max_count)
+        self._take(pop)
+        return _walk(mem, v, pop, queue=self.index, indirect=indirect)
+
+    def walk(self, mem: GuestMemory, heads: npt.ArrayLike, *, indirect: bool = True) -> ChainBatch:
+        """Walk the chains last popped with buffer ids ``heads`` (from :meth:`pop_avail`).
+
+        With ``indirect`` False (VIRTIO_F_INDIRECT_DESC not negotiated) the INDIRECT flag is ignored and
+        the descriptor is an ordinary buffer.
+        """
+        v = self._views(mem)
+        ids = np.asarray(heads, dtype=np.uint16)
+        ndesc = self._ndesc[ids]
+        pop = PackedPop(ids=ids, starts=self._start[ids], ndesc=ndesc, unended=self._unended[ids])
+        return _walk(mem, v, pop, queue=self.index, indirect=indirect)
+
+    # -- used side ------------------------------------------------------------------------------------
+
+    def push_used(self, mem: GuestMemory, ids: npt.ArrayLike, lengths: npt.ArrayLike) -> None:
+        """Write one used descriptor per buffer id, in order (§2.8.12: the device writes used
+        descriptors in the order it completes them): each at the used position, which then skips the
+        descriptors that id's chain took (§2.8.6), the wrap counter flipping at the end of the ring.
+
+        A used descriptor carries the id, the bytes written (``len``) and flags: AVAIL and USED both
+        equal to the wrap counter of its lap, and WRITE when ``len`` is not zero (§2.8.3). The driver
+        sees a used descriptor when its flags change, so ids and lengths are stored first, then the
+        flags of every descriptor but the first, then the first one's (DPDK
+        ``vhost_flush_enqueue_shadow_packed``): the driver reads in ring order and stops at the first,
+        so nothing after it is seen before everything is written. As on the split ring, x86 (TSO)
+        keeps these stores in order; the load that follows (``needs_interrupt``) fences first.
+        """
+        ids_a = np.asarray(ids, dtype=np.uint16)
+        lens_a = np.asarray(lengths)
+        k = int(ids_a.shape[0])
+        if k == 0:
+            return
+        if k > self.size or lens_a.shape[0] != k:
+            raise ValueError(f"push_used of {k} ids / {lens_a.shape[0]} lengths on a queue of {self.size}")
+        v = self._views(mem)
+        size = self.size
+        nd = self._ndesc[ids_a]
+        offsets = np.cumsum(nd) - nd
+        # A driver that reused an id in flight can make the sum pass a lap: every position still lies
+        # in the ring, each lap with its own wrap counter.
+        lin = offsets + self.used_pos
+        lap = lin // size
+        pos = lin - lap * size
+        wrap = (lap & 1) ^ self.used_wrap
+        flags = np.where(wrap == 1, used_flags(1), used_flags(0)).astype(np.uint16)
+        flags |= np.where(lens_a != 0, VIRTQ_DESC_F_WRITE, 0).astype(np.uint16)
+        v.d_id[pos] = ids_a
+        v.d_len[pos] = lens_a
+        if k > 1:
+            v.d_flags[pos[1:]] = flags[1:]
+        v.d_flags[pos[0]] = flags[0]
+        total = int(lin[-1] + nd[-1]) - self.used_pos
+        laps, rest = divmod(self.used_pos + total, size)
+        self.used_pos = rest
+        self.used_wrap ^= laps & 1
+        self.used_idx = (self.used_idx + total) & U16_MASK
+
+    def push_used_few(self, mem: GuestMemory, ids: Sequence[int], lengths: Sequence[int]) -> None:
+        """:meth:`push_used` for a few entries given as ints (the same stores in the same order)."""
+        if len(ids) != len(lengths):
+            raise ValueError(f"push_used of {len(ids)} ids / {len(lengths)} lengths")
+        self.push_used(mem, np.array(ids, dtype=np.uint16), np.array(lengths, dtype=np.uint32))
+
+    # -- notifications --------------------------------------------------------------------------------
+
+    def needs_interrupt(self, mem: GuestMemory, *, old_used_idx: int, event_idx: bool) -> bool:
+        """Should the device signal the driver after ``used_idx`` moved from ``old_used_idx``?
+
+        §2.8.10 the driver event suppression structure: DISABLE never, ENABLE always, DESC (with
+        EVENT_IDX) when the descriptor it names is among those just used (:func:`packed_need_event`).
+        DESC without EVENT_IDX and the reserved value 3 are not the driver's to write: we signal, as a
+        lost interrupt hangs the guest and an extra one costs little.
+
+        The full fence orders the used descriptors' flags (stored by :meth:`push_used`) before the
+        load of the driver's structure; the driver does the mirror image (store the structure, fence,
+        reload the flags), as on the split ring (DPDK ``vhost_vring_call_packed`` starts with one too).
+        """
+        moved = (self.used_idx - old_used_idx) & U16_MASK
+        if moved == 0:
+            return False
+        v = self._views(mem)
+        full_fence()
+        kind = int(v.driver_event[EVENT_FLAGS]) & RING_EVENT_FLAGS_MASK
+        if kind == RING_EVENT_FLAGS_DISABLE:
+            return False
+        if kind != RING_EVENT_FLAGS_DESC or not event_idx:
+            return True
+        event = int(v.driver_event[EVENT_OFF_WRAP])
+        return packed_need_event(event, self.used_pos, self.used_wrap, moved, self.size)
+
+    def suppress_kicks(self, mem: GuestMemory, suppress: bool, *, event_idx: bool) -> None:
+        """Ask the driver not to (or again to) notify us of new available descriptors (§2.8.10, the
+        device event suppression structure).
+
+        Suppressing writes DISABLE. Re-enabling writes ENABLE, or with EVENT_IDX the descriptor at the
+        avail position (kick when that one is made available), its offset before the flags that make it
+        count. The hint is racy: after re-enabling, check ``avail_pending`` once more before sleeping;
+        re-enabling ends with a full fence so that check reads the ring only after this store is
+        visible (the split ring's argument, :meth:`~rings.split.SplitQueue.suppress_kicks`).
+        """
+        v = self._views(mem)
+        if suppress:
+            v.device_event[EVENT_FLAGS] = RING_EVENT_FLAGS_DISABLE
+            return
+        if event_idx:
+            v.device_event[EVENT_OFF_WRAP] = off_wrap(self.avail_pos, self.avail_wrap)
+            v.device_event[EVENT_FLAGS] = RING_EVENT_FLAGS_DESC
+        else:
+            v.device_event[EVENT_FLAGS] = RING_EVENT_FLAGS_ENABLE
+        full_fence()
+
+    def kick_after(self, mem: GuestMemory, count: int) -> None:
+        """EVENT_IDX only: ask the driver to notify once it has made more than ``count`` descriptors
+        available beyond the avail position (0: on the first one, as re-enabling does). The caller
+        must look at ``avail_pending`` afterwards and keep a timer, as on the split ring."""
+        if not 0 <= count < self.size:
+            raise ValueError(f"kick_after({count}) on a queue of {self.size}")
+        v = self._views(mem)
+        pos, wrap = advance(self.avail_pos, self.avail_wrap, count, self.size)
+        v.device_event[EVENT_OFF_WRAP] = off_wrap(pos, wrap)
+        v.device_event[EVENT_FLAGS] = RING_EVENT_FLAGS_DESC
+        full_fence()
+
+
+_NO_POP = PackedPop(
+    ids=np.empty(0, np.uint16),
+    starts=np.empty(0, np.int64),
+    ndesc=np.empty(0, np.int64),
+    unended=np.empty(0, np.bool_),
+)
+
+
+def _walk(mem: GuestMemory, v: _PackedViews, pop: PackedPop, *, queue: int, indirect: bool) -> ChainBatch:
+    """The ChainBatch of the chains in ``pop``: every descriptor of every chain at once (a packed
+    chain is consecutive in the ring, so there is no lockstep), then every indirect table at once."""
+    size = int(v.d_addr.shape[0])
+    asm = ChainAssembler(mem, pop.ids, queue=queue)
+    n = pop.ids.shape[0]
+    if n == 0:
+        return asm.assemble(*_EMPTY_SEGMENTS, ordered=True)
+    ndesc = np.minimum(pop.ndesc, size)
+    for c in np.flatnonzero(pop.unended).tolist():
+        # §2.8.17: a list is never longer than the Queue Size (so never loops round the ring).
+        d = int(pop.starts[c])
+        asm.fail(c, ErrorCode.LOOP, d, f"the chain from descriptor {d} still continues after {size}")
+    total = int(ndesc.sum())
+    chain = np.repeat(np.arange(n, dtype=np.int64), ndesc)
+    first = np.cumsum(ndesc) - ndesc
+    depth = np.arange(total, dtype=np.int64) - first[chain]
+    pos = (pop.starts[chain] + depth) % size
+    flags = v.d_flags[pos]
+    ind_c = np.empty(0, np.int64)
+    if indirect:
+        is_ind = (flags & VIRTQ_DESC_F_INDIRECT) != 0
+        if is_ind.any():
+            multi = is_ind & (ndesc[chain] > 1)
+            for p in np.flatnonzero(multi).tolist():
+                # §2.8.19: the driver MUST NOT put an INDIRECT descriptor in a NEXT-linked list.
+                c, d = int(chain[p]), int(pos[p])
+                asm.fail(c, ErrorCode.NESTED_INDIRECT, d, f"indirect descriptor {d} is part of a chain")
+            single = is_ind & ~multi
+            ind_c = chain[single]
+            keep = ~is_ind
+            chain, depth, pos, flags = chain[keep], depth[keep], pos[keep], flags[keep]
+    addr, length = v.d_addr[pos], v.d_len[pos]
+    if ind_c.shape[0] == 0:
+        return asm.assemble(chain, pos, depth, addr, length, flags, ordered=True)
+    i_chain, i_pos, i_depth, i_addr, i_len, i_flags = _walk_indirect(
+        mem, v, asm, ind_c, pop.starts[ind_c], size
+    )
+    return asm.assemble(
+        np.concatenate((chain, i_chain)), np.concatenate((pos, i_pos)), np.concatenate((depth, i_depth)),
+        np.concatenate((addr, i_addr)), np.concatenate((length, i_len)), np.concatenate((flags, i_flags)),
+        ordered=False,
+    )  # fmt: skip
+
+
+_EMPTY_SEGMENTS = (
+    np.empty(0, np.int64),
+    np.empty(0, np.int64),
+    np.empty(0, np.int64),
+    np.empty(0, np.uint64),
+    np.empty(0, np.uint32),
+    np.empty(0, np.uint16),
+)
+
+
+def _walk_indirect(
+    mem: GuestMemory,
+    v: _PackedViews,
+    asm: ChainAssembler,
+    ind_c: npt.NDArray[np.int64],
+    ind_d: npt.NDArray[np.int64],
+    size: int,
+) -> tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.uint64],
+    npt.NDArray[np.uint32],
+    npt.NDArray[np.uint16],
+]:
+    """The segments of the chains ``ind_c`` whose one descriptor (at ring position ``ind_d``) points at
+    an indirect table (§2.8.7): every entry of the table in order; WRITE is the only flag that counts
+    in an entry, the rest are reserved and ignored, and so is the entry's id."""
+    taddr = v.d_addr[ind_d]
+    tlen = v.d_len[ind_d].astype(np.int64)
+    count = tlen // PDESC_SIZE
+    # The table holds whole descriptors, at least one, and (§2.8.17, a list no longer than the
+    # Queue Size) at most the queue size of them.
+    badlen = (tlen == 0) | (tlen % PDESC_SIZE != 0) | (count > size)
+    for c, d, n in zip(ind_c[badlen].tolist(), ind_d[badlen].tolist(), tlen[badlen].tolist(), strict=True):
+        why = f"indirect table length {n} is not a positive multiple of 16 up to 16 * {size}"
+        asm.fail(c, ErrorCode.INDIRECT_LENGTH, d, why)
+    region, offset, ok = mem.translate_batch(taddr, tlen)
+    for i in np.flatnonzero(~ok & ~badlen).tolist():
+        exc = GuestMemoryError(
+            int(taddr[i]), int(tlen[i]), queue=asm.queue, descriptor=int(ind_d[i]),
+            reason="an indirect table outside guest memory",
+        )  # fmt: skip
+        asm.fail_memory(int(ind_c[i]), exc)
+    ok &= ~badlen
+    c, d, count = ind_c[ok], ind_d[ok], count[ok]
+    raw = mem.gather(region[ok], offset[ok], tlen[ok])
+    ent = raw.view(PDESC_DTYPE)
+    chain = np.repeat(c, count)
+    first = np.cumsum(count) - count
+    depth = np.arange(chain.shape[0], dtype=np.int64) - np.repeat(first, count)
+    flags = (ent["flags"] & VIRTQ_DESC_F_WRITE).astype(np.uint16)
+    return chain, np.repeat(d, count), depth, ent["addr"].copy(), ent["len"].copy(), flags
