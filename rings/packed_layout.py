@@ -80,14 +80,15 @@ def packed_need_event(event: int, new_pos: int, new_wrap: int, moved: int, size:
     The event is placed on a line with the current lap at 0 .. size - 1 and the previous lap just
     below 0 (its wrap counter differs from ``new_wrap``); the descriptors passed are
     ``[new_pos - moved, new_pos)``. Linux ``virtqueue_kick_prepare_packed`` and DPDK
-    ``vhost_vring_call_packed`` compute the same with u16 arithmetic. From a full lap on every
-    event has been passed.
+    ``vhost_vring_call_packed`` compute the same with u16 arithmetic (except for an offset past the
+    end of the ring, which names no descriptor and so never fires here). From a full lap on every
+    descriptor has been used, so every valid event has been passed.
     """
-    if moved <= 0:
-        return False
+    off = event & EVENT_OFF_MASK
+    if moved <= 0 or off >= size:
+        return False  # an offset past the end names no descriptor (the driver's bug): never used
     if moved >= size:
         return True
-    off = event & EVENT_OFF_MASK
     if bool(event & EVENT_WRAP_BIT) != bool(new_wrap):
         off -= size
     return new_pos - moved <= off < new_pos
