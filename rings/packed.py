@@ -31,7 +31,7 @@ cause is a GuestMemoryError for rings outside guest memory, as on the split ring
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -78,13 +78,36 @@ class PackedPop(NamedTuple):
     unended: npt.NDArray[np.bool_]
 
 
+class _Descriptors(Protocol):
+    """Descriptor fields indexed by position: the ring's views, or saved descriptors."""
+
+    @property
+    def d_addr(self) -> npt.NDArray[np.uint64]: ...
+    @property
+    def d_len(self) -> npt.NDArray[np.uint32]: ...
+    @property
+    def d_flags(self) -> npt.NDArray[np.uint16]: ...
+
+
+class SavedChains(NamedTuple):
+    """Chains to walk from descriptors saved outside the ring (inflight recovery): buffer ``ids``,
+    descriptors per chain ``ndesc``, and the descriptors of all of them back to back."""
+
+    ids: npt.NDArray[np.uint16]
+    ndesc: npt.NDArray[np.int64]
+    d_addr: npt.NDArray[np.uint64]
+    d_len: npt.NDArray[np.uint32]
+    d_flags: npt.NDArray[np.uint16]
+
+
 class _PackedViews:
     """Typed views of one queue's descriptor ring and event suppression structures in one table."""
 
-    __slots__ = ("d_addr", "d_flags", "d_id", "d_len", "device_event", "driver_event")
+    __slots__ = ("d_addr", "d_flags", "d_id", "d_len", "device_event", "driver_event", "ring")
 
     def __init__(self, mem: GuestMemory, q: PackedQueue) -> None:
         ring = mem.view_as(q.desc_addr, PDESC_DTYPE, q.size)
+        self.ring: npt.NDArray[np.void] = ring
         self.d_addr: npt.NDArray[np.uint64] = ring["addr"]
         self.d_len: npt.NDArray[np.uint32] = ring["len"]
         self.d_id: npt.NDArray[np.uint16] = ring["id"]
@@ -267,7 +290,7 @@ class PackedQueue:
         v = self._views(mem)
         pop = self._scan(v, max_count)
         self._take(pop)
-        return _walk(mem, v, pop, queue=self.index, indirect=indirect)
+        return _walk(mem, v, pop, queue=self.index, indirect=indirect, size=self.size)
 
     def walk(self, mem: GuestMemory, heads: npt.ArrayLike, *, indirect: bool = True) -> ChainBatch:
         """Walk the chains last popped with buffer ids ``heads`` (from :meth:`pop_avail`).
@@ -279,7 +302,29 @@ class PackedQueue:
         ids = np.asarray(heads, dtype=np.uint16)
         ndesc = self._ndesc[ids]
         pop = PackedPop(ids=ids, starts=self._start[ids], ndesc=ndesc, unended=self._unended[ids])
-        return _walk(mem, v, pop, queue=self.index, indirect=indirect)
+        return _walk(mem, v, pop, queue=self.index, indirect=indirect, size=self.size)
+
+    def popped_descriptors(self, mem: GuestMemory) -> tuple[npt.NDArray[np.void], npt.NDArray[np.int64]]:
+        """The descriptors of the chains of the last pop (after any :meth:`unpop_avail`), copied from
+        the ring in ring order, and how many each chain has: what inflight tracking saves, since the
+        ring slots are overwritten by used descriptors while a chain may still be in flight."""
+        ring = self._views(mem).ring
+        total = int(self._last_pop.sum())
+        pos = (np.arange(total, dtype=np.int64) + self.avail_pos - total) % self.size
+        return ring[pos], self._last_pop.copy()
+
+    def resubmit(self, mem: GuestMemory, chains: SavedChains, *, indirect: bool = True) -> ChainBatch:
+        """Walk chains saved before a restart (``rings.inflight_packed`` recovery) as :meth:`walk`
+        walks popped ones, and record their ids so :meth:`push_used` skips the right number of
+        descriptors. The saved descriptors are as untrusted as the ring they were copied from."""
+        ndesc = np.minimum(chains.ndesc.astype(np.int64), self.size)
+        starts = np.cumsum(ndesc) - ndesc
+        self._ndesc[chains.ids] = ndesc
+        self._unended[chains.ids] = False
+        pop = PackedPop(
+            ids=chains.ids, starts=starts, ndesc=ndesc, unended=np.zeros(ndesc.shape[0], np.bool_)
+        )
+        return _walk(mem, chains, pop, queue=self.index, indirect=indirect, size=self.size)
 
     # -- used side ------------------------------------------------------------------------------------
 
@@ -401,10 +446,14 @@ _NO_POP = PackedPop(
 )
 
 
-def _walk(mem: GuestMemory, v: _PackedViews, pop: PackedPop, *, queue: int, indirect: bool) -> ChainBatch:
+def _walk(
+    mem: GuestMemory, v: _Descriptors, pop: PackedPop, *, queue: int, indirect: bool, size: int
+) -> ChainBatch:
     """The ChainBatch of the chains in ``pop``: every descriptor of every chain at once (a packed
-    chain is consecutive in the ring, so there is no lockstep), then every indirect table at once."""
-    size = int(v.d_addr.shape[0])
+    chain is consecutive in the ring, so there is no lockstep), then every indirect table at once.
+    ``v`` is the ring, or (resubmission) descriptors saved elsewhere, read circularly from each
+    chain's start; ``size`` is the queue size that bounds lists and indirect tables."""
+    ring_len = max(1, int(v.d_addr.shape[0]))
     asm = ChainAssembler(mem, pop.ids, queue=queue)
     n = pop.ids.shape[0]
     if n == 0:
@@ -418,7 +467,7 @@ def _walk(mem: GuestMemory, v: _PackedViews, pop: PackedPop, *, queue: int, indi
     chain = np.repeat(np.arange(n, dtype=np.int64), ndesc)
     first = np.cumsum(ndesc) - ndesc
     depth = np.arange(total, dtype=np.int64) - first[chain]
-    pos = (pop.starts[chain] + depth) % size
+    pos = (pop.starts[chain] + depth) % ring_len
     flags = v.d_flags[pos]
     ind_c = np.empty(0, np.int64)
     if indirect:
@@ -458,7 +507,7 @@ _EMPTY_SEGMENTS = (
 
 def _walk_indirect(
     mem: GuestMemory,
-    v: _PackedViews,
+    v: _Descriptors,
     asm: ChainAssembler,
     ind_c: npt.NDArray[np.int64],
     ind_d: npt.NDArray[np.int64],

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from rings.chains import ErrorCode
 from rings.layout import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from rings.packed import PackedQueue
+from rings.packed import PackedQueue, SavedChains
 from rings.packed_layout import (
     AVAIL_USED_MASK,
     PDESC_DTYPE,
@@ -214,6 +214,27 @@ def test_random_packed_rings_match_the_reference_walk_and_stay_in_bounds(
         if code is ErrorCode.OK:
             want = b"".join(world.read(a, n) for a, n, wr in segs if not wr and n)
             assert data[int(starts[k]) : int(starts[k]) + int(batch.readable_len[k])].tobytes() == want
+
+    # The same chains walked from saved copies of their descriptors (inflight resubmission) are the
+    # same batch.
+    saved, ndesc = q.popped_descriptors(mem)
+    assert ndesc.tolist() == [n for _, n, _, _ in expect]
+    chains = SavedChains(
+        ids=batch.heads, ndesc=ndesc, d_addr=saved["addr"], d_len=saved["len"], d_flags=saved["flags"]
+    )
+    q2 = PackedQueue(
+        index=2, size=size, desc_addr=world.desc, driver_addr=world.avail, device_addr=world.used
+    )
+    again = q2.resubmit(mem, chains, indirect=indirect)
+    for k, (_, _, segs, code) in enumerate(expect):
+        if code is ErrorCode.LOOP:
+            continue  # a saved chain has an end by construction
+        assert ErrorCode(int(again.error[k])) is code
+        got = [
+            (int(again.seg_addr[s]), int(again.seg_len[s]), bool(again.seg_writable[s]))
+            for s in again.segments(k)
+        ]
+        assert got == segs
 
     # Give the last chains back and pop them again: the same chains.
     if len(expect) > 1:
