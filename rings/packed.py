@@ -22,7 +22,8 @@ and the same meaning per *chain*: ``avail_pending``, ``pop_avail``, ``walk``, ``
 - The ring addresses are the descriptor ring, the driver area (driver event suppression, read here)
   and the device area (device event suppression, written here): SET_VRING_ADDR's desc, avail and
   used addresses in that order.
-- There is no ``peek_short``/``skip_avail`` yet (the short rounds of a few chains).
+- ``peek_short`` returns ShortChains whose ``head`` is the buffer id; ``skip_avail`` pops a prefix
+  of what the last ``peek_short`` returned (the only way to pop after it).
 
 Malformed chains are marked, never raised (see :meth:`pop_chains`); the only exception a guest can
 cause is a GuestMemoryError for rings outside guest memory, as on the split ring.
@@ -60,6 +61,8 @@ from .packed_layout import (
     packed_need_event,
     used_flags,
 )
+from .packed_short import peek_short_packed
+from .short_chains import ShortChain
 from .walker import ChainAssembler
 
 _U16 = np.dtype("<u2")
@@ -103,11 +106,12 @@ class SavedChains(NamedTuple):
 class _PackedViews:
     """Typed views of one queue's descriptor ring and event suppression structures in one table."""
 
-    __slots__ = ("d_addr", "d_flags", "d_id", "d_len", "device_event", "driver_event", "ring")
+    __slots__ = ("d_addr", "d_flags", "d_id", "d_len", "device_event", "driver_event", "raw", "ring")
 
     def __init__(self, mem: GuestMemory, q: PackedQueue) -> None:
         ring = mem.view_as(q.desc_addr, PDESC_DTYPE, q.size)
         self.ring: npt.NDArray[np.void] = ring
+        self.raw: memoryview = ring.view(np.uint8).data  # for the scalar reads of short rounds
         self.d_addr: npt.NDArray[np.uint64] = ring["addr"]
         self.d_len: npt.NDArray[np.uint32] = ring["len"]
         self.d_id: npt.NDArray[np.uint16] = ring["id"]
@@ -166,6 +170,7 @@ class PackedQueue:
         self._ndesc = np.ones(_IDS, dtype=np.int64)
         self._unended = np.zeros(_IDS, dtype=np.bool_)
         self._last_pop = np.empty(0, dtype=np.int64)  # ndesc of the last pop, for unpop_avail
+        self._peeked: tuple[list[int], list[int]] = ([], [])  # ids, ndesc of the last peek_short
         self._key = ("packed", size, desc_addr, driver_addr, device_addr)
 
     @classmethod
@@ -325,6 +330,41 @@ class PackedQueue:
             ids=chains.ids, starts=starts, ndesc=ndesc, unended=np.zeros(ndesc.shape[0], np.bool_)
         )
         return _walk(mem, chains, pop, queue=self.index, indirect=indirect, size=self.size)
+
+    # -- short rounds: a few chains, read with plain ints ----------------------------------------------
+
+    def peek_short(self, mem: GuestMemory, count: int, *, indirect: bool = True) -> list[ShortChain] | None:
+        """The next ``count`` available chains, not popped, if every one is a good short chain
+        (:func:`~rings.packed_short.peek_short_packed`); else None. ``ShortChain.head`` is the buffer
+        id. :meth:`skip_avail` then pops a prefix of them."""
+        v = self._views(mem)
+        got = peek_short_packed(
+            mem, v.raw, self.size, self.avail_pos, self.avail_wrap, count, indirect=indirect
+        )
+        if got is None:
+            return None
+        chains, ndescs = got
+        self._peeked = ([c.head for c in chains], ndescs)
+        return chains
+
+    def skip_avail(self, count: int) -> None:
+        """Pop the first ``count`` chains the last :meth:`peek_short` returned."""
+        ids, ndescs = self._peeked
+        if count > len(ids):
+            raise ValueError(f"skip_avail({count}) after peeking {len(ids)} chains")
+        starts = []
+        pos = self.avail_pos
+        for n in ndescs[:count]:
+            starts.append(pos)
+            pos = pos + n - self.size if pos + n >= self.size else pos + n
+        pop = PackedPop(
+            ids=np.array(ids[:count], dtype=np.uint16),
+            starts=np.array(starts, dtype=np.int64),
+            ndesc=np.array(ndescs[:count], dtype=np.int64),
+            unended=np.zeros(count, dtype=np.bool_),
+        )
+        self._take(pop)
+        self._peeked = ([], [])
 
     # -- used side ------------------------------------------------------------------------------------
 

@@ -324,3 +324,45 @@ def test_needs_interrupt_reads_the_driver_event_structure(
         assert got
     else:
         assert got == reference_need_event(int(drv[0]), q.used_pos, q.used_wrap, used, size)
+
+
+@_SETTINGS
+@given(case=packed_worlds(), indirect=st.booleans())
+def test_packed_short_chains_are_the_reference_walk_or_declined(
+    case: tuple[World, int, int, int], indirect: bool
+) -> None:
+    """The short rounds' scalar reader: a chain it returns is exactly the reference's (a good chain of
+    at most two ring descriptors, or one indirect descriptor with a table of at most two), every other
+    chain is declined, it writes nothing, and ``skip_avail`` pops what ``pop_avail`` would."""
+    world, size, p, w = case
+    mem = world.mem
+    expect = reference_pop(world, size, p, w, size, indirect)
+    before = world.backing.copy()
+    pos, wrap = p, w
+    for ident, ndesc, segs, code in expect:
+        q = PackedQueue(
+            index=0, size=size, desc_addr=world.desc, driver_addr=world.avail, device_addr=world.used,
+            avail_pos=pos, avail_wrap=wrap,
+        )  # fmt: skip
+        _, _, _, flags = _read(world, world.desc + 16 * pos)
+        via_table = indirect and bool(flags & VIRTQ_DESC_F_INDIRECT)
+        short = code is ErrorCode.OK and ndesc <= 2 and (not via_table or len(segs) <= 2)
+        got = q.peek_short(mem, 1, indirect=indirect)
+        event("short" if got is not None else f"declined {code.name}")
+        if not short:
+            assert got is None
+        else:
+            assert got is not None
+            (chain,) = got
+            assert chain.head == ident
+            assert chain.readable_len == sum(n for _, n, wr in segs if not wr)
+            assert chain.writable_len == sum(n for _, n, wr in segs if wr)
+            for (a, n, _), (r, off, length) in zip(segs, chain.segments, strict=True):
+                assert length == n
+                assert (r, off) == (-1, 0) if n == 0 else world.regions[r].guest_phys_addr + off == a
+            q.skip_avail(1)
+            assert q.avail_pos == (pos + ndesc) % size and q.last_avail_idx == ndesc
+        pos += ndesc
+        if pos >= size:
+            pos, wrap = pos - size, wrap ^ 1
+    assert np.array_equal(world.backing, before)
