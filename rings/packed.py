@@ -171,6 +171,7 @@ class PackedQueue:
         self._unended = np.zeros(_IDS, dtype=np.bool_)
         self._last_pop = np.empty(0, dtype=np.int64)  # ndesc of the last pop, for unpop_avail
         self._peeked: tuple[list[int], list[int]] = ([], [])  # ids, ndesc of the last peek_short
+        self._found: PackedPop | None = None  # what avail_pending found at the current position
         self._key = ("packed", size, desc_addr, driver_addr, device_addr)
 
     @classmethod
@@ -222,16 +223,19 @@ class PackedQueue:
         whose tail is not available yet is not taken. A chain ends at its first descriptor without
         NEXT (§2.8.6); one that fills the whole ring without ending is taken as one (bad) chain.
         """
-        size, p, w = self.size, self.avail_pos, self.avail_wrap
+        size, p = self.size, self.avail_pos
         if max_chains <= 0:
             return _NO_POP
-        # The ring in the order the device reads it: p .. size - 1 in this lap, 0 .. p - 1 in the next.
-        flags = np.concatenate((v.d_flags[p:], v.d_flags[:p])) if p else v.d_flags.copy()
-        expect = np.full(size, avail_flags(w), dtype=np.uint16)
-        expect[size - p :] = avail_flags(w ^ 1)
-        ok = (flags & AVAIL_USED_MASK) == expect
-        n_avail = size if ok.all() else int(np.argmin(ok))
-        ends = np.flatnonzero((flags[:n_avail] & VIRTQ_DESC_F_NEXT) == 0)
+        # Look at a window big enough for max_chains short chains first, and widen it only when the
+        # chains are longer than that.
+        win = size if max_chains >= size else min(size, max(64, 2 * max_chains))
+        while True:
+            flags = self._avail_prefix(v, win)
+            n_avail = int(flags.shape[0])
+            ends = np.flatnonzero((flags & VIRTQ_DESC_F_NEXT) == 0)
+            if ends.shape[0] >= max_chains or n_avail < win or win == size:
+                break
+            win = min(size, 4 * win)
         unended = False
         if ends.shape[0] == 0:
             if n_avail < size:
@@ -251,9 +255,44 @@ class PackedQueue:
             unended=np.full(ends.shape[0], unended, dtype=np.bool_),
         )
 
+    def _avail_prefix(self, v: _PackedViews, win: int) -> npt.NDArray[np.uint16]:
+        """A copy of the flags of the available descriptors among the ``win`` from the avail
+        position, in the order the device reads them (to the end of the ring in this lap, then from
+        0 in the next, where the wrap counter is the other one), up to the first one not available."""
+        size, p, w = self.size, self.avail_pos, self.avail_wrap
+        end = min(size, p + win)
+        f1 = v.d_flags[p:end].copy()
+        bad = (f1 & AVAIL_USED_MASK) != avail_flags(w)
+        if bad.any():
+            return f1[: int(bad.argmax())]
+        rest = win - (end - p)
+        if rest == 0:
+            return f1
+        f2 = v.d_flags[:rest].copy()
+        bad = (f2 & AVAIL_USED_MASK) != avail_flags(w ^ 1)
+        if bad.any():
+            f2 = f2[: int(bad.argmax())]
+        return np.concatenate((f1, f2))
+
     def avail_pending(self, mem: GuestMemory) -> int:
-        """Complete chains the driver has made available that we have not popped yet."""
-        return int(self._scan(self._views(mem), self.size).ids.shape[0])
+        """Complete chains the driver has made available that we have not popped yet.
+
+        The chains found are kept for the next pop from the same position: they stay available until
+        we pop them (§2.8.16: the driver MUST NOT change a descriptor it made available), so a pop of
+        at most that many needs no second scan; a pop of more scans again.
+        """
+        pop = self._scan(self._views(mem), self.size)
+        self._found = pop
+        return int(pop.ids.shape[0])
+
+    def _find(self, v: _PackedViews, max_count: int) -> PackedPop:
+        found = self._found
+        if found is not None and max_count <= found.ids.shape[0]:
+            k = max_count
+            return PackedPop(
+                ids=found.ids[:k], starts=found.starts[:k], ndesc=found.ndesc[:k], unended=found.unended[:k]
+            )
+        return self._scan(v, max_count)
 
     def _take(self, pop: PackedPop) -> None:
         """Move the avail position past the chains of ``pop`` and record them by id."""
@@ -264,10 +303,11 @@ class PackedQueue:
         self._ndesc[pop.ids] = pop.ndesc
         self._unended[pop.ids] = pop.unended
         self._last_pop = pop.ndesc
+        self._found = None
 
     def pop_avail(self, mem: GuestMemory, max_count: int) -> npt.NDArray[np.uint16]:
         """The buffer ids of up to ``max_count`` available chains (a copy), advancing past them."""
-        pop = self._scan(self._views(mem), max_count)
+        pop = self._find(self._views(mem), max(0, max_count))
         self._take(pop)
         return pop.ids
 
@@ -278,6 +318,7 @@ class PackedQueue:
             raise ValueError(f"unpop_avail({count}) after a pop of {self._last_pop.shape[0]} chains")
         if count == 0:
             return
+        self._found = None
         back = int(self._last_pop[self._last_pop.shape[0] - count :].sum())
         self._last_pop = self._last_pop[: self._last_pop.shape[0] - count]
         pos = self.avail_pos - back
@@ -293,7 +334,7 @@ class PackedQueue:
         """Pop up to ``max_count`` available chains and walk them: ``pop_avail`` then ``walk``, but
         walking each chain where it was found even if the driver gave two chains one id."""
         v = self._views(mem)
-        pop = self._scan(v, max_count)
+        pop = self._find(v, max(0, max_count))
         self._take(pop)
         return _walk(mem, v, pop, queue=self.index, indirect=indirect, size=self.size)
 
@@ -499,6 +540,13 @@ def _walk(
     if n == 0:
         return asm.assemble(*_EMPTY_SEGMENTS, ordered=True)
     ndesc = np.minimum(pop.ndesc, size)
+    if int(ndesc.sum()) == n and not pop.unended.any():
+        # The common case (a NIC's RX buffers, a TX frame behind its header): every chain is one
+        # descriptor; unless one is INDIRECT, only translation can fail.
+        pos = pop.starts % ring_len
+        flags = v.d_flags[pos]
+        if not (indirect and np.count_nonzero(flags & VIRTQ_DESC_F_INDIRECT)):
+            return asm.assemble_single(pos, v.d_addr[pos], v.d_len[pos], flags)
     for c in np.flatnonzero(pop.unended).tolist():
         # §2.8.17: a list is never longer than the Queue Size (so never loops round the ring).
         d = int(pop.starts[c])

@@ -208,6 +208,43 @@ class ChainAssembler:
             seg_offset=offset,
         )
 
+    def assemble_single(
+        self,
+        desc: npt.NDArray[np.int64],
+        s_addr: npt.NDArray[np.uint64],
+        s_len: npt.NDArray[np.uint32],
+        flags: npt.NDArray[np.uint16],
+    ) -> ChainBatch:
+        """:meth:`assemble` for a batch of one-descriptor chains (no NEXT, no INDIRECT, nothing marked
+        yet): chain ``k`` is segment ``k``, descriptor ``desc[k]``; only translation can fail (a
+        one-descriptor chain can be neither out of order nor longer than 2^32 - 1 bytes)."""
+        n = self.n
+        writable = (flags & VIRTQ_DESC_F_WRITE) != 0
+        # Zero lengths are left untranslated (CVE-2020-10725).
+        region, offset, ok = self.mem.translate_batch(s_addr, s_len)
+        lens = s_len.astype(np.int64)
+        wlen = np.where(writable, lens, 0)
+        s_chain = _IOTA[:n]
+        if np.count_nonzero(ok) == n:
+            return ChainBatch(
+                heads=self.heads, first_seg=s_chain, seg_count=_ONES[:n],
+                readable_len=lens - wlen, writable_len=wlen, error=self.error, errors=self.errors,
+                seg_chain=s_chain, seg_desc=desc, seg_addr=s_addr, seg_len=s_len, seg_writable=writable,
+                seg_region=region, seg_offset=offset,
+            )  # fmt: skip
+        qi = self.queue
+        for p in np.flatnonzero(~ok).tolist():
+            exc = GuestMemoryError(int(s_addr[p]), int(s_len[p]), queue=qi, descriptor=int(desc[p]))
+            self.fail_memory(p, exc)
+        counts = ok.astype(np.int64)
+        wlen = np.where(ok, wlen, 0)
+        return ChainBatch(
+            heads=self.heads, first_seg=np.cumsum(counts) - counts, seg_count=counts,
+            readable_len=np.where(ok, lens, 0) - wlen, writable_len=wlen, error=self.error,
+            errors=self.errors, seg_chain=s_chain[ok], seg_desc=desc[ok], seg_addr=s_addr[ok],
+            seg_len=s_len[ok], seg_writable=writable[ok], seg_region=region[ok], seg_offset=offset[ok],
+        )  # fmt: skip
+
 
 class ChainWalker(ChainAssembler):
     """One batch walk: lockstep over the descriptor table, per chain inside indirect tables.
@@ -239,7 +276,7 @@ class ChainWalker(ChainAssembler):
             # then there is no per-depth loop and nothing to reorder.
             f = v.d_flags[cur]
             if not np.count_nonzero(f & self._chain_flags()):
-                return self._assemble_single(cur, f)
+                return self.assemble_single(cur, v.d_addr[cur], v.d_len[cur], f)
         return self._run_lockstep(cur)
 
     def _run_lockstep(self, cur: npt.NDArray[np.int64]) -> ChainBatch:
@@ -321,39 +358,6 @@ class ChainWalker(ChainAssembler):
 
     def _chain_flags(self) -> int:
         return VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT if self.indirect else VIRTQ_DESC_F_NEXT
-
-    def _assemble_single(self, desc: npt.NDArray[np.int64], flags: npt.NDArray[np.uint16]) -> ChainBatch:
-        """``_assemble`` for a batch of one-descriptor chains (valid heads, no NEXT, no INDIRECT):
-        chain ``k`` is segment ``k``; only translation can fail (a one-descriptor chain can be neither
-        out of order nor longer than 2^32 - 1 bytes)."""
-        v, n = self.v, self.n
-        s_addr = v.d_addr[desc]
-        s_len = v.d_len[desc]
-        writable = (flags & VIRTQ_DESC_F_WRITE) != 0
-        # Zero lengths are left untranslated (CVE-2020-10725).
-        region, offset, ok = self.mem.translate_batch(s_addr, s_len)
-        lens = s_len.astype(np.int64)
-        wlen = np.where(writable, lens, 0)
-        s_chain = _IOTA[:n]
-        if np.count_nonzero(ok) == n:
-            return ChainBatch(
-                heads=self.heads, first_seg=s_chain, seg_count=_ONES[:n],
-                readable_len=lens - wlen, writable_len=wlen, error=self.error, errors=self.errors,
-                seg_chain=s_chain, seg_desc=desc, seg_addr=s_addr, seg_len=s_len, seg_writable=writable,
-                seg_region=region, seg_offset=offset,
-            )  # fmt: skip
-        qi = self.queue
-        for p in np.flatnonzero(~ok).tolist():
-            exc = GuestMemoryError(int(s_addr[p]), int(s_len[p]), queue=qi, descriptor=int(desc[p]))
-            self.fail_memory(p, exc)
-        counts = ok.astype(np.int64)
-        wlen = np.where(ok, wlen, 0)
-        return ChainBatch(
-            heads=self.heads, first_seg=np.cumsum(counts) - counts, seg_count=counts,
-            readable_len=np.where(ok, lens, 0) - wlen, writable_len=wlen, error=self.error,
-            errors=self.errors, seg_chain=s_chain[ok], seg_desc=desc[ok], seg_addr=s_addr[ok],
-            seg_len=s_len[ok], seg_writable=writable[ok], seg_region=region[ok], seg_offset=offset[ok],
-        )  # fmt: skip
 
     def _walk_indirect(
         self, ind_c: npt.NDArray[np.int64], ind_d: npt.NDArray[np.int64], ind_depth: npt.NDArray[np.int64]
