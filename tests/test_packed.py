@@ -264,3 +264,16 @@ def test_a_ring_outside_guest_memory_is_a_guest_memory_error() -> None:
     with pytest.raises(GuestMemoryError) as err:
         q.avail_pending(ram.memory)
     assert err.value.queue == 4
+
+
+def test_recycle_reposts_used_buffers_unchanged_round_the_ring() -> None:
+    ram, dq, q = _pair(5, start_pos=2)
+    mem = ram.memory
+    ids = dq.post_rx(64, count=2, layout=TxLayout.TWO)
+    for _ in range(6):  # 2 chains of 2 descriptors in a ring of 5: every lap shifts them
+        batch = q.pop_chains(mem, 8)
+        assert sorted(batch.heads.tolist()) == sorted(ids) and not batch.error.any()
+        assert batch.writable_len.tolist() == [64, 64]
+        q.push_used(mem, batch.heads, [0, 0])
+        assert dq.recycle() == 2
+    assert dq.in_flight == 2 and dq.num_free == 1
