@@ -107,7 +107,7 @@ class InflightPackedQueue:
             DESC_STATE_PACKED_DTYPE
         )
         self._counter = 0
-        self._entry_of_id = np.full(1 << 16, -1, dtype=np.int64)
+        self._entry_of_id = np.full(1 << 16, -1, dtype=np.int32)
 
     def _get(self, name: str) -> int:
         return int(self.h[name][0])

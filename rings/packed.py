@@ -166,8 +166,8 @@ class PackedQueue:
         # Per buffer id, where its chain began in the ring and how many descriptors it took, as
         # recorded when it was last popped: walk() and push_used() need them, the driver only
         # gives the id back. An id reused while in flight (the driver's bug) keeps the latest.
-        self._start = np.zeros(_IDS, dtype=np.int64)
-        self._ndesc = np.ones(_IDS, dtype=np.int64)
+        self._start = np.zeros(_IDS, dtype=np.int32)  # 2 x 256 KiB per queue: ids are any u16
+        self._ndesc = np.ones(_IDS, dtype=np.int32)
         self._unended = np.zeros(_IDS, dtype=np.bool_)
         self._last_pop = np.empty(0, dtype=np.int64)  # ndesc of the last pop, for unpop_avail
         self._peeked: tuple[list[int], list[int]] = ([], [])  # ids, ndesc of the last peek_short
@@ -346,8 +346,9 @@ class PackedQueue:
         """
         v = self._views(mem)
         ids = np.asarray(heads, dtype=np.uint16)
-        ndesc = self._ndesc[ids]
-        pop = PackedPop(ids=ids, starts=self._start[ids], ndesc=ndesc, unended=self._unended[ids])
+        ndesc = self._ndesc[ids].astype(np.int64)
+        starts = self._start[ids].astype(np.int64)
+        pop = PackedPop(ids=ids, starts=starts, ndesc=ndesc, unended=self._unended[ids])
         return _walk(mem, v, pop, queue=self.index, indirect=indirect, size=self.size)
 
     def popped_descriptors(self, mem: GuestMemory) -> tuple[npt.NDArray[np.void], npt.NDArray[np.int64]]:
@@ -431,7 +432,7 @@ class PackedQueue:
             raise ValueError(f"push_used of {k} ids / {lens_a.shape[0]} lengths on a queue of {self.size}")
         v = self._views(mem)
         size = self.size
-        nd = self._ndesc[ids_a]
+        nd = self._ndesc[ids_a].astype(np.int64)
         offsets = np.cumsum(nd) - nd
         # A driver that reused an id in flight can make the sum pass a lap: every position still lies
         # in the ring, each lap with its own wrap counter.
