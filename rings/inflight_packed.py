@@ -29,8 +29,8 @@ from .errors import RingsError
 from .inflight import INFLIGHT_ALIGNMENT, INFLIGHT_VERSION, InflightRegionError
 from .layout import U16_MASK
 from .memory import GuestMemory
-from .packed import SavedChains
 from .packed_layout import AVAIL_USED_MASK, MAX_PACKED_QUEUE_SIZE, advance, avail_flags
+from .packed_walk import SavedChains
 
 # vhost-user spec, QueueRegionPacked: the header; ``desc[]`` follows at byte 32 (the 29 bytes of fields
 # rounded up to the 8-byte alignment of DescStatePacked, as a C compiler lays it out).

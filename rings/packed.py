@@ -32,15 +32,14 @@ cause is a GuestMemoryError for rings outside guest memory, as on the split ring
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from .barrier import full_fence
-from .chains import ChainBatch, ErrorCode
+from .chains import ChainBatch
 from .errors import GuestMemoryError, QueueConfigError
-from .layout import U16_MASK, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from .layout import U16_MASK, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from .memory import GuestMemory
 from .packed_layout import (
     AVAIL_USED_MASK,
@@ -49,7 +48,6 @@ from .packed_layout import (
     EVENT_OFF_WRAP,
     PDESC_ALIGN,
     PDESC_DTYPE,
-    PDESC_SIZE,
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
@@ -62,45 +60,11 @@ from .packed_layout import (
     used_flags,
 )
 from .packed_short import peek_short_packed
+from .packed_walk import NO_POP, PackedPop, SavedChains, walk_packed
 from .short_chains import ShortChain
-from .walker import ChainAssembler
 
 _U16 = np.dtype("<u2")
 _IDS = 1 << 16  # buffer ids are le16 (§2.8.13); the driver picks them, so any value can come
-
-
-class PackedPop(NamedTuple):
-    """Chains found available, in ring order: buffer ``ids`` (from each chain's last descriptor,
-    §2.8.6), ring position of each chain's first descriptor (``starts``), descriptors each takes in
-    the ring (``ndesc``), and ``unended``: the chain fills the whole ring and still has NEXT on its last
-    descriptor (longer than the queue size, §2.8.17)."""
-
-    ids: npt.NDArray[np.uint16]
-    starts: npt.NDArray[np.int64]
-    ndesc: npt.NDArray[np.int64]
-    unended: npt.NDArray[np.bool_]
-
-
-class _Descriptors(Protocol):
-    """Descriptor fields indexed by position: the ring's views, or saved descriptors."""
-
-    @property
-    def d_addr(self) -> npt.NDArray[np.uint64]: ...
-    @property
-    def d_len(self) -> npt.NDArray[np.uint32]: ...
-    @property
-    def d_flags(self) -> npt.NDArray[np.uint16]: ...
-
-
-class SavedChains(NamedTuple):
-    """Chains to walk from descriptors saved outside the ring (inflight recovery): buffer ``ids``,
-    descriptors per chain ``ndesc``, and the descriptors of all of them back to back."""
-
-    ids: npt.NDArray[np.uint16]
-    ndesc: npt.NDArray[np.int64]
-    d_addr: npt.NDArray[np.uint64]
-    d_len: npt.NDArray[np.uint32]
-    d_flags: npt.NDArray[np.uint16]
 
 
 class _PackedViews:
@@ -225,7 +189,7 @@ class PackedQueue:
         """
         size, p = self.size, self.avail_pos
         if max_chains <= 0:
-            return _NO_POP
+            return NO_POP
         # Look at a window big enough for max_chains short chains first, and widen it only when the
         # chains are longer than that.
         win = size if max_chains >= size else min(size, max(64, 2 * max_chains))
@@ -239,7 +203,7 @@ class PackedQueue:
         unended = False
         if ends.shape[0] == 0:
             if n_avail < size:
-                return _NO_POP
+                return NO_POP
             ends = np.array([size - 1], dtype=np.int64)  # §2.8.17: no list is longer than the queue
             unended = True
         ends = ends[:max_chains]
@@ -336,7 +300,7 @@ class PackedQueue:
         v = self._views(mem)
         pop = self._find(v, max(0, max_count))
         self._take(pop)
-        return _walk(mem, v, pop, queue=self.index, indirect=indirect, size=self.size)
+        return walk_packed(mem, v, pop, queue=self.index, indirect=indirect, size=self.size)
 
     def walk(self, mem: GuestMemory, heads: npt.ArrayLike, *, indirect: bool = True) -> ChainBatch:
         """Walk the chains last popped with buffer ids ``heads`` (from :meth:`pop_avail`).
@@ -349,7 +313,7 @@ class PackedQueue:
         ndesc = self._ndesc[ids].astype(np.int64)
         starts = self._start[ids].astype(np.int64)
         pop = PackedPop(ids=ids, starts=starts, ndesc=ndesc, unended=self._unended[ids])
-        return _walk(mem, v, pop, queue=self.index, indirect=indirect, size=self.size)
+        return walk_packed(mem, v, pop, queue=self.index, indirect=indirect, size=self.size)
 
     def popped_descriptors(self, mem: GuestMemory) -> tuple[npt.NDArray[np.void], npt.NDArray[np.int64]]:
         """The descriptors of the chains of the last pop (after any :meth:`unpop_avail`), copied from
@@ -371,7 +335,7 @@ class PackedQueue:
         pop = PackedPop(
             ids=chains.ids, starts=starts, ndesc=ndesc, unended=np.zeros(ndesc.shape[0], np.bool_)
         )
-        return _walk(mem, chains, pop, queue=self.index, indirect=indirect, size=self.size)
+        return walk_packed(mem, chains, pop, queue=self.index, indirect=indirect, size=self.size)
 
     # -- short rounds: a few chains, read with plain ints ----------------------------------------------
 
@@ -518,122 +482,3 @@ class PackedQueue:
         v.device_event[EVENT_OFF_WRAP] = off_wrap(pos, wrap)
         v.device_event[EVENT_FLAGS] = RING_EVENT_FLAGS_DESC
         full_fence()
-
-
-_NO_POP = PackedPop(
-    ids=np.empty(0, np.uint16),
-    starts=np.empty(0, np.int64),
-    ndesc=np.empty(0, np.int64),
-    unended=np.empty(0, np.bool_),
-)
-
-
-def _walk(
-    mem: GuestMemory, v: _Descriptors, pop: PackedPop, *, queue: int, indirect: bool, size: int
-) -> ChainBatch:
-    """The ChainBatch of the chains in ``pop``: every descriptor of every chain at once (a packed
-    chain is consecutive in the ring, so there is no lockstep), then every indirect table at once.
-    ``v`` is the ring, or (resubmission) descriptors saved elsewhere, read circularly from each
-    chain's start; ``size`` is the queue size that bounds lists and indirect tables."""
-    ring_len = max(1, int(v.d_addr.shape[0]))
-    asm = ChainAssembler(mem, pop.ids, queue=queue)
-    n = pop.ids.shape[0]
-    if n == 0:
-        return asm.assemble(*_EMPTY_SEGMENTS, ordered=True)
-    ndesc = np.minimum(pop.ndesc, size)
-    if int(ndesc.sum()) == n and not pop.unended.any():
-        # The common case (a NIC's RX buffers, a TX frame behind its header): every chain is one
-        # descriptor; unless one is INDIRECT, only translation can fail.
-        pos = pop.starts % ring_len
-        flags = v.d_flags[pos]
-        if not (indirect and np.count_nonzero(flags & VIRTQ_DESC_F_INDIRECT)):
-            return asm.assemble_single(pos, v.d_addr[pos], v.d_len[pos], flags)
-    for c in np.flatnonzero(pop.unended).tolist():
-        # §2.8.17: a list is never longer than the Queue Size (so never loops round the ring).
-        d = int(pop.starts[c])
-        asm.fail(c, ErrorCode.LOOP, d, f"the chain from descriptor {d} still continues after {size}")
-    total = int(ndesc.sum())
-    chain = np.repeat(np.arange(n, dtype=np.int64), ndesc)
-    first = np.cumsum(ndesc) - ndesc
-    depth = np.arange(total, dtype=np.int64) - first[chain]
-    pos = (pop.starts[chain] + depth) % ring_len
-    flags = v.d_flags[pos]
-    ind_c = np.empty(0, np.int64)
-    if indirect:
-        is_ind = (flags & VIRTQ_DESC_F_INDIRECT) != 0
-        if is_ind.any():
-            multi = is_ind & (ndesc[chain] > 1)
-            for p in np.flatnonzero(multi).tolist():
-                # §2.8.19: the driver MUST NOT put an INDIRECT descriptor in a NEXT-linked list.
-                c, d = int(chain[p]), int(pos[p])
-                asm.fail(c, ErrorCode.NESTED_INDIRECT, d, f"indirect descriptor {d} is part of a chain")
-            single = is_ind & ~multi
-            ind_c = chain[single]
-            keep = ~is_ind
-            chain, depth, pos, flags = chain[keep], depth[keep], pos[keep], flags[keep]
-    addr, length = v.d_addr[pos], v.d_len[pos]
-    if ind_c.shape[0] == 0:
-        return asm.assemble(chain, pos, depth, addr, length, flags, ordered=True)
-    i_chain, i_pos, i_depth, i_addr, i_len, i_flags = _walk_indirect(
-        mem, v, asm, ind_c, pop.starts[ind_c], size
-    )
-    return asm.assemble(
-        np.concatenate((chain, i_chain)), np.concatenate((pos, i_pos)), np.concatenate((depth, i_depth)),
-        np.concatenate((addr, i_addr)), np.concatenate((length, i_len)), np.concatenate((flags, i_flags)),
-        ordered=False,
-    )  # fmt: skip
-
-
-_EMPTY_SEGMENTS = (
-    np.empty(0, np.int64),
-    np.empty(0, np.int64),
-    np.empty(0, np.int64),
-    np.empty(0, np.uint64),
-    np.empty(0, np.uint32),
-    np.empty(0, np.uint16),
-)
-
-
-def _walk_indirect(
-    mem: GuestMemory,
-    v: _Descriptors,
-    asm: ChainAssembler,
-    ind_c: npt.NDArray[np.int64],
-    ind_d: npt.NDArray[np.int64],
-    size: int,
-) -> tuple[
-    npt.NDArray[np.int64],
-    npt.NDArray[np.int64],
-    npt.NDArray[np.int64],
-    npt.NDArray[np.uint64],
-    npt.NDArray[np.uint32],
-    npt.NDArray[np.uint16],
-]:
-    """The segments of the chains ``ind_c`` whose one descriptor (at ring position ``ind_d``) points at
-    an indirect table (§2.8.7): every entry of the table in order; WRITE is the only flag that counts
-    in an entry, the rest are reserved and ignored, and so is the entry's id."""
-    taddr = v.d_addr[ind_d]
-    tlen = v.d_len[ind_d].astype(np.int64)
-    count = tlen // PDESC_SIZE
-    # The table holds whole descriptors, at least one, and (§2.8.17, a list no longer than the
-    # Queue Size) at most the queue size of them.
-    badlen = (tlen == 0) | (tlen % PDESC_SIZE != 0) | (count > size)
-    for c, d, n in zip(ind_c[badlen].tolist(), ind_d[badlen].tolist(), tlen[badlen].tolist(), strict=True):
-        why = f"indirect table length {n} is not a positive multiple of 16 up to 16 * {size}"
-        asm.fail(c, ErrorCode.INDIRECT_LENGTH, d, why)
-    region, offset, ok = mem.translate_batch(taddr, tlen)
-    for i in np.flatnonzero(~ok & ~badlen).tolist():
-        exc = GuestMemoryError(
-            int(taddr[i]), int(tlen[i]), queue=asm.queue, descriptor=int(ind_d[i]),
-            reason="an indirect table outside guest memory",
-        )  # fmt: skip
-        asm.fail_memory(int(ind_c[i]), exc)
-    ok &= ~badlen
-    c, d, count = ind_c[ok], ind_d[ok], count[ok]
-    raw = mem.gather(region[ok], offset[ok], tlen[ok])
-    ent = raw.view(PDESC_DTYPE)
-    chain = np.repeat(c, count)
-    first = np.cumsum(count) - count
-    depth = np.arange(chain.shape[0], dtype=np.int64) - np.repeat(first, count)
-    flags = (ent["flags"] & VIRTQ_DESC_F_WRITE).astype(np.uint16)
-    return chain, np.repeat(d, count), depth, ent["addr"].copy(), ent["len"].copy(), flags

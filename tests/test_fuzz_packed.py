@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from rings.chains import ErrorCode
 from rings.layout import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from rings.packed import PackedQueue, SavedChains
+from rings.packed import PackedQueue
 from rings.packed_layout import (
     AVAIL_USED_MASK,
     PDESC_DTYPE,
@@ -33,6 +33,7 @@ from rings.packed_layout import (
     VIRTQ_DESC_F_USED,
     packed_need_event,
 )
+from rings.packed_walk import SavedChains
 from tests.test_fuzz_rings import _CLASS, EXAMPLES, U32_MAX, World, _addresses, _lengths, worlds
 
 _SETTINGS = settings(
