@@ -150,6 +150,11 @@ class PackedDriverQueue:
         (§2.8.21.1: the device may read the whole list once the first is available)."""
         k = len(descs)
         if k > self._free_slots:
+            # Nothing posted: the id and the buffers go back.
+            if buf_id < self.size:
+                self._free_ids.append(buf_id)
+            for b in posted.buffers:
+                self.ram.free(b)
             raise MemoryError(f"queue {self.index}: {k} descriptors wanted, {self._free_slots} free")
         first = self.next_avail
         first_flags = 0
@@ -288,7 +293,9 @@ class PackedDriverQueue:
             descs = [(buf, 64, nx), (0xDEAD_BEEF_0000_0000, 0, nx), (buf + 64, 64, 0)]
         elif kind is PackedMalformed.ID_BEYOND_SIZE:
             self._free_ids.append(buf_id)
-            buf_id = self.size + 7 + self.in_flight
+            buf_id = self.size + 7
+            while buf_id in self._inflight:
+                buf_id += 1
             descs = [(buf, 64, 0)]
         else:  # pragma: no cover - every kind is handled above
             raise ValueError(kind)

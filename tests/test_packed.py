@@ -5,8 +5,12 @@ suppression in both directions with and without EVENT_IDX, and the SET/GET_VRING
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from rings.chains import ErrorCode
 from rings.driver import VIRTIO_NET_HDR_SIZE, GuestRam, TxLayout
@@ -277,3 +281,67 @@ def test_recycle_reposts_used_buffers_unchanged_round_the_ring() -> None:
         q.push_used(mem, batch.heads, [0, 0])
         assert dq.recycle() == 2
     assert dq.in_flight == 2 and dq.num_free == 1
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    size=st.integers(1, 9),
+    start_pos=st.integers(0, 8),
+    start_wrap=st.integers(0, 1),
+    seed=st.integers(0, 2**32 - 1),
+    n_ops=st.integers(100, 300),
+)
+def test_random_driver_and_device_sessions_agree(
+    size: int, start_pos: int, start_wrap: int, seed: int, n_ops: int
+) -> None:
+    """Posting good and malformed chains, popping any number, completing in any order and reaping,
+    round the ring many times: every chain comes back once, with its id and the length written, and
+    the driver finds every used descriptor where it looks (it raises DeviceError otherwise)."""
+    ram, dq, q = _pair(size, start_pos=start_pos % size, start_wrap=start_wrap)
+    mem = ram.memory
+    posted: dict[int, int] = {}  # id -> writable bytes
+    popped: list[int] = []
+    returned: dict[int, int] = {}
+    kinds = [k for k in PackedMalformed if k is not PackedMalformed.UNENDED]
+    rng = random.Random(seed)
+    names = ["post"] * 4 + ["bad", "pop", "pop", "complete", "complete", "reap", "reap"]
+    ops = [(rng.choice(names), rng.randrange(1 << 16)) for _ in range(n_ops)]
+    for op, arg in ops:
+        if op == "post" and dq.in_flight < size:
+            layout = list(TxLayout)[arg % 3]
+            n = 16 + arg % 50
+            try:
+                (i,) = dq.post_rx(n, layout=layout) if arg & 4 else [dq.post_tx(bytes(n), layout=layout)]
+            except (MemoryError, ValueError):  # the ring is full, or two segments in a queue of one
+                continue
+            posted[i] = n if arg & 4 else 0
+        elif op == "bad" and dq.in_flight < size:
+            try:
+                posted[dq.post_malformed(kinds[arg % len(kinds)])] = 0
+            except MemoryError:
+                continue
+        elif op == "pop":
+            batch = q.pop_chains(mem, arg % (size + 2))
+            popped += batch.heads.tolist()
+        elif op == "complete" and popped:
+            k = 1 + arg % len(popped)
+            order = sorted(range(len(popped)), key=lambda j: (j * (arg | 1)) % 97)[:k]
+            done = [popped[j] for j in order]
+            popped = [x for j, x in enumerate(popped) if j not in order]
+            lens = [posted[i] // 2 for i in done]
+            q.push_used(mem, done, lens)
+            returned.update(zip(done, lens, strict=True))
+        elif op == "reap":
+            for c in dq.reap():
+                assert returned.pop(c.id) == c.len
+                del posted[c.id]
+    # Drain: pop everything, complete it, reap it all.
+    popped += q.pop_chains(mem, size + 1).heads.tolist()
+    q.push_used(mem, popped, [posted[i] // 2 for i in popped])
+    returned.update((i, posted[i] // 2) for i in popped)
+    for c in dq.reap():
+        assert returned.pop(c.id) == c.len
+        del posted[c.id]
+    assert not posted and not returned and dq.in_flight == 0 and dq.num_free == size
+    assert (q.avail_pos, q.avail_wrap) == (q.used_pos, q.used_wrap) == (dq.next_avail, dq.avail_wrap)
+    event(f"{min(q.used_idx // size, 4)}+ laps of the ring")
