@@ -142,15 +142,16 @@ class PackedQueue:
     def from_vring_base(
         cls, num: int, *, index: int, size: int, desc_addr: int, driver_addr: int, device_addr: int
     ) -> PackedQueue:
-        """A queue resumed from SET_VRING_BASE: for a packed ring the low 15 bits of ``num`` are the
-        next avail position and bit 15 its wrap counter; bits 16-31, when not all zero, the same for
-        the used side (the vhost convention), else the used side starts where the avail side does
-        (DPDK, QEMU's vhost-user: nothing is in flight across a stop)."""
+        """A queue resumed from SET_VRING_BASE. For a packed ring ``num`` holds both sides (vhost-user
+        spec, "Vring descriptor indices for packed virtqueues"; QEMU
+        ``virtio_queue_packed_get_last_avail_idx``): bits 0-14 the next avail position, bit 15 its
+        wrap counter, bits 16-30 the next used position, bit 31 its wrap counter. (DPDK reads only the
+        low half and starts the used side there; QEMU sends both, which differ while chains are in
+        flight.) A position outside the ring is a QueueConfigError."""
         low, high = num & U16_MASK, (num >> 16) & U16_MASK
-        used = high if high else low
         return cls(
             index=index, size=size, desc_addr=desc_addr, driver_addr=driver_addr, device_addr=device_addr,
-            avail_pos=low & 0x7FFF, avail_wrap=low >> 15, used_pos=used & 0x7FFF, used_wrap=used >> 15,
+            avail_pos=low & 0x7FFF, avail_wrap=low >> 15, used_pos=high & 0x7FFF, used_wrap=high >> 15,
         )  # fmt: skip
 
     @property
