@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import RingsError
 from .inflight import INFLIGHT_ALIGNMENT, INFLIGHT_VERSION, InflightRegionError
 from .layout import U16_MASK
 from .memory import GuestMemory
@@ -65,11 +64,6 @@ def packed_region_size(queue_size: int) -> int:
         raise ValueError(f"inflight queue size {queue_size} not in 1..{MAX_PACKED_QUEUE_SIZE}")
     raw = PACKED_HEADER_DTYPE.itemsize + DESC_STATE_PACKED_DTYPE.itemsize * queue_size
     return -(-raw // INFLIGHT_ALIGNMENT) * INFLIGHT_ALIGNMENT
-
-
-class InflightExhaustedError(RingsError):
-    """The region's free list ran out: more descriptors in flight than the queue size, which only a
-    driver reusing a buffer id in flight can cause. The chain is not tracked; nothing else changed."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,27 +115,31 @@ class InflightPackedQueue:
 
     # -- device operations ------------------------------------------------------------------------
 
-    def mark_popped(self, descs: npt.NDArray[np.void], ndesc: npt.ArrayLike) -> None:
+    def mark_popped(self, descs: npt.NDArray[np.void], ndesc: npt.ArrayLike) -> int:
         """Chains just popped, in ring order (``PackedQueue.popped_descriptors``): each gets a head
         entry (``old_free_head``) with the next counter and ``inflight = 1``, and every descriptor is
         saved into the entry at ``free_head``, which then follows the free list; ``old_free_head``
         moves once a chain is complete, so a crash part-way leaves the partial chain in the free list.
-        Raises InflightExhaustedError (for the chain that does not fit; earlier ones are tracked)."""
+
+        Returns how many chains were not tracked because the free list ran out, which only a driver
+        reusing a buffer id in flight can cause (its earlier chain's entries are never given back);
+        such a chain is left as a crash part-way would leave it, and is not resubmitted."""
         e, n = self.e, self.queue_size
         nxt, last, num = e["next"], e["last"], e["num"]
-        at = 0
+        at = untracked = 0
         for k in np.asarray(ndesc, dtype=np.int64).tolist():
             head = free = self._get("old_free_head")
             if head >= n:
-                raise InflightExhaustedError(f"queue {self.index}: inflight free list is empty")
+                untracked += 1
+                at += k
+                continue
             num[head] = 0
             e["counter"][head] = self._counter
             self._counter = (self._counter + 1) & _U64_MASK
             e["inflight"][head] = 1
             for j in range(k):
                 if free >= n:
-                    e["inflight"][head] = 0
-                    raise InflightExhaustedError(f"queue {self.index}: inflight free list ran out")
+                    break
                 d = descs[at + j]
                 if j == k - 1:
                     last[head] = free
@@ -150,9 +148,17 @@ class InflightPackedQueue:
                 e["len"][free], e["addr"][free] = d["len"], d["addr"]
                 free = int(nxt[free])
                 self._set("free_head", free)
-            self._set("old_free_head", free)
-            self._entry_of_id[int(descs[at + k - 1]["id"])] = head
+            else:
+                self._set("old_free_head", free)
+                self._entry_of_id[int(descs[at + k - 1]["id"])] = head
+                at += k
+                continue
+            # The list ran out part-way: undo as recovery would (the entries stay free).
+            e["inflight"][head] = 0
+            self._set("free_head", head)
+            untracked += 1
             at += k
+        return untracked
 
     def pre_put(self, ids: npt.ArrayLike) -> None:
         """Buffers about to be marked used, in the order ``push_used`` gets them: each chain's entries
