@@ -24,6 +24,7 @@ from rings.packed_layout import (
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
 )
+from tests.test_fuzz_rings import EXAMPLES
 
 EXPECTED = {
     PackedMalformed.UNENDED: ErrorCode.LOOP,
@@ -284,7 +285,7 @@ def test_recycle_reposts_used_buffers_unchanged_round_the_ring() -> None:
     assert dq.in_flight == 2 and dq.num_free == 1
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     size=st.integers(1, 9),
     start_pos=st.integers(0, 8),
