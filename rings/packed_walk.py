@@ -76,7 +76,7 @@ def walk_packed(
     if n == 0:
         return asm.assemble(*_EMPTY_SEGMENTS, ordered=True)
     ndesc = np.minimum(pop.ndesc, size)
-    if int(ndesc.sum()) == n and not pop.unended.any():
+    if bool((ndesc == 1).all()) and not pop.unended.any():
         # The common case (a NIC's RX buffers, a TX frame behind its header): every chain is one
         # descriptor; unless one is INDIRECT, only translation can fail.
         pos = pop.starts % ring_len
