@@ -65,7 +65,7 @@ def walk_short(
         if indirect and desc[2] & VIRTQ_DESC_F_INDIRECT:
             return None
         descs.append(desc)
-    return _chain(mem, head, descs)
+    return build_short_chain(mem, head, descs)
 
 
 def _indirect(mem: GuestMemory, size: int, head: int, addr: int, length: int) -> ShortChain | None:
@@ -88,15 +88,18 @@ def _indirect(mem: GuestMemory, size: int, head: int, addr: int, length: int) ->
             return None
         descs.append(desc)
         if not desc[2] & VIRTQ_DESC_F_NEXT:
-            return _chain(mem, head, descs)
+            return build_short_chain(mem, head, descs)
         j = desc[3]
         if len(descs) == MAX_SHORT_DESCS or j >= count or len(descs) >= limit:
             return None
         desc = _DESC.unpack_from(raw, DESC_SIZE * j)
 
 
-def _chain(mem: GuestMemory, head: int, descs: list[tuple[int, int, int, int]]) -> ShortChain | None:
-    """The chain of ``descs`` (addr, len, flags, next), if its order, length and memory are good."""
+def build_short_chain(
+    mem: GuestMemory, head: int, descs: list[tuple[int, int, int, int]]
+) -> ShortChain | None:
+    """The chain of ``descs`` (addr, len, flags, next), if its order, length and memory are good. Only
+    WRITE is looked at in the flags (``rings.packed_short`` builds packed chains with it too)."""
     segments: list[tuple[int, int, int]] = []
     readable = writable_len = writable = 0
     for addr, length, flags, _ in descs:

@@ -161,6 +161,14 @@ class SplitQueue:
         self.last_avail_idx = (self.last_avail_idx + k) & U16_MASK
         return heads
 
+    def unpop_avail(self, count: int) -> None:
+        """Give the last ``count`` popped heads back (not popped after all): the next pop reads them
+        again. The same call as ``PackedQueue.unpop_avail``, so a path can give chains back on
+        either ring; here it only moves ``last_avail_idx`` back."""
+        if not 0 <= count <= self.size:
+            raise ValueError(f"unpop_avail({count}) on a queue of {self.size}")
+        self.last_avail_idx = (self.last_avail_idx - count) & U16_MASK
+
     # -- chain walking --------------------------------------------------------------------------------
 
     def walk(self, mem: GuestMemory, heads: npt.ArrayLike, *, indirect: bool = True) -> ChainBatch:

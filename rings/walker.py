@@ -84,28 +84,17 @@ _NO_SEGMENTS = Segments(
 )
 
 
-class ChainWalker:
-    """One batch walk: lockstep over the descriptor table, per chain inside indirect tables.
-
-    ``table`` is the descriptor table of queue ``queue`` (its length is the queue size); ``indirect``
-    says whether VIRTIO_F_INDIRECT_DESC was negotiated.
+class ChainAssembler:
+    """The half of a batch walk that does not depend on the ring format: marking bad chains (the
+    first error found wins) and :meth:`assemble`, which turns walked segments into a ChainBatch with
+    the order, length and translation checks. ``heads`` are what the used ring will be given back
+    (split: head indices; packed: buffer ids). ``rings.packed`` walks its ring itself and uses this.
     """
 
-    def __init__(
-        self,
-        mem: GuestMemory,
-        table: DescriptorTable,
-        heads: npt.NDArray[np.uint16],
-        *,
-        queue: int,
-        indirect: bool,
-    ) -> None:
+    def __init__(self, mem: GuestMemory, heads: npt.NDArray[np.uint16], *, queue: int) -> None:
         self.mem = mem
-        self.v = table
         self.queue = queue
-        self.size = int(table.d_addr.shape[0])
         self.heads = heads
-        self.indirect = indirect
         n = heads.shape[0]
         self.n = n
         self.error = np.zeros(n, dtype=np.uint8)
@@ -122,6 +111,162 @@ class ChainWalker:
             self.error[chain] = ErrorCode.GUEST_MEMORY
             self.errors[chain] = exc
 
+    def assemble(
+        self,
+        s_chain: npt.NDArray[np.int64],
+        s_desc: npt.NDArray[np.int64],
+        s_depth: npt.NDArray[np.int64],
+        s_addr: npt.NDArray[np.uint64],
+        s_len: npt.NDArray[np.uint32],
+        s_flags: npt.NDArray[np.uint16],
+        ordered: bool,
+    ) -> ChainBatch:
+        """The ChainBatch of walked segments given in any order: ``s_chain`` the chain (batch
+        position), ``s_depth`` the position within it, ``s_desc`` the descriptor each came from, and
+        its addr/len/flags (only WRITE is looked at). ``ordered`` says they are already chain by
+        chain in depth order. Checks, in this order, what every ring format shares: readable after
+        writable (§2.7.4.2, §2.8.17), a total above 2^32 - 1, and every non-empty segment inside guest
+        memory; segments of chains already marked bad are dropped."""
+        n, qi = self.n, self.queue
+        if self.errors:
+            keep = self.error[s_chain] == 0
+            s_chain, s_desc, s_depth = s_chain[keep], s_desc[keep], s_depth[keep]
+            s_addr, s_len, s_flags = s_addr[keep], s_len[keep], s_flags[keep]
+        counts = np.bincount(s_chain, minlength=n).astype(np.int64)
+        first = np.cumsum(counts) - counts
+        if not ordered:
+            # Depth-major walk order -> chain-major segment order.
+            pos = first[s_chain] + s_depth
+            order = np.empty_like(pos)
+            order[pos] = np.arange(pos.shape[0], dtype=np.int64)
+            s_chain, s_desc = s_chain[order], s_desc[order]
+            s_addr, s_len, s_flags = s_addr[order], s_len[order], s_flags[order]
+        writable = (s_flags & VIRTQ_DESC_F_WRITE) != 0
+        lens64 = s_len.astype(np.float64)  # exact: < 2^32 * 2^16 * ...  well below 2^53
+        wlen = np.bincount(s_chain, weights=np.where(writable, lens64, 0.0), minlength=n)
+        rlen = np.bincount(s_chain, weights=np.where(writable, 0.0, lens64), minlength=n)
+        new_bad = False
+
+        # §2.7.4.2: device-writable descriptors come after all device-readable ones.
+        if writable.shape[0] > 1:
+            viol = writable[:-1] & ~writable[1:] & (s_chain[:-1] == s_chain[1:])
+            if viol.any():
+                for p in np.flatnonzero(viol).tolist():
+                    c, d = int(s_chain[p + 1]), int(s_desc[p + 1])
+                    self.fail(
+                        c,
+                        ErrorCode.DESCRIPTOR_ORDER,
+                        d,
+                        f"device-readable descriptor {d} follows a device-writable one",
+                    )
+                new_bad = True
+
+        # The used ring's len is u32, so a chain may not describe more than 2^32 - 1 bytes.
+        too_long = (wlen + rlen) > U32_MAX
+        if too_long.any():
+            for c in np.flatnonzero(too_long).tolist():
+                d = int(self.heads[c])
+                self.fail(
+                    c,
+                    ErrorCode.CHAIN_TOO_LONG,
+                    d,
+                    f"chain totals {int(wlen[c] + rlen[c])} bytes, above 2^32 - 1",
+                )
+            new_bad = True
+
+        # Translate every segment at once; zero lengths are left untranslated (CVE-2020-10725).
+        region, offset, ok = self.mem.translate_batch(s_addr, s_len)
+        if not ok.all():
+            for p in np.flatnonzero(~ok).tolist():
+                c, d = int(s_chain[p]), int(s_desc[p])
+                self.fail_memory(c, GuestMemoryError(int(s_addr[p]), int(s_len[p]), queue=qi, descriptor=d))
+            new_bad = True
+
+        if new_bad:
+            keep = self.error[s_chain] == 0
+            s_chain, s_desc, s_addr, s_len = s_chain[keep], s_desc[keep], s_addr[keep], s_len[keep]
+            writable, region, offset = writable[keep], region[keep], offset[keep]
+            counts = np.bincount(s_chain, minlength=n).astype(np.int64)
+            first = np.cumsum(counts) - counts
+            good = self.error == 0
+            wlen = np.where(good, wlen, 0.0)
+            rlen = np.where(good, rlen, 0.0)
+        return ChainBatch(
+            heads=self.heads,
+            first_seg=first,
+            seg_count=counts,
+            readable_len=rlen.astype(np.int64),
+            writable_len=wlen.astype(np.int64),
+            error=self.error,
+            errors=self.errors,
+            seg_chain=s_chain,
+            seg_desc=s_desc,
+            seg_addr=s_addr,
+            seg_len=s_len,
+            seg_writable=writable,
+            seg_region=region,
+            seg_offset=offset,
+        )
+
+    def assemble_single(
+        self,
+        desc: npt.NDArray[np.int64],
+        s_addr: npt.NDArray[np.uint64],
+        s_len: npt.NDArray[np.uint32],
+        flags: npt.NDArray[np.uint16],
+    ) -> ChainBatch:
+        """:meth:`assemble` for a batch of one-descriptor chains (no NEXT, no INDIRECT, nothing marked
+        yet): chain ``k`` is segment ``k``, descriptor ``desc[k]``; only translation can fail (a
+        one-descriptor chain can be neither out of order nor longer than 2^32 - 1 bytes)."""
+        n = self.n
+        writable = (flags & VIRTQ_DESC_F_WRITE) != 0
+        # Zero lengths are left untranslated (CVE-2020-10725).
+        region, offset, ok = self.mem.translate_batch(s_addr, s_len)
+        lens = s_len.astype(np.int64)
+        wlen = np.where(writable, lens, 0)
+        s_chain = _IOTA[:n]
+        if np.count_nonzero(ok) == n:
+            return ChainBatch(
+                heads=self.heads, first_seg=s_chain, seg_count=_ONES[:n],
+                readable_len=lens - wlen, writable_len=wlen, error=self.error, errors=self.errors,
+                seg_chain=s_chain, seg_desc=desc, seg_addr=s_addr, seg_len=s_len, seg_writable=writable,
+                seg_region=region, seg_offset=offset,
+            )  # fmt: skip
+        qi = self.queue
+        for p in np.flatnonzero(~ok).tolist():
+            exc = GuestMemoryError(int(s_addr[p]), int(s_len[p]), queue=qi, descriptor=int(desc[p]))
+            self.fail_memory(p, exc)
+        counts = ok.astype(np.int64)
+        wlen = np.where(ok, wlen, 0)
+        return ChainBatch(
+            heads=self.heads, first_seg=np.cumsum(counts) - counts, seg_count=counts,
+            readable_len=np.where(ok, lens, 0) - wlen, writable_len=wlen, error=self.error,
+            errors=self.errors, seg_chain=s_chain[ok], seg_desc=desc[ok], seg_addr=s_addr[ok],
+            seg_len=s_len[ok], seg_writable=writable[ok], seg_region=region[ok], seg_offset=offset[ok],
+        )  # fmt: skip
+
+
+class ChainWalker(ChainAssembler):
+    """One batch walk: lockstep over the descriptor table, per chain inside indirect tables.
+
+    ``table`` is the descriptor table of queue ``queue`` (its length is the queue size); ``indirect``
+    says whether VIRTIO_F_INDIRECT_DESC was negotiated.
+    """
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        table: DescriptorTable,
+        heads: npt.NDArray[np.uint16],
+        *,
+        queue: int,
+        indirect: bool,
+    ) -> None:
+        super().__init__(mem, heads, queue=queue)
+        self.v = table
+        self.size = int(table.d_addr.shape[0])
+        self.indirect = indirect
+
     def run(self) -> ChainBatch:
         v, n, size = self.v, self.n, self.size
         cur = self.heads.astype(np.int64)
@@ -131,7 +276,7 @@ class ChainWalker:
             # then there is no per-depth loop and nothing to reorder.
             f = v.d_flags[cur]
             if not np.count_nonzero(f & self._chain_flags()):
-                return self._assemble_single(cur, f)
+                return self.assemble_single(cur, v.d_addr[cur], v.d_len[cur], f)
         return self._run_lockstep(cur)
 
     def _run_lockstep(self, cur: npt.NDArray[np.int64]) -> ChainBatch:
@@ -209,43 +354,10 @@ class ChainWalker:
             s_flags = np.concatenate((s_flags, extra.flags))
         # One depth and no indirect tables: segments are already in chain order.
         ordered = len(chain_parts) <= 1 and not ind
-        return self._assemble(s_chain, s_desc, s_depth, s_addr, s_len, s_flags, ordered)
+        return self.assemble(s_chain, s_desc, s_depth, s_addr, s_len, s_flags, ordered)
 
     def _chain_flags(self) -> int:
         return VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT if self.indirect else VIRTQ_DESC_F_NEXT
-
-    def _assemble_single(self, desc: npt.NDArray[np.int64], flags: npt.NDArray[np.uint16]) -> ChainBatch:
-        """``_assemble`` for a batch of one-descriptor chains (valid heads, no NEXT, no INDIRECT):
-        chain ``k`` is segment ``k``; only translation can fail (a one-descriptor chain can be neither
-        out of order nor longer than 2^32 - 1 bytes)."""
-        v, n = self.v, self.n
-        s_addr = v.d_addr[desc]
-        s_len = v.d_len[desc]
-        writable = (flags & VIRTQ_DESC_F_WRITE) != 0
-        # Zero lengths are left untranslated (CVE-2020-10725).
-        region, offset, ok = self.mem.translate_batch(s_addr, s_len)
-        lens = s_len.astype(np.int64)
-        wlen = np.where(writable, lens, 0)
-        s_chain = _IOTA[:n]
-        if np.count_nonzero(ok) == n:
-            return ChainBatch(
-                heads=self.heads, first_seg=s_chain, seg_count=_ONES[:n],
-                readable_len=lens - wlen, writable_len=wlen, error=self.error, errors=self.errors,
-                seg_chain=s_chain, seg_desc=desc, seg_addr=s_addr, seg_len=s_len, seg_writable=writable,
-                seg_region=region, seg_offset=offset,
-            )  # fmt: skip
-        qi = self.queue
-        for p in np.flatnonzero(~ok).tolist():
-            exc = GuestMemoryError(int(s_addr[p]), int(s_len[p]), queue=qi, descriptor=int(desc[p]))
-            self.fail_memory(p, exc)
-        counts = ok.astype(np.int64)
-        wlen = np.where(ok, wlen, 0)
-        return ChainBatch(
-            heads=self.heads, first_seg=np.cumsum(counts) - counts, seg_count=counts,
-            readable_len=np.where(ok, lens, 0) - wlen, writable_len=wlen, error=self.error,
-            errors=self.errors, seg_chain=s_chain[ok], seg_desc=desc[ok], seg_addr=s_addr[ok],
-            seg_len=s_len[ok], seg_writable=writable[ok], seg_region=region[ok], seg_offset=offset[ok],
-        )  # fmt: skip
 
     def _walk_indirect(
         self, ind_c: npt.NDArray[np.int64], ind_d: npt.NDArray[np.int64], ind_depth: npt.NDArray[np.int64]
@@ -332,94 +444,3 @@ class ChainWalker:
             keep = ~(oob | over)
             c, d, dep, reg, off, count, limit, j = (x[keep] for x in (c, d, dep, reg, off, count, limit, j))
         return Segments.concat(parts) if parts else _NO_SEGMENTS
-
-    def _assemble(
-        self,
-        s_chain: npt.NDArray[np.int64],
-        s_desc: npt.NDArray[np.int64],
-        s_depth: npt.NDArray[np.int64],
-        s_addr: npt.NDArray[np.uint64],
-        s_len: npt.NDArray[np.uint32],
-        s_flags: npt.NDArray[np.uint16],
-        ordered: bool,
-    ) -> ChainBatch:
-        n, qi = self.n, self.queue
-        if self.errors:
-            keep = self.error[s_chain] == 0
-            s_chain, s_desc, s_depth = s_chain[keep], s_desc[keep], s_depth[keep]
-            s_addr, s_len, s_flags = s_addr[keep], s_len[keep], s_flags[keep]
-        counts = np.bincount(s_chain, minlength=n).astype(np.int64)
-        first = np.cumsum(counts) - counts
-        if not ordered:
-            # Depth-major walk order -> chain-major segment order.
-            pos = first[s_chain] + s_depth
-            order = np.empty_like(pos)
-            order[pos] = np.arange(pos.shape[0], dtype=np.int64)
-            s_chain, s_desc = s_chain[order], s_desc[order]
-            s_addr, s_len, s_flags = s_addr[order], s_len[order], s_flags[order]
-        writable = (s_flags & VIRTQ_DESC_F_WRITE) != 0
-        lens64 = s_len.astype(np.float64)  # exact: < 2^32 * 2^16 * ...  well below 2^53
-        wlen = np.bincount(s_chain, weights=np.where(writable, lens64, 0.0), minlength=n)
-        rlen = np.bincount(s_chain, weights=np.where(writable, 0.0, lens64), minlength=n)
-        new_bad = False
-
-        # §2.7.4.2: device-writable descriptors come after all device-readable ones.
-        if writable.shape[0] > 1:
-            viol = writable[:-1] & ~writable[1:] & (s_chain[:-1] == s_chain[1:])
-            if viol.any():
-                for p in np.flatnonzero(viol).tolist():
-                    c, d = int(s_chain[p + 1]), int(s_desc[p + 1])
-                    self.fail(
-                        c,
-                        ErrorCode.DESCRIPTOR_ORDER,
-                        d,
-                        f"device-readable descriptor {d} follows a device-writable one",
-                    )
-                new_bad = True
-
-        # The used ring's len is u32, so a chain may not describe more than 2^32 - 1 bytes.
-        too_long = (wlen + rlen) > U32_MAX
-        if too_long.any():
-            for c in np.flatnonzero(too_long).tolist():
-                d = int(self.heads[c])
-                self.fail(
-                    c,
-                    ErrorCode.CHAIN_TOO_LONG,
-                    d,
-                    f"chain totals {int(wlen[c] + rlen[c])} bytes, above 2^32 - 1",
-                )
-            new_bad = True
-
-        # Translate every segment at once; zero lengths are left untranslated (CVE-2020-10725).
-        region, offset, ok = self.mem.translate_batch(s_addr, s_len)
-        if not ok.all():
-            for p in np.flatnonzero(~ok).tolist():
-                c, d = int(s_chain[p]), int(s_desc[p])
-                self.fail_memory(c, GuestMemoryError(int(s_addr[p]), int(s_len[p]), queue=qi, descriptor=d))
-            new_bad = True
-
-        if new_bad:
-            keep = self.error[s_chain] == 0
-            s_chain, s_desc, s_addr, s_len = s_chain[keep], s_desc[keep], s_addr[keep], s_len[keep]
-            writable, region, offset = writable[keep], region[keep], offset[keep]
-            counts = np.bincount(s_chain, minlength=n).astype(np.int64)
-            first = np.cumsum(counts) - counts
-            good = self.error == 0
-            wlen = np.where(good, wlen, 0.0)
-            rlen = np.where(good, rlen, 0.0)
-        return ChainBatch(
-            heads=self.heads,
-            first_seg=first,
-            seg_count=counts,
-            readable_len=rlen.astype(np.int64),
-            writable_len=wlen.astype(np.int64),
-            error=self.error,
-            errors=self.errors,
-            seg_chain=s_chain,
-            seg_desc=s_desc,
-            seg_addr=s_addr,
-            seg_len=s_len,
-            seg_writable=writable,
-            seg_region=region,
-            seg_offset=offset,
-        )

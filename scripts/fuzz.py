@@ -8,7 +8,8 @@ for longer::
     python scripts/fuzz.py --examples 2000    # a quicker pass
     python scripts/fuzz.py -k parser -x       # only the parser fuzzers, stop at the first failure
 
-It runs pytest in-process on the fuzz test files (the ring walker, the vhost-user parser and
+It runs pytest in-process on the fuzz test files (the ring walkers, split and packed, and random
+packed driver/device sessions, the vhost-user parser and
 connection, the packet pool's model-based test and the inflight crash schedules), gives every
 Hypothesis test ``--examples`` examples with no deadline, and prints, per test, the number of cases
 it ran (calls of the test body, shrinking included; steps are not counted for state machines, runs
@@ -30,6 +31,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 FUZZ_FILES = (
     "tests/test_fuzz_rings.py",
+    "tests/test_fuzz_packed.py",
+    "tests/test_packed.py",
     "tests/test_fuzz_parser.py",
     "tests/test_vhost_fuzz.py",
     "tests/test_pool.py",

@@ -354,3 +354,16 @@ def test_walking_in_a_batch_gives_each_chain_what_walking_it_alone_gives() -> No
             assert batch.seg_writable[mine].tolist() == alone.seg_writable.tolist()
             one, _ = alone.gather_readable(g.memory)
             assert data[starts[k] : starts[k] + batch.readable_len[k]].tobytes() == one.tobytes()
+
+
+def test_unpop_gives_heads_back_to_the_next_pop() -> None:
+    g = GuestDriver()
+    dq = g.add_queue(0, 4, start_idx=0xFFFE)
+    q = dq.device_queue()
+    heads = [dq.post_tx(b"x") for _ in range(3)]
+    assert q.pop_avail(g.memory, 3).tolist() == heads
+    q.unpop_avail(2)
+    assert q.last_avail_idx == 0xFFFF
+    assert q.pop_avail(g.memory, 4).tolist() == heads[1:]
+    with pytest.raises(ValueError):
+        q.unpop_avail(5)
