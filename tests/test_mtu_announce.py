@@ -293,3 +293,28 @@ def test_the_rarp_reaches_the_tap(netns: Callable[[], Netns]) -> None:
     finally:
         sniffer.close()
         port.close()
+
+
+class RefusingPort(Recorder):
+    def mtu_changed(self, mtu: int) -> None:
+        raise OSError(22, f"no MTU {mtu} here")
+
+
+async def test_an_mtu_the_port_cannot_follow_is_refused_to_the_frontend(tmp_path: Path) -> None:
+    devices: list[VirtioNetDevice] = []
+
+    def make() -> VirtioNetDevice:
+        devices.append(VirtioNetDevice(port=RefusingPort(), pool=PacketPool(64)))
+        return devices[-1]
+
+    async with Server([tmp_path / "r.sock"], make) as server:
+        fe = await VhostUserFrontend.connect(server.endpoints[0].path)
+        try:
+            await fe.handshake(protocol=(vf.VHOST_USER_PROTOCOL_F_NET_MTU,))
+            with pytest.raises(FrontendError):  # QEMU then leaves the device stopped, and says why
+                await fe.set_mtu(9000)
+            assert devices[-1].mtu is None
+            session = await server.endpoints[0].wait_session()
+            assert any("no MTU 9000 here" in e for e in session.errors)
+        finally:
+            await fe.close()
