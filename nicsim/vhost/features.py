@@ -78,7 +78,9 @@ DEFAULT_PROTOCOL_FEATURES = mask(
     )
 )
 """What the backend offers in GET_PROTOCOL_FEATURES. NET_MTU: without it QEMU never tells the backend the
-``host_mtu`` it gives the guest (it sends NET_SET_MTU only when this bit is negotiated). RARP: for a
+``host_mtu`` it gives the guest (it sends NET_SET_MTU only when this bit is negotiated; seen with QEMU
+7.2, its ``x-mtu-bypass-backend`` default offers the guest VIRTIO_NET_F_MTU and the MTU even from a
+backend that offers neither, and leaves the bit out of SET_FEATURES). RARP: for a
 guest without GUEST_ANNOUNCE, QEMU asks the backend to announce it (SEND_RARP). INFLIGHT_SHMFD and
 CONFIG are added only on request: QEMU's virtio-net device never reads its config space over vhost-user
 (it keeps its own), and QEMU 7.2 warns "vhost-user backend supports VHOST_USER_PROTOCOL_F_CONFIG but
