@@ -158,6 +158,23 @@ def test_a_gso_frame_may_exceed_the_mtu_and_without_the_mtu_bit_nothing_is_bound
     assert [len(f) for f in other.sent] == [9000]
 
 
+def test_without_mergeable_buffers_a_9000_byte_frame_fills_one_big_chain() -> None:
+    # Linux's virtio_net without MRG_RXBUF and with an MTU above 1500 posts "big packets": one chain
+    # of a header and several pages. One frame goes into one such chain, across its descriptors.
+    dev = VirtioNetDevice(port=Recorder())
+    dev.set_mtu(9000)
+    rx, _ = start(dev, (1 << VIRTIO_F_VERSION_1) | MTU)
+    for _ in range(2):
+        segs = [rx.ram.alloc(n) for n in (12, 4096, 4096, 4096)]
+        rx.post_chain([(g, n, True) for g, n in zip(segs, (12, 4096, 4096, 4096), strict=True)], buffers=segs)
+    assert dev.push(np.frombuffer(frame(9018, 3), np.uint8))
+    assert not dev.push(np.frombuffer(frame(9019, 4), np.uint8))
+    dev.deliver_rx(0)
+    (got,) = rx.reap()
+    assert got.len == 12 + 9018 and got.data is not None and got.data[12:] == frame(9018, 3)
+    assert dev.stats.snapshot()["queues"][0]["drops"] == {"over_mtu": 1}
+
+
 # -- through the socket: NET_SET_MTU and SEND_RARP ---------------------------------------------------
 
 
