@@ -4,8 +4,10 @@ MTU: QEMU offers the guest VIRTIO_NET_F_MTU with the ``host_mtu`` and, since nic
 NET_MTU protocol feature, tells the backend with NET_SET_MTU; the guest's eth0 comes up with an MTU
 of 9000 (the test leaves it there). Through the tap port, whose TAP (created with 1500) follows the
 host MTU, the guest pings an address in the namespace with 8972 bytes of payload: 9014-byte frames
-both ways, no fragment (Linux sets DF on them; busybox ping has no option for it). On the switch, two
-such guests ping each other the same way.
+both ways, no fragment (Linux sets DF on them; busybox ping has no option for it), with mergeable
+RX buffers and without. On the switch, two such guests ping each other the same way. And the bound:
+with ``host_mtu=1500`` and the TAP left at 9000 (``follow_mtu=off``), 9014-byte frames from the
+namespace never reach the guest and are counted as ``over_mtu``.
 
 Announce: ``announce-self`` makes QEMU announce the guest as after a migration. A guest that took
 VIRTIO_NET_F_GUEST_ANNOUNCE (nicsim offers it) sends its own gratuitous ARP, which crosses the backend
@@ -36,6 +38,8 @@ BOOT_TIMEOUT = 120.0  # a deadline for failure on a loaded TCG host, not a perfo
 GUEST_IP, HOST_IP, GUEST_MAC = "10.0.2.15", "10.0.2.2", "52:54:00:12:34:56"
 PAYLOAD = 8972  # ICMP payload filling an IPv4 MTU of 9000 (+ 8 ICMP + 20 IP)
 FRAME = PAYLOAD + 28 + 14
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
 
 
 def closed_once(stats: dict[str, Any]) -> bool:
@@ -167,3 +171,36 @@ async def test_announce_self_announces_the_guest_out_of_the_tap(
         rarps = [f for f in seen if f == rarp_frame(mac)]
         assert len(rarps) == 2, seen
         assert stats["announced"] == 2
+
+
+async def test_frames_longer_than_the_guests_mtu_are_dropped_toward_it_with_a_reason(
+    guest_image: Any, tmp_path: Path, netns: Callable[[], Netns]
+) -> None:
+    """The TAP keeps an MTU of 9000 (follow_mtu=off) while the guest's host MTU is 1500: UDP datagrams
+    of 8972 bytes from the namespace (DF set) reach nicsim as 9014-byte frames, which the guest must not
+    be given; 1472-byte ones (a full 1500-byte packet) reach it."""
+    ns = netns()
+    ns.add_tap("tap0", f"{HOST_IP}/24")
+    ns.run("ip", "link", "set", "tap0", "mtu", "9000")
+    udp = in_netns(ns.name, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    # IP_MTU_DISCOVER = IP_PMTUDISC_DO: DF set, never fragmented by the sender.
+    udp.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+    port = f"tap,netns={ns.name},ifname=tap0,follow_mtu=off"
+    try:
+        async with nicsim_serve(tmp_path, "--port", port) as (proc, sock, stats_path):
+            nic = VhostUserNic(socket=sock, host_mtu=1500)
+            workloads = [Workload("link"), Workload("sleep", seconds=600)]
+            async with TestVM(kernel=guest_image.kernel, initrd=guest_image.initrd, accel="tcg", mtu=None,
+                              nic=nic, workloads=workloads) as vm:  # fmt: skip
+                (link,) = await vm.wait_results(1, BOOT_TIMEOUT)
+                for size in (1472, 1472, PAYLOAD, PAYLOAD, PAYLOAD):  # the first waits for ARP
+                    udp.sendto(bytes(size), (GUEST_IP, 9))
+                stats = await read_stats(stats_path, lambda s: s["queues"][0]["drops"].get("over_mtu") == 3)
+                await vm.quit()
+    finally:
+        udp.close()
+    assert proc.returncode == 0
+    assert link["mtu"] == 1500, link
+    assert stats["mtu"] == 1500 and stats["port"]["mtu"] is None  # the TAP was left alone
+    assert stats["queues"][0]["drops"] == {"over_mtu": 3}, stats["queues"][0]
+    assert stats["queues"][0]["bytes"] >= 2 * (1472 + 28 + 14)  # the two that fit were delivered
