@@ -112,6 +112,9 @@ w_ping() {
     put_str target "$target"
     r0=$(icmp_in_echo_reps) p0=$(stat_of rx_packets 2>/dev/null) d0=$(stat_of rx_dropped 2>/dev/null)
     set -- -c "$count" -i "$interval" -W 2
+    # size=N: N bytes of ICMP payload (an IPv4 packet of N + 28 bytes; 8972 fills an MTU of 9000).
+    size=$(p size "")
+    [ -z "$size" ] || { need_num size "$size"; set -- "$@" -s "$size"; }
     # adaptive=1: the next request as soon as the reply is in (one outstanding, back to back).
     [ "$(p adaptive 0)" != 1 ] || set -- "$@" -A
     out=$(ping "$@" "$target" 2>&1)

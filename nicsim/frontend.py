@@ -243,19 +243,21 @@ class VhostUserFrontend:
     # -- the handshake (QEMU 7.2's order) ---------------------------------------------------------
 
     async def handshake(
-        self, *, event_idx: bool = True, mrg_rxbuf: bool = True, inflight: bool = False, log: bool = False
-    ) -> int:
+        self, *, event_idx: bool = True, mrg_rxbuf: bool = True, inflight: bool = False, log: bool = False,
+        protocol: Sequence[int] = (),
+    ) -> int:  # fmt: skip
         """GET/SET features and protocol features, queue count, owner, call fds; returns the features.
         ``inflight``: also negotiate INFLIGHT_SHMFD (then call :meth:`setup_inflight` before ``start``);
-        ``log``: LOG_SHMFD, for :meth:`start_dirty_log` (a migration)."""
+        ``log``: LOG_SHMFD, for :meth:`start_dirty_log` (a migration); ``protocol``: further protocol
+        feature bits to negotiate when offered (NET_MTU, RARP...)."""
         offered = (await self._u64(self.conn.get_features()))
-        protocol = await self._u64(self.conn.get_protocol_features())
-        wanted = [vf.VHOST_USER_PROTOCOL_F_MQ, vf.VHOST_USER_PROTOCOL_F_REPLY_ACK]
+        offered_protocol = await self._u64(self.conn.get_protocol_features())
+        wanted = [vf.VHOST_USER_PROTOCOL_F_MQ, vf.VHOST_USER_PROTOCOL_F_REPLY_ACK, *protocol]
         if inflight:
             wanted.append(vf.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)
         if log:
             wanted.append(vf.VHOST_USER_PROTOCOL_F_LOG_SHMFD)
-        want_protocol = protocol & vf.mask(wanted)
+        want_protocol = offered_protocol & vf.mask(wanted)
         await self.call(self.conn.set_protocol_features(want_protocol))
         self.protocol_features = want_protocol
         queues = await self._u64(self.conn.get_queue_num())
@@ -387,6 +389,16 @@ class VhostUserFrontend:
         reply = await self.call(self.conn.get_vring_base(index))
         assert reply is not None and isinstance(reply.payload, p.VringState)
         return reply.payload.num
+
+    async def set_mtu(self, mtu: int) -> None:
+        """NET_SET_MTU (QEMU sends it before SET_FEATURES, for a guest that acked VIRTIO_NET_F_MTU);
+        acked when REPLY_ACK was negotiated, raising FrontendError if the backend refused it."""
+        await self.call(self.conn.net_set_mtu(mtu, need_reply=self._ack))
+
+    async def send_rarp(self, mac: bytes) -> None:
+        """SEND_RARP: ask the backend to announce ``mac`` (what QEMU does after a migration for a guest
+        without GUEST_ANNOUNCE). The spec gives it no reply."""
+        await self.send(self.conn.send_rarp(mac))
 
     async def get_features(self) -> int:
         return await self._u64(self.conn.get_features())

@@ -20,7 +20,6 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -45,7 +44,7 @@ from nicsim.vhost.backend_core import BackendCore
 from nicsim.vhost.frontend_codec import FrontendConnection
 from nicsim.vhost.protocol import Request
 from nicsim.virtio.device import VirtioNetDevice
-from nicsim.virtio.features import VIRTIO_F_EVENT_IDX
+from nicsim.virtio.features import VIRTIO_F_EVENT_IDX, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MTU
 from rings.layout import DESC_DTYPE, VIRTQ_DESC_F_WRITE
 from rings.memory import GuestMemory, MemoryRegion
 
@@ -220,19 +219,22 @@ def test_qemu72_boot_and_shutdown_replayed_reach_the_expected_state(chunked: boo
     bases = [p.VringState.decode(r[HEADER.size :]) for req, r in shell.replies
              if req is Request.GET_VRING_BASE]  # fmt: skip
     assert [(b.index, b.num) for b in bases] == [(0, 1), (1, 1)]
-    # Every other reply is byte for byte what nicsim sent QEMU at the recording, but for what it has
-    # offered since: the dirty log (VHOST_F_LOG_ALL, LOG_SHMFD) that a live migration needs.
-    since = {Request.GET_FEATURES: vf.bit(vf.VHOST_F_LOG_ALL),
-             Request.GET_PROTOCOL_FEATURES: vf.bit(vf.VHOST_USER_PROTOCOL_F_LOG_SHMFD)}  # fmt: skip
+    # Every other reply is byte for byte what nicsim sent QEMU at the recording, but for the bits
+    # offered since: VIRTIO_NET_F_MTU and GUEST_ANNOUNCE; protocol features NET_MTU and RARP; the dirty
+    # log (VHOST_F_LOG_ALL, LOG_SHMFD) that a live migration needs.
+    features = (VIRTIO_NET_F_MTU, VIRTIO_NET_F_GUEST_ANNOUNCE, vf.VHOST_F_LOG_ALL)
+    protocol = (vf.VHOST_USER_PROTOCOL_F_NET_MTU, vf.VHOST_USER_PROTOCOL_F_RARP, vf.VHOST_USER_PROTOCOL_F_LOG_SHMFD)
+    since = {Request.GET_FEATURES: vf.mask(features), Request.GET_PROTOCOL_FEATURES: vf.mask(protocol)}
 
-    def offered_now(m: Any) -> bytes:
+    def now(m: Message) -> bytes:
+        assert m.reply is not None
         if m.request not in since:
-            return bytes(m.reply)
-        value = u64(m.reply) | since[m.request]
-        return bytes(m.reply[: HEADER.size]) + struct.pack("<Q", value)
+            return m.reply
+        assert u64(m.reply) & since[m.request] == 0, "recorded before these bits were offered"
+        return m.reply[: HEADER.size] + struct.pack("<Q", u64(m.reply) | since[m.request])
 
     assert [r for req, r in shell.replies if req is not Request.GET_VRING_BASE] == [
-        offered_now(m) for m in messages if m.reply is not None and m.request is not Request.GET_VRING_BASE]
+        now(m) for m in messages if m.reply is not None and m.request is not Request.GET_VRING_BASE]
     assert core.errors == []
     assert core.device.snapshot()["pool"]["usage"] == 0
 

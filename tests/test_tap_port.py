@@ -33,6 +33,7 @@ from nicsim.virtio.features import (
     VIRTIO_NET_F_HOST_TSO4,
     VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
 )
 from qemu.testvm import Netns
 from rings.driver import DriverQueue, GuestDriver
@@ -46,7 +47,8 @@ GCSUM = 1 << VIRTIO_NET_F_GUEST_CSUM
 GTSO = (1 << VIRTIO_NET_F_GUEST_TSO4) | (1 << VIRTIO_NET_F_GUEST_TSO6)
 HTSO4 = 1 << VIRTIO_NET_F_HOST_TSO4
 HTSO = HTSO4 | (1 << VIRTIO_NET_F_HOST_TSO6)
-BASE = V1 | MRG | IND | EVT  # what every device offered before offloads existed
+MTU = 1 << VIRTIO_NET_F_MTU
+BASE = V1 | MRG | IND | EVT | MTU  # what every device offers without offloads
 GUEST_MAC, HOST_MAC = "52:54:00:12:34:56", "52:54:00:00:00:02"
 GUEST_IP, HOST_IP = "10.0.2.15", "10.0.2.2"
 HDR = struct.Struct("<BBHHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers

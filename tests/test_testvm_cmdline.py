@@ -249,6 +249,14 @@ def test_vhost_user_multiqueue_sets_queues_and_mq() -> None:
     assert device(argv)["mq"] == "on"
 
 
+def test_host_mtu_is_passed_and_checked_against_qemus_range() -> None:
+    assert device(build_cmdline(spec(nic=VhostUserNic(socket="/s", host_mtu=9000))))["host_mtu"] == "9000"
+    assert "host_mtu" not in device(build_cmdline(spec(nic=VhostUserNic(socket="/s"))))
+    for bad in (67, 65536):
+        with pytest.raises(InvalidOptionError):
+            build_cmdline(spec(nic=VhostUserNic(socket="/s", host_mtu=bad)))
+
+
 def test_virtio_net_device_options() -> None:
     nic = VhostUserNic(
         socket="/s", mac="52:54:00:aa:bb:cc", rx_queue_size=1024, tx_queue_size=512, packed=True,

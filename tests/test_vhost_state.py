@@ -182,8 +182,8 @@ def test_closed_refuses_everything_and_returns_the_fds(req: Request) -> None:
 
 @pytest.mark.parametrize("req", sorted(GATES), ids=lambda r: r.name)
 def test_gate_refuses_when_its_feature_is_missing(req: Request) -> None:
-    # The defaults offer no LOG_SHMFD/RARP/NET_MTU/BACKEND_REQ/CROSS_ENDIAN/INFLIGHT/ACCESS_PLATFORM,
-    # and here the frontend negotiates no protocol feature at all.
+    # The connection offers no protocol feature at all here (the defaults offer no LOG_SHMFD,
+    # BACKEND_REQ, CROSS_ENDIAN, INFLIGHT or ACCESS_PLATFORM), so the frontend negotiates none.
     no_proto = f.DEFAULT_VIRTIO_FEATURES & ~f.bit(f.VHOST_USER_F_PROTOCOL_FEATURES)
     link = Link(BackendConnection(features=no_proto, protocol_features=0))
     _send(link, R.SET_OWNER)

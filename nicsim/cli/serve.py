@@ -60,7 +60,8 @@ ports:
               root namespace); keys: netns= (required: the namespace, `ip netns add NAME`), ifname=
               (default tap0: attached if it exists, else created for the session), offload=on|off
               (default on: offer CSUM/GUEST_CSUM/HOST_TSO4/6/GUEST_TSO4/6 when the kernel can honour
-              them; the virtio-net header goes through to the kernel with IFF_VNET_HDR)
+              them; the virtio-net header goes through to the kernel with IFF_VNET_HDR), follow_mtu=
+              on|off (default on: the TAP's MTU follows the host MTU QEMU gives the guest, host_mtu=)
   vxlan       tunnels the guest's frames to a remote VXLAN endpoint (RFC 7348, UDP; Linux's `vxlan`
               device interoperates); keys: remote= (required: the other end's IPv4 address), vni=
               (required, 0..16777215), local= (address to bind, default any), port= (UDP port listened

@@ -49,6 +49,9 @@ class Port(DevicePort, abc.ABC):
     def negotiated(self, features: int) -> None:
         return None
 
+    def mtu_changed(self, mtu: int) -> None:
+        return None  # nothing on the far end has an MTU to follow
+
     def start_io(self, loop: asyncio.AbstractEventLoop) -> None:
         return None  # no fd to watch
 

@@ -22,6 +22,7 @@ import errno
 import fcntl
 import os
 import re
+import socket
 import struct
 import threading
 from collections.abc import Callable
@@ -53,6 +54,7 @@ TUNGETFEATURES = 0x800454CF
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 TUNSETVNETLE = 0x400454DC
+SIOCSIFMTU = 0x8922  # <linux/sockios.h>
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -100,11 +102,14 @@ class TapConfig:
     """``netns``: the network namespace (``ip netns add NAME``) the TAP lives in; ``ifname``: the TAP,
     attached if it exists (``ip tuntap add``: persistent, keeps its address between guests), else
     created (it then disappears with the port); ``offload``: offer CSUM/TSO to the guest if the
-    kernel can honour them."""
+    kernel can honour them; ``follow_mtu``: when the frontend gives the guest a host MTU (QEMU's
+    ``host_mtu``, vhost-user NET_SET_MTU), set the TAP's MTU to it, so that the namespace's side sends
+    and takes the same frames the guest does."""
 
     netns: str = ""
     ifname: str = "tap0"
     offload: bool = True
+    follow_mtu: bool = True
 
     def check(self) -> None:
         if not is_netns_name(self.netns):
@@ -180,6 +185,12 @@ def _open_tap(ifname: str) -> tuple[int, int]:
         raise
 
 
+def _set_mtu(ifname: str, mtu: int) -> None:
+    """SIOCSIFMTU on ``ifname``, through a socket of the calling thread's namespace."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        fcntl.ioctl(sock.fileno(), SIOCSIFMTU, struct.pack("16si20x", ifname.encode(), mtu))
+
+
 class TapPort(Port):
     """A TAP in a network namespace as the other end of the wire (one queue pair)."""
 
@@ -205,6 +216,7 @@ class TapPort(Port):
         self._tx_csum = False
         self._hdr_len = HDR_LEN_LEGACY  # the kernel's default until negotiation says otherwise
         self.tun_offload = 0
+        self.mtu: int | None = None  # the TAP's MTU once it followed the guest's host MTU
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False  # the fd is watched (it was drained)
         self._idle = True
@@ -249,6 +261,17 @@ class TapPort(Port):
             self._allowed_gso.add(GSO_TCPV4)
         if self._tx_csum and has(features, VIRTIO_NET_F_HOST_TSO6):
             self._allowed_gso.add(GSO_TCPV6)
+
+    def mtu_changed(self, mtu: int) -> None:
+        if not self.config.follow_mtu or mtu == self.mtu:
+            return
+        self._require_fd()
+        try:
+            in_netns(self.config.netns, lambda: _set_mtu(self.config.ifname, mtu))
+        except OSError as err:
+            raise TapError(err.strerror or str(err), step=f"set MTU {mtu}", netns=self.config.netns,
+                           ifname=self.config.ifname, err=err.errno or 0) from err  # fmt: skip
+        self.mtu = mtu
 
     def start_io(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -359,4 +382,5 @@ class TapPort(Port):
 
     def stats(self) -> dict[str, Any]:
         return {**self.counters, "drops": dict(self.drops), "tun_offload": self.tun_offload,
-                "offered": self._offered, "netns": self.config.netns, "ifname": self.config.ifname}
+                "offered": self._offered, "mtu": self.mtu, "netns": self.config.netns,
+                "ifname": self.config.ifname}

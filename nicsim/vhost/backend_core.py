@@ -5,14 +5,14 @@ a :class:`~nicsim.vhost.BackendConnection` the bytes and fds the shell received,
 connection's device queries (``DeviceQueries``: GET_VRING_BASE stops the device queue and reports its
 index; GET_CONFIG; GET_STATUS, the driver's status plus DEVICE_NEEDS_RESET once a ring broke;
 GET_INFLIGHT_FD), applies each event to the :class:`~nicsim.virtio.device.VirtioNetDevice` (features,
-memory table, inflight buffer, a reset) and brings rings up: a ring's device queue starts once the
-protocol started it (SET_VRING_KICK) and memory exists, at the addresses translated from the
-frontend's, from the used index in guest memory and what the inflight buffer says was in flight; its
-pump runs while it is also enabled, and a TX ring's also while it is disabled (its chains are then
-discarded, as the spec's "Ring states" asks). It opens, maps and closes nothing and knows no event
-loop: what needs the operating system is returned as :mod:`nicsim.vhost.actions` for the shell to
-carry out, and the shell hands back what it made (``memory_mapped``, ``inflight_adopted``) or reports
-that it could not (``action_failed``).
+memory table, inflight buffer, a reset, the host MTU, the RARP SEND_RARP asks for) and brings rings up:
+a ring's device queue starts once the protocol started it (SET_VRING_KICK) and memory exists, at the
+addresses translated from the frontend's, from the used index in guest memory and what the inflight
+buffer says was in flight; its pump runs while it is also enabled, and a TX ring's also while it is
+disabled (its chains are then discarded, as the spec's "Ring states" asks). It opens, maps and closes
+nothing and knows no event loop: what needs the operating system is returned as
+:mod:`nicsim.vhost.actions` for the shell to carry out, and the shell hands back what it made
+(``memory_mapped``, ``inflight_adopted``) or reports that it could not (``action_failed``).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from nicsim.vhost.connection import BackendConnection, Outgoing, RingStatus
 from nicsim.vhost.queries import InflightBuffer
 from nicsim.vhost.state import ConnectionState
 from nicsim.virtio.device import DEVICE_NEEDS_RESET, DeviceStateError, VirtioNetDevice
+from nicsim.virtio.features import VIRTIO_NET_F_GUEST_ANNOUNCE as GUEST_ANNOUNCE
 from rings.errors import RingsError
 from rings.layout import split_ring_sizes
 from rings.memory import GuestMemory
@@ -91,10 +92,15 @@ class BackendCore:
         self.name = name
         self.errors: list[str] = []
         self._create_inflight = create_inflight
+        self._mac = mac
         self._config = net_config(mac, status=1, pairs=device.pairs, mtu=1500)
-        # VHOST_F_LOG_ALL and LOG_SHMFD: QEMU migrates a guest whose NIC is on vhost-user only with both
-        # (the dirty log of every page the backend writes; see rings.dirty_log).
-        vhost_bits = vf.bit(vf.VHOST_USER_F_PROTOCOL_FEATURES) | vf.bit(vf.VHOST_F_LOG_ALL)
+        # GUEST_ANNOUNCE is the frontend's to implement (QEMU: config status bit, control queue), and
+        # ours only to allow: offering it lets a guest announce itself after a migration instead of
+        # QEMU asking for SEND_RARP (nicsim.virtio.announce says who does what). VHOST_F_LOG_ALL (with
+        # LOG_SHMFD): QEMU migrates a guest whose NIC is on vhost-user only with both (the dirty log of
+        # every page the backend writes; see rings.dirty_log). The device sees neither (SET_FEATURES
+        # hands it only the bits it offers).
+        vhost_bits = vf.mask((vf.VHOST_USER_F_PROTOCOL_FEATURES, vf.VHOST_F_LOG_ALL, GUEST_ANNOUNCE))
         features = device.device_features() | vhost_bits
         self.conn = BackendConnection(
             device=self, features=features, queue_pairs=device.pairs, max_queue_size=max_queue_size,
@@ -252,6 +258,18 @@ class BackendCore:
                 return self._sync_rings(event, [event.index])
             case ev.InflightFdSet():
                 return self._adopt_inflight(event)
+            case ev.MtuSet():
+                # QEMU sends it before SET_FEATURES on every start of a guest that acked
+                # VIRTIO_NET_F_MTU; refused (a failure REPLY_ACK), QEMU does not start the device.
+                try:
+                    self.device.set_mtu(event.mtu)
+                except OSError as err:  # the port could not follow (a tap's SIOCSIFMTU)
+                    self._refuse(event, f"MTU {event.mtu}: {err}")
+                else:
+                    self._config = net_config(self._mac, status=1, pairs=self.device.pairs, mtu=event.mtu)
+            case ev.RarpRequested():
+                if not self.device.announce(event.mac):
+                    self.note(f"SEND_RARP for {event.mac.hex(':')}: the port failed to send it")
             case ev.StatusSet() if event.status == 0:
                 self.device.driver_reset()  # virtio 1.2 §2.4: writing 0 resets the device
             case ev.LogBaseSet():

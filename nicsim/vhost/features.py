@@ -70,15 +70,21 @@ DEFAULT_VIRTIO_FEATURES = mask(
 DEFAULT_PROTOCOL_FEATURES = mask(
     (
         VHOST_USER_PROTOCOL_F_MQ,
+        VHOST_USER_PROTOCOL_F_RARP,
         VHOST_USER_PROTOCOL_F_REPLY_ACK,
+        VHOST_USER_PROTOCOL_F_NET_MTU,
         VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS,
         VHOST_USER_PROTOCOL_F_STATUS,
     )
 )
-"""What the backend offers in GET_PROTOCOL_FEATURES. INFLIGHT_SHMFD and CONFIG are added only on
-request: QEMU's virtio-net device never reads its config space over vhost-user (it keeps its own),
-and QEMU 7.2 warns "vhost-user backend supports VHOST_USER_PROTOCOL_F_CONFIG but QEMU does not"
-on every connection to a net backend that offers CONFIG."""
+"""What the backend offers in GET_PROTOCOL_FEATURES. NET_MTU: without it QEMU never tells the backend the
+``host_mtu`` it gives the guest (it sends NET_SET_MTU only when this bit is negotiated; seen with QEMU
+7.2, its ``x-mtu-bypass-backend`` default offers the guest VIRTIO_NET_F_MTU and the MTU even from a
+backend that offers neither, and leaves the bit out of SET_FEATURES). RARP: for a
+guest without GUEST_ANNOUNCE, QEMU asks the backend to announce it (SEND_RARP). INFLIGHT_SHMFD and
+CONFIG are added only on request: QEMU's virtio-net device never reads its config space over vhost-user
+(it keeps its own), and QEMU 7.2 warns "vhost-user backend supports VHOST_USER_PROTOCOL_F_CONFIG but
+QEMU does not" on every connection to a net backend that offers CONFIG."""
 
 
 _VIRTIO_NAMES = {**VIRTIO_FEATURE_NAMES, **names_by_bit(globals(), ("VHOST_F_", "VHOST_USER_F_"))}

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from nicsim.virtio.announce import OwnFrames, rarp_frame
 from nicsim.virtio.features import (
     OFFLOAD_FEATURES,
     VIRTIO_F_EVENT_IDX,
@@ -33,6 +34,7 @@ from nicsim.virtio.features import (
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
 )
 from nicsim.virtio.features import has as has_bit
 from nicsim.virtio.inflight import InflightHooks
@@ -93,6 +95,8 @@ class VirtioNetDevice:
         self._tx = TxPath(self._qs, port)
         self._rx = RxPath(self._qs, port, pairs, offloads=bool(self._offloads))
         port.attach(self._rx)  # the port pushes straight into the RX path
+        self.announced = 0  # RARPs sent for SEND_RARP
+        self.announce_failed = 0
 
     # -- state the server sets ----------------------------------------------------------------------
 
@@ -126,6 +130,8 @@ class VirtioNetDevice:
 
     def device_features(self) -> int:
         bits = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF) | (1 << VIRTIO_F_INDIRECT_DESC)
+        # MTU: the device honours a host MTU (set_mtu) and mergeable buffers carry any frame up to it.
+        bits |= 1 << VIRTIO_NET_F_MTU
         if self.policy.use_event_idx:
             bits |= 1 << VIRTIO_F_EVENT_IDX
         if self.pairs > 1:
@@ -150,6 +156,41 @@ class VirtioNetDevice:
     @property
     def features(self) -> int:
         return self._qs.features
+
+    def set_mtu(self, mtu: int) -> None:
+        """The host MTU the driver was given (vhost-user NET_SET_MTU; QEMU's ``host_mtu``). Recorded at
+        once (QEMU sends it before SET_FEATURES); enforced while VIRTIO_NET_F_MTU is negotiated: a
+        frame with gso_type NONE longer than ``mtu`` plus an Ethernet and a VLAN header is dropped as
+        ``over_mtu``, from the guest and toward it. The port hears it first (a tap sets its TAP's MTU);
+        if it raises OSError, nothing changes."""
+        self.port.mtu_changed(mtu)
+        self._qs.set_mtu(mtu)
+
+    @property
+    def mtu(self) -> int | None:
+        """The host MTU NET_SET_MTU gave, or None."""
+        return self._qs.mtu
+
+    @property
+    def frame_limit(self) -> int:
+        """The longest frame with gso_type NONE either direction carries now (header excluded)."""
+        return self._qs.frame_limit
+
+    # -- announce -----------------------------------------------------------------------------------
+
+    def announce(self, mac: bytes) -> bool:
+        """Broadcast the RARP QEMU asks for with vhost-user SEND_RARP after a migration (for a guest
+        without VIRTIO_NET_F_GUEST_ANNOUNCE; :mod:`nicsim.virtio.announce` says who does what), out of
+        the port like a frame the guest sent: a switch learns ``mac`` and floods it, a tap writes it.
+        Counted in ``announced``; False if the port raised (counted in ``announce_failed``)."""
+        frames = OwnFrames([rarp_frame(mac)], hdr_len=self._qs.hdr_len)
+        try:
+            self.port.transmit(frames)  # owned bytes: a port that keeps them needs nothing back
+        except Exception:  # the port's failure is not the frontend's: count it, keep serving
+            self.announce_failed += 1
+            return False
+        self.announced += 1
+        return True
 
     def has(self, bit: int) -> bool:
         return has_bit(self._qs.features, bit)
@@ -364,4 +405,7 @@ class VirtioNetDevice:
         out = self.stats.snapshot(pool=None if self._qs.closed else self.pool_info())
         out["port"] = {"name": self.port.name, **self.port.stats()}
         out["rx_backlog"] = [len(b) for b in self._rx.backlog]
+        out["mtu"] = self._qs.mtu
+        out["announced"] = self.announced
+        out["announce_failed"] = self.announce_failed
         return out

@@ -136,6 +136,10 @@ class DevicePort(Protocol):
         """The driver's accepted features (SET_FEATURES), before any queue runs: the port configures
         its offloads to match. Raising OSError refuses the features."""
 
+    def mtu_changed(self, mtu: int) -> None:
+        """The host MTU the driver was given (vhost-user NET_SET_MTU, before SET_FEATURES): a port whose
+        far end has an MTU of its own (a tap's TAP) follows it. Raising OSError refuses the MTU."""
+
     def poll_rx(self, pair: int, budget: int, now: float) -> int:
         """Pull-style ports produce up to ``budget`` frames for ``pair``; ``now`` is a monotonic time in
         seconds (the device reads no clock). Returns frames delivered. Push-style ports return 0."""

@@ -28,11 +28,12 @@ from nicsim.virtio.features import (
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
     has,
 )
 from nicsim.virtio.inflight import InflightHooks
 from nicsim.virtio.policy import NotifyPolicy, should_interrupt
-from nicsim.virtio.port import vnet_hdr_len
+from nicsim.virtio.port import ETH_HLEN, MAX_FRAME, vnet_hdr_len
 from nicsim.virtio.stats import DeviceStats
 from rings.chains import ChainBatch, ErrorCode
 from rings.dirty_log import DirtyLog
@@ -52,7 +53,12 @@ DROP_REASONS = (
     "port_error",     # the port raised while handling a TX batch
     "ring_error",     # the guest corrupted a ring (e.g. avail.idx); the queue is marked broken
     "ring_disabled",  # TX chains discarded, RX frames refused: the ring is started but disabled
+    "over_mtu",       # a frame (gso_type NONE) longer than the negotiated MTU allows, TX or RX
 )
+
+VLAN_HLEN = 4  # an 802.1Q tag: a tagged frame of a full MTU is that much longer
+GSO_TYPE_OFFSET = 1  # struct virtio_net_hdr: flags u8, gso_type u8 (virtio 1.2 §5.1.6)
+GSO_ECN = 0x80  # a flag on top of the GSO type, not a type of its own
 
 
 class DeviceStateError(LocalError, RuntimeError):
@@ -144,6 +150,7 @@ class QueueSet:
         self.closed = False
         # DEVICE_NEEDS_RESET (virtio 1.2 §2.1.2): a ring broke; latched until the driver resets the device.
         self.needs_reset = False
+        self.mtu: int | None = None  # NET_SET_MTU's value (the host MTU the driver was told)
         self.set_features(0)
 
     def set_features(self, bits: int) -> None:
@@ -154,6 +161,23 @@ class QueueSet:
         self.mergeable = has(bits, VIRTIO_NET_F_MRG_RXBUF)
         self.guest_csum = has(bits, VIRTIO_NET_F_GUEST_CSUM)
         self.hdr_len = vnet_hdr_len(bits)
+        self._update_frame_limit()
+
+    def set_mtu(self, mtu: int | None) -> None:
+        """The host MTU (vhost-user NET_SET_MTU, which QEMU sends before SET_FEATURES)."""
+        self.mtu = mtu
+        self._update_frame_limit()
+
+    def _update_frame_limit(self) -> None:
+        # virtio 1.2 §5.1.4 (VIRTIO_NET_F_MTU negotiated): neither the driver on TX nor the device on
+        # RX passes a packet with gso_type NONE or ECN longer than mtu plus the low-level (Ethernet)
+        # header; that header may carry an 802.1Q tag. GSO frames are bounded by MAX_FRAME only, as
+        # is everything when the bit or the MTU is missing.
+        limit = MAX_FRAME
+        if self.mtu is not None and has(self.features, VIRTIO_NET_F_MTU):
+            limit = min(limit, self.mtu + ETH_HLEN + VLAN_HLEN)
+        # The longest frame (virtio-net header excluded) with gso_type NONE either direction may carry.
+        self.frame_limit = limit
 
     # -- lookup ---------------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nicsim.virtio.port import HDR_LEN_V1, MAX_FRAME, NUM_BUFFERS_OFFSET, Buffer, DevicePort
-from nicsim.virtio.queues import QueueResult, QueueSet, QueueState
+from nicsim.virtio.queues import GSO_ECN, GSO_TYPE_OFFSET, QueueResult, QueueSet, QueueState
 from nicsim.virtio.rx_direct import write_frames
 from nicsim.virtio.rx_short import ShortRx
 from rings.chains import ChainBatch
@@ -350,8 +350,12 @@ class RxPath:
         if self._disabled(rxq):
             self._stats.drop(rxq, "ring_disabled")
             return False
-        if arr.shape[0] > MAX_FRAME + (self._qs.hdr_len if self._port.vnet_hdr else 0):
+        hdr = self._qs.hdr_len if self._port.vnet_hdr else 0
+        if arr.shape[0] > MAX_FRAME + hdr:
             self._stats.drop(rxq, "too_big")
+            return False
+        if arr.shape[0] > self._qs.frame_limit + hdr and self._over_mtu(arr, hdr):
+            self._stats.drop(rxq, "over_mtu")
             return False
         bl = self.backlog[pair]
         was_empty = len(bl) == 0
@@ -361,6 +365,12 @@ class RxPath:
         if was_empty:
             self._qs.wake(rxq)
         return True
+
+    @staticmethod
+    def _over_mtu(arr: npt.NDArray[np.uint8], hdr: int) -> bool:
+        """A frame longer than the MTU allows must not reach the driver unless it is a GSO frame
+        (virtio 1.2 §5.1.4): bare frames never are; a header-passing port's say so in gso_type."""
+        return hdr == 0 or int(arr[GSO_TYPE_OFFSET]) & ~GSO_ECN == 0
 
     def push_many(self, data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64],
                   lengths: npt.NDArray[np.uint32], *, pair: int = 0) -> int:  # fmt: skip
@@ -404,8 +414,8 @@ class RxPath:
         """:meth:`_deliver` for frames given as views, without staging; returns how many it consumed."""
         qs = self._qs
         lengths = np.fromiter((f.shape[0] for f in frames), np.int64, len(frames))
-        if int(lengths.max()) > MAX_FRAME:
-            return 0  # push counts it too_big, in order
+        if int(lengths.max()) > qs.frame_limit:
+            return 0  # push counts it too_big or over_mtu, in order
         got = self._take_chains(rxq, st, mem, qs.policy.rx_batch if qs.mergeable else len(frames))
         if got is None:
             return 0

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from nicsim.virtio.port import ETH_HLEN, DevicePort
-from nicsim.virtio.queues import DeviceStateError, QueueResult, QueueSet, QueueState
+from nicsim.virtio.port import ETH_HLEN, MAX_FRAME, DevicePort
+from nicsim.virtio.queues import GSO_ECN, GSO_TYPE_OFFSET, DeviceStateError, QueueResult, QueueSet, QueueState
 from nicsim.virtio.tx_short import ShortTxBatch
 from rings.chains import ChainBatch
 from rings.errors import GuestError
@@ -129,6 +129,19 @@ class TxBatch:
             self._complete(self)
 
 
+def _gso_type(cb: ChainBatch, mem: GuestMemory, pos: int) -> int:
+    """The gso_type byte of chain ``pos``'s virtio-net header (its readable segments, in order)."""
+    skip = GSO_TYPE_OFFSET
+    for s in cb.segments(pos):
+        if cb.seg_writable[s]:
+            break
+        n = int(cb.seg_len[s])
+        if skip < n:
+            return int(cb.segment_view(mem, s)[skip])
+        skip -= n
+    return 0
+
+
 class TxPath:
     """The device's transmit path: guest avail ring -> pool descriptors -> port -> used ring."""
 
@@ -179,13 +192,16 @@ class TxPath:
                          lengths=cb.readable_len.astype(np.uint32))  # fmt: skip
         self._stats.add_inflight(index, k)
         hdr = qs.hdr_len
-        if not cb.errors and not np.count_nonzero(cb.readable_len < hdr + ETH_HLEN):
-            # Every chain good and holding at least a header and an Ethernet header: one reduction.
+        rlen = cb.readable_len
+        if (not cb.errors and not np.count_nonzero(rlen < hdr + ETH_HLEN)
+                and (qs.frame_limit >= MAX_FRAME or int(rlen.max()) <= hdr + qs.frame_limit)):  # fmt: skip
+            # Every chain good, holding at least a header and an Ethernet header, and none longer than
+            # the MTU allows: one or two reductions.
             dropped = 0
             pos = np.arange(k)
             done_now = pos[:0]
         else:
-            dropped, pos, done_now = self._sort_out(index, cb, hdr)
+            dropped, pos, done_now = self._sort_out(index, cb, mem, hdr)
         if pos.shape[0]:
             batch = TxBatch(queue=index, mem=mem, chains=cb, positions=pos,
                             descriptors=descs if pos.shape[0] == k else descs[pos],
@@ -209,7 +225,8 @@ class TxPath:
         q = st.q
         chains = q.peek_short(mem, want, indirect=qs.indirect)
         hdr = qs.hdr_len
-        if chains is None or any(c.writable or c.readable_len < hdr + ETH_HLEN for c in chains):
+        shortest, longest = hdr + ETH_HLEN, hdr + qs.frame_limit
+        if chains is None or any(c.writable or not shortest <= c.readable_len <= longest for c in chains):
             return None
         k = min(want, pool.available)
         if k == 0:
@@ -277,10 +294,11 @@ class TxPath:
         return QueueResult(queue=index, processed=k, dropped=k, interrupt=irq, more=more)
 
     def _sort_out(
-        self, index: int, cb: ChainBatch, hdr: int
+        self, index: int, cb: ChainBatch, mem: GuestMemory, hdr: int
     ) -> tuple[int, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """Count bad, header-short and runt chains as drops. Returns (dropped, positions of the frames
-        for the port, positions returned with len 0 right away: §2.7.8, a dropped chain is still used)."""
+        """Count bad, header-short, runt and over-MTU chains as drops. Returns (dropped, positions of
+        the frames for the port, positions returned with len 0 right away: §2.7.8, a dropped chain is
+        still used)."""
         good = cb.error == 0
         self._qs.count_chain_errors(index, cb)  # by reason; the total is every chain not ``ok``
         short = good & (cb.readable_len < hdr)
@@ -290,6 +308,15 @@ class TxPath:
         if runt.any():
             self._stats.drop(index, "runt", int(runt.sum()))
         ok = good & ~short & ~runt
+        limit = self._qs.frame_limit
+        if limit < MAX_FRAME:
+            # Only a frame with gso_type NONE or ECN must fit the MTU (§5.1.4); a GSO frame is cut to
+            # it by whoever segments it. Few frames are long: their headers are read one by one.
+            over = np.flatnonzero(ok & (cb.readable_len > hdr + limit))
+            big = [p for p in over.tolist() if _gso_type(cb, mem, p) & ~GSO_ECN == 0]
+            if big:
+                ok[big] = False
+                self._stats.drop(index, "over_mtu", len(big))
         return int(len(cb) - ok.sum()), np.flatnonzero(ok), np.flatnonzero(~ok)
 
     def _hand_over(

@@ -67,6 +67,7 @@ class NicOptions:
     tx_queue_size: int | None = None
     packed: bool | None = None
     mrg_rxbuf: bool | None = None
+    host_mtu: int | None = None  # virtio-net's host_mtu: offers VIRTIO_NET_F_MTU with this MTU
     offloads: Mapping[str, bool] = field(default_factory=dict)
 
     def device_args(self, *, queues: int, tcg: bool) -> str:
@@ -89,6 +90,11 @@ class NicOptions:
             props.append(f"packed={_on(self.packed)}")
         if self.mrg_rxbuf is not None:
             props.append(f"mrg_rxbuf={_on(self.mrg_rxbuf)}")
+        if self.host_mtu is not None:
+            # QEMU's own range for host_mtu (virtio-net-pci refuses anything else).
+            if not 68 <= self.host_mtu <= 65535:
+                raise InvalidOptionError(f"host_mtu={self.host_mtu}: must be in 68..65535")
+            props.append(f"host_mtu={self.host_mtu}")
         for name, flag in sorted(self.offloads.items()):
             if name not in OFFLOADS:
                 raise InvalidOptionError(f"unknown virtio-net offload {name!r}; known: {sorted(OFFLOADS)}")

@@ -146,6 +146,9 @@ class CapturingPort(Port):
         if self.inner.vnet_hdr:
             self._hdr_len = vnet_hdr_len(features)
 
+    def mtu_changed(self, mtu: int) -> None:
+        self.inner.mtu_changed(mtu)
+
     def start_io(self, loop: asyncio.AbstractEventLoop) -> None:
         self.inner.start_io(loop)
 
