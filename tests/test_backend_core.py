@@ -223,7 +223,8 @@ def test_qemu72_boot_and_shutdown_replayed_reach_the_expected_state(chunked: boo
     # offered since: VIRTIO_NET_F_MTU and GUEST_ANNOUNCE; protocol features NET_MTU and RARP; the dirty
     # log (VHOST_F_LOG_ALL, LOG_SHMFD) that a live migration needs.
     features = (VIRTIO_NET_F_MTU, VIRTIO_NET_F_GUEST_ANNOUNCE, vf.VHOST_F_LOG_ALL)
-    protocol = (vf.VHOST_USER_PROTOCOL_F_NET_MTU, vf.VHOST_USER_PROTOCOL_F_RARP, vf.VHOST_USER_PROTOCOL_F_LOG_SHMFD)
+    protocol = (vf.VHOST_USER_PROTOCOL_F_NET_MTU, vf.VHOST_USER_PROTOCOL_F_RARP,
+                vf.VHOST_USER_PROTOCOL_F_LOG_SHMFD)  # fmt: skip
     since = {Request.GET_FEATURES: vf.mask(features), Request.GET_PROTOCOL_FEATURES: vf.mask(protocol)}
 
     def now(m: Message) -> bytes:
