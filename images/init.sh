@@ -47,6 +47,12 @@ icmp_in_echo_reps() {
         /proc/net/snmp
 }
 
+# One counter of /proc/net/snmp: snmp PROTO FIELD (e.g. snmp Udp InCsumErrors), 0 if absent.
+snmp() {
+    awk -v p="$1:" -v f="$2" '$1 == p { if (!h) { for (i = 2; i <= NF; i++) if ($i == f) c = i; h = 1 } else v = $c }
+        END { print (c ? v : 0) }' /proc/net/snmp
+}
+
 w_sleep() {
     s=$(p seconds 1); need_num seconds "$s"
     sleep "$s" || fail "sleep $s failed"
@@ -211,11 +217,18 @@ w_pktgen_tx() {
 w_rx_count() {
     need_iface
     duration=$(p duration 5); need_num duration "$duration"
+    # What the stack made of the frames too: UDP datagrams delivered to a socket or to none, UDP
+    # checksum errors (the guest verifies checksums: nicsim offers no GUEST_CSUM), bad IPv4 headers.
+    u0="$(snmp Udp InDatagrams) $(snmp Udp NoPorts) $(snmp Udp InCsumErrors) $(snmp Ip InHdrErrors)"
     p0=$(stat_of rx_packets) b0=$(stat_of rx_bytes) d0=$(stat_of rx_dropped) t0=$(uptime_s)
     # Tell a peer waiting on the console that counting has started (workload stdout goes to a log).
     echo "nicsim: rx-count: counting for $duration s" >/dev/console
     sleep "$duration"
     p1=$(stat_of rx_packets) b1=$(stat_of rx_bytes) d1=$(stat_of rx_dropped) t1=$(uptime_s)
+    u1="$(snmp Udp InDatagrams) $(snmp Udp NoPorts) $(snmp Udp InCsumErrors) $(snmp Ip InHdrErrors)"
+    set -- $u0 $u1
+    put_num udp_in_datagrams $(($5 - $1)); put_num udp_no_ports $(($6 - $2))
+    put_num udp_in_csum_errors $(($7 - $3)); put_num ip_in_hdr_errors $(($8 - $4))
     secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
     put_num packets $((p1 - p0)); put_num bytes $((b1 - b0)); put_num dropped $((d1 - d0))
     put_num seconds "$secs"
