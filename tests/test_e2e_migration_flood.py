@@ -64,6 +64,7 @@ async def test_frames_held_in_a_stalled_guest_through_a_migration_are_read_whole
         src, dst = vm("src", sock), vm("dst", tmp_path / "dst.sock", "-incoming", f"unix:{mig}")
         async with src, dst:
             await src.wait_for("rx-count: stalled", 120)  # eth0 is down, its buffers stay posted
+            before = (await read_stats(stats, lambda s: True))["sockets"][0]["port"]["sent"]
             await src.qmp("migrate-set-parameters", {"max-bandwidth": BANDWIDTH})
             await src.qmp("migrate", {"uri": f"unix:{mig}"})
             info = await migration_status(src)
@@ -81,7 +82,7 @@ async def test_frames_held_in_a_stalled_guest_through_a_migration_are_read_whole
         parsed = counted["udp_no_ports"] + counted["udp_in_datagrams"] + counted["udp_in_csum_errors"]
         print(f"migration: {info.get('total-time')} ms, downtime {info.get('downtime')} ms, "
               f"{info.get('ram', {}).get('dirty-sync-count')} dirty syncs; generator sent {sent} "
-              f"({held} by the source); guest: {dict(counted.data)}; "
+              f"({held} by the source, {held - before} into the stalled guest); guest: {dict(counted.data)}; "
               f"not parsed {counted['stack_rx_packets'] - parsed}")  # fmt: skip
         assert counted["udp_in_csum_errors"] == 0 and counted["ip_in_hdr_errors"] == 0, counted
         # Every frame is SIZE bytes: a stale virtio-net header (num_buffers) makes the driver merge
@@ -92,8 +93,10 @@ async def test_frames_held_in_a_stalled_guest_through_a_migration_are_read_whole
         # Every frame eth0 counted reached UDP whole (a port with no socket: NoPorts): a frame read
         # from a page of zeros would not.
         assert abs(counted["stack_rx_packets"] - parsed) <= 10, counted
-        # The frames the source wrote into the stalled guest's buffers were read on the destination.
-        assert counted["stack_rx_packets"] >= min(held, QUEUE // 2), (held, counted)
+        # The source filled most of the stalled guest's buffers, and the destination read them all
+        # (the stats file is 0.2 s old at most: a few frames of slack).
+        assert held - before >= QUEUE // 2, (before, held)
+        assert counted["stack_rx_packets"] >= held - before - RATE * 0.3, (before, held, counted)
         assert sent[1] > 0, after  # the destination's session streamed frames into the guest
         done = await read_stats(stats, lambda s: not any(e["connected"] for e in s["sockets"]))
         assert proc.poll() is None
