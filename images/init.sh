@@ -47,6 +47,19 @@ icmp_in_echo_reps() {
         /proc/net/snmp
 }
 
+# eth0's rx_packets rx_bytes rx_dropped, then Ip InReceives InHdrErrors and Udp InDatagrams NoPorts
+# InCsumErrors of /proc/net/snmp, read by one awk so that they are close to one instant (frames keep
+# arriving).
+rx_counters() {
+    awk 'FNR == 1 && FILENAME != "/proc/net/snmp" { rx = rx " " $1; next }
+        $1 == "Ip:" || $1 == "Udp:" { if (!(($1) in h)) { h[$1] = 1; for (i = 2; i <= NF; i++) c[$1 $i] = i; next }
+            if ($1 == "Ip:") { ir = $(c["Ip:InReceives"]); ih = $(c["Ip:InHdrErrors"]) }
+            else { ud = $(c["Udp:InDatagrams"]); un = $(c["Udp:NoPorts"]); uc = $(c["Udp:InCsumErrors"]) } }
+        END { print rx, ir + 0, ih + 0, ud + 0, un + 0, uc + 0 }' \
+        /sys/class/net/$IFACE/statistics/rx_packets /sys/class/net/$IFACE/statistics/rx_bytes \
+        /sys/class/net/$IFACE/statistics/rx_dropped /proc/net/snmp
+}
+
 w_sleep() {
     s=$(p seconds 1); need_num seconds "$s"
     sleep "$s" || fail "sleep $s failed"
@@ -213,15 +226,36 @@ w_pktgen_tx() {
 
 w_rx_count() {
     need_iface
-    duration=$(p duration 5); need_num duration "$duration"
+    duration=$(p duration 5) stall=$(p stall 0); need_num duration "$duration"; need_num stall "$stall"
+    # What the stack made of the frames too: UDP datagrams delivered to a socket or to none, UDP
+    # checksum errors (the guest verifies checksums: nicsim offers no GUEST_CSUM), bad IPv4 headers.
+    u0=$(rx_counters)
     p0=$(stat_of rx_packets) b0=$(stat_of rx_bytes) d0=$(stat_of rx_dropped) t0=$(uptime_s)
     # Tell a peer waiting on the console that counting has started (workload stdout goes to a log).
     echo "nicsim: rx-count: counting for $duration s" >/dev/console
+    if [ "$stall" != 0 ]; then
+        # stall=S: eth0 down for S s first. Its RX buffers stay posted and the device fills them, but
+        # the guest reads none until eth0 is up again: frames held in guest memory (a migration test
+        # reads them on the destination, where a page the device wrote and did not log is stale).
+        ip link set $IFACE down || fail "cannot set $IFACE down"
+        echo "nicsim: rx-count: stalled for $stall s" >/dev/console
+        sleep "$stall"
+        ip link set $IFACE up || fail "cannot set $IFACE up"
+        echo "nicsim: rx-count: receiving" >/dev/console
+    fi
     sleep "$duration"
     p1=$(stat_of rx_packets) b1=$(stat_of rx_bytes) d1=$(stat_of rx_dropped) t1=$(uptime_s)
+    u1=$(rx_counters)
+    set -- $u0 $u1
+    # Over the same window as each other (not quite as packets above): frames eth0 counted, what IP
+    # received of them, and what became of them in UDP; a frame the stack could not parse is missing.
+    put_num stack_rx_packets $(($9 - $1)); put_num stack_rx_bytes $((${10} - $2))
+    put_num stack_rx_dropped $((${11} - $3)); put_num ip_in_receives $((${12} - $4))
+    put_num ip_in_hdr_errors $((${13} - $5)); put_num udp_in_datagrams $((${14} - $6))
+    put_num udp_no_ports $((${15} - $7)); put_num udp_in_csum_errors $((${16} - $8))
     secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
     put_num packets $((p1 - p0)); put_num bytes $((b1 - b0)); put_num dropped $((d1 - d0))
-    put_num seconds "$secs"
+    put_num seconds "$secs"; put_num stall "$stall"
     put_num pps "$(awk -v n=$((p1 - p0)) -v s="$secs" 'BEGIN { printf "%.1f", (s > 0 ? n / s : 0) }')"
 }
 
@@ -419,7 +453,7 @@ deadline() {
     iperf3-client) awk -v t="$(get time)" 'BEGIN { if (t == "") t = 5; printf "%d", t + 20 }' ;;
     iperf3-server) echo 60 ;;
     sockperf-ping-pong) awk -v t="$(get time)" 'BEGIN { if (t == "") t = 2; printf "%d", t + 20 }' ;;
-    pktgen-tx | rx-count | rx-watch) awk -v d="$(get duration)" 'BEGIN { if (d == "") d = 5; printf "%d", d + 60 }' ;;
+    pktgen-tx | rx-count | rx-watch) awk -v d="$(get duration)" -v s="$(get stall)" 'BEGIN { if (d == "") d = 5; printf "%d", d + s + 60 }' ;;
     sleep) awk -v s="$(get seconds)" 'BEGIN { if (s == "") s = 1; printf "%d", s + 10 }' ;;
     *) echo 15 ;;
     esac

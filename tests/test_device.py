@@ -255,6 +255,21 @@ def test_rx_backlog_holds_frames_until_buffers_then_drops_with_reason() -> None:
     assert len(rx.reap()) == 4
 
 
+def test_push_many_queues_a_batch_at_once_and_past_the_backlog_frame_by_frame() -> None:
+    # The bulk copy (all fit) and the frame-by-frame fallback (some do not) keep the same frames.
+    _, rx, _, dev = make(SinkPort(), policy=NotifyPolicy(rx_backlog=4))
+    sent = [frame(60 + 10 * i, i) for i in range(6)]
+    data = np.frombuffer(b"".join(sent), np.uint8)
+    lengths = np.array([len(f) for f in sent], np.uint32)
+    offsets = (np.cumsum(lengths) - lengths).astype(np.int64)
+    assert dev.push_many(data, offsets[:3], lengths[:3]) == 3  # one vectorised copy
+    assert dev.push_many(data, offsets[3:], lengths[3:]) == 1  # one more fits, two are dropped
+    assert dev.stats.drops[0, dev.stats.reason("no_rx_buffer")] == 2
+    rx.post_rx(count=8)
+    assert dev.deliver_rx(0).processed == 4
+    assert [(c.data or b"")[12:] for c in rx.reap()] == sent[:4]
+
+
 def _run_rounds(features: int, policy: NotifyPolicy) -> int:
     _, _, tx, dev = make(SinkPort(), features, policy=policy)
     for i in range(256):

@@ -16,6 +16,15 @@ burst starts inside the guest's counting window; the first poll after ``start`` 
 ``start`` may also give a new rate and count: each call is one burst (one trial), counted on its own
 (``burst_sent``, ``burst_dropped``, ``bursts``) beside the running totals, so one guest can take a
 whole search's trials.
+
+With ``seq`` every frame is distinct: the first 8 bytes of its UDP payload are a running 64-bit
+sequence number (big-endian, counting the frames delivered: the frames a guest receives are numbered
+0, 1, 2... with no gap unless lost past the device) and its UDP checksum is the one for that payload.
+A batch is built with numpy from the template: the numbers written into rows of a preallocated array,
+each checksum the template's ones'-complement sum plus the number's four 16-bit words, folded
+(RFC 1071 §2: the sum is incremental); the device copies the batch with :meth:`RxSink.push_many`.
+A receiver that verifies checksums (a guest kernel: nicsim offers no GUEST_CSUM) then counts a frame
+that reached it mixed with stale memory as a checksum error.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from nicsim.ports import frames as fr
 from nicsim.ports.base import Port, TxFrames
@@ -48,6 +58,64 @@ class GeneratorConfig:
     offered: bool = False
     # Send nothing until start() is called (nicsim serve: SIGUSR1).
     hold: bool = False
+    # Number every frame: a 64-bit sequence number leads the UDP payload, the checksum matches it.
+    seq: bool = False
+
+
+SEQ_OFFSET = fr.ETH_HLEN + fr.IPV4_HLEN + fr.UDP_HLEN  # the number: the UDP payload's first 8 bytes
+SEQ_MIN_SIZE = SEQ_OFFSET + 8
+_CSUM_OFFSET = fr.ETH_HLEN + fr.IPV4_HLEN + 6
+
+
+def ones_sum(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """Fold sums of 16-bit words to 16 bits (end-around carry, RFC 1071), element-wise."""
+    for _ in range(4):  # 64 -> 49 -> 34 -> 19 -> 16 bits, at most
+        words = (words & np.uint64(0xFFFF)) + (words >> np.uint64(16))
+    return words
+
+
+class SeqFrames:
+    """Numbered copies of a UDP template, a batch at a time, into one preallocated array."""
+
+    def __init__(self, template: npt.NDArray[np.uint8], *, checksum: bool) -> None:
+        size = template.shape[0]
+        if size < SEQ_MIN_SIZE:
+            raise ValueError(f"generator seq=on: a numbered frame needs {SEQ_MIN_SIZE} bytes, not {size}")
+        base = template.copy()
+        base[SEQ_OFFSET : SEQ_OFFSET + 8] = 0
+        self.checksum = checksum
+        # The sum of the pseudo-header and the segment, checksum field 0, number 0 (uncomplemented).
+        base[_CSUM_OFFSET : _CSUM_OFFSET + 2] = 0
+        ip = fr.ETH_HLEN
+        udp_len = size - fr.ETH_HLEN - fr.IPV4_HLEN
+        pseudo = bytes(base[ip + 12 : ip + 20]) + bytes([0, fr.IPPROTO_UDP]) + udp_len.to_bytes(2, "big")
+        seg = bytes(base[ip + fr.IPV4_HLEN :])
+        self._base_sum = np.uint64((~fr.internet_checksum(pseudo + seg)) & 0xFFFF)
+        self.template = base
+        self.rows: npt.NDArray[np.uint8] = np.zeros((0, size), np.uint8)
+        self.offsets: npt.NDArray[np.int64] = np.zeros(0, np.int64)
+        self.lengths: npt.NDArray[np.uint32] = np.zeros(0, np.uint32)
+
+    def build(self, first: int, n: int) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64],
+                                                 npt.NDArray[np.uint32]]:  # fmt: skip
+        """Frames numbered ``first .. first + n - 1``: (flat bytes, offsets, lengths), views valid
+        until the next call."""
+        if self.rows.shape[0] < n:
+            cap = max(n, 2 * self.rows.shape[0])
+            size = self.template.shape[0]
+            self.rows = np.tile(self.template, (cap, 1))
+            self.offsets = np.arange(cap, dtype=np.int64) * size
+            self.lengths = np.full(cap, size, np.uint32)
+        rows = self.rows[:n]
+        seqs = np.arange(n, dtype=np.uint64) + np.uint64(first % 2**64)  # wraps at 2**64
+        rows[:, SEQ_OFFSET : SEQ_OFFSET + 8] = seqs.astype(">u8").view(np.uint8).reshape(n, 8)
+        if self.checksum:
+            words = (seqs >> np.uint64(48)) + ((seqs >> np.uint64(32)) & np.uint64(0xFFFF)) \
+                + ((seqs >> np.uint64(16)) & np.uint64(0xFFFF)) + (seqs & np.uint64(0xFFFF))
+            csum = ~ones_sum(words + self._base_sum) & np.uint64(0xFFFF)
+            csum[csum == 0] = 0xFFFF  # RFC 768: a computed 0 is sent as all ones
+            rows[:, _CSUM_OFFSET : _CSUM_OFFSET + 2] = csum.astype(">u2").view(np.uint8).reshape(n, 2)
+        return self.rows.reshape(-1), self.offsets[:n], self.lengths[:n]
 
 
 class GeneratorPort(Port):
@@ -64,6 +132,7 @@ class GeneratorPort(Port):
         self.template = np.frombuffer(frame, dtype=np.uint8).copy()
         if not c.udp_checksum:
             self.template[fr.ETH_HLEN + fr.IPV4_HLEN + 6 : fr.ETH_HLEN + fr.IPV4_HLEN + 8] = 0
+        self._seq = SeqFrames(self.template, checksum=c.udp_checksum) if c.seq else None
         if c.offered and c.rate_pps is None:
             raise ValueError("generator offered=on needs a rate (rate_pps): an offered load has a rate")
         self.sent = 0
@@ -128,11 +197,19 @@ class GeneratorPort(Port):
             n = min(n, int(self._tokens))
         if n <= 0:
             return 0
-        delivered = self.sink.push_template(self.template, n, pair=pair)
+        delivered = self._push(n, pair)
         self.sent += delivered
         if rate is not None:
             self._tokens -= delivered
         return delivered
+
+    def _push(self, n: int, pair: int) -> int:
+        if self._seq is None:
+            return self.sink.push_template(self.template, n, pair=pair)
+        # Numbered frames are distinct: copied through the backlog, which the round flushes at once
+        # (n is within the buffers posted). A prefix is kept, so the numbers delivered stay consecutive.
+        data, offsets, lengths = self._seq.build(self.sent, n)
+        return self.sink.push_many(data, offsets, lengths, pair=pair)
 
     def _poll_offered(self, pair: int, budget: int, now: float) -> int:
         rate = self.config.rate_pps
@@ -145,7 +222,7 @@ class GeneratorPort(Port):
             due = min(due, self.config.count - self.offered_count)
         if due <= 0:
             return 0
-        delivered = self.sink.push_template(self.template, min(due, budget), pair=pair) if budget else 0
+        delivered = self._push(min(due, budget), pair) if budget else 0
         self.sent += delivered
         self._tokens -= delivered
         left = due - delivered
@@ -158,6 +235,8 @@ class GeneratorPort(Port):
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"sent": self.sent, "size": self.config.size, "tx_ignored": self.tx_ignored}
+        if self._seq is not None:
+            out["next_seq"] = self.sent  # the number the next frame carries
         if self.config.offered:
             out.update(dropped=self.dropped, dropped_reason="ring_full", bursts=self.bursts,
                        burst={"count": self.config.count, "rate_pps": self.config.rate_pps,

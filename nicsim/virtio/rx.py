@@ -258,6 +258,27 @@ class RxBacklog:
         self.count += 1
         return True
 
+    def extend(self, data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64],
+               lengths: npt.NDArray[np.int64]) -> bool:  # fmt: skip
+        """Queue every frame ``data[offsets[i]:][:lengths[i]]`` with one vectorised copy, or none:
+        False (nothing queued) when they do not all fit, and the caller appends them one by one."""
+        n, total = int(lengths.shape[0]), int(lengths.sum())
+        cap_f, cap_b = self.offsets.shape[0], self.data.shape[0]
+        if self.count + n > cap_f or total > cap_b:
+            return False
+        if self.head + self.count + n > cap_f or self.end + total > cap_b:
+            self._compact()
+            if self.end + total > cap_b:
+                return False
+        start = self.end + np.cumsum(lengths) - lengths
+        _copy_ranges(self.data, start, data, offsets, lengths)
+        slots = slice(self.head + self.count, self.head + self.count + n)
+        self.offsets[slots] = start
+        self.lengths[slots] = lengths
+        self.end += total
+        self.count += n
+        return True
+
     def frames(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """(offsets, lengths) of the queued frames, oldest first (views; valid until the next change)."""
         sl = slice(self.head, self.head + self.count)
@@ -374,6 +395,16 @@ class RxPath:
 
     def push_many(self, data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64],
                   lengths: npt.NDArray[np.uint32], *, pair: int = 0) -> int:  # fmt: skip
+        n = int(lengths.shape[0])
+        limit = MAX_FRAME + (self._qs.hdr_len if self._port.vnet_hdr else 0)
+        bl = self.backlog[pair]
+        if n and not self._disabled(2 * pair) and int(lengths.max()) <= limit:
+            # The common case (a generator's batch of distinct frames): they all fit, one copy.
+            was_empty = len(bl) == 0
+            if bl.extend(data, offsets, lengths.astype(np.int64)):
+                if was_empty:
+                    self._qs.wake(2 * pair)
+                return n
         kept = 0
         for off, n in zip(offsets.tolist(), lengths.tolist(), strict=True):
             kept += self.push(data[off : off + n], pair=pair)
