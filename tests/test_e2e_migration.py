@@ -9,7 +9,8 @@ the destination, which is where its result is printed.
 
 What this shows: QEMU 7.2 migrates the guest with nicsim as its backend (the dirty log negotiated and
 mapped, the rings handed over), no ping is lost or comes twice, and the source's session gives every
-buffer back. What it does not show: that the log is complete. A ping every 20 ms passes with logging
+buffer back, and the guest announces itself on the destination's link (a gratuitous ARP, since it
+took GUEST_ANNOUNCE). What it does not show: that the log is complete. A ping every 20 ms passes with logging
 turned off too (tried), since so few frames are in flight when the guest stops; that every page
 nicsim writes is logged is checked page by page in ``tests/test_dirty_log.py``.
 """
@@ -22,12 +23,14 @@ from typing import Any, cast
 
 import pytest
 
-from qemu.testvm import TestVM, VhostUserNic, Workload
+from qemu.testvm import DEFAULT_MAC, TestVM, VhostUserNic, Workload
+from tests.pcap_read import read_capture
 from tests.serve_process import nicsim_serve, read_stats
 
 pytestmark = pytest.mark.vm
 
 PINGS = 300
+OUTBOUND = 2  # pcapng epb_flags: what the guest sent
 MAX_LOST = 10  # what the switch-over may cost at 20 ms per ping: the downtime is tens of ms here
 
 
@@ -37,7 +40,9 @@ async def test_a_guest_migrated_while_pinging_loses_at_most_a_few_pings_and_dupl
     mig = tmp_path / "migrate.sock"
     ping = Workload("ping", target="10.0.2.2", count=PINGS, interval=0.02, seqs=True)
     workloads = (Workload("sleep", seconds=2), ping)
-    serving = nicsim_serve(tmp_path, "--port", "responder", more_sockets=["dst.sock"])
+    announced = tmp_path / "dst.pcapng"  # the destination's link: the guest must announce itself there
+    serving = nicsim_serve(tmp_path, "--port", "responder", "--pcap-port", f"dst.sock={announced}",
+                           more_sockets=["dst.sock"])  # fmt: skip
     async with serving as (proc, sock, stats):
 
         def vm(name: str, socket: Path, *extra: str) -> TestVM:
@@ -63,6 +68,12 @@ async def test_a_guest_migrated_while_pinging_loses_at_most_a_few_pings_and_dupl
         done = await read_stats(stats, lambda s: not any(e["connected"] for e in s["sockets"]))
         assert proc.poll() is None
         assert [e["pool"]["usage"] for e in done["sockets"]] == [0, 0]  # the source's session gave all back
+    # Announced itself: after the switch-over the guest (which took GUEST_ANNOUNCE) sends a gratuitous
+    # ARP (sender and target address both its own) out of the destination's link, before its next ping.
+    mac = bytes.fromhex(DEFAULT_MAC.replace(":", ""))
+    sent = [c.data for c in read_capture(announced) if c.direction == OUTBOUND and c.data[6:12] == mac]
+    arps = [f for f in sent if f[12:14] == b"\x08\x06"]
+    assert any(f[28:32] == f[38:42] == bytes([10, 0, 2, 15]) for f in arps), [f.hex() for f in arps]
     print(f"migration: downtime {info.get('downtime')} ms, {len(seqs)}/{pinged['transmitted']} pings")
 
 
