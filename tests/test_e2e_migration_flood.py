@@ -20,8 +20,8 @@ were written by the guest itself within the last iteration, so QEMU copied them 
 So the test asserts all of it: no checksum or IP header error, every frame SIZE bytes, no drop, every
 frame eth0 counted parsed by UDP, and the frames the source held read on the destination. What it
 does not check: the numbers themselves (the guest kernel does not read them; a whole stale frame
-with a valid checksum would pass), and the guest's announcement (nicsim offers neither GUEST_ANNOUNCE
-nor the RARP protocol feature).
+with a valid checksum would pass); the guest's announcement after a migration is checked in
+``tests/test_e2e_migration.py``.
 """
 
 from __future__ import annotations
