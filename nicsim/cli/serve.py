@@ -74,6 +74,8 @@ examples:
   nicsim serve --socket /tmp/a.sock --socket /tmp/b.sock --port generator,size=1500 --stats-file s.json
   nicsim serve --socket /tmp/a.sock --socket /tmp/b.sock --socket /tmp/c.sock --port switch \\
       --impair 'a.sock:tx:loss=10% seed=1' --impair 'b.sock:rx:delay=20ms jitter=2ms'
+  nicsim serve --socket /tmp/nicsim.sock --queue-pairs 2   (QEMU: -netdev vhost-user,...,queues=2
+      and -device virtio-net-pci,...,mq=on; a guest with 2 vCPUs then uses both pairs)
   nicsim serve --socket /tmp/nicsim.sock --pcap nicsim.pcapng; tcpdump -r nicsim.pcapng -nn -e
   ip netns add lab; ip -n lab tuntap add dev tap0 mode tap; ip -n lab addr add 10.0.2.2/24 dev tap0
   ip -n lab link set tap0 up; nicsim serve --socket /tmp/nicsim.sock --port tap,netns=lab,ifname=tap0
@@ -120,6 +122,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--queue-size", type=int, default=DEFAULT_MAX_QUEUE_SIZE, metavar="N",
         help=f"largest ring size accepted from the frontend (default: {DEFAULT_MAX_QUEUE_SIZE})",
+    )
+    parser.add_argument(
+        "--queue-pairs", type=int, default=1, metavar="N",
+        help="queue pairs each device offers (VIRTIO_NET_F_MQ, GET_QUEUE_NUM; default: 1); QEMU's "
+        "-netdev vhost-user,queues=N and virtio-net-pci mq=on use up to N, the guest enables as many "
+        "as it has vCPUs; every pair it enables is served, and they share the device's packet pool",
     )
     parser.add_argument(
         "--pool-size", type=int, default=4096, metavar="N",
@@ -336,7 +344,8 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
         if captures is not None:
             assert socket is not None, "each endpoint's factory is given its socket below"
             port = captures.wrap(port, socket)
-        return VirtioNetDevice(port=port, pool=PacketPool(args.pool_size, name="virtio-net"), policy=policy)
+        return VirtioNetDevice(port=port, pairs=args.queue_pairs, policy=policy,
+                               pool=PacketPool(args.pool_size, name="virtio-net"))
 
     def start_generators() -> None:
         # SIGUSR1 releases a generator's hold (hold=on), or starts the burst --burst-file describes:
@@ -419,6 +428,9 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     if args.stats_interval <= 0:
         print("nicsim serve: --stats-interval must be positive", file=sys.stderr)
+        return 2
+    if not 1 <= args.queue_pairs <= 128:  # vhost-user numbers rings 0..255
+        print(f"nicsim serve: --queue-pairs {args.queue_pairs}: use 1..128", file=sys.stderr)
         return 2
     try:
         policy = policy_from_args(args)

@@ -336,7 +336,7 @@ class TapPort(Port):
             if n < min_len or n >= MAX_READ:
                 self._drop("rx_runt" if n < min_len else "rx_too_big")
                 continue
-            if not self.sink.push(buf[:n], pair=0):
+            if not self.sink.push(buf[:n]):  # the device steers it to a pair
                 continue  # the device counted it (no_rx_buffer / too_big)
             frames += 1
             nbytes += n

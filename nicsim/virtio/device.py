@@ -373,11 +373,11 @@ class VirtioNetDevice:
         """Flush the backlog, then let a pull-style port (the generator) fill the posted buffers."""
         return self._rx.round(pair, pull=True, now=now)
 
-    def push(self, frame: Buffer, *, pair: int = 0) -> bool:
+    def push(self, frame: Buffer, *, pair: int | None = None) -> bool:
         return self._rx.push(frame, pair=pair)
 
     def push_many(self, data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64],
-                  lengths: npt.NDArray[np.uint32], *, pair: int = 0) -> int:  # fmt: skip
+                  lengths: npt.NDArray[np.uint32], *, pair: int | None = None) -> int:  # fmt: skip
         return self._rx.push_many(data, offsets, lengths, pair=pair)
 
     def push_template(self, template: npt.NDArray[np.uint8], count: int, *, pair: int = 0) -> int:

@@ -80,8 +80,10 @@ class RxSink(Protocol):
     """Where a port injects frames toward the guest. Frames that cannot be placed now wait in a small
     bounded backlog; past it they are dropped and counted (reason ``no_rx_buffer``)."""
 
-    def push(self, frame: Buffer, *, pair: int = 0) -> bool:
-        """Queue one frame (copied); False if it was dropped."""
+    def push(self, frame: Buffer, *, pair: int | None = None) -> bool:
+        """Queue one frame (copied); False if it was dropped. Without ``pair`` (``None``), the device
+        picks one of the pairs the guest enabled by the frame's flow (:mod:`nicsim.virtio.steer`); a port
+        answering a request passes the request's pair. The same holds for push_many and push_views."""
 
     def push_many(
         self,
@@ -89,12 +91,12 @@ class RxSink(Protocol):
         offsets: npt.NDArray[np.int64],
         lengths: npt.NDArray[np.uint32],
         *,
-        pair: int = 0,
+        pair: int | None = None,
     ) -> int:
         """Queue frames ``data[offsets[i]:offsets[i] + lengths[i]]`` (copied); returns how many were kept."""
 
     def push_views(
-        self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int = 0, queue: bool = True
+        self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int | None = None, queue: bool = True
     ) -> npt.NDArray[np.bool_]:
         """Frames given as views (of another guest's TX buffers, say): written into posted buffers with
         one copy when none wait before them, else queued or dropped as :meth:`push` (``queue=False``:
