@@ -1,6 +1,7 @@
 """Multiqueue on the device, driven by the driver-side model (no VM): a port that names no pair has its
-frames spread over the enabled RX pairs by flow, one flow on one queue in order; a port answering a
-request (the responder) replies on the request's pair; the pairs share the device's pool."""
+frames steered to the pair their flow was sent on, else spread over the enabled RX pairs by flow hash,
+one flow on one queue in order; a port answering a request (the responder) replies on the request's
+pair; the pairs share the device's pool."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 from nicsim.ports import Port, ResponderPort
 from nicsim.ports.frames import ETHERTYPE_IPV4
 from nicsim.ports.sink import SinkPort
+from nicsim.ports.switch import Switch
 from nicsim.virtio.device import VirtioNetDevice
 from nicsim.virtio.features import VIRTIO_F_VERSION_1, VIRTIO_NET_F_MQ
 from nicsim.virtio.steer import flow_hash, pick_pair
@@ -21,11 +23,11 @@ V1 = 1 << VIRTIO_F_VERSION_1
 HDR = 12
 
 
-def udp(sport: int, dport: int = 9, *, src: int = 1, frag: int = 0) -> bytes:
-    """An Ethernet + IPv4 + UDP frame from 10.0.0.``src``:``sport`` to 10.0.0.2:``dport``."""
+def udp(sport: int, dport: int = 9, *, src: int = 1, dst: int = 2, frag: int = 0) -> bytes:
+    """An Ethernet + IPv4 + UDP frame from 10.0.0.``src``:``sport`` to 10.0.0.``dst``:``dport``."""
     eth = bytes.fromhex("525400000002525400123456") + struct.pack("!H", ETHERTYPE_IPV4)
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + 18, 0, frag, 64, 17, 0, bytes([10, 0, 0, src]),
-                     bytes([10, 0, 0, 2]))  # fmt: skip
+                     bytes([10, 0, 0, dst]))  # fmt: skip
     return eth + ip + struct.pack("!HHHH", sport, dport, 8 + 18, 0) + bytes(18)
 
 
@@ -58,6 +60,8 @@ def test_flow_hash_keeps_a_flow_together_and_tells_ports_apart() -> None:
     # A fragment carries no ports: every fragment of a datagram hashes alike, by addresses only.
     frags = {flow_hash(np.frombuffer(udp(p, frag=0x2000), np.uint8)) for p in range(1000, 1016)}
     assert len(frags) == 1
+    # Both directions of a flow hash alike (replies follow the flow's TX pair).
+    assert flow_hash(np.frombuffer(udp(9, 1000, src=2, dst=1), np.uint8)) == flow_hash(a)
     # The virtio-net header in front (a header-passing port) is skipped.
     assert flow_hash(np.frombuffer(bytes(HDR) + udp(1000), np.uint8), HDR) == flow_hash(a)
     # Not IP: by MAC addresses.
@@ -121,3 +125,53 @@ def test_the_responder_answers_on_the_pair_the_request_came_from() -> None:
         dev.deliver_rx(pair)
     assert [len(qs[i].reap()) for i in (0, 2)] == [1, 1]
     assert dev.port.stats()["icmp_echo"] == 2
+
+
+def test_replies_to_a_flow_go_to_the_pair_the_guest_sent_it_on() -> None:
+    port = Pusher()
+    _, qs, dev = make(port)
+    # Flows whose hash alone would pick pair 0; the guest sends each on pair 1 (TX queue 3).
+    by_hash = [p for p in range(4000, 4100) if pick_pair(np.frombuffer(udp(p), np.uint8), [0, 1]) == 0]
+    *flows, unseen = by_hash[:5]
+    for p in flows:
+        qs[3].post_tx(udp(p))
+    assert dev.process_tx(3).processed == len(flows)
+    qs[0].post_rx(count=32)
+    qs[2].post_rx(count=32)
+    for p in flows:  # the replies (and a flow the guest never sent, which goes by its hash)
+        assert port.sink.push(udp(9, p, src=2, dst=1))
+    assert port.sink.push(udp(unseen))
+    dev.deliver_rx(0)
+    dev.deliver_rx(1)
+    assert (len(qs[0].reap()), len(qs[2].reap())) == (1, len(flows))
+
+
+def test_the_switch_delivers_between_two_guests_with_two_pairs_each() -> None:
+    switch = Switch()
+    _, qa, a = make(switch.port("a"))
+    _, qb, b = make(switch.port("b"))
+    b.set_enabled(2, False)  # guest B uses one pair only
+    for q in (qa[0], qa[2], qb[0]):
+        q.post_rx(count=64)
+    mac_a, mac_b = bytes.fromhex("525400000001"), bytes.fromhex("525400000002")
+
+    def eth(dst: bytes, src: bytes, sport: int) -> bytes:
+        return dst + src + udp(sport)[12:]
+
+    qb[1].post_tx(eth(mac_a, mac_b, 1))  # B (pair 0) introduces itself to A: flooded, learned
+    b.process_tx(1)
+    for sport in range(16):  # A to B from its pair 1: B has one enabled pair, pair 0
+        qa[3].post_tx(eth(mac_b, mac_a, 100 + sport))
+    a.process_tx(3)
+    b.deliver_rx(0)
+    assert len(qb[0].reap()) == 16
+    assert b.snapshot()["drops_total"] == 0
+    # B's reply to a flow A sent on pair 1 comes back to A on pair 1.
+    qb[1].post_tx(eth(mac_a, mac_b, 9)[:12] + udp(9, 100, src=2, dst=1)[12:])
+    b.process_tx(1)
+    a.deliver_rx(0)
+    a.deliver_rx(1)
+    got0, got2 = ([c.data[HDR:] for c in q.reap() if c.data is not None] for q in (qa[0], qa[2]))
+    assert len(got0) + len(got2) == 2  # B's hello (a new flow: by its hash) and the reply
+    reply = [f for f in got0 + got2 if f[34:38] == struct.pack("!HH", 9, 100)]
+    assert len(reply) == 1 and reply[0] in got2

@@ -94,6 +94,8 @@ class VirtioNetDevice:
         self._offloads = port.features() & OFFLOAD_FEATURES
         self._tx = TxPath(self._qs, port)
         self._rx = RxPath(self._qs, port, pairs, offloads=bool(self._offloads))
+        if pairs > 1:
+            self._tx.on_sent = self._rx.learn_tx  # flows' RX pair follows their TX pair (nicsim.virtio.steer)
         port.attach(self._rx)  # the port pushes straight into the RX path
         self.announced = 0  # RARPs sent for SEND_RARP
         self.announce_failed = 0

@@ -26,11 +26,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import numpy.typing as npt
 
-from nicsim.virtio.port import HDR_LEN_V1, MAX_FRAME, NUM_BUFFERS_OFFSET, Buffer, DevicePort
+from nicsim.virtio.port import HDR_LEN_V1, MAX_FRAME, NUM_BUFFERS_OFFSET, Buffer, DevicePort, TxFrames
 from nicsim.virtio.queues import GSO_ECN, GSO_TYPE_OFFSET, QueueResult, QueueSet, QueueState
 from nicsim.virtio.rx_direct import write_frames
 from nicsim.virtio.rx_short import ShortRx
-from nicsim.virtio.steer import pick_pair
+from nicsim.virtio.steer import FlowSteering
 from rings.chains import ChainBatch
 from rings.errors import GuestError
 from rings.memory import GuestMemory
@@ -339,6 +339,7 @@ class RxPath:
             backlog_bytes = max(backlog_bytes, 8 * (MAX_FRAME + HDR_LEN_V1))
         self.backlog = [RxBacklog(policy.rx_backlog, backlog_bytes) for _ in range(pairs)]
         self._pairs = pairs
+        self.steering = FlowSteering()
         self._scratch: npt.NDArray[np.uint8] = np.zeros(policy.rx_batch * 2048, np.uint8)
         self._short = ShortRx(queues)  # rounds of a few frames, one buffer each
         self._tmpl_key: tuple[int, int, int] | None = None
@@ -353,11 +354,16 @@ class RxPath:
         on = [p for p in range(self._pairs) if qs.enabled[2 * p] and qs.states[2 * p] is not None]
         return on or [0]
 
+    def learn_tx(self, batch: TxFrames) -> None:
+        """A batch the guest sent on ``batch.pair``: its flows' replies go back to that pair."""
+        for i in range(batch.count):
+            self.steering.transmitted(batch.frame(i), batch.pair)
+
     def steer(self, frame: npt.NDArray[np.uint8]) -> int:
         """The pair a frame pushed without one goes to (:mod:`nicsim.virtio.steer`)."""
         if self._pairs == 1:
             return 0
-        return pick_pair(frame, self.enabled_pairs(), self._qs.hdr_len if self._port.vnet_hdr else 0)
+        return self.steering.pick(frame, self.enabled_pairs(), self._qs.hdr_len if self._port.vnet_hdr else 0)
 
     def push(self, frame: Buffer, *, pair: int | None = None) -> bool:
         arr = frame if isinstance(frame, np.ndarray) else np.frombuffer(bytes(frame), dtype=np.uint8)
@@ -410,7 +416,8 @@ class RxPath:
                 pair = on[0]
             else:
                 hdr = self._qs.hdr_len if self._port.vnet_hdr else 0
-                to = np.fromiter((pick_pair(f, on, hdr) for f in frames), np.int64, len(frames))
+                pick = self.steering.pick
+                to = np.fromiter((pick(f, on, hdr) for f in frames), np.int64, len(frames))
                 kept = np.zeros(len(frames), np.bool_)
                 for p in on:
                     idx = np.flatnonzero(to == p)
