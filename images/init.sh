@@ -189,8 +189,10 @@ w_pktgen_tx() {
     pg $dev "delay 0"
     pg $dev "dst $dst"
     pg $dev "dst_mac $dst_mac"
-    # queue=N: every frame on TX queue N (a multiqueue NIC); udp_dst=P: to UDP port P (7: echoed).
-    queue=$(p queue "") udp_dst=$(p udp_dst "")
+    # queue=N: every frame on TX queue N (a multiqueue NIC); udp_dst=P: to UDP port P (7: echoed);
+    # udp_src=P: from UDP port P (pktgen's default is 9).
+    queue=$(p queue "") udp_dst=$(p udp_dst "") udp_src=$(p udp_src "")
+    [ -z "$udp_src" ] || { need_num udp_src "$udp_src"; pg $dev "udp_src_min $udp_src"; pg $dev "udp_src_max $udp_src"; }
     [ -z "$queue" ] || { need_num queue "$queue"; pg $dev "queue_map_min $queue"; pg $dev "queue_map_max $queue"; }
     [ -z "$udp_dst" ] || { need_num udp_dst "$udp_dst"; pg $dev "udp_dst_min $udp_dst"; pg $dev "udp_dst_max $udp_dst"; }
     if [ -n "$duration" ]; then

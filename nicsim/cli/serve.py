@@ -61,7 +61,9 @@ ports:
               (default tap0: attached if it exists, else created for the session), offload=on|off
               (default on: offer CSUM/GUEST_CSUM/HOST_TSO4/6/GUEST_TSO4/6 when the kernel can honour
               them; the virtio-net header goes through to the kernel with IFF_VNET_HDR), follow_mtu=
-              on|off (default on: the TAP's MTU follows the host MTU QEMU gives the guest, host_mtu=)
+              on|off (default on: the TAP's MTU follows the host MTU QEMU gives the guest, host_mtu=),
+              queues= (default 1; with --queue-pairs N, queues=N opens the TAP with IFF_MULTI_QUEUE,
+              one queue per pair: an existing TAP must be made with `ip tuntap add ... multi_queue`)
   vxlan       tunnels the guest's frames to a remote VXLAN endpoint (RFC 7348, UDP; Linux's `vxlan`
               device interoperates); keys: remote= (required: the other end's IPv4 address), vni=
               (required, 0..16777215), local= (address to bind, default any), port= (UDP port listened
@@ -225,6 +227,8 @@ def parse_switch(spec: str, impairs: Sequence[str] = (), sockets: Sequence[Path]
         if text.split(",", 1)[0] not in UPLINK_PORTS:
             kinds = " or ".join(UPLINK_PORTS)
             raise ValueError(f"--uplink {text!r}: an uplink is {kinds} (PORT,KEY=VALUE...)")
+        if any(kv.startswith("queues=") and kv != "queues=1" for kv in text.split(",")[1:]):
+            raise ValueError(f"--uplink {text!r}: an uplink reads one queue (no queues=)")
     switch = Switch(**kwargs)
     for path in sockets:
         switch.slot(str(path))  # ports numbered in --socket order, then the uplinks

@@ -254,7 +254,10 @@ class VirtioNetDevice:
         delivered once the ring is enabled, or dropped as ``queue_stopped`` when it stops). A stopped
         ring is not processed at all, enabled or not."""
         self._qs.check_index(index)
+        changed = self._qs.enabled[index] != enabled
         self._qs.enabled[index] = enabled
+        if changed and index % 2 == 0:
+            self.port.pair_enabled(index // 2, enabled)
 
     def enabled(self, index: int) -> bool:
         return self._qs.enabled[index]

@@ -142,6 +142,11 @@ class DevicePort(Protocol):
         """The host MTU the driver was given (vhost-user NET_SET_MTU, before SET_FEATURES): a port whose
         far end has an MTU of its own (a tap's TAP) follows it. Raising OSError refuses the MTU."""
 
+    def pair_enabled(self, pair: int, enabled: bool) -> None:
+        """The frontend enabled or disabled queue pair ``pair`` (vhost-user SET_VRING_ENABLE of its RX
+        ring; QEMU does so when the guest picks how many pairs it uses): a port with a queue of its own
+        per pair (a multiqueue tap) attaches or detaches it. Must not raise."""
+
     def poll_rx(self, pair: int, budget: int, now: float) -> int:
         """Pull-style ports produce up to ``budget`` frames for ``pair``; ``now`` is a monotonic time in
         seconds (the device reads no clock). Returns frames delivered. Push-style ports return 0."""

@@ -149,6 +149,9 @@ class CapturingPort(Port):
     def mtu_changed(self, mtu: int) -> None:
         self.inner.mtu_changed(mtu)
 
+    def pair_enabled(self, pair: int, enabled: bool) -> None:
+        self.inner.pair_enabled(pair, enabled)
+
     def start_io(self, loop: asyncio.AbstractEventLoop) -> None:
         self.inner.start_io(loop)
 
