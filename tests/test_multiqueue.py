@@ -6,9 +6,12 @@ pair; the pairs share the device's pool."""
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import numpy as np
+import pytest
 
+from nicsim.cli import main
 from nicsim.ports import Port, ResponderPort
 from nicsim.ports.frames import ETHERTYPE_IPV4
 from nicsim.ports.sink import SinkPort
@@ -175,3 +178,10 @@ def test_the_switch_delivers_between_two_guests_with_two_pairs_each() -> None:
     assert len(got0) + len(got2) == 2  # B's hello (a new flow: by its hash) and the reply
     reply = [f for f in got0 + got2 if f[34:38] == struct.pack("!HH", 9, 100)]
     assert len(reply) == 1 and reply[0] in got2
+
+
+def test_serve_refuses_a_queue_pair_count_vhost_user_cannot_number(capsys: pytest.CaptureFixture[str],
+                                                                    tmp_path: Path) -> None:  # fmt: skip
+    for n in ("0", "129"):
+        assert main(["serve", "--socket", str(tmp_path / "s.sock"), "--queue-pairs", n]) == 2
+        assert "--queue-pairs" in capsys.readouterr().err

@@ -373,3 +373,15 @@ def test_a_multiqueue_tap_returns_a_flow_on_the_pair_it_was_sent_on_and_detaches
         if sock is not None:
             sock.close()
         dev.shutdown()
+
+
+def test_serve_refuses_more_tap_queues_than_queue_pairs(
+    netns: Callable[[], Netns], tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nicsim.cli import main
+
+    ns = netns()
+    spec = f"tap,netns={ns.name},ifname=tapq,queues=2"
+    argv = ["serve", "--socket", str(tmp_path / "s.sock"), "--port", spec]
+    assert main(argv) == 2
+    assert "needs --queue-pairs 2" in capsys.readouterr().err

@@ -438,7 +438,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         policy = policy_from_args(args)
-        parse_port(args.port).close()
+        probe = parse_port(args.port)
+        probe.close()
+        tap_queues = probe.config.queues if isinstance(probe, TapPort) else 1
+        if tap_queues > args.queue_pairs:
+            # The kernel would steer flows to TAP queues no pair ever reads.
+            raise ValueError(f"--port {args.port}: queues={tap_queues} needs --queue-pairs {tap_queues}")
         if _is_switch(args.port):
             parse_switch(args.port, args.impair, args.socket, args.uplink).close()
         elif args.impair or args.uplink:
