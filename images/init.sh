@@ -202,6 +202,12 @@ w_pktgen_tx() {
     pg $dev "delay 0"
     pg $dev "dst $dst"
     pg $dev "dst_mac $dst_mac"
+    # queue=N: every frame on TX queue N (a multiqueue NIC); udp_dst=P: to UDP port P (7: echoed);
+    # udp_src=P: from UDP port P (pktgen's default is 9).
+    queue=$(p queue "") udp_dst=$(p udp_dst "") udp_src=$(p udp_src "")
+    [ -z "$udp_src" ] || { need_num udp_src "$udp_src"; pg $dev "udp_src_min $udp_src"; pg $dev "udp_src_max $udp_src"; }
+    [ -z "$queue" ] || { need_num queue "$queue"; pg $dev "queue_map_min $queue"; pg $dev "queue_map_max $queue"; }
+    [ -z "$udp_dst" ] || { need_num udp_dst "$udp_dst"; pg $dev "udp_dst_min $udp_dst"; pg $dev "udp_dst_max $udp_dst"; }
     if [ -n "$duration" ]; then
         # count 0 runs forever: start in the background, stop through pgctrl after the duration.
         echo start >/proc/net/pktgen/pgctrl &
@@ -219,6 +225,7 @@ w_pktgen_tx() {
     errors=$(echo "$res" | sed -n 's/.*errors: \([0-9]*\).*/\1/p')
     [ -n "$usec" ] && [ -n "$pkts" ] || fail "pktgen gave no result: $(grep '^Result' $dev)"
     put_num size "$size"; put_num packets "$pkts"; put_num bytes $((pkts * size)); put_num errors "$errors"
+    put_num tx_queues "$(ls /sys/class/net/$IFACE/queues | grep -c "^tx-")"
     put_num seconds "$(awk -v u="$usec" 'BEGIN { printf "%.6f", u / 1e6 }')"
     put_num pps "$(awk -v u="$usec" -v n="$pkts" 'BEGIN { printf "%.1f", (u > 0 ? n * 1e6 / u : 0) }')"
     echo rem_device_all >$thread

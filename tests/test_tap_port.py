@@ -10,6 +10,7 @@ import asyncio
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,6 +33,7 @@ from nicsim.virtio.features import (
     VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4,
     VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_MTU,
 )
@@ -318,3 +320,68 @@ def test_closing_the_port_keeps_the_persistent_tap_and_releases_its_fd(tapns: Ne
     port.close()  # idempotent
     assert len(os.listdir("/proc/self/fd")) == fds
     assert "tap0" in tapns.run("ip", "link", "show", "tap0").stdout
+
+
+def test_a_multiqueue_tap_returns_a_flow_on_the_pair_it_was_sent_on_and_detaches_disabled_pairs(
+    netns: Callable[[], Netns],
+) -> None:
+    ns = netns()
+    port = TapPort(TapConfig(netns=ns.name, ifname="tapmq", queues=2))  # created, IFF_MULTI_QUEUE
+    dev = VirtioNetDevice(port=port, pairs=2)
+    sock: socket.socket | None = None
+    try:
+        ns.run("ip", "link", "set", "tapmq", "address", HOST_MAC)
+        ns.run("ip", "addr", "add", f"{HOST_IP}/24", "dev", "tapmq")
+        ns.run("ip", "link", "set", "tapmq", "up")
+        ns.run("ip", "neigh", "add", GUEST_IP, "lladdr", GUEST_MAC, "dev", "tapmq", "nud", "permanent")
+        sock = ns_udp(ns)
+        drv = GuestDriver()
+        qs = [drv.add_queue(i, 256) for i in range(4)]
+        dev.set_features(V1 | MRG | (1 << VIRTIO_NET_F_MQ))
+        dev.set_memory(drv.memory)
+        for i, q in enumerate(qs):
+            dev.start_queue(i, q.device_queue())
+        qs[0].post_rx(count=64)
+        qs[2].post_rx(count=64)
+        _, f = udp_frame_needing_csum(b"on pair 1", sock.getsockname()[1])
+        f = f[:40] + b"\0\0" + f[42:]  # UDP checksum 0 on IPv4: none (no offload negotiated)
+        qs[3].post_tx(f, header=HDR.pack(0, 0, 0, 0, 0, 0, 0))
+        dev.process_tx(3)
+        data, peer = sock.recvfrom(100)
+        assert data == b"on pair 1" and peer == (GUEST_IP, 40000)
+
+        def reply_on(pair: int, text: bytes) -> None:
+            sock.sendto(text, peer)
+            for _ in range(500):
+                for p in (0, 1):
+                    if dev.enabled(2 * p):
+                        dev.poll_rx(p)
+                got = {i: [c for c in qs[i].reap() if c.data and c.data.endswith(text)] for i in (0, 2)}
+                if got[0] or got[2]:
+                    assert got[2 * pair] and not got[2 - 2 * pair], (pair, got)
+                    return
+                time.sleep(0.01)
+            raise AssertionError(f"{text!r} never reached the guest")
+
+        reply_on(1, b"back on pair 1")  # tun's flow steering: the queue the flow was written to
+        dev.set_enabled(2, False)  # the guest stops using pair 1: its TAP queue is detached
+        assert port.stats()["attached"] == 1 and port.drops == {}
+        reply_on(0, b"back on pair 0")
+        dev.set_enabled(2, True)
+        assert port.stats()["attached"] == 2 and port.drops == {}
+    finally:
+        if sock is not None:
+            sock.close()
+        dev.shutdown()
+
+
+def test_serve_refuses_more_tap_queues_than_queue_pairs(
+    netns: Callable[[], Netns], tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nicsim.cli import main
+
+    ns = netns()
+    spec = f"tap,netns={ns.name},ifname=tapq,queues=2"
+    argv = ["serve", "--socket", str(tmp_path / "s.sock"), "--port", spec]
+    assert main(argv) == 2
+    assert "needs --queue-pairs 2" in capsys.readouterr().err

@@ -62,7 +62,9 @@ ports:
               (default tap0: attached if it exists, else created for the session), offload=on|off
               (default on: offer CSUM/GUEST_CSUM/HOST_TSO4/6/GUEST_TSO4/6 when the kernel can honour
               them; the virtio-net header goes through to the kernel with IFF_VNET_HDR), follow_mtu=
-              on|off (default on: the TAP's MTU follows the host MTU QEMU gives the guest, host_mtu=)
+              on|off (default on: the TAP's MTU follows the host MTU QEMU gives the guest, host_mtu=),
+              queues= (default 1; with --queue-pairs N, queues=N opens the TAP with IFF_MULTI_QUEUE,
+              one queue per pair: an existing TAP must be made with `ip tuntap add ... multi_queue`)
   vxlan       tunnels the guest's frames to a remote VXLAN endpoint (RFC 7348, UDP; Linux's `vxlan`
               device interoperates); keys: remote= (required: the other end's IPv4 address), vni=
               (required, 0..16777215), local= (address to bind, default any), port= (UDP port listened
@@ -75,6 +77,8 @@ examples:
   nicsim serve --socket /tmp/a.sock --socket /tmp/b.sock --port generator,size=1500 --stats-file s.json
   nicsim serve --socket /tmp/a.sock --socket /tmp/b.sock --socket /tmp/c.sock --port switch \\
       --impair 'a.sock:tx:loss=10% seed=1' --impair 'b.sock:rx:delay=20ms jitter=2ms'
+  nicsim serve --socket /tmp/nicsim.sock --queue-pairs 2   (QEMU: -netdev vhost-user,...,queues=2
+      and -device virtio-net-pci,...,mq=on; a guest with 2 vCPUs then uses both pairs)
   nicsim serve --socket /tmp/nicsim.sock --pcap nicsim.pcapng; tcpdump -r nicsim.pcapng -nn -e
   ip netns add lab; ip -n lab tuntap add dev tap0 mode tap; ip -n lab addr add 10.0.2.2/24 dev tap0
   ip -n lab link set tap0 up; nicsim serve --socket /tmp/nicsim.sock --port tap,netns=lab,ifname=tap0
@@ -121,6 +125,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--queue-size", type=int, default=DEFAULT_MAX_QUEUE_SIZE, metavar="N",
         help=f"largest ring size accepted from the frontend (default: {DEFAULT_MAX_QUEUE_SIZE})",
+    )
+    parser.add_argument(
+        "--queue-pairs", type=int, default=1, metavar="N",
+        help="queue pairs each device offers (VIRTIO_NET_F_MQ, GET_QUEUE_NUM; default: 1); QEMU's "
+        "-netdev vhost-user,queues=N and virtio-net-pci mq=on use up to N, the guest enables as many "
+        "as it has vCPUs; every pair it enables is served, and they share the device's packet pool",
     )
     parser.add_argument(
         "--pool-size", type=int, default=4096, metavar="N",
@@ -218,6 +228,8 @@ def parse_switch(spec: str, impairs: Sequence[str] = (), sockets: Sequence[Path]
         if text.split(",", 1)[0] not in UPLINK_PORTS:
             kinds = " or ".join(UPLINK_PORTS)
             raise ValueError(f"--uplink {text!r}: an uplink is {kinds} (PORT,KEY=VALUE...)")
+        if any(kv.startswith("queues=") and kv != "queues=1" for kv in text.split(",")[1:]):
+            raise ValueError(f"--uplink {text!r}: an uplink reads one queue (no queues=)")
     switch = Switch(**kwargs)
     for path in sockets:
         switch.slot(str(path))  # ports numbered in --socket order, then the uplinks
@@ -337,7 +349,8 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
         if captures is not None:
             assert socket is not None, "each endpoint's factory is given its socket below"
             port = captures.wrap(port, socket)
-        return VirtioNetDevice(port=port, pool=PacketPool(args.pool_size, name="virtio-net"), policy=policy)
+        return VirtioNetDevice(port=port, pairs=args.queue_pairs, policy=policy,
+                               pool=PacketPool(args.pool_size, name="virtio-net"))
 
     def start_generators() -> None:
         # SIGUSR1 releases a generator's hold (hold=on), or starts the burst --burst-file describes:
@@ -421,9 +434,17 @@ def run(args: argparse.Namespace) -> int:
     if args.stats_interval <= 0:
         print("nicsim serve: --stats-interval must be positive", file=sys.stderr)
         return 2
+    if not 1 <= args.queue_pairs <= 128:  # vhost-user numbers rings 0..255
+        print(f"nicsim serve: --queue-pairs {args.queue_pairs}: use 1..128", file=sys.stderr)
+        return 2
     try:
         policy = policy_from_args(args)
-        parse_port(args.port).close()
+        probe = parse_port(args.port)
+        probe.close()
+        tap_queues = probe.config.queues if isinstance(probe, TapPort) else 1
+        if tap_queues > args.queue_pairs:
+            # The kernel would steer flows to TAP queues no pair ever reads.
+            raise ValueError(f"--port {args.port}: queues={tap_queues} needs --queue-pairs {tap_queues}")
         if _is_switch(args.port):
             parse_switch(args.port, args.impair, args.socket, args.uplink).close()
         elif args.impair or args.uplink:

@@ -52,6 +52,9 @@ class Port(DevicePort, abc.ABC):
     def mtu_changed(self, mtu: int) -> None:
         return None  # nothing on the far end has an MTU to follow
 
+    def pair_enabled(self, pair: int, enabled: bool) -> None:
+        return None  # a port with one queue of its own serves every pair through it
+
     def start_io(self, loop: asyncio.AbstractEventLoop) -> None:
         return None  # no fd to watch
 

@@ -54,10 +54,15 @@ TUNGETFEATURES = 0x800454CF
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 TUNSETVNETLE = 0x400454DC
+TUNSETQUEUE = 0x400454D9
 SIOCSIFMTU = 0x8922  # <linux/sockios.h>
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
+MAX_QUEUES = 16
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
@@ -104,18 +109,23 @@ class TapConfig:
     created (it then disappears with the port); ``offload``: offer CSUM/TSO to the guest if the
     kernel can honour them; ``follow_mtu``: when the frontend gives the guest a host MTU (QEMU's
     ``host_mtu``, vhost-user NET_SET_MTU), set the TAP's MTU to it, so that the namespace's side sends
-    and takes the same frames the guest does."""
+    and takes the same frames the guest does; ``queues``: more than 1 opens the TAP with
+    IFF_MULTI_QUEUE, one fd (one kernel queue) per queue pair (an existing TAP must have been made
+    with ``ip tuntap add ... multi_queue``)."""
 
     netns: str = ""
     ifname: str = "tap0"
     offload: bool = True
     follow_mtu: bool = True
+    queues: int = 1
 
     def check(self) -> None:
         if not is_netns_name(self.netns):
             raise ValueError(f"tap: netns={self.netns!r}: the name of a network namespace is required")
         if not _IFNAME_RE.match(self.ifname):
             raise ValueError(f"tap: ifname={self.ifname!r} is not a Linux interface name (1-15 chars)")
+        if not 1 <= self.queues <= MAX_QUEUES:
+            raise ValueError(f"tap: queues={self.queues}: use 1..{MAX_QUEUES}")
 
 
 def _setns(fd: int) -> None:
@@ -164,14 +174,33 @@ def _set_offload(fd: int, flags: int) -> None:
     fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
 
 
-def _open_tap(ifname: str) -> tuple[int, int]:
+def _open_queues(ifname: str, queues: int) -> tuple[list[int], int]:
+    """Open ``ifname`` ``queues`` times (IFF_MULTI_QUEUE when more than one): (fds, offloads)."""
+    fds: list[int] = []
+    try:
+        offloads = TUN_ALL
+        for _ in range(queues):
+            fd, off = _open_tap(ifname, multi=queues > 1)
+            fds.append(fd)
+            offloads &= off
+        return fds, offloads
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _open_tap(ifname: str, *, multi: bool = False) -> tuple[int, int]:
     """Open ``ifname`` with IFF_VNET_HDR; returns (fd, TUN_F_* offloads the kernel accepts)."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         feats = struct.unpack("I", fcntl.ioctl(fd, TUNGETFEATURES, bytes(4)))[0]
         if not feats & IFF_VNET_HDR:
             raise OSError(errno.ENOTSUP, "the kernel's tun has no IFF_VNET_HDR")
-        ifr = struct.pack("16sH22x", ifname.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        if multi and not feats & IFF_MULTI_QUEUE:
+            raise OSError(errno.ENOTSUP, "the kernel's tun has no IFF_MULTI_QUEUE")
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if multi else 0)
+        ifr = struct.pack("16sH22x", ifname.encode(), flags)
         fcntl.ioctl(fd, TUNSETIFF, ifr)
         offloads = TUN_ALL
         try:
@@ -192,7 +221,12 @@ def _set_mtu(ifname: str, mtu: int) -> None:
 
 
 class TapPort(Port):
-    """A TAP in a network namespace as the other end of the wire (one queue pair)."""
+    """A TAP in a network namespace as the other end of the wire. With ``queues`` > 1 (IFF_MULTI_QUEUE),
+    queue pair ``p`` writes to and reads from the TAP's queue ``p`` (its own fd): the kernel sends a
+    flow's frames back on the queue the flow was last written to (tun's flow steering), so they reach
+    the guest on the pair it sent the flow on. A pair the guest disables has its queue detached
+    (TUNSETQUEUE, IFF_DETACH_QUEUE, as QEMU's own tap backend does), so the kernel steers nothing to
+    a queue nobody reads; queue 0 always stays attached."""
 
     name = "tap"
     vnet_hdr = True
@@ -205,11 +239,14 @@ class TapPort(Port):
             raise TapError("no such network namespace (ip netns add it first)", step="setns",
                            netns=config.netns, ifname=config.ifname, err=errno.ENOENT)  # fmt: skip
         try:
-            fd, tun_offloads = in_netns(config.netns, lambda: _open_tap(config.ifname))
+            fds, tun_offloads = in_netns(config.netns, lambda: _open_queues(config.ifname, config.queues))
         except OSError as err:
-            raise TapError(err.strerror or str(err), step="open", netns=config.netns,
+            multi = config.queues > 1 and err.errno == errno.EINVAL
+            hint = " (an existing TAP needs multi_queue)" if multi else ""
+            raise TapError((err.strerror or str(err)) + hint, step="open", netns=config.netns,
                            ifname=config.ifname, err=err.errno or 0) from err  # fmt: skip
-        self._fd: int | None = fd
+        self._fds: list[int] = fds
+        self._attached = [True] * len(fds)
         # Offered only when the kernel takes every TUN_F_* the virtio bits map to.
         self._offered = OFFLOADS if config.offload and tun_offloads == TUN_ALL else 0
         self._allowed_gso = {GSO_NONE}
@@ -218,8 +255,9 @@ class TapPort(Port):
         self.tun_offload = 0
         self.mtu: int | None = None  # the TAP's MTU once it followed the guest's host MTU
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reading = False  # the fd is watched (it was drained)
-        self._idle = True
+        self._reading = [False] * len(fds)  # each fd is watched (it was drained)
+        self._idle = [True] * len(fds)
+        self._polled = 0  # the queue polled last: ``finished`` speaks of it
         self._rxbuf: npt.NDArray[np.uint8] = np.zeros(MAX_READ, np.uint8)
         self.counters: dict[str, Any] = {"tx_frames": 0, "tx_bytes": 0, "rx_frames": 0, "rx_bytes": 0}
         self.drops: dict[str, int] = {}
@@ -275,15 +313,17 @@ class TapPort(Port):
 
     def start_io(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._watch()
+        for q in range(len(self._fds)):
+            self._watch(q)
 
     # -- TX: guest -> kernel ----------------------------------------------------------------------
 
     def transmit(self, batch: TxFrames) -> bool:
-        if self._fd is None:
+        if not self._fds:
             self._drop("closed", batch.count)
             return True
-        fd = self._fd
+        q = batch.pair if batch.pair < len(self._fds) and self._attached[batch.pair] else 0
+        fd = self._fds[q]
         lengths = batch.lengths
         for i in range(batch.count):
             iov = batch.iovec(i)
@@ -312,12 +352,15 @@ class TapPort(Port):
     @property
     def finished(self) -> bool:
         """True while the TAP has nothing to read: the RX pump may sleep; the fd watch wakes it."""
-        return self._idle
+        return self._idle[self._polled] if self._fds else True
 
     def poll_rx(self, pair: int, budget: int, now: float) -> int:
-        if pair != 0 or self._fd is None:
+        if pair >= len(self._fds) or not self._attached[pair]:
             return 0
-        fd, buf, min_len = self._fd, self._rxbuf, self._hdr_len + ETH_HLEN
+        self._polled = pair
+        fd, buf, min_len = self._fds[pair], self._rxbuf, self._hdr_len + ETH_HLEN
+        # One queue: the device steers each frame to a pair; several: the kernel chose the queue.
+        to: int | None = pair if len(self._fds) > 1 else None
         frames = nbytes = 0
         while frames < budget and nbytes < RX_BURST_BYTES:
             try:
@@ -325,18 +368,18 @@ class TapPort(Port):
             except InterruptedError:
                 continue
             except BlockingIOError:
-                self._idle = True
-                self._watch()
+                self._idle[pair] = True
+                self._watch(pair)
                 break
             except OSError as err:
                 self._drop(f"rx_{errno.errorcode.get(err.errno or 0, 'error').lower()}")
-                self._idle = True
-                self._watch()
+                self._idle[pair] = True
+                self._watch(pair)
                 break
             if n < min_len or n >= MAX_READ:
                 self._drop("rx_runt" if n < min_len else "rx_too_big")
                 continue
-            if not self.sink.push(buf[:n], pair=0):
+            if not self.sink.push(buf[:n], pair=to):
                 continue  # the device counted it (no_rx_buffer / too_big)
             frames += 1
             nbytes += n
@@ -344,43 +387,64 @@ class TapPort(Port):
             self.counters["rx_bytes"] += n - self._hdr_len
         return frames
 
-    def _on_readable(self) -> None:
+    def _on_readable(self, q: int) -> None:
         # Level-triggered: stop watching until the next poll drains the fd again, then let the device
         # poll us (it does so only while the guest has buffers: the kernel queue is the backlog).
-        self._unwatch()
-        self._idle = False
+        self._unwatch(q)
+        self._idle[q] = False
         if self._sink is not None:
-            self.sink.wake(0)
+            self.sink.wake(q)
 
-    def _watch(self) -> None:
-        if self._loop is not None and self._fd is not None and not self._reading:
-            self._loop.add_reader(self._fd, self._on_readable)
-            self._reading = True
+    def _watch(self, q: int) -> None:
+        if self._loop is not None and q < len(self._fds) and self._attached[q] and not self._reading[q]:
+            self._loop.add_reader(self._fds[q], self._on_readable, q)
+            self._reading[q] = True
 
-    def _unwatch(self) -> None:
-        if self._loop is not None and self._fd is not None and self._reading:
-            self._loop.remove_reader(self._fd)
-        self._reading = False
+    def _unwatch(self, q: int) -> None:
+        if self._loop is not None and q < len(self._fds) and self._reading[q]:
+            self._loop.remove_reader(self._fds[q])
+        if q < len(self._reading):
+            self._reading[q] = False
+
+    def pair_enabled(self, pair: int, enabled: bool) -> None:
+        """QEMU enabled or disabled queue pair ``pair``: attach or detach its TAP queue (not queue 0)."""
+        if pair == 0 or pair >= len(self._fds) or self._attached[pair] == enabled:
+            return
+        if not enabled:
+            self._unwatch(pair)
+        flags = IFF_ATTACH_QUEUE if enabled else IFF_DETACH_QUEUE
+        try:
+            fcntl.ioctl(self._fds[pair], TUNSETQUEUE, struct.pack("16sH22x", b"", flags))
+        except OSError as err:
+            what = "attach" if enabled else "detach"
+            self._drop(f"queue_{what}_{errno.errorcode.get(err.errno or 0, 'error').lower()}")
+            return
+        self._attached[pair] = enabled
+        if enabled:
+            self._idle[pair] = True
+            self._watch(pair)
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
     def _require_fd(self) -> int:
-        if self._fd is None:
+        if not self._fds:
             raise TapError("the port is closed", step="use", netns=self.config.netns,
                            ifname=self.config.ifname, err=errno.EBADF)  # fmt: skip
-        return self._fd
+        return self._fds[0]  # device-wide settings (offloads, header size) go through queue 0
 
     def _drop(self, reason: str, n: int = 1) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + n
 
     def close(self) -> None:
-        self._unwatch()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for q in range(len(self._fds)):
+            self._unwatch(q)
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
         super().close()
 
     def stats(self) -> dict[str, Any]:
         return {**self.counters, "drops": dict(self.drops), "tun_offload": self.tun_offload,
                 "offered": self._offered, "mtu": self.mtu, "netns": self.config.netns,
-                "ifname": self.config.ifname}
+                "ifname": self.config.ifname, "queues": len(self._attached),
+                "attached": sum(self._attached)}

@@ -133,7 +133,7 @@ class Uplink:
         if not getattr(self.port, "finished", True):
             self.wake(0)  # the budget cut the poll short: more after the loop's other work
 
-    def push(self, frame: Buffer, *, pair: int = 0) -> bool:
+    def push(self, frame: Buffer, *, pair: int | None = None) -> bool:
         data = np.frombuffer(frame, np.uint8) if not isinstance(frame, np.ndarray) else frame
         data = data[self._hdr_len :]
         n = int(data.shape[0])
@@ -149,11 +149,11 @@ class Uplink:
         return True
 
     def push_many(self, data: Frame, offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.uint32], *,
-                  pair: int = 0) -> int:  # fmt: skip
+                  pair: int | None = None) -> int:  # fmt: skip
         return sum(self.push(data[o : o + n], pair=pair) for o, n in zip(offsets.tolist(), lengths.tolist(),
                                                                           strict=True))  # fmt: skip
 
-    def push_views(self, frames: Sequence[Frame], *, pair: int = 0,
+    def push_views(self, frames: Sequence[Frame], *, pair: int | None = None,
                    queue: bool = True) -> npt.NDArray[np.bool_]:  # fmt: skip
         return np.array([self.push(f, pair=pair) for f in frames], np.bool_)
 

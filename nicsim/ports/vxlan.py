@@ -203,7 +203,7 @@ class VxlanPort(Port):
             if reason is not None:
                 self._drop(f"rx_{reason}")
                 continue
-            if not self.sink.push(buf[VXLAN_HLEN:n], pair=0):
+            if not self.sink.push(buf[VXLAN_HLEN:n]):  # the device steers it to a pair
                 continue  # the device counted it (no_rx_buffer / too_big)
             frames += 1
             nbytes += n - VXLAN_HLEN

@@ -94,6 +94,8 @@ class VirtioNetDevice:
         self._offloads = port.features() & OFFLOAD_FEATURES
         self._tx = TxPath(self._qs, port)
         self._rx = RxPath(self._qs, port, pairs, offloads=bool(self._offloads))
+        if pairs > 1:
+            self._tx.on_sent = self._rx.learn_tx  # flows' RX pair follows their TX pair (nicsim.virtio.steer)
         port.attach(self._rx)  # the port pushes straight into the RX path
         self.announced = 0  # RARPs sent for SEND_RARP
         self.announce_failed = 0
@@ -252,7 +254,10 @@ class VirtioNetDevice:
         delivered once the ring is enabled, or dropped as ``queue_stopped`` when it stops). A stopped
         ring is not processed at all, enabled or not."""
         self._qs.check_index(index)
+        changed = self._qs.enabled[index] != enabled
         self._qs.enabled[index] = enabled
+        if changed and index % 2 == 0:
+            self.port.pair_enabled(index // 2, enabled)
 
     def enabled(self, index: int) -> bool:
         return self._qs.enabled[index]
@@ -373,11 +378,11 @@ class VirtioNetDevice:
         """Flush the backlog, then let a pull-style port (the generator) fill the posted buffers."""
         return self._rx.round(pair, pull=True, now=now)
 
-    def push(self, frame: Buffer, *, pair: int = 0) -> bool:
+    def push(self, frame: Buffer, *, pair: int | None = None) -> bool:
         return self._rx.push(frame, pair=pair)
 
     def push_many(self, data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64],
-                  lengths: npt.NDArray[np.uint32], *, pair: int = 0) -> int:  # fmt: skip
+                  lengths: npt.NDArray[np.uint32], *, pair: int | None = None) -> int:  # fmt: skip
         return self._rx.push_many(data, offsets, lengths, pair=pair)
 
     def push_template(self, template: npt.NDArray[np.uint8], count: int, *, pair: int = 0) -> int:

@@ -80,8 +80,10 @@ class RxSink(Protocol):
     """Where a port injects frames toward the guest. Frames that cannot be placed now wait in a small
     bounded backlog; past it they are dropped and counted (reason ``no_rx_buffer``)."""
 
-    def push(self, frame: Buffer, *, pair: int = 0) -> bool:
-        """Queue one frame (copied); False if it was dropped."""
+    def push(self, frame: Buffer, *, pair: int | None = None) -> bool:
+        """Queue one frame (copied); False if it was dropped. Without ``pair`` (``None``), the device
+        picks one of the pairs the guest enabled by the frame's flow (:mod:`nicsim.virtio.steer`); a port
+        answering a request passes the request's pair. The same holds for push_many and push_views."""
 
     def push_many(
         self,
@@ -89,12 +91,12 @@ class RxSink(Protocol):
         offsets: npt.NDArray[np.int64],
         lengths: npt.NDArray[np.uint32],
         *,
-        pair: int = 0,
+        pair: int | None = None,
     ) -> int:
         """Queue frames ``data[offsets[i]:offsets[i] + lengths[i]]`` (copied); returns how many were kept."""
 
     def push_views(
-        self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int = 0, queue: bool = True
+        self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int | None = None, queue: bool = True
     ) -> npt.NDArray[np.bool_]:
         """Frames given as views (of another guest's TX buffers, say): written into posted buffers with
         one copy when none wait before them, else queued or dropped as :meth:`push` (``queue=False``:
@@ -139,6 +141,11 @@ class DevicePort(Protocol):
     def mtu_changed(self, mtu: int) -> None:
         """The host MTU the driver was given (vhost-user NET_SET_MTU, before SET_FEATURES): a port whose
         far end has an MTU of its own (a tap's TAP) follows it. Raising OSError refuses the MTU."""
+
+    def pair_enabled(self, pair: int, enabled: bool) -> None:
+        """The frontend enabled or disabled queue pair ``pair`` (vhost-user SET_VRING_ENABLE of its RX
+        ring; QEMU does so when the guest picks how many pairs it uses): a port with a queue of its own
+        per pair (a multiqueue tap) attaches or detaches it. Must not raise."""
 
     def poll_rx(self, pair: int, budget: int, now: float) -> int:
         """Pull-style ports produce up to ``budget`` frames for ``pair``; ``now`` is a monotonic time in

@@ -26,10 +26,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import numpy.typing as npt
 
-from nicsim.virtio.port import HDR_LEN_V1, MAX_FRAME, NUM_BUFFERS_OFFSET, Buffer, DevicePort
+from nicsim.virtio.port import HDR_LEN_V1, MAX_FRAME, NUM_BUFFERS_OFFSET, Buffer, DevicePort, TxFrames
 from nicsim.virtio.queues import GSO_ECN, GSO_TYPE_OFFSET, QueueResult, QueueSet, QueueState
 from nicsim.virtio.rx_direct import write_frames
 from nicsim.virtio.rx_short import ShortRx
+from nicsim.virtio.steer import FlowSteering
 from rings.chains import ChainBatch
 from rings.errors import GuestError
 from rings.memory import GuestMemory
@@ -358,6 +359,8 @@ class RxPath:
             # GSO frames of up to 64 KB arrive from the port: room for several of them.
             backlog_bytes = max(backlog_bytes, 8 * (MAX_FRAME + HDR_LEN_V1))
         self.backlog = [RxBacklog(policy.rx_backlog, backlog_bytes) for _ in range(pairs)]
+        self._pairs = pairs
+        self.steering = FlowSteering()
         self._scratch: npt.NDArray[np.uint8] = np.zeros(policy.rx_batch * 2048, np.uint8)
         self._short = ShortRx(queues)  # rounds of a few frames, one buffer each
         self._tmpl_key: tuple[int, int, int] | None = None
@@ -365,8 +368,28 @@ class RxPath:
 
     # -- the sink the port pushes into -----------------------------------------------------------------
 
-    def push(self, frame: Buffer, *, pair: int = 0) -> bool:
+    def enabled_pairs(self) -> list[int]:
+        """The pairs whose RX ring runs and is enabled (QEMU enables a pair with SET_VRING_ENABLE when
+        the guest asks for it, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET); pair 0 when none does yet."""
+        qs = self._qs
+        on = [p for p in range(self._pairs) if qs.enabled[2 * p] and qs.states[2 * p] is not None]
+        return on or [0]
+
+    def learn_tx(self, batch: TxFrames) -> None:
+        """A batch the guest sent on ``batch.pair``: its flows' replies go back to that pair."""
+        for i in range(batch.count):
+            self.steering.transmitted(batch.frame(i), batch.pair)
+
+    def steer(self, frame: npt.NDArray[np.uint8]) -> int:
+        """The pair a frame pushed without one goes to (:mod:`nicsim.virtio.steer`)."""
+        if self._pairs == 1:
+            return 0
+        return self.steering.pick(frame, self.enabled_pairs(), self._qs.hdr_len if self._port.vnet_hdr else 0)
+
+    def push(self, frame: Buffer, *, pair: int | None = None) -> bool:
         arr = frame if isinstance(frame, np.ndarray) else np.frombuffer(bytes(frame), dtype=np.uint8)
+        if pair is None:
+            pair = self.steer(arr)
         rxq = 2 * pair
         if self._disabled(rxq):
             self._stats.drop(rxq, "ring_disabled")
@@ -394,29 +417,48 @@ class RxPath:
         return hdr == 0 or int(arr[GSO_TYPE_OFFSET]) & ~GSO_ECN == 0
 
     def push_many(self, data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64],
-                  lengths: npt.NDArray[np.uint32], *, pair: int = 0) -> int:  # fmt: skip
+                  lengths: npt.NDArray[np.uint32], *, pair: int | None = None) -> int:  # fmt: skip
         n = int(lengths.shape[0])
-        limit = MAX_FRAME + (self._qs.hdr_len if self._port.vnet_hdr else 0)
-        bl = self.backlog[pair]
-        if n and not self._disabled(2 * pair) and int(lengths.max()) <= limit:
-            # The common case (a generator's batch of distinct frames): they all fit, one copy.
-            was_empty = len(bl) == 0
-            if bl.extend(data, offsets, lengths.astype(np.int64)):
-                if was_empty:
-                    self._qs.wake(2 * pair)
-                return n
+        if pair is None and len(self.backlog) == 1:
+            pair = 0  # one pair: nothing to steer
+        if pair is not None and n and not self._disabled(2 * pair):
+            hdr = self._qs.hdr_len if self._port.vnet_hdr else 0
+            bl = self.backlog[pair]
+            # The common case (a generator's batch of distinct frames): none too big for the frame or
+            # the MTU, and all fit the backlog: one copy. Anything else goes frame by frame.
+            if int(lengths.max()) <= min(MAX_FRAME, self._qs.frame_limit) + hdr:
+                was_empty = len(bl) == 0
+                if bl.extend(data, offsets, lengths.astype(np.int64)):
+                    if was_empty:
+                        self._qs.wake(2 * pair)
+                    return n
         kept = 0
         for off, n in zip(offsets.tolist(), lengths.tolist(), strict=True):
             kept += self.push(data[off : off + n], pair=pair)
         return kept
 
     def push_views(
-        self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int = 0, queue: bool = True
+        self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int | None = None, queue: bool = True
     ) -> npt.NDArray[np.bool_]:
         """Frames as views (another guest's TX buffers): written straight into the buffers posted now,
         one copy each, when nothing waits in the backlog before them; the rest are pushed (copied into
         the backlog, or dropped), or with ``queue=False`` dropped at once (``no_rx_buffer``), leaving
-        the backlog to frames that may wait. Returns which frames were kept."""
+        the backlog to frames that may wait. Returns which frames were kept. Without ``pair``, each
+        frame goes to the pair its flow hashes to (in order within each pair)."""
+        if pair is None:
+            on = self.enabled_pairs() if self._pairs > 1 else [0]
+            if len(on) == 1:
+                pair = on[0]
+            else:
+                hdr = self._qs.hdr_len if self._port.vnet_hdr else 0
+                pick = self.steering.pick
+                to = np.fromiter((pick(f, on, hdr) for f in frames), np.int64, len(frames))
+                kept = np.zeros(len(frames), np.bool_)
+                for p in on:
+                    idx = np.flatnonzero(to == p)
+                    if idx.size:
+                        kept[idx] = self.push_views([frames[i] for i in idx.tolist()], pair=p, queue=queue)
+                return kept
         kept = np.zeros(len(frames), np.bool_)
         rxq = 2 * pair
         qs = self._qs

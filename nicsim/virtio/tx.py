@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from nicsim.virtio.port import ETH_HLEN, MAX_FRAME, DevicePort
+from nicsim.virtio.port import ETH_HLEN, MAX_FRAME, DevicePort, TxFrames
 from nicsim.virtio.queues import GSO_ECN, GSO_TYPE_OFFSET, DeviceStateError, QueueResult, QueueSet, QueueState
 from nicsim.virtio.tx_short import ShortTxBatch
 from rings.chains import ChainBatch
@@ -152,6 +152,9 @@ class TxPath:
         self._stats = queues.stats
         # id(batch) -> batch the port has not completed, per queue (empty for receive queues).
         self._deferred: list[dict[int, TxBatch | ShortTxBatch]] = [{} for _ in range(queues.num_queues)]
+        # Told each batch before the port is: with several queue pairs, the RX path learns which pair
+        # each flow transmits on (virtio 1.2 §5.1.6.5.5, nicsim.virtio.steer).
+        self.on_sent: Callable[[TxFrames], None] | None = None
 
     def process(self, index: int) -> QueueResult:
         """Take up to ``policy.tx_batch`` chains off TX queue ``index`` and hand their frames to the port."""
@@ -255,6 +258,8 @@ class TxPath:
         stats.packets[index] += np.uint64(batch.count)
         stats.bytes[index] += np.uint64(batch.frame_bytes)
         stats.batches[index] += np.uint64(1)
+        if self.on_sent is not None:
+            self.on_sent(batch)
         self._qs.in_call = True
         try:
             finished = self._port.transmit(batch)
@@ -329,6 +334,8 @@ class TxPath:
         stats.packets[index] += np.uint64(batch.count)
         stats.bytes[index] += np.uint64(int(batch.lengths.sum(dtype=np.uint64)))
         stats.batches[index] += np.uint64(1)
+        if self.on_sent is not None:
+            self.on_sent(batch)
         self._qs.in_call = True
         try:
             finished = self._port.transmit(batch)

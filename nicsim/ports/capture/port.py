@@ -50,7 +50,7 @@ class CapturingSink:
         self._sink = sink
         self._owner = owner
 
-    def push(self, frame: Buffer, *, pair: int = 0) -> bool:
+    def push(self, frame: Buffer, *, pair: int | None = None) -> bool:
         if not self._sink.push(frame, pair=pair):
             return False
         arr = frame if isinstance(frame, np.ndarray) else np.frombuffer(frame, dtype=np.uint8)
@@ -58,7 +58,7 @@ class CapturingSink:
         return True
 
     def push_many(self, data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64],
-                  lengths: npt.NDArray[np.uint32], *, pair: int = 0) -> int:  # fmt: skip
+                  lengths: npt.NDArray[np.uint32], *, pair: int | None = None) -> int:  # fmt: skip
         # One push per frame, so the frames the device refuses (a full backlog, too big) are known and
         # left out; the device's own push_many is the same loop. Then one capture write for the batch.
         kept = np.zeros(lengths.shape[0], dtype=bool)
@@ -68,7 +68,7 @@ class CapturingSink:
         return int(np.count_nonzero(kept))
 
     def push_views(
-        self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int = 0, queue: bool = True
+        self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int | None = None, queue: bool = True
     ) -> npt.NDArray[np.bool_]:
         kept = self._sink.push_views(frames, pair=pair, queue=queue)
         if kept.any():  # the capture's own copy: what the guest was given, one write for the batch
@@ -148,6 +148,9 @@ class CapturingPort(Port):
 
     def mtu_changed(self, mtu: int) -> None:
         self.inner.mtu_changed(mtu)
+
+    def pair_enabled(self, pair: int, enabled: bool) -> None:
+        self.inner.pair_enabled(pair, enabled)
 
     def start_io(self, loop: asyncio.AbstractEventLoop) -> None:
         self.inner.start_io(loop)
