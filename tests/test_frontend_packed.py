@@ -86,7 +86,7 @@ async def test_tx_over_packed_rings_wraps_many_times_and_get_vring_base_says_whe
         assert await fe.stop_ring(1) == off_wrap(pos, wrap) | off_wrap(pos, wrap) << 16
         await fe.close()
         await ended(server)
-    assert open_fds() == before
+    assert open_fds() <= before  # nothing leaked (an earlier test's leftovers may close meanwhile)
 
 
 async def test_the_generator_fills_packed_rx_rings(tmp_path: Path) -> None:
