@@ -8,10 +8,11 @@ GET_INFLIGHT_FD), applies each event to the :class:`~nicsim.virtio.device.Virtio
 memory table, inflight buffer, a reset, the host MTU, the RARP SEND_RARP asks for) and brings rings up:
 a ring's device queue starts once the protocol started it (SET_VRING_KICK) and memory exists, at the
 addresses translated from the frontend's, from the used index in guest memory and what the inflight
-buffer says was in flight; its pump runs while it is also enabled, and a TX ring's also while it is
-disabled (its chains are then discarded, as the spec's "Ring states" asks). It opens, maps and closes
-nothing and knows no event loop: what needs the operating system is returned as
-:mod:`nicsim.vhost.actions` for the shell to carry out, and the shell hands back what it made
+buffer says was in flight (a packed ring, VIRTIO_F_RING_PACKED, from SET_VRING_BASE's positions
+and wrap counters, and never with an inflight buffer); its pump runs while it is also enabled, and a
+TX ring's also while it is disabled (its chains are then discarded, as the spec's "Ring states"
+asks). It opens, maps and closes nothing and knows no event loop: what needs the operating system
+is returned as :mod:`nicsim.vhost.actions` for the shell to carry out, and the shell hands back what it made
 (``memory_mapped``, ``inflight_adopted``) or reports that it could not (``action_failed``).
 """
 
