@@ -35,8 +35,10 @@ from nicsim.vhost import FrontendConnection, Outgoing, Reply, Request
 from nicsim.vhost import features as vf
 from nicsim.vhost import payloads as p
 from nicsim.vhost.protocol import FLAG_NEED_REPLY, HEADER, VERSION
-from nicsim.virtio.features import VIRTIO_F_EVENT_IDX, VIRTIO_NET_F_MRG_RXBUF
+from nicsim.virtio.features import VIRTIO_F_EVENT_IDX, VIRTIO_F_RING_PACKED, VIRTIO_NET_F_MRG_RXBUF
 from rings.driver import DEFAULT_REGION_SIZES, Completion, DriverQueue, GuestRam, TxLayout
+from rings.driver_packed import PackedDriverQueue
+from rings.packed_layout import off_wrap
 
 RECV_SIZE = 4096
 _ONE = struct.pack("=Q", 1)
@@ -165,7 +167,7 @@ class VhostUserFrontend:
         self.ram = SharedGuestRam(region_sizes)
         self.features = 0
         self.protocol_features = 0
-        self.queues: dict[int, DriverQueue] = {}
+        self.queues: dict[int, DriverQueue | PackedDriverQueue] = {}
         self.kick_fds: dict[int, int] = {}
         self.call_fds: dict[int, int] = {}
         self._replies: asyncio.Queue[Reply | Exception] = asyncio.Queue()
@@ -244,9 +246,12 @@ class VhostUserFrontend:
 
     async def handshake(
         self, *, event_idx: bool = True, mrg_rxbuf: bool = True, inflight: bool = False, log: bool = False,
-        protocol: Sequence[int] = (),
+        protocol: Sequence[int] = (), packed: bool = False,
     ) -> int:  # fmt: skip
         """GET/SET features and protocol features, queue count, owner, call fds; returns the features.
+        ``packed``: negotiate VIRTIO_F_RING_PACKED when offered (``start`` then lays out packed rings,
+        :class:`~rings.driver_packed.PackedDriverQueue`); without it the bit is dropped, as QEMU drops
+        it without ``packed=on``.
         ``inflight``: also negotiate INFLIGHT_SHMFD (then call :meth:`setup_inflight` before ``start``);
         ``log``: LOG_SHMFD, for :meth:`start_dirty_log` (a migration); ``protocol``: further protocol
         feature bits to negotiate when offered (NET_MTU, RARP...)."""
@@ -270,6 +275,7 @@ class VhostUserFrontend:
         drop = 0 if event_idx else vf.bit(VIRTIO_F_EVENT_IDX)
         drop |= 0 if mrg_rxbuf else vf.bit(VIRTIO_NET_F_MRG_RXBUF)
         drop |= vf.bit(vf.VHOST_F_LOG_ALL)  # QEMU sets it only while it migrates (start_dirty_log)
+        drop |= 0 if packed else vf.bit(VIRTIO_F_RING_PACKED)
         self.features = offered & ~drop
         return self.features
 
@@ -279,9 +285,20 @@ class VhostUserFrontend:
         await self.set_memory_table()
         event_idx = vf.has(self.features, VIRTIO_F_EVENT_IDX)
         for i in range(2 * self.pairs):
+            if self.packed:
+                # ``base`` is the ring position both sides start at, with wrap counters 1 (§2.8.1).
+                self.queues[i] = PackedDriverQueue(self.ram, index=i, size=self.queue_size,
+                                                   event_idx=event_idx, start_pos=base)  # fmt: skip
+                await self.start_ring(i, base=off_wrap(base, 1) | off_wrap(base, 1) << 16)
+                continue
             self.queues[i] = DriverQueue(self.ram, index=i, size=self.queue_size, event_idx=event_idx,
                                          start_idx=base)  # fmt: skip
             await self.start_ring(i, base=base)
+
+    @property
+    def packed(self) -> bool:
+        """VIRTIO_F_RING_PACKED was negotiated (``handshake(packed=True)``): the rings are packed."""
+        return vf.has(self.features, VIRTIO_F_RING_PACKED)
 
     async def start_dirty_log(self) -> npt.NDArray[np.uint8]:
         """What QEMU does when a migration starts: share a dirty log (one bit per 4 KiB page of guest

@@ -250,6 +250,12 @@ class PackedQueue:
         self._found = pop
         return int(pop.ids.shape[0])
 
+    def avail_descriptors(self, mem: GuestMemory) -> int:
+        """The descriptors of the chains :meth:`avail_pending` counts: what ``kick_after`` counts in."""
+        self.avail_pending(mem)
+        assert self._found is not None
+        return int(self._found.ndesc.sum())
+
     def _find(self, v: _PackedViews, max_count: int) -> PackedPop:
         found = self._found
         if found is not None and max_count <= found.ids.shape[0]:

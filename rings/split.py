@@ -116,6 +116,11 @@ class SplitQueue:
         self._mask = size - 1
         self._key = ("split", size, desc_addr, avail_addr, used_addr)
 
+    @property
+    def vring_base(self) -> int:
+        """GET_VRING_BASE for a split ring: ``last_avail_idx`` (the packed ring's has wrap counters)."""
+        return self.last_avail_idx
+
     def __repr__(self) -> str:
         return (
             f"SplitQueue(index={self.index}, size={self.size}, last_avail_idx={self.last_avail_idx}, "

@@ -44,7 +44,12 @@ from nicsim.vhost.backend_core import BackendCore
 from nicsim.vhost.frontend_codec import FrontendConnection
 from nicsim.vhost.protocol import Request
 from nicsim.virtio.device import VirtioNetDevice
-from nicsim.virtio.features import VIRTIO_F_EVENT_IDX, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MTU
+from nicsim.virtio.features import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_NET_F_GUEST_ANNOUNCE,
+    VIRTIO_NET_F_MTU,
+)
 from rings.layout import DESC_DTYPE, VIRTQ_DESC_F_WRITE
 from rings.memory import GuestMemory, MemoryRegion
 
@@ -221,8 +226,8 @@ def test_qemu72_boot_and_shutdown_replayed_reach_the_expected_state(chunked: boo
     assert [(b.index, b.num) for b in bases] == [(0, 1), (1, 1)]
     # Every other reply is byte for byte what nicsim sent QEMU at the recording, but for the bits
     # offered since: VIRTIO_NET_F_MTU and GUEST_ANNOUNCE; protocol features NET_MTU and RARP; the dirty
-    # log (VHOST_F_LOG_ALL, LOG_SHMFD) that a live migration needs.
-    features = (VIRTIO_NET_F_MTU, VIRTIO_NET_F_GUEST_ANNOUNCE, vf.VHOST_F_LOG_ALL)
+    # log (VHOST_F_LOG_ALL, LOG_SHMFD) that a live migration needs; packed rings (RING_PACKED).
+    features = (VIRTIO_NET_F_MTU, VIRTIO_NET_F_GUEST_ANNOUNCE, vf.VHOST_F_LOG_ALL, VIRTIO_F_RING_PACKED)
     protocol = (vf.VHOST_USER_PROTOCOL_F_NET_MTU, vf.VHOST_USER_PROTOCOL_F_RARP,
                 vf.VHOST_USER_PROTOCOL_F_LOG_SHMFD)  # fmt: skip
     since = {Request.GET_FEATURES: vf.mask(features), Request.GET_PROTOCOL_FEATURES: vf.mask(protocol)}

@@ -149,3 +149,18 @@ def test_udp_rr_is_na_for_testpmd_and_runs_on_the_tap_peers() -> None:
     # sockperf is on this host (./run setup installs it): the tap peers can answer.
     assert QemuTapBackend().unsupported(cell) is None
     assert NicsimBackend().unsupported(cell) is None
+
+
+def test_bench_packed_puts_the_nicsim_guest_on_packed_rings() -> None:
+    import argparse
+
+    from nicsim.cli.bench import add_parser
+    from qemu.testvm import VhostUserNic
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    assert parser.parse_args(["bench", "--packed"]).packed is True
+    assert parser.parse_args(["bench"]).packed is False
+    # What nicsim.bench.serve builds for a packed run, and for a split one (QEMU's default: no property).
+    assert "packed=on" in VhostUserNic(socket=Path("s"), packed=True).device_args(queues=1, tcg=True)
+    assert "packed" not in VhostUserNic(socket=Path("s"), packed=None).device_args(queues=1, tcg=True)

@@ -26,6 +26,7 @@ from nicsim.virtio.features import (
     OFFLOAD_FEATURES,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
@@ -50,7 +51,8 @@ GTSO = (1 << VIRTIO_NET_F_GUEST_TSO4) | (1 << VIRTIO_NET_F_GUEST_TSO6)
 HTSO4 = 1 << VIRTIO_NET_F_HOST_TSO4
 HTSO = HTSO4 | (1 << VIRTIO_NET_F_HOST_TSO6)
 MTU = 1 << VIRTIO_NET_F_MTU
-BASE = V1 | MRG | IND | EVT | MTU  # what every device offers without offloads
+PACKED = 1 << VIRTIO_F_RING_PACKED
+BASE = V1 | MRG | IND | EVT | MTU | PACKED  # what every device offers without offloads
 GUEST_MAC, HOST_MAC = "52:54:00:12:34:56", "52:54:00:00:00:02"
 GUEST_IP, HOST_IP = "10.0.2.15", "10.0.2.2"
 HDR = struct.Struct("<BBHHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers

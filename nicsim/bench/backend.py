@@ -54,6 +54,8 @@ class RunContext:
     start_timeout: float = 15.0
     #: extra options for ``nicsim serve`` (``--nicsim-args``: notification policy knobs, say)
     nicsim_args: tuple[str, ...] = ()
+    #: the nicsim backend's guest NIC uses packed virtqueues (``--packed``: QEMU's ``packed=on``)
+    packed: bool = False
 
 
 def pinned(argv: Sequence[str], cpu: int | None) -> list[str]:

@@ -168,7 +168,8 @@ class VmMode(Mode):
         self.ctx = RunContext(workdir=workdir, duration=plan.duration,
                               qemu_cpu=qemu_cores(args) if self.pin else None,
                               backend_cpu=args.backend_cpu if self.pin else None,
-                              nicsim_args=nicsim_args(args))  # fmt: skip
+                              nicsim_args=nicsim_args(args),
+                              packed=bool(getattr(args, "packed", False)))  # fmt: skip
         runner = VmRunner(kernel=self.kernel, initrd=self.initrd, ctx=self.ctx, accel=self.accel,
                           qemu=args.qemu, on_run=on_run, on_cell=on_cell)  # fmt: skip
         results = await runner.run_plan(plan, self.backends)
@@ -183,7 +184,7 @@ class VmMode(Mode):
         args, ctx = self.args, self.ctx
         config = {"mode": self.name, "backends": self.names, "quick": args.quick, "accel": self.accel,
                   "pinned": self.pin, "qemu_cpu": ctx.qemu_cpu, "backend_cpu": ctx.backend_cpu,
-                  "nicsim_args": list(ctx.nicsim_args)}  # fmt: skip
+                  "nicsim_args": list(ctx.nicsim_args), "packed": ctx.packed}  # fmt: skip
         placement = [f"placement: QEMU on core(s) {ctx.qemu_cpu}, the backend and its helpers on core "
                      f"{ctx.backend_cpu}" if self.pin else "placement: not pinned (--no-pin)"]
         ndr = getattr(self, "ndr", None)

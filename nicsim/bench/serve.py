@@ -109,7 +109,7 @@ class NicsimBackend(Backend):
         n = next(_counter)
         sock = ctx.workdir / f"nicsim-{n}.sock"
         stats_file = ctx.workdir / f"nicsim-{n}.stats.json"
-        run = BenchRun(nic=VhostUserNic(mac=ctx.guest_mac, socket=sock))
+        run = BenchRun(nic=VhostUserNic(mac=ctx.guest_mac, socket=sock, packed=True if ctx.packed else None))
         server: ChildProcess | None = None  # iperf3 (TCP) or sockperf (udp-rr) in the namespace
         with contextlib.ExitStack() as stack:  # the namespace outlives the processes that use it
             ns = stack.enter_context(peer_netns(ctx)) if cell.direction.sizeless else None

@@ -125,6 +125,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="extra options for the nicsim backend's 'nicsim serve', e.g. \"--kick-batch 0 --poll-us 200\"",
     )
     p.add_argument(
+        "--packed",
+        action="store_true",
+        help="the nicsim backend's guest NIC uses packed virtqueues (QEMU packed=on; default: split)",
+    )
+    p.add_argument(
         "--latency",
         action="store_true",
         help="add the latency rows: guest ping RTT p50/p99/max every 10 ms (ping) and back to back "

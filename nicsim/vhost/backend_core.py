@@ -8,10 +8,11 @@ GET_INFLIGHT_FD), applies each event to the :class:`~nicsim.virtio.device.Virtio
 memory table, inflight buffer, a reset, the host MTU, the RARP SEND_RARP asks for) and brings rings up:
 a ring's device queue starts once the protocol started it (SET_VRING_KICK) and memory exists, at the
 addresses translated from the frontend's, from the used index in guest memory and what the inflight
-buffer says was in flight; its pump runs while it is also enabled, and a TX ring's also while it is
-disabled (its chains are then discarded, as the spec's "Ring states" asks). It opens, maps and closes
-nothing and knows no event loop: what needs the operating system is returned as
-:mod:`nicsim.vhost.actions` for the shell to carry out, and the shell hands back what it made
+buffer says was in flight (a packed ring, VIRTIO_F_RING_PACKED, from SET_VRING_BASE's positions
+and wrap counters, and never with an inflight buffer); its pump runs while it is also enabled, and a
+TX ring's also while it is disabled (its chains are then discarded, as the spec's "Ring states"
+asks). It opens, maps and closes nothing and knows no event loop: what needs the operating system
+is returned as :mod:`nicsim.vhost.actions` for the shell to carry out, and the shell hands back what it made
 (``memory_mapped``, ``inflight_adopted``) or reports that it could not (``action_failed``).
 """
 
@@ -49,10 +50,14 @@ from nicsim.vhost.connection import BackendConnection, Outgoing, RingStatus
 from nicsim.vhost.queries import InflightBuffer
 from nicsim.vhost.state import ConnectionState
 from nicsim.virtio.device import DEVICE_NEEDS_RESET, DeviceStateError, VirtioNetDevice
+from nicsim.virtio.features import VIRTIO_F_RING_PACKED
 from nicsim.virtio.features import VIRTIO_NET_F_GUEST_ANNOUNCE as GUEST_ANNOUNCE
-from rings.errors import RingsError
+from nicsim.virtio.queues import DeviceQueue
+from rings.errors import QueueConfigError, RingsError
 from rings.layout import split_ring_sizes
 from rings.memory import GuestMemory
+from rings.packed import PackedQueue
+from rings.packed_layout import EVENT_SIZE, PDESC_SIZE
 from rings.split import SplitQueue
 
 log = logging.getLogger("nicsim.vhost.backend")
@@ -217,6 +222,9 @@ class BackendCore:
         if any(self._running):
             self.note("GET_INFLIGHT_FD refused: rings are running")
             return None
+        if self._packed():
+            self.note("GET_INFLIGHT_FD refused: inflight tracking is not supported on packed rings")
+            return None
         try:
             storage = self._create_inflight(num_queues=num_queues, queue_size=queue_size)
         except (InflightError, OSError) as err:
@@ -288,6 +296,9 @@ class BackendCore:
         if any(self._running):
             self._refuse(event, "SET_INFLIGHT_FD while rings are running")
             return [CloseFds(cause=event, fds=(event.fd,))]
+        if self._packed():
+            self._refuse(event, "SET_INFLIGHT_FD: inflight tracking is not supported on packed rings")
+            return [CloseFds(cause=event, fds=(event.fd,))]
         return [AdoptInflight(cause=event, fd=event.fd, mmap_size=event.mmap_size,
                               mmap_offset=event.mmap_offset, num_queues=event.num_queues,
                               queue_size=event.queue_size)]  # fmt: skip
@@ -326,9 +337,14 @@ class BackendCore:
             return StartPump(index=index)
         return StopPump(index=index)
 
-    def _queue(self, ring: RingStatus, mem: GuestMemory) -> tuple[SplitQueue, npt.NDArray[np.uint16]]:
+    def _packed(self) -> bool:
+        return vf.has(self.conn.acked_features or 0, VIRTIO_F_RING_PACKED)
+
+    def _queue(self, ring: RingStatus, mem: GuestMemory) -> tuple[DeviceQueue, npt.NDArray[np.uint16]]:
         """The device side of ``ring`` and the heads to resubmit (inflight recovery)."""
         assert ring.addr is not None
+        if self._packed():
+            return self._packed_queue(ring, mem), np.zeros(0, np.uint16)
         index = ring.index
         dsize, asize, usize = split_ring_sizes(ring.num)
         a = ring.addr
@@ -352,6 +368,22 @@ class BackendCore:
             last_avail_idx=last_avail, used_idx=used_idx,
         )  # fmt: skip
         return queue, resubmit
+
+    def _packed_queue(self, ring: RingStatus, mem: GuestMemory) -> PackedQueue:
+        """A packed ring (VIRTIO_F_RING_PACKED negotiated): SET_VRING_ADDR's desc, avail and used
+        addresses are the descriptor ring, the driver area and the device area (virtio 1.2 §2.8.10),
+        SET_VRING_BASE holds both positions and wrap counters. Inflight tracking (rings.inflight_packed)
+        is not wired to the device yet: a packed ring does not start while an inflight buffer is set."""
+        assert ring.addr is not None
+        if self.inflight is not None:
+            raise QueueConfigError("inflight tracking is not supported on packed rings", queue=ring.index)
+        a = ring.addr
+        return PackedQueue.from_vring_base(
+            ring.base, index=ring.index, size=ring.num,
+            desc_addr=mem.uva_to_gpa(a.desc_user_addr, PDESC_SIZE * ring.num),
+            driver_addr=mem.uva_to_gpa(a.avail_user_addr, EVENT_SIZE),
+            device_addr=mem.uva_to_gpa(a.used_user_addr, EVENT_SIZE),
+        )  # fmt: skip
 
     # -- lifecycle --------------------------------------------------------------------------------
 

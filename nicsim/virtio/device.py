@@ -31,6 +31,7 @@ from nicsim.virtio.features import (
     OFFLOAD_FEATURES,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF,
@@ -43,6 +44,7 @@ from nicsim.virtio.port import Buffer, DevicePort
 from nicsim.virtio.queues import (
     DROP_REASONS,
     SHORT_ROUND,
+    DeviceQueue,
     DeviceStateError,
     QueueResult,
     QueueSet,
@@ -55,8 +57,8 @@ from nicsim.virtio.tx import TxPath
 from rings.dirty_log import DirtyLog
 from rings.errors import GuestError
 from rings.memory import GuestMemory
+from rings.packed import PackedQueue
 from rings.pool import PacketPool
-from rings.split import SplitQueue
 
 # Defined with the data paths (which may not import this module); callers know them from here.
 __all__ = [
@@ -134,6 +136,8 @@ class VirtioNetDevice:
         bits = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF) | (1 << VIRTIO_F_INDIRECT_DESC)
         # MTU: the device honours a host MTU (set_mtu) and mergeable buffers carry any frame up to it.
         bits |= 1 << VIRTIO_NET_F_MTU
+        # Packed virtqueues (§2.8): QEMU offers them to the guest only with ``packed=on``.
+        bits |= 1 << VIRTIO_F_RING_PACKED
         if self.policy.use_event_idx:
             bits |= 1 << VIRTIO_F_EVENT_IDX
         if self.pairs > 1:
@@ -211,7 +215,7 @@ class VirtioNetDevice:
 
     # -- queue lifecycle ----------------------------------------------------------------------------
 
-    def start_queue(self, index: int, queue: SplitQueue, *, resubmit: npt.ArrayLike = ()) -> None:
+    def start_queue(self, index: int, queue: DeviceQueue, *, resubmit: npt.ArrayLike = ()) -> None:
         """Start a queue; ``resubmit``: heads a crashed backend had in flight (inflight recovery), TX
         chains to process again before the avail ring, RX chains to return unused (len 0)."""
         qs = self._qs
@@ -231,7 +235,8 @@ class VirtioNetDevice:
     def stop_queue(self, index: int) -> int:
         """Stop a queue (GET_VRING_BASE): every chain it holds is returned on the used ring (TX with
         len 0: the port's pending batches are cancelled), its pool descriptors are freed, RX frames
-        still queued for it are dropped as ``queue_stopped``. Returns ``last_avail_idx``."""
+        still queued for it are dropped as ``queue_stopped``. Returns the GET_VRING_BASE value:
+        ``last_avail_idx`` on a split ring, positions and wrap counters on a packed one."""
         self._qs.check_index(index)
         st = self._qs.states[index]
         if st is None:
@@ -241,7 +246,7 @@ class VirtioNetDevice:
         else:
             self._rx.drop_backlog(index // 2)
         self._qs.states[index] = None
-        return st.q.last_avail_idx
+        return st.q.vring_base
 
     def set_enabled(self, index: int, enabled: bool) -> None:
         """Enable or disable a ring (vhost-user SET_VRING_ENABLE), independently of started/stopped.
@@ -285,7 +290,7 @@ class VirtioNetDevice:
         clears. Queues are stopped one by one by their owner (vhost-user: GET_VRING_BASE)."""
         self._qs.needs_reset = False
 
-    def queue(self, index: int) -> SplitQueue | None:
+    def queue(self, index: int) -> DeviceQueue | None:
         st = self._qs.states[index]
         return None if st is None else st.q
 
@@ -333,7 +338,9 @@ class VirtioNetDevice:
             q.suppress_kicks(mem, False, event_idx=event_idx)
         if self._qs.logging:
             self._qs.log_used(q)  # the flag or avail_event just written is in the used ring
-        if q.avail_pending(mem) <= after:
+        # ``after`` counts ring entries: chains on a split ring, descriptors on a packed one.
+        pending = q.avail_descriptors(mem) if isinstance(q, PackedQueue) else q.avail_pending(mem)
+        if pending <= after:
             return True
         q.suppress_kicks(mem, True, event_idx=event_idx)
         return False

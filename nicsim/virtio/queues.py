@@ -3,7 +3,7 @@ negotiated features, and the steps every path ends with.
 
 This module owns :class:`QueueSet`, the one object the device, :class:`nicsim.virtio.tx.TxPath` and
 :class:`nicsim.virtio.rx.RxPath` all hold, so the two paths never import the device: one
-:class:`QueueState` per started queue (a :class:`~rings.split.SplitQueue` plus the device's bookkeeping;
+:class:`QueueState` per started queue (a :class:`DeviceQueue`, split or packed, plus the device's bookkeeping;
 queue ``2k`` is receiveq ``k``, ``2k + 1`` transmitq ``k``, virtio 1.2 §5.1.2), the memory table, what
 the negotiated feature bits mean to the paths, the inflight hooks and the wakeup callback; and the
 shared steps: publishing used entries bracketed by the inflight hooks, counting bad chains as drops,
@@ -15,9 +15,9 @@ re-check owes the driver, marking a queue broken. It also owns the results those
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -39,7 +39,10 @@ from rings.chains import ChainBatch, ErrorCode
 from rings.dirty_log import DirtyLog
 from rings.errors import GuestError
 from rings.memory import GuestMemory
+from rings.packed import PackedQueue
+from rings.packed_layout import EVENT_SIZE, PDESC_SIZE
 from rings.pool import PacketPool
+from rings.short_chains import ShortChain
 from rings.split import SplitQueue
 
 CHAIN_REASONS = tuple(f"chain_{c.name.lower()}" for c in ErrorCode if c != ErrorCode.OK)
@@ -97,12 +100,53 @@ class RingProbe:
     irq_owed: bool
 
 
+class DeviceQueue(Protocol):
+    """What the device uses of a ring, split (:class:`~rings.split.SplitQueue`) or packed
+    (:class:`~rings.packed.PackedQueue`). On a split ring a head and a used entry are one chain; on a
+    packed ring ``pop_avail`` returns buffer ids, and ``last_avail_idx``, ``used_idx`` and
+    ``kick_after`` count ring descriptors (a chain of two counts two): the interrupt policy's
+    ``unsignalled`` then counts descriptors too, which only makes ``irq_coalesce`` (no EVENT_IDX)
+    signal a little sooner; with EVENT_IDX the ring's answer is followed as is."""
+
+    index: int
+    size: int
+    last_avail_idx: int
+    used_idx: int
+
+    @property
+    def vring_base(self) -> int: ...
+
+    def avail_pending(self, mem: GuestMemory) -> int: ...
+
+    def pop_avail(self, mem: GuestMemory, max_count: int) -> npt.NDArray[np.uint16]: ...
+
+    def unpop_avail(self, count: int) -> None: ...
+
+    def walk(self, mem: GuestMemory, heads: npt.ArrayLike, *, indirect: bool = True) -> ChainBatch: ...
+
+    def peek_short(
+        self, mem: GuestMemory, count: int, *, indirect: bool = True
+    ) -> list[ShortChain] | None: ...
+
+    def skip_avail(self, count: int) -> None: ...
+
+    def push_used(self, mem: GuestMemory, ids: npt.ArrayLike, lengths: npt.ArrayLike) -> None: ...
+
+    def push_used_few(self, mem: GuestMemory, ids: Sequence[int], lengths: Sequence[int]) -> None: ...
+
+    def needs_interrupt(self, mem: GuestMemory, *, old_used_idx: int, event_idx: bool) -> bool: ...
+
+    def suppress_kicks(self, mem: GuestMemory, suppress: bool, *, event_idx: bool) -> None: ...
+
+    def kick_after(self, mem: GuestMemory, count: int) -> None: ...
+
+
 class QueueState:
     """One started queue: the ring, and what the device keeps about it between calls."""
 
     __slots__ = ("broken", "irq_used", "q", "resubmit", "signalled_used")
 
-    def __init__(self, q: SplitQueue) -> None:
+    def __init__(self, q: DeviceQueue) -> None:
         self.q = q
         # Heads in flight when a previous backend died (rings.inflight recovery): processed before the
         # avail ring, each completed exactly once (vhost-user spec, "Inflight I/O tracking").
@@ -197,7 +241,7 @@ class QueueSet:
     # -- the steps both paths share -------------------------------------------------------------------
 
     def mark_used(
-        self, index: int, q: SplitQueue, mem: GuestMemory, heads: npt.NDArray[Any],
+        self, index: int, q: DeviceQueue, mem: GuestMemory, heads: npt.NDArray[Any],
         lens: npt.NDArray[np.uint32],
     ) -> None:
         """push_used, bracketed by the inflight hooks (spec, "When supplying used buffers")."""
@@ -211,7 +255,7 @@ class QueueSet:
             hooks.after_used(index, heads, q.used_idx)
 
     def mark_used_few(
-        self, index: int, q: SplitQueue, mem: GuestMemory, heads: list[int], lens: list[int]
+        self, index: int, q: DeviceQueue, mem: GuestMemory, heads: list[int], lens: list[int]
     ) -> None:
         """:meth:`mark_used` for a short round's few entries, as ints (the hooks get arrays)."""
         hooks = self.inflight
@@ -225,10 +269,19 @@ class QueueSet:
         """A migration is under way: every write to guest memory goes in the dirty log."""
         return self.log_all and self.dirty_log is not None
 
-    def log_used(self, q: SplitQueue) -> None:
-        """Log the used ring's pages (entries, index, ``avail_event``: all of it, a page or two)."""
+    def log_used(self, q: DeviceQueue) -> None:
+        """Log what the device writes of the ring. Split: the used ring's pages (entries, index,
+        ``avail_event``: all of it, a page or two). Packed: used descriptors are written in the
+        descriptor ring itself (16 bytes each, §2.8.6), the kick hints in the device event suppression
+        area (§2.8.10): both, whole."""
         assert self.dirty_log is not None
-        self.dirty_log.mark(q.used_addr, 6 + 8 * q.size)
+        if isinstance(q, SplitQueue):
+            self.dirty_log.mark(q.used_addr, 6 + 8 * q.size)
+        else:
+            assert isinstance(q, PackedQueue)
+            self.dirty_log.mark(q.desc_addr, PDESC_SIZE * q.size)
+            self.dirty_log.mark(q.device_addr, EVENT_SIZE)
+
     def count_chain_errors(self, index: int, cb: ChainBatch) -> int:
         """Count the batch's bad chains as drops, by error code; returns how many there were."""
         if not cb.errors:  # the walker sets ``errors[k]`` with every ``error[k]``

@@ -616,7 +616,7 @@ class RxPath:
     def _give_back(self, rxq: int, st: QueueState, descs: npt.NDArray[np.int32], unused: int) -> None:
         """End a round: the last ``unused`` popped chains go back to the avail ring (un-popped, still
         the guest's), and every descriptor taken for the round is freed."""
-        st.q.last_avail_idx = (st.q.last_avail_idx - unused) & 0xFFFF
+        st.q.unpop_avail(unused)
         self._pool.free_batch(descs)
         self._stats.add_inflight(rxq, -int(descs.shape[0]))
 
