@@ -217,7 +217,64 @@ class _Posted:
     writable: list[tuple[int, int]]  # (gpa, len) of writable buffers, in chain order
 
 
-class DriverQueue:
+class FramePosting:
+    """Frames posted the way Linux's virtio_net posts them, on top of a queue's ``post_chain``: what the
+    split (:class:`DriverQueue`) and packed (``rings.driver_packed``) driver queues share."""
+
+    ram: GuestRam
+
+    def post_chain(
+        self,
+        segments: Sequence[tuple[int, int, bool]],
+        *,
+        indirect: bool = False,
+        buffers: Sequence[int] = (),
+    ) -> int:
+        """Post one chain of ``(gpa, len, writable)`` segments; each queue kind has its own."""
+        raise NotImplementedError
+
+    def post_tx(
+        self, frame: bytes, *, layout: TxLayout = TxLayout.ONE, header: bytes = bytes(VIRTIO_NET_HDR_SIZE)
+    ) -> int:
+        """Post one frame for the device to transmit, preceded by a virtio_net_hdr_v1."""
+        if layout is TxLayout.ONE:
+            buf = self.ram.alloc(len(header) + len(frame))
+            self.ram.write(buf, header + frame)
+            return self.post_chain([(buf, len(header) + len(frame), False)], buffers=[buf])
+        hdr_buf = self.ram.alloc(len(header))
+        frame_buf = self.ram.alloc(max(len(frame), 1))
+        self.ram.write(hdr_buf, header)
+        self.ram.write(frame_buf, frame)
+        return self.post_chain(
+            [(hdr_buf, len(header), False), (frame_buf, len(frame), False)],
+            indirect=layout is TxLayout.INDIRECT,
+            buffers=[hdr_buf, frame_buf],
+        )
+
+    def post_rx(
+        self, buf_size: int = VIRTIO_NET_HDR_SIZE + 1514, *, count: int = 1, layout: TxLayout = TxLayout.ONE
+    ) -> list[int]:
+        """Post ``count`` device-writable receive buffers of ``buf_size`` bytes (header included)."""
+        heads = []
+        for _ in range(count):
+            if layout is TxLayout.ONE:
+                buf = self.ram.alloc(buf_size)
+                heads.append(self.post_chain([(buf, buf_size, True)], buffers=[buf]))
+            else:
+                hdr = self.ram.alloc(VIRTIO_NET_HDR_SIZE)
+                body = self.ram.alloc(buf_size - VIRTIO_NET_HDR_SIZE)
+                heads.append(
+                    self.post_chain(
+                        [(hdr, VIRTIO_NET_HDR_SIZE, True), (body, buf_size - VIRTIO_NET_HDR_SIZE, True)],
+                        indirect=layout is TxLayout.INDIRECT,
+                        buffers=[hdr, body],
+                    )
+                )
+        return heads
+
+
+
+class DriverQueue(FramePosting):
     """One split virtqueue, driver side: the rings laid out in :class:`GuestRam`, Linux-style posting.
 
     ``start_idx`` starts every index there (the device then gets it via SET_VRING_BASE), to exercise
@@ -349,45 +406,6 @@ class DriverQueue:
                 0 if last else descs[j + 1],
             )
         return self._publish(descs[0], _Posted(descs, list(buffers), writable))
-
-    def post_tx(
-        self, frame: bytes, *, layout: TxLayout = TxLayout.ONE, header: bytes = bytes(VIRTIO_NET_HDR_SIZE)
-    ) -> int:
-        """Post one frame for the device to transmit, preceded by a virtio_net_hdr_v1."""
-        if layout is TxLayout.ONE:
-            buf = self.ram.alloc(len(header) + len(frame))
-            self.ram.write(buf, header + frame)
-            return self.post_chain([(buf, len(header) + len(frame), False)], buffers=[buf])
-        hdr_buf = self.ram.alloc(len(header))
-        frame_buf = self.ram.alloc(max(len(frame), 1))
-        self.ram.write(hdr_buf, header)
-        self.ram.write(frame_buf, frame)
-        return self.post_chain(
-            [(hdr_buf, len(header), False), (frame_buf, len(frame), False)],
-            indirect=layout is TxLayout.INDIRECT,
-            buffers=[hdr_buf, frame_buf],
-        )
-
-    def post_rx(
-        self, buf_size: int = VIRTIO_NET_HDR_SIZE + 1514, *, count: int = 1, layout: TxLayout = TxLayout.ONE
-    ) -> list[int]:
-        """Post ``count`` device-writable receive buffers of ``buf_size`` bytes (header included)."""
-        heads = []
-        for _ in range(count):
-            if layout is TxLayout.ONE:
-                buf = self.ram.alloc(buf_size)
-                heads.append(self.post_chain([(buf, buf_size, True)], buffers=[buf]))
-            else:
-                hdr = self.ram.alloc(VIRTIO_NET_HDR_SIZE)
-                body = self.ram.alloc(buf_size - VIRTIO_NET_HDR_SIZE)
-                heads.append(
-                    self.post_chain(
-                        [(hdr, VIRTIO_NET_HDR_SIZE, True), (body, buf_size - VIRTIO_NET_HDR_SIZE, True)],
-                        indirect=layout is TxLayout.INDIRECT,
-                        buffers=[hdr, body],
-                    )
-                )
-        return heads
 
     def post_malformed(self, kind: Malformed) -> int:
         """Post one broken chain of ``kind``; return the head the device will see in the avail ring."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from .driver import VIRTIO_NET_HDR_SIZE, Completion, GuestRam, QueueAddresses, TxLayout
+from .driver import Completion, FramePosting, GuestRam, QueueAddresses
 from .errors import DeviceError
 from .layout import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from .packed import PackedQueue
@@ -72,7 +72,7 @@ class _Posted:
     descs: list[tuple[int, int, int]] = field(default_factory=list)  # as posted, for recycle()
 
 
-class PackedDriverQueue:
+class PackedDriverQueue(FramePosting):
     """One packed virtqueue, driver side (Linux-style posting and reaping, §2.8.21, §2.8.22).
 
     ``start_pos``/``start_wrap`` put both sides' ring position and wrap counters there (the device then
@@ -213,43 +213,6 @@ class PackedDriverQueue:
         for j, (g, n, f) in enumerate(entries):
             table[j] = (g, n, 0, f)
         return gpa
-
-    def post_tx(
-        self, frame: bytes, *, layout: TxLayout = TxLayout.ONE, header: bytes = bytes(VIRTIO_NET_HDR_SIZE)
-    ) -> int:
-        """Post one frame for the device to transmit, preceded by a virtio_net_hdr_v1."""
-        if layout is TxLayout.ONE:
-            buf = self.ram.alloc(len(header) + len(frame))
-            self.ram.write(buf, header + frame)
-            return self.post_chain([(buf, len(header) + len(frame), False)], buffers=[buf])
-        hdr_buf, frame_buf = self.ram.alloc(len(header)), self.ram.alloc(max(len(frame), 1))
-        self.ram.write(hdr_buf, header)
-        self.ram.write(frame_buf, frame)
-        return self.post_chain(
-            [(hdr_buf, len(header), False), (frame_buf, len(frame), False)],
-            indirect=layout is TxLayout.INDIRECT,
-            buffers=[hdr_buf, frame_buf],
-        )
-
-    def post_rx(
-        self, buf_size: int = VIRTIO_NET_HDR_SIZE + 1514, *, count: int = 1, layout: TxLayout = TxLayout.ONE
-    ) -> list[int]:
-        """Post ``count`` device-writable receive buffers of ``buf_size`` bytes (header included)."""
-        ids = []
-        for _ in range(count):
-            if layout is TxLayout.ONE:
-                buf = self.ram.alloc(buf_size)
-                ids.append(self.post_chain([(buf, buf_size, True)], buffers=[buf]))
-                continue
-            hdr, body = self.ram.alloc(VIRTIO_NET_HDR_SIZE), self.ram.alloc(buf_size - VIRTIO_NET_HDR_SIZE)
-            ids.append(
-                self.post_chain(
-                    [(hdr, VIRTIO_NET_HDR_SIZE, True), (body, buf_size - VIRTIO_NET_HDR_SIZE, True)],
-                    indirect=layout is TxLayout.INDIRECT,
-                    buffers=[hdr, body],
-                )
-            )
-        return ids
 
     def post_malformed(self, kind: PackedMalformed) -> int:
         """Post one chain of ``kind``; return the buffer id the device will see."""
