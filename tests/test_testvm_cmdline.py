@@ -12,6 +12,7 @@ from qemu.testvm import (
     InvalidOptionError,
     QmpFd,
     QmpPath,
+    Route,
     TapNic,
     UserNic,
     VhostUserNic,
@@ -147,6 +148,62 @@ def test_kernel_cmdline_without_nic_has_no_network_params() -> None:
     assert kernel_cmdline(nic=None, guest_ip="10.0.2.15/24", workloads=[Workload("sleep")]) == (
         "console=ttyS0 panic=-1 nicsim.run=sleep"
     )
+
+
+def test_kernel_cmdline_gives_each_further_nic_its_own_params_then_forwarding_and_routes() -> None:
+    line = kernel_cmdline(
+        nics=[
+            VhostUserNic(socket="/s/a", mac="02:00:00:00:00:01", guest_ip="10.1.0.1/24"),
+            VhostUserNic(socket="/s/b", mac="02:00:00:00:00:02", guest_ip="10.2.0.1/24", guest_mtu=9000),
+            UserNic(mac="02:00:00:00:00:03"),
+        ],
+        guest_ip="10.0.2.15/24",  # NIC 0 has its own: that one wins
+        workloads=[Workload("sleep")],
+        forward=True,
+        routes=[Route(to="10.3.0.0/24", via="10.2.0.2"), Route.parse("default,via=10.1.0.254")],
+    )
+    assert line == (
+        "console=ttyS0 panic=-1 nicsim.mac=02:00:00:00:00:01 nicsim.ip=10.1.0.1/24 nicsim.mtu=1500 "
+        "nicsim.eth1.mac=02:00:00:00:00:02 nicsim.eth1.ip=10.2.0.1/24 nicsim.eth1.mtu=9000 "
+        "nicsim.eth2.mac=02:00:00:00:00:03 nicsim.forward=1 "
+        "nicsim.route=10.3.0.0/24,via=10.2.0.2 nicsim.route=default,via=10.1.0.254 nicsim.run=sleep"
+    )
+
+
+@pytest.mark.parametrize("text", ["10.3.0.0/24", "10.3.0.0/24,via=x", "10.3.0.1/24,via=10.2.0.2",
+                                  "10.3.0.0/24,via=10.2.0.2,dev=eth1"])  # fmt: skip
+def test_a_route_that_is_not_network_via_address_is_refused(text: str) -> None:
+    with pytest.raises(InvalidOptionError, match="route"):
+        Route.parse(text)
+
+
+def test_several_nics_each_get_their_own_ids_and_mac_and_vectors_0() -> None:
+    argv = build_cmdline(spec(nics=[VhostUserNic(socket="/s/a", mac="02:00:00:00:00:01"),
+                                    TapNic(mac="02:00:00:00:00:02", ifname="tap1"),
+                                    UserNic(mac="02:00:00:00:00:03")]))  # fmt: skip
+    assert opt(argv, "-chardev")[-1] == "socket,id=c0,path=/s/a"
+    assert opt(argv, "-netdev") == [
+        "vhost-user,id=n0,chardev=c0",
+        "tap,id=n1,ifname=tap1,script=no,downscript=no,vhost=off",
+        "user,id=n2,restrict=on",
+    ]
+    devices = [d.split(",") for d in opt(argv, "-device")]
+    assert [d[1:4] for d in devices] == [
+        [f"id=nic{i}", f"netdev=n{i}", f"mac=02:00:00:00:00:0{i + 1}"] for i in range(3)
+    ]
+    assert all("vectors=0" in d for d in devices)
+
+
+def test_one_nic_by_nic_or_by_nics_is_the_same_command_line() -> None:
+    nic = VhostUserNic(socket="/s/a")
+    assert build_cmdline(spec(nic=nic)) == build_cmdline(spec(nics=[nic]))
+
+
+def test_two_nics_with_one_mac_or_nic_and_nics_together_are_refused() -> None:
+    with pytest.raises(InvalidOptionError, match="NICs 0 and 1 both have MAC 52:54:00:12:34:56"):
+        build_cmdline(spec(nics=[UserNic(), UserNic()]))
+    with pytest.raises(InvalidOptionError, match="not both"):
+        build_cmdline(spec(nic=UserNic(), nics=[UserNic(mac="02:00:00:00:00:09")]))
 
 
 def test_kernel_cmdline_refuses_extra_words_with_spaces() -> None:

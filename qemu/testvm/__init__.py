@@ -19,6 +19,7 @@ from .cmdline import (
     Nic,
     QmpFd,
     QmpPath,
+    Route,
     TapNic,
     UserNic,
     VhostUserNic,
@@ -28,6 +29,7 @@ from .cmdline import (
     disk_args,
     in_netns,
     kernel_cmdline,
+    nic_list,
 )
 from .errors import (
     GuestOutputError,
@@ -58,6 +60,7 @@ __all__ = [
     "QMPCommandError",
     "QmpFd",
     "QmpPath",
+    "Route",
     "Runstate",
     "TapNic",
     "TestVM",
@@ -79,6 +82,7 @@ __all__ = [
     "disk_format",
     "in_netns",
     "kernel_cmdline",
+    "nic_list",
     "parse_result_line",
     "parse_results",
     "probe_kvm",

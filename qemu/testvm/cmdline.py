@@ -5,14 +5,16 @@ QEMU: shared memfd guest RAM (a vhost-user backend sees nothing without ``share=
 console and QMP chardevs, ``-kernel/-initrd/-append`` with the ARCHITECTURE.md kernel command line
 (the caller's own words appended), an optional disk image on virtio-blk opened with ``snapshot=on``
 (the guest may write; its writes go to a temporary overlay QEMU deletes at exit, so the image file
-is never modified), and one virtio-net NIC backed by vhost-user, a TAP inside a network namespace,
-or slirp with ``restrict=on``. Under TCG it adds ``vectors=0`` (QEMU 7.2 segfaults in
-``msix_set_vector_notifiers`` with vhost-user + MSI-X under TCG) and an empty ``romfile=`` (skips the
-iPXE ROM, faster boot).
+is never modified), and virtio-net NICs (one, or several in order: eth0, eth1, ... in the guest),
+each backed by vhost-user, a TAP inside a network namespace, or slirp with ``restrict=on``, each with
+its own MAC and QEMU ids (``nic0``/``n0`` for the first, ``nic1``/``n1`` next). Under TCG it adds
+``vectors=0`` (QEMU 7.2 segfaults in ``msix_set_vector_notifiers`` with vhost-user + MSI-X under TCG)
+and an empty ``romfile=`` (skips the iPXE ROM, faster boot).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from .workload import Workload, kernel_params
 
 DEFAULT_MAC = "52:54:00:12:34:56"
 DEFAULT_QEMU = "qemu-system-x86_64"
-NETDEV_ID = "n0"
+NETDEV_ID = "n0"  # NIC 0's ids; NIC i's are n{i}, nic{i} and (vhost-user) chardev c{i}
 NIC_ID = "nic0"
 DISK_ID = "disk0"
 ACCELS = ("tcg", "kvm")
@@ -60,7 +62,12 @@ def _check_path(path: str | Path, what: str) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class NicOptions:
-    """What every virtio-net-pci NIC shares, whatever its backend."""
+    """What every virtio-net-pci NIC shares, whatever its backend.
+
+    ``guest_ip`` (an address with prefix) and ``guest_mtu`` are what the built-in /init configures on
+    this NIC in the guest; on NIC 0, when they are None, the VM's own ``guest_ip`` and ``mtu`` apply
+    (the single-NIC API), and on the others nothing is configured but the link.
+    """
 
     mac: str = DEFAULT_MAC
     rx_queue_size: int | None = None
@@ -69,11 +76,13 @@ class NicOptions:
     mrg_rxbuf: bool | None = None
     host_mtu: int | None = None  # virtio-net's host_mtu: offers VIRTIO_NET_F_MTU with this MTU
     offloads: Mapping[str, bool] = field(default_factory=dict)
+    guest_ip: str | None = None
+    guest_mtu: int | None = None
 
-    def device_args(self, *, queues: int, tcg: bool) -> str:
+    def device_args(self, *, queues: int, tcg: bool, index: int = 0) -> str:
         if not _MAC_RE.match(self.mac):
             raise InvalidOptionError(f"MAC address {self.mac!r} is not six hex pairs")
-        props = [f"virtio-net-pci,id={NIC_ID},netdev={NETDEV_ID},mac={self.mac}"]
+        props = [f"virtio-net-pci,id=nic{index},netdev=n{index},mac={self.mac}"]
         for name, size in (("rx_queue_size", self.rx_queue_size), ("tx_queue_size", self.tx_queue_size)):
             if size is None:
                 continue
@@ -114,8 +123,8 @@ class VhostUserNic(NicOptions):
     reconnect: int | None = None
     queues: int = 1
 
-    def args(self, *, tcg: bool) -> list[str]:
-        chardev = f"socket,id=c0,path={_check_path(self.socket, 'vhost-user socket')}"
+    def args(self, *, tcg: bool, index: int = 0) -> list[str]:
+        chardev = f"socket,id=c{index},path={_check_path(self.socket, 'vhost-user socket')}"
         if self.server:
             if self.reconnect is not None:
                 raise InvalidOptionError("reconnect= applies only when QEMU is the socket client")
@@ -128,13 +137,13 @@ class VhostUserNic(NicOptions):
             chardev += f",reconnect={self.reconnect}"
         if self.queues < 1:
             raise InvalidOptionError(f"queues={self.queues}: at least 1")
-        netdev = f"vhost-user,id={NETDEV_ID},chardev=c0"
+        netdev = f"vhost-user,id=n{index},chardev=c{index}"
         if self.queues > 1:
             netdev += f",queues={self.queues}"
         return [
             "-chardev", chardev,
             "-netdev", netdev,
-            "-device", self.device_args(queues=self.queues, tcg=tcg),
+            "-device", self.device_args(queues=self.queues, tcg=tcg, index=index),
         ]  # fmt: skip
 
 
@@ -144,25 +153,70 @@ class TapNic(NicOptions):
 
     ifname: str = "tap0"
 
-    def args(self, *, tcg: bool) -> list[str]:
+    def args(self, *, tcg: bool, index: int = 0) -> list[str]:
         if not _IFNAME_RE.match(self.ifname):
             raise InvalidOptionError(f"interface name {self.ifname!r} is not a Linux interface name")
         # script=no,downscript=no: the namespace's owner configures the TAP, not /etc/qemu-ifup.
         # vhost=off: there is no /dev/vhost-net on these machines.
-        netdev = f"tap,id={NETDEV_ID},ifname={self.ifname},script=no,downscript=no,vhost=off"
-        return ["-netdev", netdev, "-device", self.device_args(queues=1, tcg=tcg)]
+        netdev = f"tap,id=n{index},ifname={self.ifname},script=no,downscript=no,vhost=off"
+        return ["-netdev", netdev, "-device", self.device_args(queues=1, tcg=tcg, index=index)]
 
 
 @dataclass(frozen=True, kw_only=True)
 class UserNic(NicOptions):
     """Slirp, always with ``restrict=on``: the guest can reach QEMU's gateway and nothing beyond it."""
 
-    def args(self, *, tcg: bool) -> list[str]:
-        netdev = f"user,id={NETDEV_ID},restrict=on"
-        return ["-netdev", netdev, "-device", self.device_args(queues=1, tcg=tcg)]
+    def args(self, *, tcg: bool, index: int = 0) -> list[str]:
+        netdev = f"user,id=n{index},restrict=on"
+        return ["-netdev", netdev, "-device", self.device_args(queues=1, tcg=tcg, index=index)]
 
 
 Nic = VhostUserNic | TapNic | UserNic
+
+
+def nic_list(nic: Nic | None, nics: Sequence[Nic]) -> tuple[Nic, ...]:
+    """The VM's NICs in order (``nic=`` is the one-NIC spelling of ``nics=``); two MACs may not clash."""
+    if nic is not None and nics:
+        raise InvalidOptionError("give nic= (one NIC) or nics= (several), not both")
+    out = (nic,) if nic is not None else tuple(nics)
+    seen: dict[str, int] = {}
+    for i, n in enumerate(out):
+        first = seen.setdefault(n.mac.lower(), i)
+        if first != i:
+            raise InvalidOptionError(f"NICs {first} and {i} both have MAC {n.mac}: give each its own mac=")
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Route:
+    """A static IPv4 route the built-in /init adds once the NICs are up: ``to`` a network with its prefix
+    (or ``default``) ``via`` a gateway on one of the guest's own networks."""
+
+    to: str
+    via: str
+
+    def __post_init__(self) -> None:
+        try:
+            if self.to != "default":
+                ipaddress.IPv4Network(self.to)
+            ipaddress.IPv4Address(self.via)
+        except ValueError as err:
+            raise InvalidOptionError(
+                f"route {self.render()!r}: {err} (a route is NETWORK/PREFIX or default, via=ADDRESS)"
+            ) from None
+
+    @classmethod
+    def parse(cls, text: str) -> Route:
+        """The command-line form ``10.2.0.0/24,via=10.1.0.1`` (as ``nicsim vm --route`` takes it)."""
+        to, sep, via = text.partition(",via=")
+        if not sep or not to or "," in via:
+            raise InvalidOptionError(
+                f"route {text!r}: write it NETWORK/PREFIX,via=ADDRESS or default,via=ADDRESS"
+            )
+        return cls(to=to, via=via)
+
+    def render(self) -> str:
+        return f"{self.to},via={self.via}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -249,19 +303,37 @@ def append_words(extra: str | Sequence[str]) -> list[str]:
 
 def kernel_cmdline(
     *,
-    nic: Nic | None,
+    nic: Nic | None = None,
     guest_ip: str | None,
     workloads: Sequence[Workload],
     mtu: int | None = 1500,
     extra: str | Sequence[str] = (),
+    nics: Sequence[Nic] = (),
+    forward: bool = False,
+    routes: Sequence[Route] = (),
 ) -> str:
     """The ``-append`` string: ``console=ttyS0 panic=-1`` then the ``nicsim.*`` contract, then ``extra``
     (the caller's words come last, so where the kernel takes the last value, e.g. ``console=``, theirs
-    wins; the built-in ``/init`` reads the ``nicsim.*`` words, any other init ignores them)."""
-    mac = nic.mac if nic is not None else None
-    ip = guest_ip if nic is not None else None
+    wins; the built-in ``/init`` reads the ``nicsim.*`` words, any other init ignores them).
+
+    NIC 0 is ``nicsim.mac/ip/mtu`` (its own ``guest_ip``/``guest_mtu``, else ``guest_ip``/``mtu``);
+    NIC i is ``nicsim.ethI.mac/ip/mtu``; then ``nicsim.forward=1`` and one ``nicsim.route=`` per route."""
+    all_nics = nic_list(nic, nics)
     words = append_words(extra)
-    params = kernel_params(mac=mac, ip=ip, mtu=mtu if nic is not None else None, workloads=workloads)
+    more: list[tuple[str, object]] = []
+    for i, n in enumerate(all_nics[1:], 1):
+        more += [(f"eth{i}.{k}", v) for k, v in (("mac", n.mac), ("ip", n.guest_ip), ("mtu", n.guest_mtu))]
+    if forward:
+        more.append(("forward", 1))
+    more += [("route", r.render()) for r in routes]
+    first = all_nics[0] if all_nics else None
+    params = kernel_params(
+        mac=first.mac if first else None,
+        ip=(first.guest_ip or guest_ip) if first else None,
+        mtu=(first.guest_mtu or mtu) if first else None,
+        workloads=workloads,
+        more=more,
+    )
     line = " ".join(["console=ttyS0", "panic=-1", *params, *words])
     if len(line.encode()) > MAX_CMDLINE:
         raise InvalidOptionError(
@@ -289,8 +361,11 @@ class VMSpec:
     cpus: int = 1
     accel: str = "tcg"
     nic: Nic | None = None
+    nics: Sequence[Nic] = ()  # several NICs, in order (instead of nic)
     guest_ip: str | None = "10.0.2.15/24"
     mtu: int | None = 1500
+    forward: bool = False  # the guest forwards IPv4 between its NICs (a router)
+    routes: Sequence[Route] = ()
     workloads: Sequence[Workload] = ()
     extra_append: str | Sequence[str] = ()
     disk: str | Path | None = None
@@ -332,14 +407,14 @@ def build_cmdline(spec: VMSpec) -> list[str]:
     argv += [
         "-append",
         kernel_cmdline(
-            nic=spec.nic, guest_ip=spec.guest_ip, workloads=spec.workloads, mtu=spec.mtu,
-            extra=spec.extra_append,
+            nic=spec.nic, nics=spec.nics, guest_ip=spec.guest_ip, workloads=spec.workloads, mtu=spec.mtu,
+            extra=spec.extra_append, forward=spec.forward, routes=spec.routes,
         ),
     ]  # fmt: skip
     if spec.disk is not None:
         argv += disk_args(spec.disk, spec.disk_format)
-    if spec.nic is not None:
-        argv += spec.nic.args(tcg=tcg)
+    for index, nic in enumerate(nic_list(spec.nic, spec.nics)):
+        argv += nic.args(tcg=tcg, index=index)
     argv += list(spec.extra_args)
     return argv
 

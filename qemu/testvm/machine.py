@@ -29,10 +29,10 @@ from qemu.qmp import QMPClient, QMPError
 from .accel import choose_accel
 from .cmdline import (
     DEFAULT_QEMU,
-    NIC_ID,
     ConsoleFd,
     Nic,
     QmpFd,
+    Route,
     VMSpec,
     build_cmdline,
     in_netns,
@@ -66,7 +66,9 @@ class TestVM:
     or the user's own kernel, initrd and ``disk`` image (virtio-blk, ``snapshot=on``: the guest may
     write to it, the file itself is never modified; ``disk_format`` ``auto`` reads the qcow2 magic,
     else raw). ``extra_append`` is appended to the kernel command line after the ``nicsim.*``
-    contract: a string (split on whitespace) or a sequence of words. The files are checked when
+    contract: a string (split on whitespace) or a sequence of words. ``nics`` gives the guest several
+    NICs (eth0, eth1, ... in order), each with its own MAC and its own ``guest_ip``/``guest_mtu``;
+    ``forward`` makes it route IPv4 between them and ``routes`` adds static routes. The files are checked when
     ``launch()`` starts, before QEMU: a missing, unreadable or empty one is an ``InvalidOptionError``
     that names the parameter.
     """
@@ -79,6 +81,9 @@ class TestVM:
         kernel: str | Path,
         initrd: str | Path | None = None,
         nic: Nic | None = None,
+        nics: Sequence[Nic] = (),
+        forward: bool = False,
+        routes: Sequence[Route] = (),
         workloads: Sequence[Workload] = (),
         memory_mb: int = 256,
         guest_ip: str | None = "10.0.2.15/24",
@@ -97,7 +102,8 @@ class TestVM:
         echo: Callable[[str], None] | None = None,
     ) -> None:
         self._spec = VMSpec(
-            kernel=kernel, initrd=initrd, memory_mb=memory_mb, cpus=cpus, nic=nic, guest_ip=guest_ip,
+            kernel=kernel, initrd=initrd, memory_mb=memory_mb, cpus=cpus, nic=nic, nics=tuple(nics),
+            forward=forward, routes=tuple(routes), guest_ip=guest_ip,
             mtu=mtu, workloads=tuple(workloads), qemu=qemu, extra_args=tuple(extra_args), accel="tcg",
             extra_append=extra_append if isinstance(extra_append, str) else tuple(extra_append), disk=disk,
         )  # fmt: skip
@@ -317,8 +323,9 @@ class TestVM:
         except QMPError as err:
             raise QMPCommandError(f"{self._name}: QMP {command} failed: {err}") from err
 
-    async def set_link(self, up: bool) -> None:
-        await self.qmp("set_link", {"name": NIC_ID, "up": up})
+    async def set_link(self, up: bool, *, nic: int = 0) -> None:
+        """Carrier of NIC ``nic`` (0: the first) on or off."""
+        await self.qmp("set_link", {"name": f"nic{nic}", "up": up})
 
     async def system_reset(self, timeout: float = QUIT_TIMEOUT) -> None:
         """Reset the guest: it boots again and reruns its workloads, and QEMU keeps running.

@@ -191,15 +191,23 @@ def parse_results(console_text: str) -> list[WorkloadResult]:
 
 
 def kernel_params(
-    *, mac: str | None, ip: str | None, mtu: int | None, workloads: Sequence[Workload]
+    *,
+    mac: str | None,
+    ip: str | None,
+    mtu: int | None,
+    workloads: Sequence[Workload],
+    more: Sequence[tuple[str, object]] = (),
 ) -> list[str]:
-    """The ``nicsim.*`` kernel parameters of the contract, in contract order (only those that are set)."""
+    """The ``nicsim.*`` kernel parameters of the contract, in contract order (only those that are set):
+    eth0's ``mac``, ``ip``, ``mtu``, then ``more`` (``(key, value)`` pairs: the other NICs, forwarding,
+    routes; a key may repeat), then ``run``."""
     params: list[str] = []
-    for key, value in (("mac", mac), ("ip", ip), ("mtu", mtu)):
+    for key, value in (("mac", mac), ("ip", ip), ("mtu", mtu), *more):
         if value is None:
             continue
         text = str(value)
-        if not text or set(text) & _BAD_VALUE_CHARS:
+        # A route's own syntax has a comma (10.2.0.0/24,via=10.1.0.1); nothing else may.
+        if not text or set(text) & (_BAD_VALUE_CHARS - {","} if key == "route" else _BAD_VALUE_CHARS):
             raise InvalidOptionError(f"nicsim.{key}={text!r} cannot go on the kernel command line")
         params.append(f"nicsim.{key}={text}")
     if workloads:
