@@ -3,7 +3,8 @@
 #
 # Owns the guest side of the kernel command line contract (docs/ARCHITECTURE.md): mount the pseudo
 # filesystems, load the virtio-net and pktgen modules, configure eth0 from nicsim.mac= / nicsim.ip= /
-# nicsim.mtu=, print NICSIM-READY, run each workload of nicsim.run= (";" between workloads, ","
+# nicsim.mtu= and each further NIC from nicsim.ethN.mac= / .ip= / .mtu=, forward IPv4 between them if
+# nicsim.forward=1, add each nicsim.route=NETWORK,via=GATEWAY (repeatable), print NICSIM-READY, run each workload of nicsim.run= (";" between workloads, ","
 # between key=value params) printing one "NICSIM-RESULT {json}" line each, then NICSIM-DONE and power
 # off. Every workload runs in its own session under a deadline, so a stuck one is killed with all
 # its children and reported as a failure instead of hanging the boot.
@@ -427,26 +428,57 @@ while read -r ko; do
 done </lib/nicsim/modules.order
 
 cmdline_value() { for w in $(cat /proc/cmdline); do case $w in "$1="*) printf '%s' "${w#*=}" ;; esac; done; }
-MAC=$(cmdline_value nicsim.mac)
-IPCIDR=$(cmdline_value nicsim.ip)
-MTU=$(cmdline_value nicsim.mtu)
+# Every value of a parameter that may repeat, one a line.
+cmdline_values() { for w in $(cat /proc/cmdline); do case $w in "$1="*) echo "${w#*=}" ;; esac; done; }
 RUN=$(cmdline_value nicsim.run)
 
+# The interface QEMU gave MAC $1 (names follow PCI probe order; the MAC is what the host chose).
+iface_with_mac() {
+    want=$(printf '%s' "$1" | tr 'A-F' 'a-f')
+    for d in /sys/class/net/*; do
+        [ "$(cat "$d/address" 2>/dev/null)" != "$want" ] || { basename "$d"; return; }
+    done
+}
+
+# configure_nic NAME MAC IP MTU: the NIC that has MAC (else NAME, given MAC) up, with IP and MTU.
+configure_nic() {
+    dev=
+    [ -z "$2" ] || dev=$(iface_with_mac "$2")
+    if [ -z "$dev" ]; then
+        [ -d "/sys/class/net/$1" ] || { echo "nicsim: no $1; running the workloads anyway"; return; }
+        dev=$1
+        [ -z "$2" ] || ip link set "$dev" address "$2" || echo "nicsim: cannot set MAC $2 on $dev"
+    fi
+    [ -z "$4" ] || ip link set "$dev" mtu "$4" || echo "nicsim: cannot set MTU $4 on $dev"
+    ip link set "$dev" up
+    [ -z "$3" ] || ip addr add "$3" dev "$dev" || echo "nicsim: cannot set address $3 on $dev"
+    UP_NICS="$UP_NICS $dev"
+}
+
 ip link set lo up
-if [ -d /sys/class/net/$IFACE ]; then
-    [ -z "$MAC" ] || ip link set $IFACE address "$MAC" || echo "nicsim: cannot set MAC $MAC"
-    [ -z "$MTU" ] || ip link set $IFACE mtu "$MTU" || echo "nicsim: cannot set MTU $MTU"
-    ip link set $IFACE up
-    [ -z "$IPCIDR" ] || ip addr add "$IPCIDR" dev $IFACE || echo "nicsim: cannot set address $IPCIDR"
-    # Carrier normally follows at once; give a slow backend up to 3 s, then carry on regardless.
+UP_NICS=
+configure_nic eth0 "$(cmdline_value nicsim.mac)" "$(cmdline_value nicsim.ip)" "$(cmdline_value nicsim.mtu)"
+n=1
+while [ -n "$(cmdline_value nicsim.eth$n.mac)$(cmdline_value nicsim.eth$n.ip)" ] || [ -d /sys/class/net/eth$n ]; do
+    configure_nic eth$n "$(cmdline_value nicsim.eth$n.mac)" "$(cmdline_value nicsim.eth$n.ip)" \
+        "$(cmdline_value nicsim.eth$n.mtu)"
+    n=$((n + 1))
+done
+# Carrier normally follows at once; give a slow backend up to 3 s a NIC, then carry on regardless.
+for dev in $UP_NICS; do
     n=0
-    while [ "$(cat /sys/class/net/$IFACE/carrier 2>/dev/null)" != 1 ] && [ $n -lt 60 ]; do
+    while [ "$(cat /sys/class/net/$dev/carrier 2>/dev/null)" != 1 ] && [ $n -lt 60 ]; do
         usleep 50000
         n=$((n + 1))
     done
-else
-    echo "nicsim: no $IFACE; running the workloads anyway"
+done
+if [ "$(cmdline_value nicsim.forward)" = 1 ]; then
+    echo 1 >/proc/sys/net/ipv4/ip_forward || echo "nicsim: cannot turn on IPv4 forwarding"
 fi
+for route in $(cmdline_values nicsim.route); do
+    to=${route%%,*} via=${route#*,via=}
+    ip route add "$to" via "$via" || echo "nicsim: cannot add route $to via $via"
+done
 echo NICSIM-READY
 
 # The deadline of a workload: its own duration plus a margin, or timeout= when given.
