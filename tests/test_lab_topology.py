@@ -29,9 +29,9 @@ BASE: dict[str, Any] = {
 }
 
 
-def with_(path: str, value: Any) -> dict[str, Any]:
-    """BASE with one key set (``a.b.c``; a number indexes a list)."""
-    doc = copy.deepcopy(BASE)
+def with_(path: str, value: Any, base: dict[str, Any] = BASE) -> dict[str, Any]:
+    """BASE (or ``base``) with one key set (``a.b.c``; a number indexes a list)."""
+    doc = copy.deepcopy(base)
     *parents, last = path.split(".")
     node: Any = doc
     for p in parents:
@@ -242,3 +242,133 @@ def test_the_schema_refuses_what_the_parser_refuses_key_by_key(path: str, value:
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, schema())
     jsonschema.validate(BASE, schema())
+
+
+# -- guests with several NICs: routers -------------------------------------------------------------------
+
+ROUTER: dict[str, Any] = {
+    "name": "rt",
+    "switches": {"a": {"subnet": "10.1.0.0/24"}, "b": {"subnet": "10.2.0.0/24"}},
+    "guests": {
+        "r1": {"forward": True, "nics": [{"switch": "a", "ip": "10.1.0.1/24"}, {"switch": "b"}]},
+        "h1": {"switch": "a", "routes": [{"to": "b", "via": "r1"}]},
+        "h2": {"switch": "b", "routes": [{"to": "10.1.0.0/24", "via": "10.2.0.1"}]},
+    },
+    "links": [{"guest": "r1", "switch": "b", "rx": "delay=1ms"}, {"guest": "h1", "tx": "loss=1%"}],
+    "checks": [{"kind": "ping", "from": "h1", "to": "h2"}, {"kind": "ping", "from": "h2", "to": "r1"}],
+}
+
+
+def router(path: str, value: Any) -> dict[str, Any]:
+    return with_(path, value, ROUTER)
+
+
+def test_a_router_has_a_nic_socket_mac_and_address_on_each_switch(tmp_path: Path) -> None:
+    top = from_dict(ROUTER)
+    assert top.guests["r1"].switches == ("a", "b") and top.guests["r1"].forward
+    lab = plan(top, tmp_path)
+    r1 = lab.guests["r1"]
+    assert [(n.switch, n.ip, n.socket.name) for n in r1.nics] == [
+        ("a", "10.1.0.1/24", "r1.a.sock"),
+        ("b", "10.2.0.1/24", "r1.b.sock"),  # the next free one of b
+    ]
+    assert r1.nics[0].mac == lab_mac("rt", "r1") and r1.nics[1].mac == lab_mac("rt", "r1.b")
+    assert lab.guests["h1"].ip == "10.1.0.2/24" and lab.guests["h1"].socket.name == "h1.sock"
+    assert lab.switches["a"].sockets == {"r1": r1.nics[0].socket, "h1": lab.guests["h1"].socket}
+    assert lab.switches["b"].sockets == {"r1": r1.nics[1].socket, "h2": lab.guests["h2"].socket}
+    b_argv = lab.switches["b"].argv
+    assert f"{r1.nics[1].socket}:rx:delay=1ms" in b_argv  # the link is r1's on b, not on a
+    assert not any("delay" in a for a in lab.switches["a"].argv)
+    assert f"{lab.guests['h1'].socket}:tx:loss=1%" in lab.switches["a"].argv
+    # A route's switch is its subnet, a gateway guest its address on the shared switch.
+    assert [r.render() for r in lab.guests["h1"].routes] == ["10.2.0.0/24,via=10.1.0.1"]
+    assert [r.render() for r in lab.guests["h2"].routes] == ["10.1.0.0/24,via=10.2.0.1"]
+    assert lab.guests["r1"].routes == ()
+    # A guest names another by the address it reaches: h2 pings r1 on b, h1 pings h2 through r1.
+    assert lab.guests["h1"].workloads[1].params["target"] == "10.2.0.2"
+    assert lab.guests["h2"].workloads[1].params["target"] == "10.2.0.1"
+    doc = r1.as_json()
+    assert doc["switch"] == "a" and [n["switch"] for n in doc["nics"]] == ["a", "b"] and doc["forward"]
+
+
+def test_the_wait_for_peers_is_the_labs_wait(tmp_path: Path) -> None:
+    lab = plan(from_dict(router("wait", 9)), tmp_path)
+    assert lab.guests["h1"].workloads[0].render() == "wait-for,target=10.2.0.2,timeout=9"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "words"),
+    [
+        (
+            "guests.r1.switch",
+            "a",
+            "guests.r1.switch: give switch, ip and mac (one NIC) or nics (several), not both",
+        ),
+        ("guests.r1.nics", [], "guests.r1.nics: at least one NIC"),
+        ("guests.r1.nics.1.switch", "a", "guests.r1.nics[1].switch: guest r1 has a NIC on switch a already"),
+        ("guests.r1.nics.1.switch", "c", "guests.r1.nics[1].switch: no switch 'c'; the switches: a, b"),
+        ("guests.h1.ip", "10.1.0.1/24", "guests.h1.ip: 10.1.0.1 is r1's address on switch a already"),
+        ("guests.r1.nics.1.ip", "10.3.0.1/24", "guests.r1.nics[1].ip: 10.3.0.1/24 is outside switch b's"),
+        ("guests.r1.nics.1.mac", "01:00:00:00:00:01", "guests.r1.nics[1].mac: '01:00:00:00:00:01' is not"),
+        ("guests.r1.nics.1.vlan", 3, "guests.r1.nics[1].vlan: unknown key"),
+        ("guests.h1.routes.0.to", "a", "guests.h1.routes[0].to: h1 is on switch a itself"),
+        ("guests.h1.routes.0.to", "10.2.0.1/24", "guests.h1.routes[0].to: 10.2.0.1/24 has host bits set"),
+        ("guests.h1.routes.0.via", "h2", "guests.h1.routes[0].via: h2 shares no switch with h1"),
+        ("guests.h1.routes.0.via", "h1", "guests.h1.routes[0].via: h1 shares no switch with h1"),
+        (
+            "guests.h1.routes.0.via",
+            "10.2.0.1",
+            "guests.h1.routes[0].via: 10.2.0.1 is on none of h1's networks",
+        ),
+        ("guests.h1.routes.0.via", "gw", "guests.h1.routes[0].via: 'gw' is neither a guest nor an IPv4"),
+        ("guests.h1.routes.0", {"to": "b"}, "guests.h1.routes[0].via: missing"),
+        ("guests.h1.forward", "yes", "guests.h1.forward: must be true or false"),
+        ("links.0", {"guest": "r1", "rx": "loss=1%"}, "links[0].switch: r1 has NICs on a, b: say which link"),
+        ("links.1.switch", "b", "links[1].switch: h1 has no NIC on switch 'b'; its switches: a"),
+        (
+            "links.1",
+            {"guest": "r1", "switch": "b"},
+            "links[1].guest: 'r1' has a link table to switch b already",
+        ),
+        ("wait", 0, "wait: 0 is too small: at least 1"),
+    ],
+)
+def test_router_mistakes_are_refused_with_the_key_and_what_is_allowed(
+    path: str, value: Any, words: str
+) -> None:
+    assert words in str(refused(router(path, value)))
+
+
+def test_a_guest_without_switch_or_nics_and_overlapping_nics_and_one_mac_twice_are_refused() -> None:
+    doc = router("guests.h1", {})
+    assert "guests.h1.switch: missing: the switch its NIC is on (or nics" in str(refused(doc))
+    doc = router("switches.b.subnet", "10.1.0.0/16")
+    doc["guests"]["r1"]["nics"][1]["ip"] = "10.1.1.1/16"
+    doc["guests"]["h2"]["routes"] = []
+    assert "guests.r1.nics[1].ip: its network 10.1.0.0/16 overlaps 10.1.0.0/24 of the NIC on a" in str(
+        refused(doc)
+    )
+    doc = router("guests.h1.mac", "02:00:00:00:00:01")
+    doc["guests"]["r1"]["nics"][1]["mac"] = "02:00:00:00:00:01"
+    assert "guests.h1.mac: 02:00:00:00:00:01 is r1's MAC already" in str(refused(doc))
+
+
+def test_a_capture_check_reads_one_link_capture_of_a_router() -> None:
+    doc = router("links", [{"guest": "r1", "switch": s, "capture": f"r1-{s}.pcapng"} for s in ("a", "b")])
+    doc["checks"] = [{"kind": "capture", "link": "r1", "min": 1}]
+    assert "checks[0].link: r1's links to a, b each have a capture" in str(refused(doc))
+    doc["links"].pop()
+    assert from_dict(doc).links[("r1", "a")].capture == Path("r1-a.pcapng")
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [("guests.r1.switch", "a"), ("guests.r1.ip", "10.1.0.9/24"), ("guests.h1", {}),
+     ("guests.h1.routes.0", {"to": "b"}), ("guests.r1.nics.0.vlan", 3)],
+)  # fmt: skip
+def test_the_schema_refuses_what_the_parser_refuses_about_nics(path: str, value: Any) -> None:
+    doc = router(path, value)
+    refused(doc)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, schema())
+    jsonschema.validate(ROUTER, schema())

@@ -145,6 +145,9 @@ def _describe(lab: Any) -> int:
     print(f"lab {top.name}: {len(top.switches)} switches, {len(top.guests)} guests, {len(top.checks)} checks")
     print(render_guests(lab))
     for g in lab.guests.values():
+        if g.spec.forward or g.routes:
+            routes = ", ".join(f"{r.to} via {r.via}" for r in g.routes) or "none"
+            print(f"{g.name} {'forwards IPv4; ' if g.spec.forward else ''}routes: {routes}")
         print(f"{g.name} runs: " + "; ".join(w.render() for w in g.workloads[: g.expect]))
     for sw in lab.switches.values():
         print(f"switch {sw.name}: " + " ".join(sw.argv[1:]))

@@ -53,14 +53,23 @@ TABLES: Final[dict[str, dict[str, Key]]] = {
         "timeout": Key(
             kind="number", doc="seconds the whole run may take, boots included (default 300)", minimum=1
         ),
+        "wait": Key(
+            kind="number",
+            doc="seconds a guest waits for each guest it sends to to answer before it goes on regardless "
+            "(and that wait fails) (default 120)",
+            minimum=1,
+        ),
         "defaults": Key(kind="table", table="defaults", doc="guest settings every guest starts from"),
         "switches": Key(
             kind="named", table="switch", doc="learning L2 switches, one nicsim process each", required=True
         ),
         "guests": Key(
-            kind="named", table="guest", doc="the guests, each with one NIC on a switch", required=True
+            kind="named",
+            table="guest",
+            doc="the guests, each with one NIC on a switch (switch =) or several (nics =)",
+            required=True,
         ),
-        "links": Key(kind="array", table="link", doc="impairments on a guest's link to its switch"),
+        "links": Key(kind="array", table="link", doc="impairments on a guest's link to a switch"),
         "checks": Key(kind="array", table="check", doc="what must hold for the run to pass"),
     },
     "defaults": dict(_GUEST_COMMON),
@@ -86,11 +95,39 @@ TABLES: Final[dict[str, dict[str, Key]]] = {
         ),
     },
     "guest": {
-        "switch": Key(kind="string", doc="the switch its NIC is on", required=True),
+        "switch": Key(kind="string", doc="the switch its one NIC is on (or nics, for several)"),
         "ip": Key(kind="string", doc="its address with prefix, e.g. 10.0.0.1/24 (default: from the subnet)"),
         "mac": Key(kind="string", doc="its MAC (default: derived from the lab's and the guest's names)"),
+        "nics": Key(
+            kind="array",
+            table="nic",
+            doc="several NICs (eth0, eth1, ... in order), each on a switch of its own, instead of "
+            "switch, ip and mac",
+        ),
+        "forward": Key(kind="boolean", doc="route IPv4 between its NICs, a router (default false)"),
+        "routes": Key(kind="array", table="route", doc="static routes, added after its NICs are up"),
         **_GUEST_COMMON,
         "workloads": Key(kind="array", table="workload", doc="what the guest runs, in order, after boot"),
+    },
+    "nic": {
+        "switch": Key(kind="string", doc="the switch this NIC is on (one NIC per switch)", required=True),
+        "ip": Key(kind="string", doc="its address with prefix (default: the next free one of the subnet)"),
+        "mac": Key(
+            kind="string", doc="its MAC (default: derived from the lab's, guest's and switch's names)"
+        ),
+    },
+    "route": {
+        "to": Key(
+            kind="string",
+            doc="the destination: a network such as 10.2.0.0/24, a switch's name (its subnet) or default",
+            required=True,
+        ),
+        "via": Key(
+            kind="string",
+            doc="the gateway: an address on one of the guest's networks, or a guest on a switch it "
+            "shares (its address there)",
+            required=True,
+        ),
     },
     "workload": {
         "run": Key(
@@ -108,6 +145,9 @@ TABLES: Final[dict[str, dict[str, Key]]] = {
     },
     "link": {
         "guest": Key(kind="string", doc="the guest whose link this is", required=True),
+        "switch": Key(
+            kind="string", doc="the switch at the other end (needed when the guest has several NICs)"
+        ),
         "tx": Key(
             kind="string",
             doc="impairment of what the guest sends, netem-style: loss=10% "

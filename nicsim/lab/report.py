@@ -28,7 +28,11 @@ def render_table(report: LabReport) -> str:
 
 def render_guests(lab: LabPlan) -> str:
     rows = [("guest", "switch", "address", "mac", "socket")]
-    rows += [(g.name, g.switch, g.ip, g.mac, str(g.socket)) for g in lab.guests.values()]
+    rows += [
+        (g.name if i == 0 else "", nic.switch, nic.ip, nic.mac, str(nic.socket))
+        for g in lab.guests.values()
+        for i, nic in enumerate(g.nics)
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows

@@ -1,8 +1,9 @@
 """Run a planned lab once: start its switches, boot its guests, collect their results, stop everything.
 
 ``run_lab`` starts one ``nicsim serve --port switch`` per switch (a child process, ended by pid),
-boots every guest at once, and waits until each has printed the results of every workload before
-its final sleep (:class:`~nicsim.lab.plan.GuestPlan` ``expect``), within the topology's ``timeout``.
+boots every guest at once (a vhost-user NIC on each of its switches, its forwarding and routes), and
+waits until each has printed the results of every workload before its final sleep
+(:class:`~nicsim.lab.plan.GuestPlan` ``expect``), within the topology's ``timeout``.
 Then it stops the guests and the switches (whose captures are complete only then), counts the frames
 each capture check asks about with Debian's ``tcpdump``, and evaluates the checks. Whatever happens,
 nothing it started is left running; the lab's directory keeps each switch's log and stats and each
@@ -157,7 +158,9 @@ def _vm(lab: LabPlan, g: GuestPlan, image: Any, echo: Callable[[str, str], None]
     return TestVM(
         kernel=kernel,
         initrd=initrd,
-        nic=VhostUserNic(socket=g.socket, mac=g.mac),
+        nics=[VhostUserNic(socket=nic.socket, mac=nic.mac, guest_ip=nic.ip) for nic in g.nics],
+        forward=g.spec.forward,
+        routes=g.routes,
         guest_ip=g.ip,
         workloads=g.workloads,
         memory_mb=g.spec.memory,
@@ -219,7 +222,7 @@ def _capture_of(lab: LabPlan, switch: str | None, link: str | None) -> Path | No
     """The capture file of ``switch``, or of the link of guest ``link``."""
     if switch is not None:
         return lab.switches[switch].capture
-    spec = lab.topology.links[str(link)].capture
+    spec = next((ln.capture for ln in lab.topology.links.values() if ln.guest == link and ln.capture), None)
     return None if spec is None else lab.run_dir / spec
 
 

@@ -34,6 +34,11 @@ def schema() -> dict[str, Any]:
         }
         for kind, (needed, optional) in CHECK_KEYS.items()
     ]
+    # A guest has one NIC (switch, ip, mac) or several (nics), never both.
+    doc["$defs"]["guest"]["oneOf"] = [
+        {"required": ["switch"], "not": {"required": ["nics"]}},
+        {"required": ["nics"], "not": {"anyOf": [{"required": [k]} for k in ("switch", "ip", "mac")]}},
+    ]
     return doc
 
 

@@ -4,7 +4,9 @@ a :class:`Topology`.
 Every mistake is a :class:`TopologyError` that names the file, the key (``guests.h1.memory``) and what
 is allowed there, found before anything boots: unknown keys (with the nearest known one suggested),
 wrong types, values out of range, names that point nowhere (a guest's switch, a check's guest), an
-impairment netem would not take, an address outside its switch's subnet, files that do not exist.
+impairment netem would not take, an address outside its switch's subnet or taken twice, a guest with
+two NICs on one switch, a route whose gateway is not on the guest's own networks, files that do not
+exist.
 Input files (kernel, initrd, disk) are relative to the file's directory; a capture is an output,
 relative to the lab's run directory. The keys themselves are defined once, in
 :mod:`nicsim.lab.fields`. Pure apart from reading the file and checking that named files exist.
@@ -32,6 +34,7 @@ from .fields import CHECK_KEYS, TABLES, Key
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,23}$")
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 DEFAULT_TIMEOUT = 300.0
+DEFAULT_WAIT = 120.0
 GUEST_DEFAULTS: Mapping[str, Any] = {"memory": 256, "cpus": 1}
 
 Param = str | int | float | bool
@@ -53,11 +56,25 @@ class WorkloadSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
-class GuestSpec:
-    name: str
+class NicSpec:
     switch: str
     ip: str | None = None
     mac: str | None = None
+    where: str = field(default="", compare=False)  # its key in the file: guests.h1 or guests.r1.nics[1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouteSpec:
+    to: str  # a network, a switch's name or "default"
+    via: str  # an address or a guest's name
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuestSpec:
+    name: str
+    nics: tuple[NicSpec, ...]
+    forward: bool = False
+    routes: tuple[RouteSpec, ...] = ()
     kernel: Path | None = None
     initrd: Path | None = None
     disk: Path | None = None
@@ -65,6 +82,10 @@ class GuestSpec:
     memory: int = 256
     cpus: int = 1
     workloads: tuple[WorkloadSpec, ...] = ()
+
+    @property
+    def switches(self) -> tuple[str, ...]:
+        return tuple(n.switch for n in self.nics)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +103,7 @@ class SwitchSpec:
 @dataclass(frozen=True, kw_only=True)
 class LinkSpec:
     guest: str
+    switch: str
     tx: str | None = None
     rx: str | None = None
     capture: Path | None = None
@@ -102,10 +124,22 @@ class Topology:
     name: str
     source: str
     timeout: float = DEFAULT_TIMEOUT
+    wait: float = DEFAULT_WAIT
     switches: Mapping[str, SwitchSpec] = field(default_factory=dict)
     guests: Mapping[str, GuestSpec] = field(default_factory=dict)
-    links: Mapping[str, LinkSpec] = field(default_factory=dict)  # by guest
+    links: Mapping[tuple[str, str], LinkSpec] = field(default_factory=dict)  # by (guest, switch)
     checks: tuple[CheckSpec, ...] = ()
+
+
+def subnet_of(switches: Mapping[str, SwitchSpec], name: str) -> ipaddress.IPv4Network:
+    """Switch ``name``'s subnet: its own, or 10.N.0.0/24 for the N-th switch of the file."""
+    sw = switches[name]
+    return sw.subnet or ipaddress.IPv4Network(f"10.{list(switches).index(name) + 1}.0.0/24")
+
+
+def nic_network(switches: Mapping[str, SwitchSpec], nic: NicSpec) -> ipaddress.IPv4Network:
+    """The network a NIC is on: its own address's, or its switch's subnet."""
+    return ipaddress.IPv4Interface(nic.ip).network if nic.ip else subnet_of(switches, nic.switch)
 
 
 def load(path: str | Path) -> Topology:
@@ -242,14 +276,16 @@ class _Reader:
         if not guests:
             raise self.fail("guests", "at least one guest ([guests.NAME])")
         self.addresses(guests, switches)
-        links: dict[str, LinkSpec] = {}
+        self.routes(guests, switches)
+        links: dict[tuple[str, str], LinkSpec] = {}
         for i, t in enumerate(top.get("links", [])):
             link = self.link(t, f"links[{i}]", guests)
-            if link.guest in links:
+            if (link.guest, link.switch) in links:
                 raise self.fail(
-                    f"links[{i}].guest", f"{link.guest!r} has a link table already: one per guest"
+                    f"links[{i}].guest",
+                    f"{link.guest!r} has a link table to switch {link.switch} already: one per link",
                 )
-            links[link.guest] = link
+            links[(link.guest, link.switch)] = link
         checks = tuple(
             self.check(t, f"checks[{i}]", guests, switches, links)
             for i, t in enumerate(top.get("checks", []))
@@ -259,6 +295,7 @@ class _Reader:
             name=name,
             source=self.source,
             timeout=float(top.get("timeout", DEFAULT_TIMEOUT)),
+            wait=float(top.get("wait", DEFAULT_WAIT)),
             switches=switches,
             guests=guests,
             links=links,
@@ -287,6 +324,49 @@ class _Reader:
 
     def guest(self, name: str, t: dict[str, Any], switches: Mapping[str, SwitchSpec]) -> GuestSpec:
         where = f"guests.{name}"
+        if "nics" in t:
+            for k in ("switch", "ip", "mac"):
+                if k in t:
+                    raise self.fail(
+                        f"{where}.{k}", "give switch, ip and mac (one NIC) or nics (several), not both"
+                    )
+            if not t["nics"]:
+                raise self.fail(f"{where}.nics", 'at least one NIC: nics = [{ switch = "NAME" }, ...]')
+            nics = tuple(self.nic(n, f"{where}.nics[{i}]", switches) for i, n in enumerate(t["nics"]))
+        elif "switch" in t:
+            nics = (self.nic(t, where, switches),)
+        else:
+            raise self.fail(
+                f"{where}.switch", 'missing: the switch its NIC is on (or nics = [{ switch = "NAME" }, ...])'
+            )
+        seen: set[str] = set()
+        for nic in nics:
+            if nic.switch in seen:
+                raise self.fail(
+                    f"{nic.where}.switch",
+                    f"guest {name} has a NIC on switch {nic.switch} already: one NIC per switch",
+                )
+            seen.add(nic.switch)
+        files = {k: self.path(t[k], f"{where}.{k}") for k in ("kernel", "initrd", "disk") if k in t}
+        workloads = tuple(
+            self.workload(w, f"{where}.workloads[{i}]") for i, w in enumerate(t.get("workloads", []))
+        )
+        ids = [w.id for w in workloads if w.id is not None]
+        if len(ids) != len(set(ids)):
+            raise self.fail(f"{where}.workloads", f"two workloads with the same id: {sorted(ids)}")
+        return GuestSpec(
+            name=name,
+            nics=nics,
+            forward=t.get("forward", False),
+            routes=tuple(RouteSpec(to=r["to"], via=r["via"]) for r in t.get("routes", [])),
+            append=t.get("append", ""),
+            memory=t.get("memory", GUEST_DEFAULTS["memory"]),
+            cpus=t.get("cpus", GUEST_DEFAULTS["cpus"]),
+            workloads=workloads,
+            **files,
+        )
+
+    def nic(self, t: Mapping[str, Any], where: str, switches: Mapping[str, SwitchSpec]) -> NicSpec:
         if t["switch"] not in switches:
             raise self.fail(
                 f"{where}.switch", f"no switch {t['switch']!r}; the switches: {', '.join(switches)}"
@@ -298,24 +378,7 @@ class _Reader:
                 raise self.fail(
                     f"{where}.mac", f"{t['mac']!r} is not a unicast MAC such as 02:00:00:00:00:01"
                 )
-        files = {k: self.path(t[k], f"{where}.{k}") for k in ("kernel", "initrd", "disk") if k in t}
-        workloads = tuple(
-            self.workload(w, f"{where}.workloads[{i}]") for i, w in enumerate(t.get("workloads", []))
-        )
-        ids = [w.id for w in workloads if w.id is not None]
-        if len(ids) != len(set(ids)):
-            raise self.fail(f"{where}.workloads", f"two workloads with the same id: {sorted(ids)}")
-        return GuestSpec(
-            name=name,
-            switch=t["switch"],
-            ip=t.get("ip"),
-            mac=mac,
-            append=t.get("append", ""),
-            memory=t.get("memory", GUEST_DEFAULTS["memory"]),
-            cpus=t.get("cpus", GUEST_DEFAULTS["cpus"]),
-            workloads=workloads,
-            **files,
-        )
+        return NicSpec(switch=t["switch"], ip=t.get("ip"), mac=mac, where=where)
 
     def workload(self, t: dict[str, Any], where: str) -> WorkloadSpec:
         params = {k: v for k, v in t.items() if k not in ("run", "id")}
@@ -326,26 +389,95 @@ class _Reader:
         return WorkloadSpec(run=t["run"], id=t.get("id"), params=params)
 
     def addresses(self, guests: Mapping[str, GuestSpec], switches: Mapping[str, SwitchSpec]) -> None:
+        taken: dict[tuple[str, ipaddress.IPv4Address], str] = {}  # (switch, address) -> guest
+        macs: dict[str, str] = {}
         for g in guests.values():
-            if g.ip is None:
-                continue
-            try:
-                iface = ipaddress.IPv4Interface(g.ip)
-            except ValueError as err:
-                raise self.fail(
-                    f"guests.{g.name}.ip", f"{err} (an address with prefix, 10.0.0.1/24)"
-                ) from None
-            if "/" not in g.ip:
-                raise self.fail(f"guests.{g.name}.ip", f"{g.ip!r} needs its prefix length, e.g. {g.ip}/24")
-            subnet = switches[g.switch].subnet
-            if subnet is not None and iface.ip not in subnet:
-                raise self.fail(
-                    f"guests.{g.name}.ip", f"{g.ip} is outside switch {g.switch}'s subnet {subnet}"
-                )
+            for nic in g.nics:
+                if nic.mac is not None:
+                    if nic.mac in macs:
+                        raise self.fail(f"{nic.where}.mac", f"{nic.mac} is {macs[nic.mac]}'s MAC already")
+                    macs[nic.mac] = f"{g.name}"
+                if nic.ip is None:
+                    continue
+                iface = self.address(nic)
+                subnet = switches[nic.switch].subnet
+                if subnet is not None and iface.ip not in subnet:
+                    raise self.fail(
+                        f"{nic.where}.ip", f"{nic.ip} is outside switch {nic.switch}'s subnet {subnet}"
+                    )
+                other = taken.setdefault((nic.switch, iface.ip), g.name)
+                if other != g.name:
+                    raise self.fail(
+                        f"{nic.where}.ip", f"{iface.ip} is {other}'s address on switch {nic.switch} already"
+                    )
+            nets = [(nic, nic_network(switches, nic)) for nic in g.nics]
+            for i, (nic, net) in enumerate(nets):
+                for first, first_net in nets[:i]:
+                    if net.overlaps(first_net):
+                        raise self.fail(
+                            f"{nic.where}.ip" if nic.ip else f"{nic.where}.switch",
+                            f"its network {net} overlaps {first_net} of the NIC on {first.switch}: "
+                            "each NIC of a guest on a network of its own",
+                        )
+
+    def address(self, nic: NicSpec) -> ipaddress.IPv4Interface:
+        assert nic.ip is not None
+        try:
+            iface = ipaddress.IPv4Interface(nic.ip)
+        except ValueError as err:
+            raise self.fail(f"{nic.where}.ip", f"{err} (an address with prefix, 10.0.0.1/24)") from None
+        if "/" not in nic.ip:
+            raise self.fail(f"{nic.where}.ip", f"{nic.ip!r} needs its prefix length, e.g. {nic.ip}/24")
+        return iface
+
+    def routes(self, guests: Mapping[str, GuestSpec], switches: Mapping[str, SwitchSpec]) -> None:
+        for g in guests.values():
+            nets = [nic_network(switches, nic) for nic in g.nics]
+            for i, r in enumerate(g.routes):
+                where = f"guests.{g.name}.routes[{i}]"
+                if r.to in g.switches:
+                    raise self.fail(f"{where}.to", f"{g.name} is on switch {r.to} itself: it needs no route")
+                if r.to != "default" and r.to not in switches:
+                    try:
+                        ipaddress.IPv4Network(r.to)
+                    except ValueError as err:
+                        raise self.fail(
+                            f"{where}.to",
+                            f"{err} (a network such as 10.2.0.0/24, a switch's name or default)",
+                        ) from None
+                if r.via in guests:
+                    if r.via == g.name or not set(guests[r.via].switches) & set(g.switches):
+                        raise self.fail(
+                            f"{where}.via",
+                            f"{r.via} shares no switch with {g.name}: a gateway is a guest on a switch "
+                            f"{g.name} is on ({', '.join(g.switches)})",
+                        )
+                    continue
+                try:
+                    via = ipaddress.IPv4Address(r.via)
+                except ValueError:
+                    raise self.fail(
+                        f"{where}.via", f"{r.via!r} is neither a guest nor an IPv4 address"
+                    ) from None
+                if not any(via in net for net in nets):
+                    raise self.fail(
+                        f"{where}.via",
+                        f"{via} is on none of {g.name}'s networks ({', '.join(map(str, nets))})",
+                    )
 
     def link(self, t: dict[str, Any], where: str, guests: Mapping[str, GuestSpec]) -> LinkSpec:
         if t["guest"] not in guests:
             raise self.fail(f"{where}.guest", f"no guest {t['guest']!r}; the guests: {', '.join(guests)}")
+        g = guests[t["guest"]]
+        if "switch" in t and t["switch"] not in g.switches:
+            raise self.fail(
+                f"{where}.switch",
+                f"{g.name} has no NIC on switch {t['switch']!r}; its switches: " + ", ".join(g.switches),
+            )
+        if "switch" not in t and len(g.nics) > 1:
+            raise self.fail(
+                f"{where}.switch", f"{g.name} has NICs on {', '.join(g.switches)}: say which link (switch =)"
+            )
         for d in ("tx", "rx"):
             if d in t:
                 try:
@@ -353,7 +485,13 @@ class _Reader:
                 except ValueError as err:
                     raise self.fail(f"{where}.{d}", str(err)) from None
         capture = Path(t["capture"]).expanduser() if t.get("capture") else None
-        return LinkSpec(guest=t["guest"], tx=t.get("tx"), rx=t.get("rx"), capture=capture)
+        return LinkSpec(
+            guest=g.name,
+            switch=t.get("switch", g.switches[0]),
+            tx=t.get("tx"),
+            rx=t.get("rx"),
+            capture=capture,
+        )
 
     def check(
         self,
@@ -361,7 +499,7 @@ class _Reader:
         where: str,
         guests: Mapping[str, GuestSpec],
         switches: Mapping[str, SwitchSpec],
-        links: Mapping[str, LinkSpec],
+        links: Mapping[tuple[str, str], LinkSpec],
     ) -> CheckSpec:
         kind = t["kind"]
         needed, optional = CHECK_KEYS[kind]
@@ -392,9 +530,15 @@ class _Reader:
                 where, 'a capture check reads one capture: give switch = "NAME" or link = "GUEST"'
             )
         if kind == "capture" and "link" in t:
-            link = links.get(t["link"])
-            if link is None or link.capture is None:
+            captured = [ln.switch for ln in links.values() if ln.guest == t["link"] and ln.capture]
+            if not captured:
                 raise self.fail(f"{where}.link", f'no link of {t["link"]!r} has capture = "FILE"')
+            if len(captured) > 1:
+                raise self.fail(
+                    f"{where}.link",
+                    f"{t['link']}'s links to {', '.join(captured)} each have a capture: a capture check "
+                    "reads one (keep one link capture, or check a switch's capture)",
+                )
         if kind == "capture" and "switch" in t:
             sw = switches.get(t["switch"])
             if sw is None:
