@@ -3,7 +3,8 @@
 The example topology (two guests, a lossy link, a ping, an iperf3 and a capture check) runs twice at
 once under two lab names, which must not clash, and passes both times; a variant that asks for what
 the lossy link cannot give fails, and says which check failed. A lab whose switch cannot start fails
-at once, with the reason.
+at once, with the reason. The router example (h1 and h2 on two switches, r1 on both) passes, its pings
+seen crossing r1; the same lab with r1 not forwarding fails its ping check.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "labs" / "lossy-pair.toml"
+ROUTER = ROOT / "examples" / "labs" / "router.toml"
 
 pytestmark = pytest.mark.vm
 
@@ -88,6 +90,39 @@ async def test_a_check_the_link_cannot_meet_fails_the_run_and_is_named(
     assert verdict["ping h1 -> h2"] is False
     assert verdict["the capture holds the pings"] is True
     assert "FAILED" in err and "ping h1 -> h2" in err
+
+
+async def test_the_router_lab_passes_through_r1_and_fails_when_r1_does_not_forward(
+    guest_image: Any, tmp_path: Path
+) -> None:
+    text = ROUTER.read_text()
+    assert "\nforward = true " in text
+    off = tmp_path / "router-off.toml"
+    # wait = 10: h1 stops waiting for h2 (unreachable now) after 10 s and runs its ping regardless.
+    off.write_text("wait = 10\n" + text.replace("\nforward = true ", "\nforward = false "))
+    (rc, doc, err), (rc_off, doc_off, err_off) = await asyncio.gather(
+        lab_run(ROUTER, tmp_path / "on", "--name", "router-on"),
+        lab_run(off, tmp_path / "off", "--name", "router-off"),
+    )
+    assert rc == 0, err[-3000:]
+    assert [(c["name"], c["passed"]) for c in doc["checks"]] == [
+        ("ping h1 -> h2", True),
+        ("h1's pings crossed r1 into b", True),
+    ]
+    assert doc["checks"][0]["value"] == 0  # % loss
+    r1 = doc["guests"]["r1"]
+    assert [(n["switch"], n["ip"]) for n in r1["nics"]] == [("a", "10.1.0.1/24"), ("b", "10.2.0.1/24")]
+    assert doc["guests"]["h1"]["routes"] == ["10.2.0.0/24,via=10.1.0.1"]
+    # r1's two NICs are ports of two switches, and each gave back every guest buffer.
+    for sw, sock in (("a", r1["nics"][0]["socket"]), ("b", r1["nics"][1]["socket"])):
+        stats = doc["switches"][sw]
+        assert sock in stats["switch"]["ports"]
+        assert [e["pool"]["usage"] for e in stats["sockets"]] == [0, 0]
+    assert rc_off == 1, err_off[-3000:]
+    verdict = {c["name"]: c for c in doc_off["checks"]}
+    assert verdict["ping h1 -> h2"]["passed"] is False, verdict
+    assert verdict["h1's pings crossed r1 into b"]["passed"] is False
+    assert "FAILED" in err_off and "ping h1 -> h2" in err_off
 
 
 def test_a_lab_whose_switch_cannot_start_fails_at_once_with_the_reason(tmp_path: Path) -> None:
