@@ -90,6 +90,7 @@ feature_name() {
 }
 
 w_link() {
+    IFACE=$(p dev $IFACE) # dev=eth1: another NIC
     need_iface
     d=/sys/class/net/$IFACE
     carrier=$(cat $d/carrier 2>/dev/null || echo 0)
@@ -103,6 +104,8 @@ w_link() {
     put_str operstate "$(cat $d/operstate)"
     put_num mtu "$(cat $d/mtu)"
     put_str mac "$(cat $d/address)"
+    put_str dev "$IFACE"
+    put_str ip "$(ip -4 -o addr show dev $IFACE | awk '{ print $4; exit }')"
     put_str driver "$(basename "$(readlink $d/device/driver 2>/dev/null)" 2>/dev/null)"
     features=$(cat $d/device/features 2>/dev/null) || fail "no virtio feature bits in $d/device/features"
     put_str features "$features"

@@ -16,6 +16,7 @@ import pytest
 
 from images.apt import ImageBuildError
 from nicsim import __version__
+from nicsim.cli import main as nicsim_main
 from nicsim.cli.failures import explain
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,6 +115,46 @@ def test_vm_exits_zero_when_every_workload_succeeds_and_verbose_shows_the_consol
     assert done.returncode == 0, done.stderr[-2000:]
     assert [(r["workload"], r["ok"]) for r in _results(done.stdout)] == [("sleep", True)]
     assert "Linux version" in done.stderr and "NICSIM-DONE" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--nic", "user", "--nic", "none"], "--nic none means no NIC at all: give it alone"),
+        (["--nic", "vhost-user,ip=10.1.0.1/24"], "needs socket=PATH (or --socket PATH, for the first NIC)"),
+        (["--nic", "user", "--nic", "vhost-user"], "--nic 'vhost-user' needs socket=PATH"),
+        (["--nic", "user,socket=/x.sock"], "'socket=/x.sock' is not KEY=VALUE with a KEY of mac, ip, mtu"),
+        (["--nic", "bridge"], "the kind is one of user, tap, vhost-user, none"),
+        (["--nic", "user,mtu=big"], "mtu=big is not a number"),
+        (["--nic", "tap", "--nic", "tap"], "one --nic tap at most"),
+        (["--nic", "user", "--nic", "user,mac=52:54:00:12:34:56"], "NICs 0 and 1 both have MAC"),
+        (["--route", "10.2.0.0/24"], "route '10.2.0.0/24': write it NETWORK/PREFIX,via=ADDRESS"),
+    ],
+)
+def test_vm_nic_and_route_mistakes_are_one_line_before_anything_boots(
+    argv: list[str], words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = nicsim_main(["vm", "--accel", "tcg", "--kernel", __file__, *argv, "--workload", "sleep"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("nicsim vm: ") and words in err, err
+
+
+@pytest.mark.vm
+def test_vm_with_two_nics_configures_each_and_the_first_keeps_its_flags(guest_image: Any) -> None:
+    done = nicsim(
+        "vm", "--accel", "tcg", "--ip", "10.0.2.16/24",
+        "--nic", "user", "--nic", "user,ip=10.0.3.15/24,mtu=1400",
+        "--forward", "--route", "10.9.0.0/24,via=10.0.3.1",
+        "--workload", "link,dev=eth1", "--workload", "link", "--workload", "ping,target=10.0.2.2,count=1",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    eth1, eth0, ping = _results(done.stdout)
+    seen = [(r["dev"], r["mac"], r["ip"], r["mtu"]) for r in (eth1, eth0)]
+    assert seen == [
+        ("eth1", "52:54:00:12:34:57", "10.0.3.15/24", 1400),
+        ("eth0", "52:54:00:12:34:56", "10.0.2.16/24", 1500),
+    ]
+    assert ping["ok"] and ping["received"] == 1  # eth0 still reaches slirp's gateway
 
 
 def test_a_failed_image_build_is_one_line_and_verbose_shows_the_commands_output(

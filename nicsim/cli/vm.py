@@ -6,7 +6,9 @@ kernel package with ``--kernel-package``), boots the user's own ``--kernel``/``-
 (checked first: a missing or unreadable file is one line naming the option) with ``--append`` added
 to the kernel command line, chooses the accelerator (KVM only when the probe shows it boots), and
 for ``--nic tap`` creates a throwaway network namespace holding the TAP (10.0.2.2/24 on its end)
-which it deletes when QEMU exits.
+which it deletes when QEMU exits. ``--nic`` repeats for a guest with several NICs (eth0, eth1, ...),
+each ``KIND[,KEY=VALUE...]`` with its own MAC, address and MTU; ``--forward`` and ``--route`` make
+the guest a router.
 With a ``shell`` workload the console is the terminal's. Otherwise the run is a script's: the console
 is read (and shown only with ``--verbose``), each workload's result goes to stdout as one JSON line,
 and the exit code is 0 only if every workload reported and succeeded.
@@ -29,6 +31,7 @@ from qemu.testvm import (
     InvalidOptionError,
     Netns,
     Nic,
+    Route,
     TapNic,
     UserNic,
     VhostUserNic,
@@ -56,6 +59,11 @@ examples:
   nicsim serve --socket /tmp/nicsim.sock &    (in another terminal) then:
   nicsim vm --nic vhost-user --socket /tmp/nicsim.sock
                                               the guest's NIC is served by nicsim over vhost-user
+  nicsim vm --nic vhost-user,socket=/tmp/a.sock,ip=10.1.0.1/24 \
+            --nic vhost-user,socket=/tmp/b.sock,ip=10.2.0.1/24 --forward
+                                              a router: eth0 and eth1 on two nicsim switches
+  nicsim vm --route 10.2.0.0/24,via=10.0.2.2 --route default,via=10.0.2.2
+                                              static routes, added once the NICs are up
   nicsim vm --kernel-package linux-image-amd64
                                               the built-in guest on Debian's generic kernel (its
                                               initrd built once with that kernel's modules)
@@ -80,10 +88,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--nic", choices=["user", "tap", "vhost-user", "none"], default="user",
-        help="the guest NIC's backend: 'user' is QEMU's slirp with restrict=on (nothing leaves the VM), "
-        "'tap' a TAP inside a network namespace created for this run, 'vhost-user' a vhost-user backend "
-        "such as 'nicsim serve' on --socket, 'none' no NIC at all (default: user)",
+        "--nic", action="append", metavar="KIND[,KEY=VALUE...]",
+        help="a guest NIC, repeatable for several (eth0, eth1, ... in order). KIND: 'user' is QEMU's "
+        "slirp with restrict=on (nothing leaves the VM), 'tap' a TAP inside a network namespace created "
+        "for this run (one at most), 'vhost-user' a vhost-user backend such as 'nicsim serve', 'none' no "
+        "NIC at all. KEYs: mac=, ip= (address/prefix), mtu= (the guest's), and for vhost-user socket=, "
+        "server=on; --socket, --server, --mac and --ip are the first NIC's (default: user)",
     )  # fmt: skip
     parser.add_argument(
         "--socket", type=Path,
@@ -94,19 +104,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="with --nic vhost-user: QEMU listens on --socket and the backend connects",
     )  # fmt: skip
     parser.add_argument(
-        "--mac", default=DEFAULT_MAC, help=f"the guest NIC's MAC address (default: {DEFAULT_MAC})"
-    )
+        "--mac", default=DEFAULT_MAC,
+        help=f"the first NIC's MAC address (default: {DEFAULT_MAC}; NIC N's ends in 56+N)",
+    )  # fmt: skip
     parser.add_argument(
         "--ip", default="10.0.2.15/24", help="the guest's eth0 address (default: 10.0.2.15/24)"
     )
+    parser.add_argument(
+        "--forward", action="store_true", help="the guest forwards IPv4 between its NICs (a router)"
+    )
+    parser.add_argument(
+        "--route", action="append", default=[], metavar="NETWORK,via=ADDRESS",
+        help="a static route in the guest, repeatable: '10.2.0.0/24,via=10.1.0.1' or 'default,via=...'",
+    )  # fmt: skip
     parser.add_argument(
         "--memory", type=int, default=256, metavar="MB", help="guest RAM in MiB, shared memfd (default: 256)"
     )
     parser.add_argument(
         "--workload", action="append", default=[], metavar="NAME[,KEY=VALUE...]",
         help="a guest workload, repeatable, run in order, e.g. 'ping,target=10.0.2.2,count=3', "
-        "'iperf3-client,server=10.0.2.2,time=5', 'sleep,seconds=2', 'link', 'disk' (the --disk as "
-        "/dev/vda: size and first bytes; 'disk,write=TEXT' writes TEXT first) (default: shell)",
+        "'iperf3-client,server=10.0.2.2,time=5', 'sleep,seconds=2', 'link' (eth0; 'link,dev=eth1' "
+        "another NIC), 'disk' (the --disk as /dev/vda: size and first bytes; 'disk,write=TEXT' writes "
+        "TEXT first) (default: shell)",
     )  # fmt: skip
     parser.add_argument(
         "--accel", choices=["auto", "kvm", "tcg"], default="auto",
@@ -149,16 +168,58 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _nic(args: argparse.Namespace) -> Nic | None:
-    if args.nic == "none":
-        return None
-    if args.nic == "user":
-        return UserNic(mac=args.mac)
-    if args.nic == "tap":
-        return TapNic(mac=args.mac, ifname="tap0")
-    if args.socket is None:
-        raise InvalidOptionError("--nic vhost-user needs --socket PATH")
-    return VhostUserNic(mac=args.mac, socket=args.socket, server=args.server)
+NIC_KEYS = {"user": ("mac", "ip", "mtu"), "tap": ("mac", "ip", "mtu"),
+            "vhost-user": ("mac", "ip", "mtu", "socket", "server"), "none": ()}  # fmt: skip
+
+
+def nic_mac(index: int) -> str:
+    """NIC ``index``'s default MAC: the default one, its last byte counting up."""
+    head, last = DEFAULT_MAC.rsplit(":", 1)
+    return f"{head}:{(int(last, 16) + index) % 256:02x}"
+
+
+def _nic(text: str, index: int, args: argparse.Namespace) -> Nic:
+    kind, *items = text.split(",")
+    if kind not in NIC_KEYS or kind == "none":
+        raise InvalidOptionError(f"--nic {text!r}: the kind is one of {', '.join(NIC_KEYS)}")
+    keys: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in NIC_KEYS[kind]:
+            raise InvalidOptionError(
+                f"--nic {text!r}: {item!r} is not KEY=VALUE with a KEY of {', '.join(NIC_KEYS[kind])}"
+            )
+        keys[key] = value
+    first = index == 0  # the one-NIC flags are the first NIC's
+    mac = keys.get("mac", args.mac if first else nic_mac(index))
+    mtu = keys.get("mtu")
+    if mtu is not None and not mtu.isdigit():
+        raise InvalidOptionError(f"--nic {text!r}: mtu={mtu} is not a number")
+    common: dict[str, Any] = {"mac": mac, "guest_ip": keys.get("ip"), "guest_mtu": int(mtu) if mtu else None}
+    if kind == "user":
+        return UserNic(**common)
+    if kind == "tap":
+        return TapNic(ifname="tap0", **common)
+    socket = keys.get("socket") or (args.socket if first else None)
+    if socket is None:
+        raise InvalidOptionError(f"--nic {text!r} needs socket=PATH (or --socket PATH, for the first NIC)")
+    server = keys.get("server", "on" if first and args.server else "off")
+    if server not in ("on", "off"):
+        raise InvalidOptionError(f"--nic {text!r}: server=on or server=off")
+    return VhostUserNic(socket=socket, server=server == "on", **common)
+
+
+def nics_of(args: argparse.Namespace) -> list[Nic]:
+    """The guest's NICs from the repeated ``--nic`` (none given: one slirp NIC; ``none``: no NIC)."""
+    texts: list[str] = args.nic or ["user"]
+    if texts == ["none"]:
+        return []
+    if "none" in texts:
+        raise InvalidOptionError("--nic none means no NIC at all: give it alone")
+    nics = [_nic(text, i, args) for i, text in enumerate(texts)]
+    if sum(isinstance(n, TapNic) for n in nics) > 1:
+        raise InvalidOptionError("one --nic tap at most (its namespace holds one TAP, 10.0.2.2/24)")
+    return nics
 
 
 def run_workloads(argv: list[str], workloads: list[Workload], *, verbose: bool) -> int:
@@ -211,7 +272,8 @@ def check_own_guest(args: argparse.Namespace) -> str | None:
 def run(args: argparse.Namespace) -> int:
     try:
         workloads = [Workload.parse(w) for w in args.workload] or [Workload("shell")]
-        nic = _nic(args)
+        nics = nics_of(args)
+        routes = [Route.parse(r) for r in args.route]
         fmt = check_own_guest(args)
     except InvalidOptionError as err:
         print(f"nicsim vm: {err}", file=sys.stderr)
@@ -241,7 +303,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"nicsim vm: {args.disk} ({fmt}) is /dev/vda, snapshot=on: the guest's writes are "
                   "dropped when QEMU exits and the file is not modified", file=sys.stderr)  # fmt: skip
     spec = VMSpec(
-        kernel=kernel, initrd=initrd, memory_mb=args.memory, accel=accel, nic=nic, guest_ip=args.ip,
+        kernel=kernel, initrd=initrd, memory_mb=args.memory, accel=accel, nics=nics, guest_ip=args.ip,
+        forward=args.forward, routes=routes,
         workloads=workloads, console=ConsoleStdio(), extra_append=" ".join(args.append),
         disk=args.disk, disk_format=fmt or "raw",
     )  # fmt: skip
@@ -256,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
             return subprocess.run(argv).returncode
         return run_workloads(argv, workloads, verbose=bool(args.verbose))
 
-    if args.nic != "tap":
+    if not any(isinstance(n, TapNic) for n in nics):
         return boot(argv)
     # A failed `ip` (no root: "Operation not permitted") is a NetnsError, one line by nicsim.cli.failures.
     with Netns.create("nicsim-vm") as ns:
