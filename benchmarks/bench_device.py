@@ -13,6 +13,7 @@ from nicsim.ports import GeneratorConfig, GeneratorPort, Port, SinkPort
 from nicsim.virtio.device import VirtioNetDevice
 from nicsim.virtio.features import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
 from nicsim.virtio.policy import NotifyPolicy
+from rings import kernels
 from rings.driver import DriverQueue, GuestDriver
 
 BATCH = 256
@@ -60,8 +61,13 @@ def bench_rx(size: int, seconds: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--engine", choices=("compiled", "numpy"), default="compiled",
+                        help="as nicsim serve --engine (default: %(default)s)")
     args = parser.parse_args()
-    print(f"batch {BATCH}, features VERSION_1|EVENT_IDX, {args.seconds:.1f} s per case")
+    if args.engine == "compiled":
+        kernels.enable()
+    print(f"batch {BATCH}, features VERSION_1|EVENT_IDX, {args.seconds:.1f} s per case, "
+          f"engine {kernels.engine()}")
     for size in (64, 1500):
         tx = bench_tx(size, args.seconds)
         rx = bench_rx(size, args.seconds)

@@ -105,6 +105,12 @@ class GuestMemory:
     # -- table ----------------------------------------------------------------------------------------
 
     @property
+    def bounds(self) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+        """``(starts, sizes)`` of the regions sorted by GPA, as u64 arrays (what compiled kernels read)."""
+        self._check_live()
+        return self._starts_np, self._sizes_np
+
+    @property
     def regions(self) -> tuple[MemoryRegion, ...]:
         """The regions, sorted by GPA (``seg_region`` in a ChainBatch indexes this tuple)."""
         self._check_live()

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from . import kernels
 from .barrier import full_fence
 from .chains import ChainBatch
 from .errors import AvailIndexError, GuestMemoryError, QueueConfigError
@@ -186,6 +187,11 @@ class SplitQueue:
         """
         table = self._views(mem)
         heads_a = np.asarray(heads, dtype=np.uint16)
+        if kernels.enabled() and heads_a.shape[0]:
+            starts, sizes = mem.bounds
+            batch = kernels.walk_split(heads_a, table, starts, sizes, indirect=indirect)
+            if batch is not None:
+                return batch  # every chain good: what the walker would give, in one compiled call
         return ChainWalker(mem, table, heads_a, queue=self.index, indirect=indirect).run()
 
     # -- short rounds: a few chains, read and written with plain ints -----------------------------------

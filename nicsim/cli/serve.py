@@ -33,6 +33,7 @@ from nicsim.ports.vxlan import VxlanConfig, VxlanPort
 from nicsim.server import DEFAULT_MAX_QUEUE_SIZE, Server
 from nicsim.virtio.device import VirtioNetDevice
 from nicsim.virtio.policy import NotifyPolicy, add_policy_arguments, policy_from_args
+from rings import kernels
 from rings.pool import PacketPool
 
 EPILOG = """\
@@ -171,6 +172,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "repeat for several; --impair names it uplinkN; its stats are in the switch section",
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no periodic stats lines, warnings only")
+    parser.add_argument(
+        "--engine", choices=("compiled", "numpy"), default="compiled",
+        help="what walks the descriptor chains: compiled (numba kernels for batches of good chains, "
+        "numpy for the rest; falls back to numpy with a warning when numba is missing) or numpy "
+        "(the reference path only) (default: %(default)s)",
+    )  # fmt: skip
     add_capture_arguments(parser)
     add_policy_arguments(parser)
     return parser
@@ -414,6 +421,7 @@ async def serve(args: argparse.Namespace, policy: NotifyPolicy) -> int:
 
 def _snapshot(server: Server, captures: Captures | None, switch: Switch | None) -> dict[str, Any]:
     snap = server.snapshot()
+    snap["engine"] = kernels.engine()
     if captures is not None:
         snap["capture"] = captures.stats()
     if switch is not None:  # every port's counters, joined or not, and the forwarding table's
@@ -460,6 +468,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:  # e.g. the tap port's namespace or TAP cannot be opened
         print(f"nicsim serve: {err}", file=sys.stderr)
         return 1
+    if args.engine == "compiled" and not kernels.enable():
+        print(f"nicsim serve: warning: {kernels.engine()}; slower, same results", file=sys.stderr)
     try:
         return asyncio.run(serve(args, policy))
     except (FileExistsError, OSError) as err:

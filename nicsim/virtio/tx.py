@@ -348,10 +348,11 @@ class TxPath:
             self._qs.in_call = False
             if finished or batch.completed:
                 batch.completed = True
-                done_now = np.arange(len(batch.chains))
+                self._return(st, mem, index, heads, descs)  # every chain of the round, as popped
             else:
                 self._deferred[index][id(batch)] = batch
-            self._return(st, mem, index, heads[done_now], descs[done_now])
+                if done_now.shape[0]:
+                    self._return(st, mem, index, heads[done_now], descs[done_now])
 
     def _pop(self, index: int, st: QueueState, mem: GuestMemory, k: int) -> npt.NDArray[np.uint16]:
         """``k`` TX heads: resubmitted ones first (still marked in flight), then the avail ring's."""

@@ -1,0 +1,162 @@
+"""The compiled walk (``rings.kernels``) against numpy's walker, the reference.
+
+On the hostile worlds of ``test_fuzz_rings`` (regions anywhere up to 2^64, loops, chains out of the
+table, readable after writable, indirect tables, over-long chains): whenever the kernel takes a batch,
+every field of its ChainBatch equals the walker's, dtype included; it declines a batch only when the
+walker marks a chain bad or meets an INDIRECT descriptor it must follow; and a batch of good chains is
+taken. Both the compiled kernel and its Python source are checked, so a numba quirk cannot hide behind
+the source being right, nor the other way round.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rings import kernels
+from rings.chains import ChainBatch
+from rings.driver import GuestDriver
+from rings.layout import VIRTQ_DESC_F_INDIRECT
+from rings.split import SplitQueue
+from rings.walker import ChainWalker
+from tests.test_fuzz_rings import EXAMPLES, World, worlds
+
+FIELDS = (
+    "heads", "first_seg", "seg_count", "readable_len", "writable_len", "error", "seg_chain", "seg_desc",
+    "seg_addr", "seg_len", "seg_writable", "seg_region", "seg_offset",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled() -> None:
+    assert kernels.enable(), kernels.engine()  # CI installs numba: the compiled path is what ships
+
+
+def assert_same(got: ChainBatch, want: ChainBatch) -> None:
+    assert got.errors == {} and want.errors == {}
+    for name in FIELDS:
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype, name
+        assert a.tolist() == b.tolist(), name
+
+
+def meets_indirect(world: World, q: SplitQueue, batch: ChainBatch) -> bool:
+    """Whether the walker followed an INDIRECT descriptor (an indirect entry's seg_desc is it)."""
+    flags = q._views(world.mem).d_flags
+    return bool(np.count_nonzero(flags[batch.seg_desc] & VIRTQ_DESC_F_INDIRECT))
+
+
+@settings(
+    max_examples=EXAMPLES * 2,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    world=worlds(),
+    heads=st.lists(st.one_of(st.integers(0, 15), st.integers(0, 15), st.integers(0, 0xFFFF)), max_size=40),
+    indirect=st.booleans(),
+)
+def test_the_kernel_walks_exactly_like_the_walker_or_declines(
+    world: World, heads: list[int], indirect: bool
+) -> None:
+    q = SplitQueue(
+        index=3, size=world.size, desc_addr=world.desc, avail_addr=world.avail, used_addr=world.used
+    )
+    table = q._views(world.mem)
+    starts, sizes = world.mem.bounds
+    whole = np.array(heads, dtype=np.uint16)
+    # The whole batch, then each chain on its own (one bad chain declines a whole batch, so most
+    # chain shapes reach the kernel only in a batch of one).
+    for h in [whole, *(whole[k : k + 1] for k in range(whole.shape[0]))]:
+        want = ChainWalker(world.mem, table, h, queue=3, indirect=indirect).run()
+        must_decline = bool(want.errors) or (indirect and meets_indirect(world, q, want))
+        for walk in (None, kernels._walk_split_py):  # compiled, then its Python source
+            got = kernels.walk_split(h, table, starts, sizes, indirect=indirect, walk=walk)
+            if got is None:
+                assert must_decline, f"a batch of good direct chains was declined ({walk})"
+            else:
+                assert not must_decline, f"took a batch the walker marks or follows indirectly ({walk})"
+                assert_same(got, want)
+    assert world.guards_intact()
+
+
+def test_the_split_queue_uses_the_kernel_for_good_batches_and_the_walker_for_bad_ones() -> None:
+    """Through ``SplitQueue.walk``: a good TX batch comes back from the kernel, equal to the walker's;
+    a batch with one bad chain is the walker's, with that chain marked (nothing else changes)."""
+    drv = GuestDriver((1 << 20, 1 << 20))
+    tx = drv.add_queue(1, 16)
+    for size in (60, 1514, 200):
+        tx.post_tx(bytes(12 + size))
+    q = tx.device_queue()
+    mem = drv.memory
+    heads = q.pop_avail(mem, 3)
+    table = q._views(mem)
+    good = q.walk(mem, heads, indirect=True)
+    assert_same(good, ChainWalker(mem, table, heads, queue=1, indirect=True).run())
+    bad_heads = np.array([heads[0], 16, heads[1]], np.uint16)  # 16: outside a table of 16
+    bad = q.walk(mem, bad_heads, indirect=True)
+    assert bad.error.tolist()[1] != 0 and bad.error.tolist()[0] == bad.error.tolist()[2] == 0
+    assert list(bad.errors) == [1]
+
+
+def test_disabled_kernels_leave_every_walk_to_numpy() -> None:
+    drv = GuestDriver((1 << 20,))
+    tx = drv.add_queue(1, 8)
+    tx.post_tx(bytes(74))
+    q = tx.device_queue()
+    heads = q.pop_avail(drv.memory, 1)
+    kernels.disable()
+    try:
+        assert kernels.engine() == "numpy (disabled)"
+        table = q._views(drv.memory)
+        assert kernels.walk_split(heads, table, *drv.memory.bounds, indirect=True) is None
+        reference = ChainWalker(drv.memory, table, heads, queue=1, indirect=True).run()
+        assert_same(q.walk(drv.memory, heads, indirect=True), reference)
+    finally:
+        assert kernels.enable()
+    assert kernels.engine() == "compiled"
+
+
+class Table:
+    """A descriptor table as the walker reads it: its four field arrays."""
+
+    def __init__(self, addrs: list[int], lens: list[int], flags: list[int] | None = None) -> None:
+        n = len(addrs)
+        self.d_addr = np.array(addrs, np.uint64)
+        self.d_len = np.array(lens, np.uint32)
+        self.d_flags = np.array(flags or [0] * n, np.uint16)
+        self.d_next = np.zeros(n, np.uint16)
+
+
+@pytest.mark.parametrize(
+    ("addr", "length", "inside"),
+    [
+        (0x2F00, 0x100, True),  # ends exactly at the end of the region at 0x2000
+        (0x2F00, 0x101, False),  # one byte past it
+        (0x1FF0, 0x20, False),  # crosses from one region into the adjacent one
+        (0x1000, 0x1000, True),  # the whole first region
+        (0x800, 0x10, False),  # below every region
+        ((1 << 64) - 8, 0x10, False),  # wraps u64
+        (0x4000, 0x10, False),  # in the gap after the last region
+        (0xDEAD_0000, 0, True),  # zero length: never translated, so never wrong
+    ],
+)
+def test_a_segment_is_taken_only_inside_one_region(addr: int, length: int, inside: bool) -> None:
+    from rings.memory import GuestMemory, MemoryRegion
+
+    backing = np.zeros(0x2000, np.uint8)
+    mem = GuestMemory([
+        MemoryRegion(guest_phys_addr=0x1000, size=0x1000, user_addr=1 << 40, data=backing[:0x1000]),
+        MemoryRegion(guest_phys_addr=0x2000, size=0x1000, user_addr=1 << 41, data=backing[0x1000:]),
+    ])  # fmt: skip
+    table = Table([addr], [length])
+    heads = np.zeros(1, np.uint16)
+    want = ChainWalker(mem, table, heads, queue=1, indirect=True).run()
+    assert (not want.errors) is inside
+    for walk in (None, kernels._walk_split_py):
+        got = kernels.walk_split(heads, table, *mem.bounds, indirect=True, walk=walk)
+        assert (got is not None) is inside
+        if got is not None:
+            assert_same(got, want)
