@@ -14,8 +14,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from nicsim.frontend import VhostUserFrontend
+from nicsim.frontend import FrontendError, VhostUserFrontend
 from nicsim.ports import GeneratorConfig, GeneratorPort, Port, SinkPort
 from nicsim.server import Server
 from nicsim.virtio.device import VirtioNetDevice
@@ -136,5 +137,42 @@ async def test_the_inflight_buffer_of_packed_rings_has_the_packed_layout_and_tra
             del h
         finally:
             mm.close()
+        await fe.close()
+        await ended(server)
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "why"),
+    [
+        (8, 7, "version 7 is not 1"),  # QueueRegionPacked.version
+        (10, 63, "made for 63 descriptors"),  # desc_num
+        (18, 200, "old_used_idx 200 is outside"),  # old_used_idx
+    ],
+)
+async def test_a_packed_inflight_region_that_cannot_be_trusted_stops_only_its_ring(
+    tmp_path: Path, offset: int, value: int, why: str
+) -> None:
+    async with serving(tmp_path, SinkPort) as (server, _):
+        fe = await VhostUserFrontend.connect(server.endpoints[0].path, queue_size=64)
+        await fe.handshake(packed=True, inflight=True)
+        await fe.setup_inflight()
+        await fe.start()
+        fe.transmit([frame(i) for i in range(5)])
+        await fe.wait_used(1, 5)
+        assert fe.inflight is not None
+        fd, desc = fe.inflight
+        mm = mmap.mmap(fd, desc.mmap_size)
+        try:
+            tx_region = np.frombuffer(mm, np.uint16, count=16, offset=packed_region_size(64))
+            tx_region[offset // 2] = value  # the TX ring's header, written by someone else
+            del tx_region
+        finally:
+            mm.close()
+        with pytest.raises(FrontendError, match="refused SET_VRING_KICK"):
+            await fe.reconnect(server.endpoints[0].path)
+        sess = server.endpoints[0].session
+        assert sess is not None
+        errors = sess.core.errors
+        assert any("inflight region" in e and why in e and "queue 1" in e for e in errors), errors
         await fe.close()
         await ended(server)
