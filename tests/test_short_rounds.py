@@ -29,8 +29,9 @@ from nicsim.virtio.features import (
     VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_MRG_RXBUF,
 )
+from nicsim.virtio.inflight import TrackedQueue
 from nicsim.virtio.policy import NotifyPolicy
-from nicsim.virtio.queues import SHORT_ROUND, DeviceQueue, QueueResult
+from nicsim.virtio.queues import SHORT_ROUND, QueueResult
 from rings.driver import DriverQueue, GuestDriver, Malformed, TxLayout
 from rings.memory import GuestMemory
 from rings.pool import PacketPool
@@ -81,16 +82,16 @@ class RecordingHooks:
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, list[int], int]] = []
 
-    def popped(self, index: int, q: DeviceQueue, mem: GuestMemory, heads: npt.NDArray[np.uint16]) -> None:
+    def popped(self, index: int, q: TrackedQueue, mem: GuestMemory, heads: npt.NDArray[np.uint16]) -> None:
         self.calls.append(("popped", index, heads.tolist(), -1))
 
-    def filling(self, index: int, q: DeviceQueue, mem: GuestMemory, heads: npt.NDArray[np.uint16]) -> None:
+    def filling(self, index: int, q: TrackedQueue, mem: GuestMemory, heads: npt.NDArray[np.uint16]) -> None:
         self.calls.append(("filling", index, heads.tolist(), -1))
 
-    def before_used(self, index: int, q: DeviceQueue, heads: npt.NDArray[np.uint16]) -> None:
+    def before_used(self, index: int, q: TrackedQueue, heads: npt.NDArray[np.uint16]) -> None:
         self.calls.append(("before", index, heads.tolist(), -1))
 
-    def after_used(self, index: int, q: DeviceQueue, heads: npt.NDArray[np.uint16]) -> None:
+    def after_used(self, index: int, q: TrackedQueue, heads: npt.NDArray[np.uint16]) -> None:
         self.calls.append(("after", index, heads.tolist(), q.used_idx))
 
 

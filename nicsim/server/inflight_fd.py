@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nicsim.vhost.actions import InflightError
-from nicsim.virtio.queues import DeviceQueue
+from nicsim.virtio.inflight import TrackedQueue
 from rings.inflight import InflightRegion, Recovery, inflight_size
 from rings.inflight_packed import InflightPackedRegion, PackedRecovery, packed_inflight_size
 from rings.memory import GuestMemory
@@ -145,7 +145,7 @@ class InflightStore:
     # A packed queue's region does nothing until recover_packed ran for it (its ``ready``): a queue
     # the buffer does not track (another size) is never recovered.
 
-    def popped(self, index: int, q: DeviceQueue, mem: GuestMemory, heads: npt.NDArray[np.uint16]) -> None:
+    def popped(self, index: int, q: TrackedQueue, mem: GuestMemory, heads: npt.NDArray[np.uint16]) -> None:
         if index >= self.num_queues:
             return
         if self.packed_region is not None:
@@ -154,7 +154,7 @@ class InflightStore:
         elif self.region is not None:
             self.region.queue(index).mark_popped(heads)
 
-    def filling(self, index: int, q: DeviceQueue, mem: GuestMemory, heads: npt.NDArray[np.uint16]) -> None:
+    def filling(self, index: int, q: TrackedQueue, mem: GuestMemory, heads: npt.NDArray[np.uint16]) -> None:
         if self.packed_region is None or index >= self.num_queues or not isinstance(q, PackedQueue):
             return  # split: RX chains are read again from the avail ring after a crash
         descs, ndesc = q.popped_descriptors(mem)
@@ -163,7 +163,7 @@ class InflightStore:
             descs, ndesc = descs[: int(ndesc[:k].sum())], ndesc[:k]
         self.packed_region.queue(index).mark_popped(descs, ndesc)
 
-    def before_used(self, index: int, q: DeviceQueue, heads: npt.NDArray[np.uint16]) -> None:
+    def before_used(self, index: int, q: TrackedQueue, heads: npt.NDArray[np.uint16]) -> None:
         if index >= self.num_queues:
             return
         if self.packed_region is not None:
@@ -172,7 +172,7 @@ class InflightStore:
         elif self.region is not None:
             self.region.queue(index).pre_put(heads)
 
-    def after_used(self, index: int, q: DeviceQueue, heads: npt.NDArray[np.uint16]) -> None:
+    def after_used(self, index: int, q: TrackedQueue, heads: npt.NDArray[np.uint16]) -> None:
         if index >= self.num_queues:
             return
         if self.packed_region is not None:
