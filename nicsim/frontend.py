@@ -372,7 +372,9 @@ class VhostUserFrontend:
     async def reconnect(self, path: str | Path) -> None:
         """What QEMU does when the backend went away (``reconnect=N``): a new connection, the whole
         handshake again, the inflight buffer back (if any), the same memory and rings, each ring's base
-        being its used index (QEMU's virtio_queue_restore_last_avail_idx after a failed GET_VRING_BASE)."""
+        being its used index (QEMU's virtio_queue_restore_last_avail_idx after a failed GET_VRING_BASE);
+        on a packed ring both halves of the base are the device's used position and wrap counter as
+        the ring shows them. A backend with the inflight buffer resumes from the buffer instead."""
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
@@ -398,8 +400,12 @@ class VhostUserFrontend:
         else:
             await self.call(self.conn.set_features(self.features), check=True)
         await self.set_memory_table()
-        for i in self.queues:
-            await self.start_ring(i, base=self.used_idx(i))
+        for i, q in self.queues.items():
+            if isinstance(q, PackedDriverQueue):
+                pos, wrap = q.device_used_position()
+                await self.start_ring(i, base=off_wrap(pos, wrap) | off_wrap(pos, wrap) << 16)
+            else:
+                await self.start_ring(i, base=self.used_idx(i))
 
     async def stop_ring(self, index: int) -> int:
         """GET_VRING_BASE: the backend stops the ring and says where the next avail entry is."""

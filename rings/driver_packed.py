@@ -320,6 +320,19 @@ class PackedDriverQueue(FramePosting):
             n += 1
         return n
 
+    def device_used_position(self) -> tuple[int, int]:
+        """The device's used position and wrap counter as the ring shows them: past the used
+        descriptors written since the last one reaped (what a frontend restores a packed ring's
+        SET_VRING_BASE from after its backend died, as it reads ``used.idx`` on a split ring)."""
+        pos, wrap, n = self.next_used, self.used_wrap, 0
+        while n < len(self._inflight) and self._is_used(pos, wrap):
+            posted = self._inflight.get(int(self._ring["id"][pos]))
+            if posted is None:
+                break
+            pos, wrap = advance(pos, wrap, posted.ndesc, self.size)
+            n += 1
+        return pos, wrap
+
     def reap(self, max_count: int | None = None) -> list[Completion]:
         """Take used descriptors (Linux ``virtqueue_get_buf_ctx_packed``): check the id is in flight
         and the length within what was writable, skip the chain's descriptors, free its id and

@@ -424,6 +424,13 @@ class PackedQueue:
         self.used_wrap ^= laps & 1
         self.used_idx = (self.used_idx + total) & U16_MASK
 
+    def used_after(self, ids: npt.ArrayLike) -> tuple[int, int]:
+        """The used position and wrap counter :meth:`push_used` will leave after writing ``ids``
+        (inflight tracking records them before the ring is written)."""
+        nd = self._ndesc[np.asarray(ids, dtype=np.uint16)]
+        laps, rest = divmod(self.used_pos + int(nd.sum(dtype=np.int64)), self.size)
+        return rest, self.used_wrap ^ (laps & 1)
+
     def push_used_few(self, mem: GuestMemory, ids: Sequence[int], lengths: Sequence[int]) -> None:
         """:meth:`push_used` for a few entries given as ints (the same stores in the same order)."""
         if len(ids) != len(lengths):

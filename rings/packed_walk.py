@@ -55,6 +55,26 @@ class SavedChains(NamedTuple):
     d_flags: npt.NDArray[np.uint16]
 
 
+EMPTY_SAVED = SavedChains(
+    ids=np.empty(0, np.uint16),
+    ndesc=np.empty(0, np.int64),
+    d_addr=np.empty(0, np.uint64),
+    d_len=np.empty(0, np.uint32),
+    d_flags=np.empty(0, np.uint16),
+)
+
+
+def split_saved(chains: SavedChains, count: int) -> tuple[SavedChains, SavedChains]:
+    """The first ``count`` chains of ``chains`` and the rest, each with its own descriptors."""
+    k = max(0, min(count, int(chains.ids.shape[0])))
+    cut = int(chains.ndesc[:k].sum())
+    head = SavedChains(ids=chains.ids[:k], ndesc=chains.ndesc[:k], d_addr=chains.d_addr[:cut],
+                       d_len=chains.d_len[:cut], d_flags=chains.d_flags[:cut])  # fmt: skip
+    rest = SavedChains(ids=chains.ids[k:], ndesc=chains.ndesc[k:], d_addr=chains.d_addr[cut:],
+                       d_len=chains.d_len[cut:], d_flags=chains.d_flags[cut:])  # fmt: skip
+    return head, rest
+
+
 NO_POP = PackedPop(
     ids=np.empty(0, np.uint16),
     starts=np.empty(0, np.int64),

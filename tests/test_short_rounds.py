@@ -29,9 +29,11 @@ from nicsim.virtio.features import (
     VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_MRG_RXBUF,
 )
+from nicsim.virtio.inflight import TrackedQueue
 from nicsim.virtio.policy import NotifyPolicy
 from nicsim.virtio.queues import SHORT_ROUND, QueueResult
 from rings.driver import DriverQueue, GuestDriver, Malformed, TxLayout
+from rings.memory import GuestMemory
 from rings.pool import PacketPool
 
 V1 = 1 << VIRTIO_F_VERSION_1
@@ -80,14 +82,17 @@ class RecordingHooks:
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, list[int], int]] = []
 
-    def popped(self, index: int, heads: npt.NDArray[np.uint16]) -> None:
+    def popped(self, index: int, q: TrackedQueue, mem: GuestMemory, heads: npt.NDArray[np.uint16]) -> None:
         self.calls.append(("popped", index, heads.tolist(), -1))
 
-    def before_used(self, index: int, heads: npt.NDArray[np.uint16]) -> None:
+    def filling(self, index: int, q: TrackedQueue, mem: GuestMemory, heads: npt.NDArray[np.uint16]) -> None:
+        self.calls.append(("filling", index, heads.tolist(), -1))
+
+    def before_used(self, index: int, q: TrackedQueue, heads: npt.NDArray[np.uint16]) -> None:
         self.calls.append(("before", index, heads.tolist(), -1))
 
-    def after_used(self, index: int, heads: npt.NDArray[np.uint16], used_idx: int) -> None:
-        self.calls.append(("after", index, heads.tolist(), used_idx))
+    def after_used(self, index: int, q: TrackedQueue, heads: npt.NDArray[np.uint16]) -> None:
+        self.calls.append(("after", index, heads.tolist(), q.used_idx))
 
 
 @dataclass

@@ -257,7 +257,7 @@ class Session:
         try:
             store = InflightStore.adopt(
                 action.fd, mmap_size=action.mmap_size, mmap_offset=action.mmap_offset,
-                num_queues=action.num_queues, queue_size=action.queue_size,
+                num_queues=action.num_queues, queue_size=action.queue_size, packed=action.packed,
             )  # fmt: skip
         except act.InflightError as err:
             return self.core.action_failed(action, str(err))

@@ -22,6 +22,8 @@ from nicsim.vhost import events as ev
 from nicsim.virtio.inflight import InflightHooks
 from rings.dirty_log import DirtyLog
 from rings.inflight import Recovery
+from rings.inflight_packed import PackedRecovery
+from rings.memory import GuestMemory
 
 
 class InflightError(RemoteError):
@@ -39,11 +41,13 @@ class InflightStorage(InflightHooks, Protocol):
     """A mapped inflight buffer (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), as the core uses it.
 
     ``fd`` is the memfd to send with GET_INFLIGHT_FD's reply (None for a buffer adopted with
-    SET_INFLIGHT_FD); ``mmap_size`` its size.
+    SET_INFLIGHT_FD); ``mmap_size`` its size; ``packed`` whether it has the packed layout
+    (QueueRegionPacked, for VIRTIO_F_RING_PACKED) rather than the split one.
     """
 
     fd: int | None
     mmap_size: int
+    packed: bool
 
     def tracks(self, index: int, queue_size: int) -> bool:
         """Whether the buffer has a queue ``index`` of ``queue_size`` entries."""
@@ -53,15 +57,22 @@ class InflightStorage(InflightHooks, Protocol):
         """rings.inflight's reconciliation of queue ``index`` with the used index in guest memory."""
         ...
 
+    def recover_packed(
+        self, index: int, mem: GuestMemory, desc_addr: int, *, used_pos: int, used_wrap: int
+    ) -> PackedRecovery:
+        """rings.inflight_packed's reconciliation of packed queue ``index`` with its descriptor ring."""
+        ...
+
     def close(self) -> None:
         """Unmap and close (the shell does, on ``ReleaseInflight``; the core never calls it)."""
         ...
 
 
 class InflightFactory(Protocol):
-    """Makes a zeroed inflight buffer; raises InflightError (or OSError) when it cannot."""
+    """Makes a zeroed inflight buffer (in the packed layout when ``packed``); raises InflightError (or
+    OSError) when it cannot."""
 
-    def __call__(self, *, num_queues: int, queue_size: int) -> InflightStorage: ...
+    def __call__(self, *, num_queues: int, queue_size: int, packed: bool = False) -> InflightStorage: ...
 
 
 class RingFd(enum.Enum):
@@ -104,14 +115,15 @@ class UnmapMemoryRegion(Action):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AdoptInflight(Action):
-    """Map the inflight buffer SET_INFLIGHT_FD brought (closing ``fd``); answer ``inflight_adopted``
-    or ``action_failed``."""
+    """Map the inflight buffer SET_INFLIGHT_FD brought (closing ``fd``), in the packed layout when
+    ``packed`` (VIRTIO_F_RING_PACKED was negotiated); answer ``inflight_adopted`` or ``action_failed``."""
 
     fd: int
     mmap_size: int
     mmap_offset: int
     num_queues: int
     queue_size: int
+    packed: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -9,11 +9,12 @@ memory table, inflight buffer, a reset, the host MTU, the RARP SEND_RARP asks fo
 a ring's device queue starts once the protocol started it (SET_VRING_KICK) and memory exists, at the
 addresses translated from the frontend's, from the used index in guest memory and what the inflight
 buffer says was in flight (a packed ring, VIRTIO_F_RING_PACKED, from SET_VRING_BASE's positions
-and wrap counters, and never with an inflight buffer); its pump runs while it is also enabled, and a
-TX ring's also while it is disabled (its chains are then discarded, as the spec's "Ring states"
-asks). It opens, maps and closes nothing and knows no event loop: what needs the operating system
-is returned as :mod:`nicsim.vhost.actions` for the shell to carry out, and the shell hands back what it made
-(``memory_mapped``, ``inflight_adopted``) or reports that it could not (``action_failed``).
+and wrap counters, or from the packed inflight buffer's, with the chains it saved); its pump runs
+while it is also enabled, and a TX ring's also while it is disabled (its chains are then
+discarded, as the spec's "Ring states" asks). It opens, maps and closes nothing and knows no event
+loop: what needs the operating system is returned as :mod:`nicsim.vhost.actions` for the shell to
+carry out, and the shell hands back what it made (``memory_mapped``, ``inflight_adopted``) or
+reports that it could not (``action_failed``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from rings.layout import split_ring_sizes
 from rings.memory import GuestMemory
 from rings.packed import PackedQueue
 from rings.packed_layout import EVENT_SIZE, PDESC_SIZE
+from rings.packed_walk import EMPTY_SAVED, SavedChains
 from rings.split import SplitQueue
 
 log = logging.getLogger("nicsim.vhost.backend")
@@ -222,11 +224,11 @@ class BackendCore:
         if any(self._running):
             self.note("GET_INFLIGHT_FD refused: rings are running")
             return None
-        if self._packed():
-            self.note("GET_INFLIGHT_FD refused: inflight tracking is not supported on packed rings")
-            return None
         try:
-            storage = self._create_inflight(num_queues=num_queues, queue_size=queue_size)
+            if self._packed():  # the layout follows the features (QEMU sends SET_FEATURES first)
+                storage = self._create_inflight(num_queues=num_queues, queue_size=queue_size, packed=True)
+            else:
+                storage = self._create_inflight(num_queues=num_queues, queue_size=queue_size)
         except (InflightError, OSError) as err:
             self.note(f"GET_INFLIGHT_FD refused: {err}")
             return None
@@ -296,12 +298,9 @@ class BackendCore:
         if any(self._running):
             self._refuse(event, "SET_INFLIGHT_FD while rings are running")
             return [CloseFds(cause=event, fds=(event.fd,))]
-        if self._packed():
-            self._refuse(event, "SET_INFLIGHT_FD: inflight tracking is not supported on packed rings")
-            return [CloseFds(cause=event, fds=(event.fd,))]
         return [AdoptInflight(cause=event, fd=event.fd, mmap_size=event.mmap_size,
                               mmap_offset=event.mmap_offset, num_queues=event.num_queues,
-                              queue_size=event.queue_size)]  # fmt: skip
+                              queue_size=event.queue_size, packed=self._packed())]  # fmt: skip
 
     def _set_inflight(self, storage: InflightStorage | None) -> list[Action]:
         old, self.inflight = self.inflight, storage
@@ -340,11 +339,13 @@ class BackendCore:
     def _packed(self) -> bool:
         return vf.has(self.conn.acked_features or 0, VIRTIO_F_RING_PACKED)
 
-    def _queue(self, ring: RingStatus, mem: GuestMemory) -> tuple[DeviceQueue, npt.NDArray[np.uint16]]:
-        """The device side of ``ring`` and the heads to resubmit (inflight recovery)."""
+    def _queue(
+        self, ring: RingStatus, mem: GuestMemory
+    ) -> tuple[DeviceQueue, npt.NDArray[np.uint16] | SavedChains]:
+        """The device side of ``ring`` and what to resubmit (inflight recovery)."""
         assert ring.addr is not None
         if self._packed():
-            return self._packed_queue(ring, mem), np.zeros(0, np.uint16)
+            return self._packed_queue(ring, mem)
         index = ring.index
         dsize, asize, usize = split_ring_sizes(ring.num)
         a = ring.addr
@@ -354,6 +355,9 @@ class BackendCore:
         used_idx = int(mem.view_as(used + 2, np.dtype("<u2"), 1)[0])
         last_avail, resubmit = ring.base & 0xFFFF, np.zeros(0, np.uint16)
         if self.inflight is not None and self.inflight.tracks(index, ring.num):
+            if self.inflight.packed:
+                raise QueueConfigError("the inflight buffer has the packed layout, the rings are split",
+                                       queue=index)  # fmt: skip
             # vhost-user spec "Inflight I/O tracking", when reconnecting: heads the previous
             # backend took and never returned are processed again, the avail ring resumes after.
             rec = self.inflight.recover(index, used_idx)
@@ -369,21 +373,45 @@ class BackendCore:
         )  # fmt: skip
         return queue, resubmit
 
-    def _packed_queue(self, ring: RingStatus, mem: GuestMemory) -> PackedQueue:
+    def _packed_queue(self, ring: RingStatus, mem: GuestMemory) -> tuple[PackedQueue, SavedChains]:
         """A packed ring (VIRTIO_F_RING_PACKED negotiated): SET_VRING_ADDR's desc, avail and used
         addresses are the descriptor ring, the driver area and the device area (virtio 1.2 §2.8.10),
-        SET_VRING_BASE holds both positions and wrap counters. Inflight tracking (rings.inflight_packed)
-        is not wired to the device yet: a packed ring does not start while an inflight buffer is set."""
+        SET_VRING_BASE holds both positions and wrap counters. With a packed inflight buffer that
+        tracks the ring (rings.inflight_packed), a region that is not fresh says instead where both
+        sides are and which chains the previous backend had in flight, with their descriptors."""
         assert ring.addr is not None
-        if self.inflight is not None:
-            raise QueueConfigError("inflight tracking is not supported on packed rings", queue=ring.index)
         a = ring.addr
-        return PackedQueue.from_vring_base(
-            ring.base, index=ring.index, size=ring.num,
+        index = ring.index
+        queue = PackedQueue.from_vring_base(
+            ring.base, index=index, size=ring.num,
             desc_addr=mem.uva_to_gpa(a.desc_user_addr, PDESC_SIZE * ring.num),
             driver_addr=mem.uva_to_gpa(a.avail_user_addr, EVENT_SIZE),
             device_addr=mem.uva_to_gpa(a.used_user_addr, EVENT_SIZE),
         )  # fmt: skip
+        if self.inflight is None or not self.inflight.tracks(index, ring.num):
+            return queue, EMPTY_SAVED
+        if not self.inflight.packed:
+            raise QueueConfigError("the inflight buffer has the split layout, the rings are packed",
+                                   queue=index)  # fmt: skip
+        # vhost-user spec "Inflight I/O tracking", when reconnecting (packed): commit or roll back an
+        # interrupted completion, resubmit the chains still in flight, resume both sides from there.
+        rec = self.inflight.recover_packed(index, mem, queue.desc_addr, used_pos=queue.used_pos,
+                                           used_wrap=queue.used_wrap)  # fmt: skip
+        if rec.fresh:
+            return queue, EMPTY_SAVED
+        if rec.lost:
+            self.note(f"ring {index}: {rec.lost} older chains of buffer ids reused while in flight "
+                      "are not resubmitted")  # fmt: skip
+        n = int(rec.resubmit.ids.shape[0])
+        if n:
+            log.info("%s: ring %d: resubmitting %d chains in flight at the last disconnect%s", self.name,
+                     index, n, " (an interrupted completion was kept)" if rec.committed else "")  # fmt: skip
+        resumed = PackedQueue(
+            index=index, size=ring.num, desc_addr=queue.desc_addr, driver_addr=queue.driver_addr,
+            device_addr=queue.device_addr, avail_pos=rec.avail_pos, avail_wrap=rec.avail_wrap,
+            used_pos=rec.used_pos, used_wrap=rec.used_wrap,
+        )  # fmt: skip
+        return resumed, rec.resubmit
 
     # -- lifecycle --------------------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ from rings.dirty_log import DirtyLog
 from rings.errors import GuestError
 from rings.memory import GuestMemory
 from rings.packed import PackedQueue
+from rings.packed_walk import SavedChains
 from rings.pool import PacketPool
 
 # Defined with the data paths (which may not import this module); callers know them from here.
@@ -215,9 +216,13 @@ class VirtioNetDevice:
 
     # -- queue lifecycle ----------------------------------------------------------------------------
 
-    def start_queue(self, index: int, queue: DeviceQueue, *, resubmit: npt.ArrayLike = ()) -> None:
-        """Start a queue; ``resubmit``: heads a crashed backend had in flight (inflight recovery), TX
-        chains to process again before the avail ring, RX chains to return unused (len 0)."""
+    def start_queue(
+        self, index: int, queue: DeviceQueue, *, resubmit: npt.ArrayLike | SavedChains = ()
+    ) -> None:
+        """Start a queue; ``resubmit``: what a crashed backend had in flight (inflight recovery), TX
+        chains to process again before the avail ring, RX chains to give back unused (len 0): heads
+        on a split ring, on a packed one the chains with their saved descriptors
+        (``rings.inflight_packed``), since their ring slots may hold used descriptors by now."""
         qs = self._qs
         qs.check_index(index)
         if qs.states[index] is not None:
@@ -225,6 +230,18 @@ class VirtioNetDevice:
         if qs.mem is None:
             raise DeviceStateError("no guest memory yet", queue=index)
         st = QueueState(queue)
+        if isinstance(resubmit, SavedChains):
+            if not isinstance(queue, PackedQueue):
+                raise DeviceStateError("saved packed chains resubmitted on a split ring", queue=index)
+            if resubmit.ids.shape[0] and index % 2 == 1:
+                st.saved = resubmit
+            elif resubmit.ids.shape[0]:
+                # Recorded (how many ring descriptors each took) so push_used skips the right number.
+                queue.resubmit(qs.mem, resubmit, indirect=qs.indirect)
+                n = int(resubmit.ids.shape[0])
+                qs.mark_used(index, queue, qs.mem, resubmit.ids, np.zeros(n, np.uint32))
+            qs.states[index] = st
+            return
         heads = np.asarray(resubmit, np.uint16).reshape(-1)
         if heads.shape[0] and index % 2 == 1:
             st.resubmit = heads

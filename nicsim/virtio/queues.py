@@ -41,6 +41,7 @@ from rings.errors import GuestError
 from rings.memory import GuestMemory
 from rings.packed import PackedQueue
 from rings.packed_layout import EVENT_SIZE, PDESC_SIZE
+from rings.packed_walk import SavedChains
 from rings.pool import PacketPool
 from rings.short_chains import ShortChain
 from rings.split import SplitQueue
@@ -144,18 +145,27 @@ class DeviceQueue(Protocol):
 class QueueState:
     """One started queue: the ring, and what the device keeps about it between calls."""
 
-    __slots__ = ("broken", "irq_used", "q", "resubmit", "signalled_used")
+    __slots__ = ("broken", "irq_used", "q", "resubmit", "saved", "signalled_used")
 
     def __init__(self, q: DeviceQueue) -> None:
         self.q = q
         # Heads in flight when a previous backend died (rings.inflight recovery): processed before the
         # avail ring, each completed exactly once (vhost-user spec, "Inflight I/O tracking").
         self.resubmit: npt.NDArray[np.uint16] = np.zeros(0, np.uint16)
+        # The same on a packed ring (rings.inflight_packed recovery): the chains with the descriptors
+        # the region saved, since their ring slots may hold used descriptors by now.
+        self.saved: SavedChains | None = None
         self.signalled_used = q.used_idx  # used.idx at the last decision (vhost's signalled_used)
         # used.idx at the last interrupt actually sent: a decision against one (signalled_used moved on)
         # may have read a used_event the driver was replacing, which a stall re-check looks at again.
         self.irq_used = q.used_idx
         self.broken: GuestError | None = None
+
+    @property
+    def resubmit_count(self) -> int:
+        """Chains a previous backend left in flight that are still to be processed."""
+        saved = 0 if self.saved is None else int(self.saved.ids.shape[0])
+        return int(self.resubmit.shape[0]) + saved
 
 
 SHORT_ROUND = 8
@@ -242,25 +252,31 @@ class QueueSet:
 
     def mark_used(
         self, index: int, q: DeviceQueue, mem: GuestMemory, heads: npt.NDArray[Any],
-        lens: npt.NDArray[np.uint32],
+        lens: npt.NDArray[np.uint32], *, filled: bool = False,
     ) -> None:
-        """push_used, bracketed by the inflight hooks (spec, "When supplying used buffers")."""
+        """push_used, bracketed by the inflight hooks (spec, "When supplying used buffers").
+        ``filled``: the heads are the first chains of the ring's last pop, taken and filled in this
+        same call and not recorded as popped (RX): the hooks record them first."""
         hooks = self.inflight
         if hooks is not None:
-            hooks.before_used(index, heads)
+            if filled:
+                hooks.filling(index, q, mem, heads)
+            hooks.before_used(index, q, heads)
         q.push_used(mem, heads, lens)
         if self.logging:
             self.log_used(q)
         if hooks is not None:
-            hooks.after_used(index, heads, q.used_idx)
+            hooks.after_used(index, q, heads)
 
     def mark_used_few(
-        self, index: int, q: DeviceQueue, mem: GuestMemory, heads: list[int], lens: list[int]
+        self, index: int, q: DeviceQueue, mem: GuestMemory, heads: list[int], lens: list[int], *,
+        filled: bool = False,
     ) -> None:
         """:meth:`mark_used` for a short round's few entries, as ints (the hooks get arrays)."""
         hooks = self.inflight
         if hooks is not None or self.logging:
-            self.mark_used(index, q, mem, np.array(heads, np.uint16), np.array(lens, np.uint32))
+            ids, lengths = np.array(heads, np.uint16), np.array(lens, np.uint32)
+            self.mark_used(index, q, mem, ids, lengths, filled=filled)
             return
         q.push_used_few(mem, heads, lens)
 

@@ -644,7 +644,7 @@ class RxPath:
                 assert qs.dirty_log is not None
                 seg = np.flatnonzero(cb.seg_writable & (cb.seg_chain < cut))
                 qs.dirty_log.mark_ranges(cb.seg_addr[seg], cb.seg_len[seg])
-            qs.mark_used(rxq, st.q, mem, cb.heads[:cut], lens[:cut])
+            qs.mark_used(rxq, st.q, mem, cb.heads[:cut], lens[:cut], filled=True)
         self._give_back(rxq, st, descs, k - cut)
 
     def _deliver(

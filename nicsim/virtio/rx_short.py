@@ -74,7 +74,7 @@ class ShortRx:
         frame_bytes = sum(lens[:placed]) - (hdr * placed if carried else 0)
         stats.bytes[rxq] += np.uint64(frame_bytes)
         stats.batches[rxq] += np.uint64(1)
-        qs.mark_used_few(rxq, q, mem, [c.head for c in chains[:placed]], need[:placed])
+        qs.mark_used_few(rxq, q, mem, [c.head for c in chains[:placed]], need[:placed], filled=True)
         for d in descs:
             self._pool.free(d)
         stats.add_inflight(rxq, -placed)

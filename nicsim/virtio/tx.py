@@ -2,7 +2,8 @@
 pool descriptors, to the port, and back to the used ring.
 
 This module owns :class:`TxPath`, everything ``VirtioNetDevice.process_tx`` does: take up to
-``policy.tx_batch`` chains (resubmitted heads from inflight recovery first), walk them, track each in a
+``policy.tx_batch`` chains (resubmitted heads from inflight recovery first; on a packed ring, walked
+from the descriptors the inflight region saved), walk them, track each in a
 pool descriptor, count bad, header-short and runt chains as drops and return them at once (len 0), and
 hand the good frames to the port; chains come back when the port is done, at once or later for an
 asynchronous port, or when the queue stops. A started ring that is disabled has its chains taken and
@@ -32,6 +33,8 @@ from nicsim.virtio.tx_short import ShortTxBatch
 from rings.chains import ChainBatch
 from rings.errors import GuestError
 from rings.memory import GuestMemory
+from rings.packed import PackedQueue
+from rings.packed_walk import split_saved
 
 
 class TxBatch:
@@ -168,13 +171,15 @@ class TxPath:
             return self._discard(index, st, mem)
         q = st.q
         try:
-            pending = q.avail_pending(mem) + st.resubmit.shape[0]
+            pending = q.avail_pending(mem) + st.resubmit_count
         except GuestError as err:
             return qs.broke(index, st, err)
         want = min(pending, qs.policy.tx_batch)
+        if st.saved is not None:
+            want = min(want, int(st.saved.ids.shape[0]))  # a round of saved chains only (packed)
         if want == 0:
             return QueueResult(queue=index, interrupt=qs.decide_interrupt(index, st, mem, idle=True))
-        if want <= qs.short_round and not st.resubmit.shape[0]:
+        if want <= qs.short_round and not st.resubmit_count:
             done = self._process_short(index, st, mem, want)
             if done is not None:
                 return done
@@ -182,8 +187,7 @@ class TxPath:
         k = int(descs.shape[0])
         if k == 0:
             return QueueResult(queue=index, more=True, blocked=True)
-        heads = self._pop(index, st, mem, k)
-        cb = q.walk(mem, heads, indirect=qs.indirect)
+        heads, cb = self._take(index, st, mem, k)
         if cb.seg_addr.shape[0] == k and not cb.errors:
             addrs = cb.seg_addr  # one segment per chain (the common case): its first is its only one
         else:
@@ -213,7 +217,7 @@ class TxPath:
         else:
             self._return(st, mem, index, heads, descs)
         try:
-            more = q.avail_pending(mem) + st.resubmit.shape[0] > 0
+            more = q.avail_pending(mem) + st.resubmit_count > 0
         except GuestError as err:
             return qs.broke(index, st, err)
         irq = qs.decide_interrupt(index, st, mem, idle=not more)
@@ -241,7 +245,7 @@ class TxPath:
         self._stats.add_inflight(index, k)
         q.skip_avail(k)
         if qs.inflight is not None:
-            qs.inflight.popped(index, np.array([c.head for c in chains], np.uint16))
+            qs.inflight.popped(index, q, mem, np.array([c.head for c in chains], np.uint16))
         batch = ShortTxBatch(queue=index, mem=mem, chains=chains, descriptors=descs, hdr_len=hdr,
                              on_complete=self._completed)  # fmt: skip
         self._hand_over_short(index, st, mem, batch)
@@ -283,16 +287,22 @@ class TxPath:
         """A started ring that is disabled: take up to ``tx_batch`` chains and return them unread (len 0),
         counted as ``ring_disabled`` (vhost-user spec, "Ring states": process and discard TX; the guest
         gets its buffers back). No pool descriptor tracks them: they are on the used ring again before
-        this call returns, so nothing is in flight; nor are they walked, since nothing reads them."""
+        this call returns, so nothing is in flight; nor are they walked, since nothing reads them.
+
+        Chains a previous backend left in flight (inflight recovery) are not discarded: the guest sent
+        them while the ring was enabled, and a frontend that reconnects starts each ring before it
+        enables it (QEMU: SET_VRING_KICK, then SET_VRING_ENABLE), so they wait for the enable."""
         qs = self._qs
         q = st.q
         try:
-            k = min(q.avail_pending(mem) + st.resubmit.shape[0], qs.policy.tx_batch)
+            k = min(q.avail_pending(mem), qs.policy.tx_batch)
             if k:
-                heads = self._pop(index, st, mem, k)
-                qs.mark_used(index, q, mem, heads, np.zeros(k, np.uint32))
+                heads = q.pop_avail(mem, k)
+                k = int(heads.shape[0])
+                # Published in this same call: recorded for the inflight region as RX chains are.
+                qs.mark_used(index, q, mem, heads, np.zeros(k, np.uint32), filled=True)
                 self._stats.drop(index, "ring_disabled", k)
-            more = q.avail_pending(mem) + st.resubmit.shape[0] > 0
+            more = q.avail_pending(mem) > 0
         except GuestError as err:
             return qs.broke(index, st, err)
         irq = qs.decide_interrupt(index, st, mem, idle=not more)
@@ -354,13 +364,26 @@ class TxPath:
                 if done_now.shape[0]:
                     self._return(st, mem, index, heads[done_now], descs[done_now])
 
-    def _pop(self, index: int, st: QueueState, mem: GuestMemory, k: int) -> npt.NDArray[np.uint16]:
-        """``k`` TX heads: resubmitted ones first (still marked in flight), then the avail ring's."""
+    def _take(
+        self, index: int, st: QueueState, mem: GuestMemory, k: int
+    ) -> tuple[npt.NDArray[np.uint16], ChainBatch]:
+        """Up to ``k`` TX chains and their walk: resubmitted ones first (still marked in flight), then
+        the avail ring's. On a packed ring the resubmitted chains come alone, walked from the
+        descriptors the inflight region saved (``PackedQueue.resubmit``, which also records how many
+        ring descriptors each took, for ``push_used``)."""
+        q, qs = st.q, self._qs
+        if st.saved is not None:
+            assert isinstance(q, PackedQueue)
+            chunk, rest = split_saved(st.saved, k)
+            st.saved = rest if rest.ids.shape[0] else None
+            cb = q.resubmit(mem, chunk, indirect=qs.indirect)
+            return chunk.ids, cb
         again, st.resubmit = st.resubmit[:k], st.resubmit[k:]
-        fresh = st.q.pop_avail(mem, k - int(again.shape[0]))
-        if self._qs.inflight is not None:
-            self._qs.inflight.popped(index, fresh)
-        return np.concatenate([again, fresh]) if again.shape[0] else fresh
+        fresh = q.pop_avail(mem, k - int(again.shape[0]))
+        if qs.inflight is not None:
+            qs.inflight.popped(index, q, mem, fresh)
+        heads = np.concatenate([again, fresh]) if again.shape[0] else fresh
+        return heads, q.walk(mem, heads, indirect=qs.indirect)
 
     def _return(
         self, st: QueueState, mem: GuestMemory, index: int, heads: npt.NDArray[Any],
