@@ -28,7 +28,7 @@ import numpy.typing as npt
 from .chains import ChainBatch
 from .layout import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
-__all__ = ["disable", "enable", "enabled", "engine", "walk_split"]
+__all__ = ["disable", "enable", "enabled", "engine", "free_normal", "track", "walk_split"]
 
 U32_MAX = 0xFFFF_FFFF
 
@@ -131,16 +131,62 @@ def _declined_py(n: int) -> _Arrays:  # pragma: no cover - compiled by numba
     )  # fmt: skip
 
 
+def _free_normal_py(
+    idx: npt.NDArray[Any], state: npt.NDArray[np.uint8], stack: npt.NDArray[np.intp], used: int, capacity: int
+) -> int:  # pragma: no cover - compiled by numba
+    """``PacketPool.free_batch`` of normal (not overflow) descriptors, every one in use and none twice:
+    marks them free and pushes them reversed, as the pool does; returns the new ``used``. -1, with
+    nothing changed, for anything else (the pool's numpy path then raises the precise error)."""
+    n = idx.shape[0]
+    for j in range(n):
+        i = idx[j]
+        if i < 0 or i >= capacity or state[i] != 1:  # 1: STATE_IN_USE; 2: seen earlier in this batch
+            for k in range(j):
+                state[idx[k]] = 1
+            return -1
+        state[i] = 2
+    for j in range(n):
+        state[idx[j]] = 0
+        stack[used - 1 - j] = idx[j]
+    left: int = used - n
+    return left
+
+
+def _track_py(
+    idx: npt.NDArray[Any], state: npt.NDArray[np.uint8], queue_f: npt.NDArray[np.int32],
+    head_f: npt.NDArray[np.uint16], addr_f: npt.NDArray[np.uint64], length_f: npt.NDArray[np.uint32],
+    queue: int, heads: npt.NDArray[np.uint16], addrs: npt.NDArray[np.uint64], lengths: npt.NDArray[np.uint32],
+) -> bool:  # pragma: no cover - compiled by numba
+    """``PacketPool.track`` of allocated descriptors: False, with nothing written, when an index is
+    out of range or not allocated (the pool's numpy path then raises the precise error)."""
+    size = state.shape[0]
+    for j in range(idx.shape[0]):
+        i = idx[j]
+        if i < 0 or i >= size or state[i] == 0:
+            return False
+    for j in range(idx.shape[0]):
+        i = idx[j]
+        queue_f[i] = queue
+        head_f[i] = heads[j]
+        addr_f[i] = addrs[j]
+        length_f[i] = lengths[j]
+    return True
+
+
 # What the kernel functions call by name: the Python sources until ``enable`` compiles them.
 _declined = _declined_py
 _compiled_walk: Callable[..., _Arrays] | None = None
+free_normal: Callable[..., int] | None = None
+"""The compiled :func:`_free_normal_py` once enabled (the pool calls it), else None."""
+track: Callable[..., bool] | None = None
+"""The compiled :func:`_track_py` once enabled (the pool calls it), else None."""
 _why_not: str = "not enabled"
 
 
 def enable() -> bool:
     """Compile (or load from numba's cache) the kernels and use them; False, with the reason in
     :func:`engine`, when numba is missing or fails. Idempotent."""
-    global _compiled_walk, _declined, _why_not
+    global _compiled_walk, _declined, _why_not, free_normal, track
     if _compiled_walk is not None:
         return True
     try:
@@ -149,15 +195,18 @@ def enable() -> bool:
         _why_not = f"numba is not installed ({exc})"
         return False
     try:
-        jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+        # The GIL stays held: the pool kernels mark descriptors they are checking, which no other
+        # thread may see (the interlocked pool calls them under its lock anyway).
+        jit = numba.njit(cache=True, boundscheck=False)
         _declined = jit(_declined_py)
         walk = jit(_walk_split_py)
+        free_fn, track_fn = jit(_free_normal_py), jit(_track_py)
         _compile_now(walk)
     except Exception as exc:  # numba raises its own error classes; any of them means: no kernels
         _declined = _declined_py
         _why_not = f"numba could not compile the kernels ({type(exc).__name__}: {exc})"
         return False
-    _compiled_walk = walk
+    _compiled_walk, free_normal, track = walk, free_fn, track_fn
     return True
 
 
@@ -170,8 +219,8 @@ def _compile_now(walk: Callable[..., _Arrays]) -> None:
 
 def disable() -> None:
     """Back to the numpy walker everywhere (the reference; tests compare the two)."""
-    global _compiled_walk, _why_not
-    _compiled_walk = None
+    global _compiled_walk, _why_not, free_normal, track
+    _compiled_walk = free_normal = track = None
     _why_not = "disabled"
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from rings import kernels
 from rings.drain import fire_callbacks, noop
 from rings.errors import (
     DescriptorNotAllocatedError,
@@ -284,6 +285,11 @@ class PacketPool:
         n = idx.shape[0]
         if n == 0:
             return []
+        if kernels.free_normal is not None:  # compiled: the common batch in one loop, else -1
+            used = kernels.free_normal(idx, self._state, self._stack, self._used, self._capacity)
+            if used >= 0:
+                self._used = used
+                return self._due_callbacks()
         # Validate the whole batch before touching anything. One sorted intp copy gives the range
         # check (its ends), the duplicate check (neighbours) and fast gathers, with no reductions.
         ordered = idx.astype(np.intp)
@@ -330,11 +336,15 @@ class PacketPool:
         unless every index is allocated and every value fits its field.
         """
         self._check_open("track")
-        idx = self._as_indices(indices)
-        n = idx.shape[0]
         queue = operator.index(queue)
         if not 0 <= queue <= 0xFFFF:  # a virtqueue index is 16 bits (virtio 1.2 §4.1.4.3)
             raise ValueError(f"pool {self._name!r}: queue index {queue} outside 0..65535")
+        fields = (self._state, self._queue, self._head, self._addr, self._length)
+        if (kernels.track is not None and self._kernel_can_track(indices, heads, addrs, lengths)
+                and kernels.track(indices, *fields, queue, heads, addrs, lengths)):  # fmt: skip
+            return  # compiled: checked and written in one loop (False: nothing written)
+        idx = self._as_indices(indices)
+        n = idx.shape[0]
         values = [
             self._field_values(heads, n, np.dtype(np.uint16), "heads"),
             self._field_values(addrs, n, np.dtype(np.uint64), "addrs"),
@@ -349,6 +359,18 @@ class PacketPool:
             raise self._batch_not_in_use_error(idx, freeing=False)
         self._queue[idx] = queue
         self._head[idx], self._addr[idx], self._length[idx] = values
+
+    @staticmethod
+    def _kernel_can_track(indices: Any, heads: Any, addrs: Any, lengths: Any) -> bool:
+        """Whether ``track``'s arguments are the device's own arrays, which the kernel takes as they are
+        (anything else goes through the numpy path's conversions and checks)."""
+        if not (isinstance(indices, np.ndarray) and indices.ndim == 1 and indices.dtype.kind == "i"):
+            return False
+        n = indices.shape[0]
+        return all(
+            isinstance(a, np.ndarray) and a.dtype == dt and a.shape == (n,)
+            for a, dt in ((heads, np.uint16), (addrs, np.uint64), (lengths, np.uint32))
+        )
 
     def track_one(self, index: int, *, queue: int, head: int, addr: int, length: int) -> None:
         """``track`` for one descriptor, in plain ints (a round of a few chains): the same checks, the

@@ -160,3 +160,50 @@ def test_a_segment_is_taken_only_inside_one_region(addr: int, length: int, insid
         assert (got is not None) is inside
         if got is not None:
             assert_same(got, want)
+
+
+def test_the_pool_model_holds_on_the_numpy_path_too() -> None:
+    """The suite runs the pool's compiled free and track; its numpy paths stay the reference, so the
+    pool's model-based test runs once more with the kernels off."""
+    from hypothesis.stateful import run_state_machine_as_test
+
+    from tests.test_pool import PoolMachine
+
+    kernels.disable()
+    try:
+        quick = settings(max_examples=100, stateful_step_count=40, deadline=None,
+                         suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+        run_state_machine_as_test(PoolMachine, settings=quick)
+    finally:
+        assert kernels.enable()
+
+
+def test_the_pools_compiled_track_and_free_refuse_what_numpy_refuses_and_write_nothing() -> None:
+    """With the device's own array types (what the kernels take): a free or out-of-range index in a
+    track, and a free, repeated or overflow index in a free, give the numpy path's error (or, for an
+    overflow descriptor, its result), with nothing written by the declined kernel."""
+    from rings.errors import DescriptorNotAllocatedError, DescriptorRangeError, DoubleFreeError
+    from rings.pool import PacketPool
+
+    pool = PacketPool(4, overflow=1, name="k")
+    taken = pool.allocate_batch(3)
+    args = {"queue": 1, "heads": np.arange(3, dtype=np.uint16), "addrs": np.arange(3, dtype=np.uint64),
+            "lengths": np.full(3, 60, np.uint32)}  # fmt: skip
+    before = pool._table.copy()
+    refused = (([taken[0], taken[1], 3], DescriptorNotAllocatedError), ([0, 1, 9], DescriptorRangeError))
+    for bad, error in refused:
+        with pytest.raises(error):
+            pool.track(np.array(bad, np.int32), **args)
+        assert pool._table.tobytes() == before.tobytes()
+    pool.track(taken, **args)
+    assert pool.outstanding(queue=1).tolist() == sorted(taken.tolist())
+    before = pool._table.copy()
+    for bad, error in (([taken[0], 3], DescriptorNotAllocatedError), ([taken[0], taken[0]], DoubleFreeError)):
+        with pytest.raises(error):
+            pool.free_batch(np.array(bad, np.int32))
+        assert pool._table.tobytes() == before.tobytes() and pool.usage == 3
+    assert pool.allocate_batch(2).tolist() == [3, 4]  # the last normal one, then the overflow one
+    pool.free_batch(np.array([4, 3], np.int32))  # an overflow descriptor: the numpy path takes it
+    pool.free_batch(taken)
+    assert pool.usage == 0
+    assert pool.free_indices().tolist() == [*taken.tolist()[::-1], 3, 4]  # LIFO, as single frees give
