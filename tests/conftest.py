@@ -30,11 +30,3 @@ def netns(nicsim_netns: Callable[[], Netns]) -> Callable[[], Netns]:
     """Factory of fresh namespaces (``lo`` up), all deleted when the test ends, pass or fail."""
     return nicsim_netns
 
-
-@pytest.fixture(scope="session", autouse=True)
-def compiled_kernels() -> None:
-    """The in-process tests run what ``nicsim serve`` ships: the compiled walk for good batches
-    (``rings.kernels``), numpy's walker for the rest. ``tests/test_kernels.py`` compares the two."""
-    from rings import kernels
-
-    assert kernels.enable(), kernels.engine()

@@ -10,6 +10,9 @@ the source being right, nor the other way round.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -30,8 +33,12 @@ FIELDS = (
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compiled() -> None:
-    assert kernels.enable(), kernels.engine()  # CI installs numba: the compiled path is what ships
+def compiled() -> Iterator[None]:
+    """The kernels on for this module (CI installs numba, so they must compile), off again after it:
+    the rest of the suite runs serve's default, the numpy path."""
+    assert kernels.enable(), kernels.engine()
+    yield
+    kernels.disable()
 
 
 def assert_same(got: ChainBatch, want: ChainBatch) -> None:
@@ -189,21 +196,52 @@ def test_the_pools_compiled_track_and_free_refuse_what_numpy_refuses_and_write_n
     taken = pool.allocate_batch(3)
     args = {"queue": 1, "heads": np.arange(3, dtype=np.uint16), "addrs": np.arange(3, dtype=np.uint64),
             "lengths": np.full(3, 60, np.uint32)}  # fmt: skip
-    before = pool._table.copy()
+    before = pool._table.view(np.uint8).copy()  # the bytes, padding included
     refused = (([taken[0], taken[1], 3], DescriptorNotAllocatedError), ([0, 1, 9], DescriptorRangeError))
     for bad, error in refused:
         with pytest.raises(error):
             pool.track(np.array(bad, np.int32), **args)
-        assert pool._table.tobytes() == before.tobytes()
+        assert np.array_equal(pool._table.view(np.uint8), before)
     pool.track(taken, **args)
     assert pool.outstanding(queue=1).tolist() == sorted(taken.tolist())
-    before = pool._table.copy()
+    before = pool._table.view(np.uint8).copy()  # the bytes, padding included
     for bad, error in (([taken[0], 3], DescriptorNotAllocatedError), ([taken[0], taken[0]], DoubleFreeError)):
         with pytest.raises(error):
             pool.free_batch(np.array(bad, np.int32))
-        assert pool._table.tobytes() == before.tobytes() and pool.usage == 3
+        assert np.array_equal(pool._table.view(np.uint8), before) and pool.usage == 3
     assert pool.allocate_batch(2).tolist() == [3, 4]  # the last normal one, then the overflow one
     pool.free_batch(np.array([4, 3], np.int32))  # an overflow descriptor: the numpy path takes it
     pool.free_batch(taken)
     assert pool.usage == 0
     assert pool.free_indices().tolist() == [*taken.tolist()[::-1], 3, 4]  # LIFO, as single frees give
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("carried", [False, True], ids=["sync-port", "carried"])
+def test_device_rounds_with_the_kernels_match_the_numpy_rounds(seed: int, carried: bool) -> None:
+    """The device as a whole: ``test_short_rounds``' random sequences of TX and RX rounds (malformed
+    chains, a pool that runs out, a corrupted ``avail.idx``, ports that complete later) through two
+    devices, one with the kernels on and one on numpy only: the same guest memory, used entries,
+    stats, drops and port input after every step."""
+    from tests.test_short_rounds import EVT, IND, MRG, V1, apply, drain, guest_view, make_ops, world
+
+    features = V1 | MRG | IND | EVT
+    ops = make_ops(seed * 104729 + int(carried), 400)
+    kw: dict[str, Any] = {"carried": carried, "hooks": seed % 2 == 0, "pool": (6, 9, 14, 40)[seed],
+                          "tx_batch": (3, 6, 12, 40)[seed], "rx_batch": (8, 12)[seed % 2]}  # fmt: skip
+    fast = world(features, short_round=0, **kw)
+    ref = world(features, short_round=0, **kw)
+    try:
+        for step, op in enumerate(ops):
+            assert kernels.enable()
+            got = apply(fast, op)
+            kernels.disable()
+            want = apply(ref, op)
+            assert got == want, (step, op)
+            assert np.array_equal(fast.drv.ram.backing, ref.drv.ram.backing), (step, op)
+            assert guest_view(fast) == guest_view(ref), (step, op)
+        drain(fast)
+        drain(ref)
+        assert guest_view(fast) == guest_view(ref)
+    finally:
+        assert kernels.enable()
