@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nicsim.ports.base import Port
+from nicsim.ports.vnet_hdr import NONE, Offloads
 from nicsim.virtio.features import VIRTIO_F_VERSION_1, mask
 from nicsim.virtio.port import ETH_HLEN, HDR_LEN_V1, MAX_FRAME, Buffer
 
@@ -88,6 +89,8 @@ class Uplink:
         self._used = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
+        # The switch segments and checksums what it sends here: the far end takes no offload.
+        self.rx_offloads: Offloads = NONE
         self.counters: dict[str, int] = {"polls": 0, "wakes": 0, "runts": 0}
         # The tap reads and writes a 12-byte v1 header, and no offloads: every frame is complete.
         port.negotiated(mask((VIRTIO_F_VERSION_1,)))
@@ -95,8 +98,10 @@ class Uplink:
 
     # -- switch -> port ---------------------------------------------------------------------------
 
-    def deliver(self, views: Sequence[Frame], *, queue: bool = True) -> npt.NDArray[np.bool_]:
-        """Send ``views`` out through the port now; returns which frames it sent (nothing waits)."""
+    def deliver(self, views: Sequence[Frame], *, queue: bool = True,
+                headers: npt.NDArray[np.uint8] | None = None) -> npt.NDArray[np.bool_]:  # fmt: skip
+        """Send ``views`` out through the port now; returns which frames it sent (nothing waits).
+        ``headers`` ask for nothing here (the switch did every offload: :attr:`rx_offloads`)."""
         kept = np.zeros(len(views), np.bool_)
         port, batch = self.port, self._batch
         counters: dict[str, Any] = getattr(port, "counters", {})
@@ -153,8 +158,8 @@ class Uplink:
         return sum(self.push(data[o : o + n], pair=pair) for o, n in zip(offsets.tolist(), lengths.tolist(),
                                                                           strict=True))  # fmt: skip
 
-    def push_views(self, frames: Sequence[Frame], *, pair: int | None = None,
-                   queue: bool = True) -> npt.NDArray[np.bool_]:  # fmt: skip
+    def push_views(self, frames: Sequence[Frame], *, pair: int | None = None, queue: bool = True,
+                   headers: npt.NDArray[np.uint8] | None = None) -> npt.NDArray[np.bool_]:  # fmt: skip
         return np.array([self.push(f, pair=pair) for f in frames], np.bool_)
 
     def push_template(self, template: Frame, count: int, *, pair: int = 0) -> int:
