@@ -272,3 +272,11 @@ def test_an_uplink_gets_segments_with_complete_checksums(switch: Switch) -> None
     assert len(up.sent) == 5 and all(f == recomputed(f) for f in up.sent)
     assert b"".join(bytes(Ether(f)[TCP].payload) for f in up.sent) == payload(5 * MSS)
     assert np.all([len(f) == 54 + MSS for f in up.sent])
+
+
+def test_serve_turns_the_switchs_offloads_off_on_request() -> None:
+    from nicsim.cli.serve import parse_switch
+
+    assert parse_switch("switch").offload and not parse_switch("switch,offload=off").offload
+    with pytest.raises(ValueError, match="not on or off"):
+        parse_switch("switch,offload=maybe")
