@@ -403,5 +403,8 @@ class SwitchPort(Port):
         super().close()
 
     def stats(self) -> dict[str, Any]:
+        # What the guest negotiated: offloads it may ask for (tx) and takes (rx).
+        offloads = {"tx": self.tx_offloads.names(), "rx": self.rx_offloads.names()}
         return {"port": self.port_name, "number": self.number, **self.switch.port_stats(self.number),
-                "fdb": {**self.switch.fdb.counters, "entries": len(self.switch.fdb)}}  # fmt: skip
+                "fdb": {**self.switch.fdb.counters, "entries": len(self.switch.fdb)},
+                "offloads": offloads}  # fmt: skip
