@@ -63,6 +63,8 @@ __all__ = ["DIRECTIONS", "Switch", "SwitchPort", "Uplink"]
 DIRECTIONS: Final = ("tx", "rx")  # from the guest's side: tx into the switch, rx out of it
 
 Frame = npt.NDArray[np.uint8]
+_ZERO_HEADERS = np.zeros((256, HDR_FIELDS), np.uint8)  # what frames without a header carry (read only)
+_ZERO_HEADERS.flags.writeable = False
 
 
 def _views(data: Frame, offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.uint32]) -> list[Frame]:
@@ -157,12 +159,15 @@ class Switch:
         if sender is not None and sender.vnet_hdr:
             # Views of the sender's TX buffers (a frame split across descriptors is gathered) and
             # their headers apart: the receiver's RX path copies them once, into its own buffers.
-            views, headers = split_frames(batch, sender.hdr_len)
-            views, lengths, headers = self._checked(ingress, views, lengths, headers, sender.tx_offloads)
+            views, found = split_frames(batch, sender.hdr_len)
+            if found.any():
+                views, lengths, headers = self._checked(ingress, views, lengths, found, sender.tx_offloads)
+            # else: headers that ask for nothing (a ping, an ARP) are nothing to check or carry.
             if imp is not None:
-                # An impaired link carries wire frames: segmented, checksums complete (below).
-                views, lengths, _ = self._finish(ingress, views, lengths, headers, NONE)
-                headers = None
+                if headers is not None:
+                    # An impaired link carries wire frames: segmented, checksums complete.
+                    views, lengths, _ = self._finish(ingress, views, lengths, headers, NONE)
+                    headers = None
                 data, offsets = _flat(views, lengths)
                 data, offsets, lengths = imp.offer(self._clock(), data, offsets, lengths)
                 views = _views(data, offsets, lengths)
@@ -387,7 +392,9 @@ class SwitchPort(Port):
         if not self.vnet_hdr:
             return self.sink.push_views(views, queue=queue)
         if headers is None:
-            headers = np.zeros((len(views), HDR_FIELDS), np.uint8)
+            n = len(views)
+            few = n <= _ZERO_HEADERS.shape[0]
+            headers = _ZERO_HEADERS[:n] if few else np.zeros((n, HDR_FIELDS), np.uint8)
         return self.sink.push_views(views, queue=queue, headers=headers)
 
     def transmit(self, batch: TxFrames) -> bool:
