@@ -173,14 +173,22 @@ def poll_action(
     return PollAction.REARM
 
 
-def defer_tx_interrupt(policy: NotifyPolicy, *, processed: int) -> bool:
+FLOW_BYTES = 16 * 1024
+"""A TX round that moved this many bytes is a stream's, however few frames: one 64 KB GSO frame."""
+
+
+def defer_tx_interrupt(policy: NotifyPolicy, *, processed: int, nbytes: int = 0) -> bool:
     """Whether a TX round's due interrupt may wait for the pair's RX interrupt (at most
     ``tx_irq_wait_us``). Only sparse rounds (request/response traffic: a ping, an RPC) wait: their
     reply usually follows within a round trip of the port, and one interrupt for both costs the
     guest one exit and one handler run instead of two; under TCG, with the NIC's single INTx line,
     that is about 0.4 ms of the guest's round trip. A round that moved a batch (traffic flows) is
-    signalled at once: a guest whose TX ring fills waits for those completions."""
-    return policy.tx_irq_wait_us > 0 and processed < max(policy.flow_batch, 1)
+    signalled at once: a guest whose TX ring fills waits for those completions. So is a round that
+    moved ``FLOW_BYTES`` (``nbytes``: its frames' bytes), a TCP stream's GSO frames: Linux lets a
+    socket have only a few of them unfreed (TCP small queues), and holding their completion for the
+    peer's ACK would pace the stream by the round trip."""
+    few = processed < max(policy.flow_batch, 1) and nbytes < FLOW_BYTES
+    return policy.tx_irq_wait_us > 0 and few
 
 
 def is_stalled(*, pending: bool, progress: tuple[int, ...], previous: tuple[int, ...] | None) -> bool:
