@@ -193,6 +193,9 @@ def test_a_partial_checksum_is_completed_only_for_a_guest_without_guest_csum(swi
     ((fc, dc),) = c.frames()
     assert fb[:6] == (0, 0, 0, 0, 0, 0) and db == good == recomputed(db)
     assert fc[:6] == (1, 0, 0, 0, 34, 6) and dc == partial  # C completes it itself
+    # DATA_VALID is not the sender's to set: a receiver that takes headers gets none of it.
+    a.send(good, HDR.pack(2, 0, 0, 0, 0, 0, 0))
+    assert [f[:6] for f, _ in c.frames()] == [(0, 0, 0, 0, 0, 0)]
     assert switch.port_stats(1)["offload"] == {"csum_completed": 1}
     assert "offload" not in switch.port_stats(2)
 

@@ -43,6 +43,7 @@ from nicsim.ports.port_counters import PortCounters
 from nicsim.ports.uplink import Uplink
 from nicsim.ports.vnet_hdr import (
     BAD_GSO_FRAME,
+    F_NEEDS_CSUM,
     GSO_NONE,
     HDR_FIELDS,
     NONE,
@@ -184,6 +185,9 @@ class Switch:
                  allowed: Offloads) -> tuple[list[Frame], npt.NDArray[np.uint32], Headers]:  # fmt: skip
         """Drop (counted on ``ingress`` by reason) the frames whose header asks for what the guest did
         not negotiate, points outside the frame, or calls a frame GSO that is not a TCP/IP frame."""
+        # NEEDS_CSUM is the one flag a driver sets on TX (§5.1.6.2); DATA_VALID from a guest would
+        # tell the receiver to trust a checksum nobody checked.
+        headers[:, 0] &= F_NEEDS_CSUM
         codes = check(headers, lengths, allowed)
         gso = fields(headers)["gso_type"]
         is_gso = gso != GSO_NONE
