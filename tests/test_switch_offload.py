@@ -8,6 +8,7 @@ their checksums are built and checked with scapy, independently of :mod:`nicsim.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +20,10 @@ from scapy.packet import Raw
 
 from nicsim.ports.base import Port, TxFrames
 from nicsim.ports.switch import Switch
+from nicsim.ports.tap import TapConfig, TapPort
 from nicsim.ports.vnet_hdr import OFFLOADS
 from nicsim.virtio.device import VirtioNetDevice
+from qemu.testvm import Netns
 from rings.driver import DriverQueue, GuestDriver
 from rings.pool import PacketPool
 from tests.test_tap_port import CSUM, GCSUM, GTSO, HDR, HTSO, MRG, V1
@@ -283,3 +286,37 @@ def test_serve_turns_the_switchs_offloads_off_on_request() -> None:
     assert parse_switch("switch").offload and not parse_switch("switch,offload=off").offload
     with pytest.raises(ValueError, match="not on or off"):
         parse_switch("switch,offload=maybe")
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_a_tap_uplink_gets_a_gso_frame_whole_for_its_kernel_to_segment(
+    netns: Callable[[], Netns], offload: bool
+) -> None:
+    """The TAP's kernel honours CSUM and TSO: with offloads on, the switch writes a GSO frame to it
+    whole with its header (one packet for tun, 10 segments' worth of bytes); off, as 10 segments."""
+    ns = netns()
+    ns.run("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
+    ns.add_tap("tap0", "10.0.0.2/24")
+    sw = Switch(offload=offload)
+    try:
+        up = sw.uplink("uplink0", TapPort(TapConfig(netns=ns.name, ifname="tap0")))
+        a = guest(sw, "a", ALL if offload else V1 | MRG)
+        tap_mac = ns.run("cat", "/sys/class/net/tap0/address").stdout.strip()
+
+        def stat(name: str) -> int:
+            return int(ns.run("cat", f"/sys/class/net/tap0/statistics/{name}").stdout)
+
+        packets, nbytes = stat("rx_packets"), stat("rx_bytes")
+        f = tcp4(10 * MSS, dst=tap_mac)
+        if offload:
+            a.send(f, gso_header(1, 34))
+        else:  # the guest segments itself: the same bytes as ten frames
+            for k in range(10):
+                a.send(tcp4(MSS, dst=tap_mac)[:54] + payload(10 * MSS)[k * MSS : (k + 1) * MSS])
+        row = sw.port_stats(up.number)
+        assert row["uplink"]["drops"] == {} and row["drops"] == {}
+        assert stat("rx_packets") - packets == (1 if offload else 10)
+        assert stat("rx_bytes") - nbytes == (len(f) if offload else 10 * (54 + MSS))
+        assert row.get("offload", {}) == ({"tx_gso": 1} if offload else {})
+    finally:
+        sw.close()

@@ -56,7 +56,7 @@ ports:
               flood_no_rx_buffer); keys: ageing= (seconds, default 300),
               max_entries= (default 4096), offload=on|off (default on: the guests get checksum and
               TCP segmentation offloads, a 64 KB GSO frame crosses whole to a guest that takes it and
-              is segmented for one that does not, an uplink or an impaired link); impair a port's
+              is segmented for one that does not, a vxlan uplink or an impaired link); impair a port's
               direction with --impair; join a tap or a vxlan tunnel to the switch with --uplink (a
               port like the guests' ones, named uplink0, uplink1... in --uplink order: learned,
               flooded to, counted and impaired the same way)

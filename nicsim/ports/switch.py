@@ -115,7 +115,8 @@ class Switch:
         if name in self._uplinks:
             raise ValueError(f"switch: there is already an uplink called {name!r}")
         number = self.slot(name)
-        up = Uplink(name, number, port, functools.partial(self.forward_flat, number), clock=self._clock)
+        up = Uplink(name, number, port, functools.partial(self.forward_flat, number), clock=self._clock,
+                    offload=self.offload)  # fmt: skip
         self._uplinks[name] = up
         self._live[number] = up
         if self._loop is not None:
