@@ -19,7 +19,7 @@ from rings.errors import (
     NestedIndirectError,
     QueueConfigError,
 )
-from rings.layout import vring_need_event
+from rings.layout import DESC_DTYPE, DESC_SIZE, vring_need_event
 from rings.memory import GuestMemory
 from rings.split import SplitQueue
 
@@ -367,3 +367,30 @@ def test_unpop_gives_heads_back_to_the_next_pop() -> None:
     assert q.pop_avail(g.memory, 4).tolist() == heads[1:]
     with pytest.raises(ValueError):
         q.unpop_avail(5)
+
+
+def test_indirect_tables_in_table_order_and_out_of_it_walk_to_the_same_bytes() -> None:
+    """Linux fills an indirect table in order (entry k chains to k + 1): such tables are read whole,
+    at once; a table chained in another order takes the walk entry by entry. Both give the chain's
+    bytes in chain order, in one batch with tables in both regions."""
+    g, q, dq = setup(32)
+    parts = [bytes([k]) * (7 + 13 * k) for k in range(18)]  # a GSO frame: header, linear part, frags
+    segs = []
+    for k, p in enumerate(parts):
+        buf = g.ram.alloc(len(p), region=k % 2)
+        g.ram.write(buf, p)
+        segs.append((buf, len(p), False))
+    for _ in range(2):
+        q.post_chain(segs, indirect=True)
+    shuffled = q.post_chain(segs[:3], indirect=True)
+    # Rewrite the last table so that entry 0 chains to 2 and 2 to 1: the chain is parts 0, 2, 1.
+    view = g.ram.view(int(q._desc[shuffled]["addr"]), 3 * DESC_SIZE).view(DESC_DTYPE)
+    view["next"][0], view["next"][2] = 2, 1
+    view["flags"][1], view["flags"][2] = 0, view["flags"][0]
+    heads = dq.pop_avail(g.memory, 8)
+    for batch in (dq.walk(g.memory, heads[:2]), dq.walk(g.memory, heads)):  # read whole; entry by entry
+        assert batch.error.tolist() == [0] * len(batch)
+        assert [chain_bytes(batch, g.memory, k) for k in range(2)] == [b"".join(parts)] * 2
+        assert batch.seg_count[:2].tolist() == [18, 18]
+        assert (np.diff(batch.seg_chain) >= 0).all()
+    assert chain_bytes(batch, g.memory, 2) == parts[0] + parts[2] + parts[1]

@@ -55,9 +55,12 @@ ports:
               a guest without room for a frame never holds up the others (the frame is dropped and
               counted on its port, reason no_rx_buffer; a flooded frame never waits in a backlog:
               flood_no_rx_buffer); keys: ageing= (seconds, default 300),
-              max_entries= (default 4096); impair a port's direction with --impair; join a tap or a
-              vxlan tunnel to the switch with --uplink (a port like the guests' ones, named uplink0,
-              uplink1... in --uplink order: learned, flooded to, counted and impaired the same way)
+              max_entries= (default 4096), offload=on|off (default on: the guests get checksum and
+              TCP segmentation offloads, a 64 KB GSO frame crosses whole to a guest that takes it and
+              is segmented for one that does not, a vxlan uplink or an impaired link); impair a port's
+              direction with --impair; join a tap or a vxlan tunnel to the switch with --uplink (a
+              port like the guests' ones, named uplink0, uplink1... in --uplink order: learned,
+              flooded to, counted and impaired the same way)
   tap         forwards to and from a TAP device inside a network namespace (traffic never touches the
               root namespace); keys: netns= (required: the namespace, `ip netns add NAME`), ifname=
               (default tap0: attached if it exists, else created for the session), offload=on|off
@@ -208,7 +211,13 @@ def _port_value(port: str, key: str, value: str, default: Any, known: str) -> An
         raise ValueError(f"port {port}: {key}={value!r} is not {what} (keys: {known})") from None
 
 
-_SWITCH_KEYS = {"ageing": float, "max_entries": int}
+def _on_off(value: str) -> bool:
+    if value not in _BOOLS:
+        raise ValueError(value)
+    return _BOOLS[value]
+
+
+_SWITCH_KEYS: dict[str, Callable[[str], Any]] = {"ageing": float, "max_entries": int, "offload": _on_off}
 
 
 UPLINK_PORTS = ("tap", "vxlan")
@@ -217,11 +226,11 @@ UPLINK_PORTS = ("tap", "vxlan")
 def parse_switch(spec: str, impairs: Sequence[str] = (), sockets: Sequence[Path] = (),
                  uplinks: Sequence[str] = (), *,
                  wrap_uplink: Callable[[str, Port], Port] | None = None) -> Switch:  # fmt: skip
-    """The one :class:`Switch` of ``--port switch[,ageing=S,max_entries=N]``, its ports named after
-    ``sockets``, its uplinks (``uplink0``... : the ports ``uplinks`` specify, opened now, each passed
-    through ``wrap_uplink(name, port)`` first if given: the capture's wrapper) joined, and impaired as
-    ``impairs`` (``SOCKET:DIR:SPEC`` each) say; ValueError says what is wrong (OSError: an uplink's TAP
-    or socket could not be opened)."""
+    """The one :class:`Switch` of ``--port switch[,ageing=S,max_entries=N,offload=on|off]``, its ports
+    named after ``sockets``, its uplinks (``uplink0``... : the ports ``uplinks`` specify, opened now,
+    each passed through ``wrap_uplink(name, port)`` first if given: the capture's wrapper) joined, and
+    impaired as ``impairs`` (``SOCKET:DIR:SPEC`` each) say; ValueError says what is wrong (OSError: an
+    uplink's TAP or socket could not be opened)."""
     _, *items = spec.split(",")
     kwargs: dict[str, Any] = {}
     known = ", ".join(_SWITCH_KEYS)
@@ -232,7 +241,8 @@ def parse_switch(spec: str, impairs: Sequence[str] = (), sockets: Sequence[Path]
         try:
             kwargs[key] = _SWITCH_KEYS[key](value)
         except ValueError:
-            raise ValueError(f"port switch: {key}={value!r} is not a number (keys: {known})") from None
+            what = "on or off" if key == "offload" else "a number"
+            raise ValueError(f"port switch: {key}={value!r} is not {what} (keys: {known})") from None
     for text in uplinks:
         if text.split(",", 1)[0] not in UPLINK_PORTS:
             kinds = " or ".join(UPLINK_PORTS)

@@ -3,7 +3,8 @@
 This module owns :class:`PortCounters`: numpy columns indexed by port number, updated a batch at a
 time (one ``bincount`` for a batch spread over many ports, one addition for a batch on one port), so
 counting costs nothing per frame. Reasons are open-ended (``no_rx_buffer``, ``loss``, ``limit``,
-``rate``, ``filtered``...): a new one gets its own column the first time it is counted.
+``rate``, ``filtered``...): a new one gets its own column the first time it is counted; so do offload
+events (``rx_gso``, ``tx_gso``, ``gso_segmented``, ``segments``, ``csum_completed``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class PortCounters:
         self._ports = ports
         self._columns = {name: np.zeros(ports, np.int64) for name in _COLUMNS}
         self._drops: dict[str, npt.NDArray[np.int64]] = {}
+        self._offload: dict[str, npt.NDArray[np.int64]] = {}  # frames each offload event touched
 
     @property
     def ports(self) -> int:
@@ -54,18 +56,27 @@ class PortCounters:
         column = self._drops.setdefault(reason, np.zeros(self._ports, np.int64))
         column[port] += count
 
+    def offloaded(self, port: int, counts: dict[str, int]) -> None:
+        """Offload events on ``port`` (GSO frames passed or segmented, checksums completed), by name."""
+        for name, count in counts.items():
+            self._grow(port + 1)
+            self._offload.setdefault(name, np.zeros(self._ports, np.int64))[port] += count
+
     def port(self, port: int) -> dict[str, Any]:
         """One port's counters, with ``drops`` by reason (only reasons that happened there)."""
         if not 0 <= port < self._ports:
             return {**dict.fromkeys(_COLUMNS, 0), "drops": {}}
         row: dict[str, Any] = {name: int(column[port]) for name, column in self._columns.items()}
         row["drops"] = {r: int(c[port]) for r, c in sorted(self._drops.items()) if c[port]}
+        offload = {r: int(c[port]) for r, c in sorted(self._offload.items()) if c[port]}
+        if offload:
+            row["offload"] = offload
         return row
 
     def forget(self, port: int) -> None:
         """Zero a port's counters (its guest left and another may take the number)."""
         if 0 <= port < self._ports:
-            for column in (*self._columns.values(), *self._drops.values()):
+            for column in (*self._columns.values(), *self._drops.values(), *self._offload.values()):
                 column[port] = 0
 
     def _add(self, way: str, port: int, lengths: npt.NDArray[np.uint32]) -> None:
@@ -80,7 +91,7 @@ class PortCounters:
             return
         if ports > 1 << 16:
             raise ValueError(f"port number {ports - 1} is out of range")
-        for table in (self._columns, self._drops):
+        for table in (self._columns, self._drops, self._offload):
             for name, column in table.items():
                 table[name] = np.concatenate([column, np.zeros(ports - column.size, np.int64)])
         self._ports = ports

@@ -37,19 +37,45 @@ import numpy.typing as npt
 
 from nicsim.ports.base import Port, TxFrames
 from nicsim.ports.fdb import DEFAULT_AGEING, FILTER, FLOOD, ForwardingTable, fan_out, mac_keys
+from nicsim.ports.gso import finish
 from nicsim.ports.impair import Impairment
 from nicsim.ports.port_counters import PortCounters
 from nicsim.ports.uplink import Uplink
+from nicsim.ports.vnet_hdr import (
+    BAD_GSO_FRAME,
+    F_NEEDS_CSUM,
+    GSO_NONE,
+    HDR_FIELDS,
+    NONE,
+    OFFLOADS,
+    OK,
+    REASONS,
+    Headers,
+    Offloads,
+    check,
+    fields,
+    split_frames,
+    tcp_layout,
+)  # fmt: skip
+from nicsim.virtio.port import HDR_LEN_V1, vnet_hdr_len
 
 __all__ = ["DIRECTIONS", "Switch", "SwitchPort", "Uplink"]
 
 DIRECTIONS: Final = ("tx", "rx")  # from the guest's side: tx into the switch, rx out of it
 
 Frame = npt.NDArray[np.uint8]
+_ZERO_HEADERS = np.zeros((256, HDR_FIELDS), np.uint8)  # what frames without a header carry (read only)
+_ZERO_HEADERS.flags.writeable = False
 
 
 def _views(data: Frame, offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.uint32]) -> list[Frame]:
     return [data[o : o + n] for o, n in zip(offsets.tolist(), lengths.tolist(), strict=True)]
+
+
+def _flat(views: list[Frame], lengths: npt.NDArray[np.uint32]) -> tuple[Frame, npt.NDArray[np.int64]]:
+    """Frames copied back to back (an impairment's input): (bytes, start offsets)."""
+    starts = np.cumsum(lengths, dtype=np.int64) - lengths
+    return (np.concatenate(views) if views else np.zeros(0, np.uint8)), starts
 
 
 class Switch:
@@ -57,8 +83,11 @@ class Switch:
 
     def __init__(
         self, *, ageing: float = DEFAULT_AGEING, max_entries: int = 4096,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, offload: bool = True,
     ) -> None:  # fmt: skip
+        """``offload``: the ports offer checksum and TCP segmentation offloads to their guests, and a
+        frame's virtio-net header travels with it (off: bare frames, complete checksums, MTU-sized)."""
+        self.offload = offload
         self.fdb = ForwardingTable(ageing=ageing, max_entries=max_entries)
         self.counters = PortCounters()
         self._clock = clock
@@ -86,7 +115,8 @@ class Switch:
         if name in self._uplinks:
             raise ValueError(f"switch: there is already an uplink called {name!r}")
         number = self.slot(name)
-        up = Uplink(name, number, port, functools.partial(self.forward_flat, number), clock=self._clock)
+        up = Uplink(name, number, port, functools.partial(self.forward_flat, number), clock=self._clock,
+                    offload=self.offload)  # fmt: skip
         self._uplinks[name] = up
         self._live[number] = up
         if self._loop is not None:
@@ -121,21 +151,73 @@ class Switch:
 
     # -- forwarding ------------------------------------------------------------------------------
 
-    def forward(self, ingress: int, batch: TxFrames) -> None:
-        """A batch port ``ingress``'s guest sent: impair, switch, deliver, before the batch returns."""
+    def forward(self, ingress: int, batch: TxFrames, sender: SwitchPort | None = None) -> None:
+        """A batch port ``ingress``'s guest sent: impair, switch, deliver, before the batch returns.
+        ``sender``: the guest's port, when it passes virtio-net headers (offloads on)."""
         lengths = batch.lengths
         self.counters.received(ingress, lengths)
         imp = self._impair.get((ingress, "tx"))
-        if imp is None:
-            # Views of the sender's TX buffers (a frame split across descriptors is gathered): the
-            # receiver's RX path copies them once, into its own buffers.
+        headers: Headers | None = None
+        if sender is not None and sender.vnet_hdr:
+            # Views of the sender's TX buffers (a frame split across descriptors is gathered) and
+            # their headers apart: the receiver's RX path copies them once, into its own buffers.
+            views, found = split_frames(batch, sender.hdr_len)
+            if found.any():
+                views, lengths, headers = self._checked(ingress, views, lengths, found, sender.tx_offloads)
+            # else: headers that ask for nothing (a ping, an ARP) are nothing to check or carry.
+            if imp is not None:
+                if headers is not None:
+                    # An impaired link carries wire frames: segmented, checksums complete.
+                    views, lengths, _ = self._finish(ingress, views, lengths, headers, NONE)
+                    headers = None
+                data, offsets = _flat(views, lengths)
+                data, offsets, lengths = imp.offer(self._clock(), data, offsets, lengths)
+                views = _views(data, offsets, lengths)
+        elif imp is None:
             views = [batch.frame(i) for i in range(batch.count)]
         else:
             data, offsets = batch.gather()  # the delay line keeps its own copy of what it holds
             data, offsets, lengths = imp.offer(self._clock(), data, offsets, lengths)
             views = _views(data, offsets, lengths)
-        self._switch(ingress, views, lengths)
+        self._switch(ingress, views, lengths, headers)
         self._arm()
+
+    def _checked(self, ingress: int, views: list[Frame], lengths: npt.NDArray[np.uint32], headers: Headers,
+                 allowed: Offloads) -> tuple[list[Frame], npt.NDArray[np.uint32], Headers]:  # fmt: skip
+        """Drop (counted on ``ingress`` by reason) the frames whose header asks for what the guest did
+        not negotiate, points outside the frame, or calls a frame GSO that is not a TCP/IP frame."""
+        # NEEDS_CSUM is the one flag a driver sets on TX (§5.1.6.2); DATA_VALID from a guest would
+        # tell the receiver to trust a checksum nobody checked.
+        headers[:, 0] &= F_NEEDS_CSUM
+        codes = check(headers, lengths, allowed)
+        gso = fields(headers)["gso_type"]
+        is_gso = gso != GSO_NONE
+        for i in np.flatnonzero(is_gso & (codes == OK)).tolist():
+            if tcp_layout(views[i], int(gso[i])) is None:
+                codes[i] = BAD_GSO_FRAME
+        keep = codes == OK
+        if is_gso.any():
+            self.counters.offloaded(ingress, {"rx_gso": int(np.count_nonzero(is_gso & keep))})
+        if keep.all():
+            return views, lengths, headers
+        for code, count in zip(*np.unique(codes[~keep], return_counts=True), strict=True):
+            self.counters.dropped(ingress, REASONS[int(code)], int(count))
+        idx = np.flatnonzero(keep)
+        return [views[i] for i in idx.tolist()], lengths[idx], headers[idx]
+
+    def _finish(self, port: int, views: list[Frame], lengths: npt.NDArray[np.uint32], headers: Headers,
+                takes: Offloads) -> tuple[list[Frame], npt.NDArray[np.uint32], Headers]:  # fmt: skip
+        """The frames for port ``port``, whose far end takes ``takes``: what it cannot take is done in
+        software (:func:`nicsim.ports.gso.finish`), counted on the port."""
+        out, headers, done = finish(views, headers, takes)
+        counts = done.as_dict()
+        if counts:
+            self.counters.offloaded(port, counts)
+        if done.bad:
+            self.counters.dropped(port, "bad_gso_frame", done.bad)
+        if out is views or (len(out) == len(views) and not (done.segments or done.completed)):
+            return out, lengths, headers
+        return out, np.fromiter((f.shape[0] for f in out), np.uint32, len(out)), headers
 
     def forward_flat(self, ingress: int, data: Frame, offsets: npt.NDArray[np.int64],
                      lengths: npt.NDArray[np.uint32]) -> None:  # fmt: skip
@@ -148,7 +230,8 @@ class Switch:
         self._switch(ingress, _views(data, offsets, lengths), lengths)
         self._arm()
 
-    def _switch(self, ingress: int, views: list[Frame], lengths: npt.NDArray[np.uint32]) -> None:
+    def _switch(self, ingress: int, views: list[Frame], lengths: npt.NDArray[np.uint32],
+                headers: Headers | None = None) -> None:  # fmt: skip
         if not views:
             return
         if ingress not in self._live:
@@ -174,20 +257,27 @@ class Switch:
             # Flooded frames first (an ARP request before what follows it), then those for ``dest``.
             for part, queue in ((picked[flood[picked]], False), (picked[~flood[picked]], True)):
                 if part.size:
-                    self._send(dest, [views[i] for i in part.tolist()], lengths[part], now, queue=queue)
+                    self._send(dest, [views[i] for i in part.tolist()], lengths[part], now, queue=queue,
+                               headers=None if headers is None else headers[part])  # fmt: skip
 
     def _send(self, dest: int, views: list[Frame], lengths: npt.NDArray[np.uint32], now: float, *,
-              queue: bool) -> None:  # fmt: skip
+              queue: bool, headers: Headers | None = None) -> None:  # fmt: skip
         imp = self._impair.get((dest, "rx"))
+        if headers is not None:
+            # What the destination cannot take as is (its guest's GUEST_* features; an uplink and an
+            # impaired link take nothing) is segmented or checksummed here.
+            port = self._live.get(dest)
+            takes = port.rx_offloads if port is not None and imp is None else NONE
+            views, lengths, headers = self._finish(dest, views, lengths, headers, takes)
         if imp is None:
-            self._deliver(dest, views, lengths, queue=queue)
+            self._deliver(dest, views, lengths, queue=queue, headers=headers)
             return
-        starts = np.cumsum(lengths, dtype=np.int64) - lengths
-        data, offsets, lengths = imp.offer(now, np.concatenate(views), starts, lengths)
+        data, starts = _flat(views, lengths)
+        data, offsets, lengths = imp.offer(now, data, starts, lengths)
         self._deliver(dest, _views(data, offsets, lengths), lengths, queue=queue)
 
     def _deliver(self, dest: int, views: list[Frame], lengths: npt.NDArray[np.uint32], *,
-                 queue: bool = True) -> None:  # fmt: skip
+                 queue: bool = True, headers: Headers | None = None) -> None:  # fmt: skip
         if not views:
             return
         port = self._live.get(dest)
@@ -198,7 +288,7 @@ class Switch:
         # never blocks, so a slow guest costs only itself. Flooded frames (broadcast, unknown
         # unicast) never wait in the backlog: a guest flooding the switch must not fill every other
         # guest's backlog and leave no room for the frames addressed to them.
-        kept = port.deliver(views, queue=queue)
+        kept = port.deliver(views, queue=queue, headers=headers)
         self.counters.sent(dest, lengths[kept])
         refused = len(views) - int(np.count_nonzero(kept))
         if refused:
@@ -278,6 +368,19 @@ class SwitchPort(Port):
         self.port_name = port_name
         self.number = self.switch.slot(port_name)
         self._joined = False
+        # With offloads, frames go with their virtio-net header, both ways (the device's vnet_hdr).
+        self.vnet_hdr = self.switch.offload
+        self.hdr_len = HDR_LEN_V1
+        self.tx_offloads = NONE  # what the guest may ask on TX (CSUM, HOST_TSO4/6 negotiated)
+        self.rx_offloads = NONE  # what it takes on RX (GUEST_CSUM, GUEST_TSO4/6)
+
+    def features(self) -> int:
+        return OFFLOADS if self.switch.offload else 0
+
+    def negotiated(self, features: int) -> None:
+        self.hdr_len = vnet_hdr_len(features)
+        self.tx_offloads = Offloads.tx(features)
+        self.rx_offloads = Offloads.rx(features)
 
     def attach(self, sink: Any) -> None:
         super().attach(sink)
@@ -287,14 +390,22 @@ class SwitchPort(Port):
     def start_io(self, loop: asyncio.AbstractEventLoop) -> None:
         self.switch.start_io(loop)
 
-    def deliver(self, views: list[Frame], *, queue: bool = True) -> npt.NDArray[np.bool_]:
-        """Frames the switch sends this guest: into its posted buffers (one copy), its backlog, or not."""
-        return self.sink.push_views(views, queue=queue)
+    def deliver(self, views: list[Frame], *, queue: bool = True,
+                headers: Headers | None = None) -> npt.NDArray[np.bool_]:  # fmt: skip
+        """Frames the switch sends this guest: into its posted buffers (one copy), its backlog, or not;
+        with their virtio-net headers (offloads on: zero ones when none came with them)."""
+        if not self.vnet_hdr:
+            return self.sink.push_views(views, queue=queue)
+        if headers is None:
+            n = len(views)
+            few = n <= _ZERO_HEADERS.shape[0]
+            headers = _ZERO_HEADERS[:n] if few else np.zeros((n, HDR_FIELDS), np.uint8)
+        return self.sink.push_views(views, queue=queue, headers=headers)
 
     def transmit(self, batch: TxFrames) -> bool:
         if batch.count == 0 or not self._joined:
             return True
-        self.switch.forward(self.number, batch)
+        self.switch.forward(self.number, batch, self)
         return True  # every frame is copied out: the sender's buffers go back now
 
     def close(self) -> None:
@@ -304,5 +415,8 @@ class SwitchPort(Port):
         super().close()
 
     def stats(self) -> dict[str, Any]:
+        # What the guest negotiated: offloads it may ask for (tx) and takes (rx).
+        offloads = {"tx": self.tx_offloads.names(), "rx": self.rx_offloads.names()}
         return {"port": self.port_name, "number": self.number, **self.switch.port_stats(self.number),
-                "fdb": {**self.switch.fdb.counters, "entries": len(self.switch.fdb)}}  # fmt: skip
+                "fdb": {**self.switch.fdb.counters, "entries": len(self.switch.fdb)},
+                "offloads": offloads}  # fmt: skip

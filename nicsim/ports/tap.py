@@ -35,16 +35,13 @@ import numpy.typing as npt
 
 from nicsim.errors import LocalError
 from nicsim.ports.base import Port, TxFrames
+from nicsim.ports.vnet_hdr import NONE, OFFLOADS, OK, REASONS, Offloads, check, read_headers
 from nicsim.virtio.features import (
     VIRTIO_F_VERSION_1,
-    VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_HOST_TSO4,
-    VIRTIO_NET_F_HOST_TSO6,
     has,
-    mask,
 )
 from nicsim.virtio.port import ETH_HLEN, HDR_LEN_LEGACY, HDR_LEN_V1, MAX_FRAME, vnet_hdr_len
 
@@ -70,13 +67,6 @@ TUN_ALL = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")  # where `ip netns add` puts its namespaces
 
-# The offloads a TAP can honour (virtio 1.2 §5.1.3; no ECN, no UFO), and §5.1.6 header fields.
-OFFLOADS = mask((
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
-))  # fmt: skip
-HDR_F_NEEDS_CSUM = 1
-GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_ECN = 0, 1, 4, 0x80
 
 MAX_READ = MAX_FRAME + HDR_LEN_V1 + 64  # a 64 KB GSO frame, its header, and slack to detect a longer one
 RX_BURST_BYTES = 256 * 1024  # stop a poll after this much; the device's backlog holds more (8 x 64 KB)
@@ -249,8 +239,7 @@ class TapPort(Port):
         self._attached = [True] * len(fds)
         # Offered only when the kernel takes every TUN_F_* the virtio bits map to.
         self._offered = OFFLOADS if config.offload and tun_offloads == TUN_ALL else 0
-        self._allowed_gso = {GSO_NONE}
-        self._tx_csum = False
+        self._tx_offloads = NONE  # what the guest may ask of the kernel on TX
         self._hdr_len = HDR_LEN_LEGACY  # the kernel's default until negotiation says otherwise
         self.tun_offload = 0
         self.mtu: int | None = None  # the TAP's MTU once it followed the guest's host MTU
@@ -293,12 +282,7 @@ class TapPort(Port):
                            ifname=self.config.ifname, err=err.errno or 0) from err  # fmt: skip
         self.tun_offload = off
         # What the guest may ask of the kernel on TX (§5.1.6.2): only offloads it negotiated.
-        self._tx_csum = has(features, VIRTIO_NET_F_CSUM)
-        self._allowed_gso = {GSO_NONE}
-        if self._tx_csum and has(features, VIRTIO_NET_F_HOST_TSO4):
-            self._allowed_gso.add(GSO_TCPV4)
-        if self._tx_csum and has(features, VIRTIO_NET_F_HOST_TSO6):
-            self._allowed_gso.add(GSO_TCPV6)
+        self._tx_offloads = Offloads.tx(features)
 
     def mtu_changed(self, mtu: int) -> None:
         if not self.config.follow_mtu or mtu == self.mtu:
@@ -325,13 +309,13 @@ class TapPort(Port):
         q = batch.pair if batch.pair < len(self._fds) and self._attached[batch.pair] else 0
         fd = self._fds[q]
         lengths = batch.lengths
+        headers = read_headers(batch)
+        codes = check(headers, lengths, self._tx_offloads).tolist()
         for i in range(batch.count):
-            iov = batch.iovec(i)
-            head = iov[0] if iov[0].shape[0] >= 2 else np.concatenate(iov)[:2]
-            flags, gso = int(head[0]), int(head[1])
-            if (flags & HDR_F_NEEDS_CSUM and not self._tx_csum) or gso not in self._allowed_gso:
-                self._drop("tx_offload_not_negotiated")
+            if codes[i] != OK:
+                self._drop(REASONS[codes[i]])
                 continue
+            iov = batch.iovec(i)
             for _ in range(WRITE_TRIES):
                 try:
                     os.writev(fd, iov)  # type: ignore[arg-type]  # ndarrays are buffers (numpy stubs)

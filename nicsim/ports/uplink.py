@@ -6,9 +6,12 @@ This module owns :class:`Uplink`, the adapter between the switch and such a port
 - Switch to port: frames the switch sends to the uplink's switch port are handed to the port's
   ``transmit`` one at a time, each as a one-frame :class:`~nicsim.ports.base.TxFrames` batch (one reused
   object, no copy: the views are the sender's TX buffers). A port that passes a virtio-net header
-  (``vnet_hdr``: the tap) gets a zeroed 12-byte ``virtio_net_hdr_v1`` in front, which asks the kernel
-  for nothing; the port was told at start (``negotiated(VERSION_1)``, no offloads) to expect exactly that
-  header. Whether the port sent a frame is read from its ``tx_frames`` counter, so the switch counts as
+  (``vnet_hdr``: the tap) gets a 12-byte ``virtio_net_hdr_v1`` in front: the frame's own (NEEDS_CSUM,
+  a GSO frame whole) when the switch's offloads are on and the port's kernel honours CSUM and TSO
+  (told at start: ``negotiated(VERSION_1 | CSUM | HOST_TSO4/6)``), else a zeroed one that asks for
+  nothing (``negotiated(VERSION_1)``; the switch then segments and checksums every frame itself).
+  Nothing is asked of the kernel the other way: what comes in is complete, MTU-sized frames.
+  Whether the port sent a frame is read from its ``tx_frames`` counter, so the switch counts as
   sent only what left, and the rest as dropped (``uplink_tx``; the port's own stats say why).
 - Port to switch: the uplink is the port's :class:`~nicsim.ports.base.RxSink`. There is no guest ring to
   poll, so when the port wakes it (its fd became readable) the uplink polls the port itself from the
@@ -29,7 +32,14 @@ import numpy as np
 import numpy.typing as npt
 
 from nicsim.ports.base import Port
-from nicsim.virtio.features import VIRTIO_F_VERSION_1, mask
+from nicsim.ports.vnet_hdr import HDR_FIELDS, Offloads
+from nicsim.virtio.features import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
+    mask,
+)
 from nicsim.virtio.port import ETH_HLEN, HDR_LEN_V1, MAX_FRAME, Buffer
 
 __all__ = ["POLL_BUDGET", "Uplink"]
@@ -48,7 +58,7 @@ class _OneFrame:
     count = 1
 
     def __init__(self, header: Frame | None) -> None:
-        self._header = header
+        self.header = header
         self._frame: Frame = np.zeros(0, np.uint8)
         self.lengths = np.zeros(1, np.uint32)
 
@@ -63,7 +73,7 @@ class _OneFrame:
         return self._frame.copy(), np.zeros(1, np.int64)
 
     def iovec(self, i: int) -> list[Frame]:
-        return [self._frame] if self._header is None else [self._header, self._frame]
+        return [self._frame] if self.header is None else [self.header, self._frame]
 
     def complete(self) -> None:
         return None
@@ -74,7 +84,7 @@ class Uplink:
     received into the switch (``Switch.forward_flat`` for that number)."""
 
     def __init__(self, name: str, number: int, port: Port, forward: Forward, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.monotonic, offload: bool = False) -> None:  # fmt: skip
         self.name = name
         self.number = number
         self.port = port
@@ -89,22 +99,39 @@ class Uplink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
         self.counters: dict[str, int] = {"polls": 0, "wakes": 0, "runts": 0}
-        # The tap reads and writes a 12-byte v1 header, and no offloads: every frame is complete.
-        port.negotiated(mask((VIRTIO_F_VERSION_1,)))
+        # The tap reads and writes a 12-byte v1 header. With ``offload`` and a port that can (a tap
+        # whose kernel honours TUNSETOFFLOAD), the switch's frames go to it with their header, GSO
+        # frames whole, for the kernel to segment and checksum; what comes in is complete frames
+        # (no GUEST_* offload asked of the kernel). Otherwise the switch finishes every frame.
+        takes = port.features() & mask((VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6))
+        features = mask((VIRTIO_F_VERSION_1,)) | (takes if offload and port.vnet_hdr else 0)
+        port.negotiated(features)
+        self.rx_offloads = Offloads.tx(features)  # what the far end takes from the switch
         port.attach(self)
 
     # -- switch -> port ---------------------------------------------------------------------------
 
-    def deliver(self, views: Sequence[Frame], *, queue: bool = True) -> npt.NDArray[np.bool_]:
-        """Send ``views`` out through the port now; returns which frames it sent (nothing waits)."""
+    def deliver(self, views: Sequence[Frame], *, queue: bool = True,
+                headers: npt.NDArray[np.uint8] | None = None) -> npt.NDArray[np.bool_]:  # fmt: skip
+        """Send ``views`` out through the port now; returns which frames it sent (nothing waits).
+        ``headers``: what each frame asks of a port that takes offloads (:attr:`rx_offloads`); the
+        switch finished every frame for one that takes none."""
         kept = np.zeros(len(views), np.bool_)
         port, batch = self.port, self._batch
         counters: dict[str, Any] = getattr(port, "counters", {})
+        header = batch.header
+        pass_on = header is not None and headers is not None and self.rx_offloads.any
         for i, view in enumerate(views):
             before = counters.get("tx_frames", 0)
+            if pass_on:
+                assert header is not None and headers is not None
+                header[:HDR_FIELDS] = headers[i]
             batch.set(view)
             port.transmit(batch)
             kept[i] = counters.get("tx_frames", before + 1) > before
+        if pass_on:
+            assert header is not None
+            header[:] = 0  # the next frames may come with no header of their own
         return kept
 
     # -- port -> switch (the port's RxSink) -------------------------------------------------------
@@ -153,8 +180,8 @@ class Uplink:
         return sum(self.push(data[o : o + n], pair=pair) for o, n in zip(offsets.tolist(), lengths.tolist(),
                                                                           strict=True))  # fmt: skip
 
-    def push_views(self, frames: Sequence[Frame], *, pair: int | None = None,
-                   queue: bool = True) -> npt.NDArray[np.bool_]:  # fmt: skip
+    def push_views(self, frames: Sequence[Frame], *, pair: int | None = None, queue: bool = True,
+                   headers: npt.NDArray[np.uint8] | None = None) -> npt.NDArray[np.bool_]:  # fmt: skip
         return np.array([self.push(f, pair=pair) for f in frames], np.bool_)
 
     def push_template(self, template: Frame, count: int, *, pair: int = 0) -> int:

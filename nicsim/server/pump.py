@@ -233,6 +233,7 @@ class RingPump:
     def _one_round(self, now: float) -> QueueResult | None:
         """One device round; None if the ring broke (the pump is stopped)."""
         self.counters["rounds"] += 1
+        sent = int(self.device.stats.bytes[self.index]) if self._tx else 0
         try:
             if self._tx:
                 res = self.device.process_tx(self.index)
@@ -246,8 +247,10 @@ class RingPump:
             log.exception("ring %d: the port raised; its batch was dropped", self.index)
             res = QueueResult(queue=self.index, more=True)
         if res.interrupt:
+            nbytes = int(self.device.stats.bytes[self.index]) - sent if self._tx else 0
             if self._tx and self.paired_rx_active() and defer_tx_interrupt(self.device.policy,
-                                                                           processed=res.processed):
+                                                                           processed=res.processed,
+                                                                           nbytes=nbytes):
                 self.hold_interrupt()
             elif self._irq_held is not None:
                 self.release_interrupt()  # one write announces the held entries and these

@@ -22,9 +22,10 @@ core.
 
 A TX completion is rarely urgent, but under TCG an interrupt is dear, and a request/response guest (a
 ping, an RPC) would take two per round trip: its request's completion, then the reply ~0.2 ms later.
-So a sparse TX round's due interrupt is held (:func:`defer_tx_interrupt`) until
-the same pair's next RX interrupt, which sends both together (with the NIC's one INTx line, one exit
-and one handler run in the guest), or until ``tx_irq_wait_us`` passed. Measured, ping every 10 ms:
+So a sparse TX round's due interrupt (few frames, and no GSO frame) is held
+(:func:`defer_tx_interrupt`) until the same pair's next RX interrupt, which sends both together
+(with the NIC's one INTx line, one exit and one handler run in the guest), or until
+``tx_irq_wait_us`` passed. Measured, ping every 10 ms:
 p50 1.4 ms -> 0.8 ms. A round that moved a batch is signalled at once, so a guest whose TX ring fills
 never waits on it.
 For the same traffic, a TX ring whose one-request rounds come within ``rr_poll_us`` of each other (a
@@ -106,7 +107,8 @@ POLICY_OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "stall_recheck_ms": (float, "re-check a sleeping ring that has work pending and made no progress for "
                                 "this many milliseconds: run a round, send a wanted interrupt (0: never)"),
     "tx_irq_wait_us": (float, "hold the TX-completion interrupt of a round that moved fewer than "
-                              "--flow-batch frames until the pair's next RX interrupt, or for this many "
+                              "--flow-batch frames (and under 16 KB: no GSO frame) until the pair's "
+                              "next RX interrupt, or for this many "
                               "microseconds: a request and its reply cost one interrupt (0: never)"),
     "rr_poll_us": (float, "TX: when sparse requests come within this many microseconds of the last work "
                           "(request/response traffic), poll this long for the next one with kicks off "
@@ -173,14 +175,22 @@ def poll_action(
     return PollAction.REARM
 
 
-def defer_tx_interrupt(policy: NotifyPolicy, *, processed: int) -> bool:
+FLOW_BYTES = 16 * 1024
+"""A TX round that moved this many bytes is a stream's, however few frames: one 64 KB GSO frame."""
+
+
+def defer_tx_interrupt(policy: NotifyPolicy, *, processed: int, nbytes: int = 0) -> bool:
     """Whether a TX round's due interrupt may wait for the pair's RX interrupt (at most
     ``tx_irq_wait_us``). Only sparse rounds (request/response traffic: a ping, an RPC) wait: their
     reply usually follows within a round trip of the port, and one interrupt for both costs the
     guest one exit and one handler run instead of two; under TCG, with the NIC's single INTx line,
     that is about 0.4 ms of the guest's round trip. A round that moved a batch (traffic flows) is
-    signalled at once: a guest whose TX ring fills waits for those completions."""
-    return policy.tx_irq_wait_us > 0 and processed < max(policy.flow_batch, 1)
+    signalled at once: a guest whose TX ring fills waits for those completions. So is a round that
+    moved ``FLOW_BYTES`` (``nbytes``: its frames' bytes), a TCP stream's GSO frames: Linux lets a
+    socket have only a few of them unfreed (TCP small queues), and holding their completion for the
+    peer's ACK would pace the stream by the round trip."""
+    few = processed < max(policy.flow_batch, 1) and nbytes < FLOW_BYTES
+    return policy.tx_irq_wait_us > 0 and few
 
 
 def is_stalled(*, pending: bool, progress: tuple[int, ...], previous: tuple[int, ...] | None) -> bool:

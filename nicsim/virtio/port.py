@@ -96,11 +96,13 @@ class RxSink(Protocol):
         """Queue frames ``data[offsets[i]:offsets[i] + lengths[i]]`` (copied); returns how many were kept."""
 
     def push_views(
-        self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int | None = None, queue: bool = True
+        self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int | None = None, queue: bool = True,
+        headers: npt.NDArray[np.uint8] | None = None,
     ) -> npt.NDArray[np.bool_]:
         """Frames given as views (of another guest's TX buffers, say): written into posted buffers with
         one copy when none wait before them, else queued or dropped as :meth:`push` (``queue=False``:
-        dropped, never queued); returns which were kept."""
+        dropped, never queued); returns which were kept. ``headers`` (a header-passing port's): each
+        frame's virtio-net header apart, (n, 10) bytes, the frames bare."""
 
     def push_template(self, template: npt.NDArray[np.uint8], count: int, *, pair: int = 0) -> int:
         """Write ``template`` into up to ``count`` guest buffers now; returns how many were delivered.

@@ -438,26 +438,32 @@ class RxPath:
         return kept
 
     def push_views(
-        self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int | None = None, queue: bool = True
+        self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int | None = None, queue: bool = True,
+        headers: npt.NDArray[np.uint8] | None = None,
     ) -> npt.NDArray[np.bool_]:
         """Frames as views (another guest's TX buffers): written straight into the buffers posted now,
         one copy each, when nothing waits in the backlog before them; the rest are pushed (copied into
         the backlog, or dropped), or with ``queue=False`` dropped at once (``no_rx_buffer``), leaving
         the backlog to frames that may wait. Returns which frames were kept. Without ``pair``, each
-        frame goes to the pair its flow hashes to (in order within each pair)."""
+        frame goes to the pair its flow hashes to (in order within each pair). ``headers``: for a
+        header-passing port, each frame's virtio-net header apart, (n, 10) bytes (the frames are then
+        bare); kept when the driver negotiated GUEST_CSUM, as :meth:`push` keeps a port's header."""
+        carried = self._port.vnet_hdr and headers is None  # the frames start with the port's header
         if pair is None:
             on = self.enabled_pairs() if self._pairs > 1 else [0]
             if len(on) == 1:
                 pair = on[0]
             else:
-                hdr = self._qs.hdr_len if self._port.vnet_hdr else 0
+                hdr = self._qs.hdr_len if carried else 0
                 pick = self.steering.pick
                 to = np.fromiter((pick(f, on, hdr) for f in frames), np.int64, len(frames))
                 kept = np.zeros(len(frames), np.bool_)
                 for p in on:
                     idx = np.flatnonzero(to == p)
                     if idx.size:
-                        kept[idx] = self.push_views([frames[i] for i in idx.tolist()], pair=p, queue=queue)
+                        part = None if headers is None else headers[idx]
+                        kept[idx] = self.push_views([frames[i] for i in idx.tolist()], pair=p, queue=queue,
+                                                    headers=part)  # fmt: skip
                 return kept
         kept = np.zeros(len(frames), np.bool_)
         rxq = 2 * pair
@@ -465,9 +471,9 @@ class RxPath:
         st, mem = qs.states[rxq], qs.mem
         start = 0
         if (st is not None and mem is not None and st.broken is None and qs.enabled[rxq] and frames
-                and not len(self.backlog[pair]) and not self._port.vnet_hdr):  # fmt: skip
+                and not len(self.backlog[pair]) and not carried):  # fmt: skip
             try:
-                start = self._deliver_views(rxq, st, mem, frames, kept)
+                start = self._deliver_views(rxq, st, mem, frames, kept, headers)
             except GuestError as err:
                 qs.broke(rxq, st, err)  # the ring's pump reports it; the frames go the push way
             if start:
@@ -476,19 +482,29 @@ class RxPath:
             if start < len(frames):
                 self._stats.drop(rxq, "no_rx_buffer", len(frames) - start)
             return kept
+        joined = self._port.vnet_hdr and headers is not None
         for i in range(start, len(frames)):
-            kept[i] = self.push(frames[i], pair=pair)
+            frame = frames[i]
+            if joined:
+                assert headers is not None
+                head = np.zeros(qs.hdr_len, np.uint8)
+                keep = min(qs.hdr_len, NUM_BUFFERS_OFFSET)
+                head[:keep] = headers[i, :keep]
+                frame = np.concatenate((head, frame))  # the backlog copies anyway: header and frame
+            kept[i] = self.push(frame, pair=pair)
         return kept
 
     def _deliver_views(
         self, rxq: int, st: QueueState, mem: GuestMemory, frames: Sequence[npt.NDArray[np.uint8]],
-        kept: npt.NDArray[np.bool_],
+        kept: npt.NDArray[np.bool_], headers: npt.NDArray[np.uint8] | None = None,
     ) -> int:  # fmt: skip
         """:meth:`_deliver` for frames given as views, without staging; returns how many it consumed."""
         qs = self._qs
         lengths = np.fromiter((f.shape[0] for f in frames), np.int64, len(frames))
-        if int(lengths.max()) > qs.frame_limit:
-            return 0  # push counts it too_big or over_mtu, in order
+        over = lengths > qs.frame_limit
+        if over.any() and (headers is None or int(lengths.max()) > MAX_FRAME
+                           or bool(((headers[over, GSO_TYPE_OFFSET] & ~GSO_ECN) == 0).any())):  # fmt: skip
+            return 0  # push counts it too_big or over_mtu, in order (only GSO frames pass the MTU)
         got = self._take_chains(rxq, st, mem, qs.policy.rx_batch if qs.mergeable else len(frames))
         if got is None:
             return 0
@@ -501,7 +517,8 @@ class RxPath:
             self._stats.drop(rxq, "too_big", int(plan.dropped.shape[0]))
         placed = plan.placed_frames
         if placed.shape[0]:
-            write_frames(mem, cb, good_pos, hdr, frames, placed, plan.nbufs, need)
+            write_frames(mem, cb, good_pos, hdr, frames, placed, plan.nbufs, need,
+                         headers=headers if qs.guest_csum else None)  # fmt: skip
             self._count(rxq, int(placed.shape[0]), int(lengths[placed].sum()))
             kept[placed] = True
         self._finish_chains(rxq, st, mem, cb, descs, good_pos, plan.chains, plan.chain_bytes)

@@ -3,8 +3,10 @@
 This module owns :func:`write_frames`: given frames as views (of the sending guest's TX buffers, say),
 the chains an RX round took and the plan :func:`~nicsim.virtio.rx.plan_rx` made for them, it writes
 each frame's virtio-net header and bytes straight into the chain(s) the plan gave it, segment by
-segment, with no staging buffer in between: the frame's bytes are copied once. The header is ours:
-flags 0 and GSO_NONE (§5.1.6.4.1: the frames carry complete checksums), num_buffers from the plan.
+segment, with no staging buffer in between: the frame's bytes are copied once. The header is ours
+(flags 0 and GSO_NONE, §5.1.6.4.1: the frames carry complete checksums), or the sender's flags and
+GSO fields when the switch passes them on to a driver that negotiated GUEST_CSUM; num_buffers is
+always from the plan.
 """
 
 from __future__ import annotations
@@ -45,13 +47,16 @@ def _stream(dst: list[npt.NDArray[np.uint8]], parts: tuple[npt.NDArray[np.uint8]
 def write_frames(
     mem: GuestMemory, cb: ChainBatch, good_pos: npt.NDArray[np.int64], hdr_len: int,
     frames: Sequence[npt.NDArray[np.uint8]], placed: npt.NDArray[np.int64], nbufs: npt.NDArray[np.int64],
-    need: npt.NDArray[np.int64],
+    need: npt.NDArray[np.int64], *, headers: npt.NDArray[np.uint8] | None = None,
 ) -> None:  # fmt: skip
     """Write frame ``placed[i]`` with its header into the next ``nbufs[i]`` good chains, in order.
-    The plan guarantees the room (it sized every chain's share from ``need``, header + frame)."""
+    The plan guarantees the room (it sized every chain's share from ``need``, header + frame).
+    ``headers``: the first bytes of each frame's header (flags, GSO fields) as the sender left them,
+    for a driver that takes them (GUEST_CSUM); else they are zero."""
     header = np.zeros(hdr_len, np.uint8)
     if hdr_len >= HDR_LEN_V1:
         header[NUM_BUFFERS_OFFSET] = 1
+    keep = min(hdr_len, NUM_BUFFERS_OFFSET) if headers is not None else 0
     n = int(placed.shape[0])
     if n and int(nbufs.max()) == 1:
         # The common case (Linux posts one writable buffer per chain, big enough for a frame): each
@@ -63,6 +68,9 @@ def write_frames(
                                                strict=True):  # fmt: skip
                 dst = mem.segment(region, offset, size)
                 dst[:hdr_len] = header
+                if keep:
+                    assert headers is not None
+                    dst[:keep] = headers[i, :keep]
                 dst[hdr_len:] = frames[i]
             return
     chain = 0
@@ -70,5 +78,8 @@ def write_frames(
         if hdr_len >= HDR_LEN_V1:
             header[NUM_BUFFERS_OFFSET] = nb & 0xFF
             header[NUM_BUFFERS_OFFSET + 1] = nb >> 8
+        if keep:
+            assert headers is not None
+            header[:keep] = headers[i, :keep]
         _stream(_writable_views(mem, cb, good_pos[chain : chain + nb]), (header, frames[i]))
         chain += nb

@@ -68,13 +68,17 @@ class CapturingSink:
         return int(np.count_nonzero(kept))
 
     def push_views(
-        self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int | None = None, queue: bool = True
+        self, frames: Sequence[npt.NDArray[np.uint8]], *, pair: int | None = None, queue: bool = True,
+        headers: npt.NDArray[np.uint8] | None = None,
     ) -> npt.NDArray[np.bool_]:
-        kept = self._sink.push_views(frames, pair=pair, queue=queue)
+        # Frames with their header apart are bare: the file gets them as the guest got them (a GSO
+        # frame passed whole is one big frame, as tcpdump on a Linux bridge shows it).
+        kept = self._sink.push_views(frames, pair=pair, queue=queue, headers=headers)
         if kept.any():  # the capture's own copy: what the guest was given, one write for the batch
             lengths = np.fromiter((f.shape[0] for f in frames), np.int64, len(frames))[kept]
             data = np.concatenate([f for f, k in zip(frames, kept.tolist(), strict=True) if k])
-            self._owner.captured_rx(data, np.cumsum(lengths) - lengths, lengths.astype(np.uint32))
+            self._owner.captured_rx(data, np.cumsum(lengths) - lengths, lengths.astype(np.uint32),
+                                    bare=headers is not None)  # fmt: skip
         return kept
 
     def push_template(self, template: npt.NDArray[np.uint8], count: int, *, pair: int = 0) -> int:
@@ -120,9 +124,10 @@ class CapturingPort(Port):
         return self.inner.transmit(batch)
 
     def captured_rx(self, data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64],
-                    lengths: npt.NDArray[np.uint32]) -> None:  # fmt: skip
-        """Frames the device accepted from the inner port; their virtio-net header, if any, skipped."""
-        hdr = self._hdr_len
+                    lengths: npt.NDArray[np.uint32], *, bare: bool = False) -> None:  # fmt: skip
+        """Frames the device accepted from the inner port; their virtio-net header, if any, skipped
+        (``bare``: the frames came without one, their headers apart)."""
+        hdr = 0 if bare else self._hdr_len
         if hdr:
             lengths = np.maximum(lengths, np.uint32(hdr)) - np.uint32(hdr)
             offsets = offsets + hdr
