@@ -223,13 +223,19 @@ class SplitQueue:
             return
         if k > self.size or len(lengths) != k:
             raise ValueError(f"push_used of {k} ids / {len(lengths)} lengths on a queue of {self.size}")
-        raw = self._views(mem).used_raw
+        v = self._views(mem)
+        raw = v.used_raw
         idx, mask = self.used_idx, self._mask
         for head, length in zip(ids, lengths, strict=True):
             _USED_ELEM.pack_into(raw, 4 + 8 * (idx & mask), head, length)
             idx += 1
         self.used_idx = idx & U16_MASK
-        _U16_LE.pack_into(raw, 2, self.used_idx)
+        # One 2-byte store, never struct: ``pack_into`` with a '<' format writes byte by byte
+        # (CPython's _struct ``lp_uint``), and a driver reading used.idx between the two bytes sees a
+        # torn index (0x00FF -> 0x0100 reads as 0x0000 or 0x01FF), then reads entries that were never
+        # written, and takes an id that is not a head (Linux: "output.0:id N is not a head!"). The
+        # entries above may be written bytewise: the driver reads none of them before this store.
+        v.used_head[1] = self.used_idx
 
     # -- used side ------------------------------------------------------------------------------------
 

@@ -176,11 +176,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no periodic stats lines, warnings only")
     parser.add_argument(
-        "--engine", choices=("compiled", "numpy"), default="numpy",
-        help="what walks the descriptor chains and tracks them in the pool: numpy (the reference "
-        "path) or compiled (numba kernels for batches of good chains, numpy for the rest; about a "
-        "third less CPU per round; falls back to numpy with a warning when numba is missing). Not "
-        "the default yet: a guest TX race that a faster backend hits more often is being chased "
+        "--engine", choices=("compiled", "numpy"), default="compiled",
+        help="what walks the descriptor chains and tracks them in the pool: compiled (numba kernels "
+        "for batches of good chains, numpy for the rest; about a third less CPU per round; falls "
+        "back to numpy with a warning when numba is missing) or numpy (the reference path alone) "
         "(default: %(default)s)",
     )  # fmt: skip
     add_capture_arguments(parser)
