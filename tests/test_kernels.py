@@ -11,7 +11,6 @@ the source being right, nor the other way round.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import pytest
@@ -223,12 +222,23 @@ def test_device_rounds_with_the_kernels_match_the_numpy_rounds(seed: int, carrie
     chains, a pool that runs out, a corrupted ``avail.idx``, ports that complete later) through two
     devices, one with the kernels on and one on numpy only: the same guest memory, used entries,
     stats, drops and port input after every step."""
-    from tests.test_short_rounds import EVT, IND, MRG, V1, apply, drain, guest_view, make_ops, world
+    from tests.test_short_rounds import (
+        EVT,
+        IND,
+        MRG,
+        V1,
+        apply,
+        assert_same_step,
+        drain,
+        guest_view,
+        make_ops,
+        world,
+        world_options,
+    )  # fmt: skip
 
     features = V1 | MRG | IND | EVT
     ops = make_ops(seed * 104729 + int(carried), 400)
-    kw: dict[str, Any] = {"carried": carried, "hooks": seed % 2 == 0, "pool": (6, 9, 14, 40)[seed],
-                          "tx_batch": (3, 6, 12, 40)[seed], "rx_batch": (8, 12)[seed % 2]}  # fmt: skip
+    kw = world_options(seed, carried)
     fast = world(features, short_round=0, **kw)
     ref = world(features, short_round=0, **kw)
     try:
@@ -236,10 +246,7 @@ def test_device_rounds_with_the_kernels_match_the_numpy_rounds(seed: int, carrie
             assert kernels.enable()
             got = apply(fast, op)
             kernels.disable()
-            want = apply(ref, op)
-            assert got == want, (step, op)
-            assert np.array_equal(fast.drv.ram.backing, ref.drv.ram.backing), (step, op)
-            assert guest_view(fast) == guest_view(ref), (step, op)
+            assert_same_step(fast, ref, got, apply(ref, op), (step, op))
         drain(fast)
         drain(ref)
         assert guest_view(fast) == guest_view(ref)

@@ -242,6 +242,20 @@ def drain(w: World) -> None:
     w.dev.stop_queue(0)
 
 
+def world_options(seed: int, carried: bool) -> dict[str, Any]:
+    """Seed ``seed``'s pool, batch sizes and hooks (0..3): batches above SHORT_ROUND and a pool that
+    runs out mix both paths in the scalar world too."""
+    return {"carried": carried, "hooks": seed % 2 == 0, "pool": (6, 9, 14, 40)[seed],
+            "tx_batch": (3, 6, 12, 40)[seed], "rx_batch": (8, 12)[seed % 2]}  # fmt: skip
+
+
+def assert_same_step(fast: World, ref: World, got: Any, want: Any, where: Any) -> None:
+    """Two worlds given the same step: the same result, guest RAM and guest-visible state."""
+    assert got == want, where
+    assert np.array_equal(fast.drv.ram.backing, ref.drv.ram.backing), where
+    assert guest_view(fast) == guest_view(ref), where
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize(
     ("features", "carried"),
@@ -257,16 +271,11 @@ def drain(w: World) -> None:
 )
 def test_short_rounds_match_the_numpy_path(seed: int, features: int, carried: bool) -> None:
     ops = make_ops(seed * 7919 + features, 400)
-    # Batches above SHORT_ROUND and a pool that runs out mix both paths in the scalar world too.
-    kw: dict[str, Any] = {"carried": carried, "hooks": seed % 2 == 0, "pool": (6, 9, 14, 40)[seed],
-                          "tx_batch": (3, 6, 12, 40)[seed], "rx_batch": (8, 12)[seed % 2]}  # fmt: skip
+    kw = world_options(seed, carried)
     fast = world(features, short_round=SHORT_ROUND, **kw)
     ref = world(features, short_round=0, **kw)
     for step, op in enumerate(ops):
-        got, want = apply(fast, op), apply(ref, op)
-        assert got == want, (step, op)
-        assert np.array_equal(fast.drv.ram.backing, ref.drv.ram.backing), (step, op)
-        assert guest_view(fast) == guest_view(ref), (step, op)
+        assert_same_step(fast, ref, apply(fast, op), apply(ref, op), (step, op))
     drain(fast)
     drain(ref)
     assert guest_view(fast) == guest_view(ref)
