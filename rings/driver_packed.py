@@ -309,8 +309,9 @@ class PackedDriverQueue(FramePosting):
     def _is_used(self, pos: int, wrap: int) -> bool:
         return (int(self._ring["flags"][pos]) & AVAIL_USED_MASK) == used_flags(wrap)
 
-    def used_pending(self) -> int:
-        """Used buffers the device has written that we have not reaped."""
+    def _scan_used(self) -> tuple[int, int, int]:
+        """From the next one to reap, over the used buffers the device has written: the position and
+        wrap counter past them, and how many there are."""
         pos, wrap, n = self.next_used, self.used_wrap, 0
         while n < len(self._inflight) and self._is_used(pos, wrap):
             posted = self._inflight.get(int(self._ring["id"][pos]))
@@ -318,19 +319,17 @@ class PackedDriverQueue(FramePosting):
                 break
             pos, wrap = advance(pos, wrap, posted.ndesc, self.size)
             n += 1
-        return n
+        return pos, wrap, n
+
+    def used_pending(self) -> int:
+        """Used buffers the device has written that we have not reaped."""
+        return self._scan_used()[2]
 
     def device_used_position(self) -> tuple[int, int]:
         """The device's used position and wrap counter as the ring shows them: past the used
         descriptors written since the last one reaped (what a frontend restores a packed ring's
         SET_VRING_BASE from after its backend died, as it reads ``used.idx`` on a split ring)."""
-        pos, wrap, n = self.next_used, self.used_wrap, 0
-        while n < len(self._inflight) and self._is_used(pos, wrap):
-            posted = self._inflight.get(int(self._ring["id"][pos]))
-            if posted is None:
-                break
-            pos, wrap = advance(pos, wrap, posted.ndesc, self.size)
-            n += 1
+        pos, wrap, _ = self._scan_used()
         return pos, wrap
 
     def reap(self, max_count: int | None = None) -> list[Completion]:

@@ -339,9 +339,9 @@ class PacketPool:
         queue = operator.index(queue)
         if not 0 <= queue <= 0xFFFF:  # a virtqueue index is 16 bits (virtio 1.2 §4.1.4.3)
             raise ValueError(f"pool {self._name!r}: queue index {queue} outside 0..65535")
-        fields = (self._state, self._queue, self._head, self._addr, self._length)
         if (kernels.track is not None and self._kernel_can_track(indices, heads, addrs, lengths)
-                and kernels.track(indices, *fields, queue, heads, addrs, lengths)):  # fmt: skip
+                and kernels.track(indices, self._state, self._queue, self._head, self._addr, self._length,
+                                  queue, heads, addrs, lengths)):  # fmt: skip
             return  # compiled: checked and written in one loop (False: nothing written)
         idx = self._as_indices(indices)
         n = idx.shape[0]
