@@ -1,192 +1,61 @@
-"""Compiled kernels for the hot path: the common case of a batch walk in one call, with numpy's walker
-as the reference and the fallback.
+"""The compiled kernels of the hot path, and the switch between them and the numpy path.
 
-A numpy round costs about 0.6 µs per numpy call, and a validated walk of 256 chains takes several
-dozen calls whatever the chains look like; the same walk in a compiled loop costs a few microseconds
-(measured in issue 15's notes). So the kernel here takes only the batches it can finish without a
-single error: split-ring chains of any depth, no INDIRECT descriptor (when negotiated), readable
-before writable, at most 2^32 - 1 bytes, every non-empty segment inside one guest memory region. Any
-other batch, a malformed chain anywhere in it included, is declined before anything is decided, and
-:class:`~rings.walker.ChainWalker` walks it (and marks what is wrong). A batch the kernel takes gives
-exactly the ChainBatch the walker would have given; ``tests/test_kernels.py`` checks that on random and
-malformed tables.
-
-The kernels are written as plain Python over arrays and compiled with numba (an established package
-with wheels, needing no compiler here) only when :func:`enable` is called: importing this module
-imports no compiler, and a machine without numba keeps the numpy path. The compiled code is cached on
-disk (numba's ``cache=True``), so only the first process after an install pays the compile.
+The kernels' sources are plain Python over arrays: the chain walk (:mod:`rings.walk_kernel`), the
+pool's free and track loops (:mod:`rings.pool_kernels`) and whole device rounds
+(:mod:`rings.round_kernels`). Each takes only what it can finish without an error and declines the
+rest, with nothing changed, to the numpy code, which stays the reference the tests compare them with.
+They are compiled with numba (an established package with wheels, needing no compiler here) only when
+:func:`enable` is called: importing this module imports no compiler, and a machine without numba keeps
+the numpy path. The compiled code is cached on disk (numba's ``cache=True``), so only the first
+process after an install pays the compile. Callers look a kernel up here on every use (``None``: off).
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from . import round_kernels as rk
 from .chains import ChainBatch
-from .layout import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from .layout import DESC_DTYPE
+from .pool_kernels import _free_normal_py, _track_py
+from .pool_layout import descriptor_dtype
+from .walk_kernel import _Arrays, _declined_py, _walk_into_py, _walk_split_py
 
-__all__ = ["disable", "enable", "enabled", "engine", "free_normal", "track", "walk_split"]
+__all__ = [
+    "complete_split", "disable", "enable", "enabled", "engine", "free_normal", "scatter_template",
+    "take_split", "track", "walk_split",
+]  # fmt: skip
 
-U32_MAX = 0xFFFF_FFFF
-
-_Arrays = tuple[Any, ...]
-
-
-def _walk_split_py(
-    heads: npt.NDArray[np.uint16],
-    d_addr: npt.NDArray[np.uint64],
-    d_len: npt.NDArray[np.uint32],
-    d_flags: npt.NDArray[np.uint16],
-    d_next: npt.NDArray[np.uint16],
-    starts: npt.NDArray[np.uint64],
-    sizes: npt.NDArray[np.uint64],
-    indirect: bool,
-) -> _Arrays:  # pragma: no cover - compiled by numba; run as Python only by the tests' reference check
-    """The kernel's source. Returns ``(taken, first_seg, seg_count, readable_len, writable_len,
-    seg_chain, seg_desc, seg_addr, seg_len, seg_writable, seg_region, seg_offset)``; ``taken`` False
-    (and empty arrays) when the batch needs the numpy walker."""
-    n = heads.shape[0]
-    size = d_addr.shape[0]
-    counts = np.empty(n, np.int64)
-    first = np.empty(n, np.int64)
-    total = 0
-    # Pass 1: the shape of every chain, bounded by the queue size (§2.7.5.2), declining at the first
-    # thing the walker would mark or treat specially.
-    for c in range(n):
-        cur = np.int64(heads[c])
-        depth = 0
-        while True:
-            if cur >= size or depth == size:
-                return _declined(n)
-            f = d_flags[cur]
-            if indirect and (f & VIRTQ_DESC_F_INDIRECT) != 0:
-                return _declined(n)
-            depth += 1
-            if (f & VIRTQ_DESC_F_NEXT) == 0:
-                break
-            cur = np.int64(d_next[cur])
-        first[c] = total
-        counts[c] = depth
-        total += depth
-    rlen = np.zeros(n, np.int64)
-    wlen = np.zeros(n, np.int64)
-    s_chain = np.empty(total, np.int64)
-    s_desc = np.empty(total, np.int64)
-    s_addr = np.empty(total, np.uint64)
-    s_len = np.empty(total, np.uint32)
-    s_writable = np.empty(total, np.bool_)
-    s_region = np.empty(total, np.int32)
-    s_offset = np.empty(total, np.uint64)
-    nreg = starts.shape[0]
-    # Pass 2: the segments, chain by chain, with the order, length and translation checks.
-    for c in range(n):
-        cur = np.int64(heads[c])
-        seen_writable = False
-        s = first[c]
-        for _ in range(counts[c]):
-            f = d_flags[cur]
-            writable = (f & VIRTQ_DESC_F_WRITE) != 0
-            if seen_writable and not writable:
-                return _declined(n)  # §2.7.4.2: readable after writable
-            seen_writable = writable
-            length = np.uint64(d_len[cur])
-            addr = d_addr[cur]
-            if writable:
-                wlen[c] += np.int64(length)
-            else:
-                rlen[c] += np.int64(length)
-            region = np.int32(-1)
-            offset = np.uint64(0)
-            if length != 0:  # zero lengths are never translated (CVE-2020-10725)
-                for i in range(nreg):
-                    # offset + length <= size, written so that nothing wraps.
-                    if addr >= starts[i] and length <= sizes[i] and addr - starts[i] <= sizes[i] - length:
-                        region = np.int32(i)
-                        offset = addr - starts[i]
-                        break
-                if region < 0:
-                    return _declined(n)
-            s_chain[s] = c
-            s_desc[s] = cur
-            s_addr[s] = addr
-            s_len[s] = d_len[cur]
-            s_writable[s] = writable
-            s_region[s] = region
-            s_offset[s] = offset
-            s += 1
-            cur = np.int64(d_next[cur])
-        if rlen[c] + wlen[c] > U32_MAX:
-            return _declined(n)  # the used ring's len is u32
-    return (True, first, counts, rlen, wlen, s_chain, s_desc, s_addr, s_len, s_writable, s_region, s_offset)
-
-
-def _declined_py(n: int) -> _Arrays:  # pragma: no cover - compiled by numba
-    e64 = np.empty(0, np.int64)
-    return (
-        False, e64, e64, e64, e64, e64, e64, np.empty(0, np.uint64), np.empty(0, np.uint32),
-        np.empty(0, np.bool_), np.empty(0, np.int32), np.empty(0, np.uint64),
-    )  # fmt: skip
-
-
-def _free_normal_py(
-    idx: npt.NDArray[Any], state: npt.NDArray[np.uint8], stack: npt.NDArray[np.intp], used: int, capacity: int
-) -> int:  # pragma: no cover - compiled by numba
-    """``PacketPool.free_batch`` of normal (not overflow) descriptors, every one in use and none twice:
-    marks them free and pushes them reversed, as the pool does; returns the new ``used``. -1, with
-    nothing changed, for anything else (the pool's numpy path then raises the precise error)."""
-    n = idx.shape[0]
-    for j in range(n):
-        i = idx[j]
-        if i < 0 or i >= capacity or state[i] != 1:  # 1: STATE_IN_USE; 2: seen earlier in this batch
-            for k in range(j):
-                state[idx[k]] = 1
-            return -1
-        state[i] = 2
-    for j in range(n):
-        state[idx[j]] = 0
-        stack[used - 1 - j] = idx[j]
-    left: int = used - n
-    return left
-
-
-def _track_py(
-    idx: npt.NDArray[Any], state: npt.NDArray[np.uint8], queue_f: npt.NDArray[np.int32],
-    head_f: npt.NDArray[np.uint16], addr_f: npt.NDArray[np.uint64], length_f: npt.NDArray[np.uint32],
-    queue: int, heads: npt.NDArray[np.uint16], addrs: npt.NDArray[np.uint64], lengths: npt.NDArray[np.uint32],
-) -> bool:  # pragma: no cover - compiled by numba
-    """``PacketPool.track`` of allocated descriptors: False, with nothing written, when an index is
-    out of range or not allocated (the pool's numpy path then raises the precise error)."""
-    size = state.shape[0]
-    for j in range(idx.shape[0]):
-        i = idx[j]
-        if i < 0 or i >= size or state[i] == 0:
-            return False
-    for j in range(idx.shape[0]):
-        i = idx[j]
-        queue_f[i] = queue
-        head_f[i] = heads[j]
-        addr_f[i] = addrs[j]
-        length_f[i] = lengths[j]
-    return True
-
-
-# What the kernel functions call by name: the Python sources until ``enable`` compiles them.
-_declined = _declined_py
 _compiled_walk: Callable[..., _Arrays] | None = None
 free_normal: Callable[..., int] | None = None
-"""The compiled :func:`_free_normal_py` once enabled (the pool calls it), else None."""
+"""The compiled ``rings.pool_kernels._free_normal_py`` once enabled (the pool calls it), else None."""
 track: Callable[..., bool] | None = None
-"""The compiled :func:`_track_py` once enabled (the pool calls it), else None."""
+"""The compiled ``rings.pool_kernels._track_py`` once enabled (the pool calls it), else None."""
+take_split: Callable[..., tuple[int, int]] | None = None
+"""The compiled ``rings.round_kernels._take_split_py`` once enabled (``SplitQueue.take_round``)."""
+complete_split: Callable[..., int] | None = None
+"""The compiled ``rings.round_kernels._complete_split_py`` once enabled, else None."""
+scatter_template: Callable[..., int] | None = None
+"""The compiled ``rings.round_kernels._scatter_template_py`` once enabled, else None."""
 _why_not: str = "not enabled"
+
+
+def _link(fn: Callable[..., Any], **helpers: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with the helpers it calls by name bound to ``helpers`` (compiled ones, so that numba
+    compiles a call into them), leaving the module's own names, the Python sources, as they are."""
+    return types.FunctionType(fn.__code__, {**fn.__globals__, **helpers}, fn.__name__, fn.__defaults__,
+                              fn.__closure__)  # fmt: skip
 
 
 def enable() -> bool:
     """Compile (or load from numba's cache) the kernels and use them; False, with the reason in
     :func:`engine`, when numba is missing or fails. Idempotent."""
-    global _compiled_walk, _declined, _why_not, free_normal, track
+    global _compiled_walk, _why_not, free_normal, track, take_split, complete_split, scatter_template
     if _compiled_walk is not None:
         return True
     try:
@@ -198,29 +67,47 @@ def enable() -> bool:
         # The GIL stays held: the pool kernels mark descriptors they are checking, which no other
         # thread may see (the interlocked pool calls them under its lock anyway).
         jit = numba.njit(cache=True, boundscheck=False)
-        _declined = jit(_declined_py)
-        walk = jit(_walk_split_py)
-        free_fn, track_fn = jit(_free_normal_py), jit(_track_py)
-        _compile_now(walk)
+        declined, walk_into, free_fn = jit(_declined_py), jit(_walk_into_py), jit(_free_normal_py)
+        walk = jit(_link(_walk_split_py, _declined=declined, _walk_into=walk_into))
+        track_fn = jit(_track_py)
+        take = jit(_link(rk._take_split_py, _walk_into=walk_into))
+        complete = jit(_link(rk._complete_split_py, _free_normal=free_fn))
+        scatter = jit(rk._scatter_template_py)
+        _compile_now(walk, take, complete, scatter)
     except Exception as exc:  # numba raises its own error classes; any of them means: no kernels
-        _declined = _declined_py
         _why_not = f"numba could not compile the kernels ({type(exc).__name__}: {exc})"
         return False
     _compiled_walk, free_normal, track = walk, free_fn, track_fn
+    take_split, complete_split, scatter_template = take, complete, scatter
     return True
 
 
-def _compile_now(walk: Callable[..., _Arrays]) -> None:
-    """Compile for the argument types the rings pass, now rather than in the first round."""
-    e = np.empty
-    walk(e(0, np.uint16), e(1, np.uint64), e(1, np.uint32), e(1, np.uint16), e(1, np.uint16),
-         e(1, np.uint64), e(1, np.uint64), True)  # fmt: skip
+def _compile_now(*kernels: Callable[..., Any]) -> None:
+    """Compile for the argument types the rings pass (field views of structured arrays, contiguous
+    work arrays), now rather than in the first round."""
+    walk, take, complete, scatter = kernels
+    table = np.zeros(2, DESC_DTYPE)
+    ring = (table["addr"], table["len"], table["flags"], table["next"])
+    bounds = (np.zeros(1, np.uint64), np.ones(1, np.uint64))
+    walk(np.zeros(0, np.uint16), *ring, *bounds, True)
+    # The pool's fields as PacketPool.round_arrays gives them (reserved 0, the device's pools).
+    record = np.zeros(2, descriptor_dtype(0))
+    arrays = (record["state"], record["ever"], np.arange(2, dtype=np.intp), record["queue"], record["head"],
+              record["addr"], record["length"], record["reserved"])  # fmt: skip
+    area = rk.RoundArea(2)
+    avail = np.zeros(5, np.uint16)[2:4]
+    take(avail, 0, 0, *ring, *bounds, True, True, 0, 0, 0, 0, 2, *arrays, 0, *area.outputs())
+    take(avail, 0, 0, *ring, *bounds, False, False, 0, 0, 0, 0, 2, *arrays, 0, *area.outputs())
+    used = np.zeros(4, np.uint32).reshape(2, 2)
+    complete(used, 0, area.heads[:0], area.lens[:0], area.descs[:0], 0, 2, arrays[0], arrays[2])
+    scatter(np.zeros(8, np.uint8), 0, 0, area.s_region[:0], area.s_offset[:0], area.s_len[:0],
+            area.s_writable[:0], np.zeros(1, np.uint8), area.lens[:0])  # fmt: skip
 
 
 def disable() -> None:
     """Back to the numpy walker everywhere (the reference; tests compare the two)."""
-    global _compiled_walk, _why_not, free_normal, track
-    _compiled_walk = free_normal = track = None
+    global _compiled_walk, _why_not, free_normal, track, take_split, complete_split, scatter_template
+    _compiled_walk = free_normal = track = take_split = complete_split = scatter_template = None
     _why_not = "disabled"
 
 

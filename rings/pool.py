@@ -34,6 +34,7 @@ from rings.errors import (
     PoolClosedError,
     PoolExhaustedError,
 )
+from rings.pool_layout import MAX_DESCRIPTORS, STATE_FREE, STATE_IN_USE, UNTRACKED, descriptor_dtype
 
 __all__ = [
     "MAX_DESCRIPTORS",
@@ -44,33 +45,7 @@ __all__ = [
     "descriptor_dtype",
 ]
 
-# NDIS keeps descriptor counts in a USHORT: NumberOfDescriptors + NumberOfOverflowDescriptors <= 0xFFFF.
-MAX_DESCRIPTORS = 0xFFFF
-STATE_FREE = 0
-STATE_IN_USE = 1
-UNTRACKED = -1  # ``queue`` of a descriptor allocated but not yet given to ``track()``
-
 IndexArray = npt.NDArray[np.intp]
-
-
-def descriptor_dtype(reserved: int) -> np.dtype[np.void]:
-    """The record of one descriptor; its ``itemsize`` is ``NdisPacketSize(reserved)``.
-
-    Aligned (so ``addr`` sits on 8 bytes and the itemsize is a multiple of 8) and little-endian like
-    the ring layouts. ``ever`` tells a double free (1) from an index never handed out (0).
-    """
-    return np.dtype(
-        [
-            ("addr", "<u8"),  # guest-physical address of the buffer
-            ("length", "<u4"),  # its length in bytes
-            ("queue", "<i4"),  # virtqueue holding it, UNTRACKED until track()
-            ("head", "<u2"),  # head descriptor index of the chain in that queue
-            ("state", "u1"),  # STATE_FREE / STATE_IN_USE
-            ("ever", "u1"),  # 1 once the descriptor has been allocated at least once
-            ("reserved", "u1", (reserved,)),  # ProtocolReserved: the owner's bytes, zeroed on allocate
-        ],
-        align=True,
-    )
 
 
 class PacketPool:
@@ -118,6 +93,8 @@ class PacketPool:
         self._ostack: IndexArray = np.arange(capacity, self._size, dtype=np.intp)
         self._oused = 0
         self._high_water = 0
+        self._round = (self._state, self._ever, self._stack, self._queue, self._head, self._addr,
+                       self._length, self._table["reserved"])  # fmt: skip
         self._drain_callbacks: dict[int, Callable[[], None]] = {}
         self._next_token = 0
         self._closed = False
@@ -318,6 +295,36 @@ class PacketPool:
             self._oused = oused - over.shape[0]
             self._ostack[self._oused : oused] = over[::-1]
         return self._due_callbacks()
+
+    # -- compiled rounds (rings.round_kernels) --------------------------------------------------------
+
+    def round_arrays(self) -> tuple[npt.NDArray[Any], ...]:
+        """The arrays a compiled round allocates, tracks and frees in, in the kernels' argument order:
+        state, ever, stack, queue, head, addr, length, reserved. The kernels take normal descriptors
+        only (``round_used`` of ``capacity``) and write every field ``allocate_batch`` and ``track``
+        would; the caller then reports what they did with :meth:`round_allocated` /
+        :meth:`round_freed`. Refused (PoolClosedError) once the pool is closed."""
+        self._check_open("round_arrays")
+        return self._round
+
+    @property
+    def round_used(self) -> int:
+        """Normal descriptors in use: the top of the normal stack, where a compiled round takes or
+        returns its descriptors."""
+        return self._used
+
+    def round_allocated(self, used: int) -> None:
+        """A compiled round took descriptors off the normal stack: ``used`` is the new top."""
+        self._used = used
+        self._note_high_water()
+
+    def round_freed(self, used: int) -> None:
+        """A compiled round pushed descriptors back: ``used`` is the new top; drain callbacks fire
+        as ``free_batch``'s do."""
+        self._used = used
+        due = self._due_callbacks()
+        if due:
+            fire_callbacks(due)
 
     # -- what the descriptors hold ------------------------------------------------------------------
 

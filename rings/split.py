@@ -31,6 +31,8 @@ from .layout import (
     vring_need_event,
 )
 from .memory import GuestMemory
+from .pool import PacketPool
+from .round_kernels import RoundArea
 from .short_chains import ShortChain, walk_short
 from .walker import ChainWalker
 
@@ -193,6 +195,58 @@ class SplitQueue:
             if batch is not None:
                 return batch  # every chain good: what the walker would give, in one compiled call
         return ChainWalker(mem, table, heads_a, queue=self.index, indirect=indirect).run()
+
+    # -- compiled rounds: pop, walk and track, then free and push used, one kernel call each ------------
+
+    def take_round(
+        self, mem: GuestMemory, count: int, pool: PacketPool, area: RoundArea, *, queue: int, indirect: bool,
+        tx: bool, min_len: int, max_len: int, lens_off: int,
+    ) -> tuple[int, int] | None:
+        """Pop ``count`` heads (at most :meth:`avail_pending`, which the caller has just asked), walk
+        them into ``area`` and track each in a descriptor of ``pool`` as ``queue``'s, in one compiled
+        call (``rings.round_kernels``). Returns ``(segments, sum of area.lens)``, or None with nothing
+        changed: the kernels are off, or the round is not one the kernel takes whole (see there)."""
+        take = kernels.take_split
+        if take is None or pool.closed or not 0 < count <= area.size:
+            return None
+        v = self._views(mem)
+        starts, sizes = mem.bounds
+        used = pool.round_used
+        got: tuple[int, int] = take(
+            v.avail_ring, self.last_avail_idx, count, v.d_addr, v.d_len, v.d_flags, v.d_next, starts, sizes,
+            indirect, tx, min_len, max_len, lens_off, used, pool.capacity, *pool.round_arrays(), queue,
+            *area.outputs(),
+        )  # fmt: skip
+        if got[0] < 0:
+            return None
+        self.last_avail_idx = (self.last_avail_idx + count) & U16_MASK
+        pool.round_allocated(used + count)
+        return got
+
+    def complete_round(
+        self, mem: GuestMemory, heads: npt.NDArray[np.uint16], lens: npt.NDArray[np.uint32],
+        descs: npt.NDArray[np.int32], pool: PacketPool,
+    ) -> bool:
+        """:meth:`push_used` of ``(heads, lens)`` and ``pool.free_batch(descs)`` in one compiled call,
+        then ``used.idx`` published last, as there. False, with nothing changed, when the kernels are
+        off or the free is not one the kernel takes (the caller then does both the numpy way, which
+        raises what is wrong)."""
+        complete = kernels.complete_split
+        k = int(heads.shape[0])
+        if (complete is None or pool.closed or k > self.size or descs.shape[0] != k or lens.shape[0] != k
+                or heads.dtype != np.uint16 or descs.dtype != np.int32
+                or lens.dtype != np.uint32):  # fmt: skip
+            return False  # (other dtypes would make numba compile another version, mid-round)
+        v = self._views(mem)
+        arrays = pool.round_arrays()
+        left: int = complete(v.used_ring, self.used_idx, heads, lens, descs, pool.round_used, pool.capacity,
+                             arrays[0], arrays[2])  # fmt: skip
+        if left < 0:
+            return False
+        self.used_idx = (self.used_idx + k) & U16_MASK
+        v.used_head[1] = self.used_idx  # after the call: the entries are written (see push_used)
+        pool.round_freed(left)
+        return True
 
     # -- short rounds: a few chains, read and written with plain ints -----------------------------------
 

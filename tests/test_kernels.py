@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rings import kernels
+from rings import kernels, walk_kernel
 from rings.chains import ChainBatch
 from rings.driver import GuestDriver
 from rings.layout import VIRTQ_DESC_F_INDIRECT
@@ -78,7 +78,7 @@ def test_the_kernel_walks_exactly_like_the_walker_or_declines(
     for h in [whole, *(whole[k : k + 1] for k in range(whole.shape[0]))]:
         want = ChainWalker(world.mem, table, h, queue=3, indirect=indirect).run()
         must_decline = bool(want.errors) or (indirect and meets_indirect(world, q, want))
-        for walk in (None, kernels._walk_split_py):  # compiled, then its Python source
+        for walk in (None, walk_kernel._walk_split_py):  # compiled, then its Python source
             got = kernels.walk_split(h, table, starts, sizes, indirect=indirect, walk=walk)
             if got is None:
                 assert must_decline, f"a batch of good direct chains was declined ({walk})"
@@ -161,7 +161,7 @@ def test_a_segment_is_taken_only_inside_one_region(addr: int, length: int, insid
     heads = np.zeros(1, np.uint16)
     want = ChainWalker(mem, table, heads, queue=1, indirect=True).run()
     assert (not want.errors) is inside
-    for walk in (None, kernels._walk_split_py):
+    for walk in (None, walk_kernel._walk_split_py):
         got = kernels.walk_split(heads, table, *mem.bounds, indirect=True, walk=walk)
         assert (got is not None) is inside
         if got is not None:

@@ -31,9 +31,12 @@ from nicsim.virtio.queues import GSO_ECN, GSO_TYPE_OFFSET, QueueResult, QueueSet
 from nicsim.virtio.rx_direct import write_frames
 from nicsim.virtio.rx_short import ShortRx
 from nicsim.virtio.steer import FlowSteering
+from rings import kernels
 from rings.chains import ChainBatch
 from rings.errors import GuestError
 from rings.memory import GuestMemory
+from rings.round_kernels import U32_MAX, RoundArea
+from rings.split import SplitQueue
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -365,6 +368,8 @@ class RxPath:
         self._short = ShortRx(queues)  # rounds of a few frames, one buffer each
         self._tmpl_key: tuple[int, int, int] | None = None
         self._tmpl: npt.NDArray[np.uint8] = np.zeros(0, np.uint8)
+        self._areas: dict[int, RoundArea] = {}  # compiled rounds' work arrays, per receive queue
+        self._lens: npt.NDArray[np.uint32] = np.zeros(0, np.uint32)  # used lengths of a template round
 
     # -- the sink the port pushes into -----------------------------------------------------------------
 
@@ -618,12 +623,23 @@ class RxPath:
         want = min(want, st.q.avail_pending(mem), self._qs.policy.rx_batch)
         if want <= 0:
             return None
+        q = st.q
+        if kernels.take_split is not None and isinstance(q, SplitQueue):
+            # One compiled call; a round is over before the next one starts, so the area is reused.
+            area = self._areas.get(rxq)
+            if area is None or area.size != q.size:
+                area = self._areas[rxq] = RoundArea(q.size)
+            got = q.take_round(mem, want, self._pool, area, queue=rxq, indirect=self._qs.indirect, tx=False,
+                               min_len=0, max_len=U32_MAX, lens_off=0)  # fmt: skip
+            if got is not None:
+                self._stats.add_inflight(rxq, want)
+                return area.batch(want, got[0]), area.descs[:want]
         descs = self._pool.allocate_batch(want, partial=True)
         k = int(descs.shape[0])
         if k == 0:
             return None  # backpressure: frames stay queued until descriptors come back
-        heads = st.q.pop_avail(mem, k)
-        cb = st.q.walk(mem, heads, indirect=self._qs.indirect)
+        heads = q.pop_avail(mem, k)
+        cb = q.walk(mem, heads, indirect=self._qs.indirect)
         # The walker bounds every chain's length to u32 (CHAIN_TOO_LONG): the cast is exact.
         self._pool.track(descs, queue=rxq, heads=heads, addrs=np.zeros(k, np.uint64),
                          lengths=cb.writable_len.astype(np.uint32))  # fmt: skip
@@ -645,6 +661,9 @@ class RxPath:
         k = len(cb)
         if used_good == k:
             # Every chain good and used (the common case): the lengths are the used-ring entries.
+            if not self._qs.logging:
+                self._publish_all(rxq, st, mem, cb, descs, chain_bytes.astype(np.uint32))
+                return
             cut, lens = k, chain_bytes.astype(np.uint32)
         else:
             # The consumed prefix ends at the first good chain no frame used; bad chains before it
@@ -663,6 +682,19 @@ class RxPath:
                 qs.dirty_log.mark_ranges(cb.seg_addr[seg], cb.seg_len[seg])
             qs.mark_used(rxq, st.q, mem, cb.heads[:cut], lens[:cut], filled=True)
         self._give_back(rxq, st, descs, k - cut)
+
+    def _publish_all(
+        self, rxq: int, st: QueueState, mem: GuestMemory, cb: ChainBatch, descs: npt.NDArray[np.int32],
+        lens: npt.NDArray[np.uint32],
+    ) -> None:
+        """Every chain of the round used with ``lens`` (nothing to log): in one compiled call when the
+        inflight hooks need not see the entries."""
+        qs, q = self._qs, st.q
+        if not (qs.inflight is None and isinstance(q, SplitQueue)
+                and q.complete_round(mem, cb.heads, lens, descs, self._pool)):  # fmt: skip
+            qs.mark_used(rxq, q, mem, cb.heads, lens, filled=True)
+            self._pool.free_batch(descs)
+        self._stats.add_inflight(rxq, -int(descs.shape[0]))
 
     def _deliver(
         self, rxq: int, st: QueueState, mem: GuestMemory, data: npt.NDArray[np.uint8],
@@ -714,6 +746,8 @@ class RxPath:
         if got is None:
             return 0
         cb, descs = got
+        if self._template_compiled(rxq, st, mem, cb, descs, template, hdr):
+            return len(cb)
         good_pos = np.arange(len(cb)) if not cb.errors else np.flatnonzero(cb.error == 0)
         if good_pos.shape[0] == 0 or int(cb.writable_len[good_pos].min()) >= need:
             # Fast path: one buffer per frame; header (num_buffers = 1) + frame, one vectorised scatter.
@@ -729,6 +763,32 @@ class RxPath:
         n = min(count, len(cb))
         return self._deliver(rxq, st, mem, template, np.zeros(n, np.int64),
                              np.full(n, template.shape[0], np.int64))  # fmt: skip
+
+    def _template_compiled(
+        self, rxq: int, st: QueueState, mem: GuestMemory, cb: ChainBatch, descs: npt.NDArray[np.int32],
+        template: npt.NDArray[np.uint8], hdr: int,
+    ) -> bool:
+        """The template into every chain of the round, a compiled call per memory region, and the round
+        published: True when every chain is good and one writable buffer long enough; else False with
+        nothing written (the numpy scatter takes the round)."""
+        scatter = kernels.scatter_template
+        n = len(cb)
+        if scatter is None or self._qs.logging or cb.errors or cb.seg_len.shape[0] != n:
+            return False
+        tmpl = self._with_header(template, hdr)
+        if self._lens.shape[0] < n:
+            self._lens = np.zeros(max(n, 256), np.uint32)
+        lens = self._lens[:n]
+        regions = mem.regions
+        region = 0
+        while region >= 0:
+            region = scatter(regions[region].data, region, n, cb.seg_region, cb.seg_offset, cb.seg_len,
+                             cb.seg_writable, tmpl, lens)  # fmt: skip
+            if region == -2:
+                return False  # the first call checks every chain: nothing was written
+        self._count(rxq, n, n * template.shape[0])
+        self._publish_all(rxq, st, mem, cb, descs, lens)
+        return True
 
     def _with_header(self, template: npt.NDArray[np.uint8], hdr: int) -> npt.NDArray[np.uint8]:
         """The virtio-net header (num_buffers = 1) and ``template`` behind it, built once per template."""

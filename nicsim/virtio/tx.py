@@ -30,11 +30,14 @@ import numpy.typing as npt
 from nicsim.virtio.port import ETH_HLEN, MAX_FRAME, DevicePort, TxFrames
 from nicsim.virtio.queues import GSO_ECN, GSO_TYPE_OFFSET, DeviceStateError, QueueResult, QueueSet, QueueState
 from nicsim.virtio.tx_short import ShortTxBatch
+from rings import kernels
 from rings.chains import ChainBatch
 from rings.errors import GuestError
 from rings.memory import GuestMemory
 from rings.packed import PackedQueue
 from rings.packed_walk import split_saved
+from rings.round_kernels import U32_MAX, RoundArea
+from rings.split import SplitQueue
 
 
 class TxBatch:
@@ -44,6 +47,7 @@ class TxBatch:
         "_complete",
         "_gathered",
         "_lengths",
+        "area",
         "cancelled",
         "chains",
         "completed",
@@ -66,6 +70,8 @@ class TxBatch:
         descriptors: npt.NDArray[np.int32],
         hdr_len: int,
         on_complete: Callable[[TxBatch], None],
+        lengths: npt.NDArray[np.uint32] | None = None,
+        area: RoundArea | None = None,
     ) -> None:
         self.queue = queue
         self.pair = queue // 2
@@ -77,8 +83,12 @@ class TxBatch:
         self.heads = chains.heads if every else chains.heads[positions]  # returned on the used ring
         self.descriptors = descriptors        # pool descriptors tracking those heads
         self.hdr_len = hdr_len
-        readable = chains.readable_len if every else chains.readable_len[positions]
-        self._lengths = (readable - hdr_len).astype(np.uint32)
+        if lengths is None:
+            readable = chains.readable_len if every else chains.readable_len[positions]
+            lengths = (readable - hdr_len).astype(np.uint32)
+        self._lengths = lengths  # of the frames, the virtio-net header left out
+        # The compiled round's arrays that ``chains`` views: the batch's until it completes.
+        self.area = area
         self._complete = on_complete
         self._gathered: tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]] | None = None
         self.completed = False
@@ -155,6 +165,9 @@ class TxPath:
         self._stats = queues.stats
         # id(batch) -> batch the port has not completed, per queue (empty for receive queues).
         self._deferred: list[dict[int, TxBatch | ShortTxBatch]] = [{} for _ in range(queues.num_queues)]
+        # Work arrays for compiled rounds, per queue: one in use per batch a port holds, the rest here.
+        self._areas: list[list[RoundArea]] = [[] for _ in range(queues.num_queues)]
+        self._zeros = np.zeros(0, np.uint32)  # used lengths of returned TX chains (TX writes nothing)
         # Told each batch before the port is: with several queue pairs, the RX path learns which pair
         # each flow transmits on (virtio 1.2 §5.1.6.5.5, nicsim.virtio.steer).
         self.on_sent: Callable[[TxFrames], None] | None = None
@@ -181,6 +194,10 @@ class TxPath:
             return QueueResult(queue=index, interrupt=qs.decide_interrupt(index, st, mem, idle=True))
         if want <= qs.short_round and not st.resubmit_count:
             done = self._process_short(index, st, mem, want)
+            if done is not None:
+                return done
+        if kernels.take_split is not None and not st.resubmit_count and isinstance(q, SplitQueue):
+            done = self._process_compiled(index, st, mem, q, want)
             if done is not None:
                 return done
         descs = self._pool.allocate_batch(want, partial=True)
@@ -216,12 +233,37 @@ class TxPath:
             self._hand_over(index, st, mem, batch, heads, descs, done_now)
         else:
             self._return(st, mem, index, heads, descs)
-        try:
-            more = q.avail_pending(mem) + st.resubmit_count > 0
-        except GuestError as err:
-            return qs.broke(index, st, err)
-        irq = qs.decide_interrupt(index, st, mem, idle=not more)
-        return QueueResult(queue=index, processed=k, dropped=dropped, interrupt=irq, more=more)
+        return self._round_result(index, st, mem, k, dropped)
+
+    def _process_compiled(
+        self, index: int, st: QueueState, mem: GuestMemory, q: SplitQueue, want: int
+    ) -> QueueResult | None:
+        """``process`` for a round of good chains on a split ring in two compiled calls
+        (``SplitQueue.take_round``, then ``complete_round`` in :meth:`_return`); None, having changed
+        nothing, for a round the kernel does not take whole (a bad, indirect, runt or over-MTU chain,
+        too few normal pool descriptors): the numpy path then takes it, and counts any drop."""
+        qs = self._qs
+        areas = self._areas[index]
+        area = areas.pop() if areas else RoundArea(q.size)
+        if area.size != q.size:
+            area = RoundArea(q.size)
+        hdr = qs.hdr_len
+        longest = U32_MAX if qs.frame_limit >= MAX_FRAME else hdr + qs.frame_limit
+        got = q.take_round(mem, want, self._pool, area, queue=index, indirect=qs.indirect, tx=True,
+                           min_len=hdr + ETH_HLEN, max_len=longest, lens_off=hdr)  # fmt: skip
+        if got is None:
+            areas.append(area)
+            return None
+        segments, frame_bytes = got
+        cb = area.batch(want, segments)
+        if qs.inflight is not None:
+            qs.inflight.popped(index, q, mem, cb.heads)
+        self._stats.add_inflight(index, want)
+        batch = TxBatch(queue=index, mem=mem, chains=cb, positions=area.positions[:want],
+                        descriptors=area.descs[:want], hdr_len=hdr, on_complete=self._completed,
+                        lengths=area.lens[:want], area=area)  # fmt: skip
+        self._hand_over(index, st, mem, batch, cb.heads, batch.descriptors, area.positions[:0], frame_bytes)
+        return self._round_result(index, st, mem, want)
 
     def _process_short(self, index: int, st: QueueState, mem: GuestMemory, want: int) -> QueueResult | None:
         """``process`` for a round of a few chains, with plain ints instead of numpy batches; None,
@@ -249,12 +291,19 @@ class TxPath:
         batch = ShortTxBatch(queue=index, mem=mem, chains=chains, descriptors=descs, hdr_len=hdr,
                              on_complete=self._completed)  # fmt: skip
         self._hand_over_short(index, st, mem, batch)
+        return self._round_result(index, st, mem, k)
+
+    def _round_result(self, index: int, st: QueueState, mem: GuestMemory, processed: int, dropped: int = 0
+                      ) -> QueueResult:  # fmt: skip
+        """The end of a round: whether more is pending (chains left over from a previous backend
+        included), and the interrupt decision."""
+        qs = self._qs
         try:
-            more = q.avail_pending(mem) > 0
+            more = st.q.avail_pending(mem) + st.resubmit_count > 0
         except GuestError as err:
             return qs.broke(index, st, err)
         irq = qs.decide_interrupt(index, st, mem, idle=not more)
-        return QueueResult(queue=index, processed=k, interrupt=irq, more=more)
+        return QueueResult(queue=index, processed=processed, dropped=dropped, interrupt=irq, more=more)
 
     def _hand_over_short(self, index: int, st: QueueState, mem: GuestMemory, batch: ShortTxBatch) -> None:
         """``_hand_over`` for a short round (nothing was sorted out before)."""
@@ -336,13 +385,16 @@ class TxPath:
 
     def _hand_over(
         self, index: int, st: QueueState, mem: GuestMemory, batch: TxBatch, heads: npt.NDArray[np.uint16],
-        descs: npt.NDArray[np.int32], done_now: npt.NDArray[np.int64],
+        descs: npt.NDArray[np.int32], done_now: npt.NDArray[np.int64], frame_bytes: int | None = None,
     ) -> None:
         """Give the batch to the port; return what it is done with (all of it, unless it keeps the
-        batch to complete later) and the chains sorted out before."""
+        batch to complete later) and the chains sorted out before. ``frame_bytes``: the batch's
+        bytes, when the caller has them already."""
         stats = self._stats
         stats.packets[index] += np.uint64(batch.count)
-        stats.bytes[index] += np.uint64(int(batch.lengths.sum(dtype=np.uint64)))
+        if frame_bytes is None:
+            frame_bytes = int(batch.lengths.sum(dtype=np.uint64))
+        stats.bytes[index] += np.uint64(frame_bytes)
         stats.batches[index] += np.uint64(1)
         if self.on_sent is not None:
             self.on_sent(batch)
@@ -359,6 +411,8 @@ class TxPath:
             if finished or batch.completed:
                 batch.completed = True
                 self._return(st, mem, index, heads, descs)  # every chain of the round, as popped
+                if batch.area is not None:
+                    self._areas[index].append(batch.area)
             else:
                 self._deferred[index][id(batch)] = batch
                 if done_now.shape[0]:
@@ -390,11 +444,19 @@ class TxPath:
         descs: npt.NDArray[np.int32],
     ) -> None:
         """Chains the device is done with: used with len 0 (TX writes nothing), descriptors freed."""
-        if heads.shape[0] == 0:
+        k = int(heads.shape[0])
+        if k == 0:
             return
-        self._qs.mark_used(index, st.q, mem, heads, np.zeros(heads.shape[0], np.uint32))
-        self._pool.free_batch(descs)
-        self._stats.add_inflight(index, -int(descs.shape[0]))
+        if self._zeros.shape[0] < k:
+            self._zeros = np.zeros(max(k, 256), np.uint32)
+        lens = self._zeros[:k]
+        qs, q = self._qs, st.q
+        # One compiled call when nothing needs the used entries on their way (inflight, dirty log).
+        if not (qs.inflight is None and not qs.logging and isinstance(q, SplitQueue)
+                and q.complete_round(mem, heads, lens, descs, self._pool)):  # fmt: skip
+            qs.mark_used(index, q, mem, heads, lens)
+            self._pool.free_batch(descs)
+        self._stats.add_inflight(index, -k)
 
     def _completed(self, batch: TxBatch | ShortTxBatch) -> None:
         """An asynchronous port finished a batch: return its chains."""
@@ -410,6 +472,8 @@ class TxPath:
         self._deferred[batch.queue].pop(id(batch), None)
         if self._qs.mem is not None:
             self._return(st, self._qs.mem, batch.queue, batch.heads, batch.descriptors)
+        if isinstance(batch, TxBatch) and batch.area is not None:
+            self._areas[batch.queue].append(batch.area)
 
     def cancel(self, index: int, st: QueueState) -> None:
         """Queue ``index`` stops: return every batch a port still holds (it must not complete them)."""

@@ -1,0 +1,189 @@
+"""Compiled kernels for a whole device round on a split ring, and the work arrays they fill.
+
+A round of 256 chains through numpy and the separate walk, allocate, track, used-push and free
+kernels still costs about 30 numpy and kernel calls at 0.3-0.8 µs each (issue 15's notes). Here a
+round is two calls:
+
+- :func:`_take_split_py` pops ``k`` heads off the avail ring, walks them (the walk of
+  :mod:`rings.kernels`), checks each chain's length against the caller's bounds, and takes ``k``
+  pool descriptors and tracks the chains in them: the pool's own ``allocate_batch`` and ``track``,
+  record for record;
+- :func:`_complete_split_py` frees a round's descriptors (the pool's ``free_batch``, same checks,
+  same LIFO order) and writes its used entries; the caller publishes ``used.idx`` afterwards, so the
+  store that exposes the entries stays one numpy store after a call boundary.
+
+Both decline, with nothing changed, whatever they do not take whole (a chain the walker would mark
+or follow indirectly, a length out of bounds, a round needing overflow descriptors, a descriptor that
+is not in use): the numpy path then does the round and raises or marks what is wrong.
+:func:`_scatter_template_py` writes one frame into many single-buffer chains, a call per guest memory
+region they lie in (the generator's RX round).
+
+The chains land in a :class:`RoundArea`, arrays sized for one ring that are kept and reused, so a
+round boxes no new array; :meth:`RoundArea.batch` gives the :class:`~rings.chains.ChainBatch` of a
+round as views of them. A batch's arrays are its round's only until the area is reused: whoever
+keeps a batch past the round (a port completing later) keeps its area with it.
+
+Like :mod:`rings.kernels`, these are plain Python over arrays, compiled by ``kernels.enable()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .chains import ChainBatch
+
+# The helpers the kernels call by name: the Python sources; ``kernels.enable`` links the compiled
+# ones in instead (``rings.kernels._link``).
+from .pool_kernels import _free_normal_py as _free_normal
+from .walk_kernel import U32_MAX
+from .walk_kernel import _walk_into_py as _walk_into
+
+__all__ = ["U32_MAX", "RoundArea"]
+
+_Arr = npt.NDArray[Any]
+
+
+class RoundArea:
+    """The arrays one round's chains are walked into (capacity: one ring's worth of chains and of
+    segments), plus the constant arrays a round hands out (positions 0..n-1, zero lengths)."""
+
+    __slots__ = (
+        "counts", "descs", "error", "first", "heads", "lens", "positions", "rlen", "s_addr", "s_chain",
+        "s_desc", "s_len", "s_offset", "s_region", "s_writable", "size", "wlen", "zeros",
+    )  # fmt: skip
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.heads = np.zeros(size, np.uint16)
+        self.descs = np.zeros(size, np.int32)
+        self.first = np.zeros(size, np.int64)
+        self.counts = np.zeros(size, np.int64)
+        self.rlen = np.zeros(size, np.int64)
+        self.wlen = np.zeros(size, np.int64)
+        self.lens = np.zeros(size, np.uint32)  # per chain: frame length (TX) or used length (RX)
+        self.s_chain = np.zeros(size, np.int64)
+        self.s_desc = np.zeros(size, np.int64)
+        self.s_addr = np.zeros(size, np.uint64)
+        self.s_len = np.zeros(size, np.uint32)
+        self.s_writable = np.zeros(size, np.bool_)
+        self.s_region = np.zeros(size, np.int32)
+        self.s_offset = np.zeros(size, np.uint64)
+        self.error = np.zeros(size, np.uint8)  # never written: a round the kernel takes has no bad chain
+        self.zeros = np.zeros(size, np.uint32)
+        self.positions = np.arange(size, dtype=np.int64)
+
+    def outputs(self) -> tuple[_Arr, ...]:
+        """The arrays :func:`_take_split_py` writes, in its argument order."""
+        return (self.heads, self.descs, self.lens, self.first, self.counts, self.rlen, self.wlen,
+                self.s_chain, self.s_desc, self.s_addr, self.s_len, self.s_writable, self.s_region,
+                self.s_offset)  # fmt: skip
+
+    def batch(self, n: int, m: int) -> ChainBatch:
+        """The ChainBatch of the round's ``n`` chains and ``m`` segments (views of this area)."""
+        return ChainBatch(
+            heads=self.heads[:n], first_seg=self.first[:n], seg_count=self.counts[:n],
+            readable_len=self.rlen[:n], writable_len=self.wlen[:n], error=self.error[:n], errors={},
+            seg_chain=self.s_chain[:m], seg_desc=self.s_desc[:m], seg_addr=self.s_addr[:m],
+            seg_len=self.s_len[:m], seg_writable=self.s_writable[:m], seg_region=self.s_region[:m],
+            seg_offset=self.s_offset[:m],
+        )  # fmt: skip
+
+
+def _take_split_py(
+    avail_ring: _Arr, start: int, k: int, d_addr: _Arr, d_len: _Arr, d_flags: _Arr, d_next: _Arr,
+    starts: _Arr, sizes: _Arr, indirect: bool, tx: bool, min_len: int, max_len: int, lens_off: int,
+    p_used: int, p_capacity: int, p_state: _Arr, p_ever: _Arr, p_stack: _Arr, p_queue: _Arr, p_head: _Arr,
+    p_addr: _Arr, p_length: _Arr, p_reserved: _Arr, queue: int,
+    heads: _Arr, descs: _Arr, lens: _Arr, first: _Arr, counts: _Arr, rlen: _Arr, wlen: _Arr, s_chain: _Arr,
+    s_desc: _Arr, s_addr: _Arr, s_len: _Arr, s_writable: _Arr, s_region: _Arr, s_offset: _Arr,
+) -> tuple[int, int]:  # pragma: no cover - compiled by numba; run as Python by the tests' reference check
+    """Pop, walk, allocate and track ``k`` chains starting at avail slot ``start``. The length
+    checked against ``[min_len, max_len]`` is the readable one for TX (``tx``), the writable one for
+    RX; ``lens[j]`` gets that length minus ``lens_off``. Each chain is tracked in a descriptor as the
+    device's numpy path tracks it (TX: its first segment's address and readable length; RX: address 0
+    and writable length). Returns ``(segments, sum of lens)``, or ``(-1, 0)`` with nothing written
+    outside the caller's arrays."""
+    if p_used + k > p_capacity:
+        return -1, 0  # overflow descriptors, or too few: the pool's numpy path decides
+    mask = avail_ring.shape[0] - 1
+    for j in range(k):
+        heads[j] = avail_ring[(start + j) & mask]
+    m = _walk_into(heads, k, d_addr, d_len, d_flags, d_next, starts, sizes, indirect,
+                   first, counts, rlen, wlen, s_chain, s_desc, s_addr, s_len, s_writable, s_region, s_offset)
+    if m < 0:
+        return -1, 0
+    total = 0
+    for j in range(k):
+        length = rlen[j] if tx else wlen[j]
+        if length < min_len or length > max_len:
+            return -1, 0
+        lens[j] = length - lens_off
+        total += length - lens_off
+    for j in range(k):
+        i = p_stack[p_used + j]
+        descs[j] = i
+        p_state[i] = 1  # STATE_IN_USE
+        p_ever[i] = 1
+        p_queue[i] = queue
+        p_head[i] = heads[j]
+        # Statements, not ``a if tx else 0``: numba would unify u64 and int to float64 and round
+        # addresses above 2^53.
+        if tx:
+            p_addr[i] = s_addr[first[j]]
+            p_length[i] = rlen[j]
+        else:
+            p_addr[i] = 0
+            p_length[i] = wlen[j]
+        for b in range(p_reserved.shape[1]):
+            p_reserved[i, b] = 0
+    return m, total
+
+
+def _complete_split_py(
+    used_ring: _Arr, start: int, heads: _Arr, lens: _Arr, descs: _Arr,
+    p_used: int, p_capacity: int, p_state: _Arr, p_stack: _Arr,
+) -> int:  # pragma: no cover - compiled by numba
+    """Free a round's descriptors (``_free_normal``: every one a normal descriptor in use, none
+    twice) and write its used entries ``(heads[j], lens[j])`` from used slot ``start`` on. Returns
+    the pool's new ``used``, or -1 with nothing written. ``used.idx`` is the caller's to publish."""
+    left: int = _free_normal(descs, p_state, p_stack, p_used, p_capacity)
+    if left < 0:
+        return -1
+    mask = used_ring.shape[0] - 1
+    for j in range(heads.shape[0]):
+        pos = (start + j) & mask
+        used_ring[pos, 0] = heads[j]
+        used_ring[pos, 1] = lens[j]
+    return left
+
+
+def _scatter_template_py(
+    data: _Arr, region: int, n: int, s_region: _Arr, s_offset: _Arr, s_len: _Arr, s_writable: _Arr,
+    tmpl: _Arr, lens: _Arr,
+) -> int:  # pragma: no cover - compiled by numba
+    """Write ``tmpl`` at the start of those of ``n`` single-segment chains (segment ``j`` is chain
+    ``j``'s) that lie in region ``region``, whose bytes are ``data``, and its length into their
+    ``lens[j]`` (the used entries' lengths). Returns the lowest region above ``region`` that other
+    chains lie in (the caller's next call), -1 when there is none, or -2 having written nothing when
+    a chain cannot take the template: a segment not writable, shorter than ``tmpl`` or untranslated."""
+    length = tmpl.shape[0]
+    following = -1
+    for j in range(n):
+        r = s_region[j]
+        if r < 0 or not s_writable[j] or s_len[j] < length:
+            return -2
+        if r > region and (following < 0 or r < following):
+            following = r
+    for j in range(n):
+        if s_region[j] == region:
+            off = np.intp(s_offset[j])
+            # A view, then an element loop: numba vectorises this; a slice assignment copies byte by
+            # byte (about 20x slower at 1500 bytes).
+            buf = data[off : off + length]
+            for b in range(length):
+                buf[b] = tmpl[b]
+            lens[j] = length
+    return following
