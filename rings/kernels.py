@@ -96,8 +96,8 @@ def _compile_now(*kernels: Callable[..., Any]) -> None:
               record["addr"], record["length"], record["reserved"])  # fmt: skip
     area = rk.RoundArea(2)
     avail = np.zeros(5, np.uint16)[2:4]
-    take(avail, 0, 0, *ring, *bounds, True, True, 0, 0, 0, 0, 2, *arrays, 0, *area.outputs())
-    take(avail, 0, 0, *ring, *bounds, False, False, 0, 0, 0, 0, 2, *arrays, 0, *area.outputs())
+    take(avail, *ring, *bounds, 0, 0, True, True, 0, 0, 0, 0, 2, *arrays, 0, *area.outputs)
+    take(avail, *ring, *bounds, 0, 0, False, False, 0, 0, 0, 0, 2, *arrays, 0, *area.outputs)
     used = np.zeros(4, np.uint32).reshape(2, 2)
     complete(used, 0, area.heads[:0], area.lens[:0], area.descs[:0], 0, 2, arrays[0], arrays[2])
     scatter(np.zeros(8, np.uint8), 0, 0, area.s_region[:0], area.s_offset[:0], area.s_len[:0],

@@ -307,6 +307,12 @@ class PacketPool:
         self._check_open("round_arrays")
         return self._round
 
+    def round_state(self) -> tuple[Any, ...]:
+        """What a compiled round's take needs, in its argument order: ``round_used``, the capacity,
+        then :meth:`round_arrays`."""
+        self._check_open("round_state")
+        return (self._used, self._capacity, *self._round)
+
     @property
     def round_used(self) -> int:
         """Normal descriptors in use: the top of the normal stack, where a compiled round takes or

@@ -51,8 +51,8 @@ class RoundArea:
     segments), plus the constant arrays a round hands out (positions 0..n-1, zero lengths)."""
 
     __slots__ = (
-        "counts", "descs", "error", "first", "heads", "lens", "positions", "rlen", "s_addr", "s_chain",
-        "s_desc", "s_len", "s_offset", "s_region", "s_writable", "size", "wlen", "zeros",
+        "counts", "descs", "error", "first", "heads", "lens", "outputs", "positions", "rlen", "s_addr",
+        "s_chain", "s_desc", "s_len", "s_offset", "s_region", "s_writable", "size", "wlen", "zeros",
     )  # fmt: skip
 
     def __init__(self, size: int) -> None:
@@ -75,11 +75,10 @@ class RoundArea:
         self.zeros = np.zeros(size, np.uint32)
         self.positions = np.arange(size, dtype=np.int64)
 
-    def outputs(self) -> tuple[_Arr, ...]:
-        """The arrays :func:`_take_split_py` writes, in its argument order."""
-        return (self.heads, self.descs, self.lens, self.first, self.counts, self.rlen, self.wlen,
-                self.s_chain, self.s_desc, self.s_addr, self.s_len, self.s_writable, self.s_region,
-                self.s_offset)  # fmt: skip
+        # The arrays :func:`_take_split_py` writes, in its argument order.
+        self.outputs = (self.heads, self.descs, self.lens, self.first, self.counts, self.rlen, self.wlen,
+                        self.s_chain, self.s_desc, self.s_addr, self.s_len, self.s_writable, self.s_region,
+                        self.s_offset)  # fmt: skip
 
     def batch(self, n: int, m: int) -> ChainBatch:
         """The ChainBatch of the round's ``n`` chains and ``m`` segments (views of this area)."""
@@ -93,8 +92,8 @@ class RoundArea:
 
 
 def _take_split_py(
-    avail_ring: _Arr, start: int, k: int, d_addr: _Arr, d_len: _Arr, d_flags: _Arr, d_next: _Arr,
-    starts: _Arr, sizes: _Arr, indirect: bool, tx: bool, min_len: int, max_len: int, lens_off: int,
+    avail_ring: _Arr, d_addr: _Arr, d_len: _Arr, d_flags: _Arr, d_next: _Arr, starts: _Arr, sizes: _Arr,
+    start: int, k: int, indirect: bool, tx: bool, min_len: int, max_len: int, lens_off: int,
     p_used: int, p_capacity: int, p_state: _Arr, p_ever: _Arr, p_stack: _Arr, p_queue: _Arr, p_head: _Arr,
     p_addr: _Arr, p_length: _Arr, p_reserved: _Arr, queue: int,
     heads: _Arr, descs: _Arr, lens: _Arr, first: _Arr, counts: _Arr, rlen: _Arr, wlen: _Arr, s_chain: _Arr,

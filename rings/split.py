@@ -54,6 +54,7 @@ class _RingViews:
         "d_len",
         "d_next",
         "desc_raw",
+        "take_ring",
         "used_head",
         "used_raw",
         "used_ring",
@@ -79,6 +80,8 @@ class _RingViews:
         self.desc_raw: memoryview = desc.view(np.uint8).data
         self.avail_raw: memoryview = self.avail.view(np.uint8).data
         self.used_raw: memoryview = mem.view(q.used_addr, 6 + 8 * size).data
+        # The ring's part of a compiled round's arguments (rings.round_kernels._take_split_py).
+        self.take_ring = (self.avail_ring, self.d_addr, self.d_len, self.d_flags, self.d_next, *mem.bounds)
 
 
 class SplitQueue:
@@ -209,18 +212,13 @@ class SplitQueue:
         take = kernels.take_split
         if take is None or pool.closed or not 0 < count <= area.size:
             return None
-        v = self._views(mem)
-        starts, sizes = mem.bounds
-        used = pool.round_used
-        got: tuple[int, int] = take(
-            v.avail_ring, self.last_avail_idx, count, v.d_addr, v.d_len, v.d_flags, v.d_next, starts, sizes,
-            indirect, tx, min_len, max_len, lens_off, used, pool.capacity, *pool.round_arrays(), queue,
-            *area.outputs(),
-        )  # fmt: skip
+        state = pool.round_state()
+        got: tuple[int, int] = take(*self._views(mem).take_ring, self.last_avail_idx, count, indirect, tx,
+                                    min_len, max_len, lens_off, *state, queue, *area.outputs)  # fmt: skip
         if got[0] < 0:
             return None
         self.last_avail_idx = (self.last_avail_idx + count) & U16_MASK
-        pool.round_allocated(used + count)
+        pool.round_allocated(state[0] + count)
         return got
 
     def complete_round(

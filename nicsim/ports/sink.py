@@ -57,7 +57,7 @@ class SinkPort(Port):
     def transmit(self, batch: TxFrames) -> bool:
         lengths = batch.lengths
         self.packets += batch.count
-        self.bytes += int(lengths.sum(dtype="u8"))
+        self.bytes += batch.frame_bytes
         if self.config.read and batch.count:
             data, starts = batch.gather()
             total = int(frame_sums(data, starts, lengths).sum(dtype=np.uint64))

@@ -66,6 +66,10 @@ class _OneFrame:
         self._frame = frame
         self.lengths[0] = frame.shape[0]
 
+    @property
+    def frame_bytes(self) -> int:
+        return int(self._frame.shape[0])
+
     def frame(self, i: int) -> Frame:
         return self._frame
 

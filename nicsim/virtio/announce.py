@@ -79,6 +79,10 @@ class OwnFrames:
     def lengths(self) -> npt.NDArray[np.uint32]:
         return self._lengths
 
+    @property
+    def frame_bytes(self) -> int:
+        return int(self._lengths.sum())
+
     def frame(self, i: int) -> npt.NDArray[np.uint8]:
         return self._frames[i]
 

@@ -327,7 +327,7 @@ class VirtioNetDevice:
 
     def kicked(self, index: int) -> None:
         """Count a kick the server read from the queue's kick eventfd."""
-        self.stats.kicks[index] += np.uint64(1)
+        self.stats.kicks[index] += 1
 
     def suppress_kicks(self, index: int) -> None:
         """Ask the guest not to kick while we poll (§2.7.7 NO_NOTIFY / §2.7.10 avail_event)."""

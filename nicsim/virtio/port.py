@@ -62,6 +62,10 @@ class TxFrames(Protocol):
     def lengths(self) -> npt.NDArray[np.uint32]:
         """Frame lengths, header excluded; do not modify."""
 
+    @property
+    def frame_bytes(self) -> int:
+        """The sum of :attr:`lengths` (known to the device already: a port need not add them up)."""
+
     def frame(self, i: int) -> npt.NDArray[np.uint8]:
         """Frame ``i``: a view of guest memory when contiguous, else a gathered copy."""
 

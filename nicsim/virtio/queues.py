@@ -324,7 +324,7 @@ class QueueSet:
                 st.signalled_used = q.used_idx
             return False
         st.signalled_used = st.irq_used = q.used_idx
-        self.stats.interrupts[index] += np.uint64(1)
+        self.stats.interrupts[index] += 1
         return True
 
     def probe(self, st: QueueState, mem: GuestMemory) -> RingProbe:
@@ -344,11 +344,11 @@ class QueueSet:
         ``used.idx`` since, so nothing is owed. Without it the flag cannot say whether it did: a burst
         the driver polled to its end with NO_INTERRUPT set, then went quiet, costs one spurious
         interrupt (harmless: §2.7.7 lets the device send one) and one count here."""
-        self.stats.stall_rechecks[index] += np.uint64(1)
+        self.stats.stall_rechecks[index] += 1
         if not self.probe(st, mem).irq_owed:
             return False
         st.signalled_used = st.irq_used = st.q.used_idx
-        self.stats.interrupts[index] += np.uint64(1)
+        self.stats.interrupts[index] += 1
         return True
 
     def broke(self, index: int, st: QueueState, err: GuestError) -> QueueResult:

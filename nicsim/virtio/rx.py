@@ -369,7 +369,6 @@ class RxPath:
         self._tmpl_key: tuple[int, int, int] | None = None
         self._tmpl: npt.NDArray[np.uint8] = np.zeros(0, np.uint8)
         self._areas: dict[int, RoundArea] = {}  # compiled rounds' work arrays, per receive queue
-        self._lens: npt.NDArray[np.uint32] = np.zeros(0, np.uint32)  # used lengths of a template round
 
     # -- the sink the port pushes into -----------------------------------------------------------------
 
@@ -625,10 +624,7 @@ class RxPath:
             return None
         q = st.q
         if kernels.take_split is not None and isinstance(q, SplitQueue):
-            # One compiled call; a round is over before the next one starts, so the area is reused.
-            area = self._areas.get(rxq)
-            if area is None or area.size != q.size:
-                area = self._areas[rxq] = RoundArea(q.size)
+            area = self._area(rxq, q)
             got = q.take_round(mem, want, self._pool, area, queue=rxq, indirect=self._qs.indirect, tx=False,
                                min_len=0, max_len=U32_MAX, lens_off=0)  # fmt: skip
             if got is not None:
@@ -662,7 +658,7 @@ class RxPath:
         if used_good == k:
             # Every chain good and used (the common case): the lengths are the used-ring entries.
             if not self._qs.logging:
-                self._publish_all(rxq, st, mem, cb, descs, chain_bytes.astype(np.uint32))
+                self._publish_all(rxq, st, mem, cb.heads, descs, chain_bytes.astype(np.uint32))
                 return
             cut, lens = k, chain_bytes.astype(np.uint32)
         else:
@@ -684,15 +680,15 @@ class RxPath:
         self._give_back(rxq, st, descs, k - cut)
 
     def _publish_all(
-        self, rxq: int, st: QueueState, mem: GuestMemory, cb: ChainBatch, descs: npt.NDArray[np.int32],
-        lens: npt.NDArray[np.uint32],
+        self, rxq: int, st: QueueState, mem: GuestMemory, heads: npt.NDArray[np.uint16],
+        descs: npt.NDArray[np.int32], lens: npt.NDArray[np.uint32],
     ) -> None:
         """Every chain of the round used with ``lens`` (nothing to log): in one compiled call when the
         inflight hooks need not see the entries."""
         qs, q = self._qs, st.q
         if not (qs.inflight is None and isinstance(q, SplitQueue)
-                and q.complete_round(mem, cb.heads, lens, descs, self._pool)):  # fmt: skip
-            qs.mark_used(rxq, q, mem, cb.heads, lens, filled=True)
+                and q.complete_round(mem, heads, lens, descs, self._pool)):  # fmt: skip
+            qs.mark_used(rxq, q, mem, heads, lens, filled=True)
             self._pool.free_batch(descs)
         self._stats.add_inflight(rxq, -int(descs.shape[0]))
 
@@ -742,12 +738,14 @@ class RxPath:
     ) -> int:
         hdr = self._qs.hdr_len
         need = template.shape[0] + hdr
+        if kernels.scatter_template is not None:
+            done = self._template_compiled(rxq, st, mem, template, count, need)
+            if done is not None:
+                return done
         got = self._take_chains(rxq, st, mem, count)
         if got is None:
             return 0
         cb, descs = got
-        if self._template_compiled(rxq, st, mem, cb, descs, template, hdr):
-            return len(cb)
         good_pos = np.arange(len(cb)) if not cb.errors else np.flatnonzero(cb.error == 0)
         if good_pos.shape[0] == 0 or int(cb.writable_len[good_pos].min()) >= need:
             # Fast path: one buffer per frame; header (num_buffers = 1) + frame, one vectorised scatter.
@@ -765,30 +763,62 @@ class RxPath:
                              np.full(n, template.shape[0], np.int64))  # fmt: skip
 
     def _template_compiled(
-        self, rxq: int, st: QueueState, mem: GuestMemory, cb: ChainBatch, descs: npt.NDArray[np.int32],
-        template: npt.NDArray[np.uint8], hdr: int,
-    ) -> bool:
-        """The template into every chain of the round, a compiled call per memory region, and the round
-        published: True when every chain is good and one writable buffer long enough; else False with
-        nothing written (the numpy scatter takes the round)."""
+        self, rxq: int, st: QueueState, mem: GuestMemory, template: npt.NDArray[np.uint8], count: int,
+        need: int,
+    ) -> int | None:
+        """The template into up to ``count`` buffers in compiled calls: take the round (every chain good
+        and at least ``need`` bytes long), write the frame (a call per memory region the buffers lie
+        in) and publish it. Returns how many frames were placed, or None, having changed nothing, for a
+        round the kernels do not take (the numpy path then does)."""
+        qs = self._qs
+        q = st.q
+        if qs.logging or qs.inflight is not None or not isinstance(q, SplitQueue):
+            return None
+        want = min(count, q.avail_pending(mem), qs.policy.rx_batch)
+        if want <= 0:
+            return None
+        area = self._area(rxq, q)
+        got = q.take_round(mem, want, self._pool, area, queue=rxq, indirect=qs.indirect, tx=False,
+                           min_len=need, max_len=U32_MAX, lens_off=0)  # fmt: skip
+        if got is None:
+            return None
+        self._stats.add_inflight(rxq, want)
+        tmpl = self._with_header(template, qs.hdr_len)
+        frames = want * template.shape[0]
+        if got[0] == want and self._scatter_compiled(mem, area, want, tmpl):
+            self._count(rxq, want, frames)
+            lens = area.lens[:want]  # the scatter wrote ``need`` into each
+            self._publish_all(rxq, st, mem, area.heads[:want], area.descs[:want], lens)
+            return want
+        # Chains of several buffers: the numpy scatter, into the round the kernel took.
+        cb = area.batch(want, got[0])
+        scatter_template(mem, cb, tmpl)
+        self._count(rxq, want, frames)
+        self._finish_chains(rxq, st, mem, cb, area.descs[:want], np.arange(want), want,
+                            np.full(want, need, np.int64))  # fmt: skip
+        return want
+
+    @staticmethod
+    def _scatter_compiled(mem: GuestMemory, area: RoundArea, n: int, tmpl: npt.NDArray[np.uint8]) -> bool:
+        """``tmpl`` into the single buffer of each of the area's ``n`` chains, a compiled call per memory
+        region; False, writing nothing, when a buffer cannot take it."""
         scatter = kernels.scatter_template
-        n = len(cb)
-        if scatter is None or self._qs.logging or cb.errors or cb.seg_len.shape[0] != n:
-            return False
-        tmpl = self._with_header(template, hdr)
-        if self._lens.shape[0] < n:
-            self._lens = np.zeros(max(n, 256), np.uint32)
-        lens = self._lens[:n]
+        assert scatter is not None
         regions = mem.regions
         region = 0
         while region >= 0:
-            region = scatter(regions[region].data, region, n, cb.seg_region, cb.seg_offset, cb.seg_len,
-                             cb.seg_writable, tmpl, lens)  # fmt: skip
+            region = scatter(regions[region].data, region, n, area.s_region, area.s_offset, area.s_len,
+                             area.s_writable, tmpl, area.lens)  # fmt: skip
             if region == -2:
                 return False  # the first call checks every chain: nothing was written
-        self._count(rxq, n, n * template.shape[0])
-        self._publish_all(rxq, st, mem, cb, descs, lens)
         return True
+
+    def _area(self, rxq: int, q: SplitQueue) -> RoundArea:
+        """The receive queue's work arrays (a round is over before the next starts: one is enough)."""
+        area = self._areas.get(rxq)
+        if area is None or area.size != q.size:
+            area = self._areas[rxq] = RoundArea(q.size)
+        return area
 
     def _with_header(self, template: npt.NDArray[np.uint8], hdr: int) -> npt.NDArray[np.uint8]:
         """The virtio-net header (num_buffers = 1) and ``template`` behind it, built once per template."""
@@ -802,10 +832,7 @@ class RxPath:
         return self._tmpl
 
     def _count(self, rxq: int, frames: int, frame_bytes: int) -> None:
-        stats = self._stats
-        stats.packets[rxq] += np.uint64(frames)
-        stats.bytes[rxq] += np.uint64(frame_bytes)
-        stats.batches[rxq] += np.uint64(1)
+        self._stats.count(rxq, frames, frame_bytes)
 
 
 def _prefix_errors(cb: ChainBatch, cut: int) -> ChainBatch:

@@ -69,15 +69,12 @@ class ShortRx:
         starts = offsets.tolist()
         for i in range(placed):
             self._write(mem, chains[i], data, starts[i], lens[i], hdr, carried)
-        stats = self._stats
-        stats.packets[rxq] += np.uint64(placed)
         frame_bytes = sum(lens[:placed]) - (hdr * placed if carried else 0)
-        stats.bytes[rxq] += np.uint64(frame_bytes)
-        stats.batches[rxq] += np.uint64(1)
+        self._stats.count(rxq, placed, frame_bytes)
         qs.mark_used_few(rxq, q, mem, [c.head for c in chains[:placed]], need[:placed], filled=True)
         for d in descs:
             self._pool.free(d)
-        stats.add_inflight(rxq, -placed)
+        self._stats.add_inflight(rxq, -placed)
         return placed
 
     def _write(

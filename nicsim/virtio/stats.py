@@ -5,8 +5,8 @@ most).
 
 This module owns the counters and their two renderings: :meth:`DeviceStats.snapshot` (a JSON-ready
 dict, for tools and tests) and :meth:`DeviceStats.table` (a compact text table, for a person). Counters
-are numpy uint64 arrays indexed by queue (and by drop reason), so the device bumps them with one
-vectorised add per batch.
+are Python ints per queue, bumped once per batch; drops are a numpy uint64 array indexed by queue and
+reason.
 """
 
 from __future__ import annotations
@@ -27,14 +27,16 @@ class DeviceStats:
         self.num_queues = num_queues
         self.reasons = tuple(reasons)
         self._reason_index = {r: i for i, r in enumerate(self.reasons)}
-        self.packets: npt.NDArray[np.uint64] = np.zeros(num_queues, np.uint64)
-        self.bytes: npt.NDArray[np.uint64] = np.zeros(num_queues, np.uint64)
-        self.kicks: npt.NDArray[np.uint64] = np.zeros(num_queues, np.uint64)
-        self.interrupts: npt.NDArray[np.uint64] = np.zeros(num_queues, np.uint64)
-        self.batches: npt.NDArray[np.uint64] = np.zeros(num_queues, np.uint64)
-        self.inflight: npt.NDArray[np.uint64] = np.zeros(num_queues, np.uint64)
-        self.inflight_high: npt.NDArray[np.uint64] = np.zeros(num_queues, np.uint64)
-        self.stall_rechecks: npt.NDArray[np.uint64] = np.zeros(num_queues, np.uint64)
+        # Python ints, not numpy: each round bumps several of them, and an int add costs a tenth of a
+        # numpy element update.
+        self.packets: list[int] = [0] * num_queues
+        self.bytes: list[int] = [0] * num_queues
+        self.kicks: list[int] = [0] * num_queues
+        self.interrupts: list[int] = [0] * num_queues
+        self.batches: list[int] = [0] * num_queues
+        self.inflight: list[int] = [0] * num_queues
+        self.inflight_high: list[int] = [0] * num_queues
+        self.stall_rechecks: list[int] = [0] * num_queues
         self.drops: npt.NDArray[np.uint64] = np.zeros((num_queues, len(self.reasons)), np.uint64)
 
     def reason(self, name: str) -> int:
@@ -46,12 +48,18 @@ class DeviceStats:
 
     def add_inflight(self, queue: int, n: int) -> None:
         """``n`` more (or, negative, fewer) pool descriptors held by ``queue``."""
-        value = int(self.inflight[queue]) + n
+        value = self.inflight[queue] + n
         if value < 0:
             raise ValueError(f"queue {queue} would hold {value} descriptors")
         self.inflight[queue] = value
-        if value > int(self.inflight_high[queue]):
+        if value > self.inflight_high[queue]:
             self.inflight_high[queue] = value
+
+    def count(self, queue: int, packets: int, nbytes: int) -> None:
+        """A batch of ``packets`` frames of ``nbytes`` bytes moved on ``queue``."""
+        self.packets[queue] += packets
+        self.bytes[queue] += nbytes
+        self.batches[queue] += 1
 
     def drops_total(self, queue: int | None = None) -> int:
         if queue is None:

@@ -44,12 +44,14 @@ class TxBatch:
     """One batch of good TX chains handed to a port (implements :class:`nicsim.virtio.port.TxFrames`)."""
 
     __slots__ = (
+        "_chains",
         "_complete",
+        "_frame_bytes",
         "_gathered",
         "_lengths",
+        "_segments",
         "area",
         "cancelled",
-        "chains",
         "completed",
         "descriptors",
         "hdr_len",
@@ -65,34 +67,52 @@ class TxBatch:
         *,
         queue: int,
         mem: GuestMemory,
-        chains: ChainBatch,
+        chains: ChainBatch | None,
         positions: npt.NDArray[np.int64],
         descriptors: npt.NDArray[np.int32],
         hdr_len: int,
         on_complete: Callable[[TxBatch], None],
         lengths: npt.NDArray[np.uint32] | None = None,
         area: RoundArea | None = None,
+        segments: int = 0,
+        frame_bytes: int | None = None,
     ) -> None:
+        """``chains``: the round's walk; or None with ``area`` (a compiled round: every chain of it
+        handed over, its ``segments`` segments walked into the area, ``lengths`` given), and the
+        ChainBatch is made from the area only if a port asks for frames, not just lengths."""
         self.queue = queue
         self.pair = queue // 2
         self.mem = mem
-        self.chains = chains
+        self._chains = chains
+        self._segments = segments
         self.positions = positions            # chain positions in ``chains`` of the frames handed over
-        # Positions are ascending and distinct: as many as there are chains means all of them, in order.
-        every = positions.shape[0] == len(chains)
-        self.heads = chains.heads if every else chains.heads[positions]  # returned on the used ring
         self.descriptors = descriptors        # pool descriptors tracking those heads
         self.hdr_len = hdr_len
-        if lengths is None:
-            readable = chains.readable_len if every else chains.readable_len[positions]
-            lengths = (readable - hdr_len).astype(np.uint32)
-        self._lengths = lengths  # of the frames, the virtio-net header left out
         # The compiled round's arrays that ``chains`` views: the batch's until it completes.
         self.area = area
+        if chains is None:
+            assert area is not None and lengths is not None
+            self.heads = area.heads[: positions.shape[0]]
+        else:
+            # Positions are ascending and distinct: as many as there are chains means all of them.
+            every = positions.shape[0] == len(chains)
+            self.heads = chains.heads if every else chains.heads[positions]  # returned on the used ring
+            if lengths is None:
+                readable = chains.readable_len if every else chains.readable_len[positions]
+                lengths = (readable - hdr_len).astype(np.uint32)
+        self._lengths = lengths  # of the frames, the virtio-net header left out
+        self._frame_bytes = frame_bytes
         self._complete = on_complete
         self._gathered: tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]] | None = None
         self.completed = False
         self.cancelled = False  # the device returned the chains itself (queue stopped)
+
+    @property
+    def chains(self) -> ChainBatch:
+        if self._chains is None:
+            assert self.area is not None
+            self._chains = self.area.batch(int(self.positions.shape[0]), self._segments)
+        return self._chains
 
     @property
     def count(self) -> int:
@@ -101,6 +121,12 @@ class TxBatch:
     @property
     def lengths(self) -> npt.NDArray[np.uint32]:
         return self._lengths
+
+    @property
+    def frame_bytes(self) -> int:
+        if self._frame_bytes is None:
+            self._frame_bytes = int(self._lengths.sum(dtype=np.uint64))
+        return self._frame_bytes
 
     def frame(self, i: int) -> npt.NDArray[np.uint8]:
         cb = self.chains
@@ -255,14 +281,14 @@ class TxPath:
             areas.append(area)
             return None
         segments, frame_bytes = got
-        cb = area.batch(want, segments)
-        if qs.inflight is not None:
-            qs.inflight.popped(index, q, mem, cb.heads)
-        self._stats.add_inflight(index, want)
-        batch = TxBatch(queue=index, mem=mem, chains=cb, positions=area.positions[:want],
+        batch = TxBatch(queue=index, mem=mem, chains=None, positions=area.positions[:want],
                         descriptors=area.descs[:want], hdr_len=hdr, on_complete=self._completed,
-                        lengths=area.lens[:want], area=area)  # fmt: skip
-        self._hand_over(index, st, mem, batch, cb.heads, batch.descriptors, area.positions[:0], frame_bytes)
+                        lengths=area.lens[:want], area=area, segments=segments,
+                        frame_bytes=frame_bytes)  # fmt: skip
+        if qs.inflight is not None:
+            qs.inflight.popped(index, q, mem, batch.heads)
+        self._stats.add_inflight(index, want)
+        self._hand_over(index, st, mem, batch, batch.heads, batch.descriptors, area.positions[:0])
         return self._round_result(index, st, mem, want)
 
     def _process_short(self, index: int, st: QueueState, mem: GuestMemory, want: int) -> QueueResult | None:
@@ -308,9 +334,7 @@ class TxPath:
     def _hand_over_short(self, index: int, st: QueueState, mem: GuestMemory, batch: ShortTxBatch) -> None:
         """``_hand_over`` for a short round (nothing was sorted out before)."""
         stats = self._stats
-        stats.packets[index] += np.uint64(batch.count)
-        stats.bytes[index] += np.uint64(batch.frame_bytes)
-        stats.batches[index] += np.uint64(1)
+        stats.count(index, batch.count, batch.frame_bytes)
         if self.on_sent is not None:
             self.on_sent(batch)
         self._qs.in_call = True
@@ -385,24 +409,18 @@ class TxPath:
 
     def _hand_over(
         self, index: int, st: QueueState, mem: GuestMemory, batch: TxBatch, heads: npt.NDArray[np.uint16],
-        descs: npt.NDArray[np.int32], done_now: npt.NDArray[np.int64], frame_bytes: int | None = None,
+        descs: npt.NDArray[np.int32], done_now: npt.NDArray[np.int64],
     ) -> None:
         """Give the batch to the port; return what it is done with (all of it, unless it keeps the
-        batch to complete later) and the chains sorted out before. ``frame_bytes``: the batch's
-        bytes, when the caller has them already."""
-        stats = self._stats
-        stats.packets[index] += np.uint64(batch.count)
-        if frame_bytes is None:
-            frame_bytes = int(batch.lengths.sum(dtype=np.uint64))
-        stats.bytes[index] += np.uint64(frame_bytes)
-        stats.batches[index] += np.uint64(1)
+        batch to complete later) and the chains sorted out before."""
+        self._stats.count(index, batch.count, batch.frame_bytes)
         if self.on_sent is not None:
             self.on_sent(batch)
         self._qs.in_call = True
         try:
             finished = self._port.transmit(batch)
         except Exception:
-            stats.drop(index, "port_error", batch.count)
+            self._stats.drop(index, "port_error", batch.count)
             batch.completed = True
             finished = True
             raise
