@@ -88,8 +88,9 @@ def test_dpdk_backend_is_net_vhost_and_nicsim_serves_the_cell_port(tmp_path: Pat
     assert sink[:3] == ["taskset", "-c", "1"] and sink[3:6] == [sys.executable, "-m", "nicsim"]
     assert sink[sink.index("--port") + 1] == "sink" and sink[sink.index("--stats-file") + 1] == str(stats)
     gen = build_serve_argv(socket=SOCK, cell=Cell(backend="nicsim", direction=Direction.RX, size=1500),
-                           stats_file=stats, cpu=None)  # fmt: skip
+                           stats_file=stats, cpu=None, extra=("--rounds-per-call", "8"))  # fmt: skip
     assert gen[0] == sys.executable and gen[gen.index("--port") + 1] == f"generator,size=1496,{TESTPMD_FRAME}"
+    assert gen[-2:] == ["--rounds-per-call", "8"]  # nicsim bench --nicsim-args, last
 
 
 # -- counters -----------------------------------------------------------------------------------------

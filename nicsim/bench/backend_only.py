@@ -136,8 +136,11 @@ def build_vhost_argv(
     return pinned(argv, cpu)
 
 
-def build_serve_argv(*, socket: Path, cell: Cell, stats_file: Path, cpu: int | None) -> list[str]:
-    """``nicsim serve`` with the cell's port (sink for ``tx``, sized generator for ``rx``)."""
+def build_serve_argv(
+    *, socket: Path, cell: Cell, stats_file: Path, cpu: int | None, extra: Sequence[str] = ()
+) -> list[str]:
+    """``nicsim serve`` with the cell's port (sink for ``tx``, sized generator for ``rx``), and
+    ``extra`` (``nicsim bench --nicsim-args``)."""
     return pinned(
         [
             sys.executable,
@@ -151,6 +154,7 @@ def build_serve_argv(*, socket: Path, cell: Cell, stats_file: Path, cpu: int | N
             "--stats-file",
             str(stats_file),
             "--quiet",
+            *extra,
         ],
         cpu,
     )
@@ -322,7 +326,8 @@ class BackendOnlyRunner:
         stats_file = wd / f"bo-{n}-nicsim.stats.json"
         if cell.backend == "nicsim":
             backend = ChildProcess(
-                build_serve_argv(socket=sock, cell=cell, stats_file=stats_file, cpu=cpu),
+                build_serve_argv(socket=sock, cell=cell, stats_file=stats_file, cpu=cpu,
+                                 extra=self.ctx.nicsim_args),
                 wd / f"bo-{n}-nicsim.log",
                 env=python_env(),
             )
