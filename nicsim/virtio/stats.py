@@ -38,6 +38,7 @@ class DeviceStats:
         self.inflight_high: list[int] = [0] * num_queues
         self.stall_rechecks: list[int] = [0] * num_queues
         self.drops: npt.NDArray[np.uint64] = np.zeros((num_queues, len(self.reasons)), np.uint64)
+        self._dropped: list[int] = [0] * num_queues  # each queue's row of ``drops`` summed (every round asks)
 
     def reason(self, name: str) -> int:
         """Column of a drop reason; KeyError for a reason the device did not declare."""
@@ -45,6 +46,7 @@ class DeviceStats:
 
     def drop(self, queue: int, reason: str, n: int = 1) -> None:
         self.drops[queue, self._reason_index[reason]] += np.uint64(n)
+        self._dropped[queue] += n
 
     def add_inflight(self, queue: int, n: int) -> None:
         """``n`` more (or, negative, fewer) pool descriptors held by ``queue``."""
@@ -64,7 +66,7 @@ class DeviceStats:
     def drops_total(self, queue: int | None = None) -> int:
         if queue is None:
             return int(self.drops.sum())
-        return sum(self.drops[queue].tolist())  # a handful of reasons: a Python sum beats a numpy call
+        return self._dropped[queue]
 
     def snapshot(self, *, pool: dict[str, int] | None = None) -> dict[str, Any]:
         """Plain ints and strings only. ``pool`` adds the pool-wide usage fields the caller read."""
