@@ -28,7 +28,7 @@ from .walk_kernel import _Arrays, _declined_py, _walk_into_py, _walk_split_py
 
 __all__ = [
     "complete_split", "disable", "enable", "enabled", "engine", "free_normal", "scatter_template",
-    "take_split", "track", "walk_split",
+    "sum_frames", "take_split", "track", "walk_split",
 ]  # fmt: skip
 
 _compiled_walk: Callable[..., _Arrays] | None = None
@@ -42,6 +42,8 @@ complete_split: Callable[..., int] | None = None
 """The compiled ``rings.round_kernels._complete_split_py`` once enabled, else None."""
 scatter_template: Callable[..., int] | None = None
 """The compiled ``rings.round_kernels._scatter_template_py`` once enabled, else None."""
+sum_frames: Callable[..., tuple[int, int]] | None = None
+"""The compiled ``rings.round_kernels._sum_frames_py`` once enabled, else None."""
 _why_not: str = "not enabled"
 
 
@@ -56,6 +58,7 @@ def enable() -> bool:
     """Compile (or load from numba's cache) the kernels and use them; False, with the reason in
     :func:`engine`, when numba is missing or fails. Idempotent."""
     global _compiled_walk, _why_not, free_normal, track, take_split, complete_split, scatter_template
+    global sum_frames
     if _compiled_walk is not None:
         return True
     try:
@@ -72,20 +75,20 @@ def enable() -> bool:
         track_fn = jit(_track_py)
         take = jit(_link(rk._take_split_py, _walk_into=walk_into))
         complete = jit(_link(rk._complete_split_py, _free_normal=free_fn))
-        scatter = jit(rk._scatter_template_py)
-        _compile_now(walk, take, complete, scatter)
+        scatter, summer = jit(rk._scatter_template_py), jit(rk._sum_frames_py)
+        _compile_now(walk, take, complete, scatter, summer)
     except Exception as exc:  # numba raises its own error classes; any of them means: no kernels
         _why_not = f"numba could not compile the kernels ({type(exc).__name__}: {exc})"
         return False
     _compiled_walk, free_normal, track = walk, free_fn, track_fn
-    take_split, complete_split, scatter_template = take, complete, scatter
+    take_split, complete_split, scatter_template, sum_frames = take, complete, scatter, summer
     return True
 
 
 def _compile_now(*kernels: Callable[..., Any]) -> None:
     """Compile for the argument types the rings pass (field views of structured arrays, contiguous
     work arrays), now rather than in the first round."""
-    walk, take, complete, scatter = kernels
+    walk, take, complete, scatter, summer = kernels
     table = np.zeros(2, DESC_DTYPE)
     ring = (table["addr"], table["len"], table["flags"], table["next"])
     bounds = (np.zeros(1, np.uint64), np.ones(1, np.uint64))
@@ -102,12 +105,16 @@ def _compile_now(*kernels: Callable[..., Any]) -> None:
     complete(used, 0, area.heads[:0], area.lens[:0], area.descs[:0], 0, 2, arrays[0], arrays[2])
     scatter(np.zeros(8, np.uint8), 0, 0, area.s_region[:0], area.s_offset[:0], area.s_len[:0],
             area.s_writable[:0], np.zeros(1, np.uint8), area.lens[:0])  # fmt: skip
+    summer(np.zeros(8, np.uint8), 0, 0, area.s_chain, area.s_region, area.s_offset, area.s_len,
+           area.s_writable, 12)
 
 
 def disable() -> None:
     """Back to the numpy walker everywhere (the reference; tests compare the two)."""
     global _compiled_walk, _why_not, free_normal, track, take_split, complete_split, scatter_template
+    global sum_frames
     _compiled_walk = free_normal = track = take_split = complete_split = scatter_template = None
+    sum_frames = None
     _why_not = "disabled"
 
 

@@ -186,3 +186,40 @@ def _scatter_template_py(
                 buf[b] = tmpl[b]
             lens[j] = length
     return following
+
+
+def _sum_frames_py(
+    data: _Arr, region: int, m: int, s_chain: _Arr, s_region: _Arr, s_offset: _Arr, s_len: _Arr,
+    s_writable: _Arr, hdr: int,
+) -> tuple[Any, int]:  # pragma: no cover - compiled by numba
+    """The sum of every frame byte that lies in region ``region`` (bytes ``data``) of a round's ``m``
+    segments: each chain's readable bytes after its first ``hdr`` (the virtio-net header), modulo
+    2^64. Returns ``(sum, the lowest region above this one that other such bytes lie in, or -1)``: a
+    round of frames is read by one call per memory region (a TX sink that reads every byte)."""
+    total = np.uint64(0)
+    following = -1
+    chain = -1
+    consumed = np.int64(0)
+    for s in range(m):
+        if s_chain[s] != chain:
+            chain = s_chain[s]
+            consumed = np.int64(0)
+        if s_writable[s]:
+            continue  # §2.7.4.2: writable descriptors follow the readable ones; they carry no frame
+        n = np.int64(s_len[s])
+        skip = hdr - consumed
+        consumed += n
+        if skip >= n:
+            continue
+        skip = max(skip, np.int64(0))
+        r = s_region[s]
+        if r != region:
+            if r > region and (following < 0 or r < following):
+                following = r
+            continue
+        buf = data[np.intp(s_offset[s]) + skip : np.intp(s_offset[s]) + n]
+        acc = np.uint64(0)
+        for b in range(buf.shape[0]):
+            acc += np.uint64(buf[b])
+        total += acc
+    return total, following

@@ -3,10 +3,11 @@
 By default it reads only the batch's length array (one numpy sum per batch), never the frames, so it
 measures the device's TX path and nothing else: a *count-only* figure. With ``read=on``
 (``SinkConfig.read``) it reads every byte of every frame, as a backend that forwards or copies frames
-must (DPDK's testpmd copies each one into an mbuf): it gathers the batch's frames out of guest memory
-(one vectorised copy, ``TxFrames.gather``) and sums each frame's bytes with one ``np.add.reduceat``
-over the gather. ``checksum`` is the running 64-bit sum of every frame byte, so the work cannot be
-skipped and a test can check it.
+must (DPDK's testpmd copies each one into an mbuf): in compiled calls straight out of guest memory
+(``TxFrames.byte_sum``, with the kernels), or by gathering the batch's frames (one vectorised copy,
+``TxFrames.gather``) and summing each frame's bytes with one ``np.add.reduceat`` over the gather.
+``checksum`` is the running 64-bit sum of every frame byte, so the work cannot be skipped and a test
+can check it.
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ class SinkPort(Port):
         self.packets += batch.count
         self.bytes += batch.frame_bytes
         if self.config.read and batch.count:
-            data, starts = batch.gather()
-            total = int(frame_sums(data, starts, lengths).sum(dtype=np.uint64))
+            total = batch.byte_sum()  # compiled: straight out of guest memory, no copy
+            if total is None:
+                data, starts = batch.gather()
+                total = int(frame_sums(data, starts, lengths).sum(dtype=np.uint64))
             self.checksum = (self.checksum + total) & _U64
         return True
 

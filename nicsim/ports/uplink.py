@@ -70,6 +70,9 @@ class _OneFrame:
     def frame_bytes(self) -> int:
         return int(self._frame.shape[0])
 
+    def byte_sum(self) -> None:
+        return None
+
     def frame(self, i: int) -> Frame:
         return self._frame
 

@@ -83,6 +83,9 @@ class OwnFrames:
     def frame_bytes(self) -> int:
         return int(self._lengths.sum())
 
+    def byte_sum(self) -> None:
+        return None
+
     def frame(self, i: int) -> npt.NDArray[np.uint8]:
         return self._frames[i]
 

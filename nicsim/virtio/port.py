@@ -66,6 +66,11 @@ class TxFrames(Protocol):
     def frame_bytes(self) -> int:
         """The sum of :attr:`lengths` (known to the device already: a port need not add them up)."""
 
+    def byte_sum(self) -> int | None:
+        """The sum of every frame byte modulo 2^64, read straight out of guest memory in compiled calls
+        (a port that must read every byte and keep none, such as a reading sink); None when it cannot
+        (then :meth:`gather` them)."""
+
     def frame(self, i: int) -> npt.NDArray[np.uint8]:
         """Frame ``i``: a view of guest memory when contiguous, else a gathered copy."""
 

@@ -122,6 +122,20 @@ class TxBatch:
     def lengths(self) -> npt.NDArray[np.uint32]:
         return self._lengths
 
+    def byte_sum(self) -> int | None:
+        summer = kernels.sum_frames
+        if summer is None or self.positions.shape[0] != len(self.chains):
+            return None  # (some chains of the round were dropped: not every segment is a frame's)
+        cb = self.chains
+        regions = self.mem.regions
+        m = int(cb.seg_len.shape[0])
+        total, region = 0, 0
+        while region >= 0:
+            part, region = summer(regions[region].data, region, m, cb.seg_chain, cb.seg_region, cb.seg_offset,
+                                  cb.seg_len, cb.seg_writable, self.hdr_len)  # fmt: skip
+            total += int(part)
+        return total & 0xFFFF_FFFF_FFFF_FFFF
+
     @property
     def frame_bytes(self) -> int:
         if self._frame_bytes is None:

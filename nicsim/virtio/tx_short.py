@@ -73,6 +73,9 @@ class ShortTxBatch:
     def descriptors(self) -> npt.NDArray[np.int32]:
         return np.array(self.desc_list, np.int32)
 
+    def byte_sum(self) -> None:
+        return None  # a few frames: the sink gathers them
+
     @property
     def frame_bytes(self) -> int:
         """Bytes of all frames, headers excluded (the sum of :attr:`lengths`), without numpy."""
