@@ -86,7 +86,8 @@ def test_dpdk_backend_is_net_vhost_and_nicsim_serves_the_cell_port(tmp_path: Pat
     sink = build_serve_argv(socket=SOCK, cell=Cell(backend="nicsim", direction=Direction.TX, size=64),
                             stats_file=stats, cpu=1)  # fmt: skip
     assert sink[:3] == ["taskset", "-c", "1"] and sink[3:6] == [sys.executable, "-m", "nicsim"]
-    assert sink[sink.index("--port") + 1] == "sink" and sink[sink.index("--stats-file") + 1] == str(stats)
+    assert sink[sink.index("--port") + 1] == "sink,read=on"  # reads every byte, as vhost's copy does
+    assert sink[sink.index("--stats-file") + 1] == str(stats)
     gen = build_serve_argv(socket=SOCK, cell=Cell(backend="nicsim", direction=Direction.RX, size=1500),
                            stats_file=stats, cpu=None, extra=("--rounds-per-call", "8"))  # fmt: skip
     assert gen[0] == sys.executable and gen[gen.index("--port") + 1] == f"generator,size=1496,{TESTPMD_FRAME}"

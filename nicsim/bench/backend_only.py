@@ -2,7 +2,8 @@
 
 Each run starts one backend and one frontend, each pinned to its own core, with nothing in between:
 
-* the backend is ``nicsim serve`` (``--port sink`` or ``--port generator,size=N``) or DPDK's own
+* the backend is ``nicsim serve`` (``--port sink,read=on``, which reads every frame byte as DPDK's
+  vhost does when it copies each frame into an mbuf, or ``--port generator,size=N``) or DPDK's own
   ``dpdk-testpmd --vdev net_vhost0`` (``rxonly`` or ``txonly --txpkts=N``);
 * the frontend is ``dpdk-testpmd --vdev net_virtio_user0,path=SOCK``, a vhost-user frontend that
   drives the backend's rings from its own memory (``txonly`` or ``rxonly``), started once the
@@ -139,8 +140,8 @@ def build_vhost_argv(
 def build_serve_argv(
     *, socket: Path, cell: Cell, stats_file: Path, cpu: int | None, extra: Sequence[str] = ()
 ) -> list[str]:
-    """``nicsim serve`` with the cell's port (sink for ``tx``, sized generator for ``rx``), and
-    ``extra`` (``nicsim bench --nicsim-args``)."""
+    """``nicsim serve`` with the cell's port (a sink that reads every byte for ``tx``, a sized
+    generator for ``rx``), and ``extra`` (``nicsim bench --nicsim-args``)."""
     return pinned(
         [
             sys.executable,
@@ -150,7 +151,7 @@ def build_serve_argv(
             "--socket",
             str(socket),
             "--port",
-            serve_port(cell),
+            serve_port(cell, read=True),
             "--stats-file",
             str(stats_file),
             "--quiet",
@@ -485,7 +486,8 @@ def unavailable(testpmd: str = TESTPMD) -> str | None:
 
 NOTES = (
     "backend-only: no VM. tx = the frontend (DPDK testpmd, net_virtio_user, txonly) sends and the "
-    "backend receives (nicsim --port sink / testpmd net_vhost rxonly); rx = the backend sends (nicsim "
+    "backend receives (nicsim --port sink,read=on, which reads every frame byte, as vhost's dequeue copies "
+    "each frame into an mbuf / testpmd net_vhost rxonly); rx = the backend sends (nicsim "
     "--port generator,size=N / testpmd net_vhost txonly --txpkts=N) and the frontend receives (rxonly). "
     "pps is counted by the receiving side over whole ~1 s stats intervals; 'CPU frontend' is the "
     "virtio-user testpmd (it busy-polls: ~100% by design, as does testpmd's vhost backend)."
