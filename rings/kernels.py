@@ -45,6 +45,7 @@ scatter_template: Callable[..., int] | None = None
 sum_frames: Callable[..., tuple[int, int]] | None = None
 """The compiled ``rings.round_kernels._sum_frames_py`` once enabled, else None."""
 _why_not: str = "not enabled"
+_compiled: tuple[Callable[..., Any], ...] | None = None  # compiled once per process, kept across disable
 
 
 def _link(fn: Callable[..., Any], **helpers: Callable[..., Any]) -> Callable[..., Any]:
@@ -57,15 +58,33 @@ def _link(fn: Callable[..., Any], **helpers: Callable[..., Any]) -> Callable[...
 def enable() -> bool:
     """Compile (or load from numba's cache) the kernels and use them; False, with the reason in
     :func:`engine`, when numba is missing or fails. Idempotent."""
-    global _compiled_walk, _why_not, free_normal, track, take_split, complete_split, scatter_template
-    global sum_frames
+    global _compiled
     if _compiled_walk is not None:
         return True
+    if _compiled is None:
+        _compiled = _compile()
+    if _compiled is None:
+        return False
+    _install(_compiled)
+    return True
+
+
+def _install(kernels: tuple[Callable[..., Any], ...] | None) -> None:
+    """Make ``kernels`` (as :func:`_compile` returns them) the ones callers find, or None for none."""
+    global _compiled_walk, free_normal, track, take_split, complete_split, scatter_template, sum_frames
+    values: tuple[Any, ...] = kernels if kernels is not None else (None,) * 7
+    _compiled_walk, free_normal, track, take_split, complete_split, scatter_template, sum_frames = values
+
+
+def _compile() -> tuple[Callable[..., Any], ...] | None:
+    """Compile the kernels (or load them from numba's disk cache), once per process: the walk, free,
+    track, take, complete, scatter and sum kernels; None, with the reason kept, when that fails."""
+    global _why_not
     try:
         import numba
     except ImportError as exc:  # the numpy path stays: slower, never wrong
         _why_not = f"numba is not installed ({exc})"
-        return False
+        return None
     try:
         # The GIL stays held: the pool kernels mark descriptors they are checking, which no other
         # thread may see (the interlocked pool calls them under its lock anyway).
@@ -79,10 +98,8 @@ def enable() -> bool:
         _compile_now(walk, take, complete, scatter, summer)
     except Exception as exc:  # numba raises its own error classes; any of them means: no kernels
         _why_not = f"numba could not compile the kernels ({type(exc).__name__}: {exc})"
-        return False
-    _compiled_walk, free_normal, track = walk, free_fn, track_fn
-    take_split, complete_split, scatter_template, sum_frames = take, complete, scatter, summer
-    return True
+        return None
+    return walk, free_fn, track_fn, take, complete, scatter, summer
 
 
 def _compile_now(*kernels: Callable[..., Any]) -> None:
@@ -110,11 +127,10 @@ def _compile_now(*kernels: Callable[..., Any]) -> None:
 
 
 def disable() -> None:
-    """Back to the numpy walker everywhere (the reference; tests compare the two)."""
-    global _compiled_walk, _why_not, free_normal, track, take_split, complete_split, scatter_template
-    global sum_frames
-    _compiled_walk = free_normal = track = take_split = complete_split = scatter_template = None
-    sum_frames = None
+    """Back to the numpy walker everywhere (the reference; tests compare the two). The compiled
+    kernels are kept: ``enable`` puts them back without compiling again."""
+    global _why_not
+    _install(None)
     _why_not = "disabled"
 
 
