@@ -17,6 +17,7 @@ from nicsim.bench.serve import TESTPMD_FRAME, high_water, serve_port
 from nicsim.bench.testpmd import build_testpmd_argv, parse_counters
 from nicsim.bench.vm import VmRunner, measure, skip_runs, workload_for
 from nicsim.cli import main
+from nicsim.virtio.policy import NotifyPolicy, PollAction, policy_from_options, poll_action
 from qemu.testvm import DEFAULT_MAC
 
 CTX = RunContext(workdir=Path("/nonexistent"), duration=2.0)
@@ -83,6 +84,18 @@ def test_nicsim_guest_tx_reads_every_byte_unless_the_row_is_labelled_count_only(
     assert count_only.unsupported(tx) is None
     assert count_only.unsupported(Cell(backend="nicsim-count-only", direction=Direction.RX, size=64))
     assert "nicsim-count-only" not in PEERS
+
+
+def test_the_busy_poll_row_is_nicsim_polling_its_core_past_the_pings_interval() -> None:
+    busy = BACKEND_CLASSES["nicsim-busy-poll"]()
+    assert isinstance(busy, NicsimBackend) and "nicsim-busy-poll" not in PEERS
+    args = busy.extra_serve_args(RunContext(workdir=Path("w"), duration=1.0), 0)
+    policy = policy_from_options({"poll_us": args[args.index("--poll-us") + 1],
+                                  "poll_rounds": args[args.index("--poll-rounds") + 1]})  # fmt: skip
+    # Still polling 10 ms (a ping's interval) after the last work, however many rounds that took.
+    assert poll_action(policy, more=False, empty_rounds=10**6, idle_us=10_000) is PollAction.POLL
+    assert poll_action(NotifyPolicy(), more=False, empty_rounds=0, idle_us=10_000) is PollAction.REARM
+    assert NicsimBackend().extra_serve_args(RunContext(workdir=Path("w"), duration=1.0), 0) == []
 
 
 def test_nicsim_backend_speaks_the_serve_contract() -> None:

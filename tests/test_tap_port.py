@@ -7,6 +7,7 @@ as for every namespace test here) whose kernel completes checksums and segments 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import socket
 import struct
@@ -21,6 +22,19 @@ from nicsim.cli.serve import parse_port
 from nicsim.ports import GeneratorPort, Port, ReflectPort, ResponderPort, SinkPort, TxFrames
 from nicsim.ports.frames import ETHERTYPE_IPV4, IPPROTO_UDP, ethernet, ip_bytes, ipv4, mac_bytes
 from nicsim.ports.tap import OFFLOADS, TUN_ALL, TapConfig, TapError, TapPort, in_netns
+from nicsim.ports.vnet_hdr import (
+    F_DATA_VALID,
+    F_NEEDS_CSUM,
+    GSO_ECN,
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    HDR_DTYPE,
+    HDR_FIELDS,
+    Offloads,
+    check,
+    check_one,
+)
 from nicsim.virtio.device import VirtioNetDevice
 from nicsim.virtio.features import (
     OFFLOAD_FEATURES,
@@ -38,6 +52,7 @@ from nicsim.virtio.features import (
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_MTU,
 )
+from nicsim.virtio.port import MAX_FRAME
 from qemu.testvm import Netns
 from rings.driver import DriverQueue, GuestDriver
 
@@ -156,6 +171,29 @@ def test_tx_hands_the_port_the_guests_header_unchanged() -> None:
     dev.process_tx(1)
     assert port.sent == [hdr + f]
     assert int(dev.stats.bytes[1]) == len(f)
+
+
+def test_one_header_checked_with_plain_ints_gets_the_batch_checks_code() -> None:
+    """The tap checks a request's header or two with ``check_one``: for every kind of header (each
+    offload asked or not, fields at and around their bounds) and every offload set a driver may have
+    negotiated, the code is the one the batch's ``check`` gives, precedence included."""
+    rng = np.random.default_rng(11)
+    n = 4000
+    headers = np.zeros((n, HDR_FIELDS), np.uint8)
+    fields_ = headers.view(HDR_DTYPE).reshape(-1)
+    fields_["flags"] = rng.choice([0, F_NEEDS_CSUM, F_DATA_VALID, 3], n)
+    fields_["gso_type"] = rng.choice([GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_ECN | GSO_TCPV4, 3], n)
+    fields_["hdr_len"] = rng.choice([0, 54, 66, 2000, 65535], n)
+    fields_["gso_size"] = rng.choice([0, 1, 1448], n)
+    fields_["csum_start"] = rng.choice([0, 34, 54, 1500, 65535], n)
+    fields_["csum_offset"] = rng.choice([0, 6, 16, 65535], n)
+    lengths = rng.choice([14, 60, 1514, MAX_FRAME, MAX_FRAME + 1], n).astype(np.uint32)
+    for csum, tso4, tso6 in itertools.product((False, True), repeat=3):
+        allowed = Offloads(csum, tso4, tso6)
+        want = check(headers, lengths, allowed).tolist()
+        got = [check_one(headers[i], int(lengths[i]), allowed) for i in range(n)]
+        assert got == want
+        assert len(set(want)) >= 3  # the sweep reaches several codes, not only OK
 
 
 # -- a real TAP in a namespace -------------------------------------------------------------------------

@@ -16,7 +16,7 @@ defined in ``nicsim.cli.bench``.
 from .backend import Backend, BenchError, BenchRun, RunContext
 from .matrix import Cell, Direction, Plan, Summary, build_plan, ratio
 from .runner import CellResult, Sample
-from .serve import NicsimBackend, NicsimCountOnlyBackend
+from .serve import NicsimBackend, NicsimBusyPollBackend, NicsimCountOnlyBackend
 from .tap import QemuTapBackend
 from .testpmd import DpdkBackend
 from .vm import VmRunner
@@ -28,6 +28,7 @@ BACKEND_CLASSES: dict[str, type[Backend]] = {
     "qemu-tap": QemuTapBackend,
     "dpdk": DpdkBackend,
     "nicsim-count-only": NicsimCountOnlyBackend,  # guest TX without reading the bytes: a labelled row
+    "nicsim-busy-poll": NicsimBusyPollBackend,  # polls its core as DPDK does: a labelled row
 }
 PEERS = ("qemu-tap", "dpdk")
 
@@ -42,6 +43,7 @@ __all__ = [
     "Direction",
     "DpdkBackend",
     "NicsimBackend",
+    "NicsimBusyPollBackend",
     "NicsimCountOnlyBackend",
     "Plan",
     "QemuTapBackend",

@@ -2,7 +2,8 @@
 
 Written against the serve contract: ``--socket SOCK`` (nicsim listens, QEMU connects once the file
 exists), ``--port sink,read=on`` for guest TX cells (a sink that reads every frame byte, as DPDK
-copies every frame; ``nicsim-count-only`` is the labelled row with the count-only ``sink``),
+copies every frame; ``nicsim-count-only`` is the labelled row with the count-only ``sink``;
+``nicsim-busy-poll`` the one that polls its core as DPDK does),
 ``--port generator,size=N`` for guest RX cells (UDP
 frames of N bytes, FCS excluded, to the guest's MAC as fast as the guest takes them), and
 ``--stats-file FILE``: a JSON snapshot rewritten every second and at exit, whose ``pool.high_water``
@@ -159,3 +160,19 @@ class NicsimCountOnlyBackend(NicsimBackend):
         if cell.direction is not Direction.TX:
             return "the count-only sink is a guest TX row; other directions are nicsim's rows"
         return None
+
+
+BUSY_POLL_US = 20_000  # longer than the latency rows' 10 ms between pings: the core never sleeps
+
+
+class NicsimBusyPollBackend(NicsimBackend):
+    """nicsim busy-polling its rings for ``BUSY_POLL_US`` after the last work (``--poll-us``), as DPDK's
+    testpmd polls its core all the time: a labelled row, like for like with DPDK's latency, not
+    nicsim's default (which sleeps on the kick and leaves the core free). Its CPU column is a core."""
+
+    name = "nicsim-busy-poll"
+
+    def extra_serve_args(self, ctx: RunContext, n: int) -> list[str]:
+        # --poll-rounds bounds the empty rounds too; set it past anything BUSY_POLL_US allows.
+        return ["--poll-us", str(BUSY_POLL_US), "--poll-rounds", str(10**9)]
+

@@ -97,7 +97,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--backends",
         type=_csv,
         metavar="LIST",
-        help="comma-separated: nicsim, qemu-tap, dpdk (default: nicsim; --backend-only: nicsim,dpdk)",
+        help="comma-separated: nicsim, qemu-tap, dpdk; the labelled nicsim rows nicsim-busy-poll (polls "
+        "its core as dpdk does), nicsim-count-only (default: nicsim; --backend-only: nicsim,dpdk)",
     )
     p.add_argument("--peers", action="store_true", help="add qemu-tap and dpdk beside the chosen backends")
     p.add_argument(

@@ -2,28 +2,29 @@
 
 This module owns ``RingPump``: it watches the ring's kick eventfd with ``loop.add_reader``, writes the
 call eventfd only when a device result says ``interrupt`` (the device has already asked the ring:
-EVENT_IDX or the NO_INTERRUPT flag), and runs the device's rounds following :mod:`nicsim.virtio.policy`.
-A wakeup (kick, port wakeup or timer) suppresses kicks and runs rounds, up to ``rounds_per_call``
-back to back per loop callback while work is left. When the ring runs dry the pump optionally
-busy-polls (``poll_us``), then re-arms kicks with a re-check (``rearm_kicks``) and sleeps on the kick
-eventfd. If the wakeup moved a batch (traffic flows) and the guest negotiated EVENT_IDX, the re-arm asks
-for the kick only once ``kick_batch`` more buffers are posted, with a ``batch_wait_us`` timer for a
-guest that stops short; otherwise the first buffer kicks. An RX ring whose push-style port has
-nothing queued sleeps until the device's ``on_wakeup``; a pull-style port (the generator) sleeps on the
-kick like TX, so a guest with no buffers posted costs no CPU. A lost notification cannot stall a
-ring for good: while the ring is active a watchdog ticks every ``stall_recheck_ms``, and a sleeping
-ring (no round scheduled, no timer set) that had work pending at two ticks in a row with none of its
-indices moved (:func:`~nicsim.virtio.policy.is_stalled`) is re-checked: the interrupt the ring wants
+EVENT_IDX or the NO_INTERRUPT flag), and runs the device's rounds following :mod:`nicsim.virtio.policy`. A
+wakeup (kick, port wakeup or timer) suppresses kicks and runs rounds, up to ``rounds_per_call`` back to
+back per loop callback while work is left; a kick's first round runs in the kick's own callback. After a
+TX round of a few frames (a request) the pair's RX pump runs a round at once
+(:func:`~nicsim.virtio.policy.poll_for_reply`): its reply may already be at the port. When the ring runs
+dry the pump optionally busy-polls (``poll_us``), then re-arms kicks with a re-check (``rearm_kicks``) and
+sleeps on the kick eventfd. If the wakeup moved a batch (traffic flows) and the guest negotiated
+EVENT_IDX, the re-arm asks for the kick only once ``kick_batch`` more buffers are posted, with a
+``batch_wait_us`` timer for a guest that stops short; otherwise the first buffer kicks. An RX ring whose
+push-style port has nothing queued sleeps until the device's ``on_wakeup``; a pull-style port (the
+generator) sleeps on the kick like TX, so a guest with no buffers posted costs no CPU. A lost notification
+cannot stall a ring for good: while the ring is active a watchdog ticks every ``stall_recheck_ms``, and a
+sleeping ring (no round scheduled, no timer set) that had work pending at two ticks in a row with none of
+its indices moved (:func:`~nicsim.virtio.policy.is_stalled`) is re-checked: the interrupt the ring wants
 is sent, a round is run, and the device counts it (``stall_rechecks``). A tick only reads the ring (no
-round), so an idle ring still costs no rounds. Nor can a bug wedge a ring: a round that raises is
-logged, counted (``round_errors``) and tried again 1 ms later, and a pump found busy with no round
-scheduled is restarted by the watchdog (``wedges``). A TX interrupt of a sparse round may be held for the
-pair's RX interrupt (:func:`~nicsim.virtio.policy.defer_tx_interrupt`): the RX pump sends it just
-before its own, or its ``tx_irq_wait_us`` deadline does, or stopping the ring does. Counters of what
-the pump did (wakeups by cause, rounds, sleeps, interrupts held and merged) are in
-:meth:`RingPump.snapshot`. A ring the guest broke stops and writes the err
-eventfd (the device then reports DEVICE_NEEDS_RESET). It owns the three eventfds it is given and
-closes them.
+round), so an idle ring still costs no rounds. Nor can a bug wedge a ring: a round that raises is logged,
+counted (``round_errors``) and tried again 1 ms later, and a pump found busy with no round scheduled is
+restarted by the watchdog (``wedges``). A TX interrupt of a sparse round may be held for the pair's RX
+interrupt (:func:`~nicsim.virtio.policy.defer_tx_interrupt`): the RX pump sends it just before its own, or
+its ``tx_irq_wait_us`` deadline does, or stopping the ring does. Counters of what the pump did (wakeups by
+cause, rounds, sleeps, interrupts held and merged) are in :meth:`RingPump.snapshot`. A ring the guest
+broke stops and writes the err eventfd (the device then reports DEVICE_NEEDS_RESET). It owns the three
+eventfds it is given and closes them.
 """
 
 from __future__ import annotations
@@ -38,7 +39,14 @@ from collections.abc import Callable
 
 from nicsim.ports.base import Port
 from nicsim.virtio.device import DeviceStateError, QueueResult, VirtioNetDevice
-from nicsim.virtio.policy import PollAction, defer_tx_interrupt, is_stalled, poll_action, request_response
+from nicsim.virtio.policy import (
+    PollAction,
+    defer_tx_interrupt,
+    is_stalled,
+    poll_action,
+    poll_for_reply,
+    request_response,
+)
 from nicsim.virtio.port import DevicePort
 from rings.errors import GuestError, RingsError
 
@@ -47,8 +55,8 @@ log = logging.getLogger("nicsim.server")
 _ONE = struct.pack("=Q", 1)
 _RETRY_S = 0.001  # pool exhausted, or a rate-limited port: look again this much later
 PUMP_COUNTERS = (
-    "wakeups_kick", "wakeups_timer", "wakeups_stall", "wakeups_other", "rounds", "sleeps", "batch_sleeps",
-    "irqs_held", "irqs_merged", "round_errors", "wedges",
+    "wakeups_kick", "wakeups_timer", "wakeups_stall", "wakeups_other", "wakeups_reply", "rounds", "sleeps",
+    "batch_sleeps", "irqs_held", "irqs_merged", "round_errors", "wedges",
 )
 
 
@@ -156,9 +164,9 @@ class RingPump:
 
     # -- running ----------------------------------------------------------------------------------
 
-    def wake(self, cause: str = "wakeups_other") -> None:
-        """Run rounds from the next loop iteration on, unless already running (a pending batch timer
-        is cancelled: the wakeup serves the batch)."""
+    def wake(self, cause: str = "wakeups_other", *, now: bool = False) -> None:
+        """Run rounds from the next loop iteration on (``now``: the first one in this call), unless
+        already running (a pending batch timer is cancelled: the wakeup serves the batch)."""
         if not self.active or self.broken or self._busy:
             return
         if self._handle is not None:
@@ -173,7 +181,17 @@ class RingPump:
         self._busy = True
         self._empty_rounds = 0
         self._moved = 0
-        self._handle = self.loop.call_soon(self._round)
+        if now:
+            self._round()
+        else:
+            self._handle = self.loop.call_soon(self._round)
+
+    def poll_reply(self) -> None:
+        """RX: the pair's TX ring just sent a request (:func:`~nicsim.virtio.policy.poll_for_reply`):
+        run a round now if the port may hold its reply (a pull-style port is read; a push-style one
+        queued it already), rather than in a later loop turn after the port's own wakeup."""
+        if not self._busy and (_pull_style(self.device.port) or self.device.rx_backlog(self.index // 2)):
+            self.wake("wakeups_reply", now=True)
 
     def signal(self) -> None:
         """Interrupt the guest (write the call eventfd). An RX ring first sends the interrupt its
@@ -224,7 +242,9 @@ class RingPump:
             self._unwatch()
             return
         self.device.kicked(self.index)
-        self.wake("wakeups_kick")
+        # The round runs in this callback: a loop turn (an epoll_wait and the loop's own bookkeeping)
+        # less between the guest's kick and its packet on the wire.
+        self.wake("wakeups_kick", now=True)
 
     def _on_timer(self) -> None:
         self._handle = None
@@ -246,8 +266,8 @@ class RingPump:
             # A port raised: the device returned the chains and counted them as port_error.
             log.exception("ring %d: the port raised; its batch was dropped", self.index)
             res = QueueResult(queue=self.index, more=True)
+        nbytes = int(self.device.stats.bytes[self.index]) - sent if self._tx and res.processed else 0
         if res.interrupt:
-            nbytes = int(self.device.stats.bytes[self.index]) - sent if self._tx else 0
             if self._tx and self.paired_rx_active() and defer_tx_interrupt(self.device.policy,
                                                                            processed=res.processed,
                                                                            nbytes=nbytes):
@@ -264,8 +284,13 @@ class RingPump:
             self._last_batch = res.processed
             self._empty_rounds, self._last_work = 0, now
             self._moved += res.processed
-            if self._tx and self.after_tx is not None:
-                self.after_tx(self.index // 2)
+            if self._tx:
+                peer = self._rx_peer
+                if peer is not None and poll_for_reply(self.device.policy, processed=res.processed,
+                                                       nbytes=nbytes):
+                    peer.poll_reply()
+                if self.after_tx is not None:
+                    self.after_tx(self.index // 2)
         else:
             self._empty_rounds += 1
         return res

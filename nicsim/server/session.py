@@ -284,8 +284,10 @@ class Session:
     # -- pumps ------------------------------------------------------------------------------------
 
     def _on_wakeup(self, index: int) -> None:
+        # The round runs in this call (a TAP's readable callback, another guest's TX round through the
+        # switch): a loop turn less before the frame is in the guest's ring and its interrupt sent.
         if self.state is SessionState.OPEN:
-            self.pumps[index].wake()
+            self.pumps[index].wake(now=True)
 
     def _after_tx(self, pair: int) -> None:
         if self.device.rx_backlog(pair):

@@ -69,13 +69,14 @@ class NotifyPolicy:
     stall_recheck_ms: float = 10.0  # a sleeping ring with work pending and no progress this long: re-check
     tx_irq_wait_us: float = 1000.0  # a sparse TX round's interrupt waits this long for the RX one (0: never)
     rr_poll_us: float = 400.0    # TX, request/response: poll this long for the next request (0: never)
+    reply_poll: int = 1          # after a sparse TX round, run the pair's RX round at once (0: never)
 
     def __post_init__(self) -> None:
         for name in ("tx_batch", "rx_batch", "irq_coalesce", "rx_backlog", "rounds_per_call"):
             if getattr(self, name) < 1:
                 raise ValueError(f"NotifyPolicy.{name} must be >= 1")
         for name in ("kick_batch", "rx_kick_batch", "flow_batch", "poll_rounds", "poll_us", "batch_wait_us",
-                     "stall_recheck_ms", "tx_irq_wait_us", "rr_poll_us"):
+                     "stall_recheck_ms", "tx_irq_wait_us", "rr_poll_us", "reply_poll"):
             if getattr(self, name) < 0:
                 raise ValueError(f"NotifyPolicy.{name} must be >= 0")
 
@@ -113,6 +114,9 @@ POLICY_OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "rr_poll_us": (float, "TX: when sparse requests come within this many microseconds of the last work "
                           "(request/response traffic), poll this long for the next one with kicks off "
                           "instead of sleeping (0: never)"),
+    "reply_poll": (int, "after a TX round of a few frames (a request), run the pair's RX round at once, "
+                        "in the same loop turn, to deliver a reply the port already has (a TAP's "
+                        "kernel answers a ping within the write) with the held TX interrupt (0: never)"),
 }
 
 
@@ -189,8 +193,22 @@ def defer_tx_interrupt(policy: NotifyPolicy, *, processed: int, nbytes: int = 0)
     moved ``FLOW_BYTES`` (``nbytes``: its frames' bytes), a TCP stream's GSO frames: Linux lets a
     socket have only a few of them unfreed (TCP small queues), and holding their completion for the
     peer's ACK would pace the stream by the round trip."""
-    few = processed < max(policy.flow_batch, 1) and nbytes < FLOW_BYTES
-    return policy.tx_irq_wait_us > 0 and few
+    return policy.tx_irq_wait_us > 0 and _sparse(policy, processed, nbytes)
+
+
+def poll_for_reply(policy: NotifyPolicy, *, processed: int, nbytes: int = 0) -> bool:
+    """Whether a TX round's pair RX round runs at once, in the same loop turn (``reply_poll``): after
+    a sparse round (a request, as :func:`defer_tx_interrupt` sees it) the reply is often there
+    already: a TAP's kernel answers a ping inside the write, a reflecting or switched port queues it
+    during the round. Delivering it then saves the loop turns (and, for a TAP, the epoll wakeup and
+    its re-registration) between the request and the reply, and the reply's interrupt carries the
+    held TX one. Under TCG on an idle backend core each loop turn costs tens of microseconds. A
+    stream's rounds (a batch, or a GSO frame) leave RX to its own wakeups, as before."""
+    return policy.reply_poll > 0 and _sparse(policy, processed, nbytes)
+
+
+def _sparse(policy: NotifyPolicy, processed: int, nbytes: int) -> bool:
+    return processed < max(policy.flow_batch, 1) and nbytes < FLOW_BYTES
 
 
 def is_stalled(*, pending: bool, progress: tuple[int, ...], previous: tuple[int, ...] | None) -> bool:
