@@ -110,7 +110,7 @@ def _compile_now(*kernels: Callable[..., Any]) -> None:
     ring = (table["addr"], table["len"], table["flags"], table["next"])
     bounds = (np.zeros(1, np.uint64), np.ones(1, np.uint64))
     walk(np.zeros(0, np.uint16), *ring, *bounds, True)
-    # The pool's fields as PacketPool.round_arrays gives them (reserved 0, the device's pools).
+    # The pool's fields as PacketPool.round_state gives them (reserved 0, the device's pools).
     record = np.zeros(2, descriptor_dtype(0))
     arrays = (record["state"], record["ever"], np.arange(2, dtype=np.intp), record["queue"], record["head"],
               record["addr"], record["length"], record["reserved"])  # fmt: skip

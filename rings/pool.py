@@ -298,26 +298,15 @@ class PacketPool:
 
     # -- compiled rounds (rings.round_kernels) --------------------------------------------------------
 
-    def round_arrays(self) -> tuple[npt.NDArray[Any], ...]:
-        """The arrays a compiled round allocates, tracks and frees in, in the kernels' argument order:
-        state, ever, stack, queue, head, addr, length, reserved. The kernels take normal descriptors
-        only (``round_used`` of ``capacity``) and write every field ``allocate_batch`` and ``track``
+    def round_state(self) -> tuple[Any, ...]:
+        """What a compiled round works on, in the take kernel's argument order: the normal descriptors
+        in use (the top of the normal stack, where a round takes or returns its descriptors), the
+        capacity, then the arrays state, ever, stack, queue, head, addr, length, reserved. The
+        kernels take normal descriptors only and write every field ``allocate_batch`` and ``track``
         would; the caller then reports what they did with :meth:`round_allocated` /
         :meth:`round_freed`. Refused (PoolClosedError) once the pool is closed."""
-        self._check_open("round_arrays")
-        return self._round
-
-    def round_state(self) -> tuple[Any, ...]:
-        """What a compiled round's take needs, in its argument order: ``round_used``, the capacity,
-        then :meth:`round_arrays`."""
         self._check_open("round_state")
         return (self._used, self._capacity, *self._round)
-
-    @property
-    def round_used(self) -> int:
-        """Normal descriptors in use: the top of the normal stack, where a compiled round takes or
-        returns its descriptors."""
-        return self._used
 
     def round_allocated(self, used: int) -> None:
         """A compiled round took descriptors off the normal stack: ``used`` is the new top."""

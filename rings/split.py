@@ -236,9 +236,8 @@ class SplitQueue:
                 or lens.dtype != np.uint32):  # fmt: skip
             return False  # (other dtypes would make numba compile another version, mid-round)
         v = self._views(mem)
-        arrays = pool.round_arrays()
-        left: int = complete(v.used_ring, self.used_idx, heads, lens, descs, pool.round_used, pool.capacity,
-                             arrays[0], arrays[2])  # fmt: skip
+        used, capacity, state, _, stack, *_ = pool.round_state()
+        left: int = complete(v.used_ring, self.used_idx, heads, lens, descs, used, capacity, state, stack)
         if left < 0:
             return False
         self.used_idx = (self.used_idx + k) & U16_MASK
