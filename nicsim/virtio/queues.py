@@ -268,6 +268,20 @@ class QueueSet:
         if hooks is not None:
             hooks.after_used(index, q, heads)
 
+    def release(
+        self, index: int, q: DeviceQueue, mem: GuestMemory, heads: npt.NDArray[np.uint16],
+        lens: npt.NDArray[np.uint32], descs: npt.NDArray[np.int32], *, filled: bool = False,
+    ) -> None:
+        """:meth:`mark_used` of a round's chains and ``pool.free_batch`` of the descriptors that held
+        them, in one compiled call (``SplitQueue.complete_round``) when nothing needs the used entries
+        on their way (inflight hooks, the dirty log); the numpy way otherwise, or when the kernel
+        declines (the pool then raises what is wrong)."""
+        if not (self.inflight is None and not self.logging and isinstance(q, SplitQueue)
+                and q.complete_round(mem, heads, lens, descs, self.pool)):  # fmt: skip
+            self.mark_used(index, q, mem, heads, lens, filled=filled)
+            self.pool.free_batch(descs)
+        self.stats.add_inflight(index, -int(descs.shape[0]))
+
     def mark_used_few(
         self, index: int, q: DeviceQueue, mem: GuestMemory, heads: list[int], lens: list[int], *,
         filled: bool = False,

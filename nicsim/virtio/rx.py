@@ -683,14 +683,8 @@ class RxPath:
         self, rxq: int, st: QueueState, mem: GuestMemory, heads: npt.NDArray[np.uint16],
         descs: npt.NDArray[np.int32], lens: npt.NDArray[np.uint32],
     ) -> None:
-        """Every chain of the round used with ``lens`` (nothing to log): in one compiled call when the
-        inflight hooks need not see the entries."""
-        qs, q = self._qs, st.q
-        if not (qs.inflight is None and isinstance(q, SplitQueue)
-                and q.complete_round(mem, heads, lens, descs, self._pool)):  # fmt: skip
-            qs.mark_used(rxq, q, mem, heads, lens, filled=True)
-            self._pool.free_batch(descs)
-        self._stats.add_inflight(rxq, -int(descs.shape[0]))
+        """Every chain of the round used with ``lens`` (nothing to log), its descriptors freed."""
+        self._qs.release(rxq, st.q, mem, heads, lens, descs, filled=True)
 
     def _deliver(
         self, rxq: int, st: QueueState, mem: GuestMemory, data: npt.NDArray[np.uint8],

@@ -481,14 +481,7 @@ class TxPath:
             return
         if self._zeros.shape[0] < k:
             self._zeros = np.zeros(max(k, 256), np.uint32)
-        lens = self._zeros[:k]
-        qs, q = self._qs, st.q
-        # One compiled call when nothing needs the used entries on their way (inflight, dirty log).
-        if not (qs.inflight is None and not qs.logging and isinstance(q, SplitQueue)
-                and q.complete_round(mem, heads, lens, descs, self._pool)):  # fmt: skip
-            qs.mark_used(index, q, mem, heads, lens)
-            self._pool.free_batch(descs)
-        self._stats.add_inflight(index, -k)
+        self._qs.release(index, st.q, mem, heads, self._zeros[:k], descs)
 
     def _completed(self, batch: TxBatch | ShortTxBatch) -> None:
         """An asynchronous port finished a batch: return its chains."""
