@@ -10,6 +10,7 @@ import os
 import select
 
 from nicsim.ports import GeneratorConfig, GeneratorPort, Port, SinkPort
+from nicsim.ports.base import TxFrames
 from nicsim.server.pump import RingPump
 from nicsim.virtio.device import VirtioNetDevice
 from nicsim.virtio.features import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
@@ -130,6 +131,66 @@ async def test_flowing_tx_sleeps_through_a_batch_then_a_kick_serves_it() -> None
         assert rig.post(1)  # the 33rd passes avail_event: kick
         await settle(rig, until=53)
         assert rig.pump.snapshot()["wakeups_kick"] == 2
+    finally:
+        rig.close()
+
+
+class PostingSink(SinkPort):
+    """A sink during whose first ``times`` transmits the guest posts ``n`` more frames: a guest that
+    keeps posting while the backend runs its round."""
+
+    def __init__(self, n: int, times: int) -> None:
+        super().__init__()
+        self.rig: Rig | None = None
+        self.n, self.times = n, times
+
+    def transmit(self, batch: TxFrames) -> bool:
+        done = super().transmit(batch)
+        if self.times and self.rig is not None:
+            self.times -= 1
+            for _ in range(self.n):
+                self.rig.tx.post_tx(FRAME)
+        return done
+
+
+def _trickle_rig(min_round: int) -> tuple[Rig, PostingSink]:
+    port = PostingSink(3, times=5)
+    rig = Rig(port, NotifyPolicy(kick_batch=32, min_round=min_round, batch_wait_us=60e6), 1)
+    port.rig = rig
+    return rig, port
+
+
+async def test_a_flood_leaves_its_trickle_for_the_next_batch_instead_of_chasing_it() -> None:
+    rig, _ = _trickle_rig(min_round=8)
+    try:
+        rig.pump.activate()
+        await settle(rig)
+        assert rig.post(40)  # a flood: the wakeup's first round moves a whole batch (32) and more...
+        await settle(rig, until=40)
+        await settle(rig)
+        # ...and the 3 chains posted during it wait for the next batch's kick (or its 60 s timer).
+        assert int(rig.dev.stats.packets[1]) == 40
+        assert rig.asleep(timer_beyond=30)
+        assert rig.pump.snapshot()["rounds"] == 2  # the activation's empty one and the flood's
+        rig.tx.reap()
+        assert rig.post(30)  # 33 pending passes avail_event: the kick serves them in one round
+        await settle(rig, until=73)
+        assert rig.pump.snapshot()["wakeups_kick"] == 2
+    finally:
+        rig.close()
+
+
+async def test_with_min_round_off_the_pump_chases_every_chain() -> None:
+    rig, port = _trickle_rig(min_round=0)
+    try:
+        rig.pump.activate()
+        await settle(rig)
+        assert rig.post(40)
+        await settle(rig, until=55)  # 40, then five rounds of the 3 posted during the one before
+        await settle(rig)
+        assert port.times == 0 and int(rig.dev.stats.packets[1]) == 55
+        snap = rig.pump.snapshot()
+        assert snap["wakeups_kick"] == 1 and snap["wakeups_timer"] == 0  # all within the first wakeup
     finally:
         rig.close()
 

@@ -9,9 +9,11 @@ from nicsim.ports import SinkPort
 from nicsim.virtio.device import VirtioNetDevice
 from nicsim.virtio.features import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
 from nicsim.virtio.policy import (
+    PLAIN_FRAME,
     POLICY_OPTIONS,
     NotifyPolicy,
     PollAction,
+    chase_tx,
     policy_from_options,
     poll_action,
     should_interrupt,
@@ -137,6 +139,20 @@ def test_without_event_idx_a_batch_cannot_be_asked_for() -> None:
 
 
 # -- polling ------------------------------------------------------------------------------------------
+
+
+def test_a_flood_leaves_a_few_chains_for_the_next_batch_and_everything_else_is_chased() -> None:
+    p = NotifyPolicy(kick_batch=128, min_round=32)
+    flood = {"moved": 150, "processed": 150, "nbytes": 150 * 60}
+    assert not chase_tx(p, pending=31, **flood)  # a packet flood's trickle waits for the batch's kick
+    assert chase_tx(p, pending=32, **flood)  # a round's worth left: run it now
+    assert not chase_tx(p, pending=0, **flood)  # nothing left
+    assert chase_tx(p, pending=5, moved=127, processed=127, nbytes=127 * 60)  # no whole batch moved yet
+    gso = {"moved": 150, "processed": 2, "nbytes": 2 * PLAIN_FRAME + 1}
+    assert chase_tx(p, pending=5, **gso)  # GSO frames (TCP): never wait
+    assert not chase_tx(p, pending=5, moved=150, processed=2, nbytes=2 * PLAIN_FRAME)
+    assert chase_tx(NotifyPolicy(kick_batch=128, min_round=0), pending=1, **flood)  # off: always chase
+    assert chase_tx(NotifyPolicy(kick_batch=0, min_round=32), pending=1, **flood)  # no batching: chase
 
 
 def test_poll_action() -> None:

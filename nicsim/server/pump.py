@@ -41,6 +41,7 @@ from nicsim.ports.base import Port
 from nicsim.virtio.device import DeviceStateError, QueueResult, VirtioNetDevice
 from nicsim.virtio.policy import (
     PollAction,
+    chase_tx,
     defer_tx_interrupt,
     is_stalled,
     poll_action,
@@ -94,6 +95,7 @@ class RingPump:
         self._moved = 0  # buffers moved since this wakeup began
         self._gap_us = 0.0  # from the work before to the last round that found work (request/response)
         self._last_batch = 0  # buffers the last round that found work moved
+        self._last_bytes = 0  # TX: the frame bytes of the last round
         self._watchdog: asyncio.TimerHandle | None = None
         self._stall_mark: tuple[int, ...] | None = None  # progress at the last tick that found work
         # TX: a due interrupt held for the pair's RX one (``defer_tx_interrupt``), and its deadline.
@@ -267,6 +269,7 @@ class RingPump:
             log.exception("ring %d: the port raised; its batch was dropped", self.index)
             res = QueueResult(queue=self.index, more=True)
         nbytes = int(self.device.stats.bytes[self.index]) - sent if self._tx and res.processed else 0
+        self._last_bytes = nbytes
         if res.interrupt:
             if self._tx and self.paired_rx_active() and defer_tx_interrupt(self.device.policy,
                                                                            processed=res.processed,
@@ -324,11 +327,13 @@ class RingPump:
         # A tight loop while the ring has more than one round of work: one loop callback (and one
         # epoll_wait) per ``rounds_per_call`` rounds instead of per round.
         res = self._one_round(now)
+        more = res is not None and self._more(res)
         for _ in range(policy.rounds_per_call - 1):
-            if res is None or not res.more or res.blocked or not self.active:
+            if res is None or not more or res.blocked or not self.active:
                 break
             now = time.monotonic()
             res = self._one_round(now)
+            more = res is not None and self._more(res)
         if res is None:
             return
         if not self.active:
@@ -338,12 +343,20 @@ class RingPump:
             self._later(_RETRY_S)
             return
         rr = self._tx and request_response(policy, gap_us=self._gap_us, last_batch=self._last_batch)
-        action = poll_action(policy, more=res.more, empty_rounds=self._empty_rounds,
+        action = poll_action(policy, more=more, empty_rounds=self._empty_rounds,
                              idle_us=(now - self._last_work) * 1e6, rr=rr)  # fmt: skip
         if action is not PollAction.REARM:
             self._handle = self.loop.call_soon(self._round)
             return
         self._rearm(res, rr=rr)
+
+    def _more(self, res: QueueResult) -> bool:
+        """Whether to run another round now for the work ``res`` left; a TX packet stream's few
+        leftover chains wait for the batch instead (:func:`~nicsim.virtio.policy.chase_tx`)."""
+        if not self._tx or not res.more or not self.device.event_idx:
+            return res.more
+        return chase_tx(self.device.policy, pending=res.pending, moved=self._moved,
+                        processed=res.processed, nbytes=self._last_bytes)  # fmt: skip
 
     def _rearm(self, res: QueueResult, *, rr: bool = False) -> None:
         if not self._tx and not self._rx_has_work():

@@ -78,13 +78,15 @@ class QueueResult:
     """What one device call did to one queue. ``interrupt``: signal the queue's call eventfd now (the
     device already counted it). ``more``: work is left (poll again without waiting for a kick).
     ``blocked``: the pool ran out (backpressure; the next call resumes). ``error``: the guest broke
-    the ring and the queue is stopped until reset."""
+    the ring and the queue is stopped until reset. ``pending``: how much work is left, where the
+    round counted it (a TX round: the chains still on the avail ring), else 0."""
 
     queue: int
     processed: int = 0
     dropped: int = 0
     interrupt: bool = False
     more: bool = False
+    pending: int = 0
     blocked: bool = False
     error: GuestError | None = None
 

@@ -339,11 +339,12 @@ class TxPath:
         included), and the interrupt decision."""
         qs = self._qs
         try:
-            more = st.q.avail_pending(mem) + st.resubmit_count > 0
+            pending = st.q.avail_pending(mem) + st.resubmit_count
         except GuestError as err:
             return qs.broke(index, st, err)
-        irq = qs.decide_interrupt(index, st, mem, idle=not more)
-        return QueueResult(queue=index, processed=processed, dropped=dropped, interrupt=irq, more=more)
+        irq = qs.decide_interrupt(index, st, mem, idle=not pending)
+        return QueueResult(queue=index, processed=processed, dropped=dropped, interrupt=irq, more=pending > 0,
+                           pending=pending)  # fmt: skip
 
     def _hand_over_short(self, index: int, st: QueueState, mem: GuestMemory, batch: ShortTxBatch) -> None:
         """``_hand_over`` for a short round (nothing was sorted out before)."""
