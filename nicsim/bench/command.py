@@ -355,7 +355,8 @@ class BackendOnlyMode(Mode):
     ) -> list[CellResult]:
         args = self.args
         self.ctx = RunContext(workdir=workdir, duration=plan.duration, qemu_cpu=None, start_timeout=30.0,
-                              backend_cpu=args.backend_cpu if self.pin else None)  # fmt: skip
+                              backend_cpu=args.backend_cpu if self.pin else None,
+                              nicsim_args=nicsim_args(args))  # fmt: skip
         self.runner = BackendOnlyRunner(ctx=self.ctx, frontend_cpu=args.qemu_cpu if self.pin else None,
                                         on_run=on_run, on_cell=on_cell)  # fmt: skip
         return await self.runner.run_plan(plan)
@@ -370,6 +371,7 @@ class BackendOnlyMode(Mode):
             "frontend_cpu": self.runner.frontend_cpu,
             "backend_cpu": self.ctx.backend_cpu,
             "intervals_per_run": self.runner.intervals_per_run,
+            "nicsim_args": list(self.ctx.nicsim_args),
             "cpu_qemu_pct": "the frontend's CPU share (no QEMU in this mode)",
         }
         table = render_table(results, first_cpu="frontend", footer=textwrap.wrap(NOTES, width=110))
