@@ -195,6 +195,37 @@ async def test_with_min_round_off_the_pump_chases_every_chain() -> None:
         rig.close()
 
 
+async def test_after_a_full_round_the_pump_polls_and_serves_the_next_buffers_without_a_kick() -> None:
+    rig = Rig(SinkPort(), NotifyPolicy(tx_batch=16, kick_batch=0, full_poll_us=60e6), 1)
+    try:
+        rig.pump.activate()
+        await settle(rig)
+        assert rig.post(16)  # one kick; its round moves a whole batch: the other side keeps up
+        await settle(rig, until=16)
+        assert rig.pump.busy  # polling, kicks still suppressed...
+        assert not rig.post(5)  # ...so the guest does not kick, and the poll finds them
+        await settle(rig, until=21)
+        assert rig.pump.snapshot()["wakeups_kick"] == 1
+    finally:
+        rig.close()
+
+
+async def test_after_a_round_short_of_a_batch_the_pump_sleeps_on_the_kick() -> None:
+    rig = Rig(SinkPort(), NotifyPolicy(tx_batch=16, kick_batch=0, full_poll_us=60e6), 1)
+    try:
+        rig.pump.activate()
+        await settle(rig)
+        assert rig.post(15)
+        await settle(rig, until=15)
+        await settle(rig)
+        assert rig.asleep()
+        assert rig.post(5)  # asleep: the guest's next buffer kicks
+        await settle(rig, until=20)
+        assert rig.pump.snapshot()["wakeups_kick"] == 2
+    finally:
+        rig.close()
+
+
 async def test_a_guest_that_stops_short_of_the_batch_is_served_by_the_timer() -> None:
     rig = Rig(SinkPort(), NotifyPolicy(kick_batch=64, flow_batch=8, batch_wait_us=1000.0), 1)
     try:

@@ -162,3 +162,12 @@ def test_poll_action() -> None:
     assert poll_action(p, more=False, empty_rounds=3, idle_us=50.0) is PollAction.REARM
     assert poll_action(p, more=False, empty_rounds=0, idle_us=100.0) is PollAction.REARM
     assert poll_action(NotifyPolicy(), more=False, empty_rounds=0, idle_us=0.0) is PollAction.REARM
+
+
+def test_a_ring_whose_last_round_was_full_is_polled_for_a_while_before_it_sleeps() -> None:
+    p = NotifyPolicy(full_poll_us=50.0)
+    assert poll_action(p, more=False, empty_rounds=40, idle_us=49.0, full=True) is PollAction.POLL
+    assert poll_action(p, more=False, empty_rounds=40, idle_us=50.0, full=True) is PollAction.REARM
+    assert poll_action(p, more=False, empty_rounds=0, idle_us=1.0, full=False) is PollAction.REARM
+    off = NotifyPolicy(full_poll_us=0.0)
+    assert poll_action(off, more=False, empty_rounds=0, idle_us=0.0, full=True) is PollAction.REARM

@@ -7,7 +7,8 @@ wakeup (kick, port wakeup or timer) suppresses kicks and runs rounds, up to ``ro
 back per loop callback while work is left; a kick's first round runs in the kick's own callback. After a
 TX round of a few frames (a request) the pair's RX pump runs a round at once
 (:func:`~nicsim.virtio.policy.poll_for_reply`): its reply may already be at the port. When the ring runs
-dry the pump optionally busy-polls (``poll_us``), then re-arms kicks with a re-check (``rearm_kicks``) and
+dry the pump busy-polls for a while if its last round moved a whole batch (``full_poll_us``), or if
+told to (``poll_us``), then re-arms kicks with a re-check (``rearm_kicks``) and
 sleeps on the kick eventfd. If the wakeup moved a batch (traffic flows) and the guest negotiated
 EVENT_IDX, the re-arm asks for the kick only once ``kick_batch`` more buffers are posted, with a
 ``batch_wait_us`` timer for a guest that stops short; otherwise the first buffer kicks. An RX ring whose
@@ -96,6 +97,7 @@ class RingPump:
         self._gap_us = 0.0  # from the work before to the last round that found work (request/response)
         self._last_batch = 0  # buffers the last round that found work moved
         self._last_bytes = 0  # TX: the frame bytes of the last round
+        self._last_full = False  # the last round that found work moved a whole batch
         self._watchdog: asyncio.TimerHandle | None = None
         self._stall_mark: tuple[int, ...] | None = None  # progress at the last tick that found work
         # TX: a due interrupt held for the pair's RX one (``defer_tx_interrupt``), and its deadline.
@@ -285,6 +287,8 @@ class RingPump:
         if res.processed:
             self._gap_us = (now - self._last_work) * 1e6
             self._last_batch = res.processed
+            policy = self.device.policy
+            self._last_full = res.processed >= (policy.tx_batch if self._tx else policy.rx_batch)
             self._empty_rounds, self._last_work = 0, now
             self._moved += res.processed
             if self._tx:
@@ -344,7 +348,7 @@ class RingPump:
             return
         rr = self._tx and request_response(policy, gap_us=self._gap_us, last_batch=self._last_batch)
         action = poll_action(policy, more=more, empty_rounds=self._empty_rounds,
-                             idle_us=(now - self._last_work) * 1e6, rr=rr)  # fmt: skip
+                             idle_us=(now - self._last_work) * 1e6, rr=rr, full=self._last_full)  # fmt: skip
         if action is not PollAction.REARM:
             self._handle = self.loop.call_soon(self._round)
             return

@@ -20,7 +20,8 @@ first entry, so an idle guest's single packet is served at once. A flood's trick
 guest posts while a round runs) waits for the next batch too, rather than being chased in rounds of a
 few (:func:`chase_tx`, ``min_round``). ``poll_us`` / ``poll_rounds`` add
 classic busy-polling with kicks suppressed before sleeping, for hosts where a wakeup is dearer than a
-core.
+core. Only a ring whose last round moved a whole batch (the other side keeps up with the backend) is
+polled by default, for ``full_poll_us``, before it sleeps.
 
 A TX completion is rarely urgent, but under TCG an interrupt is dear, and a request/response guest (a
 ping, an RPC) would take two per round trip: its request's completion, then the reply ~0.2 ms later.
@@ -76,6 +77,11 @@ class NotifyPolicy:
     rounds_per_call: int = 4     # rounds run back to back in one event-loop callback while work is left
     poll_rounds: int = 0         # busy-poll: empty rounds with kicks suppressed before sleeping...
     poll_us: float = 0.0         # ...for at most this long since the last work (both 0: sleep at once)
+    # After a full round (tx_batch or rx_batch buffers: the other side keeps up with the backend) poll
+    # this long before re-arming kicks: a frontend that refills the ring as fast as the backend
+    # empties it would otherwise be re-armed, kicked and woken once per round (DPDK's virtio-user,
+    # without EVENT_IDX: backend-only TX 10.1 -> 12.1 M pps at 64 B, 7.0 -> 8.4 M at 1500 B).
+    full_poll_us: float = 50.0
     rx_backlog: int = 256        # frames a port may queue while the guest has no RX buffer
     stall_recheck_ms: float = 10.0  # a sleeping ring with work pending and no progress this long: re-check
     tx_irq_wait_us: float = 1000.0  # a sparse TX round's interrupt waits this long for the RX one (0: never)
@@ -87,7 +93,8 @@ class NotifyPolicy:
             if getattr(self, name) < 1:
                 raise ValueError(f"NotifyPolicy.{name} must be >= 1")
         for name in ("kick_batch", "rx_kick_batch", "flow_batch", "min_round", "poll_rounds", "poll_us",
-                     "batch_wait_us", "stall_recheck_ms", "tx_irq_wait_us", "rr_poll_us", "reply_poll"):
+                     "full_poll_us", "batch_wait_us", "stall_recheck_ms", "tx_irq_wait_us", "rr_poll_us",
+                     "reply_poll"):
             if getattr(self, name) < 0:
                 raise ValueError(f"NotifyPolicy.{name} must be >= 0")
 
@@ -115,6 +122,8 @@ POLICY_OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
                        "in small rounds; rounds of GSO frames are always chased (0: always chase)"),
     "poll_us": (float, "busy-poll this long after the last work before sleeping (0: do not busy-poll)"),
     "poll_rounds": (int, "...and at most this many empty rounds"),
+    "full_poll_us": (float, "after a round that moved a whole --tx-batch/--rx-batch (the other side keeps "
+                            "up), poll this long before sleeping on the kick (0: sleep at once)"),
     "rounds_per_call": (int, "rounds run back to back per event-loop callback while work is left"),
     "irq_coalesce": (int, "without EVENT_IDX: interrupt once per this many used entries while work flows"),
     "tx_batch": (int, "chains taken off the TX ring per round"),
@@ -179,14 +188,18 @@ def request_response(policy: NotifyPolicy, *, gap_us: float, last_batch: int) ->
 
 
 def poll_action(
-    policy: NotifyPolicy, *, more: bool, empty_rounds: int, idle_us: float, rr: bool = False
+    policy: NotifyPolicy, *, more: bool, empty_rounds: int, idle_us: float, rr: bool = False,
+    full: bool = False,
 ) -> PollAction:
     """What the pump does after a round: ``more`` if the round left work, ``empty_rounds`` how many
     consecutive rounds found nothing, ``idle_us`` microseconds since the last round that found work,
-    ``rr`` whether the ring carries request/response traffic (:func:`request_response`)."""
+    ``rr`` whether the ring carries request/response traffic (:func:`request_response`), ``full``
+    whether that last round moved a whole batch (``full_poll_us``)."""
     if more:
         return PollAction.PROCESS
     if empty_rounds < policy.poll_rounds and idle_us < policy.poll_us:
+        return PollAction.POLL
+    if full and idle_us < policy.full_poll_us:
         return PollAction.POLL
     if rr and idle_us < policy.rr_poll_us:
         return PollAction.POLL
