@@ -6,8 +6,10 @@ guest that stops short."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import select
+from collections.abc import AsyncIterator
 
 from nicsim.ports import GeneratorConfig, GeneratorPort, Port, SinkPort
 from nicsim.ports.base import TxFrames
@@ -82,6 +84,17 @@ class Rig:
         self.dev.shutdown()
         os.close(self.kick)
         os.close(self.call)
+
+
+@contextlib.asynccontextmanager
+async def active(rig: Rig) -> AsyncIterator[Rig]:
+    """The rig's pump activated and settled (its first look at the ring done); closed at the end."""
+    try:
+        rig.pump.activate()
+        await settle(rig)
+        yield rig
+    finally:
+        rig.close()
 
 
 async def settle(rig: Rig, *, until: int | None = None, limit: int = 2000) -> None:
@@ -162,9 +175,7 @@ def _trickle_rig(min_round: int) -> tuple[Rig, PostingSink]:
 
 async def test_a_flood_leaves_its_trickle_for_the_next_batch_instead_of_chasing_it() -> None:
     rig, _ = _trickle_rig(min_round=8)
-    try:
-        rig.pump.activate()
-        await settle(rig)
+    async with active(rig):
         assert rig.post(40)  # a flood: the wakeup's first round moves a whole batch (32) and more...
         await settle(rig, until=40)
         await settle(rig)
@@ -176,45 +187,31 @@ async def test_a_flood_leaves_its_trickle_for_the_next_batch_instead_of_chasing_
         assert rig.post(30)  # 33 pending passes avail_event: the kick serves them in one round
         await settle(rig, until=73)
         assert rig.pump.snapshot()["wakeups_kick"] == 2
-    finally:
-        rig.close()
 
 
 async def test_with_min_round_off_the_pump_chases_every_chain() -> None:
     rig, port = _trickle_rig(min_round=0)
-    try:
-        rig.pump.activate()
-        await settle(rig)
+    async with active(rig):
         assert rig.post(40)
         await settle(rig, until=55)  # 40, then five rounds of the 3 posted during the one before
         await settle(rig)
         assert port.times == 0 and int(rig.dev.stats.packets[1]) == 55
         snap = rig.pump.snapshot()
         assert snap["wakeups_kick"] == 1 and snap["wakeups_timer"] == 0  # all within the first wakeup
-    finally:
-        rig.close()
 
 
 async def test_after_a_full_round_the_pump_polls_and_serves_the_next_buffers_without_a_kick() -> None:
-    rig = Rig(SinkPort(), NotifyPolicy(tx_batch=16, kick_batch=0, full_poll_us=60e6), 1)
-    try:
-        rig.pump.activate()
-        await settle(rig)
+    async with active(Rig(SinkPort(), NotifyPolicy(tx_batch=16, kick_batch=0, full_poll_us=60e6), 1)) as rig:
         assert rig.post(16)  # one kick; its round moves a whole batch: the other side keeps up
         await settle(rig, until=16)
         assert rig.pump.busy  # polling, kicks still suppressed...
         assert not rig.post(5)  # ...so the guest does not kick, and the poll finds them
         await settle(rig, until=21)
         assert rig.pump.snapshot()["wakeups_kick"] == 1
-    finally:
-        rig.close()
 
 
 async def test_after_a_round_short_of_a_batch_the_pump_sleeps_on_the_kick() -> None:
-    rig = Rig(SinkPort(), NotifyPolicy(tx_batch=16, kick_batch=0, full_poll_us=60e6), 1)
-    try:
-        rig.pump.activate()
-        await settle(rig)
+    async with active(Rig(SinkPort(), NotifyPolicy(tx_batch=16, kick_batch=0, full_poll_us=60e6), 1)) as rig:
         assert rig.post(15)
         await settle(rig, until=15)
         await settle(rig)
@@ -222,8 +219,6 @@ async def test_after_a_round_short_of_a_batch_the_pump_sleeps_on_the_kick() -> N
         assert rig.post(5)  # asleep: the guest's next buffer kicks
         await settle(rig, until=20)
         assert rig.pump.snapshot()["wakeups_kick"] == 2
-    finally:
-        rig.close()
 
 
 async def test_a_guest_that_stops_short_of_the_batch_is_served_by_the_timer() -> None:
