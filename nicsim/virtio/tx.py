@@ -124,15 +124,24 @@ class TxBatch:
 
     def byte_sum(self) -> int | None:
         summer = kernels.sum_frames
-        if summer is None or self.positions.shape[0] != len(self.chains):
-            return None  # (some chains of the round were dropped: not every segment is a frame's)
-        cb = self.chains
+        if summer is None:
+            return None
+        area = self.area
+        if self._chains is None and area is not None:
+            # A compiled round: every chain is a frame, its segments in the area's first ones (no
+            # ChainBatch of views needed: the kernel takes whole arrays and a count).
+            m = self._segments
+            seg = (area.s_chain, area.s_region, area.s_offset, area.s_len, area.s_writable)
+        else:
+            cb = self.chains
+            if self.positions.shape[0] != len(cb):
+                return None  # (some chains of the round were dropped: not every segment is a frame's)
+            m = int(cb.seg_len.shape[0])
+            seg = (cb.seg_chain, cb.seg_region, cb.seg_offset, cb.seg_len, cb.seg_writable)
         regions = self.mem.regions
-        m = int(cb.seg_len.shape[0])
         total, region = 0, 0
         while region >= 0:
-            part, region = summer(regions[region].data, region, m, cb.seg_chain, cb.seg_region, cb.seg_offset,
-                                  cb.seg_len, cb.seg_writable, self.hdr_len)  # fmt: skip
+            part, region = summer(regions[region].data, region, m, *seg, self.hdr_len)
             total += int(part)
         return total & 0xFFFF_FFFF_FFFF_FFFF
 
