@@ -61,7 +61,7 @@ def _tx(size: int) -> tuple[Callable[[], int], VirtioNetDevice]:
 
 
 def _rx(size: int) -> tuple[Callable[[], int], VirtioNetDevice]:
-    gen = GeneratorPort(GeneratorConfig(size=size))
+    gen = GeneratorPort(GeneratorConfig(size=size, mergeable=True))
     rx, _, dev = _device(gen)
     rx.post_rx(12 + 1514, count=RING)
     now = iter(range(1 << 62))

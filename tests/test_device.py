@@ -116,8 +116,21 @@ def test_generator_frames_land_in_rx_buffers_with_virtio_net_headers(layout: TxL
     assert dev.pool.usage == 0
 
 
+def test_mergeable_buffers_are_offered_unless_every_frame_of_the_port_fits_a_small_buffer() -> None:
+    def offered(port: Port) -> bool:
+        return bool(VirtioNetDevice(port=port).device_features() & MRG)
+
+    assert not offered(GeneratorPort(GeneratorConfig(size=64)))
+    assert not offered(GeneratorPort(GeneratorConfig(size=1514)))  # a full Ethernet frame, MTU 1500
+    assert offered(GeneratorPort(GeneratorConfig(size=1515)))  # a jumbo frame needs them
+    assert offered(GeneratorPort(GeneratorConfig(size=64, mergeable=True)))  # asked for
+    assert offered(SinkPort()) and offered(ReflectPort())  # a port that says nothing may need them
+    with pytest.raises(Exception, match="never offered"):
+        VirtioNetDevice(port=GeneratorPort()).set_features(V1 | MRG)
+
+
 def test_mergeable_buffers_carry_a_large_frame_across_several_with_num_buffers() -> None:
-    gen = GeneratorPort(GeneratorConfig(size=1500, count=4))
+    gen = GeneratorPort(GeneratorConfig(size=1500, count=4, mergeable=True))
     _, rx, _, dev = make(gen, V1 | MRG)
     rx.post_rx(512, count=20)
     res = dev.poll_rx(0)

@@ -51,7 +51,8 @@ async def test_frames_held_in_a_stalled_guest_through_a_migration_are_read_whole
 ) -> None:
     mig = tmp_path / "migrate.sock"
     workloads = (Workload("rx-count", duration=WINDOW, stall=STALL),)
-    port = f"generator,seq=on,size={SIZE},rate={RATE:g}"
+    # The generator's small frames fit small buffers, so it offers mergeable ones only when asked.
+    port = f"generator,seq=on,size={SIZE},rate={RATE:g}" + (",mergeable=on" if mergeable else "")
     serving = nicsim_serve(tmp_path, "--port", port, more_sockets=["dst.sock"])
     async with serving as (proc, sock, stats):
 

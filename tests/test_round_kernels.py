@@ -271,7 +271,7 @@ def test_generator_rounds_with_the_kernels_match_the_numpy_rounds(size: int) -> 
     for _ in range(2):
         drv = GuestDriver((1 << 20, 1 << 20))
         rxq = drv.add_queue(0, 64, event_idx=True)
-        dev = VirtioNetDevice(port=GeneratorPort(GeneratorConfig(size=size)),
+        dev = VirtioNetDevice(port=GeneratorPort(GeneratorConfig(size=size, mergeable=True)),
                               policy=NotifyPolicy(rx_batch=32), short_round=0)  # fmt: skip
         dev.set_features(FEATURES)
         dev.set_memory(drv.memory)

@@ -47,7 +47,8 @@ ports:
               (0 sends checksum 0, as DPDK testpmd's txonly does), burst=, offered=on (rate_pps is an
               offered load: frames due with no guest buffer are dropped and counted), hold=on (send
               nothing until SIGUSR1), seq=on (every frame numbered: a 64-bit sequence number leads
-              its UDP payload, with the UDP checksum for it; size >= 50)
+              its UDP payload, with the UDP checksum for it; size >= 50), mergeable=on (offer
+              mergeable RX buffers even for frames that fit a small buffer: size <= 1514 goes without)
   reflect     sends every frame back to the guest
   switch      joins the guests on all the sockets with a learning L2 switch (one port per socket, named
               after it): it learns source MACs, floods broadcast and unknown unicast, ages entries out,

@@ -26,6 +26,7 @@ class Port(DevicePort, abc.ABC):
 
     name: str = "port"
     vnet_hdr: bool = False  # bare frames; a header-passing port (the tap) sets True
+    small_frames: bool = False  # it may send frames that need mergeable RX buffers (see DevicePort)
 
     def __init__(self) -> None:
         self._sink: RxSink | None = None

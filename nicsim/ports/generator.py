@@ -60,6 +60,8 @@ class GeneratorConfig:
     hold: bool = False
     # Number every frame: a 64-bit sequence number leads the UDP payload, the checksum matches it.
     seq: bool = False
+    # Offer mergeable RX buffers even when every frame fits a small one (DevicePort.small_frames).
+    mergeable: bool = False
 
 
 SEQ_OFFSET = fr.ETH_HLEN + fr.IPV4_HLEN + fr.UDP_HLEN  # the number: the UDP payload's first 8 bytes
@@ -118,6 +120,10 @@ class SeqFrames:
         return self.rows.reshape(-1), self.offsets[:n], self.lengths[:n]
 
 
+SMALL_FRAME = 1514
+"""The longest frame a Linux guest's small receive buffer holds (an MTU of 1500 and its Ethernet header)."""
+
+
 class GeneratorPort(Port):
     name = "generator"
 
@@ -133,6 +139,8 @@ class GeneratorPort(Port):
         if not c.udp_checksum:
             self.template[fr.ETH_HLEN + fr.IPV4_HLEN + 6 : fr.ETH_HLEN + fr.IPV4_HLEN + 8] = 0
         self._seq = SeqFrames(self.template, checksum=c.udp_checksum) if c.seq else None
+        # One frame size, never a GSO frame: up to a standard Ethernet frame it fits a small buffer.
+        self.small_frames = self.template.shape[0] <= SMALL_FRAME and not c.mergeable
         if c.offered and c.rate_pps is None:
             raise ValueError("generator offered=on needs a rate (rate_pps): an offered load has a rate")
         self.sent = 0

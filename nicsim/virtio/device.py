@@ -134,8 +134,12 @@ class VirtioNetDevice:
     # -- features -----------------------------------------------------------------------------------
 
     def device_features(self) -> int:
-        bits = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF) | (1 << VIRTIO_F_INDIRECT_DESC)
-        # MTU: the device honours a host MTU (set_mtu) and mergeable buffers carry any frame up to it.
+        bits = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_INDIRECT_DESC)
+        if not self.port.small_frames:
+            # Mergeable buffers carry any frame (a GSO frame, a jumbo one). A port whose frames all fit
+            # a small buffer does without: a Linux guest's small-buffer receive path is the cheaper.
+            bits |= 1 << VIRTIO_NET_F_MRG_RXBUF
+        # MTU: the device honours a host MTU (set_mtu); a Linux guest sizes its buffers to it.
         bits |= 1 << VIRTIO_NET_F_MTU
         # Packed virtqueues (§2.8): QEMU offers them to the guest only with ``packed=on``.
         bits |= 1 << VIRTIO_F_RING_PACKED
