@@ -135,11 +135,31 @@ async def test_one_miscounted_run_fails_its_cell_even_when_the_others_hold() -> 
 
     async def run_once(cell: Cell) -> Sample:
         runs.append(cell)
-        sample = Sample(ok=True, pps=1.0, packets=1000 if len(runs) != 2 else 5000)
+        # The third run is the 64 B cell's second (the rows take turns within a repetition).
+        sample = Sample(ok=True, pps=1.0, packets=1000 if len(runs) != 3 else 5000)
         check_sample(cell, sample, CARRIED)
         return sample
 
     results = await run_cells(plan, run_once)
+    assert runs[2] == plan.cells[0]
     assert [r.status for r in results] == ["failed", "ok"]
     assert len(results[0].good()) == 2  # two runs held; the cell still cannot be trusted
     assert results[0].reason is not None and "5000 packets" in results[0].reason
+
+
+async def test_backends_take_turns_on_each_row_repetition_after_repetition() -> None:
+    plan = build_plan(["nicsim", "dpdk"], quick=True, directions=[Direction.TX], sizes=[64, 1500],
+                      repetitions=2)  # fmt: skip
+    runs: list[tuple[str, int, int]] = []
+    finished: list[tuple[str, int]] = []
+
+    async def run_once(cell: Cell) -> Sample:
+        return Sample(ok=True, pps=1.0)
+
+    results = await run_cells(plan, run_once, on_run=lambda c, rep: runs.append((c.backend, c.size, rep)),
+                              on_cell=lambda r: finished.append((r.cell.backend, r.cell.size)))  # fmt: skip
+    # Each nicsim run sits next to DPDK's of the same row: a drifting host moves both alike.
+    assert runs == [("nicsim", 64, 0), ("dpdk", 64, 0), ("nicsim", 1500, 0), ("dpdk", 1500, 0),
+                    ("nicsim", 64, 1), ("dpdk", 64, 1), ("nicsim", 1500, 1), ("dpdk", 1500, 1)]  # fmt: skip
+    assert finished == [("nicsim", 64), ("dpdk", 64), ("nicsim", 1500), ("dpdk", 1500)]
+    assert [r.cell for r in results] == list(plan.cells) and all(len(r.samples) == 2 for r in results)
