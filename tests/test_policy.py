@@ -9,14 +9,17 @@ from nicsim.ports import SinkPort
 from nicsim.virtio.device import VirtioNetDevice
 from nicsim.virtio.features import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
 from nicsim.virtio.policy import (
+    FLOW_BYTES,
     PLAIN_FRAME,
     POLICY_OPTIONS,
+    STREAM_WINDOW_US,
     NotifyPolicy,
     PollAction,
     chase_tx,
     policy_from_options,
     poll_action,
     should_interrupt,
+    streaming,
 )
 from rings.driver import DriverQueue, GuestDriver
 
@@ -171,3 +174,11 @@ def test_a_ring_whose_last_round_was_full_is_polled_for_a_while_before_it_sleeps
     assert poll_action(p, more=False, empty_rounds=0, idle_us=1.0, full=False) is PollAction.REARM
     off = NotifyPolicy(full_poll_us=0.0)
     assert poll_action(off, more=False, empty_rounds=0, idle_us=0.0, full=True) is PollAction.REARM
+
+
+def test_a_ring_streams_while_its_recent_rounds_move_batches_or_gso_frames() -> None:
+    p = NotifyPolicy(flow_batch=8)
+    assert streaming(p, last_batch=8, last_bytes=8 * 60, idle_us=10.0)  # a batch of frames
+    assert streaming(p, last_batch=2, last_bytes=FLOW_BYTES, idle_us=10.0)  # a TCP stream's GSO frames
+    assert not streaming(p, last_batch=1, last_bytes=98, idle_us=10.0)  # a reply: request/response
+    assert not streaming(p, last_batch=64, last_bytes=64 * 60, idle_us=STREAM_WINDOW_US)  # over: idle

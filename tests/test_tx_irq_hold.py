@@ -23,7 +23,14 @@ from nicsim.ports import Port, ReflectPort, SinkPort
 from nicsim.server import Server, Session
 from nicsim.server.pump import RingPump
 from nicsim.virtio.device import VirtioNetDevice
-from nicsim.virtio.policy import NotifyPolicy, PollAction, defer_tx_interrupt, poll_action, request_response
+from nicsim.virtio.policy import (
+    FLOW_BYTES,
+    NotifyPolicy,
+    PollAction,
+    defer_tx_interrupt,
+    poll_action,
+    request_response,
+)
 from tests.hardening import frame
 
 RX, TX = 0, 1
@@ -134,6 +141,7 @@ def test_request_response_is_sparse_work_that_comes_back_soon() -> None:
     assert request_response(policy, gap_us=150, last_batch=1)
     assert not request_response(policy, gap_us=10_000, last_batch=1)  # a ping every 10 ms: sleep
     assert not request_response(policy, gap_us=150, last_batch=64)  # a stream: the batching policy
+    assert not request_response(policy, gap_us=150, last_batch=1, last_bytes=FLOW_BYTES)  # a GSO frame
     assert not request_response(policy, gap_us=0, last_batch=1)  # the first request: nothing to go by
     assert not request_response(NotifyPolicy(rr_poll_us=0), gap_us=150, last_batch=1)
     assert poll_action(policy, more=False, empty_rounds=5, idle_us=100, rr=True) is PollAction.POLL

@@ -48,6 +48,7 @@ from nicsim.virtio.policy import (
     poll_action,
     poll_for_reply,
     request_response,
+    streaming,
 )
 from nicsim.virtio.port import DevicePort
 from rings.errors import GuestError, RingsError
@@ -96,7 +97,7 @@ class RingPump:
         self._moved = 0  # buffers moved since this wakeup began
         self._gap_us = 0.0  # from the work before to the last round that found work (request/response)
         self._last_batch = 0  # buffers the last round that found work moved
-        self._last_bytes = 0  # TX: the frame bytes of the last round
+        self._last_bytes = 0  # the frame bytes the last round that found work moved
         self._last_full = False  # the last round that found work moved a whole batch
         self._watchdog: asyncio.TimerHandle | None = None
         self._stall_mark: tuple[int, ...] | None = None  # progress at the last tick that found work
@@ -257,7 +258,7 @@ class RingPump:
     def _one_round(self, now: float) -> QueueResult | None:
         """One device round; None if the ring broke (the pump is stopped)."""
         self.counters["rounds"] += 1
-        sent = int(self.device.stats.bytes[self.index]) if self._tx else 0
+        sent = int(self.device.stats.bytes[self.index])
         try:
             if self._tx:
                 res = self.device.process_tx(self.index)
@@ -270,8 +271,7 @@ class RingPump:
             # A port raised: the device returned the chains and counted them as port_error.
             log.exception("ring %d: the port raised; its batch was dropped", self.index)
             res = QueueResult(queue=self.index, more=True)
-        nbytes = int(self.device.stats.bytes[self.index]) - sent if self._tx and res.processed else 0
-        self._last_bytes = nbytes
+        nbytes = int(self.device.stats.bytes[self.index]) - sent if res.processed else 0
         if res.interrupt:
             if self._tx and self.paired_rx_active() and defer_tx_interrupt(self.device.policy,
                                                                            processed=res.processed,
@@ -286,21 +286,27 @@ class RingPump:
             return None
         if res.processed:
             self._gap_us = (now - self._last_work) * 1e6
-            self._last_batch = res.processed
+            self._last_batch, self._last_bytes = res.processed, nbytes
             policy = self.device.policy
             self._last_full = res.processed >= (policy.tx_batch if self._tx else policy.rx_batch)
             self._empty_rounds, self._last_work = 0, now
             self._moved += res.processed
             if self._tx:
                 peer = self._rx_peer
-                if peer is not None and poll_for_reply(self.device.policy, processed=res.processed,
-                                                       nbytes=nbytes):
+                if (peer is not None and poll_for_reply(policy, processed=res.processed, nbytes=nbytes)
+                        and not peer.streaming(now)):  # fmt: skip
                     peer.poll_reply()
                 if self.after_tx is not None:
                     self.after_tx(self.index // 2)
         else:
             self._empty_rounds += 1
         return res
+
+    def streaming(self, now: float) -> bool:
+        """This ring carries a stream (:func:`~nicsim.virtio.policy.streaming`): the pair's TX ring
+        then neither polls for replies nor for the next request."""
+        return streaming(self.device.policy, last_batch=self._last_batch, last_bytes=self._last_bytes,
+                         idle_us=(now - self._last_work) * 1e6)  # fmt: skip
 
     def paired_rx_active(self) -> bool:
         """Whether an RX pump will send this TX ring's held interrupt with its own (else the deadline)."""
@@ -346,7 +352,9 @@ class RingPump:
         if res.blocked:
             self._later(_RETRY_S)
             return
-        rr = self._tx and request_response(policy, gap_us=self._gap_us, last_batch=self._last_batch)
+        rr = (self._tx and request_response(policy, gap_us=self._gap_us, last_batch=self._last_batch,
+                                            last_bytes=self._last_bytes)
+              and not (self._rx_peer is not None and self._rx_peer.streaming(now)))  # fmt: skip
         action = poll_action(policy, more=more, empty_rounds=self._empty_rounds,
                              idle_us=(now - self._last_work) * 1e6, rr=rr, full=self._last_full)  # fmt: skip
         if action is not PollAction.REARM:
@@ -360,7 +368,7 @@ class RingPump:
         if not self._tx or not res.more or not self.device.event_idx:
             return res.more
         return chase_tx(self.device.policy, pending=res.pending, moved=self._moved,
-                        processed=res.processed, nbytes=self._last_bytes)  # fmt: skip
+                        processed=res.processed, nbytes=self._last_bytes if res.processed else 0)  # fmt: skip
 
     def _rearm(self, res: QueueResult, *, rr: bool = False) -> None:
         if not self._tx and not self._rx_has_work():
