@@ -40,6 +40,7 @@ from collections.abc import Callable
 
 from nicsim.ports.base import Port
 from nicsim.virtio.device import DeviceStateError, QueueResult, VirtioNetDevice
+from nicsim.virtio.features import VIRTIO_F_RING_PACKED
 from nicsim.virtio.policy import (
     PollAction,
     chase_tx,
@@ -365,7 +366,9 @@ class RingPump:
     def _more(self, res: QueueResult) -> bool:
         """Whether to run another round now for the work ``res`` left; a TX packet stream's few
         leftover chains wait for the batch instead (:func:`~nicsim.virtio.policy.chase_tx`)."""
-        if not self._tx or not res.more or not self.device.event_idx:
+        if not self._tx or not res.more or not self.device.event_idx or self.device.has(VIRTIO_F_RING_PACKED):
+            # (Packed rings chase: measured, waiting for the batch there cost guest TX a quarter of
+            # its frames, 900 -> 689 k pps at 64 B; their event offsets are not avail_event's.)
             return res.more
         return chase_tx(self.device.policy, pending=res.pending, moved=self._moved,
                         processed=res.processed, nbytes=self._last_bytes if res.processed else 0)  # fmt: skip

@@ -72,7 +72,7 @@ class NotifyPolicy:
     # EVENT_IDX, TX flowing: fewer chains than this left after a round wait for the batch's kick (or
     # batch_wait_us) instead of being chased: a guest posting at about the rate rounds drain its ring
     # kept the backend in rounds of ~25 chains, never asleep (64 B at the guest's ceiling: 56 % of a
-    # core with a reading sink). GSO rounds (TCP) are always chased.
+    # core with a reading sink). GSO rounds (TCP) and packed rings are always chased.
     min_round: int = 32
     rounds_per_call: int = 4     # rounds run back to back in one event-loop callback while work is left
     poll_rounds: int = 0         # busy-poll: empty rounds with kicks suppressed before sleeping...
