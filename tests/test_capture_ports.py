@@ -129,6 +129,9 @@ def test_a_generator_stays_pull_style_and_its_frames_are_captured(tmp_path: Path
         # The pump's test for a pull-style port: it overrides poll_rx.
         assert isinstance(port, CapturingPullPort) and type(port).poll_rx is not Port.poll_rx
         assert type(capturing(SinkPort(), w, w.add_interface("other"))).poll_rx is Port.poll_rx
+        # The same offer as without the capture: small frames, no mergeable RX buffers.
+        assert port.small_frames and VirtioNetDevice(port=port).device_features() == VirtioNetDevice(
+            port=GeneratorPort()).device_features()
         rx, _, dev = wired(port)
         for _ in range(3):
             dev.poll_rx(0, now=0.0)

@@ -108,6 +108,7 @@ class CapturingPort(Port):
         self._rx_dir = Direction.INBOUND if transmit_as is Direction.OUTBOUND else Direction.OUTBOUND
         self.name = inner.name
         self.vnet_hdr = inner.vnet_hdr
+        self.small_frames = inner.small_frames  # the device offers what it offers without a capture
         # Until negotiation says otherwise, a header-passing port's frames carry the legacy header
         # (the tap's kernel default); bare-frame ports carry none.
         self._hdr_len = HDR_LEN_LEGACY if inner.vnet_hdr else 0
