@@ -27,8 +27,8 @@ from .pool_layout import descriptor_dtype
 from .walk_kernel import _Arrays, _declined_py, _walk_into_py, _walk_split_py
 
 __all__ = [
-    "complete_split", "disable", "enable", "enabled", "engine", "free_normal", "scatter_template",
-    "sum_frames", "take_split", "track", "walk_split",
+    "absorb_split", "complete_split", "disable", "enable", "enabled", "engine", "free_normal",
+    "scatter_template", "sum_frames", "take_split", "track", "walk_split",
 ]  # fmt: skip
 
 _compiled_walk: Callable[..., _Arrays] | None = None
@@ -44,6 +44,8 @@ scatter_template: Callable[..., int] | None = None
 """The compiled ``rings.round_kernels._scatter_template_py`` once enabled, else None."""
 sum_frames: Callable[..., tuple[int, int]] | None = None
 """The compiled ``rings.round_kernels._sum_frames_py`` once enabled, else None."""
+absorb_split: Callable[..., tuple[int, int, int]] | None = None
+"""The compiled ``rings.round_kernels._absorb_split_py`` once enabled (``SplitQueue.absorb_round``)."""
 _why_not: str = "not enabled"
 _compiled: tuple[Callable[..., Any], ...] | None = None  # compiled once per process, kept across disable
 
@@ -72,8 +74,10 @@ def enable() -> bool:
 def _install(kernels: tuple[Callable[..., Any], ...] | None) -> None:
     """Make ``kernels`` (as :func:`_compile` returns them) the ones callers find, or None for none."""
     global _compiled_walk, free_normal, track, take_split, complete_split, scatter_template, sum_frames
-    values: tuple[Any, ...] = kernels if kernels is not None else (None,) * 7
-    _compiled_walk, free_normal, track, take_split, complete_split, scatter_template, sum_frames = values
+    global absorb_split
+    values: tuple[Any, ...] = kernels if kernels is not None else (None,) * 8
+    (_compiled_walk, free_normal, track, take_split, complete_split, scatter_template, sum_frames,
+     absorb_split) = values
 
 
 def _compile() -> tuple[Callable[..., Any], ...] | None:
@@ -95,17 +99,19 @@ def _compile() -> tuple[Callable[..., Any], ...] | None:
         take = jit(_link(rk._take_split_py, _walk_into=walk_into))
         complete = jit(_link(rk._complete_split_py, _free_normal=free_fn))
         scatter, summer = jit(rk._scatter_template_py), jit(rk._sum_frames_py)
-        _compile_now(walk, take, complete, scatter, summer)
+        absorb = jit(_link(rk._absorb_split_py, _take_split=take, _complete_split=complete,
+                           _sum_frames=summer))
+        _compile_now(walk, take, complete, scatter, summer, absorb)
     except Exception as exc:  # numba raises its own error classes; any of them means: no kernels
         _why_not = f"numba could not compile the kernels ({type(exc).__name__}: {exc})"
         return None
-    return walk, free_fn, track_fn, take, complete, scatter, summer
+    return walk, free_fn, track_fn, take, complete, scatter, summer, absorb
 
 
 def _compile_now(*kernels: Callable[..., Any]) -> None:
     """Compile for the argument types the rings pass (field views of structured arrays, contiguous
     work arrays), now rather than in the first round."""
-    walk, take, complete, scatter, summer = kernels
+    walk, take, complete, scatter, summer, absorb = kernels
     table = np.zeros(2, DESC_DTYPE)
     ring = (table["addr"], table["len"], table["flags"], table["next"])
     bounds = (np.zeros(1, np.uint64), np.ones(1, np.uint64))
@@ -124,6 +130,12 @@ def _compile_now(*kernels: Callable[..., Any]) -> None:
             area.s_writable[:0], np.zeros(1, np.uint8), area.lens[:0])  # fmt: skip
     summer(np.zeros(8, np.uint8), 0, 0, area.s_chain, area.s_region, area.s_offset, area.s_len,
            area.s_writable, 12)
+    # One version per number of guest memory regions (a tuple of their bytes): QEMU gives one or two
+    # for a small guest; another count compiles in its first round (once: numba caches it on disk).
+    for regions in (1, 2):
+        datas = tuple(np.zeros(8, np.uint8) for _ in range(regions))
+        absorb(avail, *ring, *bounds, 0, 0, True, 0, 0, 0, 0, 2, *arrays, 0, *area.outputs, used, 0,
+               area.zeros, datas, True)
 
 
 def disable() -> None:

@@ -41,6 +41,8 @@ from .pool_kernels import _free_normal_py as _free_normal
 from .walk_kernel import U32_MAX
 from .walk_kernel import _walk_into_py as _walk_into
 
+# (Set after the definitions below: the absorb kernel calls the take and complete kernels by name.)
+
 __all__ = ["U32_MAX", "RoundArea"]
 
 _Arr = npt.NDArray[Any]
@@ -223,3 +225,43 @@ def _sum_frames_py(
             acc += np.uint64(buf[b])
         total += acc
     return total, following
+
+
+def _absorb_split_py(
+    avail_ring: _Arr, d_addr: _Arr, d_len: _Arr, d_flags: _Arr, d_next: _Arr, starts: _Arr, sizes: _Arr,
+    start: int, k: int, indirect: bool, min_len: int, max_len: int, hdr: int,
+    p_used: int, p_capacity: int, p_state: _Arr, p_ever: _Arr, p_stack: _Arr, p_queue: _Arr, p_head: _Arr,
+    p_addr: _Arr, p_length: _Arr, p_reserved: _Arr, queue: int,
+    heads: _Arr, descs: _Arr, lens: _Arr, first: _Arr, counts: _Arr, rlen: _Arr, wlen: _Arr, s_chain: _Arr,
+    s_desc: _Arr, s_addr: _Arr, s_len: _Arr, s_writable: _Arr, s_region: _Arr, s_offset: _Arr,
+    used_ring: _Arr, used_start: int, zeros: _Arr, datas: Any, read: bool,
+) -> tuple[int, int, Any]:  # pragma: no cover - compiled by numba
+    """A whole TX round for a port that absorbs frames (the sink), in one call: :func:`_take_split_py`
+    of ``k`` chains (popped, walked, checked, each held by a pool descriptor), with ``read`` the sum of
+    every frame byte (:func:`_sum_frames_py`, region by region: ``datas`` is the tuple of the regions'
+    bytes), then :func:`_complete_split_py` (descriptors freed, used entries of length 0
+    written from used slot ``used_start``). Returns ``(segments, frame bytes, byte sum)``; ``(-1, 0,
+    0)`` with nothing changed when the take declines (the caller's other paths do the round), ``(-2,
+    0, 0)`` when the free declined after the take (a bug: the caller raises; nothing was published)."""
+    m, total = _take_split(avail_ring, d_addr, d_len, d_flags, d_next, starts, sizes, start, k, indirect,
+                           True, min_len, max_len, hdr, p_used, p_capacity, p_state, p_ever, p_stack,
+                           p_queue, p_head, p_addr, p_length, p_reserved, queue, heads, descs, lens, first,
+                           counts, rlen, wlen, s_chain, s_desc, s_addr, s_len, s_writable, s_region, s_offset)
+    if m < 0:
+        return -1, 0, np.uint64(0)
+    checksum = np.uint64(0)
+    region = 0
+    while read and region >= 0:
+        part, region = _sum_frames(datas[region], region, m, s_chain, s_region, s_offset, s_len, s_writable,
+                                   hdr)
+        checksum += part
+    left: int = _complete_split(used_ring, used_start, heads[:k], zeros[:k], descs[:k], p_used + k,
+                                p_capacity, p_state, p_stack)
+    if left < 0:
+        return -2, 0, np.uint64(0)
+    return m, total, checksum
+
+
+_take_split = _take_split_py
+_complete_split = _complete_split_py
+_sum_frames = _sum_frames_py

@@ -40,6 +40,12 @@ _U16 = np.dtype("<u2")
 _U32 = np.dtype("<u4")
 _U16_LE = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")  # §2.7.8 struct virtq_used_elem: id, len
+_REGION_BYTES = "region bytes"  # GuestMemory.cached key of the regions' bytes as one tuple
+
+
+def _region_bytes(mem: GuestMemory) -> tuple[npt.NDArray[np.uint8], ...]:
+    """Every region's bytes, in region order (a compiled round reads frames in any of them)."""
+    return tuple(r.data for r in mem.regions)
 
 
 class _RingViews:
@@ -220,6 +226,36 @@ class SplitQueue:
         self.last_avail_idx = (self.last_avail_idx + count) & U16_MASK
         pool.round_allocated(state[0] + count)
         return got
+
+    def absorb_round(
+        self, mem: GuestMemory, count: int, pool: PacketPool, area: RoundArea, *, queue: int, indirect: bool,
+        min_len: int, max_len: int, hdr: int, read: bool,
+    ) -> tuple[int, int] | None:
+        """A TX round for a port that absorbs its frames, in one compiled call
+        (``rings.round_kernels._absorb_split_py``): :meth:`take_round` of ``count`` chains, with
+        ``read`` the sum of their frame bytes (each chain's readable bytes after its first ``hdr``),
+        then :meth:`complete_round` with used length 0, ``used.idx`` published after the call.
+        Returns ``(frame bytes, byte sum or 0)``, or None with nothing changed, as take_round."""
+        absorb = kernels.absorb_split
+        if absorb is None or pool.closed or not 0 < count <= area.size:
+            return None
+        v = self._views(mem)
+        state = pool.round_state()
+        regions = mem.cached(_REGION_BYTES, _region_bytes)
+        got = absorb(*v.take_ring, self.last_avail_idx, count, indirect, min_len, max_len, hdr, *state, queue,
+                     *area.outputs, v.used_ring, self.used_idx, area.zeros, regions, read)  # fmt: skip
+        if got[0] == -1:
+            return None
+        if got[0] < 0:
+            # The take held the descriptors it had just popped off the pool's stack: freeing them
+            # cannot be refused unless the pool's records are corrupt. Nothing was published.
+            raise RuntimeError(f"queue {queue}: the pool refused to free the descriptors a round just took")
+        self.last_avail_idx = (self.last_avail_idx + count) & U16_MASK
+        pool.round_allocated(state[0] + count)  # (its high-water mark: the round held them)
+        self.used_idx = (self.used_idx + count) & U16_MASK
+        v.used_head[1] = self.used_idx  # after the call: the entries are written (see push_used)
+        pool.round_freed(state[0])
+        return int(got[1]), int(got[2])
 
     def complete_round(
         self, mem: GuestMemory, heads: npt.NDArray[np.uint16], lens: npt.NDArray[np.uint32],

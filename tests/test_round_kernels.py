@@ -7,6 +7,8 @@
   follows indirectly, a length out of bounds, too few normal descriptors).
 - ``SplitQueue.complete_round`` writes the used ring and frees exactly as ``push_used`` and
   ``free_batch`` do, and refuses, writing nothing, what ``free_batch`` refuses.
+- A sink's absorbed rounds (take, read and return in one call) give the guest and the sink what
+  batch rounds give.
 - The generator's RX rounds (template scatter, a call per memory region) and TX rounds whose batches a
   port holds while later rounds run give the guest what the numpy path gives.
 
@@ -23,9 +25,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nicsim.ports import GeneratorConfig, GeneratorPort, Port, TxFrames
+from nicsim.ports import GeneratorConfig, GeneratorPort, Port, SinkPort, TxFrames
+from nicsim.ports.sink import SinkConfig
 from nicsim.virtio.device import VirtioNetDevice
 from nicsim.virtio.policy import NotifyPolicy
+from nicsim.virtio.port import ABSORB_NONE
 from nicsim.virtio.tx import TxBatch
 from rings import kernels
 from rings import round_kernels as rk
@@ -344,3 +348,59 @@ def test_byte_sum_reads_every_frame_byte_and_no_header_byte(
     for got, want in port.sums:
         assert got == want
     assert port.regions == {0, 1}  # frames in both memory regions
+
+
+class BatchSink(SinkPort):
+    """The sink, told to take every round as a batch (``transmit``), as a port that needs its frames."""
+
+    def __init__(self, config: SinkConfig) -> None:
+        super().__init__(config)
+        self.absorbs = ABSORB_NONE
+
+
+@pytest.mark.parametrize("read", [True, False])
+@pytest.mark.parametrize("layout", [TxLayout.ONE, TxLayout.TWO, TxLayout.INDIRECT])
+def test_a_sinks_absorbed_rounds_give_the_guest_and_the_sink_what_batches_give(
+    layout: TxLayout, read: bool, source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sink absorbs (``DevicePort.absorbs``): a round of good direct chains is one compiled call
+    that takes, reads and returns them (``_absorb_split_py``; the Python source too). Against twin
+    guests whose sink takes batches: the same guest bytes (used ring), counters, checksum and drops,
+    the pool empty after each round, header bytes (all 0xFF) never summed, frames in both memory
+    regions; runts and indirect chains go the batch way and are counted there."""
+    calls: list[int] = []
+    kernel = rk._absorb_split_py if source == "python" else kernels.absorb_split
+    assert kernel is not None
+
+    def counted(*args: object) -> tuple[int, int, int]:
+        got: tuple[int, int, int] = kernel(*args)
+        calls.append(got[0])
+        return got
+
+    monkeypatch.setattr(kernels, "absorb_split", counted)
+    ports = (SinkPort(SinkConfig(read=read)), BatchSink(SinkConfig(read=read)))
+    twins = [tx_device(port, tx_batch=64) for port in ports]
+    rng = np.random.default_rng(11)
+    for r in range(6):
+        frames = []
+        for _ in range(int(rng.integers(1, 30))):  # (two descriptors each fit a ring of 64)
+            size = int(rng.choice([60, 61, 1514, 333, 9 if r == 3 else 60]))  # round 3 has runts
+            frames.append(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+        for _, txq, dev in twins:
+            for body in frames:
+                txq.post_tx(body, layout=layout, header=b"\xff" * 12)
+            dev.process_tx(1)
+            txq.reap()
+            assert dev.pool.usage == 0
+    (drv, _, dev), (rdrv, _, rdev) = twins
+    assert np.array_equal(drv.ram.backing, rdrv.ram.backing)
+    absorbed, batched = ports
+    assert (absorbed.packets, absorbed.bytes, absorbed.checksum) == (batched.packets, batched.bytes,
+                                                                     batched.checksum)  # fmt: skip
+    assert absorbed.checksum != 0 if read else absorbed.checksum == 0
+    assert dev.stats.snapshot() == rdev.stats.snapshot()
+    if layout is TxLayout.INDIRECT:
+        assert calls and all(c == -1 for c in calls)  # declined: the batch way walks indirect tables
+    else:
+        assert sum(c > 0 for c in calls) == 5  # every round but the one with runts
+        assert dev.stats.drops_total() > 0  # the runts, counted the batch way

@@ -15,7 +15,7 @@ import abc
 import asyncio
 from typing import Any
 
-from nicsim.virtio.port import DevicePort, RxSink, TxFrames
+from nicsim.virtio.port import ABSORB_NONE, DevicePort, RxSink, TxFrames
 
 __all__ = ["Port", "RxSink", "TxFrames"]
 
@@ -27,6 +27,7 @@ class Port(DevicePort, abc.ABC):
     name: str = "port"
     vnet_hdr: bool = False  # bare frames; a header-passing port (the tap) sets True
     small_frames: bool = False  # it may send frames that need mergeable RX buffers (see DevicePort)
+    absorbs: int = ABSORB_NONE  # it needs the frames: the device hands it batches (see DevicePort)
 
     def __init__(self) -> None:
         self._sink: RxSink | None = None
@@ -43,6 +44,9 @@ class Port(DevicePort, abc.ABC):
 
     @abc.abstractmethod
     def transmit(self, batch: TxFrames) -> bool: ...
+
+    def absorb(self, count: int, frame_bytes: int, byte_sum: int) -> None:
+        raise NotImplementedError(f"the {self.name} port does not absorb frames (absorbs is ABSORB_NONE)")
 
     def features(self) -> int:
         return 0  # no offloads: the device offers exactly its base set

@@ -3,9 +3,10 @@
 By default it reads only the batch's length array (one numpy sum per batch), never the frames, so it
 measures the device's TX path and nothing else: a *count-only* figure. With ``read=on``
 (``SinkConfig.read``) it reads every byte of every frame, as a backend that forwards or copies frames
-must (DPDK's testpmd copies each one into an mbuf): in compiled calls straight out of guest memory
-(``TxFrames.byte_sum``, with the kernels), or by gathering the batch's frames (one vectorised copy,
-``TxFrames.gather``) and summing each frame's bytes with one ``np.add.reduceat`` over the gather.
+must (DPDK's testpmd copies each one into an mbuf): inside the device's compiled round (``absorb``:
+the sink only absorbs frames), in compiled calls straight out of guest memory (``TxFrames.byte_sum``),
+or by gathering the batch's frames (one vectorised copy, ``TxFrames.gather``) and summing each
+frame's bytes with one ``np.add.reduceat`` over the gather.
 ``checksum`` is the running 64-bit sum of every frame byte, so the work cannot be skipped and a test
 can check it.
 """
@@ -19,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nicsim.ports.base import Port, TxFrames
+from nicsim.virtio.port import ABSORB_COUNT, ABSORB_SUM
 
 _U64 = (1 << 64) - 1
 
@@ -54,6 +56,15 @@ class SinkPort(Port):
         self.packets = 0
         self.bytes = 0
         self.checksum = 0
+        # The sink only absorbs: on a split ring with the kernels, a round is one compiled call that
+        # also sums the bytes (DevicePort.absorbs); other rounds come through transmit.
+        self.absorbs = ABSORB_SUM if self.config.read else ABSORB_COUNT
+
+    def absorb(self, count: int, frame_bytes: int, byte_sum: int) -> None:
+        self.packets += count
+        self.bytes += frame_bytes
+        if self.config.read:
+            self.checksum = (self.checksum + byte_sum) & _U64
 
     def transmit(self, batch: TxFrames) -> bool:
         lengths = batch.lengths

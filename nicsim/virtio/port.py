@@ -37,6 +37,11 @@ HDR_LEN_LEGACY = 10  # legacy header without num_buffers (neither VERSION_1 nor 
 NUM_BUFFERS_OFFSET = 10  # in struct virtio_net_hdr_v1, le16: how many RX buffers the frame spans
 MAX_FRAME = 65550    # an IPv4 packet of 65535 bytes behind an Ethernet + VLAN header
 
+# What a port that only absorbs TX frames needs of them (DevicePort.absorbs).
+ABSORB_NONE = 0      # the frames themselves: the device hands over batches (transmit)
+ABSORB_COUNT = 1     # their count and bytes
+ABSORB_SUM = 2       # those and the sum of every frame byte: the device reads each byte for the port
+
 Buffer = bytes | bytearray | memoryview | npt.NDArray[np.uint8]
 
 
@@ -141,6 +146,20 @@ class DevicePort(Protocol):
         frame, at most 1514 bytes): the device then offers no mergeable RX buffers (§5.1.6.3.1), and a
         Linux guest posts one small buffer per frame, whose receive path costs it less than the
         mergeable one (guest RX under TCG, generator frames: 11-24 % more frames)."""
+
+    @property
+    def absorbs(self) -> int:
+        """``ABSORB_NONE``, or what the port needs of the frames it takes when it only absorbs them
+        (the sink: ``ABSORB_COUNT``, or ``ABSORB_SUM`` when it reads every byte). A port that absorbs
+        may be told a round's totals with :meth:`absorb` instead of getting a batch: on a split ring
+        with the compiled kernels, the device then takes, reads and returns the round's chains in one
+        compiled call (``rings.round_kernels._absorb_split_py``), every chain still held by a pool
+        descriptor while it is read."""
+
+    def absorb(self, count: int, frame_bytes: int, byte_sum: int) -> None:
+        """A round of ``count`` frames the port absorbs, already returned to the guest: their bytes
+        (no virtio-net header) and, with ``ABSORB_SUM``, the sum of those bytes modulo 2^64 (else 0).
+        Must not raise: the frames are gone."""
 
     def attach(self, sink: RxSink) -> None:
         """Called by the device once it exists; the port may push frames through ``sink`` from then on."""

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from nicsim.virtio.port import ETH_HLEN, MAX_FRAME, DevicePort, TxFrames
+from nicsim.virtio.port import ABSORB_SUM, ETH_HLEN, MAX_FRAME, DevicePort, TxFrames
 from nicsim.virtio.queues import GSO_ECN, GSO_TYPE_OFFSET, DeviceStateError, QueueResult, QueueSet, QueueState
 from nicsim.virtio.tx_short import ShortTxBatch
 from rings import kernels
@@ -204,6 +204,7 @@ def _gso_type(cb: ChainBatch, mem: GuestMemory, pos: int) -> int:
     return 0
 
 
+
 class TxPath:
     """The device's transmit path: guest avail ring -> pool descriptors -> port -> used ring."""
 
@@ -246,6 +247,10 @@ class TxPath:
             if done is not None:
                 return done
         if kernels.take_split is not None and not st.resubmit_count and isinstance(q, SplitQueue):
+            if self._port.absorbs and self.on_sent is None and qs.inflight is None and not qs.logging:
+                done = self._process_absorbed(index, st, mem, q, want)
+                if done is not None:
+                    return done
             done = self._process_compiled(index, st, mem, q, want)
             if done is not None:
                 return done
@@ -292,16 +297,13 @@ class TxPath:
         nothing, for a round the kernel does not take whole (a bad, indirect, runt or over-MTU chain,
         too few normal pool descriptors): the numpy path then takes it, and counts any drop."""
         qs = self._qs
-        areas = self._areas[index]
-        area = areas.pop() if areas else RoundArea(q.size)
-        if area.size != q.size:
-            area = RoundArea(q.size)
+        area = self._area(index, q.size)
         hdr = qs.hdr_len
         longest = U32_MAX if qs.frame_limit >= MAX_FRAME else hdr + qs.frame_limit
         got = q.take_round(mem, want, self._pool, area, queue=index, indirect=qs.indirect, tx=True,
                            min_len=hdr + ETH_HLEN, max_len=longest, lens_off=hdr)  # fmt: skip
         if got is None:
-            areas.append(area)
+            self._areas[index].append(area)
             return None
         segments, frame_bytes = got
         batch = TxBatch(queue=index, mem=mem, chains=None, positions=area.positions[:want],
@@ -312,6 +314,42 @@ class TxPath:
             qs.inflight.popped(index, q, mem, batch.heads)
         self._stats.add_inflight(index, want)
         self._hand_over(index, st, mem, batch, batch.heads, batch.descriptors, area.positions[:0])
+        return self._round_result(index, st, mem, want)
+
+    def _area(self, index: int, size: int) -> RoundArea:
+        """Work arrays for a compiled round on queue ``index`` (of ``size``), the caller's until it
+        puts them back in ``self._areas[index]``."""
+        areas = self._areas[index]
+        area = areas.pop() if areas else RoundArea(size)
+        return area if area.size == size else RoundArea(size)
+
+    def _process_absorbed(
+        self, index: int, st: QueueState, mem: GuestMemory, q: SplitQueue, want: int
+    ) -> QueueResult | None:
+        """``process`` for a port that only absorbs frames (``DevicePort.absorbs``: the sink), on a
+        split ring with no hook on the frames' way (steering, the inflight region, the dirty log): the
+        round is one compiled call (``SplitQueue.absorb_round``) that takes, reads and returns every
+        chain, and the port is told the totals. None, having changed nothing, for what the kernel
+        does not take whole (as ``_process_compiled``)."""
+        qs = self._qs
+        area = self._area(index, q.size)
+        hdr = qs.hdr_len
+        longest = U32_MAX if qs.frame_limit >= MAX_FRAME else hdr + qs.frame_limit
+        port = self._port
+        try:
+            got = q.absorb_round(mem, want, self._pool, area, queue=index, indirect=qs.indirect,
+                                 min_len=hdr + ETH_HLEN, max_len=longest, hdr=hdr,
+                                 read=port.absorbs == ABSORB_SUM)  # fmt: skip
+        finally:
+            self._areas[index].append(area)
+        if got is None:
+            return None
+        frame_bytes, byte_sum = got
+        stats = self._stats
+        stats.add_inflight(index, want)  # (the round held them: the high-water mark says so)
+        stats.add_inflight(index, -want)
+        stats.count(index, want, frame_bytes)
+        port.absorb(want, frame_bytes, byte_sum)
         return self._round_result(index, st, mem, want)
 
     def _process_short(self, index: int, st: QueueState, mem: GuestMemory, want: int) -> QueueResult | None:
