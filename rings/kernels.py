@@ -27,7 +27,7 @@ from .pool_layout import descriptor_dtype
 from .walk_kernel import _Arrays, _declined_py, _walk_into_py, _walk_split_py
 
 __all__ = [
-    "absorb_split", "complete_split", "disable", "enable", "enabled", "engine", "free_normal",
+    "absorb_split", "complete_split", "disable", "enable", "enabled", "engine", "fill_split", "free_normal",
     "scatter_template", "sum_frames", "take_split", "track", "walk_split",
 ]  # fmt: skip
 
@@ -44,6 +44,8 @@ scatter_template: Callable[..., int] | None = None
 """The compiled ``rings.round_kernels._scatter_template_py`` once enabled, else None."""
 sum_frames: Callable[..., tuple[int, int]] | None = None
 """The compiled ``rings.round_kernels._sum_frames_py`` once enabled, else None."""
+fill_split: Callable[..., tuple[int, bool]] | None = None
+"""The compiled ``rings.round_kernels._fill_split_py`` once enabled (``SplitQueue.fill_round``)."""
 absorb_split: Callable[..., tuple[int, int, int]] | None = None
 """The compiled ``rings.round_kernels._absorb_split_py`` once enabled (``SplitQueue.absorb_round``)."""
 _why_not: str = "not enabled"
@@ -74,10 +76,10 @@ def enable() -> bool:
 def _install(kernels: tuple[Callable[..., Any], ...] | None) -> None:
     """Make ``kernels`` (as :func:`_compile` returns them) the ones callers find, or None for none."""
     global _compiled_walk, free_normal, track, take_split, complete_split, scatter_template, sum_frames
-    global absorb_split
-    values: tuple[Any, ...] = kernels if kernels is not None else (None,) * 8
+    global absorb_split, fill_split
+    values: tuple[Any, ...] = kernels if kernels is not None else (None,) * 9
     (_compiled_walk, free_normal, track, take_split, complete_split, scatter_template, sum_frames,
-     absorb_split) = values
+     absorb_split, fill_split) = values
 
 
 def _compile() -> tuple[Callable[..., Any], ...] | None:
@@ -101,17 +103,19 @@ def _compile() -> tuple[Callable[..., Any], ...] | None:
         scatter, summer = jit(rk._scatter_template_py), jit(rk._sum_frames_py)
         absorb = jit(_link(rk._absorb_split_py, _take_split=take, _complete_split=complete,
                            _sum_frames=summer))
-        _compile_now(walk, take, complete, scatter, summer, absorb)
+        fill = jit(_link(rk._fill_split_py, _take_split=take, _complete_split=complete,
+                         _scatter_template=scatter))
+        _compile_now(walk, take, complete, scatter, summer, absorb, fill)
     except Exception as exc:  # numba raises its own error classes; any of them means: no kernels
         _why_not = f"numba could not compile the kernels ({type(exc).__name__}: {exc})"
         return None
-    return walk, free_fn, track_fn, take, complete, scatter, summer, absorb
+    return walk, free_fn, track_fn, take, complete, scatter, summer, absorb, fill
 
 
 def _compile_now(*kernels: Callable[..., Any]) -> None:
     """Compile for the argument types the rings pass (field views of structured arrays, contiguous
     work arrays), now rather than in the first round."""
-    walk, take, complete, scatter, summer, absorb = kernels
+    walk, take, complete, scatter, summer, absorb, fill = kernels
     table = np.zeros(2, DESC_DTYPE)
     ring = (table["addr"], table["len"], table["flags"], table["next"])
     bounds = (np.zeros(1, np.uint64), np.ones(1, np.uint64))
@@ -136,6 +140,8 @@ def _compile_now(*kernels: Callable[..., Any]) -> None:
         datas = tuple(np.zeros(8, np.uint8) for _ in range(regions))
         absorb(avail, *ring, *bounds, 0, 0, True, 0, 0, 0, 0, 2, *arrays, 0, *area.outputs, used, 0,
                area.zeros, datas, True)
+        fill(avail, *ring, *bounds, 0, 0, True, 0, 0, 2, *arrays, 0, *area.outputs, used, 0, datas,
+             np.zeros(1, np.uint8))
 
 
 def disable() -> None:

@@ -262,6 +262,46 @@ def _absorb_split_py(
     return m, total, checksum
 
 
+
+def _fill_split_py(
+    avail_ring: _Arr, d_addr: _Arr, d_len: _Arr, d_flags: _Arr, d_next: _Arr, starts: _Arr, sizes: _Arr,
+    start: int, k: int, indirect: bool, need: int,
+    p_used: int, p_capacity: int, p_state: _Arr, p_ever: _Arr, p_stack: _Arr, p_queue: _Arr, p_head: _Arr,
+    p_addr: _Arr, p_length: _Arr, p_reserved: _Arr, queue: int,
+    heads: _Arr, descs: _Arr, lens: _Arr, first: _Arr, counts: _Arr, rlen: _Arr, wlen: _Arr, s_chain: _Arr,
+    s_desc: _Arr, s_addr: _Arr, s_len: _Arr, s_writable: _Arr, s_region: _Arr, s_offset: _Arr,
+    used_ring: _Arr, used_start: int, datas: Any, tmpl: _Arr,
+) -> tuple[int, bool]:  # pragma: no cover - compiled by numba
+    """A whole RX round of one frame written into ``k`` buffers (the generator's), in one call:
+    :func:`_take_split_py` of ``k`` chains of at least ``need`` writable bytes, ``tmpl`` (header and
+    frame, ``need`` bytes) into each (:func:`_scatter_template_py`, region by region: ``datas`` is the
+    tuple of the regions' bytes), then :func:`_complete_split_py` (descriptors freed, used entries of
+    length ``need`` from used slot ``used_start``). Returns ``(segments, True)`` for a round done
+    whole; ``(segments, False)`` for a round taken but not written, its chains having several
+    segments (the caller writes and completes it: the take is done, nothing else); ``(-1, False)``
+    with nothing changed when the take declines; ``(-2, False)`` when the free declined after the
+    take (a bug: the caller raises; nothing was published)."""
+    m, _ = _take_split(avail_ring, d_addr, d_len, d_flags, d_next, starts, sizes, start, k, indirect, False,
+                       need, U32_MAX, 0, p_used, p_capacity, p_state, p_ever, p_stack, p_queue, p_head,
+                       p_addr, p_length, p_reserved, queue, heads, descs, lens, first, counts, rlen, wlen,
+                       s_chain, s_desc, s_addr, s_len, s_writable, s_region, s_offset)  # fmt: skip
+    if m < 0:
+        return -1, False
+    if m != k:
+        return m, False
+    region = 0
+    while region >= 0:
+        region = _scatter_template(datas[region], region, k, s_region, s_offset, s_len, s_writable, tmpl,
+                                   lens)
+        if region == -2:
+            return m, False  # (the first call checks every chain: nothing was written)
+    left: int = _complete_split(used_ring, used_start, heads[:k], lens[:k], descs[:k], p_used + k,
+                                p_capacity, p_state, p_stack)
+    if left < 0:
+        return -2, False
+    return m, True
+
 _take_split = _take_split_py
 _complete_split = _complete_split_py
 _sum_frames = _sum_frames_py
+_scatter_template = _scatter_template_py

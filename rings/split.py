@@ -237,25 +237,62 @@ class SplitQueue:
         then :meth:`complete_round` with used length 0, ``used.idx`` published after the call.
         Returns ``(frame bytes, byte sum or 0)``, or None with nothing changed, as take_round."""
         absorb = kernels.absorb_split
-        if absorb is None or pool.closed or not 0 < count <= area.size:
+        if absorb is None or not self._fusable(pool, area, count):
             return None
-        v = self._views(mem)
-        state = pool.round_state()
-        regions = mem.cached(_REGION_BYTES, _region_bytes)
+        v, state, regions = self._views(mem), pool.round_state(), mem.cached(_REGION_BYTES, _region_bytes)
         got = absorb(*v.take_ring, self.last_avail_idx, count, indirect, min_len, max_len, hdr, *state, queue,
                      *area.outputs, v.used_ring, self.used_idx, area.zeros, regions, read)  # fmt: skip
-        if got[0] == -1:
+        if not self._settle(int(got[0]), v, pool, state[0], count, queue, published=True):
             return None
-        if got[0] < 0:
+        return int(got[1]), int(got[2])
+
+    def fill_round(
+        self, mem: GuestMemory, count: int, pool: PacketPool, area: RoundArea, *, queue: int, indirect: bool,
+        tmpl: npt.NDArray[np.uint8],
+    ) -> tuple[int, bool] | None:
+        """An RX round of ``tmpl`` (a virtio-net header and a frame) written into ``count`` buffers, in
+        one compiled call (``rings.round_kernels._fill_split_py``): :meth:`take_round` of chains of at
+        least ``len(tmpl)`` writable bytes, the frame into each, then :meth:`complete_round` with used
+        length ``len(tmpl)``, ``used.idx`` published after the call. Returns ``(segments, True)``
+        for a round done whole; ``(segments, False)`` for one taken as :meth:`take_round` takes it,
+        its chains of several buffers (the caller writes and completes it); None with nothing changed,
+        as take_round."""
+        fill = kernels.fill_split
+        if fill is None or not self._fusable(pool, area, count):
+            return None
+        v, state, regions = self._views(mem), pool.round_state(), mem.cached(_REGION_BYTES, _region_bytes)
+        m, whole = fill(*v.take_ring, self.last_avail_idx, count, indirect, int(tmpl.shape[0]), *state, queue,
+                        *area.outputs, v.used_ring, self.used_idx, regions, tmpl)  # fmt: skip
+        if not self._settle(int(m), v, pool, state[0], count, queue, published=bool(whole)):
+            return None
+        return int(m), bool(whole)
+
+    @staticmethod
+    def _fusable(pool: PacketPool, area: RoundArea, count: int) -> bool:
+        """Whether a fused round of ``count`` chains may be tried (the kernel still checks the rest)."""
+        return not pool.closed and 0 < count <= area.size
+
+    def _settle(
+        self, status: int, v: _RingViews, pool: PacketPool, in_use: int, count: int, queue: int, *,
+        published: bool,
+    ) -> bool:
+        """After a fused round's call (absorb, fill) of ``count`` chains from a pool with ``in_use``
+        normal descriptors taken: False if it declined (``status`` -1: nothing changed); else the
+        avail side moves on and the pool learns what the call took, and, when the call also freed
+        them and wrote the used entries (``published``), ``used.idx`` is published."""
+        if status == -1:
+            return False
+        if status < 0:
             # The take held the descriptors it had just popped off the pool's stack: freeing them
             # cannot be refused unless the pool's records are corrupt. Nothing was published.
             raise RuntimeError(f"queue {queue}: the pool refused to free the descriptors a round just took")
         self.last_avail_idx = (self.last_avail_idx + count) & U16_MASK
-        pool.round_allocated(state[0] + count)  # (its high-water mark: the round held them)
-        self.used_idx = (self.used_idx + count) & U16_MASK
-        v.used_head[1] = self.used_idx  # after the call: the entries are written (see push_used)
-        pool.round_freed(state[0])
-        return int(got[1]), int(got[2])
+        pool.round_allocated(in_use + count)  # (its high-water mark: the round held them)
+        if published:
+            self.used_idx = (self.used_idx + count) & U16_MASK
+            v.used_head[1] = self.used_idx  # after the call: the entries are written (see push_used)
+            pool.round_freed(in_use)
+        return True
 
     def complete_round(
         self, mem: GuestMemory, heads: npt.NDArray[np.uint16], lens: npt.NDArray[np.uint32],

@@ -267,10 +267,24 @@ def test_tx_batches_a_port_holds_keep_their_chains_while_later_rounds_run() -> N
     assert port.held[-1][0].area in areas  # type: ignore[attr-defined]  # an area given back, reused
 
 
+@pytest.mark.parametrize("layout", [TxLayout.ONE, TxLayout.TWO])
 @pytest.mark.parametrize("size", [64, 1500])
-def test_generator_rounds_with_the_kernels_match_the_numpy_rounds(size: int) -> None:
-    """The template scatter (a compiled call per memory region, buffers posted in both regions, some
-    too short for the frame) and the used entries: the same guest RAM with the kernels on and off."""
+def test_generator_rounds_with_the_kernels_match_the_numpy_rounds(
+    size: int, layout: TxLayout, source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The generator's round in one compiled call (``_fill_split_py``: take, the template into every
+    buffer region by region, used entries; the Python source too), buffers posted in both regions,
+    some too short for the frame, or of two descriptors each (taken by the kernel, written the numpy
+    way): the same guest RAM and used entries with the kernels on and off."""
+    calls: list[tuple[int, bool]] = []
+    kernel = rk._fill_split_py if source == "python" else kernels.fill_split
+    assert kernel is not None
+
+    def counted(*args: object) -> tuple[int, bool]:
+        got: tuple[int, bool] = kernel(*args)
+        calls.append(got)
+        return got
+
     worlds = []
     for _ in range(2):
         drv = GuestDriver((1 << 20, 1 << 20))
@@ -291,9 +305,10 @@ def test_generator_rounds_with_the_kernels_match_the_numpy_rounds(size: int) -> 
             for on, (_, rxq, dev) in zip((True, False), worlds, strict=True):
                 if on:
                     assert kernels.enable()
+                    monkeypatch.setattr(kernels, "fill_split", counted)
                 else:
                     kernels.disable()
-                rxq.post_rx(12 + size + room, count=min(count, rxq.num_free))
+                rxq.post_rx(12 + size + room, count=min(count, rxq.num_free // 2), layout=layout)
                 if short and rxq.num_free:
                     rxq.post_rx(12 + 20, count=1)
                 results.append((dev.poll_rx(0), [(c.id, c.len, c.data) for c in rxq.reap()]))
@@ -303,6 +318,9 @@ def test_generator_rounds_with_the_kernels_match_the_numpy_rounds(size: int) -> 
         assert kernels.enable()
     for _, _, dev in worlds:
         assert dev.pool.usage == 0
+    done = [m for m, whole in calls if m > 0 and whole]
+    taken = [m for m, whole in calls if m > 0 and not whole]
+    assert (done and not taken) if layout is TxLayout.ONE else (taken and not done)
 
 
 

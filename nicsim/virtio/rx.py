@@ -760,10 +760,10 @@ class RxPath:
         self, rxq: int, st: QueueState, mem: GuestMemory, template: npt.NDArray[np.uint8], count: int,
         need: int,
     ) -> int | None:
-        """The template into up to ``count`` buffers in compiled calls: take the round (every chain good
-        and at least ``need`` bytes long), write the frame (a call per memory region the buffers lie
-        in) and publish it. Returns how many frames were placed, or None, having changed nothing, for a
-        round the kernels do not take (the numpy path then does)."""
+        """The template into up to ``count`` buffers in one compiled call (``SplitQueue.fill_round``:
+        take the round, every chain good and at least ``need`` bytes long, write the frame, publish
+        it). Returns how many frames were placed, or None, having changed nothing, for a round the
+        kernels do not take (the numpy path then does)."""
         qs = self._qs
         q = st.q
         if qs.logging or qs.inflight is not None or not isinstance(q, SplitQueue):
@@ -772,40 +772,23 @@ class RxPath:
         if want <= 0:
             return None
         area = self._area(rxq, q)
-        got = q.take_round(mem, want, self._pool, area, queue=rxq, indirect=qs.indirect, tx=False,
-                           min_len=need, max_len=U32_MAX, lens_off=0)  # fmt: skip
+        tmpl = self._with_header(template, qs.hdr_len)
+        got = q.fill_round(mem, want, self._pool, area, queue=rxq, indirect=qs.indirect, tmpl=tmpl)
         if got is None:
             return None
-        self._stats.add_inflight(rxq, want)
-        tmpl = self._with_header(template, qs.hdr_len)
-        frames = want * template.shape[0]
-        if got[0] == want and self._scatter_compiled(mem, area, want, tmpl):
-            self._count(rxq, want, frames)
-            lens = area.lens[:want]  # the scatter wrote ``need`` into each
-            self._publish_all(rxq, st, mem, area.heads[:want], area.descs[:want], lens)
+        segments, whole = got
+        stats = self._stats
+        stats.add_inflight(rxq, want)
+        self._count(rxq, want, want * template.shape[0])
+        if whole:
+            stats.add_inflight(rxq, -want)  # (the round held them: the high-water mark says so)
             return want
         # Chains of several buffers: the numpy scatter, into the round the kernel took.
-        cb = area.batch(want, got[0])
+        cb = area.batch(want, segments)
         scatter_template(mem, cb, tmpl)
-        self._count(rxq, want, frames)
         self._finish_chains(rxq, st, mem, cb, area.descs[:want], np.arange(want), want,
                             np.full(want, need, np.int64))  # fmt: skip
         return want
-
-    @staticmethod
-    def _scatter_compiled(mem: GuestMemory, area: RoundArea, n: int, tmpl: npt.NDArray[np.uint8]) -> bool:
-        """``tmpl`` into the single buffer of each of the area's ``n`` chains, a compiled call per memory
-        region; False, writing nothing, when a buffer cannot take it."""
-        scatter = kernels.scatter_template
-        assert scatter is not None
-        regions = mem.regions
-        region = 0
-        while region >= 0:
-            region = scatter(regions[region].data, region, n, area.s_region, area.s_offset, area.s_len,
-                             area.s_writable, tmpl, area.lens)  # fmt: skip
-            if region == -2:
-                return False  # the first call checks every chain: nothing was written
-        return True
 
     def _area(self, rxq: int, q: SplitQueue) -> RoundArea:
         """The receive queue's work arrays (a round is over before the next starts: one is enough)."""
