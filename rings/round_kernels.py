@@ -234,7 +234,7 @@ def _absorb_split_py(
     p_addr: _Arr, p_length: _Arr, p_reserved: _Arr, queue: int,
     heads: _Arr, descs: _Arr, lens: _Arr, first: _Arr, counts: _Arr, rlen: _Arr, wlen: _Arr, s_chain: _Arr,
     s_desc: _Arr, s_addr: _Arr, s_len: _Arr, s_writable: _Arr, s_region: _Arr, s_offset: _Arr,
-    used_ring: _Arr, used_start: int, zeros: _Arr, datas: Any, read: bool,
+    used_ring: _Arr, used_start: int, zeros: _Arr, datas: Any, read: bool, used_head: _Arr, every: int,
 ) -> tuple[int, int, Any]:  # pragma: no cover - compiled by numba
     """A whole TX round for a port that absorbs frames (the sink), in one call: :func:`_take_split_py`
     of ``k`` chains (popped, walked, checked, each held by a pool descriptor), with ``read`` the sum of
@@ -242,7 +242,9 @@ def _absorb_split_py(
     bytes), then :func:`_complete_split_py` (descriptors freed, used entries of length 0
     written from used slot ``used_start``). Returns ``(segments, frame bytes, byte sum)``; ``(-1, 0,
     0)`` with nothing changed when the take declines (the caller's other paths do the round), ``(-2,
-    0, 0)`` when the free declined after the take (a bug: the caller raises; nothing was published)."""
+    0, 0)`` when the free declined after the take (a bug: the caller raises; nothing was published).
+    With ``every`` > 0, ``used.idx`` (``used_head[1]``) is published inside after every ``every``
+    chains, once read and freed, behind a store fence: the other side refills while the round goes on."""
     m, total = _take_split(avail_ring, d_addr, d_len, d_flags, d_next, starts, sizes, start, k, indirect,
                            True, min_len, max_len, hdr, p_used, p_capacity, p_state, p_ever, p_stack,
                            p_queue, p_head, p_addr, p_length, p_reserved, queue, heads, descs, lens, first,
@@ -250,15 +252,25 @@ def _absorb_split_py(
     if m < 0:
         return -1, 0, np.uint64(0)
     checksum = np.uint64(0)
-    region = 0
-    while read and region >= 0:
-        part, region = _sum_frames(datas[region], region, m, s_chain, s_region, s_offset, s_len, s_writable,
-                                   hdr)
-        checksum += part
-    left: int = _complete_split(used_ring, used_start, heads[:k], zeros[:k], descs[:k], p_used + k,
-                                p_capacity, p_state, p_stack)
-    if left < 0:
-        return -2, 0, np.uint64(0)
+    in_use = p_used + k
+    step = every if every > 0 else max(k, 1)
+    for lo in range(0, k, step):
+        hi = min(k, lo + step)
+        s_lo = first[lo]
+        s_hi = first[hi - 1] + counts[hi - 1]
+        region = 0
+        while read and region >= 0:
+            part, region = _sum_frames(datas[region], region, s_hi - s_lo, s_chain[s_lo:s_hi],
+                                       s_region[s_lo:s_hi], s_offset[s_lo:s_hi], s_len[s_lo:s_hi],
+                                       s_writable[s_lo:s_hi], hdr)
+            checksum += part
+        in_use = _complete_split(used_ring, used_start + lo, heads[lo:hi], zeros[lo:hi], descs[lo:hi], in_use,
+                                 p_capacity, p_state, p_stack)
+        if in_use < 0:
+            return -2, 0, np.uint64(0)
+        if hi < k:
+            _store_fence()  # the entries before the index that exposes them (§2.7.8)
+            used_head[1] = (used_start + hi) & 0xFFFF
     return m, total, checksum
 
 
@@ -270,7 +282,7 @@ def _fill_split_py(
     p_addr: _Arr, p_length: _Arr, p_reserved: _Arr, queue: int,
     heads: _Arr, descs: _Arr, lens: _Arr, first: _Arr, counts: _Arr, rlen: _Arr, wlen: _Arr, s_chain: _Arr,
     s_desc: _Arr, s_addr: _Arr, s_len: _Arr, s_writable: _Arr, s_region: _Arr, s_offset: _Arr,
-    used_ring: _Arr, used_start: int, datas: Any, tmpl: _Arr,
+    used_ring: _Arr, used_start: int, datas: Any, tmpl: _Arr, used_head: _Arr, every: int,
 ) -> tuple[int, bool]:  # pragma: no cover - compiled by numba
     """A whole RX round of one frame written into ``k`` buffers (the generator's), in one call:
     :func:`_take_split_py` of ``k`` chains of at least ``need`` writable bytes, ``tmpl`` (header and
@@ -280,7 +292,8 @@ def _fill_split_py(
     whole; ``(segments, False)`` for a round taken but not written, its chains having several
     segments (the caller writes and completes it: the take is done, nothing else); ``(-1, False)``
     with nothing changed when the take declines; ``(-2, False)`` when the free declined after the
-    take (a bug: the caller raises; nothing was published)."""
+    take (a bug: the caller raises; nothing was published). With ``every`` > 0, ``used.idx``
+    (``used_head[1]``) is published inside after every ``every`` chains, behind a store fence."""
     m, _ = _take_split(avail_ring, d_addr, d_len, d_flags, d_next, starts, sizes, start, k, indirect, False,
                        need, U32_MAX, 0, p_used, p_capacity, p_state, p_ever, p_stack, p_queue, p_head,
                        p_addr, p_length, p_reserved, queue, heads, descs, lens, first, counts, rlen, wlen,
@@ -289,18 +302,32 @@ def _fill_split_py(
         return -1, False
     if m != k:
         return m, False
-    region = 0
-    while region >= 0:
-        region = _scatter_template(datas[region], region, k, s_region, s_offset, s_len, s_writable, tmpl,
-                                   lens)
-        if region == -2:
-            return m, False  # (the first call checks every chain: nothing was written)
-    left: int = _complete_split(used_ring, used_start, heads[:k], lens[:k], descs[:k], p_used + k,
-                                p_capacity, p_state, p_stack)
-    if left < 0:
-        return -2, False
+    for j in range(k):
+        if s_region[j] < 0 or not s_writable[j] or s_len[j] < tmpl.shape[0]:
+            return m, False  # (what the scatter refuses, checked before the first chunk is written)
+    in_use = p_used + k
+    step = every if every > 0 else max(k, 1)
+    for lo in range(0, k, step):
+        hi = min(k, lo + step)
+        region = 0
+        while region >= 0:
+            region = _scatter_template(datas[region], region, hi - lo, s_region[lo:hi], s_offset[lo:hi],
+                                       s_len[lo:hi], s_writable[lo:hi], tmpl, lens[lo:hi])
+        in_use = _complete_split(used_ring, used_start + lo, heads[lo:hi], lens[lo:hi], descs[lo:hi], in_use,
+                                 p_capacity, p_state, p_stack)
+        if in_use < 0:
+            return -2, False
+        if hi < k:
+            _store_fence()  # the entries before the index that exposes them (§2.7.8)
+            used_head[1] = (used_start + hi) & 0xFFFF
     return m, True
 
+def _store_fence_py() -> None:
+    """Stores before it are made visible before stores after it: nothing to do in Python, where each
+    numpy store is a C call of its own; ``kernels.enable`` links in a compiled release fence."""
+
+
+_store_fence = _store_fence_py
 _take_split = _take_split_py
 _complete_split = _complete_split_py
 _sum_frames = _sum_frames_py

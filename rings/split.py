@@ -229,31 +229,34 @@ class SplitQueue:
 
     def absorb_round(
         self, mem: GuestMemory, count: int, pool: PacketPool, area: RoundArea, *, queue: int, indirect: bool,
-        min_len: int, max_len: int, hdr: int, read: bool,
+        min_len: int, max_len: int, hdr: int, read: bool, every: int = 0,
     ) -> tuple[int, int] | None:
         """A TX round for a port that absorbs its frames, in one compiled call
         (``rings.round_kernels._absorb_split_py``): :meth:`take_round` of ``count`` chains, with
         ``read`` the sum of their frame bytes (each chain's readable bytes after its first ``hdr``),
-        then :meth:`complete_round` with used length 0, ``used.idx`` published after the call.
+        then :meth:`complete_round` with used length 0, ``used.idx`` published after the call (and
+        inside it after every ``every`` chains, once they are read and their descriptors freed).
         Returns ``(frame bytes, byte sum or 0)``, or None with nothing changed, as take_round."""
         absorb = kernels.absorb_split
         if absorb is None or not self._fusable(pool, area, count):
             return None
         v, state, regions = self._views(mem), pool.round_state(), mem.cached(_REGION_BYTES, _region_bytes)
         got = absorb(*v.take_ring, self.last_avail_idx, count, indirect, min_len, max_len, hdr, *state, queue,
-                     *area.outputs, v.used_ring, self.used_idx, area.zeros, regions, read)  # fmt: skip
+                     *area.outputs, v.used_ring, self.used_idx, area.zeros, regions, read, v.used_head,
+                     every)  # fmt: skip
         if not self._settle(int(got[0]), v, pool, state[0], count, queue, published=True):
             return None
         return int(got[1]), int(got[2])
 
     def fill_round(
         self, mem: GuestMemory, count: int, pool: PacketPool, area: RoundArea, *, queue: int, indirect: bool,
-        tmpl: npt.NDArray[np.uint8],
+        tmpl: npt.NDArray[np.uint8], every: int = 0,
     ) -> tuple[int, bool] | None:
         """An RX round of ``tmpl`` (a virtio-net header and a frame) written into ``count`` buffers, in
         one compiled call (``rings.round_kernels._fill_split_py``): :meth:`take_round` of chains of at
         least ``len(tmpl)`` writable bytes, the frame into each, then :meth:`complete_round` with used
-        length ``len(tmpl)``, ``used.idx`` published after the call. Returns ``(segments, True)``
+        length ``len(tmpl)``, ``used.idx`` published after the call (and inside it after every
+        ``every`` chains, once written and their descriptors freed). Returns ``(segments, True)``
         for a round done whole; ``(segments, False)`` for one taken as :meth:`take_round` takes it,
         its chains of several buffers (the caller writes and completes it); None with nothing changed,
         as take_round."""
@@ -262,7 +265,8 @@ class SplitQueue:
             return None
         v, state, regions = self._views(mem), pool.round_state(), mem.cached(_REGION_BYTES, _region_bytes)
         m, whole = fill(*v.take_ring, self.last_avail_idx, count, indirect, int(tmpl.shape[0]), *state, queue,
-                        *area.outputs, v.used_ring, self.used_idx, regions, tmpl)  # fmt: skip
+                        *area.outputs, v.used_ring, self.used_idx, regions, tmpl, v.used_head,
+                        every)  # fmt: skip
         if not self._settle(int(m), v, pool, state[0], count, queue, published=bool(whole)):
             return None
         return int(m), bool(whole)

@@ -218,12 +218,15 @@ def test_complete_round_writes_and_frees_what_push_used_and_free_batch_do(source
                 pool.free_batch(ids)
 
 
-def tx_device(port: Port, *, tx_batch: int) -> tuple[GuestDriver, DriverQueue, VirtioNetDevice]:
+def tx_device(
+    port: Port, *, tx_batch: int, publish_every: int = 64
+) -> tuple[GuestDriver, DriverQueue, VirtioNetDevice]:
     """A guest with two memory regions and a TX ring of 64, and a device whose every round goes the
     batch way (no short rounds)."""
     drv = GuestDriver((1 << 20, 1 << 20))
     txq = drv.add_queue(1, 64, event_idx=True)
-    dev = VirtioNetDevice(port=port, policy=NotifyPolicy(tx_batch=tx_batch), short_round=0)
+    policy = NotifyPolicy(tx_batch=tx_batch, publish_every=publish_every)
+    dev = VirtioNetDevice(port=port, policy=policy, short_round=0)
     dev.set_features(FEATURES)
     dev.set_memory(drv.memory)
     dev.start_queue(1, txq.device_queue())
@@ -267,15 +270,17 @@ def test_tx_batches_a_port_holds_keep_their_chains_while_later_rounds_run() -> N
     assert port.held[-1][0].area in areas  # type: ignore[attr-defined]  # an area given back, reused
 
 
+@pytest.mark.parametrize("every", [0, 5])
 @pytest.mark.parametrize("layout", [TxLayout.ONE, TxLayout.TWO])
 @pytest.mark.parametrize("size", [64, 1500])
 def test_generator_rounds_with_the_kernels_match_the_numpy_rounds(
-    size: int, layout: TxLayout, source: str, monkeypatch: pytest.MonkeyPatch
+    size: int, layout: TxLayout, every: int, source: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The generator's round in one compiled call (``_fill_split_py``: take, the template into every
     buffer region by region, used entries; the Python source too), buffers posted in both regions,
     some too short for the frame, or of two descriptors each (taken by the kernel, written the numpy
-    way): the same guest RAM and used entries with the kernels on and off."""
+    way), ``used.idx`` published once or every 5 buffers: the same guest RAM and used entries with
+    the kernels on and off."""
     calls: list[tuple[int, bool]] = []
     kernel = rk._fill_split_py if source == "python" else kernels.fill_split
     assert kernel is not None
@@ -289,8 +294,9 @@ def test_generator_rounds_with_the_kernels_match_the_numpy_rounds(
     for _ in range(2):
         drv = GuestDriver((1 << 20, 1 << 20))
         rxq = drv.add_queue(0, 64, event_idx=True)
-        dev = VirtioNetDevice(port=GeneratorPort(GeneratorConfig(size=size, mergeable=True)),
-                              policy=NotifyPolicy(rx_batch=32), short_round=0)  # fmt: skip
+        policy = NotifyPolicy(rx_batch=32, publish_every=every)
+        dev = VirtioNetDevice(port=GeneratorPort(GeneratorConfig(size=size, mergeable=True)), policy=policy,
+                              short_round=0)  # fmt: skip
         dev.set_features(FEATURES)
         dev.set_memory(drv.memory)
         dev.start_queue(0, rxq.device_queue())
@@ -376,16 +382,18 @@ class BatchSink(SinkPort):
         self.absorbs = ABSORB_NONE
 
 
+@pytest.mark.parametrize("every", [0, 7])
 @pytest.mark.parametrize("read", [True, False])
 @pytest.mark.parametrize("layout", [TxLayout.ONE, TxLayout.TWO, TxLayout.INDIRECT])
 def test_a_sinks_absorbed_rounds_give_the_guest_and_the_sink_what_batches_give(
-    layout: TxLayout, read: bool, source: str, monkeypatch: pytest.MonkeyPatch
+    layout: TxLayout, read: bool, every: int, source: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The sink absorbs (``DevicePort.absorbs``): a round of good direct chains is one compiled call
-    that takes, reads and returns them (``_absorb_split_py``; the Python source too). Against twin
-    guests whose sink takes batches: the same guest bytes (used ring), counters, checksum and drops,
-    the pool empty after each round, header bytes (all 0xFF) never summed, frames in both memory
-    regions; runts and indirect chains go the batch way and are counted there."""
+    that takes, reads and returns them (``_absorb_split_py``; the Python source too), publishing
+    ``used.idx`` once or every 7 chains (``publish_every``). Against twin guests whose sink takes
+    batches: the same guest bytes (used ring), counters, checksum and drops, the pool empty after
+    each round, header bytes (all 0xFF) never summed, frames in both memory regions; runts and
+    indirect chains go the batch way and are counted there."""
     calls: list[int] = []
     kernel = rk._absorb_split_py if source == "python" else kernels.absorb_split
     assert kernel is not None
@@ -397,7 +405,7 @@ def test_a_sinks_absorbed_rounds_give_the_guest_and_the_sink_what_batches_give(
 
     monkeypatch.setattr(kernels, "absorb_split", counted)
     ports = (SinkPort(SinkConfig(read=read)), BatchSink(SinkConfig(read=read)))
-    twins = [tx_device(port, tx_batch=64) for port in ports]
+    twins = [tx_device(port, tx_batch=64, publish_every=every) for port in ports]
     rng = np.random.default_rng(11)
     for r in range(6):
         frames = []
@@ -422,3 +430,28 @@ def test_a_sinks_absorbed_rounds_give_the_guest_and_the_sink_what_batches_give(
     else:
         assert sum(c > 0 for c in calls) == 5  # every round but the one with runts
         assert dev.stats.drops_total() > 0  # the runts, counted the batch way
+
+
+def test_an_absorbed_round_publishes_each_chunk_after_its_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``publish_every`` 8, a round of 30 chains publishes ``used.idx`` inside the call after
+    chains 8, 16 and 24, each time behind the fence and after the chunk's used entries: at every
+    fence the entries up to the chunk's end are written and the index still shows the last chunk's
+    end (the Python source, with a spy for the fence); the round's end is published after the call."""
+    port = SinkPort(SinkConfig(read=True))
+    drv, txq, dev = tx_device(port, tx_batch=64, publish_every=8)
+    q = dev.queue(1)
+    assert isinstance(q, SplitQueue)
+    views = q._views(drv.memory)
+    seen: list[tuple[int, list[int]]] = []
+
+    def spy() -> None:
+        seen.append((int(views.used_head[1]), views.used_ring[:, 0].tolist()))
+
+    monkeypatch.setattr(kernels, "absorb_split", rk._absorb_split_py)
+    monkeypatch.setattr(rk, "_store_fence", spy)
+    heads = [txq.post_tx(bytes(60 + i)) for i in range(30)]
+    dev.process_tx(1)
+    assert [idx for idx, _ in seen] == [0, 8, 16]  # the index as the fence before each store found it
+    for n, (_, entries) in zip((8, 16, 24), seen, strict=True):
+        assert entries[:n] == heads[:n]  # the chunk's entries were written before its index
+    assert int(views.used_head[1]) == 30 and port.packets == 30 and dev.pool.usage == 0

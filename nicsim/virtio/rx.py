@@ -773,7 +773,8 @@ class RxPath:
             return None
         area = self._area(rxq, q)
         tmpl = self._with_header(template, qs.hdr_len)
-        got = q.fill_round(mem, want, self._pool, area, queue=rxq, indirect=qs.indirect, tmpl=tmpl)
+        got = q.fill_round(mem, want, self._pool, area, queue=rxq, indirect=qs.indirect, tmpl=tmpl,
+                           every=qs.policy.publish_every)  # fmt: skip
         if got is None:
             return None
         segments, whole = got

@@ -339,7 +339,7 @@ class TxPath:
         try:
             got = q.absorb_round(mem, want, self._pool, area, queue=index, indirect=qs.indirect,
                                  min_len=hdr + ETH_HLEN, max_len=longest, hdr=hdr,
-                                 read=port.absorbs == ABSORB_SUM)  # fmt: skip
+                                 read=port.absorbs == ABSORB_SUM, every=qs.policy.publish_every)  # fmt: skip
         finally:
             self._areas[index].append(area)
         if got is None:
