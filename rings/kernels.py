@@ -101,10 +101,14 @@ def _compile() -> tuple[Callable[..., Any], ...] | None:
         take = jit(_link(rk._take_split_py, _walk_into=walk_into))
         complete = jit(_link(rk._complete_split_py, _free_normal=free_fn))
         scatter, summer = jit(rk._scatter_template_py), jit(rk._sum_frames_py)
+        store_fence = _fence(numba, "release")
+        wants = jit(rk._wants_interrupt_py)
+        next_round = jit(_link(rk._next_round_py, _full_fence=_fence(numba, "seq_cst"),
+                               _load_fence=_fence(numba, "acquire"), _wants_interrupt=wants))
         absorb = jit(_link(rk._absorb_split_py, _take_split=take, _complete_split=complete,
-                           _sum_frames=summer, _store_fence=_release_fence(numba)))
+                           _sum_frames=summer, _store_fence=store_fence, _next_round=next_round))
         fill = jit(_link(rk._fill_split_py, _take_split=take, _complete_split=complete,
-                         _scatter_template=scatter, _store_fence=_release_fence(numba)))
+                         _scatter_template=scatter, _store_fence=store_fence, _next_round=next_round))
         _compile_now(walk, take, complete, scatter, summer, absorb, fill)
     except Exception as exc:  # numba raises its own error classes; any of them means: no kernels
         _why_not = f"numba could not compile the kernels ({type(exc).__name__}: {exc})"
@@ -112,15 +116,15 @@ def _compile() -> tuple[Callable[..., Any], ...] | None:
     return walk, free_fn, track_fn, take, complete, scatter, summer, absorb, fill
 
 
-def _release_fence(numba: Any) -> Any:
-    """A compiled ``fence release`` (LLVM), for kernels to call: every store before it is visible
-    before any store after it, and the compiler moves none across it. On x86-64 it is no instruction
-    (TSO keeps stores in order) but it stops the compiler; elsewhere it is the barrier the hardware
-    needs."""
+def _fence(numba: Any, ordering: str) -> Any:
+    """A compiled LLVM ``fence`` for kernels to call. ``release``: every load and store before it
+    is done before any store after it; ``acquire``: every load before it is done before any load or
+    store after it. The compiler moves nothing across either; on x86-64 neither is an instruction
+    (TSO already orders these), elsewhere each is the barrier the hardware needs."""
 
     def fence(typingctx: Any) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            builder.fence("release")
+            builder.fence(ordering)
             return context.get_dummy_value()
 
         return numba.types.void(), codegen
@@ -155,9 +159,9 @@ def _compile_now(*kernels: Callable[..., Any]) -> None:
     for regions in (1, 2):
         datas = tuple(np.zeros(8, np.uint8) for _ in range(regions))
         absorb(avail, *ring, *bounds, 0, 0, True, 0, 0, 0, 0, 2, *arrays, 0, *area.outputs, used, 0,
-               area.zeros, datas, True, np.zeros(2, np.uint16), 0)
+               area.zeros, datas, True, np.zeros(2, np.uint16), 0, np.zeros(5, np.uint16), 1, 0, True, 0)
         fill(avail, *ring, *bounds, 0, 0, True, 0, 0, 2, *arrays, 0, *area.outputs, used, 0, datas,
-             np.zeros(1, np.uint8), np.zeros(2, np.uint16), 0)
+             np.zeros(1, np.uint8), np.zeros(2, np.uint16), 0, np.zeros(5, np.uint16), 1, 0, True, 0, 0)
 
 
 def disable() -> None:

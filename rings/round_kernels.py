@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .barrier import full_fence
 from .chains import ChainBatch
 
 # The helpers the kernels call by name: the Python sources; ``kernels.enable`` links the compiled
@@ -235,44 +236,62 @@ def _absorb_split_py(
     heads: _Arr, descs: _Arr, lens: _Arr, first: _Arr, counts: _Arr, rlen: _Arr, wlen: _Arr, s_chain: _Arr,
     s_desc: _Arr, s_addr: _Arr, s_len: _Arr, s_writable: _Arr, s_region: _Arr, s_offset: _Arr,
     used_ring: _Arr, used_start: int, zeros: _Arr, datas: Any, read: bool, used_head: _Arr, every: int,
+    avail: _Arr, rounds: int, again: int, event_idx: bool, signalled: int,
 ) -> tuple[int, int, Any]:  # pragma: no cover - compiled by numba
-    """A whole TX round for a port that absorbs frames (the sink), in one call: :func:`_take_split_py`
-    of ``k`` chains (popped, walked, checked, each held by a pool descriptor), with ``read`` the sum of
-    every frame byte (:func:`_sum_frames_py`, region by region: ``datas`` is the tuple of the regions'
-    bytes), then :func:`_complete_split_py` (descriptors freed, used entries of length 0
-    written from used slot ``used_start``). Returns ``(segments, frame bytes, byte sum)``; ``(-1, 0,
-    0)`` with nothing changed when the take declines (the caller's other paths do the round), ``(-2,
-    0, 0)`` when the free declined after the take (a bug: the caller raises; nothing was published).
-    With ``every`` > 0, ``used.idx`` (``used_head[1]``) is published inside after every ``every``
-    chains, once read and freed, behind a store fence: the other side refills while the round goes on."""
-    m, total = _take_split(avail_ring, d_addr, d_len, d_flags, d_next, starts, sizes, start, k, indirect,
-                           True, min_len, max_len, hdr, p_used, p_capacity, p_state, p_ever, p_stack,
-                           p_queue, p_head, p_addr, p_length, p_reserved, queue, heads, descs, lens, first,
-                           counts, rlen, wlen, s_chain, s_desc, s_addr, s_len, s_writable, s_region, s_offset)
-    if m < 0:
-        return -1, 0, np.uint64(0)
+    """Whole TX rounds for a port that absorbs frames (the sink), in one call. A round is
+    :func:`_take_split_py` of up to ``k`` chains (popped, walked, checked, each held by a pool
+    descriptor), with ``read`` the sum of every frame byte (:func:`_sum_frames_py`, region by region:
+    ``datas`` is the tuple of the regions' bytes), then :func:`_complete_split_py` (descriptors freed,
+    used entries of length 0 written from used slot ``used_start`` on) and ``used.idx``
+    (``used_head[1]``) published behind a store fence: after every ``every`` chains (0: once per
+    round), so the other side refills while the round goes on. The first round takes ``k`` chains;
+    after it, up to ``rounds`` in all, another round takes what is pending (``avail`` is the whole
+    avail ring, for its index), at most ``k``, while that is at least ``again`` and the driver wants
+    no interrupt for what is used since ``signalled`` (:func:`_wants_interrupt_py`): a frontend that
+    keeps up is served without a return to Python per round. Returns ``(chains, frame bytes, byte sum)``;
+    ``(-1, 0, 0)`` with nothing changed when the first take declines (the caller's other paths do
+    the round; a later one only ends the call), ``(-2, 0, 0)`` when a free declined after its take (a
+    bug: the caller raises)."""
+    size = avail_ring.shape[0]
+    taken = 0
+    total = 0
     checksum = np.uint64(0)
-    in_use = p_used + k
-    step = every if every > 0 else max(k, 1)
-    for lo in range(0, k, step):
-        hi = min(k, lo + step)
-        s_lo = first[lo]
-        s_hi = first[hi - 1] + counts[hi - 1]
-        region = 0
-        while read and region >= 0:
-            part, region = _sum_frames(datas[region], region, s_hi - s_lo, s_chain[s_lo:s_hi],
-                                       s_region[s_lo:s_hi], s_offset[s_lo:s_hi], s_len[s_lo:s_hi],
-                                       s_writable[s_lo:s_hi], hdr)
-            checksum += part
-        in_use = _complete_split(used_ring, used_start + lo, heads[lo:hi], zeros[lo:hi], descs[lo:hi], in_use,
-                                 p_capacity, p_state, p_stack)
-        if in_use < 0:
-            return -2, 0, np.uint64(0)
-        if hi < k:
+    n = k
+    for r in range(max(rounds, 1)):
+        m, part = _take_split(avail_ring, d_addr, d_len, d_flags, d_next, starts, sizes, start + taken, n,
+                              indirect, True, min_len, max_len, hdr, p_used, p_capacity, p_state, p_ever,
+                              p_stack, p_queue, p_head, p_addr, p_length, p_reserved, queue, heads, descs,
+                              lens, first, counts, rlen, wlen, s_chain, s_desc, s_addr, s_len, s_writable,
+                              s_region, s_offset)  # fmt: skip
+        if m < 0:
+            if r == 0:
+                return -1, 0, np.uint64(0)
+            break
+        in_use = p_used + n
+        step = every if every > 0 else max(n, 1)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            s_lo = first[lo]
+            s_hi = first[hi - 1] + counts[hi - 1]
+            region = 0
+            while read and region >= 0:
+                got, region = _sum_frames(datas[region], region, s_hi - s_lo, s_chain[s_lo:s_hi],
+                                          s_region[s_lo:s_hi], s_offset[s_lo:s_hi], s_len[s_lo:s_hi],
+                                          s_writable[s_lo:s_hi], hdr)
+                checksum += got
+            in_use = _complete_split(used_ring, used_start + taken + lo, heads[lo:hi], zeros[lo:hi],
+                                     descs[lo:hi], in_use, p_capacity, p_state, p_stack)
+            if in_use < 0:
+                return -2, 0, np.uint64(0)
             _store_fence()  # the entries before the index that exposes them (§2.7.8)
-            used_head[1] = (used_start + hi) & 0xFFFF
-    return m, total, checksum
-
+            used_head[1] = (used_start + taken + hi) & 0xFFFF
+        taken += n
+        total += part
+        n = _next_round(avail, size, start + taken, used_start + taken, signalled, event_idx, r + 1, rounds,
+                        again, k)
+        if n == 0:
+            break
+    return taken, total, checksum
 
 
 def _fill_split_py(
@@ -283,51 +302,136 @@ def _fill_split_py(
     heads: _Arr, descs: _Arr, lens: _Arr, first: _Arr, counts: _Arr, rlen: _Arr, wlen: _Arr, s_chain: _Arr,
     s_desc: _Arr, s_addr: _Arr, s_len: _Arr, s_writable: _Arr, s_region: _Arr, s_offset: _Arr,
     used_ring: _Arr, used_start: int, datas: Any, tmpl: _Arr, used_head: _Arr, every: int,
-) -> tuple[int, bool]:  # pragma: no cover - compiled by numba
-    """A whole RX round of one frame written into ``k`` buffers (the generator's), in one call:
-    :func:`_take_split_py` of ``k`` chains of at least ``need`` writable bytes, ``tmpl`` (header and
-    frame, ``need`` bytes) into each (:func:`_scatter_template_py`, region by region: ``datas`` is the
-    tuple of the regions' bytes), then :func:`_complete_split_py` (descriptors freed, used entries of
-    length ``need`` from used slot ``used_start``). Returns ``(segments, True)`` for a round done
-    whole; ``(segments, False)`` for a round taken but not written, its chains having several
-    segments (the caller writes and completes it: the take is done, nothing else); ``(-1, False)``
-    with nothing changed when the take declines; ``(-2, False)`` when the free declined after the
-    take (a bug: the caller raises; nothing was published). With ``every`` > 0, ``used.idx``
-    (``used_head[1]``) is published inside after every ``every`` chains, behind a store fence."""
-    m, _ = _take_split(avail_ring, d_addr, d_len, d_flags, d_next, starts, sizes, start, k, indirect, False,
-                       need, U32_MAX, 0, p_used, p_capacity, p_state, p_ever, p_stack, p_queue, p_head,
-                       p_addr, p_length, p_reserved, queue, heads, descs, lens, first, counts, rlen, wlen,
-                       s_chain, s_desc, s_addr, s_len, s_writable, s_region, s_offset)  # fmt: skip
-    if m < 0:
-        return -1, False
-    if m != k:
-        return m, False
-    for j in range(k):
-        if s_region[j] < 0 or not s_writable[j] or s_len[j] < tmpl.shape[0]:
-            return m, False  # (what the scatter refuses, checked before the first chunk is written)
-    in_use = p_used + k
-    step = every if every > 0 else max(k, 1)
-    for lo in range(0, k, step):
-        hi = min(k, lo + step)
-        region = 0
-        while region >= 0:
-            region = _scatter_template(datas[region], region, hi - lo, s_region[lo:hi], s_offset[lo:hi],
-                                       s_len[lo:hi], s_writable[lo:hi], tmpl, lens[lo:hi])
-        in_use = _complete_split(used_ring, used_start + lo, heads[lo:hi], lens[lo:hi], descs[lo:hi], in_use,
-                                 p_capacity, p_state, p_stack)
-        if in_use < 0:
-            return -2, False
-        if hi < k:
+    avail: _Arr, rounds: int, again: int, event_idx: bool, signalled: int, limit: int,
+) -> tuple[int, int]:  # pragma: no cover - compiled by numba
+    """Whole RX rounds of one frame written into buffers (the generator's), in one call. A round is
+    :func:`_take_split_py` of chains of at least ``need`` writable bytes, ``tmpl`` (header and frame,
+    ``need`` bytes) into each (:func:`_scatter_template_py`, region by region: ``datas`` is the tuple
+    of the regions' bytes), then :func:`_complete_split_py` (descriptors freed, used entries of length
+    ``need`` from used slot ``used_start`` on) and ``used.idx`` (``used_head[1]``) published behind a
+    store fence, after every ``every`` chains (0: once per round). The first round takes ``k`` chains;
+    more rounds follow as in :func:`_absorb_split_py` (``rounds``, ``again``, no interrupt wanted),
+    each only of chains of one descriptor that takes the frame (checked before the take), ``limit``
+    chains in all at most (the frames the port asked to send).
+
+    Returns ``(chains written, segments of the first round)``: ``(-1, 0)`` with nothing changed when
+    the first take declines; ``(0, segments)`` for a first round taken but not written, its chains
+    having several segments (the caller writes and completes it: the take is done, nothing else);
+    ``(-2, 0)`` when a free declined after its take (a bug: the caller raises)."""
+    size = avail_ring.shape[0]
+    mask = size - 1
+    length = tmpl.shape[0]
+    done = 0
+    n = k
+    segments = 0
+    for r in range(max(rounds, 1)):
+        if r > 0:
+            for j in range(n):  # a later round only of chains the scatter takes whole
+                head = avail_ring[(start + done + j) & mask]
+                if head >= size or d_flags[head] & 7 != 2 or d_len[head] < length:  # WRITE, no NEXT/INDIRECT
+                    n = j
+                    break
+            if n == 0:
+                break
+        m, _ = _take_split(avail_ring, d_addr, d_len, d_flags, d_next, starts, sizes, start + done, n,
+                           indirect, False, need, U32_MAX, 0, p_used, p_capacity, p_state, p_ever, p_stack,
+                           p_queue, p_head, p_addr, p_length, p_reserved, queue, heads, descs, lens, first,
+                           counts, rlen, wlen, s_chain, s_desc, s_addr, s_len, s_writable, s_region,
+                           s_offset)  # fmt: skip
+        if m < 0:
+            if r == 0:
+                return -1, 0
+            break
+        if r == 0:
+            segments = m
+        whole = m == n
+        for j in range(n):
+            if not whole or s_region[j] < 0 or not s_writable[j] or s_len[j] < length:
+                if r == 0:
+                    return 0, m  # (what the scatter refuses, checked before the first chunk is written)
+                return -2, 0  # (checked before the take: cannot happen)
+        in_use = p_used + n
+        step = every if every > 0 else max(n, 1)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            region = 0
+            while region >= 0:
+                region = _scatter_template(datas[region], region, hi - lo, s_region[lo:hi], s_offset[lo:hi],
+                                           s_len[lo:hi], s_writable[lo:hi], tmpl, lens[lo:hi])
+            in_use = _complete_split(used_ring, used_start + done + lo, heads[lo:hi], lens[lo:hi],
+                                     descs[lo:hi], in_use, p_capacity, p_state, p_stack)
+            if in_use < 0:
+                return -2, 0
             _store_fence()  # the entries before the index that exposes them (§2.7.8)
-            used_head[1] = (used_start + hi) & 0xFFFF
-    return m, True
+            used_head[1] = (used_start + done + hi) & 0xFFFF
+        done += n
+        left = limit - done
+        if left <= 0:
+            break
+        n = _next_round(avail, size, start + done, used_start + done, signalled, event_idx, r + 1, rounds,
+                        again, k if k < left else left)
+        if n == 0:
+            break
+    return done, segments
+
+
+def _next_round_py(
+    avail: _Arr, size: int, next_avail: int, used_idx: int, signalled: int, event_idx: bool, done: int,
+    rounds: int, again: int, k: int,
+) -> int:  # pragma: no cover - compiled by numba
+    """How many chains a fused call's next round takes (0: the call ends), after ``done`` of its
+    ``rounds`` rounds: the ring's pending entries from avail slot ``next_avail`` (``avail`` is the
+    whole avail ring), at most ``k``, if at least ``again``, the index is sane, and the driver wants
+    no interrupt for the used entries up to ``used_idx`` since ``signalled`` (else the caller
+    signals first)."""
+    if done >= rounds:
+        return 0
+    _full_fence()  # used.idx stored before used_event (or the flags) is loaded (§2.7.10)
+    if _wants_interrupt(avail, size, used_idx, signalled, event_idx):
+        return 0
+    pending = int(avail[1] - next_avail) & 0xFFFF
+    _load_fence()  # avail.idx before the entries it exposes (§2.7.13.3)
+    if pending > size or pending < max(again, 1):
+        return 0  # (a corrupt index is the caller's to report: avail_pending raises)
+    return pending if pending < k else k
+
+
+def _wants_interrupt_py(
+    avail: _Arr, size: int, used_idx: int, signalled: int, event_idx: bool
+) -> bool:  # pragma: no cover - compiled by numba
+    """Whether the driver wants an interrupt for the used entries from ``signalled`` to ``used_idx``
+    (§2.7.10 ``vring_need_event`` on ``used_event`` with EVENT_IDX, else §2.7.7 the avail flags)."""
+    new = used_idx & 0xFFFF
+    old = signalled & 0xFFFF
+    if new == old:
+        return False
+    if event_idx:
+        event = int(avail[2 + size])
+        return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+    return (int(avail[0]) & 1) == 0  # VIRTQ_AVAIL_F_NO_INTERRUPT clear
+
+
+def _full_fence_py() -> None:
+    """Stores before it are visible before loads after it: ``rings.barrier.full_fence`` in Python;
+    ``kernels.enable`` links in a compiled sequentially consistent fence (x86-64: ``mfence``)."""
+    full_fence()
+
 
 def _store_fence_py() -> None:
     """Stores before it are made visible before stores after it: nothing to do in Python, where each
     numpy store is a C call of its own; ``kernels.enable`` links in a compiled release fence."""
 
 
+def _load_fence_py() -> None:
+    """Loads before it are done before loads after it: nothing to do in Python; ``kernels.enable``
+    links in a compiled acquire fence."""
+
+
 _store_fence = _store_fence_py
+_load_fence = _load_fence_py
+_full_fence = _full_fence_py
+_next_round = _next_round_py
+_wants_interrupt = _wants_interrupt_py
 _take_split = _take_split_py
 _complete_split = _complete_split_py
 _sum_frames = _sum_frames_py

@@ -229,47 +229,57 @@ class SplitQueue:
 
     def absorb_round(
         self, mem: GuestMemory, count: int, pool: PacketPool, area: RoundArea, *, queue: int, indirect: bool,
-        min_len: int, max_len: int, hdr: int, read: bool, every: int = 0,
-    ) -> tuple[int, int] | None:
+        min_len: int, max_len: int, hdr: int, read: bool, every: int = 0, rounds: int = 1, again: int = 0,
+        event_idx: bool = False, signalled: int = 0,
+    ) -> tuple[int, int, int] | None:
         """A TX round for a port that absorbs its frames, in one compiled call
         (``rings.round_kernels._absorb_split_py``): :meth:`take_round` of ``count`` chains, with
         ``read`` the sum of their frame bytes (each chain's readable bytes after its first ``hdr``),
-        then :meth:`complete_round` with used length 0, ``used.idx`` published after the call (and
-        inside it after every ``every`` chains, once they are read and their descriptors freed).
-        Returns ``(frame bytes, byte sum or 0)``, or None with nothing changed, as take_round."""
+        then :meth:`complete_round` with used length 0, ``used.idx`` published inside the call after
+        every ``every`` chains (0: once per round), once they are read and their descriptors freed;
+        then, up to ``rounds`` rounds in all, more rounds of up to ``count`` while at least ``again``
+        are pending and the driver wants no interrupt for the entries used since ``signalled``
+        (``event_idx``: by ``used_event``). Returns ``(chains, frame bytes, byte sum or 0)``, or None
+        with nothing changed, as take_round."""
         absorb = kernels.absorb_split
         if absorb is None or not self._fusable(pool, area, count):
             return None
         v, state, regions = self._views(mem), pool.round_state(), mem.cached(_REGION_BYTES, _region_bytes)
         got = absorb(*v.take_ring, self.last_avail_idx, count, indirect, min_len, max_len, hdr, *state, queue,
                      *area.outputs, v.used_ring, self.used_idx, area.zeros, regions, read, v.used_head,
-                     every)  # fmt: skip
-        if not self._settle(int(got[0]), v, pool, state[0], count, queue, published=True):
+                     every, v.avail, rounds, again, event_idx, signalled)  # fmt: skip
+        taken = int(got[0])
+        if not self._settle(taken, v, pool, state[0], count, queue, published=True):
             return None
-        return int(got[1]), int(got[2])
+        return taken, int(got[1]), int(got[2])
 
     def fill_round(
         self, mem: GuestMemory, count: int, pool: PacketPool, area: RoundArea, *, queue: int, indirect: bool,
-        tmpl: npt.NDArray[np.uint8], every: int = 0,
-    ) -> tuple[int, bool] | None:
-        """An RX round of ``tmpl`` (a virtio-net header and a frame) written into ``count`` buffers, in
-        one compiled call (``rings.round_kernels._fill_split_py``): :meth:`take_round` of chains of at
-        least ``len(tmpl)`` writable bytes, the frame into each, then :meth:`complete_round` with used
-        length ``len(tmpl)``, ``used.idx`` published after the call (and inside it after every
-        ``every`` chains, once written and their descriptors freed). Returns ``(segments, True)``
-        for a round done whole; ``(segments, False)`` for one taken as :meth:`take_round` takes it,
-        its chains of several buffers (the caller writes and completes it); None with nothing changed,
-        as take_round."""
+        tmpl: npt.NDArray[np.uint8], every: int = 0, rounds: int = 1, again: int = 0, event_idx: bool = False,
+        signalled: int = 0, limit: int = 0,
+    ) -> tuple[int, int] | None:
+        """RX rounds of ``tmpl`` (a virtio-net header and a frame), in one compiled call
+        (``rings.round_kernels._fill_split_py``): :meth:`take_round` of ``count`` chains of at least
+        ``len(tmpl)`` writable bytes, the frame into each, then :meth:`complete_round` with used length
+        ``len(tmpl)``, ``used.idx`` published inside after every ``every`` chains (0: once per round);
+        then more rounds as :meth:`absorb_round` runs them (``rounds``, ``again``, ``event_idx``,
+        ``signalled``), ``limit`` chains in all at most (``count`` if less). Returns ``(chains
+        written, segments)``; ``(0, segments)`` for a first round
+        taken as :meth:`take_round` takes it but not written, its chains of several buffers (the
+        caller writes and completes its ``count`` chains); None with nothing changed, as take_round."""
         fill = kernels.fill_split
         if fill is None or not self._fusable(pool, area, count):
             return None
         v, state, regions = self._views(mem), pool.round_state(), mem.cached(_REGION_BYTES, _region_bytes)
-        m, whole = fill(*v.take_ring, self.last_avail_idx, count, indirect, int(tmpl.shape[0]), *state, queue,
-                        *area.outputs, v.used_ring, self.used_idx, regions, tmpl, v.used_head,
-                        every)  # fmt: skip
-        if not self._settle(int(m), v, pool, state[0], count, queue, published=bool(whole)):
+        done, segments = fill(*v.take_ring, self.last_avail_idx, count, indirect, int(tmpl.shape[0]), *state,
+                              queue, *area.outputs, v.used_ring, self.used_idx, regions, tmpl, v.used_head,
+                              every,
+                              v.avail, rounds, again, event_idx, signalled, max(limit, count))  # fmt: skip
+        written = int(done)
+        if not self._settle(written if written else count, v, pool, state[0], count, queue,
+                            published=written > 0):  # fmt: skip
             return None
-        return int(m), bool(whole)
+        return written, int(segments)
 
     @staticmethod
     def _fusable(pool: PacketPool, area: RoundArea, count: int) -> bool:
@@ -280,20 +290,21 @@ class SplitQueue:
         self, status: int, v: _RingViews, pool: PacketPool, in_use: int, count: int, queue: int, *,
         published: bool,
     ) -> bool:
-        """After a fused round's call (absorb, fill) of ``count`` chains from a pool with ``in_use``
-        normal descriptors taken: False if it declined (``status`` -1: nothing changed); else the
-        avail side moves on and the pool learns what the call took, and, when the call also freed
-        them and wrote the used entries (``published``), ``used.idx`` is published."""
+        """After a fused round's call (absorb, fill) of rounds of at most ``count`` chains from a pool
+        with ``in_use`` normal descriptors taken: False if it declined (``status`` -1: nothing
+        changed); else ``status`` is the chains it took, the avail side moves on and the pool learns
+        what the call took, and, when the call also freed them and wrote the used entries
+        (``published``), ``used.idx`` is published."""
         if status == -1:
             return False
         if status < 0:
             # The take held the descriptors it had just popped off the pool's stack: freeing them
-            # cannot be refused unless the pool's records are corrupt. Nothing was published.
+            # cannot be refused unless the pool's records are corrupt.
             raise RuntimeError(f"queue {queue}: the pool refused to free the descriptors a round just took")
-        self.last_avail_idx = (self.last_avail_idx + count) & U16_MASK
-        pool.round_allocated(in_use + count)  # (its high-water mark: the round held them)
+        self.last_avail_idx = (self.last_avail_idx + status) & U16_MASK
+        pool.round_allocated(in_use + min(status, count))  # (its high-water mark: a round held them)
         if published:
-            self.used_idx = (self.used_idx + count) & U16_MASK
+            self.used_idx = (self.used_idx + status) & U16_MASK
             v.used_head[1] = self.used_idx  # after the call: the entries are written (see push_used)
             pool.round_freed(in_use)
         return True

@@ -219,13 +219,14 @@ def test_complete_round_writes_and_frees_what_push_used_and_free_batch_do(source
 
 
 def tx_device(
-    port: Port, *, tx_batch: int, publish_every: int = 64
+    port: Port, *, tx_batch: int, publish_every: int = 64, fused_rounds: int = 1, min_round: int = 32
 ) -> tuple[GuestDriver, DriverQueue, VirtioNetDevice]:
     """A guest with two memory regions and a TX ring of 64, and a device whose every round goes the
     batch way (no short rounds)."""
     drv = GuestDriver((1 << 20, 1 << 20))
     txq = drv.add_queue(1, 64, event_idx=True)
-    policy = NotifyPolicy(tx_batch=tx_batch, publish_every=publish_every)
+    policy = NotifyPolicy(tx_batch=tx_batch, publish_every=publish_every, fused_rounds=fused_rounds,
+                          min_round=min_round)  # fmt: skip
     dev = VirtioNetDevice(port=port, policy=policy, short_round=0)
     dev.set_features(FEATURES)
     dev.set_memory(drv.memory)
@@ -281,12 +282,12 @@ def test_generator_rounds_with_the_kernels_match_the_numpy_rounds(
     some too short for the frame, or of two descriptors each (taken by the kernel, written the numpy
     way), ``used.idx`` published once or every 5 buffers: the same guest RAM and used entries with
     the kernels on and off."""
-    calls: list[tuple[int, bool]] = []
+    calls: list[tuple[int, int]] = []
     kernel = rk._fill_split_py if source == "python" else kernels.fill_split
     assert kernel is not None
 
-    def counted(*args: object) -> tuple[int, bool]:
-        got: tuple[int, bool] = kernel(*args)
+    def counted(*args: object) -> tuple[int, int]:
+        got: tuple[int, int] = kernel(*args)
         calls.append(got)
         return got
 
@@ -324,8 +325,8 @@ def test_generator_rounds_with_the_kernels_match_the_numpy_rounds(
         assert kernels.enable()
     for _, _, dev in worlds:
         assert dev.pool.usage == 0
-    done = [m for m, whole in calls if m > 0 and whole]
-    taken = [m for m, whole in calls if m > 0 and not whole]
+    done = [written for written, _ in calls if written > 0]
+    taken = [segments for written, segments in calls if written == 0 and segments > 0]
     assert (done and not taken) if layout is TxLayout.ONE else (taken and not done)
 
 
@@ -434,9 +435,9 @@ def test_a_sinks_absorbed_rounds_give_the_guest_and_the_sink_what_batches_give(
 
 def test_an_absorbed_round_publishes_each_chunk_after_its_entries(monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``publish_every`` 8, a round of 30 chains publishes ``used.idx`` inside the call after
-    chains 8, 16 and 24, each time behind the fence and after the chunk's used entries: at every
+    chains 8, 16, 24 and 30, each time behind the fence and after the chunk's used entries: at every
     fence the entries up to the chunk's end are written and the index still shows the last chunk's
-    end (the Python source, with a spy for the fence); the round's end is published after the call."""
+    end (the Python source, with a spy for the fence)."""
     port = SinkPort(SinkConfig(read=True))
     drv, txq, dev = tx_device(port, tx_batch=64, publish_every=8)
     q = dev.queue(1)
@@ -451,7 +452,75 @@ def test_an_absorbed_round_publishes_each_chunk_after_its_entries(monkeypatch: p
     monkeypatch.setattr(rk, "_store_fence", spy)
     heads = [txq.post_tx(bytes(60 + i)) for i in range(30)]
     dev.process_tx(1)
-    assert [idx for idx, _ in seen] == [0, 8, 16]  # the index as the fence before each store found it
-    for n, (_, entries) in zip((8, 16, 24), seen, strict=True):
+    assert [idx for idx, _ in seen] == [0, 8, 16, 24]  # the index as the fence before each store found it
+    for n, (_, entries) in zip((8, 16, 24, 30), seen, strict=True):
         assert entries[:n] == heads[:n]  # the chunk's entries were written before its index
     assert int(views.used_head[1]) == 30 and port.packets == 30 and dev.pool.usage == 0
+
+
+@pytest.mark.parametrize("wanted", [None, 20])
+def test_an_absorbed_call_runs_rounds_while_the_ring_keeps_up_and_no_interrupt_is_wanted(
+    wanted: int | None, source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fused_rounds`` 4 of ``tx_batch`` 16, ``min_round`` 1: 60 chains posted with interrupts off
+    are taken in one call as rounds of 16, 16, 16 and 12, each chain held by a pool descriptor in its
+    round (the pool's high-water mark is one round), the guest bytes those of four batch rounds. With
+    an interrupt wanted after 21 used entries (``used_event``), the call stops after the round that
+    crossed it (32), and the device signals."""
+    if source == "python":
+        monkeypatch.setattr(kernels, "absorb_split", rk._absorb_split_py)
+    port, batched = SinkPort(SinkConfig(read=True)), BatchSink(SinkConfig(read=True))
+    twins = [tx_device(p, tx_batch=16, fused_rounds=4, min_round=1) for p in (port, batched)]
+    rng = np.random.default_rng(5)
+    frames = [rng.integers(0, 256, int(rng.integers(60, 1515)), dtype=np.uint8).tobytes() for _ in range(60)]
+    results = []
+    for _, txq, dev in twins:
+        if wanted is None:
+            txq.disable_interrupts()
+        else:
+            txq.enable_interrupts(after=wanted)
+        for body in frames:
+            txq.post_tx(body)
+        results.append(dev.process_tx(1))
+    res = results[0]
+    if wanted is None:
+        assert res.processed == 60 and not res.more and not res.interrupt
+        rdev = twins[1][2]
+        for _ in range(3):
+            rdev.process_tx(1)
+        assert np.array_equal(twins[0][0].ram.backing, twins[1][0].ram.backing)
+        assert (port.packets, port.bytes, port.checksum) == (batched.packets, batched.bytes, batched.checksum)
+    else:
+        assert res.processed == 32 and res.more and res.interrupt
+    dev = twins[0][2]
+    assert dev.pool.usage == 0 and dev.pool.high_water == 16 and dev.stats.drops_total() == 0
+
+
+def test_a_generator_fills_rounds_in_one_call_up_to_what_it_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The generator sends one frame over and over (``bulk_rx``): a round offers it ``rx_batch`` x
+    ``fused_rounds`` frames, and one compiled call fills rounds of ``rx_batch`` while buffers are
+    posted; with ``count=40`` it sends 40 and no more, though 60 buffers wait."""
+    drv = GuestDriver((1 << 20, 1 << 20))
+    rxq = drv.add_queue(0, 64, event_idx=True)
+    gen = GeneratorPort(GeneratorConfig(size=64, count=40, mergeable=True))
+    assert gen.bulk_rx
+    policy = NotifyPolicy(rx_batch=16, fused_rounds=8, min_round=1)
+    dev = VirtioNetDevice(port=gen, policy=policy, short_round=0)
+    dev.set_features(FEATURES)
+    dev.set_memory(drv.memory)
+    dev.start_queue(0, rxq.device_queue())
+    rxq.disable_interrupts()
+    rxq.post_rx(12 + 1514, count=60)
+    calls: list[tuple[int, int]] = []
+    kernel = kernels.fill_split
+    assert kernel is not None
+
+    def counted(*args: object) -> tuple[int, int]:
+        got: tuple[int, int] = kernel(*args)
+        calls.append(got)
+        return got
+
+    monkeypatch.setattr(kernels, "fill_split", counted)
+    res = dev.poll_rx(0)
+    assert res.processed == 40 and gen.sent == 40 and calls == [(40, 16)]
+    assert len(rxq.reap()) == 40 and dev.pool.usage == 0 and dev.pool.high_water == 16

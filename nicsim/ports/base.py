@@ -28,6 +28,7 @@ class Port(DevicePort, abc.ABC):
     vnet_hdr: bool = False  # bare frames; a header-passing port (the tap) sets True
     small_frames: bool = False  # it may send frames that need mergeable RX buffers (see DevicePort)
     absorbs: int = ABSORB_NONE  # it needs the frames: the device hands it batches (see DevicePort)
+    bulk_rx: bool = False  # its poll_rx sends distinct frames (see DevicePort)
 
     def __init__(self) -> None:
         self._sink: RxSink | None = None

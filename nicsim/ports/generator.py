@@ -139,6 +139,8 @@ class GeneratorPort(Port):
         if not c.udp_checksum:
             self.template[fr.ETH_HLEN + fr.IPV4_HLEN + 6 : fr.ETH_HLEN + fr.IPV4_HLEN + 8] = 0
         self._seq = SeqFrames(self.template, checksum=c.udp_checksum) if c.seq else None
+        # One frame over and over, unpaced by an offered load: the device may offer several rounds.
+        self.bulk_rx = self._seq is None and not c.offered
         # One frame size, never a GSO frame: up to a standard Ethernet frame it fits a small buffer.
         self.small_frames = self.template.shape[0] <= SMALL_FRAME and not c.mergeable
         if c.offered and c.rate_pps is None:

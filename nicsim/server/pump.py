@@ -339,9 +339,10 @@ class RingPump:
         # epoll_wait) per ``rounds_per_call`` rounds instead of per round.
         res = self._one_round(now)
         more = res is not None and self._more(res)
+        batch = policy.tx_batch if self._tx else policy.rx_batch
         for _ in range(policy.rounds_per_call - 1):
-            if res is None or not more or res.blocked or not self.active:
-                break
+            if res is None or not more or res.blocked or not self.active or res.processed > batch:
+                break  # (more than a batch: a fused call ran its rounds; the loop's other work is due)
             now = time.monotonic()
             res = self._one_round(now)
             more = res is not None and self._more(res)

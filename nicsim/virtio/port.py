@@ -156,6 +156,13 @@ class DevicePort(Protocol):
         compiled call (``rings.round_kernels._absorb_split_py``), every chain still held by a pool
         descriptor while it is read."""
 
+    @property
+    def bulk_rx(self) -> bool:
+        """True: :meth:`poll_rx` sends one frame written ``count`` times (``RxSink.push_template``),
+        so the device may offer it several rounds' worth of buffers in one budget (up to
+        ``fused_rounds`` of ``rx_batch``), which it fills in one compiled call as the guest posts
+        them; the port is told how many it delivered, as ever."""
+
     def absorb(self, count: int, frame_bytes: int, byte_sum: int) -> None:
         """A round of ``count`` frames the port absorbs, already returned to the guest: their bytes
         (no virtio-net header) and, with ``ABSORB_SUM``, the sum of those bytes modulo 2^64 (else 0).

@@ -584,7 +584,12 @@ class RxPath:
         try:
             self._flush_backlog(rxq, st, mem)
             if pull:
-                budget = min(st.q.avail_pending(mem), qs.policy.rx_batch) if not len(bl) else 0
+                pending = st.q.avail_pending(mem) if not len(bl) else 0
+                # A port that sends one frame over and over (DevicePort.bulk_rx) is offered several
+                # rounds' worth: the device fills them in one compiled call while buffers keep coming.
+                budget = min(pending, qs.policy.rx_batch)
+                if budget and self._port.bulk_rx:
+                    budget = qs.policy.rx_batch * qs.policy.fused_rounds
                 produced = self._port.poll_rx(pair, budget, now) if budget else 0
                 if produced and len(bl):
                     # A port that pushes what it reads (the tap): deliver it in this round, not the next.
@@ -773,17 +778,20 @@ class RxPath:
             return None
         area = self._area(rxq, q)
         tmpl = self._with_header(template, qs.hdr_len)
+        policy = qs.policy
         got = q.fill_round(mem, want, self._pool, area, queue=rxq, indirect=qs.indirect, tmpl=tmpl,
-                           every=qs.policy.publish_every)  # fmt: skip
+                           every=policy.publish_every, rounds=policy.fused_rounds, again=policy.min_round,
+                           event_idx=qs.event_idx, signalled=st.signalled_used, limit=count)  # fmt: skip
         if got is None:
             return None
-        segments, whole = got
+        written, segments = got
         stats = self._stats
         stats.add_inflight(rxq, want)
+        if written:
+            stats.add_inflight(rxq, -want)  # (a round held them: the high-water mark says so)
+            self._count(rxq, written, written * template.shape[0])
+            return written
         self._count(rxq, want, want * template.shape[0])
-        if whole:
-            stats.add_inflight(rxq, -want)  # (the round held them: the high-water mark says so)
-            return want
         # Chains of several buffers: the numpy scatter, into the round the kernel took.
         cb = area.batch(want, segments)
         scatter_template(mem, cb, tmpl)

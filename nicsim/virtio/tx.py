@@ -329,9 +329,13 @@ class TxPath:
         """``process`` for a port that only absorbs frames (``DevicePort.absorbs``: the sink), on a
         split ring with no hook on the frames' way (steering, the inflight region, the dirty log): the
         round is one compiled call (``SplitQueue.absorb_round``) that takes, reads and returns every
-        chain, and the port is told the totals. None, having changed nothing, for what the kernel
-        does not take whole (as ``_process_compiled``)."""
+        chain, and the port is told the totals. While the ring keeps at least ``min_round`` chains
+        pending after a round and the driver wants no interrupt yet, the call runs another, up to
+        ``fused_rounds`` in all (a frontend that keeps up is served without a return to Python per
+        round). None, having changed nothing,
+        for what the kernel does not take whole (as ``_process_compiled``)."""
         qs = self._qs
+        policy = qs.policy
         area = self._area(index, q.size)
         hdr = qs.hdr_len
         longest = U32_MAX if qs.frame_limit >= MAX_FRAME else hdr + qs.frame_limit
@@ -339,18 +343,20 @@ class TxPath:
         try:
             got = q.absorb_round(mem, want, self._pool, area, queue=index, indirect=qs.indirect,
                                  min_len=hdr + ETH_HLEN, max_len=longest, hdr=hdr,
-                                 read=port.absorbs == ABSORB_SUM, every=qs.policy.publish_every)  # fmt: skip
+                                 read=port.absorbs == ABSORB_SUM, every=policy.publish_every,
+                                 rounds=policy.fused_rounds, again=policy.min_round, event_idx=qs.event_idx,
+                                 signalled=st.signalled_used)  # fmt: skip
         finally:
             self._areas[index].append(area)
         if got is None:
             return None
-        frame_bytes, byte_sum = got
+        frames, frame_bytes, byte_sum = got
         stats = self._stats
-        stats.add_inflight(index, want)  # (the round held them: the high-water mark says so)
+        stats.add_inflight(index, want)  # (a round held them: the high-water mark says so)
         stats.add_inflight(index, -want)
-        stats.count(index, want, frame_bytes)
-        port.absorb(want, frame_bytes, byte_sum)
-        return self._round_result(index, st, mem, want)
+        stats.count(index, frames, frame_bytes)
+        port.absorb(frames, frame_bytes, byte_sum)
+        return self._round_result(index, st, mem, frames)
 
     def _process_short(self, index: int, st: QueueState, mem: GuestMemory, want: int) -> QueueResult | None:
         """``process`` for a round of a few chains, with plain ints instead of numpy batches; None,
