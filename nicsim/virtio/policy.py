@@ -140,8 +140,8 @@ POLICY_OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "publish_every": (int, "a round done in one compiled call (sink TX, generator RX) publishes its used "
                            "entries every this many chains, so the other side refills meanwhile "
                            "(0: once, at the round's end)"),
-    "fused_rounds": (int, "...and runs up to this many rounds back to back while --min-round entries are "
-                          "pending and the driver wants no interrupt (1: one round per call)"),
+    "fused_rounds": (int, "such a compiled call runs up to this many rounds back to back while --min-round "
+                          "entries are pending and the driver wants no interrupt (1: one round per call)"),
     "irq_coalesce": (int, "without EVENT_IDX: interrupt once per this many used entries while work flows"),
     "tx_batch": (int, "chains taken off the TX ring per round"),
     "rx_batch": (int, "RX buffers filled per round"),
