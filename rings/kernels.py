@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from . import round_kernels as rk
 from .chains import ChainBatch
-from .layout import DESC_DTYPE
+from .layout import DESC_DTYPE, vring_need_event
 from .pool_kernels import _free_normal_py, _track_py
 from .pool_layout import descriptor_dtype
 from .walk_kernel import _Arrays, _declined_py, _walk_into_py, _walk_split_py
@@ -44,7 +44,7 @@ scatter_template: Callable[..., int] | None = None
 """The compiled ``rings.round_kernels._scatter_template_py`` once enabled, else None."""
 sum_frames: Callable[..., tuple[int, int]] | None = None
 """The compiled ``rings.round_kernels._sum_frames_py`` once enabled, else None."""
-fill_split: Callable[..., tuple[int, bool]] | None = None
+fill_split: Callable[..., tuple[int, int]] | None = None
 """The compiled ``rings.round_kernels._fill_split_py`` once enabled (``SplitQueue.fill_round``)."""
 absorb_split: Callable[..., tuple[int, int, int]] | None = None
 """The compiled ``rings.round_kernels._absorb_split_py`` once enabled (``SplitQueue.absorb_round``)."""
@@ -102,13 +102,14 @@ def _compile() -> tuple[Callable[..., Any], ...] | None:
         complete = jit(_link(rk._complete_split_py, _free_normal=free_fn))
         scatter, summer = jit(rk._scatter_template_py), jit(rk._sum_frames_py)
         store_fence = _fence(numba, "release")
-        wants = jit(rk._wants_interrupt_py)
+        wants = jit(_link(rk._wants_interrupt_py, vring_need_event=jit(vring_need_event)))
         next_round = jit(_link(rk._next_round_py, _full_fence=_fence(numba, "seq_cst"),
                                _load_fence=_fence(numba, "acquire"), _wants_interrupt=wants))
-        absorb = jit(_link(rk._absorb_split_py, _take_split=take, _complete_split=complete,
-                           _sum_frames=summer, _store_fence=store_fence, _next_round=next_round))
-        fill = jit(_link(rk._fill_split_py, _take_split=take, _complete_split=complete,
-                         _scatter_template=scatter, _store_fence=store_fence, _next_round=next_round))
+        return_chunk = jit(_link(rk._return_chunk_py, _complete_split=complete, _store_fence=store_fence))
+        absorb = jit(_link(rk._absorb_split_py, _take_split=take, _sum_frames=summer,
+                           _return_chunk=return_chunk, _next_round=next_round))
+        fill = jit(_link(rk._fill_split_py, _take_split=take, _scatter_template=scatter,
+                         _return_chunk=return_chunk, _next_round=next_round))
         _compile_now(walk, take, complete, scatter, summer, absorb, fill)
     except Exception as exc:  # numba raises its own error classes; any of them means: no kernels
         _why_not = f"numba could not compile the kernels ({type(exc).__name__}: {exc})"

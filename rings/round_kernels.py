@@ -16,7 +16,14 @@ Both decline, with nothing changed, whatever they do not take whole (a chain the
 or follow indirectly, a length out of bounds, a round needing overflow descriptors, a descriptor that
 is not in use): the numpy path then does the round and raises or marks what is wrong.
 :func:`_scatter_template_py` writes one frame into many single-buffer chains, a call per guest memory
-region they lie in (the generator's RX round).
+region they lie in (the generator's RX round), and :func:`_sum_frames_py` sums a round's frame bytes
+the same way (a sink that reads them).
+
+Two ports need nothing of a round but that, so theirs is one call, fused: :func:`_absorb_split_py`
+(the sink's TX: take, sum, return) and :func:`_fill_split_py` (the generator's RX: take, write the
+frame, return). Each publishes ``used.idx`` itself, chunk by chunk behind a store fence
+(:func:`_return_chunk_py`), and runs further rounds while the ring keeps up and the driver wants no
+interrupt (:func:`_next_round_py`).
 
 The chains land in a :class:`RoundArea`, arrays sized for one ring that are kept and reused, so a
 round boxes no new array; :meth:`RoundArea.batch` gives the :class:`~rings.chains.ChainBatch` of a
@@ -35,6 +42,13 @@ import numpy.typing as npt
 
 from .barrier import full_fence
 from .chains import ChainBatch
+from .layout import (
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    vring_need_event,
+)
 
 # The helpers the kernels call by name: the Python sources; ``kernels.enable`` links the compiled
 # ones in instead (``rings.kernels._link``).
@@ -42,11 +56,11 @@ from .pool_kernels import _free_normal_py as _free_normal
 from .walk_kernel import U32_MAX
 from .walk_kernel import _walk_into_py as _walk_into
 
-# (Set after the definitions below: the absorb kernel calls the take and complete kernels by name.)
-
 __all__ = ["U32_MAX", "RoundArea"]
 
 _Arr = npt.NDArray[Any]
+# The flags whose value tells a lone receive buffer (WRITE alone: neither NEXT nor INDIRECT).
+_ONE_BUFFER = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_INDIRECT
 
 
 class RoundArea:
@@ -279,12 +293,10 @@ def _absorb_split_py(
                                           s_region[s_lo:s_hi], s_offset[s_lo:s_hi], s_len[s_lo:s_hi],
                                           s_writable[s_lo:s_hi], hdr)
                 checksum += got
-            in_use = _complete_split(used_ring, used_start + taken + lo, heads[lo:hi], zeros[lo:hi],
-                                     descs[lo:hi], in_use, p_capacity, p_state, p_stack)
+            in_use = _return_chunk(used_ring, used_head, used_start + taken, lo, hi, heads, zeros, descs,
+                                   in_use, p_capacity, p_state, p_stack)
             if in_use < 0:
                 return -2, 0, np.uint64(0)
-            _store_fence()  # the entries before the index that exposes them (§2.7.8)
-            used_head[1] = (used_start + taken + hi) & 0xFFFF
         taken += n
         total += part
         n = _next_round(avail, size, start + taken, used_start + taken, signalled, event_idx, r + 1, rounds,
@@ -328,7 +340,7 @@ def _fill_split_py(
         if r > 0:
             for j in range(n):  # a later round only of chains the scatter takes whole
                 head = avail_ring[(start + done + j) & mask]
-                if head >= size or d_flags[head] & 7 != 2 or d_len[head] < length:  # WRITE, no NEXT/INDIRECT
+                if head >= size or d_flags[head] & _ONE_BUFFER != VIRTQ_DESC_F_WRITE or d_len[head] < length:
                     n = j
                     break
             if n == 0:
@@ -358,12 +370,10 @@ def _fill_split_py(
             while region >= 0:
                 region = _scatter_template(datas[region], region, hi - lo, s_region[lo:hi], s_offset[lo:hi],
                                            s_len[lo:hi], s_writable[lo:hi], tmpl, lens[lo:hi])
-            in_use = _complete_split(used_ring, used_start + done + lo, heads[lo:hi], lens[lo:hi],
-                                     descs[lo:hi], in_use, p_capacity, p_state, p_stack)
+            in_use = _return_chunk(used_ring, used_head, used_start + done, lo, hi, heads, lens, descs,
+                                   in_use, p_capacity, p_state, p_stack)
             if in_use < 0:
                 return -2, 0
-            _store_fence()  # the entries before the index that exposes them (§2.7.8)
-            used_head[1] = (used_start + done + hi) & 0xFFFF
         done += n
         left = limit - done
         if left <= 0:
@@ -373,6 +383,23 @@ def _fill_split_py(
         if n == 0:
             break
     return done, segments
+
+
+def _return_chunk_py(
+    used_ring: _Arr, used_head: _Arr, used_start: int, lo: int, hi: int, heads: _Arr, lens: _Arr,
+    descs: _Arr, in_use: int, p_capacity: int, p_state: _Arr, p_stack: _Arr,
+) -> int:  # pragma: no cover - compiled by numba
+    """Give chains ``lo:hi`` of a fused round back: :func:`_complete_split_py` (their descriptors
+    freed, their used entries ``(heads, lens)`` written from used slot ``used_start + lo``), then
+    ``used.idx`` (``used_head[1]``) published as ``used_start + hi`` behind a store fence. Returns
+    the pool's new ``used``, or -1 having written nothing when the free is refused."""
+    left: int = _complete_split(used_ring, used_start + lo, heads[lo:hi], lens[lo:hi], descs[lo:hi], in_use,
+                                p_capacity, p_state, p_stack)
+    if left < 0:
+        return -1
+    _store_fence()  # the entries before the index that exposes them (§2.7.8)
+    used_head[1] = (used_start + hi) & 0xFFFF
+    return left
 
 
 def _next_round_py(
@@ -406,9 +433,8 @@ def _wants_interrupt_py(
     if new == old:
         return False
     if event_idx:
-        event = int(avail[2 + size])
-        return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-    return (int(avail[0]) & 1) == 0  # VIRTQ_AVAIL_F_NO_INTERRUPT clear
+        return vring_need_event(int(avail[2 + size]), new, old)
+    return not int(avail[0]) & VIRTQ_AVAIL_F_NO_INTERRUPT
 
 
 def _full_fence_py() -> None:
@@ -427,9 +453,12 @@ def _load_fence_py() -> None:
     links in a compiled acquire fence."""
 
 
+# The helpers the fused kernels call by name (as above: the Python sources, until kernels.enable
+# links the compiled ones in).
 _store_fence = _store_fence_py
 _load_fence = _load_fence_py
 _full_fence = _full_fence_py
+_return_chunk = _return_chunk_py
 _next_round = _next_round_py
 _wants_interrupt = _wants_interrupt_py
 _take_split = _take_split_py

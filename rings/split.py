@@ -249,7 +249,7 @@ class SplitQueue:
                      *area.outputs, v.used_ring, self.used_idx, area.zeros, regions, read, v.used_head,
                      every, v.avail, rounds, again, event_idx, signalled)  # fmt: skip
         taken = int(got[0])
-        if not self._settle(taken, v, pool, state[0], count, queue, published=True):
+        if not self._settle(taken, pool, state[0], count, queue, published=True):
             return None
         return taken, int(got[1]), int(got[2])
 
@@ -264,19 +264,19 @@ class SplitQueue:
         ``len(tmpl)``, ``used.idx`` published inside after every ``every`` chains (0: once per round);
         then more rounds as :meth:`absorb_round` runs them (``rounds``, ``again``, ``event_idx``,
         ``signalled``), ``limit`` chains in all at most (``count`` if less). Returns ``(chains
-        written, segments)``; ``(0, segments)`` for a first round
-        taken as :meth:`take_round` takes it but not written, its chains of several buffers (the
-        caller writes and completes its ``count`` chains); None with nothing changed, as take_round."""
+        written, segments)``; ``(0, segments)`` for a first round taken as :meth:`take_round` takes
+        it but not written, its chains of several buffers (the caller writes and completes its
+        ``count`` chains); None with nothing changed, as take_round."""
         fill = kernels.fill_split
         if fill is None or not self._fusable(pool, area, count):
             return None
         v, state, regions = self._views(mem), pool.round_state(), mem.cached(_REGION_BYTES, _region_bytes)
         done, segments = fill(*v.take_ring, self.last_avail_idx, count, indirect, int(tmpl.shape[0]), *state,
                               queue, *area.outputs, v.used_ring, self.used_idx, regions, tmpl, v.used_head,
-                              every,
-                              v.avail, rounds, again, event_idx, signalled, max(limit, count))  # fmt: skip
+                              every, v.avail, rounds, again, event_idx, signalled,
+                              max(limit, count))  # fmt: skip
         written = int(done)
-        if not self._settle(written if written else count, v, pool, state[0], count, queue,
+        if not self._settle(written if written else count, pool, state[0], count, queue,
                             published=written > 0):  # fmt: skip
             return None
         return written, int(segments)
@@ -287,14 +287,14 @@ class SplitQueue:
         return not pool.closed and 0 < count <= area.size
 
     def _settle(
-        self, status: int, v: _RingViews, pool: PacketPool, in_use: int, count: int, queue: int, *,
-        published: bool,
+        self, status: int, pool: PacketPool, in_use: int, count: int, queue: int, *, published: bool,
     ) -> bool:
         """After a fused round's call (absorb, fill) of rounds of at most ``count`` chains from a pool
         with ``in_use`` normal descriptors taken: False if it declined (``status`` -1: nothing
         changed); else ``status`` is the chains it took, the avail side moves on and the pool learns
-        what the call took, and, when the call also freed them and wrote the used entries
-        (``published``), ``used.idx`` is published."""
+        what the call took, and, when the call also freed them and wrote and published the used
+        entries (``published``: the kernel stores ``used.idx`` itself, chunk by chunk), our copy of
+        it moves on."""
         if status == -1:
             return False
         if status < 0:
@@ -305,7 +305,6 @@ class SplitQueue:
         pool.round_allocated(in_use + min(status, count))  # (its high-water mark: a round held them)
         if published:
             self.used_idx = (self.used_idx + status) & U16_MASK
-            v.used_head[1] = self.used_idx  # after the call: the entries are written (see push_used)
             pool.round_freed(in_use)
         return True
 

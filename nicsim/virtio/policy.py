@@ -104,9 +104,8 @@ class NotifyPolicy:
             if getattr(self, name) < 1:
                 raise ValueError(f"NotifyPolicy.{name} must be >= 1")
         for name in ("kick_batch", "rx_kick_batch", "flow_batch", "min_round", "poll_rounds", "poll_us",
-                     "publish_every",
-                     "full_poll_us", "batch_wait_us", "stall_recheck_ms", "tx_irq_wait_us", "rr_poll_us",
-                     "reply_poll"):
+                     "publish_every", "full_poll_us", "batch_wait_us", "stall_recheck_ms", "tx_irq_wait_us",
+                     "rr_poll_us", "reply_poll"):
             if getattr(self, name) < 0:
                 raise ValueError(f"NotifyPolicy.{name} must be >= 0")
 

@@ -204,7 +204,6 @@ def _gso_type(cb: ChainBatch, mem: GuestMemory, pos: int) -> int:
     return 0
 
 
-
 class TxPath:
     """The device's transmit path: guest avail ring -> pool descriptors -> port -> used ring."""
 
@@ -332,8 +331,8 @@ class TxPath:
         chain, and the port is told the totals. While the ring keeps at least ``min_round`` chains
         pending after a round and the driver wants no interrupt yet, the call runs another, up to
         ``fused_rounds`` in all (a frontend that keeps up is served without a return to Python per
-        round). None, having changed nothing,
-        for what the kernel does not take whole (as ``_process_compiled``)."""
+        round). None, having changed nothing, for what the kernel does not take whole (as
+        ``_process_compiled``)."""
         qs = self._qs
         policy = qs.policy
         area = self._area(index, q.size)
