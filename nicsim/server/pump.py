@@ -20,12 +20,12 @@ its indices moved (:func:`~nicsim.virtio.policy.is_stalled`) is re-checked: the 
 is sent, a round is run, and the device counts it (``stall_rechecks``). A tick only reads the ring (no
 round), so an idle ring still costs no rounds. Nor can a bug wedge a ring: a round that raises is logged,
 counted (``round_errors``) and tried again 1 ms later, and a pump found busy with no round scheduled is
-restarted by the watchdog (``wedges``). A TX interrupt of a sparse round may be held for the pair's RX
-interrupt (:func:`~nicsim.virtio.policy.defer_tx_interrupt`): the RX pump sends it just before its own, or
-its ``tx_irq_wait_us`` deadline does, or stopping the ring does. Counters of what the pump did (wakeups by
-cause, rounds, sleeps, interrupts held and merged) are in :meth:`RingPump.snapshot`. A ring the guest
-broke stops and writes the err eventfd (the device then reports DEVICE_NEEDS_RESET). It owns the three
-eventfds it is given and closes them.
+restarted by the watchdog (``wedges``). A TX interrupt of a sparse round may be held (off by default) for
+the pair's RX interrupt (:func:`~nicsim.virtio.policy.defer_tx_interrupt`): the RX pump sends it just
+before its own, or its ``tx_irq_wait_us`` deadline does, or stopping the ring does. Counters of what the
+pump did (wakeups by cause, rounds, sleeps, interrupts held and merged) are in :meth:`RingPump.snapshot`.
+A ring the guest broke stops and writes the err eventfd (the device then reports DEVICE_NEEDS_RESET). It
+owns the three eventfds it is given and closes them.
 """
 
 from __future__ import annotations
