@@ -786,11 +786,11 @@ class RxPath:
             return None
         written, segments = got
         stats = self._stats
-        stats.add_inflight(rxq, want)
         if written:
-            stats.add_inflight(rxq, -want)  # (a round held them: the high-water mark says so)
+            stats.held_briefly(rxq, want)
             self._count(rxq, written, written * template.shape[0])
             return written
+        stats.add_inflight(rxq, want)  # the chains are ours until _finish_chains returns them
         self._count(rxq, want, want * template.shape[0])
         # Chains of several buffers: the numpy scatter, into the round the kernel took.
         cb = area.batch(want, segments)

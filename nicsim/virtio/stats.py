@@ -57,6 +57,12 @@ class DeviceStats:
         if value > self.inflight_high[queue]:
             self.inflight_high[queue] = value
 
+    def held_briefly(self, queue: int, n: int) -> None:
+        """``n`` pool descriptors that ``queue`` took and gave back within one compiled call: the
+        high-water mark counts them, the number held now is unchanged."""
+        self.add_inflight(queue, n)
+        self.add_inflight(queue, -n)
+
     def count(self, queue: int, packets: int, nbytes: int) -> None:
         """A batch of ``packets`` frames of ``nbytes`` bytes moved on ``queue``."""
         self.packets[queue] += packets

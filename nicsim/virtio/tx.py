@@ -298,9 +298,9 @@ class TxPath:
         qs = self._qs
         area = self._area(index, q.size)
         hdr = qs.hdr_len
-        longest = U32_MAX if qs.frame_limit >= MAX_FRAME else hdr + qs.frame_limit
+        shortest, longest = self._chain_bounds()
         got = q.take_round(mem, want, self._pool, area, queue=index, indirect=qs.indirect, tx=True,
-                           min_len=hdr + ETH_HLEN, max_len=longest, lens_off=hdr)  # fmt: skip
+                           min_len=shortest, max_len=longest, lens_off=hdr)  # fmt: skip
         if got is None:
             self._areas[index].append(area)
             return None
@@ -314,6 +314,13 @@ class TxPath:
         self._stats.add_inflight(index, want)
         self._hand_over(index, st, mem, batch, batch.heads, batch.descriptors, area.positions[:0])
         return self._round_result(index, st, mem, want)
+
+    def _chain_bounds(self) -> tuple[int, int]:
+        """The readable bytes a chain may have for a compiled round to take it: a header and an
+        Ethernet header at least, and no frame longer than the MTU allows (no bound past MAX_FRAME)."""
+        qs = self._qs
+        hdr = qs.hdr_len
+        return hdr + ETH_HLEN, U32_MAX if qs.frame_limit >= MAX_FRAME else hdr + qs.frame_limit
 
     def _area(self, index: int, size: int) -> RoundArea:
         """Work arrays for a compiled round on queue ``index`` (of ``size``), the caller's until it
@@ -336,12 +343,11 @@ class TxPath:
         qs = self._qs
         policy = qs.policy
         area = self._area(index, q.size)
-        hdr = qs.hdr_len
-        longest = U32_MAX if qs.frame_limit >= MAX_FRAME else hdr + qs.frame_limit
+        shortest, longest = self._chain_bounds()
         port = self._port
         try:
             got = q.absorb_round(mem, want, self._pool, area, queue=index, indirect=qs.indirect,
-                                 min_len=hdr + ETH_HLEN, max_len=longest, hdr=hdr,
+                                 min_len=shortest, max_len=longest, hdr=qs.hdr_len,
                                  read=port.absorbs == ABSORB_SUM, every=policy.publish_every,
                                  rounds=policy.fused_rounds, again=policy.min_round, event_idx=qs.event_idx,
                                  signalled=st.signalled_used)  # fmt: skip
@@ -351,8 +357,7 @@ class TxPath:
             return None
         frames, frame_bytes, byte_sum = got
         stats = self._stats
-        stats.add_inflight(index, want)  # (a round held them: the high-water mark says so)
-        stats.add_inflight(index, -want)
+        stats.held_briefly(index, want)
         stats.count(index, frames, frame_bytes)
         port.absorb(frames, frame_bytes, byte_sum)
         return self._round_result(index, st, mem, frames)
