@@ -24,11 +24,12 @@ from .chains import ChainBatch
 from .layout import DESC_DTYPE, vring_need_event
 from .pool_kernels import _free_normal_py, _track_py
 from .pool_layout import descriptor_dtype
+from .scatter_kernel import _scatter_frame_py
 from .walk_kernel import _Arrays, _declined_py, _walk_into_py, _walk_split_py
 
 __all__ = [
     "absorb_split", "complete_split", "disable", "enable", "enabled", "engine", "fill_split", "free_normal",
-    "scatter_template", "sum_frames", "take_split", "track", "walk_split",
+    "scatter_frame", "scatter_template", "sum_frames", "take_split", "track", "walk_split",
 ]  # fmt: skip
 
 _compiled_walk: Callable[..., _Arrays] | None = None
@@ -48,6 +49,8 @@ fill_split: Callable[..., tuple[int, int]] | None = None
 """The compiled ``rings.round_kernels._fill_split_py`` once enabled (``SplitQueue.fill_round``)."""
 absorb_split: Callable[..., tuple[int, int, int]] | None = None
 """The compiled ``rings.round_kernels._absorb_split_py`` once enabled (``SplitQueue.absorb_round``)."""
+scatter_frame: Callable[..., int] | None = None
+"""The compiled ``rings.scatter_kernel._scatter_frame_py`` once enabled, else None."""
 _why_not: str = "not enabled"
 _compiled: tuple[Callable[..., Any], ...] | None = None  # compiled once per process, kept across disable
 
@@ -76,10 +79,10 @@ def enable() -> bool:
 def _install(kernels: tuple[Callable[..., Any], ...] | None) -> None:
     """Make ``kernels`` (as :func:`_compile` returns them) the ones callers find, or None for none."""
     global _compiled_walk, free_normal, track, take_split, complete_split, scatter_template, sum_frames
-    global absorb_split, fill_split
-    values: tuple[Any, ...] = kernels if kernels is not None else (None,) * 9
+    global absorb_split, fill_split, scatter_frame
+    values: tuple[Any, ...] = kernels if kernels is not None else (None,) * 10
     (_compiled_walk, free_normal, track, take_split, complete_split, scatter_template, sum_frames,
-     absorb_split, fill_split) = values
+     absorb_split, fill_split, scatter_frame) = values
 
 
 def _compile() -> tuple[Callable[..., Any], ...] | None:
@@ -110,11 +113,12 @@ def _compile() -> tuple[Callable[..., Any], ...] | None:
                            _return_chunk=return_chunk, _next_round=next_round))
         fill = jit(_link(rk._fill_split_py, _take_split=take, _scatter_template=scatter,
                          _return_chunk=return_chunk, _next_round=next_round))
-        _compile_now(walk, take, complete, scatter, summer, absorb, fill)
+        frame = jit(_scatter_frame_py)
+        _compile_now(walk, take, complete, scatter, summer, absorb, fill, frame)
     except Exception as exc:  # numba raises its own error classes; any of them means: no kernels
         _why_not = f"numba could not compile the kernels ({type(exc).__name__}: {exc})"
         return None
-    return walk, free_fn, track_fn, take, complete, scatter, summer, absorb, fill
+    return walk, free_fn, track_fn, take, complete, scatter, summer, absorb, fill, frame
 
 
 def _fence(numba: Any, ordering: str) -> Any:
@@ -136,7 +140,7 @@ def _fence(numba: Any, ordering: str) -> Any:
 def _compile_now(*kernels: Callable[..., Any]) -> None:
     """Compile for the argument types the rings pass (field views of structured arrays, contiguous
     work arrays), now rather than in the first round."""
-    walk, take, complete, scatter, summer, absorb, fill = kernels
+    walk, take, complete, scatter, summer, absorb, fill, frame = kernels
     table = np.zeros(2, DESC_DTYPE)
     ring = (table["addr"], table["len"], table["flags"], table["next"])
     bounds = (np.zeros(1, np.uint64), np.ones(1, np.uint64))
@@ -163,6 +167,8 @@ def _compile_now(*kernels: Callable[..., Any]) -> None:
                area.zeros, datas, True, np.zeros(2, np.uint16), 0, np.zeros(5, np.uint16), 1, 0, True, 0)
         fill(avail, *ring, *bounds, 0, 0, True, 0, 0, 2, *arrays, 0, *area.outputs, used, 0, datas,
              np.zeros(1, np.uint8), np.zeros(2, np.uint16), 0, np.zeros(5, np.uint16), 1, 0, True, 0, 0)
+        frame(datas, area.s_region, area.s_offset, area.s_len, area.s_writable, area.first[:0],
+              np.zeros(1, np.uint8), np.zeros(1, np.uint8))
 
 
 def disable() -> None:

@@ -48,6 +48,12 @@ def _region_bytes(mem: GuestMemory) -> tuple[npt.NDArray[np.uint8], ...]:
     return tuple(r.data for r in mem.regions)
 
 
+def region_bytes(mem: GuestMemory) -> tuple[npt.NDArray[np.uint8], ...]:
+    """Every region's bytes as one tuple, built once per memory table: what compiled calls index by
+    a segment's region number."""
+    return mem.cached(_REGION_BYTES, _region_bytes)
+
+
 class _RingViews:
     """Typed views of one queue's three rings in one memory table (cached in the GuestMemory)."""
 
@@ -244,7 +250,7 @@ class SplitQueue:
         absorb = kernels.absorb_split
         if absorb is None or not self._fusable(pool, area, count):
             return None
-        v, state, regions = self._views(mem), pool.round_state(), mem.cached(_REGION_BYTES, _region_bytes)
+        v, state, regions = self._views(mem), pool.round_state(), region_bytes(mem)
         got = absorb(*v.take_ring, self.last_avail_idx, count, indirect, min_len, max_len, hdr, *state, queue,
                      *area.outputs, v.used_ring, self.used_idx, area.zeros, regions, read, v.used_head,
                      every, v.avail, rounds, again, event_idx, signalled)  # fmt: skip
@@ -270,7 +276,7 @@ class SplitQueue:
         fill = kernels.fill_split
         if fill is None or not self._fusable(pool, area, count):
             return None
-        v, state, regions = self._views(mem), pool.round_state(), mem.cached(_REGION_BYTES, _region_bytes)
+        v, state, regions = self._views(mem), pool.round_state(), region_bytes(mem)
         done, segments = fill(*v.take_ring, self.last_avail_idx, count, indirect, int(tmpl.shape[0]), *state,
                               queue, *area.outputs, v.used_ring, self.used_idx, regions, tmpl, v.used_head,
                               every, v.avail, rounds, again, event_idx, signalled,

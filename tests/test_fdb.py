@@ -189,3 +189,23 @@ def test_port_counters_by_batch_by_fan_out_and_drops_by_reason() -> None:
     assert c.port(3)["tx_bytes"] == 0 and c.port(3)["drops"] == {}
     with pytest.raises(ValueError, match="out of range"):
         c.dropped(-1, "loss")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_address_at_a_time_learns_looks_up_and_counts_as_batches_do(seed: int) -> None:
+    # The switch's path for a frame or two (learn_one, lookup_one) against the batch calls, on a
+    # small table that evicts and ages out, with group addresses, moves and filtered destinations.
+    rng = np.random.default_rng(seed)
+    macs = [mac_key(f"52:54:00:00:00:{i:02x}") for i in range(6)] + [mac_key("ff:ff:ff:ff:ff:ff")]
+    batch, single = ForwardingTable(ageing=5.0, max_entries=4), ForwardingTable(ageing=5.0, max_entries=4)
+    now = 0.0
+    for _ in range(300):
+        now += float(rng.choice([0.1, 0.5, 3.0]))
+        port, src, dst = int(rng.integers(0, 3)), macs[int(rng.integers(0, 7))], macs[int(rng.integers(0, 7))]
+        batch.learn(np.array([src], np.uint64), port, now)
+        single.learn_one(src, port, now)
+        ingress = int(rng.integers(0, 3))
+        want = int(batch.lookup(np.array([dst], np.uint64), now, ingress=ingress)[0])
+        assert single.lookup_one(dst, now, ingress=ingress) == want
+        assert single.counters == batch.counters and len(single) == len(batch)
+    assert batch.counters["filtered"] and batch.counters["evicted"] and batch.counters["moved"]

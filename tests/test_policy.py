@@ -110,6 +110,15 @@ def test_kick_target_is_zero_for_sparse_traffic_and_half_the_ring_at_most() -> N
     assert NotifyPolicy(kick_batch=0).kick_target(queue_size=256, moved=200, tx=True) == 0
 
 
+def test_kick_target_is_zero_after_a_wakeup_of_gso_frames() -> None:
+    # A TCP stream's GSO frames: TCP small queues stop the socket after a few, so no batch comes.
+    p = NotifyPolicy(kick_batch=128, flow_batch=8)
+    assert p.kick_target(queue_size=256, moved=10, tx=True, nbytes=10 * 64_000) == 0
+    assert p.kick_target(queue_size=256, moved=10, tx=True, nbytes=10 * 1514) == 128
+    # RX buffers have no frame bytes of the guest's; the rule is TX's.
+    assert p.kick_target(queue_size=256, moved=100, tx=False, nbytes=100 * 64_000) == 64
+
+
 def test_rearm_for_a_batch_lets_the_guest_post_that_many_without_kicking() -> None:
     tx, dev = _tx_device(V1 | EVT)
     dev.suppress_kicks(1)

@@ -11,6 +11,9 @@ drops it at once.)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -23,6 +26,7 @@ from nicsim.virtio.features import (
     VIRTIO_NET_F_MRG_RXBUF,
 )
 from nicsim.virtio.policy import NotifyPolicy
+from rings import kernels
 from rings.driver import DriverQueue, GuestDriver, TxLayout
 from rings.pool import PacketPool
 
@@ -43,9 +47,32 @@ def guest(features: int) -> tuple[VirtioNetDevice, SinkPort, DriverQueue]:
     return dev, port, rx
 
 
+@pytest.fixture(params=["numpy", "compiled"])
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The numpy path, or the compiled kernels (a frame over several buffers is then one
+    ``scatter_frame`` call): yields the list the kernel's calls are counted in."""
+    calls: list[int] = []
+    if request.param == "numpy":
+        yield calls
+        return
+    assert kernels.enable(), kernels.engine()
+    compiled = kernels.scatter_frame
+    assert compiled is not None
+
+    def counted(*args: Any) -> int:
+        calls.append(1)
+        return int(compiled(*args))
+
+    monkeypatch.setattr(kernels, "scatter_frame", counted)
+    try:
+        yield calls
+    finally:
+        kernels.disable()
+
+
 @pytest.mark.parametrize("features", [V1, V1 | MRG], ids=["one-buffer", "mergeable"])
 @pytest.mark.parametrize("layout", list(TxLayout))
-def test_views_land_as_pushed_frames_do(features: int, layout: TxLayout) -> None:
+def test_views_land_as_pushed_frames_do(features: int, layout: TxLayout, engine: list[int]) -> None:
     rng = np.random.default_rng(7)
     sizes = [60, 1514, 300, 2000, 61, 999, 14, 700, 1200, 64, 65, 1500]
     pool = rng.integers(0, 256, sum(sizes) + 100, dtype=np.uint8)  # the other guest's memory
@@ -78,3 +105,7 @@ def test_views_land_as_pushed_frames_do(features: int, layout: TxLayout) -> None
     done, packets, _, drops, usage = got[0]
     assert packets + drops.get("too_big", 0) == len(sizes) and usage == 0
     assert drops.get("too_big", 0) == (0 if features & MRG else 4)  # > 512 B in the 12 + 512 B buffers
+    if kernels.enabled() and features & MRG and layout is TxLayout.ONE:
+        # Frames over 512 B took two buffers, each one segment (as Linux posts mergeable buffers):
+        # written by the compiled call.
+        assert engine

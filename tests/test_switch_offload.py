@@ -18,6 +18,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
+from nicsim.ports import switch as switch_module
 from nicsim.ports.base import Port, TxFrames
 from nicsim.ports.switch import Switch
 from nicsim.ports.tap import TapConfig, TapPort
@@ -231,9 +232,14 @@ def test_a_gso_frame_waits_in_the_backlog_with_its_header(switch: Switch) -> Non
     (ALL, gso_header(1, 34), long_tcp_header(), "bad_gso_frame"),  # a TCP header past the frame's end
     (ALL, gso_header(1, 34), tcp4(60000) + bytes(6000), "too_big"),
 ])  # fmt: skip
+@pytest.mark.parametrize("few", [True, False], ids=["plain-ints", "numpy"])
 def test_a_malformed_header_is_dropped_and_counted_with_its_reason(
-    switch: Switch, features: int, header: bytes, frame: bytes, reason: str
+    switch: Switch, features: int, header: bytes, frame: bytes, reason: str, few: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # A lone frame takes the switch's plain-int path; with it off, the numpy path must agree.
+    if not few:
+        monkeypatch.setattr(switch_module, "_FEW", 0)
     a, b = guest(switch, "a", features), guest(switch, "b", V1 | MRG)
     learn(switch, a, b)
     a.send(frame, header)

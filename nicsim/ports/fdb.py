@@ -35,6 +35,7 @@ FLOOD: Final = -1   # send to every port but the ingress one
 FILTER: Final = -2  # the destination sits behind the ingress port: send nowhere
 DEFAULT_AGEING: Final = 300.0  # seconds, as Linux's bridge ageing_time
 _GROUP_BIT: Final = np.uint64(1 << 40)  # the I/G bit: least significant bit of the first octet
+_GROUP_BIT_INT: Final = 1 << 40
 _MAC_WEIGHTS = np.array([1 << (8 * (5 - i)) for i in range(6)], dtype=np.uint64)
 _MAC_BYTES = np.arange(6, dtype=np.int64)
 
@@ -98,6 +99,7 @@ class ForwardingTable:
         self._keys: MacKeys = np.zeros(0, np.uint64)
         self._ports = np.zeros(0, np.int32)
         self._seen = np.zeros(0, np.float64)
+        self._by_key: dict[int, int] | None = None  # key -> position in the arrays, built when asked
         self.counters = dict.fromkeys(
             ("learned", "moved", "aged", "evicted", "forgotten", "group_source",
              "hit", "flood_unknown", "flood_group", "filtered"), 0)
@@ -129,8 +131,29 @@ class ForwardingTable:
         if new.size:
             self._insert(new, port, now)
 
+    def learn_one(self, key: int, port: int, now: float) -> None:
+        """:meth:`learn` for one address, with plain ints: what a batch of a frame or two costs
+        (a ping, a TCP stream's few GSO frames per round) instead of a dozen numpy calls."""
+        if key & _GROUP_BIT_INT:
+            self.counters["group_source"] += 1
+            return
+        i = self._positions().get(key)
+        if i is None:
+            self.learn(np.array([key], np.uint64), port, now)
+            return
+        if self._ports[i] != port:
+            self.counters["moved"] += 1
+            self._ports[i] = port
+        self._seen[i] = now
+
+    def _positions(self) -> dict[int, int]:
+        if self._by_key is None:
+            self._by_key = {key: i for i, key in enumerate(self._keys.tolist())}
+        return self._by_key
+
     def _insert(self, new: MacKeys, port: int, now: float) -> None:
         self.expire(now)  # aged entries make room before live ones are evicted
+        self._by_key = None
         at = np.searchsorted(self._keys, new)
         self._keys = np.insert(self._keys, at, new)
         self._ports = np.insert(self._ports, at, np.int32(port))
@@ -150,6 +173,7 @@ class ForwardingTable:
         return pos, self._keys[pos] == macs
 
     def _remove(self, index: npt.NDArray[np.intp]) -> None:
+        self._by_key = None
         self._keys = np.delete(self._keys, index)
         self._ports = np.delete(self._ports, index)
         self._seen = np.delete(self._seen, index)
@@ -175,6 +199,24 @@ class ForwardingTable:
             out[same] = FILTER
         self.counters["hit"] += int((out >= 0).sum())
         return out
+
+    def lookup_one(self, key: int, now: float, *, ingress: int | None = None) -> int:
+        """:meth:`lookup` for one address, with plain ints; counts as it does."""
+        port = FLOOD
+        if key & _GROUP_BIT_INT:
+            self.counters["flood_group"] += 1
+        else:
+            i = self._positions().get(key)
+            if i is not None and now - float(self._seen[i]) < self.ageing:
+                port = int(self._ports[i])
+            else:
+                self.counters["flood_unknown"] += 1
+        if ingress is not None and port == ingress:
+            self.counters["filtered"] += 1
+            return FILTER
+        if port >= 0:
+            self.counters["hit"] += 1
+        return port
 
     def _live(self, seen: npt.NDArray[np.float64], now: float) -> npt.NDArray[np.bool_]:
         # Expired once ``ageing`` seconds have passed, as br_fdb's has_expired (time_before_eq).

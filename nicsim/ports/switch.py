@@ -53,19 +53,23 @@ from nicsim.ports.vnet_hdr import (
     Headers,
     Offloads,
     check,
+    check_one,
     fields,
     split_frames,
     tcp_layout,
 )  # fmt: skip
 from nicsim.virtio.port import HDR_LEN_V1, vnet_hdr_len
+from nicsim.virtio.queues import GSO_TYPE_OFFSET
 
 __all__ = ["DIRECTIONS", "Switch", "SwitchPort", "Uplink"]
 
 DIRECTIONS: Final = ("tx", "rx")  # from the guest's side: tx into the switch, rx out of it
 
 Frame = npt.NDArray[np.uint8]
+_Frames = tuple[list[Frame], npt.NDArray[np.uint32], Headers]  # frames, their lengths and headers
 _ZERO_HEADERS = np.zeros((256, HDR_FIELDS), np.uint8)  # what frames without a header carry (read only)
 _ZERO_HEADERS.flags.writeable = False
+_FEW: Final = 4  # a batch of at most this many frames is switched with plain ints
 
 
 def _views(data: Frame, offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.uint32]) -> list[Frame]:
@@ -189,6 +193,8 @@ class Switch:
         # NEEDS_CSUM is the one flag a driver sets on TX (§5.1.6.2); DATA_VALID from a guest would
         # tell the receiver to trust a checksum nobody checked.
         headers[:, 0] &= F_NEEDS_CSUM
+        if len(views) <= _FEW:
+            return self._checked_few(ingress, views, lengths, headers, allowed)
         codes = check(headers, lengths, allowed)
         gso = fields(headers)["gso_type"]
         is_gso = gso != GSO_NONE
@@ -204,6 +210,35 @@ class Switch:
             self.counters.dropped(ingress, REASONS[int(code)], int(count))
         idx = np.flatnonzero(keep)
         return [views[i] for i in idx.tolist()], lengths[idx], headers[idx]
+
+    def _checked_few(self, ingress: int, views: list[Frame], lengths: npt.NDArray[np.uint32],
+                     headers: Headers, allowed: Offloads) -> _Frames:  # fmt: skip
+        """:meth:`_checked` for a few frames, with plain ints (:func:`check_one`): the same codes,
+        drops and counts."""
+        codes = [check_one(headers[i], n, allowed) for i, n in enumerate(lengths.tolist())]
+        gso_kept, any_gso = 0, False
+        for i, code in enumerate(codes):
+            gso = int(headers[i, GSO_TYPE_OFFSET])
+            if gso == GSO_NONE:
+                continue
+            any_gso = True
+            if code == OK:
+                if tcp_layout(views[i], gso) is None:
+                    codes[i] = BAD_GSO_FRAME
+                else:
+                    gso_kept += 1
+        if any_gso:
+            self.counters.offloaded(ingress, {"rx_gso": gso_kept})
+        if codes.count(OK) == len(codes):
+            return views, lengths, headers
+        dropped: dict[int, int] = {}
+        for code in codes:
+            if code != OK:
+                dropped[code] = dropped.get(code, 0) + 1
+        for code, count in sorted(dropped.items()):
+            self.counters.dropped(ingress, REASONS[code], count)
+        keep = [i for i, code in enumerate(codes) if code == OK]
+        return [views[i] for i in keep], lengths[keep], headers[keep]
 
     def _finish(self, port: int, views: list[Frame], lengths: npt.NDArray[np.uint32], headers: Headers,
                 takes: Offloads) -> tuple[list[Frame], npt.NDArray[np.uint32], Headers]:  # fmt: skip
@@ -240,11 +275,20 @@ class Switch:
             self.counters.dropped(ingress, "port_down", len(views))
             return
         now = self._clock()
-        # Both addresses of every frame, 12 bytes each, in one small array: all the switch reads.
-        heads = np.stack([v[:12] for v in views]).reshape(-1)
-        at = np.arange(len(views), dtype=np.int64) * 12
-        self.fdb.learn(mac_keys(heads, at, 6), ingress, now)
-        out = self.fdb.lookup(mac_keys(heads, at, 0), now, ingress=ingress)
+        if len(views) <= _FEW:
+            # A frame or two (a ping, an ACK, a TCP stream's GSO frames): plain ints, not numpy.
+            out_few = self._lookup_few(ingress, views, now)
+            dest = out_few[0]
+            if dest >= 0 and dest in self._live and out_few.count(dest) == len(out_few):
+                self._send(dest, views, lengths, now, queue=True, headers=headers)
+                return
+            out = np.array(out_few, np.int32)
+        else:
+            # Both addresses of every frame, 12 bytes each, in one small array: all the switch reads.
+            heads = np.stack([v[:12] for v in views]).reshape(-1)
+            at = np.arange(len(views), dtype=np.int64) * 12
+            self.fdb.learn(mac_keys(heads, at, 6), ingress, now)
+            out = self.fdb.lookup(mac_keys(heads, at, 0), now, ingress=ingress)
         filtered = int(np.count_nonzero(out == FILTER))
         if filtered:
             self.counters.dropped(ingress, "filtered", filtered)
@@ -259,6 +303,14 @@ class Switch:
                 if part.size:
                     self._send(dest, [views[i] for i in part.tolist()], lengths[part], now, queue=queue,
                                headers=None if headers is None else headers[part])  # fmt: skip
+
+    def _lookup_few(self, ingress: int, views: list[Frame], now: float) -> list[int]:
+        """Learn the source of each of a few frames, then look up each destination, as the batch
+        calls do (every source first): the output port, FLOOD or FILTER of each."""
+        fdb = self.fdb
+        for v in views:
+            fdb.learn_one(int.from_bytes(v[6:12].tobytes(), "big"), ingress, now)
+        return [fdb.lookup_one(int.from_bytes(v[:6].tobytes(), "big"), now, ingress=ingress) for v in views]
 
     def _send(self, dest: int, views: list[Frame], lengths: npt.NDArray[np.uint32], now: float, *,
               queue: bool, headers: Headers | None = None) -> None:  # fmt: skip

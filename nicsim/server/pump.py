@@ -96,6 +96,7 @@ class RingPump:
         self._empty_rounds = 0
         self._last_work = 0.0
         self._moved = 0  # buffers moved since this wakeup began
+        self._moved_bytes = 0  # ...and their frames' bytes
         self._gap_us = 0.0  # from the work before to the last round that found work (request/response)
         self._last_batch = 0  # buffers the last round that found work moved
         self._last_bytes = 0  # the frame bytes the last round that found work moved
@@ -186,7 +187,7 @@ class RingPump:
         self.counters[cause] += 1
         self._busy = True
         self._empty_rounds = 0
-        self._moved = 0
+        self._moved = self._moved_bytes = 0
         if now:
             self._round()
         else:
@@ -292,6 +293,7 @@ class RingPump:
             self._last_full = res.processed >= (policy.tx_batch if self._tx else policy.rx_batch)
             self._empty_rounds, self._last_work = 0, now
             self._moved += res.processed
+            self._moved_bytes += nbytes
             if self._tx:
                 peer = self._rx_peer
                 if (peer is not None and poll_for_reply(policy, processed=res.processed, nbytes=nbytes)
@@ -385,7 +387,8 @@ class RingPump:
         # Request/response traffic wants its next request served at once, however many requests the
         # polling before this sleep served one by one: no batch (its 1 ms wait would be the RTT).
         if q is not None and not rr and (self._tx or _pull_style(self.device.port)):
-            batch = self.device.policy.kick_target(queue_size=q.size, moved=self._moved, tx=self._tx)
+            batch = self.device.policy.kick_target(queue_size=q.size, moved=self._moved, tx=self._tx,
+                                                   nbytes=self._moved_bytes)
         self._sleep(batch, idle_rx=False, starved=not self._tx and not res.processed)
 
     def _sleep(self, batch: int, *, idle_rx: bool, starved: bool = False) -> None:
@@ -397,7 +400,7 @@ class RingPump:
             self._fail(err)
             return
         if not quiet and not idle_rx:
-            self._moved = 0
+            self._moved = self._moved_bytes = 0
             if starved:
                 self._later(_RETRY_S)  # looking again at once would only spin
             else:

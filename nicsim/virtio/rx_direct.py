@@ -17,8 +17,10 @@ import numpy as np
 import numpy.typing as npt
 
 from nicsim.virtio.port import HDR_LEN_V1, NUM_BUFFERS_OFFSET
+from rings import kernels
 from rings.chains import ChainBatch
 from rings.memory import GuestMemory
+from rings.split import region_bytes
 
 
 def _writable_views(
@@ -73,6 +75,12 @@ def write_frames(
                     dst[:keep] = headers[i, :keep]
                 dst[hdr_len:] = frames[i]
             return
+    # A frame over several buffers (mergeable): one compiled call each, when every chain is one
+    # segment (Linux's mergeable buffers); else, or with the kernels off, a view and a copy per segment.
+    scatter = kernels.scatter_frame
+    one_each = scatter is not None and bool((cb.seg_count[good_pos] == 1).all())
+    lone = cb.first_seg[good_pos] if one_each else None
+    datas = region_bytes(mem) if lone is not None else ()
     chain = 0
     for i, nb in zip(placed.tolist(), nbufs.tolist(), strict=True):
         if hdr_len >= HDR_LEN_V1:
@@ -81,5 +89,8 @@ def write_frames(
         if keep:
             assert headers is not None
             header[:keep] = headers[i, :keep]
-        _stream(_writable_views(mem, cb, good_pos[chain : chain + nb]), (header, frames[i]))
+        if lone is None or scatter is None or scatter(datas, cb.seg_region, cb.seg_offset, cb.seg_len,
+                                                      cb.seg_writable, lone[chain : chain + nb], header,
+                                                      frames[i]) < 0:  # fmt: skip
+            _stream(_writable_views(mem, cb, good_pos[chain : chain + nb]), (header, frames[i]))
         chain += nb
