@@ -72,7 +72,12 @@ def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
 
 @pytest.mark.parametrize("features", [V1, V1 | MRG], ids=["one-buffer", "mergeable"])
 @pytest.mark.parametrize("layout", list(TxLayout))
-def test_views_land_as_pushed_frames_do(features: int, layout: TxLayout, engine: list[int]) -> None:
+@pytest.mark.parametrize("chunk", [12, 2], ids=["batch", "by-two"])
+def test_views_land_as_pushed_frames_do(
+    features: int, layout: TxLayout, engine: list[int], chunk: int
+) -> None:
+    # By two: the switch's way for a frame or two (plain ints, ShortRx.deliver_views) where every
+    # frame fits the one buffer it meets; the batch path for the rest.
     rng = np.random.default_rng(7)
     sizes = [60, 1514, 300, 2000, 61, 999, 14, 700, 1200, 64, 65, 1500]
     pool = rng.integers(0, 256, sum(sizes) + 100, dtype=np.uint8)  # the other guest's memory
@@ -84,7 +89,8 @@ def test_views_land_as_pushed_frames_do(features: int, layout: TxLayout, engine:
         rx.post_rx(12 + 1514, count=6, layout=layout)
         rx.post_rx(12 + 512, count=3, layout=layout)
         if dev is direct[0]:
-            kept = port.sink.push_views(views).tolist()
+            parts = [views[at : at + chunk] for at in range(0, len(views), chunk)]
+            kept = [k for part in parts for k in port.sink.push_views(part)]
         else:
             kept = [port.sink.push(v) for v in views]
         direct_now = rx.used_pending()  # what push_views wrote before any round ran

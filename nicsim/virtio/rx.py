@@ -477,7 +477,14 @@ class RxPath:
         if (st is not None and mem is not None and st.broken is None and qs.enabled[rxq] and frames
                 and not len(self.backlog[pair]) and not carried):  # fmt: skip
             try:
-                start = self._deliver_views(rxq, st, mem, frames, kept, headers)
+                short = None
+                if len(frames) <= qs.short_round and not qs.logging:  # the short path does not log
+                    short = self._short.deliver_views(rxq, st, mem, frames, headers)
+                if short is not None:
+                    kept[:short] = True
+                    start = short
+                else:
+                    start = self._deliver_views(rxq, st, mem, frames, kept, headers)
             except GuestError as err:
                 qs.broke(rxq, st, err)  # the ring's pump reports it; the frames go the push way
             if start:

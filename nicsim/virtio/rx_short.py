@@ -10,6 +10,8 @@ is declined before anything changes, and the general path takes the round and co
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
 import numpy.typing as npt
 
@@ -44,13 +46,59 @@ class ShortRx:
         were placed (0: no buffer or no pool descriptor now), or None having changed nothing when
         the round is not one this path takes. ``carried``: the frames start with the port's (the
         kernel's) virtio-net header."""
-        qs, q = self._qs, st.q
-        hdr = qs.hdr_len
+        hdr = self._qs.hdr_len
         lens = lengths.tolist()
         if not lens or (carried and min(lens) < hdr):
             return None
         need = lens if carried else [n + hdr for n in lens]
-        placed = min(len(lens), q.avail_pending(mem))
+        starts = offsets.tolist()
+
+        def write(i: int, chain: ShortChain) -> None:
+            self._write(mem, chain, data, starts[i], lens[i], hdr, carried)
+
+        sizes = [n - hdr for n in lens] if carried else lens
+        return self._place(rxq, st, mem, need, sizes, write)
+
+    def deliver_views(
+        self,
+        rxq: int,
+        st: QueueState,
+        mem: GuestMemory,
+        frames: Sequence[npt.NDArray[np.uint8]],
+        headers: npt.NDArray[np.uint8] | None,
+    ) -> int | None:
+        """:meth:`deliver` for bare frames given as views (another guest's TX buffers, the switch's
+        way), each with our header, or the first bytes of ``headers[i]`` (flags, GSO fields) when the
+        driver negotiated GUEST_CSUM. None, having changed nothing, for a frame over the MTU."""
+        qs = self._qs
+        hdr = qs.hdr_len
+        lens = [f.shape[0] for f in frames]
+        if not lens or max(lens) > qs.frame_limit:
+            return None
+        keep = min(hdr, NUM_BUFFERS_OFFSET) if headers is not None and qs.guest_csum else 0
+
+        def write(i: int, chain: ShortChain) -> None:
+            out = self._stage(hdr + lens[i])
+            out[:hdr] = 0
+            if keep:
+                assert headers is not None
+                out[:keep] = headers[i, :keep]
+            if hdr >= HDR_LEN_V1:
+                out[NUM_BUFFERS_OFFSET] = 1
+            out[hdr : hdr + lens[i]] = frames[i]
+            self._copy_out(mem, chain, out, hdr + lens[i])
+
+        return self._place(rxq, st, mem, [n + hdr for n in lens], lens, write)
+
+    def _place(
+        self, rxq: int, st: QueueState, mem: GuestMemory, need: list[int], sizes: list[int],
+        write: Callable[[int, ShortChain], None],
+    ) -> int | None:  # fmt: skip
+        """Frame ``i`` (``need[i]`` bytes with its header; ``sizes[i]`` frame bytes counted) written
+        by ``write(i, chain)`` into the next posted chain each, in order, held by a pool descriptor
+        meanwhile, then used; None, having changed nothing, if a chain is not one buffer big enough."""
+        qs, q = self._qs, st.q
+        placed = min(len(need), q.avail_pending(mem))
         if placed == 0:
             return 0
         chains = q.peek_short(mem, placed, indirect=qs.indirect)
@@ -66,11 +114,9 @@ class ShortRx:
             self._pool.track_one(d, queue=rxq, head=c.head, addr=0, length=c.writable_len)
         self._stats.add_inflight(rxq, placed)
         q.skip_avail(placed)
-        starts = offsets.tolist()
         for i in range(placed):
-            self._write(mem, chains[i], data, starts[i], lens[i], hdr, carried)
-        frame_bytes = sum(lens[:placed]) - (hdr * placed if carried else 0)
-        self._stats.count(rxq, placed, frame_bytes)
+            write(i, chains[i])
+        self._stats.count(rxq, placed, sum(sizes[:placed]))
         qs.mark_used_few(rxq, q, mem, [c.head for c in chains[:placed]], need[:placed], filled=True)
         for d in descs:
             self._pool.free(d)
@@ -90,9 +136,7 @@ class ShortRx:
         """Header (num_buffers 1) and frame into ``chain``'s writable segments, in order, as
         ``rx.stage_frames`` and ``rx.scatter_chains`` write them for a frame in one buffer."""
         total = n if carried else n + hdr
-        if self._staging.shape[0] < total:
-            self._staging = np.zeros(max(total, 2048), np.uint8)
-        out = self._staging
+        out = self._stage(total)
         body = 0 if carried else hdr
         out[body : body + n] = data[start : start + n]
         if not (carried and self._qs.guest_csum):
@@ -102,6 +146,17 @@ class ShortRx:
         if hdr >= HDR_LEN_V1:
             out[NUM_BUFFERS_OFFSET] = 1
             out[NUM_BUFFERS_OFFSET + 1] = 0
+        self._copy_out(mem, chain, out, total)
+
+    def _stage(self, total: int) -> npt.NDArray[np.uint8]:
+        """The staging buffer, at least ``total`` bytes long."""
+        if self._staging.shape[0] < total:
+            self._staging = np.zeros(max(total, 2048), np.uint8)
+        return self._staging
+
+    @staticmethod
+    def _copy_out(mem: GuestMemory, chain: ShortChain, out: npt.NDArray[np.uint8], total: int) -> None:
+        """The first ``total`` bytes of ``out`` into ``chain``'s segments, in order."""
         at = 0
         for region, offset, length in chain.segments:
             take = min(length, total - at)
