@@ -245,6 +245,10 @@ class RxBacklog:
         self.lengths[: self.count] = self.lengths[sl]
         self.head, self.end = 0, self.end - lo
 
+    def full(self) -> bool:
+        """No frame fits any more: every slot is taken."""
+        return bool(self.count >= self.offsets.shape[0])
+
     def append(self, frame: npt.NDArray[np.uint8]) -> bool:
         n = int(frame.shape[0])
         cap_f, cap_b = self.offsets.shape[0], self.data.shape[0]
@@ -492,6 +496,13 @@ class RxPath:
         if not queue:
             if start < len(frames):
                 self._stats.drop(rxq, "no_rx_buffer", len(frames) - start)
+            return kept
+        rest = len(frames) - start
+        # A guest slower than its senders (its ring and backlog full): push would refuse each of these
+        # (none is over the MTU) as no_rx_buffer; one count, not a call per frame.
+        if (rest > 1 and self.backlog[pair].full() and not self._disabled(rxq)
+                and max(f.shape[0] for f in frames[start:]) <= qs.frame_limit):  # fmt: skip
+            self._stats.drop(rxq, "no_rx_buffer", rest)
             return kept
         joined = self._port.vnet_hdr and headers is not None
         for i in range(start, len(frames)):
