@@ -25,7 +25,7 @@ from .layout import DESC_DTYPE, vring_need_event
 from .pool_kernels import _free_normal_py, _track_py
 from .pool_layout import descriptor_dtype
 from .scatter_kernel import _scatter_frame_py
-from .walk_kernel import _Arrays, _declined_py, _walk_into_py, _walk_split_py
+from .walk_kernel import _Arrays, _declined_py, _walk_into_py, _walk_split_py, _walk_table_py
 
 __all__ = [
     "absorb_split", "complete_split", "disable", "enable", "enabled", "engine", "fill_split", "free_normal",
@@ -98,7 +98,8 @@ def _compile() -> tuple[Callable[..., Any], ...] | None:
         # The GIL stays held: the pool kernels mark descriptors they are checking, which no other
         # thread may see (the interlocked pool calls them under its lock anyway).
         jit = numba.njit(cache=True, boundscheck=False)
-        declined, walk_into, free_fn = jit(_declined_py), jit(_walk_into_py), jit(_free_normal_py)
+        declined, free_fn = jit(_declined_py), jit(_free_normal_py)
+        walk_into = jit(_link(_walk_into_py, _walk_table=jit(_walk_table_py)))
         walk = jit(_link(_walk_split_py, _declined=declined, _walk_into=walk_into))
         track_fn = jit(_track_py)
         take = jit(_link(rk._take_split_py, _walk_into=walk_into))
@@ -144,15 +145,19 @@ def _compile_now(*kernels: Callable[..., Any]) -> None:
     table = np.zeros(2, DESC_DTYPE)
     ring = (table["addr"], table["len"], table["flags"], table["next"])
     bounds = (np.zeros(1, np.uint64), np.ones(1, np.uint64))
-    walk(np.zeros(0, np.uint16), *ring, *bounds, True)
+    for regions in (1, 2):
+        walk(np.zeros(0, np.uint16), *ring, *bounds, tuple(np.zeros(8, np.uint8) for _ in range(regions)),
+             True)  # fmt: skip
     # The pool's fields as PacketPool.round_state gives them (reserved 0, the device's pools).
     record = np.zeros(2, descriptor_dtype(0))
     arrays = (record["state"], record["ever"], np.arange(2, dtype=np.intp), record["queue"], record["head"],
               record["addr"], record["length"], record["reserved"])  # fmt: skip
     area = rk.RoundArea(2)
     avail = np.zeros(5, np.uint16)[2:4]
-    take(avail, *ring, *bounds, 0, 0, True, True, 0, 0, 0, 0, 2, *arrays, 0, *area.outputs)
-    take(avail, *ring, *bounds, 0, 0, False, False, 0, 0, 0, 0, 2, *arrays, 0, *area.outputs)
+    for regions in (1, 2):
+        datas = tuple(np.zeros(8, np.uint8) for _ in range(regions))
+        take(avail, *ring, *bounds, datas, 0, 0, True, True, 0, 0, 0, 0, 2, *arrays, 0, *area.outputs)
+        take(avail, *ring, *bounds, datas, 0, 0, False, False, 0, 0, 0, 0, 2, *arrays, 0, *area.outputs)
     used = np.zeros(4, np.uint32).reshape(2, 2)
     complete(used, 0, area.heads[:0], area.lens[:0], area.descs[:0], 0, 2, arrays[0], arrays[2])
     scatter(np.zeros(8, np.uint8), 0, 0, area.s_region[:0], area.s_offset[:0], area.s_len[:0],
@@ -194,16 +199,18 @@ def walk_split(
     starts: npt.NDArray[np.uint64],
     sizes: npt.NDArray[np.uint64],
     *,
+    datas: tuple[npt.NDArray[np.uint8], ...],
     indirect: bool,
     walk: Callable[..., _Arrays] | None = None,
 ) -> ChainBatch | None:
     """The ChainBatch of ``heads`` over descriptor ``table`` (a :class:`~rings.walker.DescriptorTable`)
-    and guest memory regions ``starts``/``sizes`` (sorted), or None when the kernels are off or the
-    batch needs the numpy walker. ``walk`` overrides the kernel (the tests pass the Python source)."""
+    and guest memory regions ``starts``/``sizes`` (sorted) whose bytes are ``datas`` (indirect tables
+    are read there), or None when the kernels are off or the batch needs the numpy walker. ``walk``
+    overrides the kernel (the tests pass the Python source)."""
     fn = walk if walk is not None else _compiled_walk
     if fn is None:
         return None
-    out = fn(heads, table.d_addr, table.d_len, table.d_flags, table.d_next, starts, sizes, indirect)
+    out = fn(heads, table.d_addr, table.d_len, table.d_flags, table.d_next, starts, sizes, datas, indirect)
     if not out[0]:
         return None
     n = heads.shape[0]

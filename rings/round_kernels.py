@@ -110,7 +110,7 @@ class RoundArea:
 
 def _take_split_py(
     avail_ring: _Arr, d_addr: _Arr, d_len: _Arr, d_flags: _Arr, d_next: _Arr, starts: _Arr, sizes: _Arr,
-    start: int, k: int, indirect: bool, tx: bool, min_len: int, max_len: int, lens_off: int,
+    datas: Any, start: int, k: int, indirect: bool, tx: bool, min_len: int, max_len: int, lens_off: int,
     p_used: int, p_capacity: int, p_state: _Arr, p_ever: _Arr, p_stack: _Arr, p_queue: _Arr, p_head: _Arr,
     p_addr: _Arr, p_length: _Arr, p_reserved: _Arr, queue: int,
     heads: _Arr, descs: _Arr, lens: _Arr, first: _Arr, counts: _Arr, rlen: _Arr, wlen: _Arr, s_chain: _Arr,
@@ -127,7 +127,7 @@ def _take_split_py(
     mask = avail_ring.shape[0] - 1
     for j in range(k):
         heads[j] = avail_ring[(start + j) & mask]
-    m = _walk_into(heads, k, d_addr, d_len, d_flags, d_next, starts, sizes, indirect,
+    m = _walk_into(heads, k, d_addr, d_len, d_flags, d_next, starts, sizes, datas, indirect,
                    first, counts, rlen, wlen, s_chain, s_desc, s_addr, s_len, s_writable, s_region, s_offset)
     if m < 0:
         return -1, 0
@@ -272,8 +272,8 @@ def _absorb_split_py(
     checksum = np.uint64(0)
     n = k
     for r in range(max(rounds, 1)):
-        m, part = _take_split(avail_ring, d_addr, d_len, d_flags, d_next, starts, sizes, start + taken, n,
-                              indirect, True, min_len, max_len, hdr, p_used, p_capacity, p_state, p_ever,
+        m, part = _take_split(avail_ring, d_addr, d_len, d_flags, d_next, starts, sizes, datas, start + taken,
+                              n, indirect, True, min_len, max_len, hdr, p_used, p_capacity, p_state, p_ever,
                               p_stack, p_queue, p_head, p_addr, p_length, p_reserved, queue, heads, descs,
                               lens, first, counts, rlen, wlen, s_chain, s_desc, s_addr, s_len, s_writable,
                               s_region, s_offset)  # fmt: skip
@@ -345,7 +345,7 @@ def _fill_split_py(
                     break
             if n == 0:
                 break
-        m, _ = _take_split(avail_ring, d_addr, d_len, d_flags, d_next, starts, sizes, start + done, n,
+        m, _ = _take_split(avail_ring, d_addr, d_len, d_flags, d_next, starts, sizes, datas, start + done, n,
                            indirect, False, need, U32_MAX, 0, p_used, p_capacity, p_state, p_ever, p_stack,
                            p_queue, p_head, p_addr, p_length, p_reserved, queue, heads, descs, lens, first,
                            counts, rlen, wlen, s_chain, s_desc, s_addr, s_len, s_writable, s_region,

@@ -206,7 +206,8 @@ class SplitQueue:
         heads_a = np.asarray(heads, dtype=np.uint16)
         if kernels.enabled() and heads_a.shape[0]:
             starts, sizes = mem.bounds
-            batch = kernels.walk_split(heads_a, table, starts, sizes, indirect=indirect)
+            batch = kernels.walk_split(heads_a, table, starts, sizes, datas=region_bytes(mem),
+                                       indirect=indirect)  # fmt: skip
             if batch is not None:
                 return batch  # every chain good: what the walker would give, in one compiled call
         return ChainWalker(mem, table, heads_a, queue=self.index, indirect=indirect).run()
@@ -225,8 +226,9 @@ class SplitQueue:
         if take is None or pool.closed or not 0 < count <= area.size:
             return None
         state = pool.round_state()
-        got: tuple[int, int] = take(*self._views(mem).take_ring, self.last_avail_idx, count, indirect, tx,
-                                    min_len, max_len, lens_off, *state, queue, *area.outputs)  # fmt: skip
+        got: tuple[int, int] = take(*self._views(mem).take_ring, region_bytes(mem), self.last_avail_idx,
+                                    count, indirect, tx, min_len, max_len, lens_off, *state, queue,
+                                    *area.outputs)  # fmt: skip
         if got[0] < 0:
             return None
         self.last_avail_idx = (self.last_avail_idx + count) & U16_MASK

@@ -3,8 +3,8 @@
 - ``SplitQueue.take_round`` on the hostile worlds of ``test_fuzz_rings``: whenever it takes a round,
   the chains it hands back equal the walker's, field by field, and the pool's table bytes equal those
   ``allocate_batch`` and ``track`` write for them; when it declines, nothing changed (pool bytes,
-  ``last_avail_idx``), and it declines only what the numpy path must decide (a chain the walker marks or
-  follows indirectly, a length out of bounds, too few normal descriptors).
+  ``last_avail_idx``), and it declines only what the numpy path must decide (a chain the walker marks,
+  a length out of bounds, too few normal descriptors, more segments than the round's area holds).
 - ``SplitQueue.complete_round`` writes the used ring and frees exactly as ``push_used`` and
   ``free_batch`` do, and refuses, writing nothing, what ``free_batch`` refuses.
 - A sink's absorbed rounds (take, read and return in one call) give the guest and the sink what
@@ -35,7 +35,6 @@ from rings import kernels
 from rings import round_kernels as rk
 from rings.driver import DriverQueue, GuestDriver, Malformed, TxLayout
 from rings.errors import DoubleFreeError
-from rings.layout import VIRTQ_DESC_F_INDIRECT
 from rings.pool import PacketPool
 from rings.round_kernels import U32_MAX, RoundArea
 from rings.split import SplitQueue
@@ -96,14 +95,13 @@ def test_take_round_tracks_what_the_numpy_path_tracks_or_declines_changing_nothi
     got = q.take_round(w.mem, count, pool, area, queue=1, indirect=indirect, tx=tx, min_len=lo, max_len=hi,
                        lens_off=lo)  # fmt: skip
     want = ChainWalker(w.mem, views, heads, queue=1, indirect=indirect).run()
-    follows = indirect and bool(np.count_nonzero(views.d_flags[want.seg_desc] & VIRTQ_DESC_F_INDIRECT))
     lengths = want.readable_len if tx else want.writable_len
     out_of_bounds = bool(np.count_nonzero((lengths < lo) | (lengths > hi)))
     # More segments than the ring has descriptors: chains sharing descriptors (the area holds a ring's worth).
     too_many = want.seg_len.shape[0] > w.size
-    must_decline = bool(want.errors) or follows or out_of_bounds or count > capacity or too_many
+    must_decline = bool(want.errors) or out_of_bounds or count > capacity or too_many
     if got is None:
-        assert must_decline, f"declined a round of good direct chains ({source})"
+        assert must_decline, f"declined a round of good chains ({source})"
         assert pool_bytes(pool) == before and q.last_avail_idx == 0 and pool.usage == 0
         return
     assert not must_decline, f"took a round the numpy path must decide ({source})"
@@ -393,8 +391,8 @@ def test_a_sinks_absorbed_rounds_give_the_guest_and_the_sink_what_batches_give(
     that takes, reads and returns them (``_absorb_split_py``; the Python source too), publishing
     ``used.idx`` once or every 7 chains (``publish_every``). Against twin guests whose sink takes
     batches: the same guest bytes (used ring), counters, checksum and drops, the pool empty after
-    each round, header bytes (all 0xFF) never summed, frames in both memory regions; runts and
-    indirect chains go the batch way and are counted there."""
+    each round, header bytes (all 0xFF) never summed, frames in both memory regions, in indirect
+    tables too; runts go the batch way and are counted there."""
     calls: list[int] = []
     kernel = rk._absorb_split_py if source == "python" else kernels.absorb_split
     assert kernel is not None
@@ -426,11 +424,8 @@ def test_a_sinks_absorbed_rounds_give_the_guest_and_the_sink_what_batches_give(
                                                                      batched.checksum)  # fmt: skip
     assert absorbed.checksum != 0 if read else absorbed.checksum == 0
     assert dev.stats.snapshot() == rdev.stats.snapshot()
-    if layout is TxLayout.INDIRECT:
-        assert calls and all(c == -1 for c in calls)  # declined: the batch way walks indirect tables
-    else:
-        assert sum(c > 0 for c in calls) == 5  # every round but the one with runts
-        assert dev.stats.drops_total() > 0  # the runts, counted the batch way
+    assert sum(c > 0 for c in calls) == 5  # every round but the one with runts (indirect tables too)
+    assert dev.stats.drops_total() > 0  # the runts, counted the batch way
 
 
 def test_an_absorbed_round_publishes_each_chunk_after_its_entries(monkeypatch: pytest.MonkeyPatch) -> None:
