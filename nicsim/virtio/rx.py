@@ -58,6 +58,7 @@ class RxPlan:
 
 
 _EMPTY = np.empty(0, dtype=np.int64)
+_HEADER_FIELDS = np.arange(NUM_BUFFERS_OFFSET, dtype=np.int64)  # a header's bytes but num_buffers
 
 
 def plan_rx(need: npt.NDArray[np.int64], wlen: npt.NDArray[np.int64], *, mergeable: bool) -> RxPlan:
@@ -721,6 +722,10 @@ class RxPath:
             taken = self._short.deliver(rxq, st, mem, data, offsets, lengths, carried=carried)
             if taken is not None:
                 return taken
+        if carried and qs.mergeable and int(lengths.sum()) >= SLICE_COPY_MIN * int(lengths.shape[0]):
+            taken = self._deliver_carried(rxq, st, mem, data, offsets, lengths)
+            if taken is not None:
+                return taken
         # With MRG_RXBUF a frame may span several buffers: take a full batch, give back what is unused.
         want = qs.policy.rx_batch if qs.mergeable else int(lengths.shape[0])
         got = self._take_chains(rxq, st, mem, want)
@@ -749,6 +754,24 @@ class RxPath:
             self._count(rxq, int(placed.shape[0]), frame_bytes)
         self._finish_chains(rxq, st, mem, cb, descs, good_pos, plan.chains, plan.chain_bytes)
         return plan.consumed
+
+    def _deliver_carried(
+        self, rxq: int, st: QueueState, mem: GuestMemory, data: npt.NDArray[np.uint8],
+        offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64],
+    ) -> int | None:  # fmt: skip
+        """:meth:`_deliver` for big frames a header-passing port queued with their headers (a TCP
+        stream's GSO frames from the TAP) into mergeable buffers: each header and frame go from the
+        backlog straight into the guest's buffers (:func:`~nicsim.virtio.rx_direct.write_frames`, a
+        compiled call per frame), not through a staging copy and a slice copy per buffer. None, having
+        done nothing, for a frame over the MTU that is not a GSO frame (push refused those; an MTU
+        changed since): the staging path drops it in its turn."""
+        hdr = self._qs.hdr_len
+        over = lengths - hdr > self._qs.frame_limit
+        if over.any() and bool(((data[offsets[over] + GSO_TYPE_OFFSET] & ~GSO_ECN) == 0).any()):
+            return None
+        frames = [data[o + hdr : o + n] for o, n in zip(offsets.tolist(), lengths.tolist(), strict=True)]
+        headers = data[offsets[:, None] + _HEADER_FIELDS]
+        return self._deliver_views(rxq, st, mem, frames, np.zeros(len(frames), np.bool_), headers)
 
     def _deliver_template(
         self, rxq: int, st: QueueState, mem: GuestMemory, template: npt.NDArray[np.uint8], count: int
