@@ -25,15 +25,7 @@ from .layout import DESC_DTYPE, vring_need_event
 from .pool_kernels import _free_normal_py, _track_py
 from .pool_layout import descriptor_dtype
 from .scatter_kernel import _scatter_frame_py
-from .walk_kernel import (
-    _Arrays,
-    _declined_py,
-    _record_py,
-    _region_of_py,
-    _walk_into_py,
-    _walk_split_py,
-    _walk_table_py,
-)
+from .walk_kernel import _Arrays, _declined_py, _walk_into_py, _walk_split_py, _walk_table_py
 
 __all__ = [
     "absorb_split", "complete_split", "disable", "enable", "enabled", "engine", "fill_split", "free_normal",
@@ -107,10 +99,7 @@ def _compile() -> tuple[Callable[..., Any], ...] | None:
         # thread may see (the interlocked pool calls them under its lock anyway).
         jit = numba.njit(cache=True, boundscheck=False)
         declined, free_fn = jit(_declined_py), jit(_free_normal_py)
-        region_of = jit(_region_of_py)
-        record = jit(_link(_record_py, _region_of=region_of))
-        table = jit(_link(_walk_table_py, _record=record, _region_of=region_of))
-        walk_into = jit(_link(_walk_into_py, _walk_table=table, _record=record))
+        walk_into = jit(_link(_walk_into_py, _walk_table=jit(_walk_table_py)))
         walk = jit(_link(_walk_split_py, _declined=declined, _walk_into=walk_into))
         track_fn = jit(_track_py)
         take = jit(_link(rk._take_split_py, _walk_into=walk_into))
