@@ -12,7 +12,9 @@ told to (``poll_us``), then re-arms kicks with a re-check (``rearm_kicks``) and
 sleeps on the kick eventfd. If the wakeup moved a batch (traffic flows) and the guest negotiated
 EVENT_IDX, the re-arm asks for the kick only once ``kick_batch`` more buffers are posted, with a
 ``batch_wait_us`` timer for a guest that stops short; otherwise the first buffer kicks. An RX ring whose
-push-style port has nothing queued sleeps until the device's ``on_wakeup``; a pull-style port (the
+push-style port has nothing queued sleeps until the device's ``on_wakeup``; frames the switch writes
+straight into a sleeping ring's buffers only have its interrupt decided (``delivered``), with no round
+and no kick suppression around it; a pull-style port (the
 generator) sleeps on the kick like TX, so a guest with no buffers posted costs no CPU. A lost notification
 cannot stall a ring for good: while the ring is active a watchdog ticks every ``stall_recheck_ms``, and a
 sleeping ring (no round scheduled, no timer set) that had work pending at two ticks in a row with none of
@@ -60,7 +62,7 @@ _ONE = struct.pack("=Q", 1)
 _RETRY_S = 0.001  # pool exhausted, or a rate-limited port: look again this much later
 PUMP_COUNTERS = (
     "wakeups_kick", "wakeups_timer", "wakeups_stall", "wakeups_other", "wakeups_reply", "rounds", "sleeps",
-    "batch_sleeps", "irqs_held", "irqs_merged", "round_errors", "wedges",
+    "batch_sleeps", "irqs_held", "irqs_merged", "round_errors", "wedges", "delivered",
 )
 
 
@@ -199,6 +201,22 @@ class RingPump:
         queued it already), rather than in a later loop turn after the port's own wakeup."""
         if not self._busy and (_pull_style(self.device.port) or self.device.rx_backlog(self.index // 2)):
             self.wake("wakeups_reply", now=True)
+
+    def delivered(self) -> None:
+        """RX: a port put frames straight into this ring's buffers (another guest's TX round through
+        the switch). Asleep, the ring is not woken for a round that would only decide the interrupt
+        (and suppress and re-arm kicks around it): the interrupt is decided and sent here. Running,
+        its next round decides it."""
+        if not self.active or self.broken or self._busy:
+            return
+        try:
+            due = self.device.interrupt_due(self.index)
+        except (RingsError, DeviceStateError) as err:
+            self._fail(err)
+            return
+        self.counters["delivered"] += 1
+        if due:
+            self.signal()
 
     def signal(self) -> None:
         """Interrupt the guest (write the call eventfd). An RX ring first sends the interrupt its

@@ -89,6 +89,7 @@ class Session:
         self._wbuf: deque[tuple[bytes, tuple[int, ...]]] = deque()
         self._writing = False
         device.on_wakeup = self._on_wakeup
+        device.on_delivered = self._on_delivered
         device.port.start_io(self.loop)  # a port with an fd (tap) watches it here; close() unwatches
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._on_readable)
@@ -288,6 +289,10 @@ class Session:
         # switch): a loop turn less before the frame is in the guest's ring and its interrupt sent.
         if self.state is SessionState.OPEN:
             self.pumps[index].wake(now=True)
+
+    def _on_delivered(self, index: int) -> None:
+        if self.state is SessionState.OPEN:
+            self.pumps[index].delivered()
 
     def _after_tx(self, pair: int) -> None:
         if self.device.rx_backlog(pair):

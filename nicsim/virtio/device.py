@@ -124,6 +124,23 @@ class VirtioNetDevice:
         self._qs.on_wakeup = fn
 
     @property
+    def on_delivered(self) -> Callable[[int], None] | None:
+        """Called with a queue index when a port's frames went straight into that ring's buffers
+        outside a device call (the switch), leaving only its interrupt to decide
+        (:meth:`interrupt_due`); None: ``on_wakeup`` is called instead."""
+        return self._qs.on_delivered
+
+    @on_delivered.setter
+    def on_delivered(self, fn: Callable[[int], None] | None) -> None:
+        self._qs.on_delivered = fn
+
+    def interrupt_due(self, index: int) -> bool:
+        """Whether ring ``index`` wants an interrupt now for the used entries published since the last
+        one (EVENT_IDX's used_event, or the NO_INTERRUPT flag); counts it when True."""
+        st, mem = self._qs.running(index)
+        return self._qs.decide_interrupt(index, st, mem, idle=True)
+
+    @property
     def mem(self) -> GuestMemory | None:
         return self._qs.mem
 

@@ -198,6 +198,9 @@ class QueueSet:
         self.mem: GuestMemory | None = None
         self.inflight: InflightHooks | None = None  # set by the server with INFLIGHT_SHMFD
         self.on_wakeup: Callable[[int], None] | None = None
+        # Told instead of on_wakeup when frames went straight into a ring's buffers and only its
+        # interrupt is left to decide (the switch); None: on_wakeup.
+        self.on_delivered: Callable[[int], None] | None = None
         self.in_call = False  # a port runs inside process_tx: no wakeups (the server asks afterwards)
         # A live migration's dirty log (vhost-user SET_LOG_BASE) and whether it is on (VHOST_F_LOG_ALL):
         # while ``logging``, every write to guest memory is logged (:meth:`log_used`, and RX data in rx).
@@ -378,6 +381,13 @@ class QueueSet:
     def wake(self, index: int) -> None:
         if self.on_wakeup is not None and not self.in_call:
             self.on_wakeup(index)
+
+    def delivered(self, index: int) -> None:
+        """Used entries were published on ``index`` outside a round: its interrupt is to be decided."""
+        if self.on_delivered is None:
+            self.wake(index)
+        elif not self.in_call:
+            self.on_delivered(index)
 
 
 def _detached(err: GuestError) -> GuestError:

@@ -493,7 +493,7 @@ class RxPath:
             except GuestError as err:
                 qs.broke(rxq, st, err)  # the ring's pump reports it; the frames go the push way
             if start:
-                qs.wake(rxq)  # the pump decides the interrupt for the entries published here
+                qs.delivered(rxq)  # the interrupt for the entries published here is decided now
         if not queue:
             if start < len(frames):
                 self._stats.drop(rxq, "no_rx_buffer", len(frames) - start)
