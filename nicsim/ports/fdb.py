@@ -34,8 +34,8 @@ __all__ = [
 FLOOD: Final = -1   # send to every port but the ingress one
 FILTER: Final = -2  # the destination sits behind the ingress port: send nowhere
 DEFAULT_AGEING: Final = 300.0  # seconds, as Linux's bridge ageing_time
-_GROUP_BIT: Final = np.uint64(1 << 40)  # the I/G bit: least significant bit of the first octet
-_GROUP_BIT_INT: Final = 1 << 40
+_GROUP_BIT_INT: Final = 1 << 40  # the I/G bit: least significant bit of the first octet
+_GROUP_BIT: Final = np.uint64(_GROUP_BIT_INT)
 _MAC_WEIGHTS = np.array([1 << (8 * (5 - i)) for i in range(6)], dtype=np.uint64)
 _MAC_BYTES = np.arange(6, dtype=np.int64)
 

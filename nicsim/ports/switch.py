@@ -231,12 +231,8 @@ class Switch:
             self.counters.offloaded(ingress, {"rx_gso": gso_kept})
         if codes.count(OK) == len(codes):
             return views, lengths, headers
-        dropped: dict[int, int] = {}
-        for code in codes:
-            if code != OK:
-                dropped[code] = dropped.get(code, 0) + 1
-        for code, count in sorted(dropped.items()):
-            self.counters.dropped(ingress, REASONS[code], count)
+        for code in sorted(set(codes) - {OK}):
+            self.counters.dropped(ingress, REASONS[code], codes.count(code))
         keep = [i for i, code in enumerate(codes) if code == OK]
         return [views[i] for i in keep], lengths[keep], headers[keep]
 

@@ -489,7 +489,7 @@ class RxPath:
                     kept[:short] = True
                     start = short
                 else:
-                    start = self._deliver_views(rxq, st, mem, frames, kept, headers)
+                    start = self._deliver_views(rxq, st, mem, frames, kept, headers) or 0
             except GuestError as err:
                 qs.broke(rxq, st, err)  # the ring's pump reports it; the frames go the push way
             if start:
@@ -520,14 +520,16 @@ class RxPath:
     def _deliver_views(
         self, rxq: int, st: QueueState, mem: GuestMemory, frames: Sequence[npt.NDArray[np.uint8]],
         kept: npt.NDArray[np.bool_], headers: npt.NDArray[np.uint8] | None = None,
-    ) -> int:  # fmt: skip
-        """:meth:`_deliver` for frames given as views, without staging; returns how many it consumed."""
+    ) -> int | None:  # fmt: skip
+        """:meth:`_deliver` for frames given as views, without staging; returns how many it consumed,
+        or None, having done nothing, when a frame is over the MTU and not a GSO frame, or over
+        MAX_FRAME (push, or the staging path, counts it too_big or over_mtu, in order)."""
         qs = self._qs
         lengths = np.fromiter((f.shape[0] for f in frames), np.int64, len(frames))
         over = lengths > qs.frame_limit
         if over.any() and (headers is None or int(lengths.max()) > MAX_FRAME
                            or bool(((headers[over, GSO_TYPE_OFFSET] & ~GSO_ECN) == 0).any())):  # fmt: skip
-            return 0  # push counts it too_big or over_mtu, in order (only GSO frames pass the MTU)
+            return None  # only GSO frames pass the MTU
         got = self._take_chains(rxq, st, mem, qs.policy.rx_batch if qs.mergeable else len(frames))
         if got is None:
             return 0
@@ -766,9 +768,6 @@ class RxPath:
         done nothing, for a frame over the MTU that is not a GSO frame (push refused those; an MTU
         changed since): the staging path drops it in its turn."""
         hdr = self._qs.hdr_len
-        over = lengths - hdr > self._qs.frame_limit
-        if over.any() and bool(((data[offsets[over] + GSO_TYPE_OFFSET] & ~GSO_ECN) == 0).any()):
-            return None
         frames = [data[o + hdr : o + n] for o, n in zip(offsets.tolist(), lengths.tolist(), strict=True)]
         headers = data[offsets[:, None] + _HEADER_FIELDS]
         return self._deliver_views(rxq, st, mem, frames, np.zeros(len(frames), np.bool_), headers)

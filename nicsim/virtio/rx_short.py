@@ -78,15 +78,8 @@ class ShortRx:
         keep = min(hdr, NUM_BUFFERS_OFFSET) if headers is not None and qs.guest_csum else 0
 
         def write(i: int, chain: ShortChain) -> None:
-            out = self._stage(hdr + lens[i])
-            out[:hdr] = 0
-            if keep:
-                assert headers is not None
-                out[:keep] = headers[i, :keep]
-            if hdr >= HDR_LEN_V1:
-                out[NUM_BUFFERS_OFFSET] = 1
-            out[hdr : hdr + lens[i]] = frames[i]
-            self._copy_out(mem, chain, out, hdr + lens[i])
+            head = headers[i, :keep] if headers is not None and keep else None
+            self._write(mem, chain, frames[i], 0, lens[i], hdr, False, head=head)
 
         return self._place(rxq, st, mem, [n + hdr for n in lens], lens, write)
 
@@ -132,31 +125,27 @@ class ShortRx:
         n: int,
         hdr: int,
         carried: bool,
+        *,
+        head: npt.NDArray[np.uint8] | None = None,
     ) -> None:
         """Header (num_buffers 1) and frame into ``chain``'s writable segments, in order, as
-        ``rx.stage_frames`` and ``rx.scatter_chains`` write them for a frame in one buffer."""
+        ``rx.stage_frames`` and ``rx.scatter_chains`` write them for a frame in one buffer. ``head``:
+        for a bare frame, the flags and GSO fields its sender gave it, kept (GUEST_CSUM)."""
         total = n if carried else n + hdr
-        out = self._stage(total)
+        if self._staging.shape[0] < total:
+            self._staging = np.zeros(max(total, 2048), np.uint8)
+        out = self._staging
         body = 0 if carried else hdr
         out[body : body + n] = data[start : start + n]
         if not (carried and self._qs.guest_csum):
             # flags 0, GSO_NONE: frames carry complete checksums (§5.1.6.4.1: without GUEST_CSUM the
             # device MUST set flags to zero).
             out[: min(hdr, NUM_BUFFERS_OFFSET)] = 0
+        if head is not None:
+            out[: head.shape[0]] = head
         if hdr >= HDR_LEN_V1:
             out[NUM_BUFFERS_OFFSET] = 1
             out[NUM_BUFFERS_OFFSET + 1] = 0
-        self._copy_out(mem, chain, out, total)
-
-    def _stage(self, total: int) -> npt.NDArray[np.uint8]:
-        """The staging buffer, at least ``total`` bytes long."""
-        if self._staging.shape[0] < total:
-            self._staging = np.zeros(max(total, 2048), np.uint8)
-        return self._staging
-
-    @staticmethod
-    def _copy_out(mem: GuestMemory, chain: ShortChain, out: npt.NDArray[np.uint8], total: int) -> None:
-        """The first ``total`` bytes of ``out`` into ``chain``'s segments, in order."""
         at = 0
         for region, offset, length in chain.segments:
             take = min(length, total - at)
