@@ -5,10 +5,13 @@ valid choices. Every test runs the real ``nicsim`` in a subprocess; the ``vm`` o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +176,51 @@ def test_a_failed_image_build_is_one_line_and_verbose_shows_the_commands_output(
     ]
     assert images.cli.main(["build", "-v"]) == 1
     assert "E: 404  Not Found" in capsys.readouterr().err
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    found: list[int] = []
+    for task in tasks.iterdir() if tasks.exists() else []:
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _is_qemu(pid: int) -> bool:
+    try:
+        return "qemu" in Path(f"/proc/{pid}/comm").read_text(errors="replace")
+    except OSError:
+        return False
+
+
+@pytest.mark.vm
+def test_sigterm_stops_a_vm_like_ctrl_c_and_leaves_no_qemu_or_namespace(guest_image: Any) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nicsim", "vm", "--nic", "tap", "--accel", "tcg",
+         "--workload", "sleep,seconds=120"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    qemu: list[int] = []
+    netns = f"nicsim-vm-{proc.pid}-"
+    try:
+        deadline = time.monotonic() + 60
+        while not qemu and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            qemu = [c for c in _children(proc.pid) if _is_qemu(c)]
+        assert qemu, "QEMU never started"
+        assert netns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # the test failed: leave nothing of it running
+            proc.kill()
+            proc.communicate()
+            for pid in qemu:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            subprocess.run(["ip", "netns", "del", f"{netns}0"], capture_output=True)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert err.strip().endswith("terminated")
+    assert not _is_qemu(qemu[0])
+    assert netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

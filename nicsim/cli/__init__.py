@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -81,11 +82,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format=f"nicsim {args.command}: %(message)s")
     from nicsim.cli.failures import explain
 
+    # SIGTERM (a script's timeout, `kill PID`) unwinds like Ctrl-C, so a bench, a VM or a lab cleans
+    # up its guests, servers and namespaces on the way out instead of leaving them running; `serve`
+    # installs its own handler for a clean shutdown.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         return int(module.run(args))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        by_sigterm = isinstance(exc, Terminated)
+        print("terminated" if by_sigterm else "interrupted", file=sys.stderr)
+        return 128 + (signal.SIGTERM if by_sigterm else signal.SIGINT)
     except Exception as err:
         line = explain(err)
         if line is None:
@@ -94,3 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose >= 2:
             logging.exception("the failure in full")
         return 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: raised where Ctrl-C's KeyboardInterrupt would be, so the same cleanup runs."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated

@@ -229,14 +229,20 @@ def run_workloads(argv: list[str], workloads: list[Workload], *, verbose: bool) 
                           text=True, errors="replace") as qemu:  # fmt: skip
         assert qemu.stdout is not None
         tail: list[str] = []
-        for line in qemu.stdout:
-            tail = [*tail[-19:], line]
-            if verbose:
-                sys.stderr.write(line)
-            if RESULT_MARKER in line:
-                result = parse_result_line(line)
-                results.append(result)
-                print(json.dumps(dict(result.data)), flush=True)
+        try:
+            for line in qemu.stdout:
+                tail = [*tail[-19:], line]
+                if verbose:
+                    sys.stderr.write(line)
+                if RESULT_MARKER in line:
+                    result = parse_result_line(line)
+                    results.append(result)
+                    print(json.dumps(dict(result.data)), flush=True)
+        except BaseException:
+            # Ctrl-C reaches QEMU too (the terminal signals the whole process group); SIGTERM to
+            # nicsim alone does not, and Popen's exit would wait for QEMU forever.
+            qemu.kill()
+            raise
     failed = [r for r in results if not r.ok]
     for r in failed:
         print(f"nicsim vm: workload {r.workload} failed: {r.error}", file=sys.stderr)
