@@ -27,7 +27,8 @@ from .runner import CellResult
 FORMAT = "nicsim-bench/1"
 Key = tuple[str, str, int]
 # config and machine fields that, when they differ, make a comparison doubtful (named, not refused)
-SETTINGS = ("accel", "pinned", "qemu_cpu", "backend_cpu", "frontend_cpu", "duration", "repetitions")
+SETTINGS = ("accel", "pinned", "qemu_cpu", "backend_cpu", "frontend_cpu", "duration", "repetitions",
+            "wake_latency_us")
 MACHINE = ("cpu_model", "cores")
 UNITS = {"pps": "pps", "gbps": "Gbit/s", "tps": "trans/s"}  # a headline measure's unit, as shown
 

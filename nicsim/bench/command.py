@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import argparse
 import asyncio
+import contextlib
 import functools
 import importlib.util
 import os
@@ -31,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import BACKEND_CLASSES, PEERS
+from . import BACKEND_CLASSES, PEERS, wake
 from .backend import Backend, RunContext
 from .backend_only import (
     BACKEND_ONLY_NAMES,
@@ -444,8 +445,13 @@ def run_bench(args: argparse.Namespace) -> int:
         except OSError as err:
             _err(f"--json-stream {args.json_stream}: cannot write it ({err.strerror or err})")
             return 2
+    wake_us = getattr(args, "wake_latency_us", None)
     try:
-        return asyncio.run(_run(args, mode, plan, baseline, stream))
+        with contextlib.nullcontext() if wake_us is None else wake.held(wake_us):
+            return asyncio.run(_run(args, mode, plan, baseline, stream))
+    except wake.WakeLatencyError as err:
+        _err(str(err))
+        return 2
     finally:
         if stream is not None:
             stream.close()
@@ -466,7 +472,12 @@ async def _run(
         finally:
             progress.finish()
     table, document = mode.report(plan, results)
-    document = functools.cache(document)  # the comparison reads its config; --json writes it
+    wake_us = getattr(args, "wake_latency_us", None)
+    if wake_us is not None:
+        table = (f"{table}\nwake latency: /dev/cpu_dma_latency held at {wake_us} us for the whole run, "
+                 "every backend alike (--wake-latency-us)")  # fmt: skip
+    document = functools.cache(_with_config(document, wake_latency_us=wake_us))
+    # the comparison reads its config; --json writes it
     comparison = None
     if baseline is not None:
         current = document()
@@ -487,3 +498,14 @@ async def _run(
     if stream is not None:
         stream.end(status=status, failed=failed, regressed=regressed)
     return status
+
+
+def _with_config(document: Callable[[], dict[str, Any]], **fields: Any) -> Callable[[], dict[str, Any]]:
+    """``document`` with ``fields`` added to its config (settings every mode shares)."""
+
+    def with_fields() -> dict[str, Any]:
+        doc = document()
+        doc["config"] = {**doc.get("config", {}), **fields}
+        return doc
+
+    return with_fields

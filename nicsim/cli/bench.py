@@ -201,6 +201,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--backend-cpu", type=int, default=1, metavar="N", help="core the backend is pinned to (default 1)"
     )
+    p.add_argument(
+        "--wake-latency-us",
+        type=int,
+        metavar="N",
+        help="hold /dev/cpu_dma_latency at N microseconds for the whole run, every backend alike: idle "
+        "cores then stay in states they leave within N us, so a latency row shows the data path more "
+        "than this host's wakeups (machine-wide, dropped when the bench exits; needs root)",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin QEMU and the backend")
     p.add_argument("--qemu", default="qemu-system-x86_64", help="the QEMU binary")
     p.add_argument("--kernel", type=Path, help="guest kernel (default: the built guest image's)")
