@@ -16,6 +16,7 @@ import importlib
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from nicsim import __version__
@@ -85,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (a script's timeout, `kill PID`) unwinds like Ctrl-C, so a bench, a VM or a lab cleans
     # up its guests, servers and namespaces on the way out instead of leaving them running; `serve`
     # installs its own handler for a clean shutdown.
-    signal.signal(signal.SIGTERM, _terminated)
+    in_main = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
     try:
         return int(module.run(args))
     except KeyboardInterrupt as exc:
@@ -100,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose >= 2:
             logging.exception("the failure in full")
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class Terminated(KeyboardInterrupt):
