@@ -10,6 +10,7 @@ with a baseline (one the run beats, and one cell the run does not have).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,24 @@ def test_udp_rr_rows_report_a_transaction_rate_through_nicsim_and_qemu_tap(
         assert "5tswap" in cells["dpdk"]["reason"]
     # The run's namespaces (and their sockperf servers) are gone; another bench may have its own.
     assert not {ns for ns in bench_namespaces() if ns.startswith(f"nicsim-bench-{bench.pid}-")}
+
+
+def test_a_bench_before_any_kernel_is_compiled_compiles_them_first_and_measures(
+    guest_image: Any, tmp_path: Path
+) -> None:
+    # An empty numba cache is a fresh clone's: without the bench compiling first, nicsim serve spent
+    # ~20 s compiling before its socket appeared, past the 15 s start timeout, and the cell failed.
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
+    done = subprocess.run(
+        [sys.executable, "-m", "nicsim", "bench", "--backends", "nicsim", "--directions", "tx",
+         "--sizes", "64", "--repetitions", "1", "--duration", "1", "--accel", "tcg",
+         "--kernel", str(guest_image.kernel), "--initrd", str(guest_image.initrd), "--json", str(out)],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "nicsim's compiled kernels: loading" in done.stderr
+    assert any((tmp_path / "numba-cache").rglob("*.nbi"))  # compiled into the cache the servers read
+    (cell,) = json.loads(out.read_text())["cells"]
+    assert (cell["backend"], cell["status"]) == ("nicsim", "ok")
+    assert cell["samples"][0]["backend"]["nicsim"]["engine"] == "compiled"

@@ -28,6 +28,7 @@ import shlex
 import shutil
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -448,6 +449,8 @@ def run_bench(args: argparse.Namespace) -> int:
     wake_us = getattr(args, "wake_latency_us", None)
     try:
         with contextlib.nullcontext() if wake_us is None else wake.held(wake_us):
+            if _runs_nicsim(args):
+                _compile_kernels()
             return asyncio.run(_run(args, mode, plan, baseline, stream))
     except wake.WakeLatencyError as err:
         _err(str(err))
@@ -509,3 +512,26 @@ def _with_config(document: Callable[[], dict[str, Any]], **fields: Any) -> Calla
         return doc
 
     return with_fields
+
+
+def _runs_nicsim(args: argparse.Namespace) -> bool:
+    """Whether a run starts ``nicsim serve`` with its compiled kernels (``--engine numpy`` needs none)."""
+    backends: list[str] | None = getattr(args, "backends", None)
+    pair = getattr(args, "guests", 1) == 2  # two guests on nicsim's switch
+    uses = backends is None or pair or any(b.startswith("nicsim") for b in backends)
+    return uses and "numpy" not in " ".join(nicsim_args(args)).replace("=", " ").split()
+
+
+def _compile_kernels() -> None:
+    """Compile nicsim's kernels here (or load them from numba's cache, about a second), before any
+    run: a ``nicsim serve`` whose kernels are not cached yet (a fresh clone without ``./run setup``,
+    or a changed kernel source) spends about 20 s compiling before its socket appears, past the
+    runs' start timeout."""
+    from rings import kernels
+
+    started = time.monotonic()
+    _err("nicsim's compiled kernels: loading (compiling takes about 20 s once after an install or a change)")
+    if not kernels.enable():
+        _err(f"nicsim's compiled kernels: none ({kernels.engine()}); nicsim runs its numpy path")
+    elif (took := time.monotonic() - started) > 5:
+        _err(f"nicsim's compiled kernels: compiled in {took:.0f} s, cached for later runs")
