@@ -224,3 +224,25 @@ def test_sigterm_stops_a_vm_like_ctrl_c_and_leaves_no_qemu_or_namespace(guest_im
     assert err.strip().endswith("terminated")
     assert not _is_qemu(qemu[0])
     assert netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_serve_says_it_is_compiling_when_no_kernel_is_cached_yet(tmp_path: Path) -> None:
+    # An empty numba cache is a fresh clone's: the socket appears only after ~20 s of compiling.
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
+    sock = tmp_path / "s.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "nicsim", "serve", "--socket", str(sock)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()  # the notice comes 3 s in, long before the compile ends
+        assert first.startswith("nicsim serve: compiling the kernels (about 20 s"), first
+        assert not sock.exists()
+        proc.send_signal(signal.SIGTERM)  # mid-compile: it stops like Ctrl-C, before any socket
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert not sock.exists()

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -480,10 +481,27 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:  # e.g. the tap port's namespace or TAP cannot be opened
         print(f"nicsim serve: {err}", file=sys.stderr)
         return 1
-    if args.engine == "compiled" and not kernels.enable():
+    if args.engine == "compiled" and not _enable_kernels():
         print(f"nicsim serve: warning: {kernels.engine()}; slower, same results", file=sys.stderr)
     try:
         return asyncio.run(serve(args, policy))
     except (FileExistsError, OSError) as err:
         print(f"nicsim serve: {err}", file=sys.stderr)
         return 1
+
+
+COMPILE_NOTICE_S = 3.0  # loading cached kernels takes about a second; much longer means numba compiles them
+
+
+def _enable_kernels() -> bool:
+    """``kernels.enable()``, saying so when it takes long: numba compiles the kernels once after an
+    install or a change to their sources (about 20 s here), and the socket appears only after it."""
+    notice = threading.Timer(COMPILE_NOTICE_S, lambda: print(
+        "nicsim serve: compiling the kernels (about 20 s, once after an install or a change; "
+        "`./run setup` does it ahead)", file=sys.stderr, flush=True))  # fmt: skip
+    notice.daemon = True
+    notice.start()
+    try:
+        return kernels.enable()
+    finally:
+        notice.cancel()
