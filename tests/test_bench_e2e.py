@@ -29,18 +29,19 @@ def bench_namespaces() -> set[str]:
 
 
 def test_tiny_qemu_tap_bench_reports_a_positive_packet_rate(guest_image: Any, tmp_path: Path) -> None:
-    before = bench_namespaces()
     out, stream, base = tmp_path / "bench.json", tmp_path / "bench.jsonl", tmp_path / "base.json"
     cells = [{"backend": "qemu-tap", "direction": d, "size": 64, "status": "ok",
               "summary": {"pps": {"min": 1.0, "median": 1.0, "max": 1.0, "n": 1}}} for d in ("tx", "rx")]
     base.write_text(json.dumps({"format": "nicsim-bench/1", "config": {"mode": "vm"}, "cells": cells}))
-    done = subprocess.run(
+    with subprocess.Popen(
         [sys.executable, "-m", "nicsim", "bench", "--backends", "qemu-tap", "--directions", "tx",
          "--sizes", "64", "--repetitions", "1", "--duration", "2", "--accel", "tcg",
          "--kernel", str(guest_image.kernel), "--initrd", str(guest_image.initrd), "--json", str(out),
          "--json-stream", str(stream), "--baseline", str(base), "--max-regress", "5"],
-        capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False,
-    )  # fmt: skip
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as bench:  # fmt: skip
+        stdout, stderr = bench.communicate(timeout=RUN_TIMEOUT)
+    done = subprocess.CompletedProcess(bench.args, bench.returncode, stdout, stderr)
     assert done.returncode == 0, done.stderr
     assert "[1/1] qemu-tap tx 64 B (run 1/1)" in done.stderr  # the live progress line
     assert done.stdout.splitlines()[0].startswith("backend")  # the table
@@ -57,7 +58,8 @@ def test_tiny_qemu_tap_bench_reports_a_positive_packet_rate(guest_image: Any, tm
     assert sample["cpu_qemu_pct"] > 0
     assert doc["versions"]["qemu"].startswith("QEMU emulator version")
     assert doc["machine"]["cores"] >= 1
-    assert bench_namespaces() == before
+    # The run's namespace is gone (another test's bench, running meanwhile, may have its own).
+    assert not {ns for ns in bench_namespaces() if ns.startswith(f"nicsim-bench-{bench.pid}-")}
     events = [json.loads(line) for line in stream.read_text().splitlines()]
     assert [e["event"] for e in events] == ["start", "cell", "end"] and events[1]["data"] == cell
     assert "compared with" in done.stdout and "  qemu-tap rx 64 B: not in this run" in done.stdout
@@ -102,6 +104,9 @@ def test_udp_rr_rows_report_a_transaction_rate_through_nicsim_and_qemu_tap(
     assert "wake latency: /dev/cpu_dma_latency held at 0 us for the whole run" in stdout
     doc = json.loads(out.read_text())
     assert doc["config"]["wake_latency_us"] == 0
+    # So is the host's speed, before and after the runs.
+    assert "host speed: a fixed Python loop took" in stdout
+    assert len(doc["config"]["python_loop_ms"]) == 2 and min(doc["config"]["python_loop_ms"]) > 0
     cells = {c["backend"]: c for c in doc["cells"]}
     for backend in ("nicsim", "qemu-tap"):
         cell = cells[backend]

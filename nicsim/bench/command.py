@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import BACKEND_CLASSES, PEERS, wake
+from . import BACKEND_CLASSES, PEERS, speed, wake
 from .backend import Backend, RunContext
 from .backend_only import (
     BACKEND_ONLY_NAMES,
@@ -463,6 +463,7 @@ def run_bench(args: argparse.Namespace) -> int:
 async def _run(
     args: argparse.Namespace, mode: Mode, plan: Plan, baseline: Baseline | None, stream: JsonStream | None
 ) -> int:
+    loop_before = speed.python_loop_ms()
     runs, estimate = await mode.prepare(plan)
     if stream is not None:
         stream.start(plan, mode=mode.name)
@@ -474,12 +475,16 @@ async def _run(
             results = await mode.run(plan, workdir, progress.start_run, on_cell)
         finally:
             progress.finish()
+    loop_after = speed.python_loop_ms()
     table, document = mode.report(plan, results)
+    table = (f"{table}\nhost speed: a fixed Python loop took {loop_before:.1f} ms before the runs and "
+             f"{loop_after:.1f} ms after (lower is faster; runs on one host compare when these agree)")
     wake_us = getattr(args, "wake_latency_us", None)
     if wake_us is not None:
         table = (f"{table}\nwake latency: /dev/cpu_dma_latency held at {wake_us} us for the whole run, "
                  "every backend alike (--wake-latency-us)")  # fmt: skip
-    document = functools.cache(_with_config(document, wake_latency_us=wake_us))
+    document = functools.cache(_with_config(document, wake_latency_us=wake_us,
+                                            python_loop_ms=[round(loop_before, 2), round(loop_after, 2)]))
     # the comparison reads its config; --json writes it
     comparison = None
     if baseline is not None:
