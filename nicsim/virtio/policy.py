@@ -103,8 +103,8 @@ class NotifyPolicy:
     # TX, request/response: poll this long for the next request (0: never). It sets which traffic
     # counts as request/response (requests at least 1e6/rr_poll_us per second), not the CPU it costs:
     # such a ring is polled between its requests, whatever their gap. At 400 us a ping flood on a
-    # slow spell of this host (RTT 0.4-0.5 ms) fell out of it and slept: p50 0.41-0.51 ms, polled
-    # 0.31-0.32 ms (2000 us, alternated).
+    # slow spell of this host (RTT 0.4-0.5 ms) fell out of it and slept: p50 0.41-0.66 ms, polled
+    # 0.31-0.45 ms (1500-2000 us; five alternated pairs, four faster, one equal).
     rr_poll_us: float = 2000.0
     reply_poll: int = 1          # after a sparse TX round, run the pair's RX round at once (0: never)
 
