@@ -29,7 +29,8 @@ from .walk_kernel import _Arrays, _declined_py, _walk_into_py, _walk_split_py, _
 
 __all__ = [
     "absorb_split", "complete_split", "disable", "enable", "enabled", "engine", "fill_split", "free_normal",
-    "scatter_frame", "scatter_template", "sum_frames", "take_split", "track", "walk_split",
+    "link", "return_chunk", "scatter_frame", "scatter_template", "sum_frames", "take_split", "track",
+    "walk_split",
 ]  # fmt: skip
 
 _compiled_walk: Callable[..., _Arrays] | None = None
@@ -51,6 +52,10 @@ absorb_split: Callable[..., tuple[int, int, int]] | None = None
 """The compiled ``rings.round_kernels._absorb_split_py`` once enabled (``SplitQueue.absorb_round``)."""
 scatter_frame: Callable[..., int] | None = None
 """The compiled ``rings.scatter_kernel._scatter_frame_py`` once enabled, else None."""
+return_chunk: Callable[..., int] | None = None
+"""The compiled ``rings.round_kernels._return_chunk_py`` once enabled, else None: for kernels
+outside ``rings`` that take a round with :data:`take_split` and give it back in the same call (a
+port's own compiled round, ``nicsim.ports.tap_lane``)."""
 _why_not: str = "not enabled"
 _compiled: tuple[Callable[..., Any], ...] | None = None  # compiled once per process, kept across disable
 
@@ -60,6 +65,11 @@ def _link(fn: Callable[..., Any], **helpers: Callable[..., Any]) -> Callable[...
     compiles a call into them), leaving the module's own names, the Python sources, as they are."""
     return types.FunctionType(fn.__code__, {**fn.__globals__, **helpers}, fn.__name__, fn.__defaults__,
                               fn.__closure__)  # fmt: skip
+
+
+def link(fn: Callable[..., Any], **helpers: Callable[..., Any]) -> Callable[..., Any]:
+    """:func:`_link` for kernels outside ``rings`` that call these (``nicsim.ports.fd_kernels``)."""
+    return _link(fn, **helpers)
 
 
 def enable() -> bool:
@@ -79,10 +89,10 @@ def enable() -> bool:
 def _install(kernels: tuple[Callable[..., Any], ...] | None) -> None:
     """Make ``kernels`` (as :func:`_compile` returns them) the ones callers find, or None for none."""
     global _compiled_walk, free_normal, track, take_split, complete_split, scatter_template, sum_frames
-    global absorb_split, fill_split, scatter_frame
-    values: tuple[Any, ...] = kernels if kernels is not None else (None,) * 10
+    global absorb_split, fill_split, scatter_frame, return_chunk
+    values: tuple[Any, ...] = kernels if kernels is not None else (None,) * 11
     (_compiled_walk, free_normal, track, take_split, complete_split, scatter_template, sum_frames,
-     absorb_split, fill_split, scatter_frame) = values
+     absorb_split, fill_split, scatter_frame, return_chunk) = values
 
 
 def _compile() -> tuple[Callable[..., Any], ...] | None:
@@ -119,7 +129,7 @@ def _compile() -> tuple[Callable[..., Any], ...] | None:
     except Exception as exc:  # numba raises its own error classes; any of them means: no kernels
         _why_not = f"numba could not compile the kernels ({type(exc).__name__}: {exc})"
         return None
-    return walk, free_fn, track_fn, take, complete, scatter, summer, absorb, fill, frame
+    return walk, free_fn, track_fn, take, complete, scatter, summer, absorb, fill, frame, return_chunk
 
 
 def _fence(numba: Any, ordering: str) -> Any:

@@ -10,7 +10,8 @@ so a new memory table can never leave a stale view here. Walking the chains behi
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -288,6 +289,30 @@ class SplitQueue:
                             published=written > 0):  # fmt: skip
             return None
         return written, int(segments)
+
+    def kernel_round(
+        self, mem: GuestMemory, count: int, pool: PacketPool, area: RoundArea, kernel: Callable[..., Any], *,
+        queue: int, indirect: bool, min_len: int, max_len: int, hdr: int, extra: tuple[Any, ...],
+    ) -> tuple[Any, ...] | None:
+        """A round by a caller's compiled kernel, in one call: a round that does I/O on its frames
+        (``nicsim.ports.fd_kernels``: a TAP's ``writev`` and ``readv``), which ``rings`` does not.
+        The kernel gets this queue's arguments in :meth:`take_round`'s order for
+        ``round_kernels._take_split_py`` (the ring, the regions' bytes, ``last_avail_idx``,
+        ``count``, ``indirect``, ``min_len``, ``max_len``, ``hdr``, the pool's state, ``queue``,
+        ``area``'s arrays), then the used ring, ``used.idx``, ``area.zeros`` and the used ring's head,
+        then ``extra``. It takes at most ``count`` chains with the compiled take, in order, gives back
+        every chain it took with ``_return_chunk_py`` (which publishes ``used.idx``), and returns a
+        tuple whose first item is how many it took, or -1 having changed nothing, or -2 (a free
+        declined after a take: a bug). Returns that tuple, or None when it declined."""
+        if not self._fusable(pool, area, count):
+            return None
+        v, state, regions = self._views(mem), pool.round_state(), region_bytes(mem)
+        got: tuple[Any, ...] = kernel(*v.take_ring, regions, self.last_avail_idx, count, indirect, min_len,
+                                      max_len, hdr, *state, queue, *area.outputs, v.used_ring, self.used_idx,
+                                      area.zeros, v.used_head, *extra)  # fmt: skip
+        if not self._settle(int(got[0]), pool, state[0], count, queue, published=True):
+            return None
+        return got
 
     @staticmethod
     def _fusable(pool: PacketPool, area: RoundArea, count: int) -> bool:

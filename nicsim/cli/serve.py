@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from nicsim.cli.capture import Captures, add_capture_arguments, config_from_args, parse_port_captures
-from nicsim.ports import PORTS, GeneratorConfig, GeneratorPort, Port, ResponderConfig, ResponderPort
+from nicsim.ports import (
+    PORTS,
+    GeneratorConfig,
+    GeneratorPort,
+    Port,
+    ResponderConfig,
+    ResponderPort,
+    fd_kernels,
+)
 from nicsim.ports.sink import SinkConfig, SinkPort
 from nicsim.ports.switch import DIRECTIONS, Switch
 from nicsim.ports.tap import TapConfig, TapPort
@@ -502,6 +510,6 @@ def _enable_kernels() -> bool:
     notice.daemon = True
     notice.start()
     try:
-        return kernels.enable()
+        return fd_kernels.enable()  # (rings' kernels, then the tap's send kernel)
     finally:
         notice.cancel()

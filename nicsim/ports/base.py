@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
-from nicsim.virtio.port import ABSORB_NONE, DevicePort, RxSink, TxFrames
+import numpy as np
+import numpy.typing as npt
+
+from nicsim.virtio.port import ABSORB_NONE, DevicePort, RecvTarget, RxSink, SendTarget, TxFrames
 
 __all__ = ["Port", "RxSink", "TxFrames"]
 
@@ -48,6 +52,21 @@ class Port(DevicePort, abc.ABC):
 
     def absorb(self, count: int, frame_bytes: int, byte_sum: int) -> None:
         raise NotImplementedError(f"the {self.name} port does not absorb frames (absorbs is ABSORB_NONE)")
+
+    def send_target(self, pair: int) -> SendTarget | None:
+        return None  # it takes batches (transmit)
+
+    def wrote(self, frames: int, nbytes: int, failed: Sequence[tuple[int, int]]) -> None:
+        raise NotImplementedError(f"the {self.name} port gives the device no descriptor to write to")
+
+    def recv_target(self, pair: int) -> RecvTarget | None:
+        return None  # the device calls poll_rx
+
+    def received(
+        self, pair: int, frames: int, nbytes: int, pending: int, status: int, err: int,
+        drops: npt.NDArray[np.int64],
+    ) -> int:  # fmt: skip
+        raise NotImplementedError(f"the {self.name} port gives the device no descriptor to read from")
 
     def features(self) -> int:
         return 0  # no offloads: the device offers exactly its base set

@@ -25,7 +25,7 @@ import re
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nicsim.errors import LocalError
+from nicsim.ports import fd_kernels
 from nicsim.ports.base import Port, TxFrames
 from nicsim.ports.vnet_hdr import (
     HDR_FIELDS,
@@ -53,7 +54,15 @@ from nicsim.virtio.features import (
     VIRTIO_NET_F_GUEST_TSO6,
     has,
 )
-from nicsim.virtio.port import ETH_HLEN, HDR_LEN_LEGACY, HDR_LEN_V1, MAX_FRAME, vnet_hdr_len
+from nicsim.virtio.port import (
+    ETH_HLEN,
+    HDR_LEN_LEGACY,
+    HDR_LEN_V1,
+    MAX_FRAME,
+    RecvTarget,
+    SendTarget,
+    vnet_hdr_len,
+)
 
 # <linux/if_tun.h>
 TUNSETIFF = 0x400454CA
@@ -251,6 +260,7 @@ class TapPort(Port):
         # Offered only when the kernel takes every TUN_F_* the virtio bits map to.
         self._offered = OFFLOADS if config.offload and tun_offloads == TUN_ALL else 0
         self._tx_offloads = NONE  # what the guest may ask of the kernel on TX
+        self._tx_allow = 0  # the same, as the send kernel's bits
         self._hdr_len = HDR_LEN_LEGACY  # the kernel's default until negotiation says otherwise
         self.tun_offload = 0
         self.mtu: int | None = None  # the TAP's MTU once it followed the guest's host MTU
@@ -294,6 +304,7 @@ class TapPort(Port):
         self.tun_offload = off
         # What the guest may ask of the kernel on TX (§5.1.6.2): only offloads it negotiated.
         self._tx_offloads = Offloads.tx(features)
+        self._tx_allow = fd_kernels.allowed(self._tx_offloads)
 
     def mtu_changed(self, mtu: int) -> None:
         if not self.config.follow_mtu or mtu == self.mtu:
@@ -331,6 +342,62 @@ class TapPort(Port):
         for i, n in enumerate(sizes):
             self._write(fd, batch.iovec(i), codes[i], n)
         return True
+
+    def send_target(self, pair: int) -> SendTarget | None:
+        """The pair's TAP queue (queue 0 when it has none attached, as :meth:`transmit` picks it),
+        for the device to write frames to itself in one compiled call per round
+        (:mod:`nicsim.ports.fd_kernels`): the same header checks, the same ``writev`` per frame and
+        the same tries; :meth:`wrote` counts what :meth:`_write` would have."""
+        kernel = fd_kernels.kernel()
+        if kernel is None or not self._fds:
+            return None
+        q = pair if pair < len(self._fds) and self._attached[pair] else 0
+        return SendTarget(kernel, self._fds[q], self._tx_allow, WRITE_TRIES)
+
+    def wrote(self, frames: int, nbytes: int, failed: Sequence[tuple[int, int]]) -> None:
+        self.counters["tx_frames"] += frames
+        self.counters["tx_bytes"] += nbytes
+        for code, err in failed:
+            if code == fd_kernels.WOULD_BLOCK:
+                self._drop("tx_would_block")
+            elif code == fd_kernels.WRITE_ERROR:
+                self._drop(f"tx_{errno.errorcode.get(err, 'error').lower()}")
+            else:
+                self._drop(REASONS[code])
+
+    def recv_target(self, pair: int) -> RecvTarget | None:
+        """The pair's TAP queue and this port's read buffer, for the device to read frames into the
+        guest's buffers itself in one compiled call per round (:mod:`nicsim.ports.fd_kernels`): the
+        same reads, runt and size checks and burst as :meth:`poll_rx`; :meth:`received` counts them
+        and pushes what the call could not place."""
+        kernel = fd_kernels.recv_kernel()
+        if kernel is None or pair >= len(self._fds) or not self._attached[pair]:
+            return None
+        self._polled = pair
+        return RecvTarget(kernel, self._fds[pair], self._rxbuf, RX_BURST_BYTES, len(self._fds) > 1)
+
+    def received(
+        self, pair: int, frames: int, nbytes: int, pending: int, status: int, err: int,
+        drops: npt.NDArray[np.int64],
+    ) -> int:  # fmt: skip
+        counters = self.counters
+        counters["rx_frames"] += frames
+        counters["rx_bytes"] += nbytes - frames * self._hdr_len
+        if drops[fd_kernels.DROP_RUNT]:
+            self._drop("rx_runt", int(drops[fd_kernels.DROP_RUNT]))
+        if drops[fd_kernels.DROP_TOO_BIG]:
+            self._drop("rx_too_big", int(drops[fd_kernels.DROP_TOO_BIG]))
+        pushed = 0
+        if pending and self.sink.push(self._rxbuf[:pending], pair=pair if len(self._fds) > 1 else None):
+            pushed = 1
+            counters["rx_frames"] += 1
+            counters["rx_bytes"] += pending - self._hdr_len
+        if status == fd_kernels.RECV_ERROR:
+            self._drop(f"rx_{errno.errorcode.get(err, 'error').lower()}")
+        if status in (fd_kernels.RECV_DRAINED, fd_kernels.RECV_ERROR):
+            self._idle[pair] = True
+            self._watch(pair)
+        return pushed
 
     def _write(self, fd: int, iov: list[npt.NDArray[np.uint8]], code: int, n: int) -> None:
         """One frame (``n`` bytes after its header) to the kernel, or dropped for ``code``'s reason."""

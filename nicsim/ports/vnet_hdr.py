@@ -53,6 +53,7 @@ __all__ = [
     "check_one",
     "fields",
     "read_headers",
+    "reason_code",
     "split_frames",
     "tcp_layout",
 ]  # fmt: skip
@@ -149,11 +150,20 @@ def check_one(header: npt.NDArray[np.uint8], length: int, allowed: Offloads) -> 
     """:func:`check` for one frame, with plain ints (a request's round of one or two frames, where
     numpy's per-call cost is most of the work): ``header`` holds at least :data:`HDR_FIELDS` bytes,
     ``length`` is the frame's, header excluded. The same code, by the same precedence."""
-    fields_ = _HDR.unpack_from(header)  # type: ignore[arg-type]  # an ndarray is a buffer (numpy stubs)
-    flags, gso, hdr_len, gso_size, csum_start, csum_offset = fields_
+    flags, gso, hdr_len, gso_size, csum_start, csum_offset = _HDR.unpack_from(header)  # type: ignore[arg-type]
+    return reason_code(flags, gso, hdr_len, gso_size, csum_start, csum_offset, length, allowed.csum,
+                       allowed.tso4, allowed.tso6)  # fmt: skip
+
+
+def reason_code(
+    flags: int, gso: int, hdr_len: int, gso_size: int, csum_start: int, csum_offset: int, length: int,
+    csum_ok: bool, tso4_ok: bool, tso6_ok: bool,
+) -> int:  # fmt: skip
+    """:func:`check_one` on the header's fields as ints, the allowed offloads as flags: plain Python
+    that numba also compiles (the tap's send kernel, ``nicsim.ports.fd_kernels``, checks with it)."""
     csum = flags & F_NEEDS_CSUM != 0
-    known = gso == GSO_NONE or (gso == GSO_TCPV4 and allowed.tso4) or (gso == GSO_TCPV6 and allowed.tso6)
-    if not known or (csum and not allowed.csum):
+    known = gso == GSO_NONE or (gso == GSO_TCPV4 and tso4_ok) or (gso == GSO_TCPV6 and tso6_ok)
+    if not known or (csum and not csum_ok):
         return NOT_NEGOTIATED
     if length > MAX_FRAME:
         return TOO_BIG

@@ -20,8 +20,8 @@ This module owns the three contracts and the few facts both sides must agree on:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -129,6 +129,33 @@ class RxSink(Protocol):
         """A pull-style port's source became ready (a readable fd): poll its RX soon."""
 
 
+class SendTarget(NamedTuple):
+    """Where a port that writes each TX frame to a file descriptor (the tap) lets the device write
+    them itself (:meth:`DevicePort.send_target`): the compiled round that does it (``kernel``:
+    ``nicsim.ports.fd_kernels``'s), the descriptor, the header checks' ``allow`` bits (the offloads
+    the driver may ask for) and how many times a write is tried while the kernel says EAGAIN."""
+
+    kernel: Callable[..., tuple[int, int, int, int]]
+    fd: int
+    allow: int
+    tries: int
+
+
+class RecvTarget(NamedTuple):
+    """Where a pull-style port that reads its frames from a file descriptor (the tap) lets the device
+    read them itself (:meth:`DevicePort.recv_target`): the compiled round that does it (``kernel``:
+    ``nicsim.ports.fd_kernels``'s), the descriptor, the port's read buffer (a frame the round reads
+    but cannot place stays there for :meth:`DevicePort.received`), how many bytes a round reads at
+    most, and whether the port's end chose the pair (a multiqueue TAP: nothing for the device to
+    steer)."""
+
+    kernel: Callable[..., tuple[int, int, int, int, int]]
+    fd: int
+    buf: npt.NDArray[np.uint8]
+    burst: int
+    queue_chosen: bool
+
+
 class DevicePort(Protocol):
     """What a device calls on the port it is wired to (``nicsim.ports.base.Port`` implements it)."""
 
@@ -162,6 +189,32 @@ class DevicePort(Protocol):
         so the device may offer it several rounds' worth of buffers in one budget (up to
         ``fused_rounds`` of ``rx_batch``), which it fills in one compiled call as the guest posts
         them; the port is told how many it delivered, as ever."""
+
+    def send_target(self, pair: int) -> SendTarget | None:
+        """None (the port takes batches through :meth:`transmit`), or a file descriptor the device
+        may write the pair's TX frames to itself, header included, one ``writev`` each, with the
+        port's compiled round (:class:`SendTarget`); the port is then told of them with :meth:`wrote`."""
+
+    def wrote(self, frames: int, nbytes: int, failed: Sequence[tuple[int, int]]) -> None:
+        """A round the device wrote to :meth:`send_target`'s descriptor: ``frames`` frames of
+        ``nbytes`` bytes (no header) written, and for each frame not written, its ``(code, errno)``
+        from the round's kernel (a header reason, or the write's failure). Must not raise."""
+
+    def recv_target(self, pair: int) -> RecvTarget | None:
+        """None (the device calls :meth:`poll_rx`), or a file descriptor the device may read the
+        pair's frames from itself, each a virtio-net header of the negotiated length and a frame, with
+        the port's compiled round (:class:`RecvTarget`); the port is then told of them with
+        :meth:`received`."""
+
+    def received(
+        self, pair: int, frames: int, nbytes: int, pending: int, status: int, err: int,
+        drops: npt.NDArray[np.int64],
+    ) -> int:  # fmt: skip
+        """A receive round the device read from :meth:`recv_target`'s descriptor: ``frames`` frames of
+        ``nbytes`` bytes (headers included) placed; ``pending`` (if not 0) the length of a frame read
+        into the port's buffer that no single posted buffer took, which the port pushes as its poll
+        would; ``status`` how the round ended (``nicsim.ports.fd_kernels.RECV_*``, ``err`` the errno
+        of a failed read); ``drops`` the reads dropped, by reason. Returns the frames it pushed."""
 
     def absorb(self, count: int, frame_bytes: int, byte_sum: int) -> None:
         """A round of ``count`` frames the port absorbs, already returned to the guest: their bytes

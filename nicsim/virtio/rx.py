@@ -26,7 +26,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 import numpy.typing as npt
 
-from nicsim.virtio.port import HDR_LEN_V1, MAX_FRAME, NUM_BUFFERS_OFFSET, Buffer, DevicePort, TxFrames
+from nicsim.virtio.port import (
+    ETH_HLEN,
+    HDR_LEN_V1,
+    MAX_FRAME,
+    NUM_BUFFERS_OFFSET,
+    Buffer,
+    DevicePort,
+    TxFrames,
+)
 from nicsim.virtio.queues import GSO_ECN, GSO_TYPE_OFFSET, QueueResult, QueueSet, QueueState
 from nicsim.virtio.rx_direct import write_frames
 from nicsim.virtio.rx_short import ShortRx
@@ -374,6 +382,8 @@ class RxPath:
         self._tmpl_key: tuple[int, int, int] | None = None
         self._tmpl: npt.NDArray[np.uint8] = np.zeros(0, np.uint8)
         self._areas: dict[int, RoundArea] = {}  # compiled rounds' work arrays, per receive queue
+        self._recv_iov = np.zeros((1, 2), np.uint64)  # a receive kernel's one iovec (_pull)
+        self._recv_drops = np.zeros(2, np.int64)  # and the reads it dropped, by reason
 
     # -- the sink the port pushes into -----------------------------------------------------------------
 
@@ -611,7 +621,7 @@ class RxPath:
                 budget = min(pending, qs.policy.rx_batch)
                 if budget and self._port.bulk_rx:
                     budget = qs.policy.rx_batch * qs.policy.fused_rounds
-                produced = self._port.poll_rx(pair, budget, now) if budget else 0
+                produced = self._pull(pair, st, mem, budget, now) if budget else 0
                 if produced and len(bl):
                     # A port that pushes what it reads (the tap): deliver it in this round, not the next.
                     self._flush_backlog(rxq, st, mem)
@@ -631,6 +641,41 @@ class RxPath:
             dropped=stats.drops_total(rxq) - drops, more=more,
             interrupt=qs.decide_interrupt(rxq, st, mem, idle=not more), blocked=blocked,
         )
+
+    def _pull(self, pair: int, st: QueueState, mem: GuestMemory, budget: int, now: float) -> int:
+        """A pull-style port's frames for ``pair``, up to ``budget``: read by the device itself when
+        the port offers its descriptor (``DevicePort.recv_target``: the tap) on a split ring with no
+        hook on the frames' way (the inflight region, the dirty log) and nothing to steer (one pair,
+        or the port's kernel chose the queue), in one compiled call that reads each frame and places
+        it into a posted buffer (``nicsim.ports.fd_kernels``: a reply's delivery costs a call instead
+        of dozens); else the port's :meth:`~DevicePort.poll_rx`. A frame the call reads but no single
+        buffer takes whole goes to the port, which pushes it as its own poll would."""
+        target = self._port.recv_target(pair)
+        qs, q = self._qs, st.q
+        if (target is None or not isinstance(q, SplitQueue) or qs.inflight is not None or qs.logging
+                or not (target.queue_chosen or len(self.backlog) == 1)):  # fmt: skip
+            return self._port.poll_rx(pair, budget, now)
+        rxq = 2 * pair
+        area = self._area(rxq, q)
+        drops = self._recv_drops
+        drops[:] = 0
+        hdr = qs.hdr_len
+        got = q.kernel_round(mem, budget, self._pool, area, target.kernel, queue=rxq, indirect=qs.indirect,
+                             min_len=hdr + ETH_HLEN, max_len=qs.frame_limit + hdr, hdr=hdr,
+                             extra=(target.fd, target.buf, self._recv_iov, target.burst, qs.guest_csum,
+                                    drops))  # fmt: skip
+        if got is None:
+            return self._port.poll_rx(pair, budget, now)
+        placed, nbytes, pending, status, err = (int(x) for x in got)
+        if placed:
+            self._stats.held_briefly(rxq, placed)
+            self._stats.count(rxq, placed, nbytes - placed * hdr)
+        done = placed + self._port.received(pair, placed, nbytes, pending, status, err, drops)
+        if pending and done < budget:
+            # A frame for several buffers (a TCP stream's GSO frame, mergeable buffers): the port's
+            # poll reads the rest of the round into the backlog, which delivers them in one batch.
+            done += self._port.poll_rx(pair, budget - done, now)
+        return done
 
     def _flush_backlog(self, rxq: int, st: QueueState, mem: GuestMemory) -> None:
         bl = self.backlog[rxq // 2]
