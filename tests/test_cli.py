@@ -21,6 +21,7 @@ from images.apt import ImageBuildError
 from nicsim import __version__
 from nicsim.cli import main as nicsim_main
 from nicsim.cli.failures import explain
+from nicsim.interrupts import Terminated, interrupts_kept
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -246,3 +247,21 @@ def test_serve_says_it_is_compiling_when_no_kernel_is_cached_yet(tmp_path: Path)
             proc.communicate()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert not sock.exists()
+
+
+@pytest.mark.parametrize("sig, exc", [(signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_swallowed_by_the_work_is_raised_again_when_it_returns(sig: int, exc: type) -> None:
+    # What numba's compiler does to an exception raised in its ctypes callbacks: print it, drop it.
+    def swallowing_work() -> str:
+        try:
+            os.kill(os.getpid(), sig)
+            time.sleep(1)  # (the handler runs here, at the latest)
+        except BaseException:  # (the point: it is lost here)
+            return "swallowed"
+        return "not raised"
+
+    before = signal.getsignal(sig)
+    with pytest.raises(exc) as info, interrupts_kept():
+        assert swallowing_work() == "swallowed"
+    assert type(info.value) is exc
+    assert signal.getsignal(sig) is before  # the handlers are put back

@@ -532,12 +532,15 @@ def _compile_kernels() -> None:
     run: a ``nicsim serve`` whose kernels are not cached yet (a fresh clone without ``./run setup``,
     or a changed kernel source) spends about 20 s compiling before its socket appears, past the
     runs' start timeout."""
+    from nicsim.interrupts import interrupts_kept
     from nicsim.ports import fd_kernels
     from rings import kernels
 
     started = time.monotonic()
     _err("nicsim's compiled kernels: loading (compiling takes about 20 s once after an install or a change)")
-    if not fd_kernels.enable():
+    with interrupts_kept():
+        compiled = fd_kernels.enable()
+    if not compiled:
         _err(f"nicsim's compiled kernels: none ({kernels.engine()}); nicsim runs its numpy path")
     elif (took := time.monotonic() - started) > 5:
         _err(f"nicsim's compiled kernels: compiled in {took:.0f} s, cached for later runs")

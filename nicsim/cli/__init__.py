@@ -20,6 +20,7 @@ import threading
 from collections.abc import Sequence
 
 from nicsim import __version__
+from nicsim.interrupts import Terminated, terminated
 
 # name -> module; kept as strings so `nicsim --help` imports nothing heavy.
 SUBCOMMANDS: dict[str, str] = {
@@ -87,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # up its guests, servers and namespaces on the way out instead of leaving them running; `serve`
     # installs its own handler for a clean shutdown.
     in_main = threading.current_thread() is threading.main_thread()  # only it may set handlers
-    previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
+    previous = signal.signal(signal.SIGTERM, terminated) if in_main else None
     try:
         return int(module.run(args))
     except KeyboardInterrupt as exc:
@@ -105,11 +106,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived: raised where Ctrl-C's KeyboardInterrupt would be, so the same cleanup runs."""
-
-
-def _terminated(signum: int, frame: object) -> None:
-    raise Terminated

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from nicsim.cli.capture import Captures, add_capture_arguments, config_from_args, parse_port_captures
+from nicsim.interrupts import interrupts_kept
 from nicsim.ports import (
     PORTS,
     GeneratorConfig,
@@ -510,6 +511,7 @@ def _enable_kernels() -> bool:
     notice.daemon = True
     notice.start()
     try:
-        return fd_kernels.enable()  # (rings' kernels, then the tap's send kernel)
+        with interrupts_kept():
+            return fd_kernels.enable()  # (rings' kernels, then the tap's compiled rounds)
     finally:
         notice.cancel()
