@@ -55,21 +55,17 @@ scatter_frame: Callable[..., int] | None = None
 return_chunk: Callable[..., int] | None = None
 """The compiled ``rings.round_kernels._return_chunk_py`` once enabled, else None: for kernels
 outside ``rings`` that take a round with :data:`take_split` and give it back in the same call (a
-port's own compiled round, ``nicsim.ports.tap_lane``)."""
+port's own compiled round, ``nicsim.ports.fd_kernels``)."""
 _why_not: str = "not enabled"
 _compiled: tuple[Callable[..., Any], ...] | None = None  # compiled once per process, kept across disable
 
 
-def _link(fn: Callable[..., Any], **helpers: Callable[..., Any]) -> Callable[..., Any]:
+def link(fn: Callable[..., Any], **helpers: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` with the helpers it calls by name bound to ``helpers`` (compiled ones, so that numba
-    compiles a call into them), leaving the module's own names, the Python sources, as they are."""
+    compiles a call into them), leaving the module's own names, the Python sources, as they are.
+    Public for kernels outside ``rings`` that call these (``nicsim.ports.fd_kernels``)."""
     return types.FunctionType(fn.__code__, {**fn.__globals__, **helpers}, fn.__name__, fn.__defaults__,
                               fn.__closure__)  # fmt: skip
-
-
-def link(fn: Callable[..., Any], **helpers: Callable[..., Any]) -> Callable[..., Any]:
-    """:func:`_link` for kernels outside ``rings`` that call these (``nicsim.ports.fd_kernels``)."""
-    return _link(fn, **helpers)
 
 
 def enable() -> bool:
@@ -109,20 +105,20 @@ def _compile() -> tuple[Callable[..., Any], ...] | None:
         # thread may see (the interlocked pool calls them under its lock anyway).
         jit = numba.njit(cache=True, boundscheck=False)
         declined, free_fn = jit(_declined_py), jit(_free_normal_py)
-        walk_into = jit(_link(_walk_into_py, _walk_table=jit(_walk_table_py)))
-        walk = jit(_link(_walk_split_py, _declined=declined, _walk_into=walk_into))
+        walk_into = jit(link(_walk_into_py, _walk_table=jit(_walk_table_py)))
+        walk = jit(link(_walk_split_py, _declined=declined, _walk_into=walk_into))
         track_fn = jit(_track_py)
-        take = jit(_link(rk._take_split_py, _walk_into=walk_into))
-        complete = jit(_link(rk._complete_split_py, _free_normal=free_fn))
+        take = jit(link(rk._take_split_py, _walk_into=walk_into))
+        complete = jit(link(rk._complete_split_py, _free_normal=free_fn))
         scatter, summer = jit(rk._scatter_template_py), jit(rk._sum_frames_py)
         store_fence = _fence(numba, "release")
-        wants = jit(_link(rk._wants_interrupt_py, vring_need_event=jit(vring_need_event)))
-        next_round = jit(_link(rk._next_round_py, _full_fence=_fence(numba, "seq_cst"),
+        wants = jit(link(rk._wants_interrupt_py, vring_need_event=jit(vring_need_event)))
+        next_round = jit(link(rk._next_round_py, _full_fence=_fence(numba, "seq_cst"),
                                _load_fence=_fence(numba, "acquire"), _wants_interrupt=wants))
-        return_chunk = jit(_link(rk._return_chunk_py, _complete_split=complete, _store_fence=store_fence))
-        absorb = jit(_link(rk._absorb_split_py, _take_split=take, _sum_frames=summer,
+        return_chunk = jit(link(rk._return_chunk_py, _complete_split=complete, _store_fence=store_fence))
+        absorb = jit(link(rk._absorb_split_py, _take_split=take, _sum_frames=summer,
                            _return_chunk=return_chunk, _next_round=next_round))
-        fill = jit(_link(rk._fill_split_py, _take_split=take, _scatter_template=scatter,
+        fill = jit(link(rk._fill_split_py, _take_split=take, _scatter_template=scatter,
                          _return_chunk=return_chunk, _next_round=next_round))
         frame = jit(_scatter_frame_py)
         _compile_now(walk, take, complete, scatter, summer, absorb, fill, frame)

@@ -51,7 +51,7 @@ from .layout import (
 )
 
 # The helpers the kernels call by name: the Python sources; ``kernels.enable`` links the compiled
-# ones in instead (``rings.kernels._link``).
+# ones in instead (``rings.kernels.link``).
 from .pool_kernels import _free_normal_py as _free_normal
 from .walk_kernel import U32_MAX
 from .walk_kernel import _walk_into_py as _walk_into

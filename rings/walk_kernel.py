@@ -260,7 +260,7 @@ def _declined_py(n: int) -> _Arrays:  # pragma: no cover - compiled by numba
 
 
 # What the sources call by name when run as Python (the tests' reference check); ``kernels.enable``
-# compiles them with the compiled helpers bound instead (``rings.kernels._link``).
+# compiles them with the compiled helpers bound instead (``rings.kernels.link``).
 _declined = _declined_py
 _walk_into = _walk_into_py
 _walk_table = _walk_table_py

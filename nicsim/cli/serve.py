@@ -503,8 +503,9 @@ COMPILE_NOTICE_S = 3.0  # loading cached kernels takes about a second; much long
 
 
 def _enable_kernels() -> bool:
-    """``kernels.enable()``, saying so when it takes long: numba compiles the kernels once after an
-    install or a change to their sources (about 20 s here), and the socket appears only after it."""
+    """``fd_kernels.enable()`` (``rings``' kernels and the tap's compiled rounds), saying so when it
+    takes long: numba compiles the kernels once after an install or a change to their sources (about
+    20 s here), and the socket appears only after it."""
     notice = threading.Timer(COMPILE_NOTICE_S, lambda: print(
         "nicsim serve: compiling the kernels (about 20 s, once after an install or a change; "
         "`./run setup` does it ahead)", file=sys.stderr, flush=True))  # fmt: skip

@@ -261,16 +261,16 @@ def recv_kernel() -> Callable[..., tuple[int, int, int, int, int]] | None:
 
 
 def enable() -> bool:
-    """``rings.kernels.enable()``, then :func:`_send_split_py` compiled (or loaded from numba's
-    cache) and linked to them. Returns what ``rings.kernels.enable`` does: without this one kernel
-    the device's other paths send. Idempotent."""
+    """``rings.kernels.enable()``, then :func:`_send_split_py` and :func:`_recv_split_py` compiled
+    (or loaded from numba's cache) and linked to them. Returns what ``rings.kernels.enable`` does:
+    without these two the device's other paths send and receive. Idempotent."""
     if not kernels.enable():
         return False
-    _enable_send()
+    _compile_rounds()
     return True
 
 
-def _enable_send() -> None:
+def _compile_rounds() -> None:
     global send_split, recv_split
     if send_split is not None:
         return
@@ -287,17 +287,18 @@ def _enable_send() -> None:
         errno_location = types.ExternalFunction("__errno_location", int_ptr())
         header = jit(kernels.link(_header_code_py, _reason_code=jit(_reason_code)))
         readv = types.ExternalFunction("readv", types.intp(types.int32, types.uintp, types.int32))
-        fn = jit(kernels.link(_send_split_py, _take_split=take, _return_chunk=give_back, _header_code=header,
-                              _writev=writev, _errno_location=errno_location))  # fmt: skip
+        send = jit(kernels.link(_send_split_py, _take_split=take, _return_chunk=give_back,
+                                _header_code=header, _writev=writev,
+                                _errno_location=errno_location))  # fmt: skip
         recv = jit(kernels.link(_recv_split_py, _take_split=take, _return_chunk=give_back, _readv=readv,
                                 _errno_location=errno_location))  # fmt: skip
-        _compile_now(fn, recv)
+        _compile_now(send, recv)
     except Exception:  # numba's own error classes: the other paths send, as without the kernels
         return
-    send_split, recv_split = fn, recv
+    send_split, recv_split = send, recv
 
 
-def _compile_now(fn: Callable[..., Any], recv: Callable[..., Any]) -> None:
+def _compile_now(send: Callable[..., Any], recv: Callable[..., Any]) -> None:
     """Compile for the argument types a split ring passes (one and two guest memory regions), now
     rather than in the first round; a round of 0 chains changes nothing."""
     from rings.layout import DESC_DTYPE
@@ -317,7 +318,7 @@ def _compile_now(fn: Callable[..., Any], recv: Callable[..., Any]) -> None:
                np.zeros(2, np.int32))  # fmt: skip
     for regions in (1, 2):
         datas = tuple(np.zeros(8, np.uint8) for _ in range(regions))
-        fn(avail, *ring, *bounds, datas, 0, 0, True, 0, 0, 0, 0, 2, *pool, 0, *area.outputs, used, 0,
+        send(avail, *ring, *bounds, datas, 0, 0, True, 0, 0, 0, 0, 2, *pool, 0, *area.outputs, used, 0,
            area.zeros, np.zeros(2, np.uint16), -1, 0, 1, *scratch)  # fmt: skip
         recv(avail, *ring, *bounds, datas, 0, 0, True, 0, 0, 0, 0, 2, *pool, 0, *area.outputs, used, 0,
              area.zeros, np.zeros(2, np.uint16), -1, np.zeros(8, np.uint8), scratch[0], 0, False,

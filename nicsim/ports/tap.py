@@ -374,7 +374,8 @@ class TapPort(Port):
         if kernel is None or pair >= len(self._fds) or not self._attached[pair]:
             return None
         self._polled = pair
-        return RecvTarget(kernel, self._fds[pair], self._rxbuf, RX_BURST_BYTES, len(self._fds) > 1)
+        chosen = self._chosen_pair(pair) is not None
+        return RecvTarget(kernel, self._fds[pair], self._rxbuf, RX_BURST_BYTES, chosen)
 
     def received(
         self, pair: int, frames: int, nbytes: int, pending: int, status: int, err: int,
@@ -388,7 +389,7 @@ class TapPort(Port):
         if drops[fd_kernels.DROP_TOO_BIG]:
             self._drop("rx_too_big", int(drops[fd_kernels.DROP_TOO_BIG]))
         pushed = 0
-        if pending and self.sink.push(self._rxbuf[:pending], pair=pair if len(self._fds) > 1 else None):
+        if pending and self.sink.push(self._rxbuf[:pending], pair=self._chosen_pair(pair)):
             pushed = 1
             counters["rx_frames"] += 1
             counters["rx_bytes"] += pending - self._hdr_len
@@ -429,8 +430,7 @@ class TapPort(Port):
             return 0
         self._polled = pair
         fd, buf, min_len = self._fds[pair], self._rxbuf, self._hdr_len + ETH_HLEN
-        # One queue: the device steers each frame to a pair; several: the kernel chose the queue.
-        to: int | None = pair if len(self._fds) > 1 else None
+        to = self._chosen_pair(pair)
         frames = nbytes = 0
         while frames < budget and nbytes < RX_BURST_BYTES:
             try:
@@ -456,6 +456,11 @@ class TapPort(Port):
             self.counters["rx_frames"] += 1
             self.counters["rx_bytes"] += n - self._hdr_len
         return frames
+
+    def _chosen_pair(self, pair: int) -> int | None:
+        """The pair a frame read from ``pair``'s queue goes to: with one queue, None (the device steers
+        each frame to a pair); with several, that pair (the kernel chose the queue)."""
+        return pair if len(self._fds) > 1 else None
 
     def _on_readable(self, q: int) -> None:
         # Level-triggered: stop watching until the next poll drains the fd again, then let the device
