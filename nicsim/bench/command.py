@@ -533,13 +533,13 @@ def _compile_kernels() -> None:
     or a changed kernel source) spends about 20 s compiling before its socket appears, past the
     runs' start timeout."""
     from nicsim.interrupts import interrupts_kept
-    from nicsim.ports import fd_kernels
+    from nicsim.ports import enable_kernels
     from rings import kernels
 
     started = time.monotonic()
     _err("nicsim's compiled kernels: loading (compiling takes about 20 s once after an install or a change)")
     with interrupts_kept():
-        compiled = fd_kernels.enable()
+        compiled = enable_kernels()
     if not compiled:
         _err(f"nicsim's compiled kernels: none ({kernels.engine()}); nicsim runs its numpy path")
     elif (took := time.monotonic() - started) > 5:

@@ -34,7 +34,7 @@ from nicsim.ports import (
     Port,
     ResponderConfig,
     ResponderPort,
-    fd_kernels,
+    enable_kernels,
 )
 from nicsim.ports.sink import SinkConfig, SinkPort
 from nicsim.ports.switch import DIRECTIONS, Switch
@@ -503,9 +503,9 @@ COMPILE_NOTICE_S = 3.0  # loading cached kernels takes about a second; much long
 
 
 def _enable_kernels() -> bool:
-    """``fd_kernels.enable()`` (``rings``' kernels and the tap's compiled rounds), saying so when it
-    takes long: numba compiles the kernels once after an install or a change to their sources (about
-    20 s here), and the socket appears only after it."""
+    """``nicsim.ports.enable_kernels()`` (``rings``' kernels, the tap's rounds, the switch's
+    forward), saying so when it takes long: numba compiles the kernels once after an install or a
+    change to their sources (about 20 s here), and the socket appears only after it."""
     notice = threading.Timer(COMPILE_NOTICE_S, lambda: print(
         "nicsim serve: compiling the kernels (about 20 s, once after an install or a change; "
         "`./run setup` does it ahead)", file=sys.stderr, flush=True))  # fmt: skip
@@ -513,6 +513,6 @@ def _enable_kernels() -> bool:
     notice.start()
     try:
         with interrupts_kept():
-            return fd_kernels.enable()  # (rings' kernels, then the tap's compiled rounds)
+            return enable_kernels()
     finally:
         notice.cancel()

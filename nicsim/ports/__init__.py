@@ -28,6 +28,16 @@ PORTS: dict[str, type[Port]] = {
 }
 
 
+def enable_kernels() -> bool:
+    """Compile (or load from numba's cache) every compiled kernel: ``rings``' hot path, then the
+    ports' own rounds (the tap's reads and writes, :mod:`nicsim.ports.fd_kernels`; the switch's
+    forward, :mod:`nicsim.ports.switch_kernel`). Returns whether ``rings``' kernels are on: without
+    them the ports' rounds are off too, and the numpy path runs. Idempotent."""
+    from nicsim.ports import fd_kernels, switch_kernel
+
+    return fd_kernels.enable() and switch_kernel.enable()
+
+
 def make_port(name: str = "responder") -> Port:
     if name == "tap":
         raise ValueError("the tap port needs a namespace: TapPort(TapConfig(netns=..., ifname=...))")

@@ -33,6 +33,7 @@ class Port(DevicePort, abc.ABC):
     small_frames: bool = False  # it may send frames that need mergeable RX buffers (see DevicePort)
     absorbs: int = ABSORB_NONE  # it needs the frames: the device hands it batches (see DevicePort)
     bulk_rx: bool = False  # its poll_rx sends distinct frames (see DevicePort)
+    compiled_rounds: bool = False  # short rounds suit it as well as compiled ones (see DevicePort)
 
     def __init__(self) -> None:
         self._sink: RxSink | None = None

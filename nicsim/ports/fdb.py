@@ -242,6 +242,13 @@ class ForwardingTable:
 
     # -- inspection ------------------------------------------------------------------------------
 
+    def arrays(self) -> tuple[MacKeys, npt.NDArray[np.int32], npt.NDArray[np.float64]]:
+        """The table as a compiled forward reads it (``nicsim.ports.switch_kernel``): the sorted keys,
+        their ports and when each was last seen as a source (which it may refresh in place, as
+        :meth:`learn` does for a known address on its own port). Replaced, not changed, when an entry
+        comes or goes: ask again for each round."""
+        return self._keys, self._ports, self._seen
+
     def port_of(self, mac: str | bytes | int, now: float) -> int | None:
         """The port ``mac`` is live on, or None."""
         key = mac if isinstance(mac, int) else mac_key(mac)

@@ -35,11 +35,14 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from nicsim.ports import switch_kernel
 from nicsim.ports.base import Port, TxFrames
+from nicsim.ports.fd_kernels import allowed
 from nicsim.ports.fdb import DEFAULT_AGEING, FILTER, FLOOD, ForwardingTable, fan_out, mac_keys
 from nicsim.ports.gso import finish
 from nicsim.ports.impair import Impairment
 from nicsim.ports.port_counters import PortCounters
+from nicsim.ports.switch_kernel import takes
 from nicsim.ports.uplink import Uplink
 from nicsim.ports.vnet_hdr import (
     BAD_GSO_FRAME,
@@ -60,6 +63,7 @@ from nicsim.ports.vnet_hdr import (
 )  # fmt: skip
 from nicsim.virtio.port import HDR_LEN_V1, vnet_hdr_len
 from nicsim.virtio.queues import GSO_TYPE_OFFSET
+from nicsim.virtio.tx import TxBatch
 
 __all__ = ["DIRECTIONS", "Switch", "SwitchPort", "Uplink"]
 
@@ -102,6 +106,14 @@ class Switch:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        # Where each port's last unicast frames went: the compiled forward's destination to try.
+        self._dest_hint: dict[int, int] = {}
+        self._head = np.zeros(switch_kernel.HEAD_BYTES, np.uint8)  # the compiled forward's scratch
+        self._spots = np.zeros(4, np.int64)
+        # The compiled forward's calls, frames and why each call stopped (``stats()["compiled"]``).
+        self._fast_calls = 0
+        self._fast_frames = 0
+        self._fast_stops = np.zeros(len(switch_kernel.STOPS), np.int64)
 
     # -- ports and configuration -----------------------------------------------------------------
 
@@ -145,6 +157,7 @@ class Switch:
         # A new guest may have taken the slot before the old session finished closing.
         if self._live.get(port.number) is port:
             del self._live[port.number]
+            self._dest_hint.pop(port.number, None)
             self.fdb.forget_port(port.number)
 
     def start_io(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -158,6 +171,12 @@ class Switch:
     def forward(self, ingress: int, batch: TxFrames, sender: SwitchPort | None = None) -> None:
         """A batch port ``ingress``'s guest sent: impair, switch, deliver, before the batch returns.
         ``sender``: the guest's port, when it passes virtio-net headers (offloads on)."""
+        if sender is not None and isinstance(batch, TxBatch):
+            done = self._forward_compiled(ingress, batch, sender)
+            if done == batch.count:
+                return
+            if done:
+                batch = batch.tail(done)
         lengths = batch.lengths
         self.counters.received(ingress, lengths)
         imp = self._impair.get((ingress, "tx"))
@@ -185,6 +204,62 @@ class Switch:
             views = _views(data, offsets, lengths)
         self._switch(ingress, views, lengths, headers)
         self._arm()
+
+    def forwards_compiled(self, ingress: int) -> bool:
+        """Whether port ``ingress``'s next round is likely to be forwarded by the compiled forward:
+        it is on, the port's sending side is unimpaired, and there is a destination to try (the one
+        its last frames went to, or the only other port)."""
+        return (switch_kernel.kernel() is not None and (ingress, "tx") not in self._impair
+                and (ingress in self._dest_hint or len(self._live) == 2))  # fmt: skip
+
+    def _forward_compiled(self, ingress: int, batch: TxBatch, sender: SwitchPort) -> int:
+        """The first frames of a compiled round sent straight into their receivers' buffers, in one
+        compiled call per run of frames for one port (:mod:`nicsim.ports.switch_kernel`), while each
+        is a plain frame from a learned source to a learned station on another guest's port,
+        unimpaired both ways, and that guest's next buffer takes it whole: counted as the general path
+        counts them. Returns how many; the general path takes the rest of the batch (what needs
+        learning, flooding, segmentation, a backlog or a drop)."""
+        kernel = switch_kernel.kernel()
+        sender_round = batch.round_arrays()
+        if kernel is None or sender_round is None or (ingress, "tx") in self._impair:
+            return 0
+        dest = self._dest_hint.get(ingress)
+        if dest is None and len(self._live) == 2:
+            dest = next(n for n in self._live if n != ingress)
+        fdb = self.fdb
+        keys, ports, seen = fdb.arrays()
+        now = self._clock()
+        count = batch.count
+        done = 0
+        while dest is not None and done < count and dest != ingress and (dest, "rx") not in self._impair:
+            port = self._live.get(dest)
+            if not isinstance(port, SwitchPort):
+                break
+            extra = (*sender_round, sender.hdr_len, done, count, sender.tx_allow, self.offload,
+                     port.rx_takes, keys, ports, seen, now, fdb.ageing, ingress, dest, self._head,
+                     self._spots)  # fmt: skip
+            got = port.sink.place_round(kernel, extra)
+            if got is None:
+                break
+            if int(got[0]) < 0:
+                raise RuntimeError(f"switch port {dest}: the pool refused to free what a round took")
+            placed, why, where, gso = int(got[1]), int(got[3]), int(got[4]), int(got[5])
+            self._fast_calls += 1
+            self._fast_frames += placed
+            self._fast_stops[why] += 1
+            if placed:
+                lengths = batch.lengths[done : done + placed]
+                self.counters.received(ingress, lengths)
+                self.counters.sent(dest, lengths)
+                fdb.counters["hit"] += placed
+                if gso:  # passed on whole, as the general path counts it on both ports
+                    self.counters.offloaded(ingress, {"rx_gso": gso})
+                    self.counters.offloaded(dest, {"tx_gso": gso})
+                done += placed
+            if why != switch_kernel.ELSEWHERE or where < 0:
+                break
+            dest = self._dest_hint[ingress] = where  # the next frames are for another guest: try it
+        return done
 
     def _checked(self, ingress: int, views: list[Frame], lengths: npt.NDArray[np.uint32], headers: Headers,
                  allowed: Offloads) -> tuple[list[Frame], npt.NDArray[np.uint32], Headers]:  # fmt: skip
@@ -275,6 +350,8 @@ class Switch:
             # A frame or two (a ping, an ACK, a TCP stream's GSO frames): plain ints, not numpy.
             out_few = self._lookup_few(ingress, views, now)
             dest = out_few[0]
+            if dest >= 0:
+                self._dest_hint[ingress] = dest
             if dest >= 0 and dest in self._live and out_few.count(dest) == len(out_few):
                 self._send(dest, views, lengths, now, queue=True, headers=headers)
                 return
@@ -285,6 +362,8 @@ class Switch:
             at = np.arange(len(views), dtype=np.int64) * 12
             self.fdb.learn(mac_keys(heads, at, 6), ingress, now)
             out = self.fdb.lookup(mac_keys(heads, at, 0), now, ingress=ingress)
+            if out[-1] >= 0:
+                self._dest_hint[ingress] = int(out[-1])
         filtered = int(np.count_nonzero(out == FILTER))
         if filtered:
             self.counters.dropped(ingress, "filtered", filtered)
@@ -398,8 +477,13 @@ class Switch:
         return row
 
     def stats(self) -> dict[str, Any]:
+        stopped = zip(switch_kernel.STOPS, self._fast_stops.tolist(), strict=True)
+        stops = {name: int(n) for name, n in stopped if n}
         return {
             "fdb": {**self.fdb.counters, "entries": len(self.fdb)},
+            # Frames the compiled forward placed itself, in how many calls, and what ended each call
+            # (``done``: the round's last frame; else the general path took the frame it stopped at).
+            "compiled": {"calls": self._fast_calls, "frames": self._fast_frames, "stops": stops},
             "ports": {name: self.port_stats(n) for name, n in self._slots.items()},
             "joined": sorted(name for name, n in self._slots.items() if n in self._live),
         }
@@ -420,7 +504,15 @@ class SwitchPort(Port):
         self.vnet_hdr = self.switch.offload
         self.hdr_len = HDR_LEN_V1
         self.tx_offloads = NONE  # what the guest may ask on TX (CSUM, HOST_TSO4/6 negotiated)
+        self.tx_allow = 0  # the same as the compiled checks' bits (nicsim.ports.fd_kernels.allowed)
         self.rx_offloads = NONE  # what it takes on RX (GUEST_CSUM, GUEST_TSO4/6)
+        self.rx_takes = 0  # the same as the compiled forward's bits (nicsim.ports.switch_kernel.takes)
+
+    @property
+    def compiled_rounds(self) -> bool:  # type: ignore[override]
+        """The switch forwards this guest's rounds in one compiled call now: even a round of one
+        frame costs less that way than the short path's plain ints (a ping's forward)."""
+        return self._joined and self.switch.forwards_compiled(self.number)
 
     def features(self) -> int:
         return OFFLOADS if self.switch.offload else 0
@@ -428,7 +520,9 @@ class SwitchPort(Port):
     def negotiated(self, features: int) -> None:
         self.hdr_len = vnet_hdr_len(features)
         self.tx_offloads = Offloads.tx(features)
+        self.tx_allow = allowed(self.tx_offloads)
         self.rx_offloads = Offloads.rx(features)
+        self.rx_takes = takes(self.rx_offloads)
 
     def attach(self, sink: Any) -> None:
         super().attach(sink)

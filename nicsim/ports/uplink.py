@@ -194,6 +194,11 @@ class Uplink:
     def push_template(self, template: Frame, count: int, *, pair: int = 0) -> int:
         return sum(self.push(template, pair=pair) for _ in range(count))
 
+    def place_round(
+        self, kernel: Callable[..., tuple[int, ...]], extra: tuple[Any, ...], *, pair: int = 0
+    ) -> tuple[int, ...] | None:
+        return None  # frames from the network are no guest's TX round
+
     def rx_space(self, pair: int = 0) -> int:
         return POLL_BUDGET
 

@@ -433,6 +433,11 @@ class VirtioNetDevice:
     def push_template(self, template: npt.NDArray[np.uint8], count: int, *, pair: int = 0) -> int:
         return self._rx.push_template(template, count, pair=pair)
 
+    def place_round(
+        self, kernel: Callable[..., tuple[int, ...]], extra: tuple[Any, ...], *, pair: int = 0
+    ) -> tuple[int, ...] | None:
+        return self._rx.place_round(kernel, extra, pair=pair)
+
     def rx_space(self, pair: int = 0) -> int:
         return self._rx.rx_space(pair)
 

@@ -122,6 +122,14 @@ class RxSink(Protocol):
         """Write ``template`` into up to ``count`` guest buffers now; returns how many were delivered.
         Nothing is queued or dropped: a pull-style port simply offers the rest again later."""
 
+    def place_round(
+        self, kernel: Callable[..., tuple[int, ...]], extra: tuple[Any, ...], *, pair: int = 0
+    ) -> tuple[int, ...] | None:
+        """Let another port's compiled round place frames into the pair's posted buffers itself, one
+        chain each (the switch's forward, ``nicsim.ports.switch_kernel``): the kernel's result tuple,
+        frames placed first, or None when the sink cannot (a backlog waits, a hook must see the
+        frames): then push them."""
+
     def rx_space(self, pair: int = 0) -> int:
         """Guest buffers currently posted on the pair's RX queue (an upper bound on frames deliverable)."""
 
@@ -182,6 +190,13 @@ class DevicePort(Protocol):
         with the compiled kernels, the device then takes, reads and returns the round's chains in one
         compiled call (``rings.round_kernels._absorb_split_py``), every chain still held by a pool
         descriptor while it is read."""
+
+    @property
+    def compiled_rounds(self) -> bool:
+        """True: the port does more with a compiled round (a batch with ``round_arrays``) than with a
+        short one of plain ints, however few its frames (the switch, which forwards a compiled round
+        in one compiled call): the device then takes even a round of a few chains the compiled way.
+        Asked before each round."""
 
     @property
     def bulk_rx(self) -> bool:

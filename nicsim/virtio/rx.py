@@ -20,8 +20,9 @@ the backlog and the staging when buffers are posted: :mod:`nicsim.virtio.rx_dire
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -570,6 +571,44 @@ class RxPath:
             if len(self.backlog[pair]):
                 return 0
         return self._deliver_template(rxq, st, mem, template, count)
+
+    def place_round(
+        self, kernel: Callable[..., tuple[int, ...]], extra: tuple[Any, ...], *, pair: int = 0
+    ) -> tuple[int, ...] | None:
+        """Frames another port's compiled round places into the pair's posted buffers itself
+        (``nicsim.ports.switch_kernel``: a guest's TX round straight into this guest's buffers), when
+        nothing waits before them or needs a hook on their way: one pair (nothing to steer), a split
+        ring, no backlog, no inflight region, no dirty log. ``kernel`` runs as
+        ``SplitQueue.kernel_round`` runs it, on the posted chains (``min_len`` 1 when a frame may take
+        several, MRG_RXBUF, else 0; ``max_len`` the MTU), with ``extra``; it returns ``(chains used,
+        frames placed, their bytes without headers, ...)``. The frames are counted and their interrupt
+        decided here. Returns the kernel's tuple, or None when it did not run."""
+        rxq = 2 * pair
+        qs = self._qs
+        st, mem = qs.states[rxq], qs.mem
+        if (self._pairs != 1 or st is None or mem is None or st.broken is not None or not qs.enabled[rxq]
+                or len(self.backlog[pair]) or qs.inflight is not None or qs.logging
+                or not isinstance(st.q, SplitQueue)):  # fmt: skip
+            return None
+        q = st.q
+        try:
+            pending = q.avail_pending(mem)
+        except GuestError as err:
+            qs.broke(rxq, st, err)  # the ring's pump reports it; the frames go the push way
+            return None
+        area = self._area(rxq, q)
+        hdr = qs.hdr_len
+        got = q.kernel_round(mem, min(pending, area.size), self._pool, area, kernel, queue=rxq,
+                             indirect=qs.indirect, min_len=int(qs.mergeable), max_len=qs.frame_limit, hdr=hdr,
+                             extra=extra)  # fmt: skip
+        if got is None:
+            return None
+        chains, frames = int(got[0]), int(got[1])
+        if frames:
+            self._stats.held_briefly(rxq, chains)
+            self._count(rxq, frames, int(got[2]))
+            qs.delivered(rxq)  # the interrupt for the entries published here is decided now
+        return got
 
     def rx_space(self, pair: int = 0) -> int:
         st = self._qs.states[2 * pair]

@@ -51,6 +51,7 @@ class TxBatch:
         "_gathered",
         "_lengths",
         "_segments",
+        "_whole_round",
         "area",
         "cancelled",
         "completed",
@@ -91,6 +92,7 @@ class TxBatch:
         self.hdr_len = hdr_len
         # The compiled round's arrays that ``chains`` views: the batch's until it completes.
         self.area = area
+        self._whole_round = chains is None  # the area's first ``count`` chains are the batch's frames
         if chains is None:
             assert area is not None and lengths is not None
             self.heads = area.heads[: positions.shape[0]]
@@ -193,6 +195,24 @@ class TxBatch:
                                                                     lens.tolist(), strict=True)]  # fmt: skip
         return frames, headers
 
+    def round_arrays(self) -> tuple[Any, ...] | None:
+        """The compiled round this batch is, as a kernel reads it: ``(the regions' bytes, first,
+        counts, lens, s_len, s_writable, s_region, s_offset)`` of the round's area (chain ``j``'s
+        segments from ``first[j]``, ``lens[j]`` its frame bytes), or None for a batch of the numpy
+        path or a part of a round."""
+        area = self.area
+        if area is None or not self._whole_round:
+            return None
+        return (region_bytes(self.mem), area.first, area.counts, area.lens, area.s_len, area.s_writable,
+                area.s_region, area.s_offset)  # fmt: skip
+
+    def tail(self, start: int) -> TxBatch:
+        """Frames ``start:`` of this batch, for a port that handled the first ones itself: the same
+        chains (read only: the batch itself is completed and returned, not the tail)."""
+        return TxBatch(queue=self.queue, mem=self.mem, chains=self.chains, positions=self.positions[start:],
+                       descriptors=self.descriptors[start:], hdr_len=self.hdr_len, on_complete=self._complete,
+                       lengths=self._lengths[start:])  # fmt: skip
+
     def iovec(self, i: int) -> list[npt.NDArray[np.uint8]]:
         # The header goes along unchanged (§5.1.6.2: its flags/gso fields ask the other side for
         # checksum or segmentation), so nothing is skipped; writable segments carry no frame.
@@ -274,7 +294,8 @@ class TxPath:
                 done = self._process_sent(index, st, mem, q, want, target)
                 if done is not None:
                     return done
-        if want <= qs.short_round and not st.resubmit_count:
+        if (want <= qs.short_round and not st.resubmit_count
+                and not (self._port.compiled_rounds and kernels.take_split is not None)):  # fmt: skip
             done = self._process_short(index, st, mem, want)
             if done is not None:
                 return done

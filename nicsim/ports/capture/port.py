@@ -30,7 +30,7 @@ subclass that overrides it too, because the pump tells the two kinds apart by th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -86,6 +86,11 @@ class CapturingSink:
         if delivered:
             self._owner.captured_rx_repeated(template, delivered)
         return delivered
+
+    def place_round(
+        self, kernel: Callable[..., tuple[int, ...]], extra: tuple[Any, ...], *, pair: int = 0
+    ) -> tuple[int, ...] | None:
+        return None  # the capture sees each frame: they come through push_views
 
     def rx_space(self, pair: int = 0) -> int:
         return self._sink.rx_space(pair)
