@@ -103,6 +103,7 @@ class RingPump:
         self._last_batch = 0  # buffers the last round that found work moved
         self._last_bytes = 0  # the frame bytes the last round that found work moved
         self._last_full = False  # the last round that found work moved a whole batch
+        self._seen = (0, 0)  # RX: the ring's packets and bytes when a port last delivered to it
         self._watchdog: asyncio.TimerHandle | None = None
         self._stall_mark: tuple[int, ...] | None = None  # progress at the last tick that found work
         # TX: a due interrupt held for the pair's RX one (``defer_tx_interrupt``), and its deadline.
@@ -207,7 +208,10 @@ class RingPump:
         the switch). Asleep, the ring is not woken for a round that would only decide the interrupt
         (and suppress and re-arm kicks around it): the interrupt is decided and sent here. Running,
         its next round decides it."""
-        if not self.active or self.broken or self._busy:
+        if not self.active or self.broken:
+            return
+        self._note_delivered()
+        if self._busy:
             return
         try:
             due = self.device.interrupt_due(self.index)
@@ -217,6 +221,19 @@ class RingPump:
         self.counters["delivered"] += 1
         if due:
             self.signal()
+
+    def _note_delivered(self) -> None:
+        """Frames a port put straight into this ring are its traffic as much as a round's: the last
+        work, batch and bytes that :meth:`streaming` reads. Without them the pair's TX ring took a
+        TCP receiver's ACKs beside a stream arriving through the switch for requests, and polled
+        for 2 ms after each (``rr_poll_us``): 300k empty rounds in a 4 s two-guest run."""
+        stats = self.device.stats
+        packets, nbytes = stats.packets[self.index], stats.bytes[self.index]
+        moved = packets - self._seen[0]
+        if moved > 0:
+            self._last_batch, self._last_bytes = moved, nbytes - self._seen[1]
+            self._last_work = time.monotonic()
+        self._seen = (packets, nbytes)
 
     def signal(self) -> None:
         """Interrupt the guest (write the call eventfd). An RX ring first sends the interrupt its
