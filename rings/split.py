@@ -293,6 +293,7 @@ class SplitQueue:
     def kernel_round(
         self, mem: GuestMemory, count: int, pool: PacketPool, area: RoundArea, kernel: Callable[..., Any], *,
         queue: int, indirect: bool, min_len: int, max_len: int, hdr: int, extra: tuple[Any, ...],
+        any_count: bool = False,
     ) -> tuple[Any, ...] | None:
         """A round by a caller's compiled kernel, in one call: a round that does I/O on its frames
         (``nicsim.ports.fd_kernels``: a TAP's ``writev`` and ``readv``), which ``rings`` does not.
@@ -303,8 +304,9 @@ class SplitQueue:
         then ``extra``. It takes at most ``count`` chains with the compiled take, in order, gives back
         every chain it took with ``_return_chunk_py`` (which publishes ``used.idx``), and returns a
         tuple whose first item is how many it took, or -1 having changed nothing, or -2 (a free
-        declined after a take: a bug). Returns that tuple, or None when it declined."""
-        if not self._fusable(pool, area, count):
+        declined after a take: a bug). Returns that tuple, or None when it declined. ``any_count``: a
+        round of 0 chains runs too (a kernel with other work, ``nicsim.ports.switch_kernel``'s drops)."""
+        if not (self._fusable(pool, area, count) or (any_count and count == 0 and not pool.closed)):
             return None
         v, state, regions = self._views(mem), pool.round_state(), region_bytes(mem)
         got: tuple[Any, ...] = kernel(*v.take_ring, regions, self.last_avail_idx, count, indirect, min_len,

@@ -82,7 +82,7 @@ def both(scenario: Callable[[str, Calls], dict[str, Any]], monkeypatch: pytest.M
         reference = scenario("python", Calls())
     finally:
         kernels.disable()
-    assert reference["fast"] == {"calls": 0, "frames": 0, "stops": {}}
+    assert reference["fast"] == {"calls": 0, "frames": 0, "queued": 0, "dropped": 0, "stops": {}}
     assert fast["fast"]["frames"] == sum(n for n, _ in calls.results)
     runs = [{k: v for k, v in run.items() if k != "fast"} for run in (fast, reference)]
     if not ordered:
@@ -228,8 +228,9 @@ def test_a_receiver_short_of_buffers_gets_the_rest_through_its_backlog_in_order(
     assert [Ether(d)[UDP].sport for _, d in got["guest1"]] == [*range(12), *range(20, 29)]
     assert got["dev0"]["pool"] == got["dev1"]["pool"] == 0
     # Five frames into the big buffers, the 1000-byte one across four small ones, four more: then
-    # no buffer is left, and the rest waits in B's backlog.
-    assert calls.results[0] == (10, "no_buffer"), calls.results
+    # no buffer is left, and the rest waits in B's backlog, the next round's behind them.
+    assert calls.results == [(10, "done"), (0, "done")], calls.results
+    assert (got["fast"]["frames"], got["fast"]["queued"]) == (10, 2 + 9)
 
 
 def test_an_unlearned_source_is_learned_by_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -331,3 +332,38 @@ def test_the_compiled_tcp_check_agrees_with_tcp_layout(vlan: bool) -> None:
         for gso in (1, 4, 3):
             want = tcp_layout(np.frombuffer(frame, np.uint8), gso) is not None
             assert switch_kernel._tcp_ok(head, 12, len(frame), gso) == want, (raw[:40].hex(), gso)
+
+
+def test_a_receiver_whose_backlog_is_full_loses_frames_counted_as_the_general_path_counts_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def scenario(name: str, calls: Calls) -> dict[str, Any]:
+        sw = Switch()
+        a, b = guest(sw, "a", ALL), guest(sw, "b", ALL, rx=0)
+        learn(a, b)
+        b.rx.post_rx(4096, count=16)
+        calls.results.clear()
+        for r in range(4):  # 16 into B's buffers, 256 into its backlog, the rest dropped
+            send_round(a, [udp(60 + r, sport=100 * r + k) for k in range(100)])
+        send_round(a, [udp(60, sport=900), udp(60, dst=BROADCAST, sport=901), udp(60, sport=902)])
+        early = b.frames()
+        for posted in (200, 100):  # B catches up: its backlog drains into the new buffers
+            b.rx.post_rx(4096, count=posted)
+            b.dev.deliver_rx(0)
+            early += b.frames()
+        send_round(a, [udp(80, sport=1000 + k) for k in range(9)])  # the backlog is empty again
+        got = observed(sw, a, b)
+        got["guest1"] = early + got["guest1"]
+        sw.close()
+        return got
+
+    got, _, calls = both(scenario, monkeypatch)
+    ports = [Ether(d)[UDP].sport for _, d in got["guest1"]]
+    assert ports == [*range(16), *range(16, 100), *range(100, 200), *range(200, 272), *range(1000, 1009)]
+    # Dropped for B: the general path's 28 (its backlog filling up) and 902, the compiled forward's
+    # 100 and 900 (the backlog full); the broadcasts without a buffer (A's ARP, 901) are floods.
+    assert got["switch"]["ports"]["b"]["drops"] == {"no_rx_buffer": 130, "flood_no_rx_buffer": 2}
+    # Into B's buffers, then its backlog, then dropped: all in the compiled forward but 901 and 902.
+    assert (got["fast"]["frames"], got["fast"]["queued"], got["fast"]["dropped"]) == (25, 256, 129)
+    assert calls.results == [(16, "done"), (0, "done"), (0, "done"), (0, "done"), (0, "group"), (9, "done")]
+    assert got["dev1"]["pool"] == got["dev0"]["pool"] == 0

@@ -113,6 +113,8 @@ class Switch:
         # The compiled forward's calls, frames and why each call stopped (``stats()["compiled"]``).
         self._fast_calls = 0
         self._fast_frames = 0
+        self._fast_dropped = 0
+        self._fast_queued = 0
         self._fast_stops = np.zeros(len(switch_kernel.STOPS), np.int64)
 
     # -- ports and configuration -----------------------------------------------------------------
@@ -244,18 +246,24 @@ class Switch:
             if int(got[0]) < 0:
                 raise RuntimeError(f"switch port {dest}: the pool refused to free what a round took")
             placed, why, where, gso = int(got[1]), int(got[3]), int(got[4]), int(got[5])
+            dropped, queued = int(got[6]), int(got[7])
             self._fast_calls += 1
             self._fast_frames += placed
+            self._fast_queued += queued
+            self._fast_dropped += dropped
             self._fast_stops[why] += 1
-            if placed:
-                lengths = batch.lengths[done : done + placed]
-                self.counters.received(ingress, lengths)
-                self.counters.sent(dest, lengths)
-                fdb.counters["hit"] += placed
-                if gso:  # passed on whole, as the general path counts it on both ports
+            taken = placed + queued + dropped  # in that order in the round
+            if taken:
+                self.counters.received(ingress, batch.lengths[done : done + taken])
+                if placed + queued:
+                    self.counters.sent(dest, batch.lengths[done : done + placed + queued])
+                if dropped:
+                    self.counters.dropped(dest, "no_rx_buffer", dropped)
+                fdb.counters["hit"] += taken
+                if gso:  # passed on whole (or dropped after), as the general path counts it on both ports
                     self.counters.offloaded(ingress, {"rx_gso": gso})
                     self.counters.offloaded(dest, {"tx_gso": gso})
-                done += placed
+                done += taken
             if why != switch_kernel.ELSEWHERE or where < 0:
                 break
             dest = self._dest_hint[ingress] = where  # the next frames are for another guest: try it
@@ -481,9 +489,11 @@ class Switch:
         stops = {name: int(n) for name, n in stopped if n}
         return {
             "fdb": {**self.fdb.counters, "entries": len(self.fdb)},
-            # Frames the compiled forward placed itself, in how many calls, and what ended each call
-            # (``done``: the round's last frame; else the general path took the frame it stopped at).
-            "compiled": {"calls": self._fast_calls, "frames": self._fast_frames, "stops": stops},
+            # Frames the compiled forward placed itself, queued in a guest's backlog (no buffer left)
+            # and dropped (the backlog full), in how many calls, and what ended each call (``done``:
+            # the round's last frame; else the general path took the frame it stopped at).
+            "compiled": {"calls": self._fast_calls, "frames": self._fast_frames, "queued": self._fast_queued,
+                         "dropped": self._fast_dropped, "stops": stops},
             "ports": {name: self.port_stats(n) for name, n in self._slots.items()},
             "joined": sorted(name for name, n in self._slots.items() if n in self._live),
         }

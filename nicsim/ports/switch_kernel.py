@@ -70,7 +70,7 @@ HEAD_BYTES = OUT + 16  # the ``head`` scratch array
 _SPOT_LO, _SPOT_HI = 0, 2
 _GROUP_BIT = 1 << 40  # the I/G bit of a MAC key (the first octet's least significant bit)
 
-forward_split: Callable[..., tuple[int, int, int, int, int, int]] | None = None
+forward_split: Callable[..., tuple[int, int, int, int, int, int, int, int]] | None = None
 """The compiled :func:`_forward_split_py` once :func:`enable` ran with the ``rings`` kernels on."""
 
 
@@ -141,8 +141,8 @@ def _forward_split_py(
     a_datas: Any, a_first: _Arr, a_counts: _Arr, a_lens: _Arr, a_s_len: _Arr, a_s_writable: _Arr,
     a_s_region: _Arr, a_s_offset: _Arr, a_hdr: int, a_lo: int, a_hi: int, allow: int, carried: bool,
     takes: int, f_keys: _Arr, f_ports: _Arr, f_seen: _Arr, now: float, ageing: float, ingress: int,
-    dest: int, head: _Arr, spots: _Arr,
-) -> tuple[int, int, int, int, int, int]:  # pragma: no cover - compiled by numba; the tests compare it
+    dest: int, head: _Arr, spots: _Arr, bl_data: _Arr, bl_offsets: _Arr, bl_lengths: _Arr, bl_state: _Arr,
+) -> tuple[int, int, int, int, int, int, int, int]:  # pragma: no cover - numba compiles it; tests compare
     """Forward the sender's frames ``a_lo:a_hi``, in order, into the receiver's posted buffers (the
     receiver's queue first, as ``SplitQueue.kernel_round`` passes it: ``k`` chains at most, ``limit``
     its MTU, ``hdr`` its header length; ``mergeable``: a frame may take several chains, MRG_RXBUF),
@@ -155,17 +155,25 @@ def _forward_split_py(
     ``spots`` are scratch. The receiver's chains of a frame are kept in its area's arrays from
     index 1 (a take writes index 0) and returned together.
 
-    Returns ``(chains used, frames forwarded, their bytes, why it stopped, where, GSO frames)``:
-    ``where`` the live port the first frame not forwarded is for when it stopped for being for
-    another port (:data:`ELSEWHERE`), else -1. ``chains used`` is -2 when a free was refused (a bug:
-    the caller raises)."""
+    Once no chain is left (``k`` of them taken; 0 when frames already wait), a frame for ``dest``
+    goes into the receiver's backlog (``RxBacklog``: ``bl_data``, ``bl_offsets``, ``bl_lengths`` and
+    ``bl_state``, its head, count and end, updated here), or is dropped when every slot is taken;
+    an empty ``bl_offsets``: no backlog, the call stops there instead.
+
+    Returns ``(chains used, frames forwarded, their bytes, why it stopped, where, GSO frames, frames
+    dropped, frames queued)``, in that order in the round (forwarded, queued, dropped): ``where``
+    the live port the first frame not taken is for when it stopped for being for another port
+    (:data:`ELSEWHERE`), else -1; GSO frames counted wherever they went. ``chains used`` is -2 when
+    a free was refused (a bug: the caller raises)."""
     chains = 0
     frames = 0
     nbytes = 0
     gsos = 0
+    dropped = 0
+    queued = 0
     for j in range(a_lo, a_hi):
-        if chains >= k:
-            return chains, frames, nbytes, NO_BUFFER, -1, gsos
+        if chains >= k and bl_offsets.shape[0] == 0:
+            return chains, frames, nbytes, NO_BUFFER, -1, gsos, dropped, queued
         lo = a_first[j]
         hi = lo + a_counts[j]
         n = int(a_lens[j])
@@ -181,7 +189,7 @@ def _forward_split_py(
                 head[got + b] = data[off + b]
             got += take
         if got < need or n < ETH_HLEN:
-            return chains, frames, nbytes, HEADER, -1, gsos
+            return chains, frames, nbytes, HEADER, -1, gsos, dropped, queued
         flags = 0
         gso = GSO_NONE
         if carried:
@@ -192,29 +200,29 @@ def _forward_split_py(
                                 int(head[8]) | int(head[9]) << 8, n, allow & 1 != 0, allow & 2 != 0,
                                 allow & 4 != 0)  # fmt: skip
             if code != OK:
-                return chains, frames, nbytes, HEADER, -1, gsos
-            if flags != 0 and takes & TAKES_CSUM == 0:
-                return chains, frames, nbytes, OFFLOAD, -1, gsos  # the switch completes the checksum
+                return chains, frames, nbytes, HEADER, -1, gsos, dropped, queued
+            if flags != 0 and takes & TAKES_CSUM == 0:  # the switch completes the checksum
+                return chains, frames, nbytes, OFFLOAD, -1, gsos, dropped, queued
             if gso != GSO_NONE:
                 if not ((gso == GSO_TCPV4 and takes & TAKES_TSO4 != 0)
                         or (gso == GSO_TCPV6 and takes & TAKES_TSO6 != 0)):  # fmt: skip
-                    return chains, frames, nbytes, OFFLOAD, -1, gsos  # the switch segments it
+                    return chains, frames, nbytes, OFFLOAD, -1, gsos, dropped, queued  # it segments them
                 if not _tcp_ok(head, a_hdr, n, gso):
-                    return chains, frames, nbytes, HEADER, -1, gsos
+                    return chains, frames, nbytes, HEADER, -1, gsos, dropped, queued
         dst = _mac(head, a_hdr)
         src = _mac(head, a_hdr + 6)
         if dst & _GROUP_BIT or src & _GROUP_BIT:
-            return chains, frames, nbytes, GROUP, -1, gsos
+            return chains, frames, nbytes, GROUP, -1, gsos, dropped, queued
         i = _find(f_keys, src)
         if i < 0 or f_ports[i] != ingress:
-            return chains, frames, nbytes, UNLEARNED, -1, gsos
+            return chains, frames, nbytes, UNLEARNED, -1, gsos, dropped, queued
         d = _find(f_keys, dst)
         if d < 0 or not now - f_seen[d] < ageing:
-            return chains, frames, nbytes, ELSEWHERE, -1, gsos  # unknown: flooded
+            return chains, frames, nbytes, ELSEWHERE, -1, gsos, dropped, queued  # unknown: flooded
         if f_ports[d] != dest:
-            return chains, frames, nbytes, ELSEWHERE, int(f_ports[d]), gsos
+            return chains, frames, nbytes, ELSEWHERE, int(f_ports[d]), gsos, dropped, queued
         if n > (limit if gso == GSO_NONE else MAX_FRAME):
-            return chains, frames, nbytes, TOO_BIG, -1, gsos
+            return chains, frames, nbytes, TOO_BIG, -1, gsos, dropped, queued
         # The receiver's header at head[OUT:]: the sender's fields when they travel to a receiver
         # that reads them (GUEST_CSUM; the flags but NEEDS_CSUM dropped), else zeros (§5.1.6.4.1).
         for b in range(hdr):
@@ -240,8 +248,10 @@ def _forward_split_py(
             if m < 0:
                 # No (big enough) buffer for the rest: the chains taken for it are given back untouched.
                 if c and _free_normal(descs[1 : 1 + c], p_state, p_stack, p_used + c, p_capacity) < 0:
-                    return -2, 0, 0, 0, -1, 0
-                return chains, frames, nbytes, NO_BUFFER, -1, gsos
+                    return -2, 0, 0, 0, -1, 0, 0, 0
+                if c == 0 and chains >= k:
+                    break  # no buffer is left: the frame waits in the backlog, or is dropped
+                return chains, frames, nbytes, NO_BUFFER, -1, gsos, dropped, queued
             put = min(int(wlen[0]), total - at)
             _copy_range(datas, s_len, s_writable, s_region, s_offset, m, head, hdr, a_datas, a_s_len,
                         a_s_writable, a_s_region, a_s_offset, lo, hi, a_hdr, at, put, spots)  # fmt: skip
@@ -250,19 +260,71 @@ def _forward_split_py(
             lens[1 + c] = put
             at += put
             c += 1
+        if at < total:
+            # As ``RxPath.push_views`` queues a frame for which no buffer is left: the header as the
+            # switch passes it (num_buffers 0) and the frame, in the backlog's next slot; with every
+            # slot taken, dropped. A backlog that would need compacting first is the general path's.
+            rec = n + (hdr if carried else 0)
+            if bl_state[1] >= bl_offsets.shape[0] or rec > bl_data.shape[0]:
+                dropped += 1
+            elif bl_state[0] + bl_state[1] >= bl_offsets.shape[0] or bl_state[2] + rec > bl_data.shape[0]:
+                return chains, frames, nbytes, NO_BUFFER, -1, gsos, dropped, queued
+            else:
+                _queue_frame(bl_data, int(bl_state[2]), head, hdr if carried else 0, flags, a_datas, a_s_len,
+                             a_s_writable, a_s_region, a_s_offset, lo, hi, a_hdr, n)  # fmt: skip
+                slot = bl_state[0] + bl_state[1]
+                bl_offsets[slot] = bl_state[2]
+                bl_lengths[slot] = rec
+                bl_state[1] += 1
+                bl_state[2] += rec
+                queued += 1
+            f_seen[i] = now
+            if gso != GSO_NONE:
+                gsos += 1
+            continue
         if hdr >= HDR_LEN_V1 and spots[_SPOT_LO] >= 0:  # num_buffers: the chains the frame took
             datas[spots[_SPOT_LO]][spots[_SPOT_LO + 1]] = c & 0xFF
             datas[spots[_SPOT_HI]][spots[_SPOT_HI + 1]] = c >> 8
         if _return_chunk(used_ring, used_head, used_start + chains - 1, 1, 1 + c, heads, lens, descs,
                          p_used + c, p_capacity, p_state, p_stack) < 0:  # fmt: skip
-            return -2, 0, 0, 0, -1, 0
+            return -2, 0, 0, 0, -1, 0, 0, 0
         f_seen[i] = now  # the source seen again, as learning it does
         chains += c
         frames += 1
         nbytes += n
         if gso != GSO_NONE:
             gsos += 1
-    return chains, frames, nbytes, DONE, -1, gsos
+    return chains, frames, nbytes, DONE, -1, gsos, dropped, queued
+
+
+def _queue_frame(
+    data: _Arr, at: int, head: _Arr, hdr: int, flags: int, a_datas: Any, a_s_len: _Arr, a_s_writable: _Arr,
+    a_s_region: _Arr, a_s_offset: _Arr, lo: int, hi: int, a_hdr: int, n: int,
+) -> None:  # pragma: no cover - compiled by numba
+    """Write a backlog entry at ``data[at:]``: a ``hdr``-byte header (0: none), the sender's fields
+    with ``flags`` for its first byte and num_buffers 0, then the frame's ``n`` bytes (the sender's
+    readable segments ``lo:hi`` after its ``a_hdr``-byte header)."""
+    if hdr:
+        data[at] = flags
+        for b in range(1, hdr):
+            data[at + b] = head[b] if b < HDR_FIELDS else 0
+    pos = at + hdr
+    skip = a_hdr
+    left = n
+    for s in range(lo, hi):
+        if left <= 0 or a_s_writable[s]:
+            break
+        seg = int(a_s_len[s])
+        if skip >= seg:
+            skip -= seg
+            continue
+        src = a_datas[a_s_region[s]]
+        start = int(a_s_offset[s]) + skip
+        chunk = min(seg - skip, left)
+        data[pos : pos + chunk] = src[start : start + chunk]
+        skip = 0
+        pos += chunk
+        left -= chunk
 
 
 def _copy_range(
@@ -320,7 +382,7 @@ def _copy_range(
             pos += chunk
 
 
-def kernel() -> Callable[..., tuple[int, int, int, int, int, int]] | None:
+def kernel() -> Callable[..., tuple[int, int, int, int, int, int, int, int]] | None:
     """The compiled forward, while ``rings``' kernels are on (``kernels.disable`` turns it off too)."""
     return forward_split if kernels.enabled() else None
 
@@ -347,8 +409,8 @@ def _compile_forward() -> None:
         jit = numba.njit(cache=True, boundscheck=False)
         forward = jit(kernels.link(_forward_split_py, _take_split=take, _return_chunk=give_back,
                                    _free_normal=free, _reason_code=jit(_reason_code), _mac=jit(_mac),
-                                   _find=jit(_find), _tcp_ok=jit(_tcp_ok),
-                                   _copy_range=jit(_copy_range)))  # fmt: skip
+                                   _find=jit(_find), _tcp_ok=jit(_tcp_ok), _copy_range=jit(_copy_range),
+                                   _queue_frame=jit(_queue_frame)))  # fmt: skip
         _compile_now(forward)
     except Exception:  # numba's own error classes: the switch's general path forwards, as without it
         return
@@ -380,4 +442,5 @@ def _compile_now(forward: Callable[..., Any]) -> None:
             a_datas = tuple(np.zeros(8, np.uint8) for _ in range(a_regions))
             forward(avail, *ring, *bounds, datas, 0, 0, True, 0, 0, 0, 0, 2, *pool, 0, *area.outputs, used, 0,
                     area.zeros, np.zeros(2, np.uint16), a_datas, *a_round, 12, 0, 0, 0, True, 0,
-                    *table_args, np.zeros(HEAD_BYTES, np.uint8), np.zeros(4, np.int64))  # fmt: skip
+                    *table_args, np.zeros(HEAD_BYTES, np.uint8), np.zeros(4, np.int64), np.zeros(8, np.uint8),
+                    np.zeros(2, np.int64), np.zeros(2, np.int64), np.zeros(3, np.int64))  # fmt: skip

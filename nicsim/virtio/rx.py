@@ -240,6 +240,7 @@ class RxBacklog:
         self.head = 0   # first queued frame slot
         self.count = 0  # frames queued
         self.end = 0    # first free byte
+        self._state = np.zeros(3, np.int64)  # the three for a compiled round (state)
 
     def __len__(self) -> int:
         return self.count
@@ -296,6 +297,18 @@ class RxBacklog:
         self.end += total
         self.count += n
         return True
+
+    def state(self) -> npt.NDArray[np.int64]:
+        """``[head, count, end]`` for a compiled round that queues frames itself (the switch's
+        forward): it writes each frame at ``end`` into slot ``head + count`` (no compacting) and
+        moves count and end on; :meth:`kernel_queued` takes them back."""
+        self._state[0], self._state[1], self._state[2] = self.head, self.count, self.end
+        return self._state
+
+    def kernel_queued(self, n: int) -> None:
+        """A compiled round queued ``n`` frames through :meth:`state`."""
+        assert int(self._state[1]) == self.count + n
+        self.count, self.end = self.count + n, int(self._state[2])
 
     def frames(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """(offsets, lengths) of the queued frames, oldest first (views; valid until the next change)."""
@@ -577,22 +590,27 @@ class RxPath:
     ) -> tuple[int, ...] | None:
         """Frames another port's compiled round places into the pair's posted buffers itself
         (``nicsim.ports.switch_kernel``: a guest's TX round straight into this guest's buffers), when
-        nothing waits before them or needs a hook on their way: one pair (nothing to steer), a split
-        ring, no backlog, no inflight region, no dirty log. ``kernel`` runs as
-        ``SplitQueue.kernel_round`` runs it, on the posted chains (``min_len`` 1 when a frame may take
-        several, MRG_RXBUF, else 0; ``max_len`` the MTU), with ``extra``; it returns ``(chains used,
-        frames placed, their bytes without headers, ...)``. The frames are counted and their interrupt
-        decided here. Returns the kernel's tuple, or None when it did not run."""
+        nothing needs a hook on their way: one pair (nothing to steer), a split ring, no inflight
+        region, no dirty log. ``kernel`` runs as ``SplitQueue.kernel_round`` runs it, on the posted
+        chains (``min_len`` 1 when a frame may take several, MRG_RXBUF, else 0; ``max_len`` the MTU),
+        with ``extra`` and then the pair's backlog (its arrays and ``[head, count, end]``), where it
+        queues what no buffer is left for, as :meth:`push_views` would (with frames already waiting
+        it takes no chain: nothing may pass them), and drops what the backlog cannot take
+        (``no_rx_buffer``). It returns ``(chains used, frames placed, their bytes without headers,
+        ..., frames dropped, frames queued)``. The frames are counted, the ring woken for a backlog
+        that was empty, and the interrupt decided here. Returns the kernel's tuple, or None when it
+        did not run."""
         rxq = 2 * pair
         qs = self._qs
         st, mem = qs.states[rxq], qs.mem
         if (self._pairs != 1 or st is None or mem is None or st.broken is not None or not qs.enabled[rxq]
-                or len(self.backlog[pair]) or qs.inflight is not None or qs.logging
-                or not isinstance(st.q, SplitQueue)):  # fmt: skip
+                or qs.inflight is not None or qs.logging or not isinstance(st.q, SplitQueue)):  # fmt: skip
             return None
         q = st.q
+        bl = self.backlog[pair]
+        waiting = len(bl)
         try:
-            pending = q.avail_pending(mem)
+            pending = 0 if waiting else q.avail_pending(mem)
         except GuestError as err:
             qs.broke(rxq, st, err)  # the ring's pump reports it; the frames go the push way
             return None
@@ -600,10 +618,17 @@ class RxPath:
         hdr = qs.hdr_len
         got = q.kernel_round(mem, min(pending, area.size), self._pool, area, kernel, queue=rxq,
                              indirect=qs.indirect, min_len=int(qs.mergeable), max_len=qs.frame_limit, hdr=hdr,
-                             extra=extra)  # fmt: skip
+                             extra=(*extra, bl.data, bl.offsets, bl.lengths, bl.state()),
+                             any_count=True)  # fmt: skip
         if got is None:
             return None
-        chains, frames = int(got[0]), int(got[1])
+        chains, frames, dropped, queued = int(got[0]), int(got[1]), int(got[6]), int(got[7])
+        if queued:
+            bl.kernel_queued(queued)
+            if not waiting:
+                qs.wake(rxq)
+        if dropped:
+            self._stats.drop(rxq, "no_rx_buffer", dropped)
         if frames:
             self._stats.held_briefly(rxq, chains)
             self._count(rxq, frames, int(got[2]))
