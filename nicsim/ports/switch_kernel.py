@@ -308,11 +308,17 @@ def _queue_frame(
         data[at] = flags
         for b in range(1, hdr):
             data[at + b] = head[b] if b < HDR_FIELDS else 0
-    pos = at + hdr
-    skip = a_hdr
-    left = n
+    _gather(a_datas, a_s_len, a_s_writable, a_s_region, a_s_offset, lo, hi, a_hdr, n, data, at + hdr)
+
+
+def _gather(
+    a_datas: Any, a_s_len: _Arr, a_s_writable: _Arr, a_s_region: _Arr, a_s_offset: _Arr, lo: int, hi: int,
+    skip: int, n: int, out: _Arr, at: int,
+) -> None:  # pragma: no cover - compiled by numba
+    """Copy ``n`` bytes of the sender's readable segments ``lo:hi``, from byte ``skip`` on, into
+    ``out[at:]`` (a slice copy per segment)."""
     for s in range(lo, hi):
-        if left <= 0 or a_s_writable[s]:
+        if n <= 0 or a_s_writable[s]:
             break
         seg = int(a_s_len[s])
         if skip >= seg:
@@ -320,11 +326,11 @@ def _queue_frame(
             continue
         src = a_datas[a_s_region[s]]
         start = int(a_s_offset[s]) + skip
-        chunk = min(seg - skip, left)
-        data[pos : pos + chunk] = src[start : start + chunk]
+        chunk = min(seg - skip, n)
+        out[at : at + chunk] = src[start : start + chunk]
         skip = 0
-        pos += chunk
-        left -= chunk
+        at += chunk
+        n -= chunk
 
 
 def _copy_range(
@@ -340,46 +346,28 @@ def _copy_range(
     dat = 0
     pos = at
     end = at + put
-    while pos < end and pos < hdr:
+    while pos < end:
         while not s_writable[d] or dat >= s_len[d]:
             d += 1
             dat = 0
         region = s_region[d]
         off = int(s_offset[d]) + dat
-        datas[region][off] = head[OUT + pos]
-        if pos == NUM_BUFFERS_OFFSET:
-            spots[_SPOT_LO] = region
-            spots[_SPOT_LO + 1] = off
-        elif pos == NUM_BUFFERS_OFFSET + 1:
-            spots[_SPOT_HI] = region
-            spots[_SPOT_HI + 1] = off
-        dat += 1
-        pos += 1
-    if pos >= end:
-        return
-    skip = a_hdr + pos - hdr  # the sender's bytes to pass before the first one this chain takes
-    for s in range(lo, hi):
-        if pos >= end or a_s_writable[s]:
-            break
-        seg = int(a_s_len[s])
-        if skip >= seg:
-            skip -= seg
+        if pos < hdr:
+            datas[region][off] = head[OUT + pos]
+            if pos == NUM_BUFFERS_OFFSET:
+                spots[_SPOT_LO] = region
+                spots[_SPOT_LO + 1] = off
+            elif pos == NUM_BUFFERS_OFFSET + 1:
+                spots[_SPOT_HI] = region
+                spots[_SPOT_HI + 1] = off
+            dat += 1
+            pos += 1
             continue
-        src = a_datas[a_s_region[s]]
-        at_src = int(a_s_offset[s]) + skip
-        have = min(seg - skip, end - pos)
-        skip = 0
-        while have > 0:
-            while not s_writable[d] or dat >= s_len[d]:
-                d += 1
-                dat = 0
-            chunk = min(have, int(s_len[d]) - dat)
-            to = int(s_offset[d]) + dat
-            datas[s_region[d]][to : to + chunk] = src[at_src : at_src + chunk]
-            dat += chunk
-            at_src += chunk
-            have -= chunk
-            pos += chunk
+        chunk = min(end - pos, int(s_len[d]) - dat)
+        _gather(a_datas, a_s_len, a_s_writable, a_s_region, a_s_offset, lo, hi, a_hdr + pos - hdr, chunk,
+                datas[region], off)  # fmt: skip
+        dat += chunk
+        pos += chunk
 
 
 def kernel() -> Callable[..., tuple[int, int, int, int, int, int, int, int]] | None:
@@ -407,10 +395,13 @@ def _compile_forward() -> None:
         import numba
 
         jit = numba.njit(cache=True, boundscheck=False)
+        gather = jit(_gather)
+        copy_range = jit(kernels.link(_copy_range, _gather=gather))
+        queue_frame = jit(kernels.link(_queue_frame, _gather=gather))
         forward = jit(kernels.link(_forward_split_py, _take_split=take, _return_chunk=give_back,
                                    _free_normal=free, _reason_code=jit(_reason_code), _mac=jit(_mac),
-                                   _find=jit(_find), _tcp_ok=jit(_tcp_ok), _copy_range=jit(_copy_range),
-                                   _queue_frame=jit(_queue_frame)))  # fmt: skip
+                                   _find=jit(_find), _tcp_ok=jit(_tcp_ok), _copy_range=copy_range,
+                                   _queue_frame=queue_frame))  # fmt: skip
         _compile_now(forward)
     except Exception:  # numba's own error classes: the switch's general path forwards, as without it
         return
