@@ -18,6 +18,12 @@ flooding the switch cannot take the backlog room of the frames addressed to the 
 direction copies the frames it handles into a flat batch first (the delay line keeps copies, and
 releases them as frames that may wait); a frame split across TX descriptors is gathered.
 
+A compiled round (the sender's device took it with the compiled take) is first offered to the
+compiled forward (:mod:`nicsim.ports.switch_kernel`): one call per run of frames for one guest takes
+them from the sender's chains straight into that guest's buffers, backlog or drop count, while each
+is a frame the steps above would pass on unchanged to a learned station; the rest of the round goes
+through those steps. ``stats()["compiled"]`` says how many went which way.
+
 Impairments (:class:`~nicsim.ports.impair.Impairment`) apply per port and direction, named from the
 guest's side: ``tx`` is what the guest sends into the switch, ``rx`` what the switch sends to the
 guest. Delayed frames wait in the impairment's delay line; one timer on the event loop, armed for the

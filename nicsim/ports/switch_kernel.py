@@ -4,25 +4,29 @@ buffers, with the forwarding table read and refreshed as the switch would.
 Through the switch's general path every frame of a round becomes a Python view, its header is checked
 and its addresses are learned and looked up in numpy calls, and the receiver's device writes the
 views into its buffers: a few microseconds of Python per frame, which on a 64-byte stream is most of
-nicsim's time. :func:`_forward_split_py` does the common case in one call per round: a guest's plain
+nicsim's time. :func:`_forward_split_py` does the common case in one call per round: a guest's
 frames to an address the table has already learned on one other guest's port.
 
 It runs on the receiver's RX queue (``SplitQueue.kernel_round`` passes that queue's arguments first:
 its chains are taken, each held by a pool descriptor, written and returned with ``used.idx``
 published, frame by frame), and reads the sender's round from the arrays its compiled take walked
 the chains into (the sender's device returns those chains itself, as for any port). Frame by frame,
-in order, it forwards while a frame is one the switch would send to ``dest`` as it is:
+in order, it takes a frame while it is one the switch would send to ``dest`` as it is:
 
-- its virtio-net header passes the checks the switch makes (``vnet_hdr.reason_code``), asks for no
-  segmentation, and asks for a checksum only from a receiver that takes it (GUEST_CSUM);
+- its virtio-net header passes the checks the switch makes (``vnet_hdr.reason_code``, and for a GSO
+  frame ``tcp_layout``'s), and asks for a checksum or segmentation only of a receiver that does them
+  itself (GUEST_CSUM, GUEST_TSO4/6): the header then travels with the frame;
 - its source address is a station address learned on the sender's port (the entry is refreshed,
   as learning it again would), its destination a live entry on ``dest``'s port;
-- it fits the receiver's MTU and the receiver's next posted buffer takes it whole.
+- it fits the receiver's MTU (a GSO frame: MAX_FRAME).
 
-The first frame that is not such a frame ends the call, untouched: the switch's general path takes it
-and the rest of the round (learning, flooding, segmentation, backlog, drops and their reasons), so
-nothing is lost or counted twice. The source is plain Python over arrays; :func:`enable` compiles it
-with numba, linked to ``rings``' compiled take and return. The numpy path stays the reference.
+Such a frame goes into the receiver's next posted buffer, or the next several with MRG_RXBUF; once
+no buffer is left it goes into the receiver's backlog, as ``RxPath.push_views`` would queue it, and
+past the backlog it is dropped and counted. The first frame that is not such a frame ends the call,
+untouched: the switch's general path takes it and the rest of the round (learning, flooding,
+segmentation, a backlog to compact, drops and their reasons), so nothing is lost or counted twice.
+The source is plain Python over arrays; :func:`enable` compiles it with numba, linked to ``rings``'
+compiled take, return and free. The numpy path stays the reference the tests compare it with.
 """
 
 from __future__ import annotations
