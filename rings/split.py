@@ -305,7 +305,8 @@ class SplitQueue:
         every chain it took with ``_return_chunk_py`` (which publishes ``used.idx``), and returns a
         tuple whose first item is how many it took, or -1 having changed nothing, or -2 (a free
         declined after a take: a bug). Returns that tuple, or None when it declined. ``any_count``: a
-        round of 0 chains runs too (a kernel with other work, ``nicsim.ports.switch_kernel``'s drops)."""
+        round of 0 chains runs too (a kernel with other work: ``nicsim.ports.switch_kernel`` queues
+        and drops frames for a guest with none left)."""
         if not (self._fusable(pool, area, count) or (any_count and count == 0 and not pool.closed)):
             return None
         v, state, regions = self._views(mem), pool.round_state(), region_bytes(mem)

@@ -48,7 +48,6 @@ from nicsim.ports.fdb import DEFAULT_AGEING, FILTER, FLOOD, ForwardingTable, fan
 from nicsim.ports.gso import finish
 from nicsim.ports.impair import Impairment
 from nicsim.ports.port_counters import PortCounters
-from nicsim.ports.switch_kernel import takes
 from nicsim.ports.uplink import Uplink
 from nicsim.ports.vnet_hdr import (
     BAD_GSO_FRAME,
@@ -116,11 +115,9 @@ class Switch:
         self._dest_hint: dict[int, int] = {}
         self._head = np.zeros(switch_kernel.HEAD_BYTES, np.uint8)  # the compiled forward's scratch
         self._spots = np.zeros(4, np.int64)
-        # The compiled forward's calls, frames and why each call stopped (``stats()["compiled"]``).
-        self._fast_calls = 0
-        self._fast_frames = 0
-        self._fast_dropped = 0
-        self._fast_queued = 0
+        # The compiled forward's calls, frames placed, queued and dropped, and why each call stopped
+        # (``stats()["compiled"]``).
+        self._fast = dict.fromkeys(("calls", "frames", "queued", "dropped"), 0)
         self._fast_stops = np.zeros(len(switch_kernel.STOPS), np.int64)
 
     # -- ports and configuration -----------------------------------------------------------------
@@ -214,26 +211,32 @@ class Switch:
         self._arm()
 
     def forwards_compiled(self, ingress: int) -> bool:
-        """Whether port ``ingress``'s next round is likely to be forwarded by the compiled forward:
-        it is on, the port's sending side is unimpaired, and there is a destination to try (the one
-        its last frames went to, or the only other port)."""
-        return (switch_kernel.kernel() is not None and (ingress, "tx") not in self._impair
-                and (ingress in self._dest_hint or len(self._live) == 2))  # fmt: skip
+        """Whether port ``ingress``'s next round is likely to be forwarded by the compiled forward."""
+        return self._compiled_dest(ingress) is not None
 
-    def _forward_compiled(self, ingress: int, batch: TxBatch, sender: SwitchPort) -> int:
-        """The first frames of a compiled round sent straight into their receivers' buffers, in one
-        compiled call per run of frames for one port (:mod:`nicsim.ports.switch_kernel`), while each
-        is a plain frame from a learned source to a learned station on another guest's port,
-        unimpaired both ways, and that guest's next buffer takes it whole: counted as the general path
-        counts them. Returns how many; the general path takes the rest of the batch (what needs
-        learning, flooding, segmentation, a backlog or a drop)."""
-        kernel = switch_kernel.kernel()
-        sender_round = batch.round_arrays()
-        if kernel is None or sender_round is None or (ingress, "tx") in self._impair:
-            return 0
+    def _compiled_dest(self, ingress: int) -> int | None:
+        """The port the compiled forward tries first for port ``ingress``'s frames: the one its last
+        frames went to, or the only other port; None when the forward is off or the port's sending
+        side is impaired."""
+        if switch_kernel.kernel() is None or (ingress, "tx") in self._impair:
+            return None
         dest = self._dest_hint.get(ingress)
         if dest is None and len(self._live) == 2:
             dest = next(n for n in self._live if n != ingress)
+        return dest
+
+    def _forward_compiled(self, ingress: int, batch: TxBatch, sender: SwitchPort) -> int:
+        """The first frames of a compiled round taken straight from the sender's chains, in one
+        compiled call per run of frames for one port (:mod:`nicsim.ports.switch_kernel`), while each
+        is a frame the general path would pass on unchanged to a learned station on another guest's
+        port, unimpaired both ways: into that guest's buffers, its backlog once none is left, or
+        dropped past the backlog, counted as the general path counts them. Returns how many; the
+        general path takes the rest of the batch."""
+        dest = self._compiled_dest(ingress)
+        kernel = switch_kernel.kernel()
+        sender_round = batch.round_arrays()
+        if dest is None or kernel is None or sender_round is None:
+            return 0
         fdb = self.fdb
         keys, ports, seen = fdb.arrays()
         now = self._clock()
@@ -253,10 +256,11 @@ class Switch:
                 raise RuntimeError(f"switch port {dest}: the pool refused to free what a round took")
             placed, why, where, gso = int(got[1]), int(got[3]), int(got[4]), int(got[5])
             dropped, queued = int(got[6]), int(got[7])
-            self._fast_calls += 1
-            self._fast_frames += placed
-            self._fast_queued += queued
-            self._fast_dropped += dropped
+            fast = self._fast
+            fast["calls"] += 1
+            fast["frames"] += placed
+            fast["queued"] += queued
+            fast["dropped"] += dropped
             self._fast_stops[why] += 1
             taken = placed + queued + dropped  # in that order in the round
             if taken:
@@ -498,8 +502,7 @@ class Switch:
             # Frames the compiled forward placed itself, queued in a guest's backlog (no buffer left)
             # and dropped (the backlog full), in how many calls, and what ended each call (``done``:
             # the round's last frame; else the general path took the frame it stopped at).
-            "compiled": {"calls": self._fast_calls, "frames": self._fast_frames, "queued": self._fast_queued,
-                         "dropped": self._fast_dropped, "stops": stops},
+            "compiled": {**self._fast, "stops": stops},
             "ports": {name: self.port_stats(n) for name, n in self._slots.items()},
             "joined": sorted(name for name, n in self._slots.items() if n in self._live),
         }
@@ -522,7 +525,7 @@ class SwitchPort(Port):
         self.tx_offloads = NONE  # what the guest may ask on TX (CSUM, HOST_TSO4/6 negotiated)
         self.tx_allow = 0  # the same as the compiled checks' bits (nicsim.ports.fd_kernels.allowed)
         self.rx_offloads = NONE  # what it takes on RX (GUEST_CSUM, GUEST_TSO4/6)
-        self.rx_takes = 0  # the same as the compiled forward's bits (nicsim.ports.switch_kernel.takes)
+        self.rx_takes = 0  # the same as the compiled forward's bits (nicsim.ports.fd_kernels.allowed)
 
     @property
     def compiled_rounds(self) -> bool:  # type: ignore[override]
@@ -538,7 +541,7 @@ class SwitchPort(Port):
         self.tx_offloads = Offloads.tx(features)
         self.tx_allow = allowed(self.tx_offloads)
         self.rx_offloads = Offloads.rx(features)
-        self.rx_takes = takes(self.rx_offloads)
+        self.rx_takes = allowed(self.rx_offloads)
 
     def attach(self, sink: Any) -> None:
         super().attach(sink)

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from nicsim.ports.fd_kernels import ALLOW_CSUM, ALLOW_TSO4, ALLOW_TSO6
 from nicsim.ports.vnet_hdr import (
     ETH_P_8021Q,
     ETH_P_IPV4,
@@ -48,7 +49,6 @@ from nicsim.ports.vnet_hdr import (
     HDR_FIELDS,
     IPPROTO_TCP,
     OK,
-    Offloads,
 )  # fmt: skip
 from nicsim.ports.vnet_hdr import reason_code as _reason_code
 from nicsim.virtio.port import ETH_HLEN, HDR_LEN_V1, MAX_FRAME, NUM_BUFFERS_OFFSET
@@ -58,15 +58,13 @@ from rings.round_kernels import U32_MAX
 from rings.round_kernels import _return_chunk_py as _return_chunk
 from rings.round_kernels import _take_split_py as _take_split
 
-__all__ = ["HEAD_BYTES", "STOPS", "enable", "kernel", "takes"]
+__all__ = ["HEAD_BYTES", "STOPS", "enable", "kernel"]
 
 _Arr = npt.NDArray[Any]
 
 # Why a call stopped before the sender's last frame (its fourth item); the general path takes it.
 DONE, HEADER, OFFLOAD, GROUP, UNLEARNED, ELSEWHERE, TOO_BIG, NO_BUFFER = range(8)
 STOPS = ("done", "header", "offload", "group", "unlearned", "elsewhere", "too_big", "no_buffer")
-# The ``takes`` bits: what the receiver takes as it is (as fd_kernels.ALLOW_* for the sender's ``allow``).
-TAKES_CSUM, TAKES_TSO4, TAKES_TSO6 = 1, 2, 4
 PREFIX = 72  # a frame's first bytes the checks read: both MACs and, for a GSO frame, its TCP/IP headers
 OUT = 96  # where in ``head`` the receiver's header is built (the sender's header and prefix come first)
 HEAD_BYTES = OUT + 16  # the ``head`` scratch array
@@ -76,12 +74,6 @@ _GROUP_BIT = 1 << 40  # the I/G bit of a MAC key (the first octet's least signif
 
 forward_split: Callable[..., tuple[int, int, int, int, int, int, int, int]] | None = None
 """The compiled :func:`_forward_split_py` once :func:`enable` ran with the ``rings`` kernels on."""
-
-
-def takes(offloads: Offloads) -> int:
-    """What a receiver takes as it is (its RX offloads) as the forward's ``takes`` bits."""
-    return (TAKES_CSUM if offloads.csum else 0) | (TAKES_TSO4 if offloads.tso4 else 0) | (
-        TAKES_TSO6 if offloads.tso6 else 0)  # fmt: skip
 
 
 def _mac(head: _Arr, at: int) -> int:  # pragma: no cover - compiled by numba
@@ -154,7 +146,8 @@ def _forward_split_py(
     sender's round: chain ``j``'s readable segments from ``a_first[j]`` (``a_counts[j]`` of them)
     over its regions' bytes ``a_datas``, ``a_lens[j]`` frame bytes after an ``a_hdr``-byte header;
     ``allow`` the offloads it may ask (``fd_kernels.ALLOW_*``); ``carried``: headers travel (the
-    switch's offloads); ``takes`` what the receiver takes (``TAKES_*``). The table: sorted ``f_keys``,
+    switch's offloads); ``takes`` what the receiver takes as it is (its RX offloads, in the same bits:
+    ``fd_kernels.allowed``). The table: sorted ``f_keys``,
     their ``f_ports`` and ``f_seen`` (refreshed for each forwarded frame's source). ``head`` and
     ``spots`` are scratch. The receiver's chains of a frame are kept in its area's arrays from
     index 1 (a take writes index 0) and returned together.
@@ -181,19 +174,11 @@ def _forward_split_py(
         lo = a_first[j]
         hi = lo + a_counts[j]
         n = int(a_lens[j])
-        need = a_hdr + min(n, PREFIX)
-        got = 0
-        for s in range(lo, hi):  # the header and the frame's first bytes, gathered across segments
-            if got >= need or a_s_writable[s]:
-                break
-            data = a_datas[a_s_region[s]]
-            off = int(a_s_offset[s])
-            take = min(int(a_s_len[s]), need - got)
-            for b in range(take):
-                head[got + b] = data[off + b]
-            got += take
-        if got < need or n < ETH_HLEN:
+        if n < ETH_HLEN:
             return chains, frames, nbytes, HEADER, -1, gsos, dropped, queued
+        # The header and the frame's first bytes (the take made the chain's readable bytes a_hdr + n).
+        _gather(a_datas, a_s_len, a_s_writable, a_s_region, a_s_offset, lo, hi, 0, a_hdr + min(n, PREFIX),
+                head, 0)  # fmt: skip
         flags = 0
         gso = GSO_NONE
         if carried:
@@ -201,15 +186,15 @@ def _forward_split_py(
             gso = int(head[1])
             code = _reason_code(int(head[0]), gso, int(head[2]) | int(head[3]) << 8,
                                 int(head[4]) | int(head[5]) << 8, int(head[6]) | int(head[7]) << 8,
-                                int(head[8]) | int(head[9]) << 8, n, allow & 1 != 0, allow & 2 != 0,
-                                allow & 4 != 0)  # fmt: skip
+                                int(head[8]) | int(head[9]) << 8, n, allow & ALLOW_CSUM != 0,
+                                allow & ALLOW_TSO4 != 0, allow & ALLOW_TSO6 != 0)  # fmt: skip
             if code != OK:
                 return chains, frames, nbytes, HEADER, -1, gsos, dropped, queued
-            if flags != 0 and takes & TAKES_CSUM == 0:  # the switch completes the checksum
+            if flags != 0 and takes & ALLOW_CSUM == 0:  # the switch completes the checksum
                 return chains, frames, nbytes, OFFLOAD, -1, gsos, dropped, queued
             if gso != GSO_NONE:
-                if not ((gso == GSO_TCPV4 and takes & TAKES_TSO4 != 0)
-                        or (gso == GSO_TCPV6 and takes & TAKES_TSO6 != 0)):  # fmt: skip
+                if not ((gso == GSO_TCPV4 and takes & ALLOW_TSO4 != 0)
+                        or (gso == GSO_TCPV6 and takes & ALLOW_TSO6 != 0)):  # fmt: skip
                     return chains, frames, nbytes, OFFLOAD, -1, gsos, dropped, queued  # it segments them
                 if not _tcp_ok(head, a_hdr, n, gso):
                     return chains, frames, nbytes, HEADER, -1, gsos, dropped, queued
@@ -231,7 +216,7 @@ def _forward_split_py(
         # that reads them (GUEST_CSUM; the flags but NEEDS_CSUM dropped), else zeros (§5.1.6.4.1).
         for b in range(hdr):
             head[OUT + b] = 0
-        if carried and takes & TAKES_CSUM != 0:
+        if carried and takes & ALLOW_CSUM != 0:
             head[OUT] = flags
             for b in range(1, HDR_FIELDS):
                 head[OUT + b] = head[b]
@@ -404,8 +389,8 @@ def _compile_forward() -> None:
         queue_frame = jit(kernels.link(_queue_frame, _gather=gather))
         forward = jit(kernels.link(_forward_split_py, _take_split=take, _return_chunk=give_back,
                                    _free_normal=free, _reason_code=jit(_reason_code), _mac=jit(_mac),
-                                   _find=jit(_find), _tcp_ok=jit(_tcp_ok), _copy_range=copy_range,
-                                   _queue_frame=queue_frame))  # fmt: skip
+                                   _find=jit(_find), _tcp_ok=jit(_tcp_ok), _gather=gather,
+                                   _copy_range=copy_range, _queue_frame=queue_frame))  # fmt: skip
         _compile_now(forward)
     except Exception:  # numba's own error classes: the switch's general path forwards, as without it
         return

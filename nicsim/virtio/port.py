@@ -125,10 +125,10 @@ class RxSink(Protocol):
     def place_round(
         self, kernel: Callable[..., tuple[int, ...]], extra: tuple[Any, ...], *, pair: int = 0
     ) -> tuple[int, ...] | None:
-        """Let another port's compiled round place frames into the pair's posted buffers itself, one
-        chain each (the switch's forward, ``nicsim.ports.switch_kernel``): the kernel's result tuple,
-        frames placed first, or None when the sink cannot (a backlog waits, a hook must see the
-        frames): then push them."""
+        """Let another port's compiled round place frames into the pair's posted buffers, or queue
+        them in its backlog, itself (the switch's forward, ``nicsim.ports.switch_kernel``): the
+        kernel's result tuple, or None when the sink cannot (a hook must see the frames, several
+        pairs to steer): then push them."""
 
     def rx_space(self, pair: int = 0) -> int:
         """Guest buffers currently posted on the pair's RX queue (an upper bound on frames deliverable)."""
