@@ -103,7 +103,38 @@ def test_goals_and_the_table_compare_nicsim_with_the_bridge() -> None:
 
 def test_cpu_of_a_row_adds_both_qemus_and_the_backend() -> None:
     window = CpuWindow({"qemu_a": None, "qemu_b": None, "backend": None})
-    assert cpu_fields(window) == {"cpu_qemu_pct": None, "cpu_backend_pct": None, "cpu_total_pct": None}
+    assert cpu_fields(window) == {"cpu_qemu_pct": None, "cpu_backend_pct": None, "cpu_total_pct": None,
+                                  "cpu_threads": None}  # fmt: skip
+
+
+def test_cpu_of_a_row_splits_each_qemu_into_its_vcpu_and_the_rest() -> None:
+    window = CpuWindow({"qemu_a": 1, "qemu_b": 2, "backend": 3}, vcpus={"qemu_a": 1, "qemu_b": 2})
+    window._t0, window._t1 = 10.0, 12.0  # a two-second window, as sampled at its two ends
+    window._c0 = {"qemu_a": 1.0, "qemu_b": 1.0, "backend": 1.0, "qemu_a.vcpu": 0.5, "qemu_b.vcpu": 0.5}
+    window._c1 = {"qemu_a": 2.8, "qemu_b": 2.2, "backend": 1.6, "qemu_a.vcpu": 2.1, "qemu_b.vcpu": None}
+    fields = cpu_fields(window)
+    assert fields["cpu_qemu_pct"] == pytest.approx(150.0) and fields["cpu_total_pct"] == pytest.approx(180.0)
+    # B's vCPU could not be read at the end: B is left out rather than counted as all main loop
+    assert fields["cpu_threads"] == pytest.approx({"a_vcpu": 80.0, "a_rest": 10.0, "nicsim": 30.0})
+
+
+def test_the_table_says_where_the_cores_went_and_what_was_left() -> None:
+    bridge = {"a_vcpu": 90.0, "a_rest": 5.0, "b_vcpu": 50.0, "b_rest": 5.0}
+    split = {**bridge, "nicsim": 40.0}
+    results = [
+        result("nicsim", Direction.TX, {"pps": 50e3, "cpu_threads": split},
+               {"pps": 60e3, "cpu_threads": {**split, "nicsim": 20.0}}),
+        result("linux-bridge", Direction.TX, {"pps": 60e3, "cpu_threads": {**bridge, "a_rest": 35.0}}),
+        result("linux-bridge", Direction.PING, {"rtt_p50_ms": 0.5}),  # measured with no split: no line
+    ]  # fmt: skip
+    lines = render_pair_table(results, placement="placement: here", ncores=2).splitlines()
+    head = lines.index("where the cores went (median, in cores):")
+    assert lines[head + 1].split() == ["row", "setup", "A", "vCPU", "A", "QEMU", "rest", "B", "vCPU", "B",
+                                       "QEMU", "rest", "nicsim", "total", "left"]  # fmt: skip
+    ours, theirs = lines[head + 3].split(), lines[head + 4].split()
+    assert ours == ["pps64", "nicsim", "0.90", "0.05", "0.50", "0.05", "0.30", "1.80", "0.20"]
+    assert theirs == ["pps64", "linux-bridge", "0.90", "0.35", "0.50", "0.05", "-", "1.80", "0.20"]
+    assert lines[head + 5] == ""
 
 
 @pytest.mark.parametrize(

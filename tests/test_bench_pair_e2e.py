@@ -37,6 +37,7 @@ def test_tiny_two_guest_bench_measures_every_row_on_both_setups(guest_image: Any
     assert done.returncode == 0, done.stderr + done.stdout
     assert "two guests, nicsim and linux-bridge" in done.stderr  # the plan, on stderr
     assert done.stdout.startswith("measure") and "placement:" in done.stdout
+    assert "where the cores went (median, in cores):" in done.stdout
     doc = json.loads(out.read_text())
     assert doc["config"]["mode"] == "two-guest" and doc["config"]["placement"].startswith("placement:")
     cells = {(c["backend"], c["direction"]): c for c in doc["cells"]}
@@ -45,6 +46,12 @@ def test_tiny_two_guest_bench_measures_every_row_on_both_setups(guest_image: Any
         assert cell["status"] == "ok", cell
         (sample,) = cell["samples"]
         assert sample["cpu_qemu_pct"] > 0, (setup, direction)
+        # Each QEMU's vCPU thread is told apart from the rest of it, and nicsim shows on its setup only.
+        threads = sample["cpu_threads"]
+        parts = {"a_vcpu", "a_rest", "b_vcpu", "b_rest"} | ({"nicsim"} if setup == "nicsim" else set())
+        assert set(threads) == parts, (setup, direction, threads)
+        assert threads["a_vcpu"] > 0 and threads["b_vcpu"] > 0
+        assert sum(threads.values()) == pytest.approx(sample["cpu_total_pct"], rel=0.02)  # read a tick apart
         if direction == "tcp-tx":
             assert sample["gbps"] > 0
         elif direction == "tx":

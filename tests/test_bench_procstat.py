@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nicsim.bench.procstat import CLK_TCK, CpuWindow, cpu_seconds
+from nicsim.bench.procstat import CLK_TCK, CpuWindow, cpu_seconds, vcpu_seconds
 
 # The child spins until *it* has used this much CPU, then says so and sleeps: the figure /proc must
 # show is then known, whatever else the machine is doing, with no timing in the assertion.
@@ -88,3 +88,42 @@ def test_a_command_name_with_spaces_and_parentheses_is_parsed(tmp_path: Path) ->
     (tmp_path / "42").mkdir()
     (tmp_path / "42" / "stat").write_text(f"42 (a) b (c) {' '.join(fields)}\n")
     assert cpu_seconds(42, proc=tmp_path) == pytest.approx(400 / CLK_TCK)
+
+
+def _stat(comm: str, utime: int, stime: int) -> str:
+    fields = ["S"] + ["0"] * 10 + [str(utime), str(stime)] + ["0"] * 30
+    return f"7 ({comm}) {' '.join(fields)}\n"
+
+
+def test_vcpu_threads_are_told_apart_by_the_names_qemu_gives_them(tmp_path: Path) -> None:
+    # QEMU with -name debug-threads=on: "CPU 0/TCG" per vCPU; its main loop keeps the binary's name.
+    for tid, comm, ut in ((7, "qemu-system-x86", 30), (8, "CPU 0/TCG", 500), (9, "CPU 1/TCG", 200),
+                          (10, "worker", 5)):  # fmt: skip
+        (tmp_path / "7" / "task" / str(tid)).mkdir(parents=True)
+        (tmp_path / "7" / "task" / str(tid) / "stat").write_text(_stat(comm, ut, 0))
+    assert vcpu_seconds(7, proc=tmp_path) == pytest.approx(700 / CLK_TCK)
+    (tmp_path / "8" / "task" / "8").mkdir(parents=True)
+    (tmp_path / "8" / "task" / "8" / "stat").write_text(_stat("python", 10, 10))
+    assert vcpu_seconds(8, proc=tmp_path) is None  # no thread so named: not a zero
+    assert vcpu_seconds(9, proc=tmp_path) is None  # no such process
+
+
+def test_a_real_thread_named_as_a_vcpu_shows_its_own_cpu_time(child: list[subprocess.Popen[str]]) -> None:
+    code = (
+        "import sys, threading, time\n"
+        "def vcpu():\n"
+        "    open(f'/proc/self/task/{threading.get_native_id()}/comm', 'w').write('CPU 0/TCG')\n"
+        f"    while time.thread_time() < {SPIN}: pass\n"
+        "    print('spun', flush=True)\n"
+        "    time.sleep(3600)  # and stays, idle, to be read\n"
+        "threading.Thread(target=vcpu, daemon=True).start()\n"
+        "sys.stdin.read()\n"
+    )
+    p = start(code, child)
+    vcpu, whole = vcpu_seconds(p.pid), cpu_seconds(p.pid)
+    assert vcpu is not None and whole is not None
+    assert SPIN - 2 / CLK_TCK <= vcpu <= whole
+    window = CpuWindow({"q": p.pid}, vcpus={"q": p.pid})
+    window.start()
+    window.stop()
+    assert window.seconds("q" + CpuWindow.VCPU) == pytest.approx(0.0, abs=2 / CLK_TCK)  # it has stopped

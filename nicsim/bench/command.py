@@ -291,7 +291,8 @@ class TwoGuestMode(Mode):
                   "accel": self.accel, "pinned": self.pin, "cores": self.cores, "placement": self.placement(),
                   "nicsim_args": list(self.ctx.nicsim_args),
                   "rows": {d.value: name for d, name in ROWS.items()}}  # fmt: skip
-        table = render_pair_table(results, placement=self.placement())
+        ncores = len(self.cores.split(",")) if self.cores else os.cpu_count()
+        table = render_pair_table(results, placement=self.placement(), ncores=ncores)
 
         def document() -> dict[str, Any]:
             doc = to_json(results, plan=plan, machine=machine(), config=config,

@@ -168,7 +168,33 @@ def cores(result: CellResult | None) -> str:
     return "-" if s is None else f"{s.median / 100:.2f}"
 
 
-def render_pair_table(results: Sequence[CellResult], *, placement: str) -> str:
+THREADS = (  # the parts of a row's CPU, in the order shown: (key in Sample.cpu_threads, column)
+    ("a_vcpu", "A vCPU"), ("a_rest", "A QEMU rest"), ("b_vcpu", "B vCPU"), ("b_rest", "B QEMU rest"),
+    ("nicsim", "nicsim"),
+)
+
+
+def thread_rows(results: Sequence[CellResult], ncores: int | None) -> list[list[str]]:
+    """Per row and setup, the median share (in cores) of each part of ``THREADS`` over its good runs,
+    their sum, and what was left of the ``ncores`` cores they may use (a figure near 0: the host's
+    cores, not the wire, set the pace)."""
+    rows = []
+    for result in sorted(results, key=lambda r: (list(ROWS.values()).index(row_name(r.cell)),
+                                                 SETUPS.index(r.cell.backend))):  # fmt: skip
+        parts = [s.cpu_threads for s in result.good() if s.cpu_threads]
+        if not parts:
+            continue
+        medians = {key: statistics.median(p[key] for p in parts) if all(key in p for p in parts) else None
+                   for key, _ in THREADS}  # fmt: skip
+        total = statistics.median(sum(p.values()) for p in parts)
+        left = "-" if ncores is None else f"{max(ncores * 100 - total, 0.0) / 100:.2f}"
+        rows.append([row_name(result.cell), result.cell.backend,
+                     *("-" if v is None else f"{v / 100:.2f}" for v in medians.values()),
+                     f"{total / 100:.2f}", left])  # fmt: skip
+    return rows
+
+
+def render_pair_table(results: Sequence[CellResult], *, placement: str, ncores: int | None = None) -> str:
     """Median (min-max) per measure and setup, nicsim÷bridge with its goal, the cores each setup used,
     then the cells that were not measured and the legend."""
     by = {(r.cell.backend, row_name(r.cell)): r for r in results}
@@ -187,6 +213,10 @@ def render_pair_table(results: Sequence[CellResult], *, placement: str) -> str:
                      "-" if value is None else f"{value:.2f}", "" if g is None else g["goal"], met,
                      cores(ours) if first else "", cores(theirs) if first else ""])  # fmt: skip
     lines = grid(header, rows)
+    threads = thread_rows(results, ncores)
+    if threads:
+        lines += ["", "where the cores went (median, in cores):",
+                  *grid(["row", "setup", *(c for _, c in THREADS), "total", "left"], threads)]  # fmt: skip
     notes = [f"  {r.cell.backend} {row_name(r.cell)}: {r.status}: {r.reason}"
              for r in results if r.status != "ok"]  # fmt: skip
     failed = [f"  {r.cell.backend} {row_name(r.cell)} run {i + 1}: {s.error}"
@@ -199,7 +229,10 @@ def render_pair_table(results: Sequence[CellResult], *, placement: str) -> str:
         "guest; linux-bridge = two TAPs in a Linux bridge inside a namespace, QEMU's tap netdev "
         "(vhost=off) per guest. Median over runs (min-max); tcp: iperf3, A's client, receiver's rate; "
         "pps64: A's pktgen, 64 B frames (60 B to the NIC), B's eth0 count over A's sending time; ping: "
-        "A pings B every 10 ms, nearest-rank percentiles. cores: both QEMUs + nicsim, in cores (median).",
+        "A pings B every 10 ms, nearest-rank percentiles. cores: both QEMUs + nicsim, in cores (median). "
+        "Where the cores went: each guest's vCPU thread, the rest of its QEMU (its main loop: QEMU's tap "
+        "netdev with the bridge's work in the sender's kernel context, or the interrupts nicsim asks "
+        "for), nicsim, and what was left of the cores they may use.",
         placement,
     ]
     return "\n".join(lines)

@@ -49,6 +49,8 @@ from .vm import BOOT_TIMEOUT, RESULT_MARGIN, measure, qemu_wrapper
 A_MAC, B_MAC = "52:54:00:00:02:01", "52:54:00:00:02:02"
 A_IP, B_IP = "10.0.4.1", "10.0.4.2"
 WATCH_INTERVAL = 0.2
+# QEMU names its vCPU threads ("CPU 0/TCG"), so each row's CPU splits into vCPU and the rest of QEMU.
+VCPU_NAMES = ("-name", "debug-threads=on")
 GAP = 1  # seconds A sleeps between rows: B's counter lines in it bracket the pktgen row alone
 _counter = itertools.count()
 
@@ -153,10 +155,21 @@ def last_watch(text: str) -> tuple[int, int]:
 
 
 def cpu_fields(window: CpuWindow) -> dict[str, Any]:
+    """The row's CPU columns, and ``cpu_threads``: each guest's vCPU and the rest of its QEMU (the main
+    loop: QEMU's tap netdev and the bridge in its kernel context, or the interrupts nicsim asks for)
+    and nicsim, in % of one core; a part that could not be read is left out."""
     qa, qb, be = (window.percent(k) for k in ("qemu_a", "qemu_b", "backend"))
     qemu = None if qa is None or qb is None else qa + qb
     total = None if qemu is None else qemu + (be or 0.0)
-    return {"cpu_qemu_pct": qemu, "cpu_backend_pct": be, "cpu_total_pct": total}
+    threads: dict[str, float] = {}
+    for guest, whole in (("a", qa), ("b", qb)):
+        vcpu = window.percent(f"qemu_{guest}{CpuWindow.VCPU}")
+        if whole is not None and vcpu is not None:
+            threads[f"{guest}_vcpu"], threads[f"{guest}_rest"] = vcpu, max(whole - vcpu, 0.0)
+    if be is not None:
+        threads["nicsim"] = be
+    return {"cpu_qemu_pct": qemu, "cpu_backend_pct": be, "cpu_total_pct": total,
+            "cpu_threads": threads or None}
 
 
 def a_dropped(pps: Sample, taken_a: int | None) -> int | None:
@@ -191,6 +204,7 @@ class PairRunner:
         return TestVM(kernel=self.kernel, initrd=self.initrd, nic=wire.nics[which], netns=wire.netns,
                       workloads=workloads, guest_ip=f"{ip}/24", accel=self.accel,
                       qemu=qemu_wrapper(self.ctx.workdir, self.cores, self.qemu),
+                      extra_args=VCPU_NAMES,
                       name=f"bench-{setup}-{'ab'[which]}",
                       launch_timeout=self.ctx.start_timeout + BOOT_TIMEOUT)  # fmt: skip
 
@@ -213,7 +227,7 @@ class PairRunner:
             pids = {"qemu_a": a.pid, "qemu_b": b.pid, "backend": wire.backend_pid}
 
             async def row(direction: Direction, upto: int) -> None:
-                windows[direction] = window = CpuWindow(dict(pids))
+                windows[direction] = window = CpuWindow(dict(pids), vcpus={"qemu_a": a.pid, "qemu_b": b.pid})
                 window.start()
                 await a.wait_results(upto, wait)
                 window.stop()

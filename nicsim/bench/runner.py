@@ -44,6 +44,8 @@ class Sample:
     cpu_sender_pct: float | None = None
     #: every measured process together (QEMU + backend + sender): 100 is one core busy all window
     cpu_total_pct: float | None = None
+    #: where those cores went, by process and thread (two-guest mode: ``pair_run.cpu_fields``)
+    cpu_threads: dict[str, float] | None = None
     pool_high_water: int | None = None
     guest: dict[str, Any] = field(default_factory=dict)
     backend: dict[str, Any] = field(default_factory=dict)
