@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from nicsim.cli.capture import Captures, add_capture_arguments, config_from_args, parse_port_captures
+from nicsim.cli.priority import check_nice, lower_priority
 from nicsim.interrupts import interrupts_kept
 from nicsim.ports import (
     PORTS,
@@ -184,6 +185,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "namespace) or vxlan (vxlan,remote=IP,vni=N[,local=IP,port=4789,netns=NS]: a tunnel to another "
         "host's nicsim switch or Linux vxlan device), with the keys of --port tap / --port vxlan; "
         "repeat for several; --impair names it uplinkN; its stats are in the switch section",
+    )  # fmt: skip
+    parser.add_argument(
+        "--nice", type=int, default=0, metavar="N",
+        help="run nicsim at this CPU priority, nice(1)'s 0 to 19, and its own session's autogroup too "
+        "when it leads one: on a host with fewer cores than busy guests the guests come first (a guest "
+        "flooding one that cannot keep up is then paced by its own ring instead of being taken and "
+        "dropped on the other's time), at the cost of latency while every core is busy (default: 0)",
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no periodic stats lines, warnings only")
     parser.add_argument(
@@ -468,6 +476,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"nicsim serve: --queue-pairs {args.queue_pairs}: use 1..128", file=sys.stderr)
         return 2
     try:
+        check_nice(args.nice)
         policy = policy_from_args(args)
         probe = parse_port(args.port)
         probe.close()
@@ -490,6 +499,9 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:  # e.g. the tap port's namespace or TAP cannot be opened
         print(f"nicsim serve: {err}", file=sys.stderr)
         return 1
+    lowered = lower_priority(args.nice)
+    if lowered and not args.quiet:
+        print(f"nicsim serve: running at {' and '.join(lowered)}", file=sys.stderr)
     if args.engine == "compiled" and not _enable_kernels():
         print(f"nicsim serve: warning: {kernels.engine()}; slower, same results", file=sys.stderr)
     try:
