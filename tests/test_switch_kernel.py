@@ -209,7 +209,7 @@ def test_a_receiver_short_of_buffers_gets_the_rest_through_its_backlog_in_order(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def scenario(name: str, calls: Calls) -> dict[str, Any]:
-        sw = Switch()
+        sw = Switch(pace=False)  # A's second round into B's backlog (see test_switch_pacing.py)
         a, b = guest(sw, "a", ALL), guest(sw, "b", V1 | MRG | GCSUM, rx=0)
         learn(a, b)
         calls.results.clear()  # (the broadcasts that taught the switch: the general path's)
@@ -338,7 +338,7 @@ def test_a_receiver_whose_backlog_is_full_loses_frames_counted_as_the_general_pa
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def scenario(name: str, calls: Calls) -> dict[str, Any]:
-        sw = Switch()
+        sw = Switch(pace=False)  # every round taken, so the backlog fills and frames are dropped
         a, b = guest(sw, "a", ALL), guest(sw, "b", ALL, rx=0)
         learn(a, b)
         b.rx.post_rx(4096, count=16)

@@ -69,7 +69,10 @@ ports:
               flood_no_rx_buffer); keys: ageing= (seconds, default 300),
               max_entries= (default 4096), offload=on|off (default on: the guests get checksum and
               TCP segmentation offloads, a 64 KB GSO frame crosses whole to a guest that takes it and
-              is segmented for one that does not, a vxlan uplink or an impaired link); impair a port's
+              is segmented for one that does not, a vxlan uplink or an impaired link), pace=on|off
+              (default on: a guest whose frames all go to one guest with no buffer left waits in its
+              own ring, up to 2 ms, for that guest's next buffers, instead of being taken and
+              dropped as fast as it sends; frames for anyone else wait at most as long); impair a port's
               direction with --impair; join a tap or a vxlan tunnel to the switch with --uplink (a
               port like the guests' ones, named uplink0, uplink1... in --uplink order: learned,
               flooded to, counted and impaired the same way)
@@ -235,7 +238,8 @@ def _on_off(value: str) -> bool:
     return _BOOLS[value]
 
 
-_SWITCH_KEYS: dict[str, Callable[[str], Any]] = {"ageing": float, "max_entries": int, "offload": _on_off}
+_SWITCH_KEYS: dict[str, Callable[[str], Any]] = {"ageing": float, "max_entries": int, "offload": _on_off,
+                                                 "pace": _on_off}  # fmt: skip
 
 
 UPLINK_PORTS = ("tap", "vxlan")
@@ -244,11 +248,11 @@ UPLINK_PORTS = ("tap", "vxlan")
 def parse_switch(spec: str, impairs: Sequence[str] = (), sockets: Sequence[Path] = (),
                  uplinks: Sequence[str] = (), *,
                  wrap_uplink: Callable[[str, Port], Port] | None = None) -> Switch:  # fmt: skip
-    """The one :class:`Switch` of ``--port switch[,ageing=S,max_entries=N,offload=on|off]``, its ports
-    named after ``sockets``, its uplinks (``uplink0``... : the ports ``uplinks`` specify, opened now,
-    each passed through ``wrap_uplink(name, port)`` first if given: the capture's wrapper) joined, and
-    impaired as ``impairs`` (``SOCKET:DIR:SPEC`` each) say; ValueError says what is wrong (OSError: an
-    uplink's TAP or socket could not be opened)."""
+    """The one :class:`Switch` of ``--port switch[,ageing=S,max_entries=N,offload=on|off,pace=on|off]``,
+    its ports named after ``sockets``, its uplinks (``uplink0``... : the ports ``uplinks`` specify,
+    opened now, each passed through ``wrap_uplink(name, port)`` first if given: the capture's
+    wrapper) joined, and impaired as ``impairs`` (``SOCKET:DIR:SPEC`` each) say; ValueError says what
+    is wrong (OSError: an uplink's TAP or socket could not be opened)."""
     _, *items = spec.split(",")
     kwargs: dict[str, Any] = {}
     known = ", ".join(_SWITCH_KEYS)
@@ -259,7 +263,7 @@ def parse_switch(spec: str, impairs: Sequence[str] = (), sockets: Sequence[Path]
         try:
             kwargs[key] = _SWITCH_KEYS[key](value)
         except ValueError:
-            what = "on or off" if key == "offload" else "a number"
+            what = "on or off" if key in ("offload", "pace") else "a number"
             raise ValueError(f"port switch: {key}={value!r} is not {what} (keys: {known})") from None
     for text in uplinks:
         if text.split(",", 1)[0] not in UPLINK_PORTS:

@@ -54,6 +54,9 @@ class Port(DevicePort, abc.ABC):
     def absorb(self, count: int, frame_bytes: int, byte_sum: int) -> None:
         raise NotImplementedError(f"the {self.name} port does not absorb frames (absorbs is ABSORB_NONE)")
 
+    def tx_budget(self, pair: int) -> int | None:
+        return None  # every round may be a full one
+
     def send_target(self, pair: int) -> SendTarget | None:
         return None  # it takes batches (transmit)
 

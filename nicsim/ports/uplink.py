@@ -202,6 +202,9 @@ class Uplink:
     def rx_space(self, pair: int = 0) -> int:
         return POLL_BUDGET
 
+    def rx_backlog(self, pair: int = 0) -> int:
+        return 0  # what the port reads goes into the switch at once
+
     def _flush(self) -> None:
         if not self._lengths:
             return

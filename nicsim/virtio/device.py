@@ -444,7 +444,7 @@ class VirtioNetDevice:
     def rx_backlog(self, pair: int = 0) -> int:
         """Frames the port queued for ``pair`` that wait for guest buffers. ``on_wakeup`` is not called
         while a port runs inside ``process_tx`` (re-entrancy), so the server asks this after a TX round."""
-        return len(self._rx.backlog[pair])
+        return self._rx.rx_backlog(pair)
 
     def wake(self, pair: int = 0) -> None:
         """A pull-style port's source became ready (e.g. its fd is readable): poll its RX soon."""

@@ -133,6 +133,9 @@ class RxSink(Protocol):
     def rx_space(self, pair: int = 0) -> int:
         """Guest buffers currently posted on the pair's RX queue (an upper bound on frames deliverable)."""
 
+    def rx_backlog(self, pair: int = 0) -> int:
+        """Frames queued for the pair that wait for guest buffers (they take the next posted ones)."""
+
     def wake(self, pair: int = 0) -> None:
         """A pull-style port's source became ready (a readable fd): poll its RX soon."""
 
@@ -204,6 +207,12 @@ class DevicePort(Protocol):
         so the device may offer it several rounds' worth of buffers in one budget (up to
         ``fused_rounds`` of ``rx_batch``), which it fills in one compiled call as the guest posts
         them; the port is told how many it delivered, as ever."""
+
+    def tx_budget(self, pair: int) -> int | None:
+        """None (take a full round), or at most how many of the pair's TX chains the next round may
+        take: the switch's port of a guest whose frames all go to one guest with no buffer left
+        (:meth:`nicsim.ports.switch.Switch.tx_budget`). 0 leaves them in the ring for now: the round
+        reports itself blocked and is tried again shortly. Asked before each round."""
 
     def send_target(self, pair: int) -> SendTarget | None:
         """None (the port takes batches through :meth:`transmit`), or a file descriptor the device

@@ -645,6 +645,9 @@ class RxPath:
         except GuestError:
             return 0
 
+    def rx_backlog(self, pair: int = 0) -> int:
+        return len(self.backlog[pair])
+
     def wake(self, pair: int = 0) -> None:
         self._qs.wake(2 * pair)
 

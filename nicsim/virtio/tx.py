@@ -287,6 +287,11 @@ class TxPath:
             want = min(want, int(st.saved.ids.shape[0]))  # a round of saved chains only (packed)
         if want == 0:
             return QueueResult(queue=index, interrupt=qs.decide_interrupt(index, st, mem, idle=True))
+        budget = self._port.tx_budget(index // 2) if not st.resubmit_count else None
+        if budget is not None:
+            if budget <= 0:  # their receiver has no buffer: they wait in the guest's ring, not ours
+                return QueueResult(queue=index, more=True, blocked=True)
+            want = min(want, budget)
         if (not st.resubmit_count and isinstance(q, SplitQueue) and self.on_sent is None
                 and qs.inflight is None and not qs.logging):  # fmt: skip
             target = self._port.send_target(index // 2)

@@ -95,6 +95,9 @@ class CapturingSink:
     def rx_space(self, pair: int = 0) -> int:
         return self._sink.rx_space(pair)
 
+    def rx_backlog(self, pair: int = 0) -> int:
+        return self._sink.rx_backlog(pair)
+
     def wake(self, pair: int = 0) -> None:
         self._sink.wake(pair)
 
