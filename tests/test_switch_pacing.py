@@ -13,7 +13,11 @@ from scapy.layers.inet import UDP
 from scapy.layers.l2 import Ether
 
 from nicsim.ports.switch import PACE_MAX_S, Switch
+from nicsim.virtio.device import VirtioNetDevice
+from nicsim.virtio.features import VIRTIO_NET_F_MQ
 from nicsim.virtio.queues import QueueResult
+from rings.driver import GuestDriver
+from rings.pool import PacketPool
 from tests.test_switch_kernel import Calls, both, learn, observed, udp
 from tests.test_switch_offload import ALL, MAC_C, Guest, guest
 
@@ -128,3 +132,27 @@ def test_without_pacing_every_round_is_taken_and_what_finds_no_room_is_dropped(
     # 16 into B's buffers, 256 into its backlog, the other 328 dropped
     assert got["switch"]["ports"]["b"]["drops"] == {"no_rx_buffer": 600 - 16 - 256, "flood_no_rx_buffer": 1}
     assert got["switch"]["pacing"] == {"rounds": 0, "waits": 0, "expired": 0}
+
+
+def test_a_receiver_with_several_queue_pairs_never_paces_its_senders() -> None:
+    # Each flow lands on the pair it last sent on: one pair's buffers say nothing of the others'.
+    sw = Switch(clock=Clock())
+    a = guest(sw, "a", ALL)
+    dev = VirtioNetDevice(port=sw.port("b"), pool=PacketPool(256), pairs=2)
+    drv = GuestDriver(region_sizes=(16 << 20, 16 << 20))
+    rxq, txq = drv.add_queue(0, 256), drv.add_queue(1, 256)
+    dev.set_features(ALL | 1 << VIRTIO_NET_F_MQ)
+    dev.set_memory(drv.memory)
+    dev.start_queue(0, rxq.device_queue())
+    dev.start_queue(1, txq.device_queue())
+    b = Guest(dev, rxq, txq)
+    learn(a, b)
+    b.rx.post_rx(4096, count=4)
+    rounds = []
+    for r in range(2):
+        post(a, [udp(60, sport=10 * r + k) for k in range(8)])
+        res = tx_round(a)
+        rounds.append((res.processed, res.blocked))
+    assert rounds == [(8, False), (8, False)]  # B's one pair full, and A still taken whole
+    assert sw.stats()["pacing"] == {"rounds": 0, "waits": 0, "expired": 0}
+    sw.close()

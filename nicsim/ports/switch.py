@@ -66,6 +66,7 @@ from nicsim.ports.vnet_hdr import (
     split_frames,
     tcp_layout,
 )  # fmt: skip
+from nicsim.virtio.features import VIRTIO_NET_F_MQ
 from nicsim.virtio.port import HDR_LEN_V1, vnet_hdr_len
 from nicsim.virtio.queues import GSO_TYPE_OFFSET
 from nicsim.virtio.tx import TxBatch
@@ -235,10 +236,14 @@ class Switch:
         self._round_dest = dest if self._round_dest in (_NONE, dest) else _MIXED
 
     def _decide_pace(self, ingress: int) -> None:
-        """After a round: pace port ``ingress``'s guest by the one guest its whole round went to, if
-        that guest has no buffer left (:meth:`tx_budget`); otherwise stop pacing it."""
+        """After a round: pace port ``ingress``'s guest by the one guest its whole round went to once
+        that guest has no buffer left, and go on while its rounds go there (:meth:`tx_budget`);
+        otherwise stop pacing it."""
         dest = self._round_dest
-        if (self.pace and dest >= 0 and isinstance(self._live.get(dest), SwitchPort)
+        port = self._live.get(dest) if dest >= 0 else None
+        # (A guest with several queue pairs gets each flow on its own pair: one pair's buffers say
+        # nothing of what the others can take.)
+        if (self.pace and isinstance(port, SwitchPort) and not port.multiqueue
                 and (dest, "rx") not in self._impair
                 and (self._paced.get(ingress) == dest or not self._room(dest))):  # fmt: skip
             self._paced[ingress] = dest
@@ -615,6 +620,7 @@ class SwitchPort(Port):
         self.tx_allow = 0  # the same as the compiled checks' bits (nicsim.ports.fd_kernels.allowed)
         self.rx_offloads = NONE  # what it takes on RX (GUEST_CSUM, GUEST_TSO4/6)
         self.rx_takes = 0  # the same as the compiled forward's bits (nicsim.ports.fd_kernels.allowed)
+        self.multiqueue = False  # the guest negotiated VIRTIO_NET_F_MQ
 
     @property
     def compiled_rounds(self) -> bool:  # type: ignore[override]
@@ -631,6 +637,7 @@ class SwitchPort(Port):
         self.tx_allow = allowed(self.tx_offloads)
         self.rx_offloads = Offloads.rx(features)
         self.rx_takes = allowed(self.rx_offloads)
+        self.multiqueue = bool(features >> VIRTIO_NET_F_MQ & 1)
 
     def attach(self, sink: Any) -> None:
         super().attach(sink)
