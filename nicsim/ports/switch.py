@@ -10,7 +10,7 @@ A batch the guest sends is switched while the sender's pool descriptors still ho
 its addresses are learned and looked up a batch at a time
 (:class:`~nicsim.ports.fdb.ForwardingTable`), and each destination's RX sink is handed views of the
 sender's frames (``push_views``), which it copies once, straight into the buffers its guest has
-posted. Nothing ever waits on a destination: frames it has no buffer for go to its bounded backlog
+posted. Nothing in the switch waits on a destination: frames it has no buffer for go to its bounded backlog
 (a second copy), and what the backlog cannot take is dropped and counted on that destination's port
 (``no_rx_buffer``; the device's own stats say more precisely why). Flooded frames (broadcast,
 unknown unicast) go only into posted buffers, never into a backlog (``flood_no_rx_buffer``): a guest
@@ -23,6 +23,12 @@ compiled forward (:mod:`nicsim.ports.switch_kernel`): one call per run of frames
 them from the sender's chains straight into that guest's buffers, backlog or drop count, while each
 is a frame the steps above would pass on unchanged to a learned station; the rest of the round goes
 through those steps. ``stats()["compiled"]`` says how many went which way.
+
+One sender is held back, for a bounded time: a guest whose whole round went to one guest and left it
+no buffer is paced by that guest (:meth:`Switch.tx_budget`, ``pace=`` on by default). Its next
+rounds take only as many of its chains as the receiver has buffers posted, and while it has none
+its frames wait in its own ring, at most ``PACE_MAX_S``, rather than being taken and dropped on the
+cores both guests share; a round that goes anywhere else ends it (``stats()["pacing"]``).
 
 Impairments (:class:`~nicsim.ports.impair.Impairment`) apply per port and direction, named from the
 guest's side: ``tx`` is what the guest sends into the switch, ``rx`` what the switch sends to the

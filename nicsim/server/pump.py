@@ -59,7 +59,7 @@ from rings.errors import GuestError, RingsError
 log = logging.getLogger("nicsim.server")
 
 _ONE = struct.pack("=Q", 1)
-_RETRY_S = 0.001  # pool exhausted, or a rate-limited port: look again this much later
+_RETRY_S = 0.001  # pool exhausted, a rate-limited port, a paced sender: look again this much later
 PUMP_COUNTERS = (
     "wakeups_kick", "wakeups_timer", "wakeups_stall", "wakeups_other", "wakeups_reply", "rounds", "sleeps",
     "batch_sleeps", "irqs_held", "irqs_merged", "round_errors", "wedges", "delivered",

@@ -77,7 +77,8 @@ class DeviceStateError(LocalError, RuntimeError):
 class QueueResult:
     """What one device call did to one queue. ``interrupt``: signal the queue's call eventfd now (the
     device already counted it). ``more``: work is left (poll again without waiting for a kick).
-    ``blocked``: the pool ran out (backpressure; the next call resumes). ``error``: the guest broke
+    ``blocked``: the pool ran out, or the port took no chain this round (``DevicePort.tx_budget``:
+    a paced sender) (backpressure; the next call resumes). ``error``: the guest broke
     the ring and the queue is stopped until reset. ``pending``: how much work is left, where the
     round counted it (a TX round: the chains still on the avail ring), else 0."""
 
