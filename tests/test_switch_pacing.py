@@ -13,11 +13,8 @@ from scapy.layers.inet import UDP
 from scapy.layers.l2 import Ether
 
 from nicsim.ports.switch import PACE_MAX_S, Switch
-from nicsim.virtio.device import VirtioNetDevice
 from nicsim.virtio.features import VIRTIO_NET_F_MQ
 from nicsim.virtio.queues import QueueResult
-from rings.driver import GuestDriver
-from rings.pool import PacketPool
 from tests.test_switch_kernel import Calls, both, learn, observed, udp
 from tests.test_switch_offload import ALL, MAC_C, Guest, guest
 
@@ -137,17 +134,8 @@ def test_without_pacing_every_round_is_taken_and_what_finds_no_room_is_dropped(
 def test_a_receiver_with_several_queue_pairs_never_paces_its_senders() -> None:
     # Each flow lands on the pair it last sent on: one pair's buffers say nothing of the others'.
     sw = Switch(clock=Clock())
-    a = guest(sw, "a", ALL)
-    dev = VirtioNetDevice(port=sw.port("b"), pool=PacketPool(256), pairs=2)
-    drv = GuestDriver(region_sizes=(16 << 20, 16 << 20))
-    rxq, txq = drv.add_queue(0, 256), drv.add_queue(1, 256)
-    dev.set_features(ALL | 1 << VIRTIO_NET_F_MQ)
-    dev.set_memory(drv.memory)
-    dev.start_queue(0, rxq.device_queue())
-    dev.start_queue(1, txq.device_queue())
-    b = Guest(dev, rxq, txq)
+    a, b = guest(sw, "a", ALL), guest(sw, "b", ALL | 1 << VIRTIO_NET_F_MQ, rx=4, pairs=2)
     learn(a, b)
-    b.rx.post_rx(4096, count=4)
     rounds = []
     for r in range(2):
         post(a, [udp(60, sport=10 * r + k) for k in range(8)])

@@ -84,14 +84,14 @@ DIRECTIONS: Final = ("tx", "rx")  # from the guest's side: tx into the switch, r
 Frame = npt.NDArray[np.uint8]
 _Frames = tuple[list[Frame], npt.NDArray[np.uint32], Headers]  # frames, their lengths and headers
 _ZERO_HEADERS = np.zeros((256, HDR_FIELDS), np.uint8)  # what frames without a header carry (read only)
+_ZERO_HEADERS.flags.writeable = False
 # A paced sender's frames wait in its own ring at most this long for their receiver's next buffer;
 # then its round is taken whole, and what finds no room is dropped (a receiver that stopped). At 1 ms
 # a busy receiver's refills (a NAPI poll's worth, when its vCPU gets the core) came too late a few
 # hundred times in a flood's 14 s (165 waits ran out, 13.5k frames dropped); at 2 ms, 73 and 2.8k.
 PACE_MAX_S: Final = 0.002
-_NONE, _MIXED = -2, -1  # a round's destination so far: none yet, or more than one port (or none known)
-_ZERO_HEADERS.flags.writeable = False
 _FEW: Final = 4  # a batch of at most this many frames is switched with plain ints
+_NONE, _MIXED = -2, -1  # a round's destination so far: none yet, or more than one port (or none known)
 
 
 def _views(data: Frame, offsets: npt.NDArray[np.int64], lengths: npt.NDArray[np.uint32]) -> list[Frame]:
