@@ -25,9 +25,11 @@ CHILD = (
 )
 
 
-def autogroup_nice(pid: int) -> int:
-    # "/autogroup-123 nice 19"
-    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+def autogroup_nice(pid: int) -> int | None:
+    """The nice of ``pid``'s autogroup ("/autogroup-123 nice 19"), or None in the root one: a process
+    whose session has not been set up since boot (PID 1's, as a CI runner's can be) reads nothing."""
+    words = Path(f"/proc/{pid}/autogroup").read_text().split()
+    return int(words[-1]) if words else None
 
 
 def process_nice(pid: int) -> int:
