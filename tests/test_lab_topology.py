@@ -11,6 +11,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from nicsim.cli.serve import parse_switch
 from nicsim.lab import TopologyError, from_dict, load
 from nicsim.lab.checks import evaluate
 from nicsim.lab.plan import lab_mac, plan
@@ -174,11 +175,12 @@ def test_each_guest_waits_for_its_peers_then_runs_its_own_then_the_checks_then_s
 
 
 def test_the_switch_command_line_carries_sockets_impairments_uplinks_and_capture(tmp_path: Path) -> None:
-    doc = with_("switches.lan", {"ageing": 30, "capture": "c.pcapng", "uplinks": ["tap,netns=x"]})
+    lan = {"ageing": 30, "pace": False, "capture": "c.pcapng", "uplinks": ["tap,netns=x"]}
+    doc = with_("switches.lan", lan)
     doc["links"][0]["capture"] = "h2.pcapng"
     lab = plan(from_dict(doc, base_dir=tmp_path), tmp_path / "run", python="py")
     argv = list(lab.switches["lan"].argv)
-    assert argv[:5] == ["py", "-m", "nicsim", "serve", "--port"] and argv[5] == "switch,ageing=30"
+    assert argv[:5] == ["py", "-m", "nicsim", "serve", "--port"] and argv[5] == "switch,ageing=30,pace=off"
     sock = str(tmp_path / "run" / "h2.sock")
     assert argv[argv.index("--impair") + 1] == f"{sock}:rx:loss=10% seed=1"
     assert argv[argv.index("--uplink") + 1] == "tap,netns=x"
@@ -187,6 +189,21 @@ def test_the_switch_command_line_carries_sockets_impairments_uplinks_and_capture
     sockets = [argv[i + 1] for i, a in enumerate(argv) if a == "--socket"]
     assert sockets == [str(tmp_path / "run" / "h1.sock"), sock]
 
+
+
+@pytest.mark.parametrize(("given", "port"), [
+    ({}, "switch"),  # nicsim serve's defaults: offloads on, pacing on
+    ({"offload": False, "pace": True}, "switch,offload=off,pace=on"),
+])
+def test_a_switch_s_offload_and_pacing_reach_the_switch_nicsim_serve_builds(
+    tmp_path: Path, given: dict[str, Any], port: str
+) -> None:
+    lab = plan(from_dict(with_("switches.lan", given), base_dir=tmp_path), tmp_path / "run", python="py")
+    argv = list(lab.switches["lan"].argv)
+    assert argv[argv.index("--port") + 1] == port
+    switch = parse_switch(port)
+    assert (switch.offload, switch.pace) == (given.get("offload", True), given.get("pace", True))
+    switch.close()
 
 # -- the verdict ------------------------------------------------------------------------------------------
 

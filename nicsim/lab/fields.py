@@ -81,6 +81,17 @@ TABLES: Final[dict[str, dict[str, Key]]] = {
         ),
         "ageing": Key(kind="number", doc="seconds a learned MAC address lives (default 300)", minimum=0),
         "max_entries": Key(kind="integer", doc="forwarding-table size (default 4096)", minimum=1),
+        "offload": Key(
+            kind="boolean",
+            doc="pass checksum and TSO offloads between guests that negotiated them, segmenting and "
+            "checksumming for one that did not (default true; false: every guest sees plain frames)",
+        ),
+        "pace": Key(
+            kind="boolean",
+            doc="a guest flooding one that cannot keep up waits in its own ring for the receiver's "
+            "buffers, for at most 2 ms at a time, instead of having its frames taken and dropped "
+            "(default true)",
+        ),
         "capture": Key(
             kind="string",
             doc="capture file of every link on this switch (in the lab's directory): pcapng has one "

@@ -296,9 +296,13 @@ def _switch_plan(
     sw = topology.switches[name]
     members = {g: nic.socket for g, ns in nics.items() for nic in ns if nic.switch == name}
     stats = run_dir / f"switch-{name}.stats.json"
-    port = "switch" + "".join(
-        f",{k}={v}" for k, v in (("ageing", sw.ageing), ("max_entries", sw.max_entries)) if v is not None
+    keys: tuple[tuple[str, object], ...] = (
+        ("ageing", sw.ageing),
+        ("max_entries", sw.max_entries),
+        ("offload", None if sw.offload is None else ("on" if sw.offload else "off")),
+        ("pace", None if sw.pace is None else ("on" if sw.pace else "off")),
     )
+    port = "switch" + "".join(f",{k}={v}" for k, v in keys if v is not None)
     argv = [
         python,
         "-m",

@@ -94,6 +94,8 @@ class SwitchSpec:
     subnet: ipaddress.IPv4Network | None = None
     ageing: float | None = None
     max_entries: int | None = None
+    offload: bool | None = None  # None: nicsim serve's default (on), as for pace
+    pace: bool | None = None
     capture: Path | None = None
     capture_format: str = "pcapng"
     snaplen: int | None = None
@@ -316,6 +318,8 @@ class _Reader:
             subnet=subnet,
             ageing=t.get("ageing"),
             max_entries=t.get("max_entries"),
+            offload=t.get("offload"),
+            pace=t.get("pace"),
             capture=Path(capture).expanduser() if capture else None,
             capture_format=t.get("capture_format", "pcapng"),
             snaplen=t.get("snaplen"),
