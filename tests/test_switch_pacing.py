@@ -144,3 +144,26 @@ def test_a_receiver_with_several_queue_pairs_never_paces_its_senders() -> None:
     assert rounds == [(8, False), (8, False)]  # B's one pair full, and A still taken whole
     assert sw.stats()["pacing"] == {"rounds": 0, "waits": 0, "expired": 0}
     sw.close()
+
+
+@pytest.mark.parametrize("who", ["sender", "receiver"])
+def test_a_guest_that_comes_back_on_a_paced_slot_starts_unpaced(who: str) -> None:
+    sw = Switch(clock=Clock())
+    a, b = guest(sw, "a", ALL), guest(sw, "b", ALL, rx=0)
+    learn(a, b)
+    b.rx.post_rx(4096, count=16)
+    post(a, [udp(60, sport=k) for k in range(20)])
+    tx_round(a)  # 16 into B's buffers, 4 into its backlog: A is paced by B
+    post(a, [udp(60, sport=20 + k) for k in range(10)])
+    assert tx_round(a).blocked  # and waits in its ring
+    if who == "sender":
+        a.dev.shutdown()  # A's guest goes; a new one takes its socket's slot
+        a = guest(sw, "a", ALL)
+    else:
+        b.dev.shutdown()
+        b = guest(sw, "b", ALL, rx=0)
+    learn(a, b)
+    post(a, [udp(60, sport=100 + k) for k in range(5)])
+    res = tx_round(a)  # B has no buffer, but nobody is paced by the old guests: taken whole
+    assert (res.processed, res.blocked) == (5, False)
+    sw.close()

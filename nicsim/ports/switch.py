@@ -186,6 +186,10 @@ class Switch:
             del self._live[port.number]
             self._dest_hint.pop(port.number, None)
             self.fdb.forget_port(port.number)
+            # Its pacing goes with it, both ways: the next guest on the slot starts afresh.
+            for sender in [port.number, *(s for s, d in self._paced.items() if d == port.number)]:
+                self._paced.pop(sender, None)
+                self._waiting.pop(sender, None)
 
     def start_io(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run on ``loop``: the delay timer, and the uplinks' reads (from now on, guest or no guest)."""
