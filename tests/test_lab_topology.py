@@ -190,7 +190,6 @@ def test_the_switch_command_line_carries_sockets_impairments_uplinks_and_capture
     assert sockets == [str(tmp_path / "run" / "h1.sock"), sock]
 
 
-
 @pytest.mark.parametrize(("given", "port"), [
     ({}, "switch"),  # nicsim serve's defaults: offloads on, pacing on
     ({"offload": False, "pace": True}, "switch,offload=off,pace=on"),
@@ -204,6 +203,7 @@ def test_a_switch_s_offload_and_pacing_reach_the_switch_nicsim_serve_builds(
     switch = parse_switch(port)
     assert (switch.offload, switch.pace) == (given.get("offload", True), given.get("pace", True))
     switch.close()
+
 
 # -- the verdict ------------------------------------------------------------------------------------------
 

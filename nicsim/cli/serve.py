@@ -263,7 +263,7 @@ def parse_switch(spec: str, impairs: Sequence[str] = (), sockets: Sequence[Path]
         try:
             kwargs[key] = _SWITCH_KEYS[key](value)
         except ValueError:
-            what = "on or off" if key in ("offload", "pace") else "a number"
+            what = "on or off" if _SWITCH_KEYS[key] is _on_off else "a number"
             raise ValueError(f"port switch: {key}={value!r} is not {what} (keys: {known})") from None
     for text in uplinks:
         if text.split(",", 1)[0] not in UPLINK_PORTS:

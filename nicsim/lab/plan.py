@@ -296,11 +296,12 @@ def _switch_plan(
     sw = topology.switches[name]
     members = {g: nic.socket for g, ns in nics.items() for nic in ns if nic.switch == name}
     stats = run_dir / f"switch-{name}.stats.json"
+    on_off = {True: "on", False: "off", None: None}  # --port switch's words for a topology boolean
     keys: tuple[tuple[str, object], ...] = (
         ("ageing", sw.ageing),
         ("max_entries", sw.max_entries),
-        ("offload", None if sw.offload is None else ("on" if sw.offload else "off")),
-        ("pace", None if sw.pace is None else ("on" if sw.pace else "off")),
+        ("offload", on_off[sw.offload]),
+        ("pace", on_off[sw.pace]),
     )
     port = "switch" + "".join(f",{k}={v}" for k, v in keys if v is not None)
     argv = [
