@@ -60,8 +60,13 @@ class Guest:
         return out
 
 
-def guest(switch: Switch, name: str, features: int, *, rx: int = 64, pairs: int = 1) -> Guest:
-    dev = VirtioNetDevice(port=switch.port(name), pool=PacketPool(256), pairs=pairs)
+def guest(
+    switch: Switch, name: str, features: int, *, rx: int = 64, pairs: int = 1,
+    wrap: Callable[[Port], Port] = lambda port: port,
+) -> Guest:
+    """A guest on ``switch`` as ``name``; ``wrap`` gives the device another port around the switch's
+    (a capture)."""
+    dev = VirtioNetDevice(port=wrap(switch.port(name)), pool=PacketPool(256), pairs=pairs)
     drv = GuestDriver(region_sizes=(16 << 20, 16 << 20))
     rxq, txq = drv.add_queue(0, 256), drv.add_queue(1, 256)
     dev.set_features(features)

@@ -6,15 +6,18 @@ the general path (``tests.test_switch_kernel.both``): both must pace alike."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from scapy.layers.inet import UDP
 from scapy.layers.l2 import Ether
 
+from nicsim.ports.capture import CaptureConfig, CaptureWriter, capturing
 from nicsim.ports.switch import PACE_MAX_S, Switch
 from nicsim.virtio.features import VIRTIO_NET_F_MQ
 from nicsim.virtio.queues import QueueResult
+from tests.pcap_read import read_capture
 from tests.test_switch_kernel import Calls, both, learn, observed, udp
 from tests.test_switch_offload import ALL, MAC_C, Guest, guest
 
@@ -167,3 +170,27 @@ def test_a_guest_that_comes_back_on_a_paced_slot_starts_unpaced(who: str) -> Non
     res = tx_round(a)  # B has no buffer, but nobody is paced by the old guests: taken whole
     assert (res.processed, res.blocked) == (5, False)
     sw.close()
+
+
+def test_a_captured_sender_is_paced_and_its_capture_holds_each_frame_once(tmp_path: Path) -> None:
+    # The capture wraps the switch's port: it must pass the switch's budget on, or a captured guest
+    # floods its receiver's backlog where an uncaptured one would wait in its ring.
+    path = tmp_path / "a.pcapng"
+    with CaptureWriter(CaptureConfig(path=path)) as writer:
+        iface = writer.add_interface("a")
+        sw = Switch(clock=Clock())
+        a = guest(sw, "a", ALL, wrap=lambda port: capturing(port, writer, iface))
+        b = guest(sw, "b", ALL, rx=0)
+        learn(a, b)
+        b.rx.post_rx(4096, count=16)
+        post(a, [udp(60, sport=k) for k in range(20)])
+        tx_round(a)  # 16 into B's buffers, 4 into its backlog: A is paced by B
+        post(a, [udp(60, sport=20 + k) for k in range(10)])
+        waited = tx_round(a)
+        b.rx.post_rx(4096, count=6)
+        b.dev.deliver_rx(0)  # B's backlog takes 4 of them: 2 left for A
+        budgeted = tx_round(a)
+        sw.close()
+    assert [(r.processed, r.blocked) for r in (waited, budgeted)] == [(0, True), (2, False)]
+    sent = [Ether(c.data) for c in read_capture(path) if c.direction == 2]  # outbound: what A sent
+    assert [f[UDP].sport for f in sent if UDP in f] == list(range(22))  # each taken frame once, in order

@@ -152,6 +152,9 @@ class CapturingPort(Port):
         counters: dict[str, Any] = getattr(self.inner, "counters", {})
         return counters
 
+    def tx_budget(self, pair: int) -> int | None:
+        return self.inner.tx_budget(pair)  # a captured guest is paced as any other (the switch's pace=)
+
     def features(self) -> int:
         return self.inner.features()
 
