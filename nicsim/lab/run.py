@@ -179,7 +179,8 @@ async def _collect(
 ) -> list[WorkloadResult]:
     results = await vm.wait_results(g.expect, max(1.0, deadline - time.monotonic()))
     failed = sum(not r.ok for r in results)
-    say(f"{name}: {len(results)} workloads done" + (f", {failed} failed" if failed else ""))
+    count = f"{len(results)} workload" + ("" if len(results) == 1 else "s")
+    say(f"{name}: {count} done" + (f", {failed} failed" if failed else ""))
     return results
 
 
