@@ -233,10 +233,12 @@ def _recv_split_py(
             if not s_writable[s] or at >= n:
                 continue
             take = min(np.intp(s_len[s]), n - at)
-            dst = datas[s_region[s]]
             off = np.intp(s_offset[s])
-            for b in range(take):
-                dst[off + b] = buf[at + b]
+            # Views, then an element loop over them, which numba compiles to a memcpy; indexing the
+            # whole arrays at an offset compiles to a byte loop (1514 bytes: 1979 -> 19 ns).
+            dst, part = datas[s_region[s]][off : off + take], buf[at : at + take]
+            for b in range(min(dst.shape[0], part.shape[0])):
+                dst[b] = part[b]
             at += take
         lens[0] = n
         if _return_chunk(used_ring, used_head, used_start + placed, 0, 1, heads, lens, descs, p_used + 1,
