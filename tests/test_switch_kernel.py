@@ -21,7 +21,7 @@ from nicsim.ports import enable_kernels, switch_kernel
 from nicsim.ports.switch import Switch
 from nicsim.ports.vnet_hdr import F_NEEDS_CSUM, tcp_layout
 from rings import kernels
-from rings.driver import TxLayout
+from rings.driver import Malformed, TxLayout
 from tests.test_switch_offload import (
     ALL,
     HDR,
@@ -310,6 +310,65 @@ def test_a_receiver_without_mergeable_buffers_takes_a_frame_only_in_its_next_buf
     assert [Ether(d)[UDP].sport for _, d in got["guest1"]] == [0, 1, 2, *range(4, 10)]
     assert got["dev1"]["queues"][0][2] == {"too_big": 1, "no_rx_buffer": 1}  # (and A's ARP, before B posted)
     assert calls.results[0] == (3, "no_buffer"), calls.results
+
+
+def test_the_receivers_buffers_are_taken_several_at_a_time_and_a_broken_one_among_them_is_the_general_paths(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The forward takes B's chains several at a time; a take that meets a broken chain falls back to
+    # one at a time, so the frames before it are placed, and the general path meets the broken chain
+    # as it would have. The chains taken and not used go back to the ring untouched.
+    def scenario(name: str, calls: Calls) -> dict[str, Any]:
+        sw = Switch()
+        a, b = guest(sw, "a", ALL), guest(sw, "b", ALL, rx=0)
+        learn(a, b)
+        calls.results.clear()
+        b.rx.post_rx(4096, count=3)
+        b.rx.post_malformed(Malformed.OUTSIDE_MEMORY)
+        b.rx.post_rx(4096, count=4)
+        send_round(a, [udp(60, sport=k) for k in range(7)])
+        # B's used entries in order: each frame's UDP port, and the broken chain's (returned empty).
+        used = [Ether(c.data[12:])[UDP].sport if c.data else None for c in b.rx.reap()]
+        got = observed(sw, a)
+        got["b"] = {"used": used, "queues": b.dev.stats.snapshot()["queues"][0]["drops"],
+                    "pool": b.dev.pool.usage, "held": b.dev.pool.outstanding().tolist(),
+                    "last_avail": b.dev.queue(0).last_avail_idx}  # fmt: skip
+        sw.close()
+        return got
+
+    got, _, calls = both(scenario, monkeypatch)
+    assert calls.results[0] == (3, "no_buffer"), calls.results
+    assert got["b"]["used"][:4] == [0, 1, 2, None]  # the frames before it, then the broken chain
+    assert got["dev0"]["pool"] == got["b"]["pool"] == 0 and got["b"]["held"] == []
+
+
+def test_a_round_takes_the_receivers_chains_together_and_gives_back_those_it_did_not_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A round of five frames for B, then one for C: the forward takes chains for all six frames
+    # left from B, uses five and stops at C's frame. The sixth chain goes back untouched: B's avail
+    # side moves on by five, its pool holds nothing, and the chain takes B's next frame.
+    def scenario(name: str, calls: Calls) -> dict[str, Any]:
+        sw = Switch()
+        a, b, c = guest(sw, "a", ALL), guest(sw, "b", ALL, rx=0), guest(sw, "c", ALL)
+        learn(a, b, c)
+        b.rx.post_rx(4096, count=9)
+        send_round(a, [udp(60, sport=99)])  # A's frames go to B now: the forward tries B first
+        b.rx.reap()
+        calls.results.clear()
+        send_round(a, [udp(60, sport=k) for k in range(5)] + [udp(60, dst=MAC_C, sport=5)])
+        first = (b.dev.queue(0).last_avail_idx, b.dev.pool.outstanding().tolist())
+        send_round(a, [udp(60, sport=10 + k) for k in range(3)])
+        got = observed(sw, a, b, c)
+        got["b"] = (first, b.dev.queue(0).last_avail_idx, b.dev.pool.outstanding().tolist())
+        sw.close()
+        return got
+
+    got, _, calls = both(scenario, monkeypatch)
+    assert calls.results[0] == (5, "elsewhere") and calls.results[-1] == (3, "done"), calls.results
+    assert [Ether(d)[UDP].sport for _, d in got["guest1"]] == [*range(5), *range(10, 13)]
+    assert [Ether(d)[UDP].sport for _, d in got["guest2"]] == [5]
+    assert got["b"] == ((6, []), 9, [])  # (B's avail side after each round; nothing held)
 
 
 @pytest.mark.parametrize("vlan", [False, True])
