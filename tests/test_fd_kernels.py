@@ -8,12 +8,15 @@ counter saw; each also checks that the compiled round really ran.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
 from nicsim.ports import fd_kernels
+from nicsim.ports.tap import TapPort
 from nicsim.virtio.device import VirtioNetDevice
 from nicsim.virtio.rx import RxPath
 from nicsim.virtio.tx import TxPath
@@ -127,6 +130,21 @@ def test_a_tx_write_the_kernel_refuses_is_a_drop_with_its_errno(tapns: Netns, mo
         dev.shutdown()
 
 
+@contextlib.asynccontextmanager
+async def receiving(ns: Netns) -> AsyncIterator[tuple[TapPort, VirtioNetDevice, socket.socket]]:
+    """A tap port into ``ns`` watched by this loop, its device, and a UDP socket in ``ns`` to send
+    the guest frames from; all closed afterwards."""
+    port = tap(ns)
+    dev = VirtioNetDevice(port=port)
+    port.start_io(asyncio.get_running_loop())
+    sock = ns_udp(ns)
+    try:
+        yield port, dev, sock
+    finally:
+        sock.close()
+        dev.shutdown()
+
+
 async def _receive(dev: VirtioNetDevice, rx: Any, want: int) -> list[tuple[int, int, bytes]]:
     """The guest's next ``want`` IPv4 frames as (flags, num_buffers, frame), a frame's mergeable
     buffers joined (the namespace's own IPv6 frames skipped)."""
@@ -152,11 +170,7 @@ async def _receive(dev: VirtioNetDevice, rx: Any, want: int) -> list[tuple[int, 
 async def test_an_rx_round_read_by_the_device_gives_the_guest_what_the_ports_poll_does(
     tapns: Netns, mode: str, counted: dict[str, int], features: int  # noqa: F811
 ) -> None:
-    port = tap(tapns)
-    dev = VirtioNetDevice(port=port)
-    port.start_io(asyncio.get_running_loop())
-    sock = ns_udp(tapns)
-    try:
+    async with receiving(tapns) as (port, dev, sock):
         rx, _ = start(dev, features)
         # Small buffers first: a frame that needs three of them is read by the compiled round but
         # placed by the general path (mergeable buffers), in order with the frames around it.
@@ -174,9 +188,26 @@ async def test_an_rx_round_read_by_the_device_gives_the_guest_what_the_ports_pol
         assert stats["rx_frames"] >= 3 and stats["drops"] == {}
         assert dev.snapshot()["pool"]["usage"] == 0
         assert (counted["rx"] > 0) == (mode == "compiled")
-    finally:
-        sock.close()
-        dev.shutdown()
+
+
+async def test_an_rx_round_gives_back_the_buffers_it_took_and_did_not_fill(
+    tapns: Netns, mode: str, counted: dict[str, int]  # noqa: F811
+) -> None:
+    # The compiled round takes posted buffers several at a time (1, 2, 4, ...) as frames come: five
+    # frames take seven, and the two it did not fill go back untouched. So every avail entry the
+    # device consumed is a used entry the guest got, and no pool descriptor stays marked in use.
+    async with receiving(tapns) as (_, dev, sock):
+        rx, _ = start(dev, V1 | MRG | EVT)
+        rx.post_rx(count=16)
+        for k in range(5):
+            sock.sendto(bytes([k]) * 100, (GUEST_IP, 9))
+        got = await _receive(dev, rx, 5)
+        assert [d[42] for _, _, d in got] == [0, 1, 2, 3, 4]
+        q = dev.queue(0)
+        assert q is not None
+        assert q.last_avail_idx == q.used_idx  # (the namespace's own frames, if any, count in both)
+        assert dev.pool.outstanding().tolist() == [] and dev.snapshot()["pool"]["usage"] == 0
+        assert (counted["rx"] > 0) == (mode == "compiled")
 
 
 def test_the_kernels_follow_rings_kernels_on_and_off() -> None:
