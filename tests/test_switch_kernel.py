@@ -8,6 +8,7 @@ pools. Each also checks that the compiled forward really placed frames, and wher
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -369,6 +370,51 @@ def test_a_round_takes_the_receivers_chains_together_and_gives_back_those_it_did
     assert [Ether(d)[UDP].sport for _, d in got["guest1"]] == [*range(5), *range(10, 13)]
     assert [Ether(d)[UDP].sport for _, d in got["guest2"]] == [5]
     assert got["b"] == ((6, []), 9, [])  # (B's avail side after each round; nothing held)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_rounds_into_random_buffers_are_forwarded_as_the_general_path_forwards_them(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Four rounds of A's frames (small and MTU-sized UDP for B, TCP GSO frames, a few for C) into
+    # what B posted before each: buffers of mixed sizes, mergeable or not, now and then a broken
+    # chain. Whatever the forward takes, places, queues, stops at or gives back, B must end up with
+    # the used entries, drops, avail position and pool the general path gives it.
+    hdr4 = gso_header(1, 34)
+
+    def scenario(name: str, calls: Calls) -> dict[str, Any]:
+        rnd = random.Random(seed)
+        sw = Switch()
+        features = rnd.choice([ALL, V1 | MRG | GCSUM, V1 | GCSUM])
+        a, b, c = guest(sw, "a", ALL), guest(sw, "b", features, rx=0), guest(sw, "c", ALL)
+        learn(a, b, c)
+        send_round(a, [udp(40)])  # A's frames go to B now: the forward tries B first
+        for _ in range(4):
+            for _ in range(rnd.randint(0, 12)):
+                if features == ALL and rnd.random() < 0.08:
+                    b.rx.post_malformed(Malformed.OUTSIDE_MEMORY)
+                else:
+                    b.rx.post_rx(rnd.choice([300, 700, 1600, 4096]), count=rnd.randint(1, 4))
+            frames, headers = [], []
+            for _ in range(rnd.randint(1, 10)):
+                kind = rnd.random()
+                if kind < 0.6:
+                    frames.append(udp(rnd.choice([20, 200, 600, 1400]), sport=rnd.randint(1, 60000)))
+                elif kind < 0.8:
+                    frames.append(tcp4(rnd.choice([3000, 9000, 20000])))
+                else:
+                    frames.append(udp(60, dst=MAC_C, sport=rnd.randint(1, 60000)))
+                headers.append(hdr4 if kind >= 0.6 and kind < 0.8 else bytes(12))
+            send_round(a, frames, headers)
+        used = [len(u.data or b"") for u in b.rx.reap()]  # (a broken chain comes back empty)
+        got = observed(sw, a, c)
+        got["b"] = (used, b.dev.stats.snapshot()["queues"][0]["drops"], b.dev.queue(0).last_avail_idx,
+                    b.dev.pool.usage, b.dev.pool.outstanding().tolist())  # fmt: skip
+        sw.close()
+        return got
+
+    got, _, _ = both(scenario, monkeypatch)
+    assert got["b"][3] == 0 and got["b"][4] == []  # nothing held, nothing left marked in use
 
 
 @pytest.mark.parametrize("vlan", [False, True])
