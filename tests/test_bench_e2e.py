@@ -87,14 +87,15 @@ def test_ndr_search_reports_ndr_up_to_pdr_from_exact_offered_counts(guest_image:
     assert cell["ndr"]["duration"] == 1.0  # confirmed by the last phase's (longest) trials
 
 
-def test_udp_rr_rows_report_a_transaction_rate_through_nicsim_and_qemu_tap(
+def test_udp_rr_rows_report_a_transaction_rate_through_nicsim_qemu_tap_and_dpdk_to_a_tap(
     guest_image: Any, tmp_path: Path
 ) -> None:
     out = tmp_path / "bench.json"
     with subprocess.Popen(
-        [sys.executable, "-m", "nicsim", "bench", "--backends", "nicsim,qemu-tap,dpdk", "--directions",
-         "udp-rr", "--repetitions", "1", "--duration", "2", "--accel", "tcg", "--wake-latency-us", "0",
-         "--kernel", str(guest_image.kernel), "--initrd", str(guest_image.initrd), "--json", str(out)],
+        [sys.executable, "-m", "nicsim", "bench", "--backends", "nicsim,qemu-tap,dpdk,dpdk-tap",
+         "--directions", "udp-rr", "--repetitions", "1", "--duration", "2", "--accel", "tcg",
+         "--wake-latency-us", "0", "--kernel", str(guest_image.kernel), "--initrd", str(guest_image.initrd),
+         "--json", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     ) as bench:  # fmt: skip
         stdout, stderr = bench.communicate(timeout=RUN_TIMEOUT)
@@ -108,7 +109,7 @@ def test_udp_rr_rows_report_a_transaction_rate_through_nicsim_and_qemu_tap(
     assert "host speed: a fixed Python loop took" in stdout
     assert len(doc["config"]["python_loop_ms"]) == 2 and min(doc["config"]["python_loop_ms"]) > 0
     cells = {c["backend"]: c for c in doc["cells"]}
-    for backend in ("nicsim", "qemu-tap"):
+    for backend in ("nicsim", "qemu-tap", "dpdk-tap"):  # (dpdk-tap: testpmd forwarding to a TAP)
         cell = cells[backend]
         assert (cell["direction"], cell["status"]) == ("udp-rr", "ok"), cell
         (sample,) = cell["samples"]

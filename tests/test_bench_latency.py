@@ -164,3 +164,68 @@ def test_bench_packed_puts_the_nicsim_guest_on_packed_rings() -> None:
     # What nicsim.bench.serve builds for a packed run, and for a split one (QEMU's default: no property).
     assert "packed=on" in VhostUserNic(socket=Path("s"), packed=True).device_args(queues=1, tcg=True)
     assert "packed" not in VhostUserNic(socket=Path("s"), packed=None).device_args(queues=1, tcg=True)
+
+
+# -- dpdk-tap: testpmd forwarding between the guest and a TAP, as nicsim's and QEMU's rows are -------
+
+
+TWO_PORTS = """
+  ---------------------- Forward statistics for port 0  ----------------------
+  RX-packets: 3004           RX-dropped: 0             RX-total: 3004
+  TX-packets: 3001           TX-dropped: 2             TX-total: 3003
+  ----------------------------------------------------------------------------
+
+  ---------------------- Forward statistics for port 1  ----------------------
+  RX-packets: 3001           RX-dropped: 0             RX-total: 3001
+  TX-packets: 3004           TX-dropped: 0             TX-total: 3004
+  ----------------------------------------------------------------------------
+
+  +++++++++++++++ Accumulated forward statistics for all ports+++++++++++++++
+  RX-packets: 6005           RX-dropped: 0             RX-total: 6005
+  TX-packets: 6005           TX-dropped: 0             TX-total: 6005
+  ++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++
+"""
+
+
+def test_dpdk_tap_counts_the_guests_port_not_the_sum_of_both() -> None:
+    from nicsim.bench.dpdk_tap import port_counters
+
+    # Two ports forward each other's frames: the accumulated block counts every frame twice.
+    assert port_counters(TWO_PORTS, 0) == {"RX-packets": 3004, "RX-dropped": 0, "TX-packets": 3001,
+                                           "TX-dropped": 2}  # fmt: skip
+    assert port_counters(TWO_PORTS, 1)["RX-packets"] == 3001
+    assert port_counters(TWO_PORTS + TWO_PORTS.replace("3004 ", "4004 "), 0)["RX-packets"] == 4004  # the last
+    carried = testpmd.testpmd_carried(port_counters(TWO_PORTS, 0))
+    assert (carried.tx_packets, carried.rx_packets) == (3004, 3001)  # guest TX = port 0's RX
+
+
+def test_dpdk_tap_forwards_between_the_guest_and_a_tap_of_its_own_for_latency_rows_only() -> None:
+    from nicsim.bench.dpdk_tap import DpdkTapBackend
+
+    argv = testpmd.build_testpmd_argv(socket=Path("s.sock"), mode="io", frame_len=60, prefix="p", cpu=1,
+                                      peer_mac="52:54:00:12:34:56", tap="tap0")  # fmt: skip
+    vdevs = [argv[i + 1] for i, a in enumerate(argv) if a == "--vdev"]
+    assert vdevs == ["net_vhost0,iface=s.sock", "net_tap0,iface=tap0"]  # the guest's port is port 0
+    assert "--forward-mode=io" in argv
+    backend = DpdkTapBackend()
+    for direction in (Direction.PING, Direction.PING_FLOOD, Direction.UDP_RR):
+        assert backend.unsupported(Cell(backend="dpdk-tap", direction=direction)) is None
+    why = backend.unsupported(Cell(backend="dpdk-tap", direction=Direction.RX, size=64))
+    assert why is not None and "latency rows only" in why
+
+
+@pytest.mark.parametrize(("extra", "with_tap"), [(["--latency"], True), (["--directions", "ping"], True),
+                                                  ([], False)])  # fmt: skip
+def test_peers_add_dpdk_tap_only_when_the_plan_has_latency_rows(extra: list[str], with_tap: bool) -> None:
+    import argparse
+
+    from nicsim.bench.command import VmMode
+    from nicsim.cli.bench import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    mode = VmMode(parser.parse_args(["bench", "--peers", *extra]))
+    plan = mode.plan()
+    assert mode.names[:3] == ["nicsim", "qemu-tap", "dpdk"]
+    assert ("dpdk-tap" in mode.names) == with_tap
+    assert ("dpdk-tap" in {c.backend for c in plan.cells}) == with_tap

@@ -2,18 +2,19 @@
 
 Modules: ``matrix`` (cells, repetitions, min/median/max; pure), ``procstat`` (CPU time from /proc),
 ``backend`` (the Backend interface and child-process plumbing), one module per backend — ``serve``
-(nicsim), ``tap`` (QEMU's tap in a namespace, with ``blaster`` as its UDP sender), ``testpmd``
-(DPDK) —, the modes ``vm`` (one guest per run, the measured window), ``backend_only``
-(DPDK's virtio-user as the frontend, no VM) and ``pair``/``pair_run`` (``--guests 2``: guest to
-guest, nicsim's switch against a Linux bridge), ``runner`` (what both modes share: samples, the loop
-over the plan, the working directory), ``counts`` (the guest's count against the backend's own,
-the negotiated features), ``command`` (one invocation of either mode, from options to exit code),
-``report`` (table, JSON, plot), ``stream`` (``--json-stream``), ``baseline`` (``--baseline`` and
-``--max-regress``), ``progress`` (stderr) and ``sysinfo`` (versions and machine). The options are
+(nicsim), ``tap`` (QEMU's tap in a namespace, with ``blaster`` as its UDP sender), ``testpmd`` (DPDK),
+``dpdk_tap`` (DPDK forwarding to a TAP: latency rows) —, the modes ``vm`` (one guest per run, the
+measured window), ``backend_only`` (DPDK's virtio-user as the frontend, no VM) and ``pair``/``pair_run``
+(``--guests 2``: guest to guest, nicsim's switch against a Linux bridge), ``runner`` (what both modes
+share: samples, the loop over the plan, the working directory), ``counts`` (the guest's count against
+the backend's own, the negotiated features), ``command`` (one invocation of either mode, from options to
+exit code), ``report`` (table, JSON, plot), ``stream`` (``--json-stream``), ``baseline`` (``--baseline``
+and ``--max-regress``), ``progress`` (stderr) and ``sysinfo`` (versions and machine). The options are
 defined in ``nicsim.cli.bench``.
 """
 
 from .backend import Backend, BenchError, BenchRun, RunContext
+from .dpdk_tap import DpdkTapBackend
 from .matrix import Cell, Direction, Plan, Summary, build_plan, ratio
 from .runner import CellResult, Sample
 from .serve import NicsimBackend, NicsimBusyPollBackend, NicsimCountOnlyBackend
@@ -29,11 +30,14 @@ BACKEND_CLASSES: dict[str, type[Backend]] = {
     "dpdk": DpdkBackend,
     "nicsim-count-only": NicsimCountOnlyBackend,  # guest TX without reading the bytes: a labelled row
     "nicsim-busy-poll": NicsimBusyPollBackend,  # polls its core as DPDK does: a labelled row
+    "dpdk-tap": DpdkTapBackend,  # latency rows: testpmd forwarding to a TAP, as nicsim and qemu-tap are
 }
 PEERS = ("qemu-tap", "dpdk")
+LATENCY_PEERS = ("dpdk-tap",)  # added to --peers when the plan has latency rows
 
 __all__ = [
     "BACKEND_CLASSES",
+    "LATENCY_PEERS",
     "PEERS",
     "Backend",
     "BenchError",
@@ -42,6 +46,7 @@ __all__ = [
     "CellResult",
     "Direction",
     "DpdkBackend",
+    "DpdkTapBackend",
     "NicsimBackend",
     "NicsimBusyPollBackend",
     "NicsimCountOnlyBackend",

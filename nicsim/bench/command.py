@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import BACKEND_CLASSES, PEERS, speed, wake
+from . import BACKEND_CLASSES, LATENCY_PEERS, PEERS, speed, wake
 from .backend import Backend, RunContext
 from .backend_only import (
     BACKEND_ONLY_NAMES,
@@ -125,14 +125,16 @@ class VmMode(Mode):
 
     def plan(self) -> Plan:
         args = self.args
-        names = list(dict.fromkeys((args.backends or ["nicsim"]) + (list(PEERS) if args.peers else [])))
+        directions = None if args.directions is None else [Direction(d) for d in args.directions]
+        latency = getattr(args, "latency", False) or any(d.is_latency for d in directions or [])
+        peers = list(PEERS) + (list(LATENCY_PEERS) if latency else []) if args.peers else []
+        names = list(dict.fromkeys((args.backends or ["nicsim"]) + peers))
         unknown = [n for n in names if n not in BACKEND_CLASSES]
         if unknown:
             known = ", ".join(BACKEND_CLASSES)
             raise ValueError(f"unknown backend(s) {', '.join(unknown)}; choose from {known}")
         self.names = names
         self.backends = [BACKEND_CLASSES[n]() for n in names]
-        directions = None if args.directions is None else [Direction(d) for d in args.directions]
         return build_plan(names, quick=args.quick, sizes=args.sizes, directions=directions,
                           repetitions=args.repetitions, duration=args.duration,
                           latency=getattr(args, "latency", False))  # fmt: skip

@@ -49,12 +49,15 @@ _STAT_RE = re.compile(r"(RX-packets|RX-bytes|RX-missed|TX-packets|TX-bytes|TX-er
 
 def build_testpmd_argv(
     *, socket: Path, mode: str, frame_len: int, prefix: str, cpu: int | None, peer_mac: str,
-    binary: str = TESTPMD,
+    binary: str = TESTPMD, tap: str | None = None,
 ) -> list[str]:  # fmt: skip
+    """testpmd's command line; ``tap``: a second port, ``net_tap0``, a TAP of that name it creates
+    (``nicsim.bench.dpdk_tap``: ``io`` forwarding between the two)."""
     lcores = f"0@{cpu},1@{cpu}" if cpu is not None else "0,1"
+    ports = ["--vdev", f"net_vhost0,iface={socket}"] + (["--vdev", f"net_tap0,iface={tap}"] if tap else [])
     argv = [
         binary, "--lcores", lcores, "--no-huge", "-m", "1024", "--no-pci",
-        f"--file-prefix={prefix}", "--vdev", f"net_vhost0,iface={socket}", "--log-level=user1,7",
+        f"--file-prefix={prefix}", *ports, "--log-level=user1,7",
         "--", f"--forward-mode={mode}", "--stats-period", "1", "--nb-cores=1",
         "--total-num-mbufs=16384", f"--eth-peer=0,{peer_mac}",
     ]  # fmt: skip
@@ -105,7 +108,8 @@ class DpdkBackend(Backend):
 
     def unavailable(self) -> str | None:
         if shutil.which(self.binary) is None:
-            return f"dpdk: {self.binary} not found; install it with 'apt-get install dpdk-dev' (Debian)"
+            return (f"{self.name}: {self.binary} not found; install it with 'apt-get install dpdk-dev' "
+                    "(Debian)")
         return None
 
     def unsupported(self, cell: Cell) -> str | None:

@@ -98,9 +98,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=_csv,
         metavar="LIST",
         help="comma-separated: nicsim, qemu-tap, dpdk; the labelled nicsim rows nicsim-busy-poll (polls "
-        "its core as dpdk does), nicsim-count-only (default: nicsim; --backend-only: nicsim,dpdk)",
+        "its core as dpdk does), nicsim-count-only; dpdk-tap (latency rows: testpmd forwarding between "
+        "the guest and a TAP, as nicsim and qemu-tap are measured) (default: nicsim; --backend-only: "
+        "nicsim,dpdk)",
     )
-    p.add_argument("--peers", action="store_true", help="add qemu-tap and dpdk beside the chosen backends")
+    p.add_argument("--peers", action="store_true",
+                   help="add qemu-tap and dpdk beside the chosen backends, and dpdk-tap when there are "
+                        "latency rows")  # fmt: skip
     p.add_argument(
         "--quick",
         action="store_true",
