@@ -128,6 +128,11 @@ def _compile() -> tuple[Callable[..., Any], ...] | None:
     return walk, free_fn, track_fn, take, complete, scatter, summer, absorb, fill, frame, return_chunk
 
 
+def compiled_fence(numba: Any, ordering: str) -> Any:
+    """:func:`_fence`, for kernels outside ``rings`` (``nicsim.ports.fd_kernels``)."""
+    return _fence(numba, ordering)
+
+
 def _fence(numba: Any, ordering: str) -> Any:
     """A compiled LLVM ``fence`` for kernels to call. ``release``: every load and store before it
     is done before any store after it; ``acquire``: every load before it is done before any load or

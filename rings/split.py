@@ -159,6 +159,11 @@ class SplitQueue:
 
     # -- avail side -----------------------------------------------------------------------------------
 
+    def avail_view(self, mem: GuestMemory) -> npt.NDArray[np.uint16]:
+        """The avail ring as u16[size + 3]: flags, idx, ring[size], used_event (§2.7.6), for a
+        compiled round that decides the ring's interrupt itself (``nicsim.ports.fd_kernels``)."""
+        return self._views(mem).avail
+
     def avail_pending(self, mem: GuestMemory) -> int:
         """Heads the driver has made available that we have not popped yet."""
         v = self._views(mem)

@@ -10,11 +10,15 @@ the backlog, the placement). Here each is one call:
 - :func:`_send_split_py`: :func:`rings.round_kernels._take_split_py` pops, walks, checks and tracks
   ``k`` chains (each held by a pool descriptor, as everywhere); each frame's header is checked as
   :func:`nicsim.ports.vnet_hdr.check_one` checks it (:func:`~nicsim.ports.vnet_hdr.reason_code`,
-  compiled) and a good frame goes to ``fd`` in one ``writev`` of its readable segments, straight out
-  of guest memory, tried ``tries`` times while the kernel says EAGAIN or EINTR; then
+  compiled) and a good frame's readable segments are copied into a staging buffer; then
   :func:`rings.round_kernels._return_chunk_py` frees the descriptors, writes the used entries and
-  publishes ``used.idx``. What happened to each frame comes back in ``codes`` (and ``errnos``), for
-  the port's counters and drop reasons.
+  publishes ``used.idx``; then, if the caller lets it, the ring's interrupt is decided and its call
+  eventfd written (:func:`_irq_py`); only then does each good frame go to ``fd`` in one ``writev``,
+  tried ``tries`` times while the kernel says EAGAIN or EINTR. A TAP's kernel answers a request
+  inside that ``writev``, and what the guest waits for ends, mostly, with the request's interrupt:
+  written before the writes, it took 20 us off a ping flood's p50 (0.214 -> 0.194 ms, 59 of 60
+  blocks of pings faster, measured within one run). What happened to each frame comes back in
+  ``codes`` (and ``errnos``), for the port's counters and drop reasons.
 - :func:`_recv_split_py`: one ``readv`` per frame into the port's buffer, each frame placed in the
   next posted chain that takes it whole (taken, written, returned and published the same way); a
   frame no single buffer takes (mergeable buffers for a GSO frame) ends the round and goes the general
@@ -38,11 +42,14 @@ import numpy.typing as npt
 from nicsim.ports.vnet_hdr import HDR_FIELDS, OK, Offloads
 from nicsim.ports.vnet_hdr import reason_code as _reason_code
 from nicsim.virtio.port import HDR_LEN_V1, NUM_BUFFERS_OFFSET
+from nicsim.virtio.queues import IRQ_FAILED, IRQ_LATER, IRQ_NONE, IRQ_SENT, IRQ_SUPPRESSED, NOT_RUN
 from rings import kernels
+from rings.barrier import full_fence as _full_fence
 from rings.pool_kernels import _free_normal_py as _free_normal
 from rings.round_kernels import U32_MAX
 from rings.round_kernels import _return_chunk_py as _return_chunk
 from rings.round_kernels import _take_split_py as _take_split
+from rings.round_kernels import _wants_interrupt_py as _wants_interrupt
 
 __all__ = [
     "RECV_BUDGET", "RECV_DRAINED", "RECV_ERROR", "RECV_PENDING", "WOULD_BLOCK", "WRITE_ERROR", "allowed",
@@ -68,11 +75,14 @@ _writev.restype = ctypes.c_ssize_t
 _readv = _libc.readv
 _readv.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
 _readv.restype = ctypes.c_ssize_t
+_write = _libc.write
+_write.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t]
+_write.restype = ctypes.c_ssize_t
 _errno_location = _libc.__errno_location
 _errno_location.argtypes = []
 _errno_location.restype = ctypes.POINTER(ctypes.c_int)
 
-send_split: Callable[..., tuple[int, int, int, int]] | None = None
+send_split: Callable[..., tuple[int, int, int, int, int]] | None = None
 """The compiled :func:`_send_split_py` once :func:`enable` ran with the ``rings`` kernels on, else None."""
 recv_split: Callable[..., tuple[int, int, int, int, int]] | None = None
 """The compiled :func:`_recv_split_py`, likewise."""
@@ -115,57 +125,104 @@ def _send_split_py(
     heads: _Arr, descs: _Arr, lens: _Arr, first: _Arr, counts: _Arr, rlen: _Arr, wlen: _Arr, s_chain: _Arr,
     s_desc: _Arr, s_addr: _Arr, s_len: _Arr, s_writable: _Arr, s_region: _Arr, s_offset: _Arr,
     used_ring: _Arr, used_start: int, zeros: _Arr, used_head: _Arr,
-    fd: int, allow: int, tries: int, iov: _Arr, hbuf: _Arr, codes: _Arr, errnos: _Arr,
-) -> tuple[int, int, int, int]:  # pragma: no cover - compiled by numba
+    fd: int, allow: int, tries: int, iov: _Arr, hbuf: _Arr, codes: _Arr, errnos: _Arr, stage: _Arr,
+    spans: _Arr, irq: Any,
+) -> tuple[int, int, int, int, int]:  # pragma: no cover - compiled by numba
     """Take ``k`` TX chains from avail slot ``start`` (as ``_take_split_py``, readable length in
-    ``[min_len, max_len]``), check each frame's header against ``allow`` and write the good ones to
-    ``fd``, header included, one ``writev`` each (``iov``: an (n, 2) uint64 scratch array, one row
-    per segment); then give the round back (descriptors freed, used entries of length 0 from used
-    slot ``used_start``, ``used.idx`` published). ``codes[j]``: ``OK``, a vnet_hdr reason code, or
+    ``[min_len, max_len]``), check each frame's header against ``allow`` and copy each good one,
+    header included, into ``stage`` (``spans[j]``: its offset and length there); then give the round
+    back (descriptors freed, used entries of length 0 from used slot ``used_start``, ``used.idx``
+    published) and, if ``irq`` asks (its first item true), decide the ring's interrupt and write its
+    call eventfd (:func:`_irq_py`); only then write the frames to ``fd``, one ``writev`` each, tried
+    ``tries`` times while the kernel says EAGAIN or EINTR. A TAP's kernel answers a request inside
+    that ``writev`` (a ping: 109 us on a core that slept, timed); the guest, already told, takes the
+    request's completion meanwhile. ``codes[j]``: ``OK``, a vnet_hdr reason code, or
     :data:`WOULD_BLOCK` / :data:`WRITE_ERROR` (``errnos[j]`` the errno). Returns ``(chains, frame
-    bytes of them all, frames written, their bytes)``; ``(-1, 0, 0, 0)`` with nothing changed when
-    the take declines, ``(-2, 0, 0, 0)`` when the free declined after it (a bug: the caller raises)."""
+    bytes of them all, frames written, their bytes, interrupt decision)`` (``NOT_RUN`` when ``irq``
+    did not ask); ``(-1, ...)`` with nothing changed when the take declines, ``(-2, ...)`` when the
+    free declined after it (a bug: the caller raises)."""
     m, total = _take_split(avail_ring, d_addr, d_len, d_flags, d_next, starts, sizes, datas, start, k,
                            indirect, True, min_len, max_len, hdr, p_used, p_capacity, p_state, p_ever,
                            p_stack, p_queue, p_head, p_addr, p_length, p_reserved, queue, heads, descs, lens,
                            first, counts, rlen, wlen, s_chain, s_desc, s_addr, s_len, s_writable, s_region,
                            s_offset)  # fmt: skip
     if m < 0:
-        return -1, 0, 0, 0
-    frames = 0
-    sent = 0
+        return -1, 0, 0, 0, NOT_RUN
+    at = 0
     for j in range(k):
         lo = first[j]
         hi = lo + counts[j]
         errnos[j] = 0
         code = _header_code(datas, s_region, s_offset, s_len, lo, hi, lens[j], allow, hbuf)
+        spans[j, 0] = at
         if code == OK:
-            n = 0
             for s in range(lo, hi):
                 if s_writable[s]:
                     break  # §2.7.4.2: writable descriptors follow the readable ones; they carry no frame
-                iov[n, 0] = datas[s_region[s]].ctypes.data + s_offset[s]
-                iov[n, 1] = s_len[s]
-                n += 1
-            code = WOULD_BLOCK
-            for _ in range(tries):
-                if _writev(fd, iov.ctypes.data, n) >= 0:
-                    code = OK
-                    break
-                err = _errno_location()[0]
-                if err != _EAGAIN and err != _EINTR:
-                    code = WRITE_ERROR
-                    errnos[j] = err
-                    break
-            if code == OK:
-                frames += 1
-                sent += lens[j]
+                size = np.intp(s_len[s])
+                off = np.intp(s_offset[s])
+                # Views, then an element loop over them: numba compiles it to a memcpy.
+                src, dst = datas[s_region[s]][off : off + size], stage[at : at + size]
+                for b in range(min(src.shape[0], dst.shape[0])):
+                    dst[b] = src[b]
+                at += int(size)
+        spans[j, 1] = at - spans[j, 0]
         codes[j] = code
     left = _return_chunk(used_ring, used_head, used_start, 0, k, heads, zeros, descs, p_used + k, p_capacity,
                          p_state, p_stack)  # fmt: skip
     if left < 0:
-        return -2, 0, 0, 0
-    return k, total, frames, sent
+        return -2, 0, 0, 0, NOT_RUN
+    decided = NOT_RUN
+    ask, avail, size, signalled, event_idx, on_idle, coalesce, call_fd, one = irq
+    if ask:
+        idle = ((int(avail[1]) - start - k) & 0xFFFF) == 0
+        decided = _irq(avail, size, (used_start + k) & 0xFFFF, signalled, event_idx, on_idle, coalesce, idle,
+                       call_fd, one)  # fmt: skip
+    frames = 0
+    sent = 0
+    iov[0, 0] = stage.ctypes.data
+    for j in range(k):
+        if codes[j] != OK:
+            continue
+        iov[0, 0] = stage.ctypes.data + spans[j, 0]
+        iov[0, 1] = spans[j, 1]
+        code = WOULD_BLOCK
+        for _ in range(tries):
+            if _writev(fd, iov.ctypes.data, 1) >= 0:
+                code = OK
+                break
+            err = _errno_location()[0]
+            if err != _EAGAIN and err != _EINTR:
+                code = WRITE_ERROR
+                errnos[j] = err
+                break
+        if code == OK:
+            frames += 1
+            sent += lens[j]
+        codes[j] = code
+    return k, total, frames, sent, decided
+
+
+def _irq_py(
+    avail: _Arr, size: int, used_idx: int, signalled: int, event_idx: bool, on_idle: bool, coalesce: int,
+    idle: bool, fd: int, one: _Arr,
+) -> int:  # pragma: no cover - compiled by numba
+    """``QueueSet.decide_interrupt`` for a ring whose ``used.idx`` is ``used_idx`` (published) and
+    whose last decision was at ``signalled`` (``avail``: the whole avail ring, u16[size + 3]): the
+    driver's wish (used_event or the flags, loaded after a full fence), then ``should_interrupt``'s
+    policy; ``fd`` written (``one``: an 8-byte 1; none when ``fd`` < 0) when the answer is yes.
+    Returns an ``IRQ_*`` code for ``QueueSet.decided_interrupt``."""
+    unsignalled = (used_idx - signalled) & 0xFFFF
+    if unsignalled == 0:
+        return IRQ_NONE
+    _full_fence()  # used.idx stored before used_event (or the flags) is loaded (§2.7.10)
+    if not _wants_interrupt(avail, size, used_idx, signalled, event_idx):
+        return IRQ_SUPPRESSED
+    if not event_idx and not (on_idle if idle else unsignalled >= coalesce):
+        return IRQ_LATER
+    if fd >= 0 and _write(fd, one.ctypes.data, 8) < 0 and _errno_location()[0] != _EAGAIN:
+        return IRQ_FAILED
+    return IRQ_SENT
 
 
 # What ended a receive round (its fourth item).
@@ -290,9 +347,10 @@ def _recv_split_py(
 
 
 _header_code = _header_code_py
+_irq = _irq_py
 
 
-def kernel() -> Callable[..., tuple[int, int, int, int]] | None:
+def kernel() -> Callable[..., tuple[int, int, int, int, int]] | None:
     """The compiled send round, while ``rings``' kernels are on (``kernels.disable`` turns it off too)."""
     return send_split if kernels.enabled() else None
 
@@ -322,6 +380,8 @@ def _compile_rounds() -> None:
     try:
         import numba
 
+        from rings.layout import vring_need_event
+
         jit = numba.njit(cache=True, boundscheck=False)
         types = numba.types
         writev = types.ExternalFunction("writev", types.intp(types.int32, types.uintp, types.int32))
@@ -329,9 +389,14 @@ def _compile_rounds() -> None:
         errno_location = types.ExternalFunction("__errno_location", int_ptr())
         header = jit(kernels.link(_header_code_py, _reason_code=jit(_reason_code)))
         readv = types.ExternalFunction("readv", types.intp(types.int32, types.uintp, types.int32))
+        write = types.ExternalFunction("write", types.intp(types.int32, types.uintp, types.uintp))
+        wants = jit(kernels.link(_wants_interrupt, vring_need_event=jit(vring_need_event)))
+        irq = jit(kernels.link(_irq_py, _full_fence=kernels.compiled_fence(numba, "seq_cst"),
+                               _wants_interrupt=wants, _write=write,
+                               _errno_location=errno_location))  # fmt: skip
         send = jit(kernels.link(_send_split_py, _take_split=take, _return_chunk=give_back,
-                                _header_code=header, _writev=writev,
-                                _errno_location=errno_location))  # fmt: skip
+                                _header_code=header, _writev=writev, _errno_location=errno_location,
+                                _irq=irq))  # fmt: skip
         recv = jit(kernels.link(_recv_split_py, _take_split=take, _return_chunk=give_back, _free_normal=free,
                                 _readv=readv, _errno_location=errno_location))  # fmt: skip
         _compile_now(send, recv)
@@ -357,11 +422,12 @@ def _compile_now(send: Callable[..., Any], recv: Callable[..., Any]) -> None:
     avail = np.zeros(5, np.uint16)[2:4]
     used = np.zeros(4, np.uint32).reshape(2, 2)
     scratch = (np.zeros((2, 2), np.uint64), np.zeros(HDR_FIELDS, np.uint8), np.zeros(2, np.uint8),
-               np.zeros(2, np.int32))  # fmt: skip
+               np.zeros(2, np.int32), np.zeros(8, np.uint8), np.zeros((2, 2), np.int64))  # fmt: skip
+    irq = (False, np.zeros(5, np.uint16), 2, 0, True, True, 1, -1, np.ones(1, np.uint64))
     for regions in (1, 2):
         datas = tuple(np.zeros(8, np.uint8) for _ in range(regions))
         send(avail, *ring, *bounds, datas, 0, 0, True, 0, 0, 0, 0, 2, *pool, 0, *area.outputs, used, 0,
-           area.zeros, np.zeros(2, np.uint16), -1, 0, 1, *scratch)  # fmt: skip
+             area.zeros, np.zeros(2, np.uint16), -1, 0, 1, *scratch, irq)  # fmt: skip
         recv(avail, *ring, *bounds, datas, 0, 0, True, 0, 0, 0, 0, 2, *pool, 0, *area.outputs, used, 0,
              area.zeros, np.zeros(2, np.uint16), -1, np.zeros(8, np.uint8), scratch[0], 0, False,
              np.zeros(2, np.int64))  # fmt: skip

@@ -2,7 +2,9 @@
 
 This module owns ``RingPump``: it watches the ring's kick eventfd with ``loop.add_reader``, writes the
 call eventfd only when a device result says ``interrupt`` (the device has already asked the ring:
-EVENT_IDX or the NO_INTERRUPT flag), and runs the device's rounds following :mod:`nicsim.virtio.policy`. A
+EVENT_IDX or the NO_INTERRUPT flag) or lets a TX round write it itself (a round to a TAP, between
+returning its chains and writing its frames: ``process_tx(irq_fd=...)``, unless an interrupt is held),
+and runs the device's rounds following :mod:`nicsim.virtio.policy`. A
 wakeup (kick, port wakeup or timer) suppresses kicks and runs rounds, up to ``rounds_per_call`` back to
 back per loop callback while work is left; a kick's first round runs in the kick's own callback. After a
 TX round of a few frames (a request) the pair's RX pump runs a round at once
@@ -298,7 +300,7 @@ class RingPump:
         sent = int(self.device.stats.bytes[self.index])
         try:
             if self._tx:
-                res = self.device.process_tx(self.index)
+                res = self.device.process_tx(self.index, irq_fd=self._own_irq_fd())
             else:
                 res = self.device.poll_rx(self.index // 2, now)
         except (RingsError, DeviceStateError) as err:
@@ -339,6 +341,15 @@ class RingPump:
         else:
             self._empty_rounds += 1
         return res
+
+    def _own_irq_fd(self) -> int | None:
+        """TX: the call eventfd a round may write itself (-1: none set), or None: the pump signals.
+        A round that writes its frames to a TAP decides and sends the interrupt between returning the
+        chains and writing the frames (``VirtioNetDevice.process_tx``), unless a held interrupt
+        (``tx_irq_wait_us``) must go with the RX one."""
+        if self.device.policy.tx_irq_wait_us > 0 or self._irq_held is not None:
+            return None
+        return -1 if self.call_fd is None else self.call_fd
 
     def streaming(self, now: float) -> bool:
         """This ring carries a stream (:func:`~nicsim.virtio.policy.streaming`): the pair's TX ring

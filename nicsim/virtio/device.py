@@ -411,9 +411,10 @@ class VirtioNetDevice:
 
     # -- the data paths -----------------------------------------------------------------------------
 
-    def process_tx(self, index: int) -> QueueResult:
-        """Take up to ``policy.tx_batch`` chains off TX queue ``index`` and hand their frames to the port."""
-        return self._tx.process(index)
+    def process_tx(self, index: int, *, irq_fd: int | None = None) -> QueueResult:
+        """Take up to ``policy.tx_batch`` chains off TX queue ``index`` and hand their frames to the port;
+        ``irq_fd``: see :meth:`nicsim.virtio.tx.TxPath.process` (the round may signal it itself)."""
+        return self._tx.process(index, irq_fd=irq_fd)
 
     def deliver_rx(self, pair: int = 0) -> QueueResult:
         """Move frames the port queued into the guest's RX buffers (after an RX kick or a wakeup)."""

@@ -146,7 +146,7 @@ class SendTarget(NamedTuple):
     ``nicsim.ports.fd_kernels``'s), the descriptor, the header checks' ``allow`` bits (the offloads
     the driver may ask for) and how many times a write is tried while the kernel says EAGAIN."""
 
-    kernel: Callable[..., tuple[int, int, int, int]]
+    kernel: Callable[..., tuple[int, int, int, int, int]]
     fd: int
     allow: int
     tries: int

@@ -73,6 +73,15 @@ class DeviceStateError(LocalError, RuntimeError):
         self.queue = queue
 
 
+# What an interrupt decision made in a compiled round did (``QueueSet.decided_interrupt``).
+IRQ_NONE = 0  # no used entry since the last decision
+IRQ_SUPPRESSED = 1  # the driver wants none for them (they need none later either)
+IRQ_LATER = 2  # the driver wants one, the policy waits (no EVENT_IDX: coalescing)
+IRQ_SENT = 3  # the call eventfd was written (or the ring has none)
+IRQ_FAILED = 4  # the write failed with an errno other than EAGAIN (a saturated counter)
+NOT_RUN = -1  # the round did not decide (the caller does)
+
+
 @dataclass(slots=True, kw_only=True)  # not frozen: made every round, and frozen's __init__ is 5x slower
 class QueueResult:
     """What one device call did to one queue. ``interrupt``: signal the queue's call eventfd now (the
@@ -346,6 +355,15 @@ class QueueSet:
         st.signalled_used = st.irq_used = q.used_idx
         self.stats.interrupts[index] += 1
         return True
+
+    def decided_interrupt(self, index: int, st: QueueState, code: int) -> None:
+        """The bookkeeping of :meth:`decide_interrupt` for a decision a compiled round made and acted on
+        (``IRQ_*``: the round wrote the call eventfd itself, ``nicsim.ports.fd_kernels``)."""
+        if code == IRQ_SUPPRESSED:
+            st.signalled_used = st.q.used_idx
+        elif code in (IRQ_SENT, IRQ_FAILED):
+            st.signalled_used = st.irq_used = st.q.used_idx
+            self.stats.interrupts[index] += 1
 
     def probe(self, st: QueueState, mem: GuestMemory) -> RingProbe:
         q = st.q

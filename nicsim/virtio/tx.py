@@ -21,6 +21,7 @@ sorts out and counts bad chains.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -28,8 +29,17 @@ import numpy as np
 import numpy.typing as npt
 
 from nicsim.virtio.policy import PLAIN_FRAME
-from nicsim.virtio.port import ABSORB_SUM, ETH_HLEN, MAX_FRAME, DevicePort, SendTarget, TxFrames
-from nicsim.virtio.queues import GSO_ECN, GSO_TYPE_OFFSET, DeviceStateError, QueueResult, QueueSet, QueueState
+from nicsim.virtio.port import ABSORB_SUM, ETH_HLEN, HDR_LEN_V1, MAX_FRAME, DevicePort, SendTarget, TxFrames
+from nicsim.virtio.queues import (
+    GSO_ECN,
+    GSO_TYPE_OFFSET,
+    IRQ_FAILED,
+    NOT_RUN,
+    DeviceStateError,
+    QueueResult,
+    QueueSet,
+    QueueState,
+)
 from nicsim.virtio.tx_short import ShortTxBatch
 from rings import kernels
 from rings.chains import ChainBatch
@@ -39,6 +49,9 @@ from rings.packed import PackedQueue
 from rings.packed_walk import split_saved
 from rings.round_kernels import U32_MAX, RoundArea
 from rings.split import SplitQueue, region_bytes
+
+log = logging.getLogger("nicsim.server")
+_ONE = np.ones(1, np.uint64)  # the 8-byte 1 a call eventfd write adds
 
 
 class TxBatch:
@@ -267,8 +280,11 @@ class TxPath:
         # each flow transmits on (virtio 1.2 §5.1.6.5.5, nicsim.virtio.steer).
         self.on_sent: Callable[[TxFrames], None] | None = None
 
-    def process(self, index: int) -> QueueResult:
-        """Take up to ``policy.tx_batch`` chains off TX queue ``index`` and hand their frames to the port."""
+    def process(self, index: int, *, irq_fd: int | None = None) -> QueueResult:
+        """Take up to ``policy.tx_batch`` chains off TX queue ``index`` and hand their frames to the port.
+        ``irq_fd``: a round that writes its frames to a file descriptor may decide the ring's
+        interrupt and write this call eventfd itself (-1: decide, write none), before its writes;
+        its result then asks for no interrupt (``interrupt`` False: sent)."""
         if index % 2 != 1:
             raise DeviceStateError("not a transmit queue", queue=index)
         qs = self._qs
@@ -296,7 +312,7 @@ class TxPath:
                 and qs.inflight is None and not qs.logging):  # fmt: skip
             target = self._port.send_target(index // 2)
             if target is not None:
-                done = self._process_sent(index, st, mem, q, want, target)
+                done = self._process_sent(index, st, mem, q, want, target, irq_fd)
                 if done is not None:
                     return done
         if (want <= qs.short_round and not st.resubmit_count
@@ -389,7 +405,8 @@ class TxPath:
         return area if area.size == size else RoundArea(size)
 
     def _process_sent(
-        self, index: int, st: QueueState, mem: GuestMemory, q: SplitQueue, want: int, target: SendTarget
+        self, index: int, st: QueueState, mem: GuestMemory, q: SplitQueue, want: int, target: SendTarget,
+        irq_fd: int | None,
     ) -> QueueResult | None:
         """``process`` for a port that lets the device write its frames to a file descriptor
         (``DevicePort.send_target``: the tap), on a split ring with no hook on the frames' way (a
@@ -407,15 +424,26 @@ class TxPath:
         # sending them here too left the guest's ring empty sooner, so the guest kicked twice as
         # often (4-5k -> 11-12k kicks in 4 s) and sent 3.6-3.7 instead of 4.1-4.4 Gbit/s.
         longest = min(longest, qs.hdr_len + PLAIN_FRAME)
+        # The round decides the ring's interrupt and writes it itself, between returning the chains
+        # and writing the frames, when the caller lets it (``irq_fd``): what a lone request's guest
+        # waits for ends with that interrupt, and the TAP's kernel answers inside the writev.
+        policy = qs.policy
+        irq = (irq_fd is not None, q.avail_view(mem), int(q.size), int(st.signalled_used), bool(qs.event_idx),
+               bool(policy.irq_on_idle), int(policy.irq_coalesce), -1 if irq_fd is None else int(irq_fd),
+               _ONE)  # fmt: skip
         try:
             got = q.kernel_round(mem, want, self._pool, area, target.kernel, queue=index,
                                  indirect=qs.indirect, min_len=shortest, max_len=longest, hdr=qs.hdr_len,
-                                 extra=(target.fd, target.allow, target.tries, *scratch))  # fmt: skip
+                                 extra=(target.fd, target.allow, target.tries, *scratch, irq))  # fmt: skip
         finally:
             self._areas[index].append(area)
         if got is None:
             return None
-        chains, frame_bytes, frames, nbytes = (int(x) for x in got)
+        chains, frame_bytes, frames, nbytes, decided = (int(x) for x in got)
+        if decided != NOT_RUN:
+            qs.decided_interrupt(index, st, decided)
+            if decided == IRQ_FAILED:
+                log.warning("queue %d: call eventfd write failed", index)
         stats = self._stats
         stats.held_briefly(index, chains)
         stats.count(index, chains, frame_bytes)
@@ -432,8 +460,12 @@ class TxPath:
         the next starts: one set serves every queue)."""
         scratch = self._scratch
         if scratch is None or scratch[2].shape[0] < size:
+            # (and the frames' bytes, copied out before the chains are returned, with each one's
+            # offset and length: a round's chains are at most HDR_LEN_V1 + PLAIN_FRAME long)
             scratch = self._scratch = (np.zeros((size, 2), np.uint64), np.zeros(16, np.uint8),
-                                       np.zeros(size, np.uint8), np.zeros(size, np.int32))  # fmt: skip
+                                       np.zeros(size, np.uint8), np.zeros(size, np.int32),
+                                       np.zeros(size * (HDR_LEN_V1 + PLAIN_FRAME), np.uint8),
+                                       np.zeros((size, 2), np.int64))  # fmt: skip
         return scratch
 
     def _process_absorbed(
