@@ -111,10 +111,10 @@ def _compile() -> tuple[Callable[..., Any], ...] | None:
         take = jit(link(rk._take_split_py, _walk_into=walk_into))
         complete = jit(link(rk._complete_split_py, _free_normal=free_fn))
         scatter, summer = jit(rk._scatter_template_py), jit(rk._sum_frames_py)
-        store_fence = _fence(numba, "release")
+        store_fence = compiled_fence(numba, "release")
         wants = jit(link(rk._wants_interrupt_py, vring_need_event=jit(vring_need_event)))
-        next_round = jit(link(rk._next_round_py, _full_fence=_fence(numba, "seq_cst"),
-                               _load_fence=_fence(numba, "acquire"), _wants_interrupt=wants))
+        next_round = jit(link(rk._next_round_py, _full_fence=compiled_fence(numba, "seq_cst"),
+                               _load_fence=compiled_fence(numba, "acquire"), _wants_interrupt=wants))
         return_chunk = jit(link(rk._return_chunk_py, _complete_split=complete, _store_fence=store_fence))
         absorb = jit(link(rk._absorb_split_py, _take_split=take, _sum_frames=summer,
                            _return_chunk=return_chunk, _next_round=next_round))
@@ -129,15 +129,12 @@ def _compile() -> tuple[Callable[..., Any], ...] | None:
 
 
 def compiled_fence(numba: Any, ordering: str) -> Any:
-    """:func:`_fence`, for kernels outside ``rings`` (``nicsim.ports.fd_kernels``)."""
-    return _fence(numba, ordering)
-
-
-def _fence(numba: Any, ordering: str) -> Any:
-    """A compiled LLVM ``fence`` for kernels to call. ``release``: every load and store before it
-    is done before any store after it; ``acquire``: every load before it is done before any load or
-    store after it. The compiler moves nothing across either; on x86-64 neither is an instruction
-    (TSO already orders these), elsewhere each is the barrier the hardware needs."""
+    """A compiled LLVM ``fence`` for kernels to call (here and in ``nicsim.ports.fd_kernels``).
+    ``release``: every load and store before it is done before any store after it; ``acquire``:
+    every load before it is done before any load or store after it; the compiler moves nothing
+    across either, and on x86-64 neither is an instruction (TSO already orders these), elsewhere
+    each is the barrier the hardware needs. ``seq_cst``: also every store before it before any load
+    after it (x86-64: ``mfence``)."""
 
     def fence(typingctx: Any) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:

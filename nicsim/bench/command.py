@@ -126,8 +126,8 @@ class VmMode(Mode):
     def plan(self) -> Plan:
         args = self.args
         directions = None if args.directions is None else [Direction(d) for d in args.directions]
-        latency = getattr(args, "latency", False) or any(d.is_latency for d in directions or [])
-        peers = list(PEERS) + (list(LATENCY_PEERS) if latency else []) if args.peers else []
+        latency_rows = getattr(args, "latency", False) or any(d.is_latency for d in directions or [])
+        peers = list(PEERS) + (list(LATENCY_PEERS) if latency_rows else []) if args.peers else []
         names = list(dict.fromkeys((args.backends or ["nicsim"]) + peers))
         unknown = [n for n in names if n not in BACKEND_CLASSES]
         if unknown:

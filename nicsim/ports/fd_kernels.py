@@ -180,7 +180,6 @@ def _send_split_py(
                        call_fd, one)  # fmt: skip
     frames = 0
     sent = 0
-    iov[0, 0] = stage.ctypes.data
     for j in range(k):
         if codes[j] != OK:
             continue
