@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import select
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -276,3 +277,45 @@ async def test_generator_fills_posted_rx_buffers_and_sleeps_without_buffers() ->
         await settle(rig, until=193)
     finally:
         rig.close()
+
+
+async def test_busy_polling_polls_tx_but_an_rx_ring_whose_port_has_nothing_sleeps_until_woken() -> None:
+    """``--poll-us``: a TX ring is polled between kicks, but an RX ring whose port has nothing to give
+    (here a VXLAN socket with nothing to read, as a TAP) sleeps, so its failed reads do not slow the TX
+    ring's polls; a datagram wakes it through the port's fd watch and its frame is delivered."""
+    from nicsim.ports import VxlanConfig, VxlanPort
+    from nicsim.ports.frames import ETHERTYPE_IPV4, ethernet, mac_bytes
+    from nicsim.ports.vxlan_wire import header
+    from tests.test_vxlan_port import A_IP, B_IP, VNI, free_udp_port
+
+    policy = NotifyPolicy(poll_us=60e6, poll_rounds=10**9)
+    async with active(Rig(SinkPort(), policy, 1)) as tx:
+        tx.post(1)
+        await settle(tx, until=1)
+        await asyncio.sleep(0.01)
+        assert tx.pump.busy  # polling: kicks suppressed, the next request found without one
+        assert not tx.post(1)
+        await settle(tx, until=2)
+
+    port = free_udp_port()
+    rig = Rig(VxlanPort(VxlanConfig(remote=B_IP, local=A_IP, port=port, vni=VNI)), policy, 0)
+    woken: list[int] = []
+    rig.dev.on_wakeup = lambda index: (woken.append(index), rig.pump.wake(now=True))  # the session's wiring
+    rig.dev.port.start_io(asyncio.get_running_loop())
+    frames = [ethernet(mac_bytes("52:54:00:00:00:02"), mac_bytes("52:54:00:12:34:56"), ETHERTYPE_IPV4,
+                       bytes(range(n, n + 86)), pad=False) for n in range(2)]  # fmt: skip
+    async with active(rig):
+        rig.post(8)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+            peer.bind((B_IP, 0))
+            for n, frame in enumerate(frames, start=1):
+                # The first frame is work just done: poll_us would have the ring poll its port for 60 s.
+                wakeups = len(woken)
+                peer.sendto(header(VNI) + frame, (A_IP, port))
+                await until(lambda n=n: int(rig.dev.stats.packets[0]) == n, f"frame {n} delivered")
+                assert woken[wakeups:] and set(woken[wakeups:]) == {0}  # the port's fd watch woke it
+                await settle(rig)
+                rounds = rig.pump.snapshot()["rounds"]
+                await asyncio.sleep(0.02)
+                assert rig.asleep() and rig.pump.snapshot()["rounds"] == rounds  # no failed reads in a loop
+        assert [bytes(c.data[12:]) for c in rig.rx.reap()] == frames

@@ -176,6 +176,16 @@ def test_poll_action() -> None:
     assert poll_action(NotifyPolicy(), more=False, empty_rounds=0, idle_us=0.0) is PollAction.REARM
 
 
+def test_busy_polling_skips_a_ring_with_nothing_it_would_not_be_woken_for() -> None:
+    p = NotifyPolicy(poll_rounds=3, poll_us=100.0, full_poll_us=50.0, rr_poll_us=2000.0)
+    assert poll_action(p, more=False, empty_rounds=0, idle_us=1.0, pollable=False) is PollAction.REARM
+    assert poll_action(p, more=True, empty_rounds=0, idle_us=1.0, pollable=False) is PollAction.PROCESS
+    # The other reasons to poll are the policy's own, not poll_us's: they still hold.
+    idle = {"more": False, "empty_rounds": 9, "idle_us": 1.0, "pollable": False}
+    assert poll_action(p, full=True, **idle) is PollAction.POLL
+    assert poll_action(p, rr=True, **idle) is PollAction.POLL
+
+
 def test_a_ring_whose_last_round_was_full_is_polled_for_a_while_before_it_sleeps() -> None:
     p = NotifyPolicy(full_poll_us=50.0)
     assert poll_action(p, more=False, empty_rounds=40, idle_us=49.0, full=True) is PollAction.POLL

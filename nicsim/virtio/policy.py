@@ -144,7 +144,8 @@ POLICY_OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "min_round": (int, "EVENT_IDX, TX traffic flowing: fewer chains than this left after a round wait "
                        "for the next batch (--kick-batch, or --batch-wait-us) instead of being chased "
                        "in small rounds; rounds of GSO frames are always chased (0: always chase)"),
-    "poll_us": (float, "busy-poll this long after the last work before sleeping (0: do not busy-poll)"),
+    "poll_us": (float, "busy-poll this long after the last work before sleeping (0: do not busy-poll; an RX "
+                         "ring whose port wakes it, a TAP's, sleeps while the port has nothing)"),
     "poll_rounds": (int, "...and at most this many empty rounds"),
     "full_poll_us": (float, "after a round that moved a whole --tx-batch/--rx-batch (the other side keeps "
                             "up), poll this long before sleeping on the kick (0: sleep at once)"),
@@ -219,15 +220,17 @@ def request_response(policy: NotifyPolicy, *, gap_us: float, last_batch: int, la
 
 def poll_action(
     policy: NotifyPolicy, *, more: bool, empty_rounds: int, idle_us: float, rr: bool = False,
-    full: bool = False,
+    full: bool = False, pollable: bool = True,
 ) -> PollAction:
     """What the pump does after a round: ``more`` if the round left work, ``empty_rounds`` how many
     consecutive rounds found nothing, ``idle_us`` microseconds since the last round that found work,
     ``rr`` whether the ring carries request/response traffic (:func:`request_response`), ``full``
-    whether that last round moved a whole batch (``full_poll_us``)."""
+    whether that last round moved a whole batch (``full_poll_us``). ``pollable`` False: busy-polling
+    (``poll_us``) would find nothing the ring is not woken for anyway (an RX ring whose port has
+    nothing to give: a TAP or a socket with nothing to read, which wakes the ring when it has)."""
     if more:
         return PollAction.PROCESS
-    if empty_rounds < policy.poll_rounds and idle_us < policy.poll_us:
+    if pollable and empty_rounds < policy.poll_rounds and idle_us < policy.poll_us:
         return PollAction.POLL
     if full and idle_us < policy.full_poll_us:
         return PollAction.POLL
