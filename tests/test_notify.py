@@ -319,3 +319,34 @@ async def test_busy_polling_polls_tx_but_an_rx_ring_whose_port_has_nothing_sleep
                 await asyncio.sleep(0.02)
                 assert rig.asleep() and rig.pump.snapshot()["rounds"] == rounds  # no failed reads in a loop
         assert [bytes(c.data[12:]) for c in rig.rx.reap()] == frames
+
+
+async def test_a_request_wakes_the_loop_every_warm_tick_until_requests_stop_and_a_stream_does_not() -> None:
+    """``warm_tick_us``: after a request's round (a few frames) the sleeping TX pump wakes the loop every
+    tick, running no round, until ``warm_for_ms`` pass with no request; a stream's round starts none."""
+    policy = NotifyPolicy(flow_batch=8, warm_tick_us=1000.0, warm_for_ms=40.0)
+    async with active(Rig(SinkPort(), policy, 1)) as rig:
+        assert rig.post(1)  # a request
+        await settle(rig, until=1)
+        await settle(rig)
+        rounds = rig.pump.snapshot()["rounds"]
+        await until(lambda: rig.pump.snapshot()["warm_ticks"] >= 5, "five warm ticks")
+        assert rig.asleep() and rig.pump.snapshot()["rounds"] == rounds  # woken, no round run
+        await until(lambda: rig.pump._warm is None, "the ticks ending 40 ms after the request")
+        ticks = rig.pump.snapshot()["warm_ticks"]
+        assert 5 <= ticks <= 45  # at most one a millisecond
+        await asyncio.sleep(0.02)
+        assert rig.pump.snapshot()["warm_ticks"] == ticks
+
+    async with active(Rig(SinkPort(), policy, 1)) as rig:
+        assert rig.post(16)  # a batch: traffic flows
+        await settle(rig, until=16)
+        await settle(rig)
+        await asyncio.sleep(0.01)
+        assert rig.pump.snapshot()["warm_ticks"] == 0 and rig.pump._warm is None
+
+    async with active(Rig(SinkPort(), NotifyPolicy(warm_tick_us=0.0), 1)) as rig:
+        assert rig.post(1)
+        await settle(rig, until=1)
+        await asyncio.sleep(0.01)
+        assert rig.pump.snapshot()["warm_ticks"] == 0  # off

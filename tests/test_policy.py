@@ -16,6 +16,7 @@ from nicsim.virtio.policy import (
     NotifyPolicy,
     PollAction,
     chase_tx,
+    keep_warm,
     policy_from_options,
     poll_action,
     should_interrupt,
@@ -49,7 +50,8 @@ def test_counts_that_must_be_positive_are_refused_at_zero(name: str) -> None:
         NotifyPolicy(**{name: 0})
 
 
-@pytest.mark.parametrize("name", ["kick_batch", "rx_kick_batch", "flow_batch", "poll_us", "batch_wait_us"])
+@pytest.mark.parametrize("name", ["kick_batch", "rx_kick_batch", "flow_batch", "poll_us", "batch_wait_us",
+                                  "warm_tick_us", "warm_for_ms"])
 def test_negative_knobs_are_refused(name: str) -> None:
     with pytest.raises(ValueError, match=name):
         NotifyPolicy(**{name: -1})
@@ -201,3 +203,11 @@ def test_a_ring_streams_while_its_recent_rounds_move_batches_or_gso_frames() -> 
     assert streaming(p, last_batch=2, last_bytes=FLOW_BYTES, idle_us=10.0)  # a TCP stream's GSO frames
     assert not streaming(p, last_batch=1, last_bytes=98, idle_us=10.0)  # a reply: request/response
     assert not streaming(p, last_batch=64, last_bytes=64 * 60, idle_us=STREAM_WINDOW_US)  # over: idle
+
+
+def test_a_request_keeps_the_core_warm_and_a_stream_does_not() -> None:
+    p = NotifyPolicy(flow_batch=8)
+    assert keep_warm(p, processed=1, nbytes=98)  # a ping
+    assert not keep_warm(p, processed=8, nbytes=8 * 60)  # a batch: traffic flows
+    assert not keep_warm(p, processed=1, nbytes=FLOW_BYTES)  # a GSO frame: a stream
+    assert not keep_warm(NotifyPolicy(warm_tick_us=0), processed=1, nbytes=98)  # off

@@ -12,8 +12,10 @@ TX round of a few frames (a request) the pair's RX pump runs a round at once
 dry the pump busy-polls for a while if its last round moved a whole batch (``full_poll_us``), or if
 told to (``poll_us``; not an RX ring whose port has nothing to give and wakes it when it has, such
 as a TAP), then re-arms kicks with a re-check (``rearm_kicks``) and
-sleeps on the kick eventfd. If the wakeup moved a batch (traffic flows) and the guest negotiated
-EVENT_IDX, the re-arm asks for the kick only once ``kick_batch`` more buffers are posted, with a
+sleeps on the kick eventfd; a TX ring that carries sparse requests wakes the loop every
+``warm_tick_us`` meanwhile, running nothing, so that the next request does not find the core deep
+asleep. If the wakeup moved a batch (traffic flows) and the guest negotiated EVENT_IDX, the re-arm
+asks for the kick only once ``kick_batch`` more buffers are posted, with a
 ``batch_wait_us`` timer for a guest that stops short; otherwise the first buffer kicks. An RX ring whose
 push-style port has nothing queued sleeps until the device's ``on_wakeup``; frames the switch writes
 straight into a sleeping ring's buffers only have its interrupt decided (``delivered``), with no round
@@ -51,6 +53,7 @@ from nicsim.virtio.policy import (
     chase_tx,
     defer_tx_interrupt,
     is_stalled,
+    keep_warm,
     poll_action,
     poll_for_reply,
     request_response,
@@ -65,7 +68,7 @@ _ONE = struct.pack("=Q", 1)
 _RETRY_S = 0.001  # pool exhausted, a rate-limited port, a paced sender: look again this much later
 PUMP_COUNTERS = (
     "wakeups_kick", "wakeups_timer", "wakeups_stall", "wakeups_other", "wakeups_reply", "rounds", "sleeps",
-    "batch_sleeps", "irqs_held", "irqs_merged", "round_errors", "wedges", "delivered",
+    "batch_sleeps", "irqs_held", "irqs_merged", "round_errors", "wedges", "delivered", "warm_ticks",
 )
 
 
@@ -112,6 +115,8 @@ class RingPump:
         # TX: a due interrupt held for the pair's RX one (``defer_tx_interrupt``), and its deadline.
         # RX: the pair's TX pump, whose held interrupt goes out just before this ring's own.
         self._irq_held: asyncio.TimerHandle | None = None
+        # TX: the warm tick (``warm_tick_us``) while sparse requests come; see :meth:`_keep_warm`.
+        self._warm: asyncio.TimerHandle | None = None
         self.tx_partner: RingPump | None = None
         self._rx_peer: RingPump | None = None
 
@@ -158,6 +163,7 @@ class RingPump:
         self.active = False
         self._unwatch()
         self._cancel()
+        self._cool()
         self._disarm_watchdog()
 
     def close(self) -> None:
@@ -334,11 +340,14 @@ class RingPump:
             self._moved_bytes += nbytes
             if self._tx:
                 peer = self._rx_peer
-                if (peer is not None and poll_for_reply(policy, processed=res.processed, nbytes=nbytes)
-                        and not peer.streaming(now)):  # fmt: skip
+                acks = peer is not None and peer.streaming(now)  # a TCP receiver's ACKs: no requests
+                if peer is not None and not acks and poll_for_reply(policy, processed=res.processed,
+                                                                    nbytes=nbytes):  # fmt: skip
                     peer.poll_reply()
                 if self.after_tx is not None:
                     self.after_tx(self.index // 2)
+                if not acks and keep_warm(policy, processed=res.processed, nbytes=nbytes):
+                    self._keep_warm()
         else:
             self._empty_rounds += 1
         return res
@@ -476,6 +485,27 @@ class RingPump:
     def _later(self, delay: float) -> None:
         self._handle = self.loop.call_later(delay, self._round)
 
+    def _keep_warm(self) -> None:
+        """TX, after a request's round: wake the loop every ``warm_tick_us`` until ``warm_for_ms`` pass
+        with no request, so the core is never long asleep when the next one comes. The tick does
+        nothing else: waking the core is its work (see ``NotifyPolicy.warm_tick_us``)."""
+        tick_us = self.device.policy.warm_tick_us
+        if self._warm is None and tick_us > 0:
+            self._warm = self.loop.call_later(tick_us * 1e-6, self._on_warm_tick)
+
+    def _on_warm_tick(self) -> None:
+        self._warm = None
+        if not self.active or self.broken:
+            return
+        self.counters["warm_ticks"] += 1
+        if (time.monotonic() - self._last_work) * 1e3 < self.device.policy.warm_for_ms:
+            self._keep_warm()
+
+    def _cool(self) -> None:
+        if self._warm is not None:
+            self._warm.cancel()
+            self._warm = None
+
     def _fail(self, err: Exception) -> None:
         # The guest broke the ring (or we called out of order): stop it until the frontend resets it.
         log.error("ring %d stopped: %s", self.index, err)
@@ -484,6 +514,7 @@ class RingPump:
         self._busy = False
         self._unwatch()
         self._cancel()
+        self._cool()
         self._disarm_watchdog()
         if isinstance(err, GuestError):
             # Not silently: the device sets DEVICE_NEEDS_RESET (GET_STATUS reports it; virtio 1.2
