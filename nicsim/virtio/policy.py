@@ -110,11 +110,12 @@ class NotifyPolicy:
     # TX, sparse requests (rounds of a few frames, no GSO frame): for warm_for_ms after the last one,
     # wake the backend's core every warm_tick_us (0: never), so that it never sleeps long between
     # requests. An idle core wakes slower the longer it slept (this host: an eventfd woke a process
-    # on an idle core in 84-92 us after 10 ms, 52 us with a 1 ms timer beside it; on hardware the idle
-    # governor picks a deeper C-state when no timer is near), and the request's round then runs on a
-    # colder core. Measured within one run, the tick on and off in blocks of 20 pings every 10 ms
-    # (50 pairs of blocks a run): p50 -54 to -95 us at 1 ms (39-40 of 50 pairs faster), -75 us at
-    # 0.5 ms, -40 us at 2 ms. The tick does no work: a loop turn, about 1000 a second.
+    # on a core idle for 10 ms in 80-101 us p50, in 40-52 us with a 1 ms timer beside it; on hardware
+    # the idle governor picks a deeper C-state when no timer is near), and the request's round then
+    # runs on a colder core. Measured within one run, the tick on and off in blocks of 20 pings every
+    # 10 ms, each block's median against its neighbour's: p50 -30 to -47 us (29-35 of 50, 43-49 of
+    # 75 pairs faster); a prototype at 0.5 ms bought about as much as at 1 ms, at 2 ms less. The tick
+    # does no work: a loop turn, about 2.5 % of a core while requests come (at 1 ms).
     warm_tick_us: float = 1000.0
     warm_for_ms: float = 1000.0
 
