@@ -11,6 +11,7 @@ import os
 import select
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 
@@ -350,3 +351,72 @@ async def test_a_request_wakes_the_loop_every_warm_tick_until_requests_stop_and_
         await settle(rig, until=1)
         await asyncio.sleep(0.01)
         assert rig.pump.snapshot()["warm_ticks"] == 0  # off
+
+
+async def _steady_requests(rig: Rig, n: int = 3, *, pause: float = 0.02) -> None:
+    """``n`` requests (one frame each, kicked) ``pause`` seconds apart, each served before the next."""
+    for k in range(1, n + 1):
+        if k > 1:
+            await asyncio.sleep(pause)
+        assert rig.post(1)
+        await settle(rig, until=k)
+        await settle(rig)
+
+
+STEADY = NotifyPolicy(flow_batch=8, rr_poll_us=1000.0, poll_ahead_us=5000.0, warm_tick_us=0.0)
+
+
+async def test_requests_at_a_steady_pace_are_polled_for_just_before_the_next_is_due() -> None:
+    """``poll_ahead_us``: once two gaps in a row between requests agree, the sleeping TX pump starts
+    polling (kicks off) shortly before the next request is due; a request posted then needs no kick
+    and the poll serves it."""
+    async with active(Rig(SinkPort(), STEADY, 1)) as rig:
+        await _steady_requests(rig)  # 20 ms apart: the next is due 20 ms after the third
+        assert rig.pump.snapshot()["wakeups_ahead"] == 0
+        await until(lambda: rig.pump._poll_until > 0, "polling for the fourth request")
+        assert rig.pump.busy
+        assert not rig.post(1)  # the device has kicks off: the guest skips the doorbell
+        await settle(rig, until=4)
+        counters = rig.pump.snapshot()
+        assert (counters["wakeups_ahead"], counters["ahead_hits"], counters["wakeups_kick"]) == (1, 1, 3)
+
+
+async def test_a_window_with_no_request_ends_and_the_pump_sleeps_on_the_kick_again() -> None:
+    async with active(Rig(SinkPort(), STEADY, 1)) as rig:
+        await _steady_requests(rig)
+        await until(lambda: rig.pump.snapshot()["wakeups_ahead"] == 1, "polling for a fourth request")
+        await until(lambda: rig.asleep(), "the window ending with no request")
+        assert rig.pump.snapshot()["ahead_hits"] == 0 and rig.pump._poll_until == 0
+        assert rig.post(1)  # kicks are armed again
+        await settle(rig, until=4)
+
+
+async def test_requests_at_an_uneven_pace_or_with_poll_ahead_off_are_not_polled_for() -> None:
+    """Gaps that disagree by ``poll_ahead_us`` or more (12 then 30 ms), or ``poll_ahead_us`` 0: no
+    window is planned and the kick alone serves each request."""
+    for policy, pauses in ((STEADY, (0.012, 0.03)), (replace(STEADY, poll_ahead_us=0.0), (0.02, 0.02))):
+        async with active(Rig(SinkPort(), policy, 1)) as rig:
+            for n, pause in enumerate((0.0, *pauses), start=1):
+                await asyncio.sleep(pause)
+                assert rig.post(1)
+                await settle(rig, until=n)
+                await settle(rig)
+            assert rig.pump._ahead is None or not rig.pump._ahead.armed
+            await asyncio.sleep(0.04)
+            assert rig.pump.snapshot()["wakeups_ahead"] == 0 and rig.asleep()
+            assert rig.post(1)
+            await settle(rig, until=4)
+            assert rig.pump.snapshot()["wakeups_kick"] == 4
+
+
+async def test_closing_the_pump_closes_its_poll_ahead_timer() -> None:
+    rig = Rig(SinkPort(), STEADY, 1)
+    async with active(rig):
+        await _steady_requests(rig)
+        timer = rig.pump._ahead
+        assert timer is not None and timer._fd is not None
+        fd = timer._fd
+        os.fstat(fd)
+    assert rig.pump._ahead is None
+    with pytest.raises(OSError):
+        os.fstat(fd)

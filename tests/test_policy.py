@@ -16,9 +16,11 @@ from nicsim.virtio.policy import (
     NotifyPolicy,
     PollAction,
     chase_tx,
+    is_request,
     keep_warm,
     policy_from_options,
     poll_action,
+    poll_ahead,
     should_interrupt,
     streaming,
 )
@@ -51,7 +53,7 @@ def test_counts_that_must_be_positive_are_refused_at_zero(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["kick_batch", "rx_kick_batch", "flow_batch", "poll_us", "batch_wait_us",
-                                  "warm_tick_us", "warm_for_ms"])
+                                  "warm_tick_us", "warm_for_ms", "poll_ahead_us"])
 def test_negative_knobs_are_refused(name: str) -> None:
     with pytest.raises(ValueError, match=name):
         NotifyPolicy(**{name: -1})
@@ -211,3 +213,29 @@ def test_a_request_keeps_the_core_warm_and_a_stream_does_not() -> None:
     assert not keep_warm(p, processed=8, nbytes=8 * 60)  # a batch: traffic flows
     assert not keep_warm(p, processed=1, nbytes=FLOW_BYTES)  # a GSO frame: a stream
     assert not keep_warm(NotifyPolicy(warm_tick_us=0), processed=1, nbytes=98)  # off
+
+
+def test_requests_at_a_steady_pace_get_a_window_around_the_next_ones_expected_time() -> None:
+    p = NotifyPolicy(rr_poll_us=2000.0, poll_ahead_us=300.0, warm_for_ms=1000.0)
+    assert poll_ahead(p, gap_us=10_450.0, previous_gap_us=10_500.0) == (10_150.0, 10_750.0)  # a ping / 10 ms
+    assert poll_ahead(p, gap_us=10_450.0, previous_gap_us=10_750.0) is None  # uneven: the kick serves it
+    assert poll_ahead(p, gap_us=1500.0, previous_gap_us=1500.0) is None  # rr_poll_us polls those anyway
+    no_rr = NotifyPolicy(rr_poll_us=0.0, poll_ahead_us=300.0)
+    assert poll_ahead(no_rr, gap_us=500.0, previous_gap_us=500.0) is None  # a window would start at once
+    assert poll_ahead(no_rr, gap_us=700.0, previous_gap_us=650.0) == (400.0, 1000.0)
+    assert poll_ahead(p, gap_us=2e6, previous_gap_us=2e6) is None  # past warm_for_ms: not worth a timer
+    assert poll_ahead(p, gap_us=10_450.0, previous_gap_us=8e12) is None  # the first request after boot
+    assert poll_ahead(NotifyPolicy(poll_ahead_us=0.0), gap_us=10_450.0, previous_gap_us=10_450.0) is None
+
+
+def test_a_ring_inside_its_poll_ahead_window_polls_and_outside_it_sleeps() -> None:
+    p = NotifyPolicy()
+    assert poll_action(p, more=False, empty_rounds=50, idle_us=10_200.0, ahead=True) is PollAction.POLL
+    assert poll_action(p, more=False, empty_rounds=50, idle_us=10_200.0, ahead=False) is PollAction.REARM
+
+
+def test_a_request_is_a_round_of_a_few_frames_and_no_gso_frame() -> None:
+    p = NotifyPolicy(flow_batch=8)
+    assert is_request(p, processed=1, nbytes=98)
+    assert not is_request(p, processed=8, nbytes=8 * 60)
+    assert not is_request(p, processed=1, nbytes=FLOW_BYTES)

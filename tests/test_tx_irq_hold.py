@@ -179,7 +179,7 @@ async def test_back_to_back_requests_are_polled_for_without_kicks(tmp_path: Path
 
 
 async def test_without_the_window_every_request_kicks(tmp_path: Path) -> None:
-    async with rig(tmp_path, ReflectPort, rr_poll_us=0, tx_irq_wait_us=0) as (fe, sess):
+    async with rig(tmp_path, ReflectPort, rr_poll_us=0, tx_irq_wait_us=0, poll_ahead_us=0) as (fe, sess):
         assert sess.pumps[TX].active
         fe.post_rx(4)
         kicked = await _exchange(fe, 6)

@@ -14,7 +14,9 @@ told to (``poll_us``; not an RX ring whose port has nothing to give and wakes it
 as a TAP), then re-arms kicks with a re-check (``rearm_kicks``) and
 sleeps on the kick eventfd; a TX ring that carries sparse requests wakes the loop every
 ``warm_tick_us`` meanwhile, running nothing, so that the next request does not find the core deep
-asleep. If the wakeup moved a batch (traffic flows) and the guest negotiated EVENT_IDX, the re-arm
+asleep, and if they come at a steady pace it polls for the next one, kicks off, from ``poll_ahead_us``
+before it is due until as long after (a timerfd starts it: asyncio's timers are a millisecond late).
+If the wakeup moved a batch (traffic flows) and the guest negotiated EVENT_IDX, the re-arm
 asks for the kick only once ``kick_batch`` more buffers are posted, with a
 ``batch_wait_us`` timer for a guest that stops short; otherwise the first buffer kicks. An RX ring whose
 push-style port has nothing queued sleeps until the device's ``on_wakeup``; frames the switch writes
@@ -46,15 +48,18 @@ import time
 from collections.abc import Callable
 
 from nicsim.ports.base import Port
+from nicsim.server.precise_timer import PreciseTimer
 from nicsim.virtio.device import DeviceStateError, QueueResult, VirtioNetDevice
 from nicsim.virtio.features import VIRTIO_F_RING_PACKED
 from nicsim.virtio.policy import (
     PollAction,
     chase_tx,
     defer_tx_interrupt,
+    is_request,
     is_stalled,
     keep_warm,
     poll_action,
+    poll_ahead,
     poll_for_reply,
     request_response,
     streaming,
@@ -69,6 +74,7 @@ _RETRY_S = 0.001  # pool exhausted, a rate-limited port, a paced sender: look ag
 PUMP_COUNTERS = (
     "wakeups_kick", "wakeups_timer", "wakeups_stall", "wakeups_other", "wakeups_reply", "rounds", "sleeps",
     "batch_sleeps", "irqs_held", "irqs_merged", "round_errors", "wedges", "delivered", "warm_ticks",
+    "wakeups_ahead", "ahead_hits",
 )
 
 
@@ -117,6 +123,13 @@ class RingPump:
         self._irq_held: asyncio.TimerHandle | None = None
         # TX: the warm tick (``warm_tick_us``) while sparse requests come; see :meth:`_keep_warm`.
         self._warm: asyncio.TimerHandle | None = None
+        # TX: polling for a request due at a steady pace (``poll_ahead_us``): the timer that starts it,
+        # the end of its window (monotonic; 0: not polling ahead), and the gap before the last request.
+        self._ahead: PreciseTimer | None = None
+        self._no_ahead = False  # no timerfd here
+        self._ahead_end = 0.0
+        self._poll_until = 0.0
+        self._prev_gap_us = 0.0
         self.tx_partner: RingPump | None = None
         self._rx_peer: RingPump | None = None
 
@@ -169,6 +182,9 @@ class RingPump:
     def close(self) -> None:
         """Deactivate and close every eventfd; idempotent."""
         self.deactivate()
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
         for name in ("kick_fd", "call_fd", "err_fd"):
             _close(getattr(self, name))
             setattr(self, name, None)
@@ -331,7 +347,10 @@ class RingPump:
             self._fail(res.error)
             return None
         if res.processed:
-            self._gap_us = (now - self._last_work) * 1e6
+            self._prev_gap_us, self._gap_us = self._gap_us, (now - self._last_work) * 1e6
+            if self._poll_until:
+                self._poll_until = 0.0
+                self.counters["ahead_hits"] += 1
             self._last_batch, self._last_bytes = res.processed, nbytes
             policy = self.device.policy
             self._last_full = res.processed >= (policy.tx_batch if self._tx else policy.rx_batch)
@@ -342,12 +361,16 @@ class RingPump:
                 peer = self._rx_peer
                 reply = peer is not None and poll_for_reply(policy, processed=res.processed, nbytes=nbytes)
                 warm = keep_warm(policy, processed=res.processed, nbytes=nbytes)
+                ahead = (policy.poll_ahead_us > 0 and not self._no_ahead
+                         and is_request(policy, processed=res.processed, nbytes=nbytes))  # fmt: skip
                 # A request, unless it is a TCP receiver's ACK (asked only then: a stream's rounds skip it).
-                if (reply or warm) and not (peer is not None and peer.streaming(now)):
+                if (reply or warm or ahead) and not (peer is not None and peer.streaming(now)):
                     if reply and peer is not None:
                         peer.poll_reply()
                     if warm:
                         self._keep_warm()
+                    if ahead:
+                        self._plan_ahead(now)
                 if self.after_tx is not None:
                     self.after_tx(self.index // 2)
         else:
@@ -421,9 +444,12 @@ class RingPump:
         # wakes it when it has, and each empty round there is a failed readv that delays the TX ring's
         # polls (--poll-us 20000, a 3000-ping flood, five alternated pairs: four faster, the medians
         # of their p50s 0.238 -> 0.207 ms).
+        ahead = now < self._poll_until
+        if not ahead:
+            self._poll_until = 0.0
         action = poll_action(policy, more=more, empty_rounds=self._empty_rounds,
                              idle_us=(now - self._last_work) * 1e6, rr=rr, full=self._last_full,
-                             pollable=self._tx or self._rx_has_work())  # fmt: skip
+                             pollable=self._tx or self._rx_has_work(), ahead=ahead)  # fmt: skip
         if action is not PollAction.REARM:
             self._handle = self.loop.call_soon(self._round)
             return
@@ -508,6 +534,36 @@ class RingPump:
         if self._warm is not None:
             self._warm.cancel()
             self._warm = None
+        if self._ahead is not None:
+            self._ahead.cancel()
+        self._poll_until = 0.0
+
+    def _plan_ahead(self, now: float) -> None:
+        """TX, after a request's round: if requests come at a steady pace (:func:`poll_ahead`), start
+        polling for the next one shortly before it is due (:meth:`_on_ahead`). Timed by a timerfd:
+        asyncio's timers fire up to a millisecond late, after the request."""
+        window = poll_ahead(self.device.policy, gap_us=self._gap_us, previous_gap_us=self._prev_gap_us)
+        if window is None:
+            if self._ahead is not None:
+                self._ahead.cancel()
+            return
+        if self._ahead is None:
+            try:
+                self._ahead = PreciseTimer(self.loop, self._on_ahead)
+            except OSError as err:
+                log.warning("ring %d: no timerfd (%s): requests at a steady pace are not polled for",
+                            self.index, err)  # fmt: skip
+                self._no_ahead = True
+                return
+        start_us, end_us = window
+        self._ahead_end = now + end_us * 1e-6
+        self._ahead.set_at(now + start_us * 1e-6)
+
+    def _on_ahead(self) -> None:
+        if not self.active or self.broken:
+            return
+        self._poll_until = self._ahead_end
+        self.wake("wakeups_ahead")
 
     def _fail(self, err: Exception) -> None:
         # The guest broke the ring (or we called out of order): stop it until the frontend resets it.

@@ -38,7 +38,10 @@ For the same traffic, a TX ring whose one-request rounds come within ``rr_poll_u
 ping flood, an RPC loop) is polled for that long with kicks off instead of put to sleep
 (:func:`request_response`): the guest skips the doorbell, the backend its wakeup. A sparse guest (a
 request every 10 ms) is never polled for; one sending 500 requests a second or more is, and then the
-backend's core is busy while it does (DPDK's is, all the time).
+backend's core is busy while it does (DPDK's is, all the time). A guest whose requests come at a
+steady pace slower than that (a ping every 10 ms, a heartbeat) is polled for around each one's
+expected time only (:func:`poll_ahead`, ``poll_ahead_us``), so the request finds the backend's core
+awake and its code warm, as a busy-polled core would, for a few percent of a core.
 
 Notifications can still be lost (a guest that reads an old ``avail_event``, a driver that re-enabled
 interrupts just as we decided against one, or anything else that leaves both sides waiting), so no
@@ -118,6 +121,16 @@ class NotifyPolicy:
     # does no work: a loop turn, about 2.5 % of a core while requests come (at 1 ms).
     warm_tick_us: float = 1000.0
     warm_for_ms: float = 1000.0
+    # TX, requests at a steady pace (two gaps in a row between rr_poll_us and warm_for_ms that differ
+    # by less than this: a ping every 10 ms, a heartbeat): poll for the next one, kicks off, from this
+    # long before it is due (the last gap after the last request) until this long after (0: never).
+    # Linux's hybrid block polling does the same with an I/O's expected completion. The request then
+    # finds the core awake and the round's code and data warm, as a busy-polled core would. Measured
+    # within one run, on and off in blocks of 20 pings every 10 ms, each block's median against its
+    # neighbour's: p50 -56.5 us (65 of 75 pairs faster; 0.668 against 0.716 ms), p99 1.200 against
+    # 1.228 ms; 1422 of 1433 windows found their request. Cost: 0.3-0.7 s more CPU over 2000 pings
+    # (about 2-3 % of a core while they come). Gaps under 2 * poll_ahead_us are left to rr_poll_us.
+    poll_ahead_us: float = 300.0
 
     def __post_init__(self) -> None:
         for name in ("tx_batch", "rx_batch", "irq_coalesce", "rx_backlog", "rounds_per_call", "fused_rounds"):
@@ -125,7 +138,7 @@ class NotifyPolicy:
                 raise ValueError(f"NotifyPolicy.{name} must be >= 1")
         for name in ("kick_batch", "rx_kick_batch", "flow_batch", "min_round", "poll_rounds", "poll_us",
                      "publish_every", "full_poll_us", "batch_wait_us", "stall_recheck_ms", "tx_irq_wait_us",
-                     "rr_poll_us", "reply_poll", "warm_tick_us", "warm_for_ms"):
+                     "rr_poll_us", "reply_poll", "warm_tick_us", "warm_for_ms", "poll_ahead_us"):
             if getattr(self, name) < 0:
                 raise ValueError(f"NotifyPolicy.{name} must be >= 0")
 
@@ -182,6 +195,9 @@ POLICY_OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
                             "the backend's core this often, so that a lone request does not find it "
                             "deep asleep (0: never)"),
     "warm_for_ms": (float, "...for this long after the last request"),
+    "poll_ahead_us": (float, "TX: when requests come at a steady pace (two gaps in a row within this "
+                             "many microseconds of each other), poll for the next one from this long "
+                             "before it is due until this long after, kicks off (0: never)"),
     "reply_poll": (int, "after a TX round of a few frames (a request), run the pair's RX round at once, "
                         "in the same loop turn, to deliver a reply the port already has (a TAP's "
                         "kernel answers a ping within the write) with the held TX interrupt (0: never)"),
@@ -235,14 +251,15 @@ def request_response(policy: NotifyPolicy, *, gap_us: float, last_batch: int, la
 
 def poll_action(
     policy: NotifyPolicy, *, more: bool, empty_rounds: int, idle_us: float, rr: bool = False,
-    full: bool = False, pollable: bool = True,
+    full: bool = False, pollable: bool = True, ahead: bool = False,
 ) -> PollAction:
     """What the pump does after a round: ``more`` if the round left work, ``empty_rounds`` how many
     consecutive rounds found nothing, ``idle_us`` microseconds since the last round that found work,
     ``rr`` whether the ring carries request/response traffic (:func:`request_response`), ``full``
     whether that last round moved a whole batch (``full_poll_us``). ``pollable`` False: busy-polling
     (``poll_us``) would find nothing the ring is not woken for anyway (an RX ring whose port has
-    nothing to give: a TAP or a socket with nothing to read, which wakes the ring when it has)."""
+    nothing to give: a TAP or a socket with nothing to read, which wakes the ring when it has).
+    ``ahead``: the ring is inside a window in which its next request is due (:func:`poll_ahead`)."""
     if more:
         return PollAction.PROCESS
     if pollable and empty_rounds < policy.poll_rounds and idle_us < policy.poll_us:
@@ -250,6 +267,8 @@ def poll_action(
     if full and idle_us < policy.full_poll_us:
         return PollAction.POLL
     if rr and idle_us < policy.rr_poll_us:
+        return PollAction.POLL
+    if ahead:
         return PollAction.POLL
     return PollAction.REARM
 
@@ -298,6 +317,23 @@ def keep_warm(policy: NotifyPolicy, *, processed: int, nbytes: int) -> bool:
     return policy.warm_tick_us > 0 and _sparse(policy, processed, nbytes)
 
 
+def poll_ahead(policy: NotifyPolicy, *, gap_us: float, previous_gap_us: float) -> tuple[float, float] | None:
+    """When to poll for a TX ring's next request (``poll_ahead_us``), in microseconds after the request
+    just served: ``gap_us`` after the one before, itself ``previous_gap_us`` after its own. Requests at
+    a steady pace (the two gaps within ``poll_ahead_us`` of each other, both too long for
+    :func:`request_response` polling and for a window that would start at once, and within
+    ``warm_for_ms``) give ``(start, end)`` around the next one's expected time; anything else None (no
+    polling: the kick serves it)."""
+    ahead = policy.poll_ahead_us
+    longest = policy.warm_for_ms * 1e3
+    if ahead <= 0 or abs(gap_us - previous_gap_us) >= ahead:
+        return None
+    shortest = max(policy.rr_poll_us, 2 * ahead)  # closer requests: polling between them is rr_poll_us's
+    if not (shortest <= gap_us <= longest and shortest <= previous_gap_us <= longest):
+        return None
+    return max(gap_us - ahead, 0.0), gap_us + ahead
+
+
 def poll_for_reply(policy: NotifyPolicy, *, processed: int, nbytes: int = 0) -> bool:
     """Whether a TX round's pair RX round runs at once, in the same loop turn (``reply_poll``): after
     a sparse round (a request, as :func:`defer_tx_interrupt` sees it) the reply is often there
@@ -320,6 +356,12 @@ def streaming(policy: NotifyPolicy, *, last_batch: int, last_bytes: int, idle_us
     :func:`request_response` polling applies to them (measured, host->guest TCP through the tap:
     4.5 -> 5.1 Gbit/s without them; the RX ring's own wakeups bring its batches whole)."""
     return idle_us < STREAM_WINDOW_US and not _sparse(policy, last_batch, last_bytes)
+
+
+def is_request(policy: NotifyPolicy, *, processed: int, nbytes: int) -> bool:
+    """Whether a TX round that moved ``processed`` frames (``nbytes`` in all) looks like a request: a
+    few frames (under ``flow_batch``) and no GSO frame's bytes."""
+    return _sparse(policy, processed, nbytes)
 
 
 def _sparse(policy: NotifyPolicy, processed: int, nbytes: int) -> bool:
