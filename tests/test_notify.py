@@ -381,6 +381,23 @@ async def test_requests_at_a_steady_pace_are_polled_for_just_before_the_next_is_
         assert (counters["wakeups_ahead"], counters["ahead_hits"], counters["wakeups_kick"]) == (1, 1, 3)
 
 
+async def test_a_frame_before_the_window_leaves_it_where_it_was() -> None:
+    """Another frame between two paced requests (an IPv6 router solicitation between pings) is served
+    by its kick and does not move the window planned for the next request."""
+    async with active(Rig(SinkPort(), STEADY, 1)) as rig:
+        await _steady_requests(rig)
+        start = rig.pump._ahead_start
+        await asyncio.sleep(0.004)  # the window opens 15 ms after the third request
+        assert rig.post(1)
+        await settle(rig, until=4)
+        await settle(rig)
+        assert rig.pump._ahead_start == start and rig.pump._ahead is not None and rig.pump._ahead.armed
+        await until(lambda: rig.pump._poll_until > 0, "polling for the paced request")
+        assert not rig.post(1)
+        await settle(rig, until=5)
+        assert rig.pump.snapshot()["ahead_hits"] == 1
+
+
 async def test_a_window_with_no_request_ends_and_the_pump_sleeps_on_the_kick_again() -> None:
     async with active(Rig(SinkPort(), STEADY, 1)) as rig:
         await _steady_requests(rig)
@@ -392,9 +409,9 @@ async def test_a_window_with_no_request_ends_and_the_pump_sleeps_on_the_kick_aga
 
 
 async def test_requests_at_an_uneven_pace_or_with_poll_ahead_off_are_not_polled_for() -> None:
-    """Gaps that disagree by ``poll_ahead_us`` or more (12 then 30 ms), or ``poll_ahead_us`` 0: no
+    """Gaps more than ``4 * poll_ahead_us`` apart (12 then 40 ms), or ``poll_ahead_us`` 0: no
     window is planned and the kick alone serves each request."""
-    for policy, pauses in ((STEADY, (0.012, 0.03)), (replace(STEADY, poll_ahead_us=0.0), (0.02, 0.02))):
+    for policy, pauses in ((STEADY, (0.012, 0.04)), (replace(STEADY, poll_ahead_us=0.0), (0.02, 0.02))):
         async with active(Rig(SinkPort(), policy, 1)) as rig:
             for n, pause in enumerate((0.0, *pauses), start=1):
                 await asyncio.sleep(pause)

@@ -217,15 +217,21 @@ def test_a_request_keeps_the_core_warm_and_a_stream_does_not() -> None:
 
 def test_requests_at_a_steady_pace_get_a_window_around_the_next_ones_expected_time() -> None:
     p = NotifyPolicy(rr_poll_us=2000.0, poll_ahead_us=300.0, warm_for_ms=1000.0)
-    assert poll_ahead(p, gap_us=10_450.0, previous_gap_us=10_500.0) == (10_150.0, 10_750.0)  # a ping / 10 ms
-    assert poll_ahead(p, gap_us=10_450.0, previous_gap_us=10_750.0) is None  # uneven: the kick serves it
-    assert poll_ahead(p, gap_us=1500.0, previous_gap_us=1500.0) is None  # rr_poll_us polls those anyway
+    assert poll_ahead(p, [10_400.0, 10_500.0]) == (10_100.0, 10_800.0)  # a ping every 10 ms
+    assert poll_ahead(p, [10_500.0]) is None  # one gap says nothing of a pace
+    assert poll_ahead(p, [10_000.0, 11_300.0]) is None  # two more than 4 * 300 us apart
+    # A pace that jitters is polled for across its jitter...
+    assert poll_ahead(p, [10_400.0, 10_900.0, 10_600.0]) == (10_100.0, 10_900.0)
+    # ...and the gap farthest from the median (a late request) is left out, one only.
+    assert poll_ahead(p, [10_500.0, 10_600.0, 13_900.0, 10_550.0]) == (10_200.0, 10_900.0)
+    assert poll_ahead(p, [7_100.0, 10_500.0, 10_600.0, 10_550.0]) == (10_200.0, 10_900.0)
+    assert poll_ahead(p, [10_500.0, 12_600.0, 13_900.0, 10_550.0]) is None
+    assert poll_ahead(p, [1500.0, 1500.0]) is None  # rr_poll_us polls those anyway
     no_rr = NotifyPolicy(rr_poll_us=0.0, poll_ahead_us=300.0)
-    assert poll_ahead(no_rr, gap_us=500.0, previous_gap_us=500.0) is None  # a window would start at once
-    assert poll_ahead(no_rr, gap_us=700.0, previous_gap_us=650.0) == (400.0, 1000.0)
-    assert poll_ahead(p, gap_us=2e6, previous_gap_us=2e6) is None  # past warm_for_ms: not worth a timer
-    assert poll_ahead(p, gap_us=10_450.0, previous_gap_us=8e12) is None  # the first request after boot
-    assert poll_ahead(NotifyPolicy(poll_ahead_us=0.0), gap_us=10_450.0, previous_gap_us=10_450.0) is None
+    assert poll_ahead(no_rr, [500.0, 500.0]) is None  # a window would start at once
+    assert poll_ahead(no_rr, [700.0, 650.0]) == (350.0, 1000.0)
+    assert poll_ahead(p, [2e6, 2e6]) is None  # past warm_for_ms: not worth a timer
+    assert poll_ahead(NotifyPolicy(poll_ahead_us=0.0), [10_450.0, 10_450.0]) is None
 
 
 def test_a_ring_inside_its_poll_ahead_window_polls_and_outside_it_sleeps() -> None:
