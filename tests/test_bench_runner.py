@@ -17,6 +17,10 @@ from nicsim.bench.serve import TESTPMD_FRAME, high_water, serve_port
 from nicsim.bench.testpmd import build_testpmd_argv, parse_counters
 from nicsim.bench.vm import VmRunner, measure, skip_runs, workload_for
 from nicsim.cli import main
+from nicsim.cli.serve import parse_port
+from nicsim.ports import GeneratorPort
+from nicsim.virtio.device import VirtioNetDevice
+from nicsim.virtio.features import VIRTIO_NET_F_MRG_RXBUF
 from nicsim.virtio.policy import NotifyPolicy, PollAction, policy_from_options, poll_action
 from qemu.testvm import DEFAULT_MAC
 
@@ -84,6 +88,22 @@ def test_nicsim_guest_tx_reads_every_byte_unless_the_row_is_labelled_count_only(
     assert count_only.unsupported(tx) is None
     assert count_only.unsupported(Cell(backend="nicsim-count-only", direction=Direction.RX, size=64))
     assert "nicsim-count-only" not in PEERS
+
+
+def test_the_mergeable_row_is_guest_rx_with_mergeable_buffers_offered_and_the_same_frame() -> None:
+    rx = Cell(backend="nicsim-mergeable", direction=Direction.RX, size=64)
+    mergeable = BACKEND_CLASSES["nicsim-mergeable"]()
+    assert isinstance(mergeable, NicsimBackend) and "nicsim-mergeable" not in PEERS
+    assert mergeable.unsupported(rx) is None
+    assert mergeable.unsupported(Cell(backend="nicsim-mergeable", direction=Direction.TX, size=64))
+    # The port nicsim serve gets: the rx rows' frame, with mergeable buffers offered; nicsim's own
+    # rows offer none for frames that fit a small buffer.
+    port = parse_port(f"{serve_port(rx)},{mergeable.generator_options}")
+    assert isinstance(port, GeneratorPort)
+    assert VirtioNetDevice(port=port).device_features() & (1 << VIRTIO_NET_F_MRG_RXBUF)
+    own = parse_port(serve_port(rx))
+    assert not VirtioNetDevice(port=own).device_features() & (1 << VIRTIO_NET_F_MRG_RXBUF)
+    assert TESTPMD_FRAME in serve_port(rx)
 
 
 def test_the_busy_poll_row_is_nicsim_polling_its_core_past_the_pings_interval() -> None:

@@ -17,7 +17,7 @@ from .backend import Backend, BenchError, BenchRun, RunContext
 from .dpdk_tap import DpdkTapBackend
 from .matrix import Cell, Direction, Plan, Summary, build_plan, ratio
 from .runner import CellResult, Sample
-from .serve import NicsimBackend, NicsimBusyPollBackend, NicsimCountOnlyBackend
+from .serve import NicsimBackend, NicsimBusyPollBackend, NicsimCountOnlyBackend, NicsimMergeableBackend
 from .tap import QemuTapBackend
 from .testpmd import DpdkBackend
 from .vm import VmRunner
@@ -30,6 +30,7 @@ BACKEND_CLASSES: dict[str, type[Backend]] = {
     "dpdk": DpdkBackend,
     "nicsim-count-only": NicsimCountOnlyBackend,  # guest TX without reading the bytes: a labelled row
     "nicsim-busy-poll": NicsimBusyPollBackend,  # polls its core as DPDK does: a labelled row
+    "nicsim-mergeable": NicsimMergeableBackend,  # guest RX in the peers' mergeable mode: a labelled row
     "dpdk-tap": DpdkTapBackend,  # latency rows: testpmd forwarding to a TAP, as nicsim and qemu-tap are
 }
 PEERS = ("qemu-tap", "dpdk")

@@ -3,7 +3,8 @@
 Written against the serve contract: ``--socket SOCK`` (nicsim listens, QEMU connects once the file
 exists), ``--port sink,read=on`` for guest TX cells (a sink that reads every frame byte, as DPDK
 copies every frame; ``nicsim-count-only`` is the labelled row with the count-only ``sink``;
-``nicsim-busy-poll`` the one that polls its core as DPDK does),
+``nicsim-busy-poll`` the one that polls its core as DPDK does; ``nicsim-mergeable`` guest RX in the peers'
+mergeable-buffer mode),
 ``--port generator,size=N`` for guest RX cells (UDP
 frames of N bytes, FCS excluded, to the guest's MAC as fast as the guest takes them), and
 ``--stats-file FILE``: a JSON snapshot rewritten every second and at exit, whose ``pool.high_water``
@@ -159,6 +160,20 @@ class NicsimCountOnlyBackend(NicsimBackend):
     def unsupported(self, cell: Cell) -> str | None:
         if cell.direction is not Direction.TX:
             return "the count-only sink is a guest TX row; other directions are nicsim's rows"
+        return None
+
+
+class NicsimMergeableBackend(NicsimBackend):
+    """nicsim's guest RX with mergeable RX buffers offered (``--port generator,mergeable=on``): the
+    receive mode DPDK's vhost and QEMU's tap put a Linux guest in, a labelled row beside nicsim's own
+    rows (small buffers, which cost the guest less under TCG), so guest RX also compares in one mode."""
+
+    name = "nicsim-mergeable"
+    generator_options = "mergeable=on"
+
+    def unsupported(self, cell: Cell) -> str | None:
+        if cell.direction is not Direction.RX:
+            return "the mergeable-buffer row is a guest RX row; other directions are nicsim's rows"
         return None
 
 
