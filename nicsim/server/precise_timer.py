@@ -3,7 +3,7 @@
 asyncio's ``call_later`` cannot time anything under a millisecond: its epoll selector rounds every
 wait up to whole milliseconds, so a timer 0.3 ms away fires up to a millisecond late (measured here:
 a TX pump's poll for a request due in 10.45 ms, set for 10.15 ms, fired before the request in 3 of
-300 periods). A timerfd is an fd the loop already knows how to wait on, and the kernel wakes it at its
+about 150 periods). A timerfd is an fd the loop already knows how to wait on, and the kernel wakes it at its
 nanosecond expiry. Python has ``os.timerfd_create`` only from 3.13, so libc's is called through ctypes.
 The fd is this object's: :meth:`close` closes it (and the loop stops watching it).
 """

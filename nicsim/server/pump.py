@@ -60,6 +60,7 @@ from nicsim.virtio.policy import (
     is_request,
     is_stalled,
     keep_warm,
+    paced_gap,
     poll_action,
     poll_ahead,
     poll_for_reply,
@@ -556,7 +557,7 @@ class RingPump:
         policy = self.device.policy
         gap_us = (now - self._last_request) * 1e6
         self._last_request = now
-        if not policy.rr_poll_us <= gap_us <= policy.warm_for_ms * 1e3:
+        if not paced_gap(policy, gap_us):
             # Back to back (a flood, an RPC loop: rr_poll_us polls between them), or the first request
             # in a long while: no pace to go by.
             self._gaps.clear()

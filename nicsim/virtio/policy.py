@@ -343,9 +343,15 @@ def poll_ahead(policy: NotifyPolicy, gaps_us: Sequence[float]) -> tuple[float, f
     shortest, longest = ordered[0], ordered[-1]
     if longest - shortest > 4 * ahead:
         return None
-    if shortest < max(policy.rr_poll_us, 2 * ahead) or longest > policy.warm_for_ms * 1e3:
-        return None  # (closer requests: polling between them is rr_poll_us's)
+    if not (paced_gap(policy, shortest) and paced_gap(policy, longest)) or shortest < 2 * ahead:
+        return None  # (a window that would start at once: polling between them is rr_poll_us's)
     return shortest - ahead, longest + ahead
+
+
+def paced_gap(policy: NotifyPolicy, gap_us: float) -> bool:
+    """Whether a gap between two requests can set a pace for :func:`poll_ahead`: not so short that
+    ``rr_poll_us`` polls between them anyway, not past ``warm_for_ms`` (the first in a long while)."""
+    return policy.rr_poll_us <= gap_us <= policy.warm_for_ms * 1e3
 
 
 def poll_for_reply(policy: NotifyPolicy, *, processed: int, nbytes: int = 0) -> bool:
