@@ -159,6 +159,11 @@ class SplitQueue:
 
     # -- avail side -----------------------------------------------------------------------------------
 
+    def ring_views(self, mem: GuestMemory) -> _RingViews:
+        """The ring's typed views in ``mem`` (cached there): for a caller that hands a compiled call
+        the whole ring for longer than a round (``nicsim.virtio.lane``)."""
+        return self._views(mem)
+
     def avail_view(self, mem: GuestMemory) -> npt.NDArray[np.uint16]:
         """The avail ring as u16[size + 3]: flags, idx, ring[size], used_event (§2.7.6), for a
         compiled round that decides the ring's interrupt itself (``nicsim.ports.fd_kernels``)."""

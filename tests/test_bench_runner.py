@@ -118,6 +118,14 @@ def test_the_busy_poll_row_is_nicsim_polling_its_core_past_the_pings_interval() 
     assert NicsimBackend().extra_serve_args(RunContext(workdir=Path("w"), duration=1.0), 0) == []
 
 
+def test_the_no_lane_row_is_nicsim_with_its_request_lane_off() -> None:
+    row = BACKEND_CLASSES["nicsim-no-lane"]()
+    assert isinstance(row, NicsimBackend) and "nicsim-no-lane" not in PEERS
+    args = row.extra_serve_args(RunContext(workdir=Path("w"), duration=1.0), 0)
+    policy = policy_from_options({"lane_idle_ms": args[args.index("--lane-idle-ms") + 1]})
+    assert policy.lane_idle_ms == 0 and NotifyPolicy().lane_idle_ms > 0
+
+
 def test_nicsim_backend_speaks_the_serve_contract() -> None:
     assert serve_port(Cell(backend="nicsim", direction=Direction.TX, size=64)) == "sink"
     rx = serve_port(Cell(backend="nicsim", direction=Direction.RX, size=512))

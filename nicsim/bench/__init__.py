@@ -17,7 +17,13 @@ from .backend import Backend, BenchError, BenchRun, RunContext
 from .dpdk_tap import DpdkTapBackend
 from .matrix import Cell, Direction, Plan, Summary, build_plan, ratio
 from .runner import CellResult, Sample
-from .serve import NicsimBackend, NicsimBusyPollBackend, NicsimCountOnlyBackend, NicsimMergeableBackend
+from .serve import (
+    NicsimBackend,
+    NicsimBusyPollBackend,
+    NicsimCountOnlyBackend,
+    NicsimMergeableBackend,
+    NicsimNoLaneBackend,
+)
 from .tap import QemuTapBackend
 from .testpmd import DpdkBackend
 from .vm import VmRunner
@@ -31,6 +37,7 @@ BACKEND_CLASSES: dict[str, type[Backend]] = {
     "nicsim-count-only": NicsimCountOnlyBackend,  # guest TX without reading the bytes: a labelled row
     "nicsim-busy-poll": NicsimBusyPollBackend,  # polls its core as DPDK does: a labelled row
     "nicsim-mergeable": NicsimMergeableBackend,  # guest RX in the peers' mergeable mode: a labelled row
+    "nicsim-no-lane": NicsimNoLaneBackend,  # requests through the event loop, no request lane: labelled
     "dpdk-tap": DpdkTapBackend,  # latency rows: testpmd forwarding to a TAP, as nicsim and qemu-tap are
 }
 PEERS = ("qemu-tap", "dpdk")

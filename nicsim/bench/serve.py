@@ -4,7 +4,7 @@ Written against the serve contract: ``--socket SOCK`` (nicsim listens, QEMU conn
 exists), ``--port sink,read=on`` for guest TX cells (a sink that reads every frame byte, as DPDK
 copies every frame; ``nicsim-count-only`` is the labelled row with the count-only ``sink``;
 ``nicsim-busy-poll`` the one that polls its core as DPDK does; ``nicsim-mergeable`` guest RX in the peers'
-mergeable-buffer mode),
+mergeable-buffer mode; ``nicsim-no-lane`` requests through the event loop, its request lane off),
 ``--port generator,size=N`` for guest RX cells (UDP
 frames of N bytes, FCS excluded, to the guest's MAC as fast as the guest takes them), and
 ``--stats-file FILE``: a JSON snapshot rewritten every second and at exit, whose ``pool.high_water``
@@ -175,6 +175,16 @@ class NicsimMergeableBackend(NicsimBackend):
         if cell.direction is not Direction.RX:
             return "the mergeable-buffer row is a guest RX row; other directions are nicsim's rows"
         return None
+
+
+class NicsimNoLaneBackend(NicsimBackend):
+    """nicsim with its request lane off (``--lane-idle-ms 0``): every request through the event
+    loop's pumps, as before the lane. A labelled row, to compare the lane with within one run."""
+
+    name = "nicsim-no-lane"
+
+    def extra_serve_args(self, ctx: RunContext, n: int) -> list[str]:
+        return ["--lane-idle-ms", "0"]
 
 
 BUSY_POLL_US = 20_000  # longer than the latency rows' 10 ms between pings: the core never sleeps

@@ -99,7 +99,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="LIST",
         help="comma-separated: nicsim, qemu-tap, dpdk; the labelled nicsim rows nicsim-busy-poll (polls "
         "its core as dpdk does), nicsim-count-only, nicsim-mergeable (guest RX in the peers' "
-        "mergeable-buffer mode); dpdk-tap (latency rows: testpmd forwarding between "
+        "mergeable-buffer mode), nicsim-no-lane (requests through the event loop, the request lane "
+        "off); dpdk-tap (latency rows: testpmd forwarding between "
         "the guest and a TAP, as nicsim and qemu-tap are measured) (default: nicsim; --backend-only: "
         "nicsim,dpdk)",
     )

@@ -30,12 +30,16 @@ PORTS: dict[str, type[Port]] = {
 
 def enable_kernels() -> bool:
     """Compile (or load from numba's cache) every compiled kernel: ``rings``' hot path, then the
-    ports' own rounds (the tap's reads and writes, :mod:`nicsim.ports.fd_kernels`; the switch's
-    forward, :mod:`nicsim.ports.switch_kernel`). Returns whether ``rings``' kernels are on: without
-    them the ports' rounds are off too, and the numpy path runs. Idempotent."""
-    from nicsim.ports import fd_kernels, switch_kernel
+    ports' own rounds (the tap's reads and writes, :mod:`nicsim.ports.fd_kernels`, and its request
+    lane, :mod:`nicsim.ports.lane_kernel`; the switch's forward, :mod:`nicsim.ports.switch_kernel`).
+    Returns whether ``rings``' kernels are on: without them the ports' rounds are off too, and the
+    numpy path runs (a lane that does not compile only leaves requests to the pumps). Idempotent."""
+    from nicsim.ports import fd_kernels, lane_kernel, switch_kernel
 
-    return fd_kernels.enable() and switch_kernel.enable()
+    on = fd_kernels.enable() and switch_kernel.enable()
+    if on:
+        lane_kernel.enable()
+    return on
 
 
 def make_port(name: str = "responder") -> Port:

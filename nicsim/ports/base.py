@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from nicsim.virtio.port import ABSORB_NONE, DevicePort, RecvTarget, RxSink, SendTarget, TxFrames
+from nicsim.virtio.port import ABSORB_NONE, DevicePort, LaneTarget, RecvTarget, RxSink, SendTarget, TxFrames
 
 __all__ = ["Port", "RxSink", "TxFrames"]
 
@@ -65,6 +65,15 @@ class Port(DevicePort, abc.ABC):
 
     def recv_target(self, pair: int) -> RecvTarget | None:
         return None  # the device calls poll_rx
+
+    def lane_target(self, pair: int) -> LaneTarget | None:
+        return None  # no request lane: the event loop's pumps serve requests
+
+    def hold_reads(self, pair: int) -> None:
+        """A request lane reads the pair's descriptor now: stop watching it on the event loop."""
+
+    def release_reads(self, pair: int) -> None:
+        """The lane returned: watch the pair's descriptor on the event loop again."""
 
     def received(
         self, pair: int, frames: int, nbytes: int, pending: int, status: int, err: int,

@@ -86,6 +86,8 @@ send_split: Callable[..., tuple[int, int, int, int, int]] | None = None
 """The compiled :func:`_send_split_py` once :func:`enable` ran with the ``rings`` kernels on, else None."""
 recv_split: Callable[..., tuple[int, int, int, int, int]] | None = None
 """The compiled :func:`_recv_split_py`, likewise."""
+irq_split: Callable[..., int] | None = None
+"""The compiled :func:`_irq_py`, likewise (the request lane, :mod:`nicsim.ports.lane_kernel`, calls it)."""
 
 
 def allowed(offloads: Offloads) -> int:
@@ -370,7 +372,7 @@ def enable() -> bool:
 
 
 def _compile_rounds() -> None:
-    global send_split, recv_split
+    global send_split, recv_split, irq_split
     if send_split is not None:
         return
     take, give_back, free = kernels.take_split, kernels.return_chunk, kernels.free_normal
@@ -401,7 +403,7 @@ def _compile_rounds() -> None:
         _compile_now(send, recv)
     except Exception:  # numba's own error classes: the other paths send, as without the kernels
         return
-    send_split, recv_split = send, recv
+    send_split, recv_split, irq_split = send, recv, irq
 
 
 def _compile_now(send: Callable[..., Any], recv: Callable[..., Any]) -> None:

@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nicsim.errors import LocalError
-from nicsim.ports import fd_kernels
+from nicsim.ports import fd_kernels, lane_kernel
 from nicsim.ports.base import Port, TxFrames
 from nicsim.ports.vnet_hdr import (
     HDR_FIELDS,
@@ -59,6 +59,7 @@ from nicsim.virtio.port import (
     HDR_LEN_LEGACY,
     HDR_LEN_V1,
     MAX_FRAME,
+    LaneTarget,
     RecvTarget,
     SendTarget,
     vnet_hdr_len,
@@ -376,6 +377,22 @@ class TapPort(Port):
         self._polled = pair
         chosen = self._chosen_pair(pair) is not None
         return RecvTarget(kernel, self._fds[pair], self._rxbuf, RX_BURST_BYTES, chosen)
+
+    def lane_target(self, pair: int) -> LaneTarget | None:
+        """A TAP with one queue, for a request lane (:mod:`nicsim.ports.lane_kernel`): the same
+        writes and reads as :meth:`send_target` and :meth:`recv_target`, counted the same way."""
+        kernel = lane_kernel.kernel()
+        if kernel is None or len(self._fds) != 1 or pair != 0:
+            return None
+        self._polled = 0
+        return LaneTarget(kernel, self._fds[0], self._tx_allow, WRITE_TRIES, self._rxbuf, RX_BURST_BYTES)
+
+    def hold_reads(self, pair: int) -> None:
+        self._unwatch(pair)
+
+    def release_reads(self, pair: int) -> None:
+        self._idle[pair] = True  # the lane read until EAGAIN, or the device's next poll will
+        self._watch(pair)
 
     def received(
         self, pair: int, frames: int, nbytes: int, pending: int, status: int, err: int,

@@ -77,7 +77,7 @@ _RETRY_S = 0.001  # pool exhausted, a rate-limited port, a paced sender: look ag
 PUMP_COUNTERS = (
     "wakeups_kick", "wakeups_timer", "wakeups_stall", "wakeups_other", "wakeups_reply", "rounds", "sleeps",
     "batch_sleeps", "irqs_held", "irqs_merged", "round_errors", "wedges", "delivered", "warm_ticks",
-    "wakeups_ahead", "ahead_hits",
+    "wakeups_ahead", "ahead_hits", "wakeups_lane",
 )
 
 
@@ -137,6 +137,10 @@ class RingPump:
         self._gaps: deque[float] = deque(maxlen=AHEAD_GAPS)
         self.tx_partner: RingPump | None = None
         self._rx_peer: RingPump | None = None
+        # TX: offers the pair to its request lane (nicsim.server.lane) after a request's round; True
+        # when the lane took it (this pump and the pair's RX pump are then parked).
+        self.offer_lane: Callable[[], bool] | None = None
+        self.parked = False  # a request lane holds the ring: no kick watched, no round, no timer
 
     # -- fds --------------------------------------------------------------------------------------
 
@@ -184,6 +188,26 @@ class RingPump:
         self._cool()
         self._disarm_watchdog()
 
+    def park(self) -> None:
+        """A request lane takes the ring: stop watching kicks, cancel every round and timer (a held
+        interrupt is sent first: the lane decides the ring's interrupts from now on)."""
+        self.release_interrupt()
+        self.parked = True
+        self._unwatch()
+        self._cancel()
+        self._cool()
+        self._disarm_watchdog()
+
+    def unpark(self) -> None:
+        """The lane gave the ring back: watch kicks again and look at the ring at once."""
+        if not self.parked:
+            return
+        self.parked = False
+        if self.active and not self.broken:
+            self._watch()
+            self._arm_watchdog()
+            self.wake("wakeups_lane")
+
     def close(self) -> None:
         """Deactivate and close every eventfd; idempotent."""
         self.deactivate()
@@ -207,7 +231,7 @@ class RingPump:
     def wake(self, cause: str = "wakeups_other", *, now: bool = False) -> None:
         """Run rounds from the next loop iteration on (``now``: the first one in this call), unless
         already running (a pending batch timer is cancelled: the wakeup serves the batch)."""
-        if not self.active or self.broken or self._busy:
+        if not self.active or self.broken or self._busy or self.parked:
             return
         if self._handle is not None:
             self._handle.cancel()
@@ -238,7 +262,7 @@ class RingPump:
         the switch). Asleep, the ring is not woken for a round that would only decide the interrupt
         (and suppress and re-arm kicks around it): the interrupt is decided and sent here. Running,
         its next round decides it."""
-        if not self.active or self.broken:
+        if not self.active or self.broken or self.parked:
             return
         self._note_delivered()
         if self._busy:
@@ -444,6 +468,11 @@ class RingPump:
         if res.blocked:
             self._later(_RETRY_S)
             return
+        if (self.offer_lane is not None and self._tx and res.processed and not more
+                and is_request(policy, processed=res.processed, nbytes=self._last_bytes)
+                and not (self._rx_peer is not None and self._rx_peer.streaming(now))
+                and self.offer_lane()):  # fmt: skip
+            return  # the lane serves the next requests (this pump is parked)
         rr = (self._tx and request_response(policy, gap_us=self._gap_us, last_batch=self._last_batch,
                                             last_bytes=self._last_bytes)
               and not (self._rx_peer is not None and self._rx_peer.streaming(now)))  # fmt: skip

@@ -27,6 +27,7 @@ from typing import Any
 from nicsim.server.dirty_log_map import MappedDirtyLog
 from nicsim.server.guestmem import MappedMemory, MappedRegion, MemoryMapError, close_fds
 from nicsim.server.inflight_fd import InflightStore
+from nicsim.server.lane import RequestLane
 from nicsim.server.pump import RingPump
 from nicsim.vhost import actions as act
 from nicsim.vhost import events as ev
@@ -86,6 +87,10 @@ class Session:
         self.pumps = [RingPump(self.loop, device, i, after_tx=self._after_tx) for i in range(n)]
         for rx, tx in zip(self.pumps[0::2], self.pumps[1::2], strict=False):
             rx.pair_with(tx)
+        # One queue pair: its requests may be served by a request lane (policy.lane_idle_ms).
+        self.lanes = [RequestLane(self.loop, device, self.pumps[0], self.pumps[1])] if n == 2 else []
+        for lane in self.lanes:
+            lane.tx.offer_lane = lane.offer
         self._wbuf: deque[tuple[bytes, tuple[int, ...]]] = deque()
         self._writing = False
         device.on_wakeup = self._on_wakeup
@@ -124,6 +129,7 @@ class Session:
             log.info("%s: frontend disconnected", self.name)
             self.close()
             return
+        self.stop_lanes()  # a message may change the rings: the loop owns them while it is handled
         try:
             self._carry_out(self.core.receive_data(data, fds))
         except Exception:
@@ -303,11 +309,18 @@ class Session:
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
 
+    def stop_lanes(self) -> None:
+        """Take every ring a request lane holds back onto the event loop (see nicsim.server.lane)."""
+        for lane in self.lanes:
+            lane.stop()
+
     def snapshot(self) -> dict[str, Any]:
         if self.final_snapshot is not None:
             return self.final_snapshot
+        self.stop_lanes()  # what a lane did is booked when it returns
         snap = self.device.snapshot()
         snap["pumps"] = [p.snapshot() for p in self.pumps]
+        snap["lanes"] = [lane.snapshot() for lane in self.lanes]
         snap["requests"] = self.core.requests
         return snap
 
@@ -316,6 +329,8 @@ class Session:
         if self.state is SessionState.CLOSED:
             return
         self.state = SessionState.CLOSED
+        for lane in self.lanes:
+            lane.close()
         try:
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(self.sock.fileno())

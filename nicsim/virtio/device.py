@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from nicsim.virtio import lane
 from nicsim.virtio.announce import OwnFrames, rarp_frame
 from nicsim.virtio.features import (
     OFFLOAD_FEATURES,
@@ -39,6 +40,7 @@ from nicsim.virtio.features import (
 )
 from nicsim.virtio.features import has as has_bit
 from nicsim.virtio.inflight import InflightHooks
+from nicsim.virtio.lane import LaneCall, LaneSettings
 from nicsim.virtio.policy import NotifyPolicy
 from nicsim.virtio.port import Buffer, DevicePort
 from nicsim.virtio.queues import (
@@ -60,6 +62,7 @@ from rings.memory import GuestMemory
 from rings.packed import PackedQueue
 from rings.packed_walk import SavedChains
 from rings.pool import PacketPool
+from rings.round_kernels import RoundArea
 
 # Defined with the data paths (which may not import this module); callers know them from here.
 __all__ = [
@@ -100,6 +103,7 @@ class VirtioNetDevice:
         if pairs > 1:
             self._tx.on_sent = self._rx.learn_tx  # flows' RX pair follows their TX pair (nicsim.virtio.steer)
         port.attach(self._rx)  # the port pushes straight into the RX path
+        self._lane_areas: dict[int, RoundArea] = {}  # a request lane's work arrays, per queue
         self.announced = 0  # RARPs sent for SEND_RARP
         self.announce_failed = 0
 
@@ -438,6 +442,14 @@ class VirtioNetDevice:
         self, kernel: Callable[..., tuple[int, ...]], extra: tuple[Any, ...], *, pair: int = 0
     ) -> tuple[int, ...] | None:
         return self._rx.place_round(kernel, extra, pair=pair)
+
+    def lane_call(self, pair: int, settings: LaneSettings) -> LaneCall | None:
+        """A request lane's call for ``pair`` (:func:`nicsim.virtio.lane.prepare`), or None."""
+        return lane.prepare(self._qs, self._tx, self._rx, self.port, pair, settings, self._lane_areas)
+
+    def lane_settle(self, call: LaneCall) -> None:
+        """Book what a request lane's call did (:func:`nicsim.virtio.lane.settle`)."""
+        lane.settle(self._qs, self.port, call)
 
     def rx_space(self, pair: int = 0) -> int:
         return self._rx.rx_space(pair)

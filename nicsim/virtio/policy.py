@@ -133,6 +133,15 @@ class NotifyPolicy:
     # polling all the time was 28 us faster still (16 of 50 pairs slower). Cost: 0.2-0.7 s more CPU
     # over 2000 pings (1-3 % of a core while they come).
     poll_ahead_us: float = 300.0
+    # Through a TAP (one queue pair, split rings), while requests come: serve the pair with the
+    # request lane (one compiled call in a thread of its own that waits on the kick and the TAP
+    # itself, nicsim.server.lane; it polls as rr_poll_us and poll_ahead_us say and wakes every
+    # warm_tick_us) until this long passes with no request (0: never; the event loop's pumps serve
+    # every request). Measured in one bench run against the peers (p50 ms, udp-rr trans/s): ping
+    # 0.644 (QEMU tap 0.733, DPDK testpmd 0.659, DPDK to a TAP 0.596), ping flood 0.116 (0.127,
+    # 0.114, 0.107), udp-rr 0.070 ms and 13.2k/s (0.102 and 9.07k, DPDK to a TAP 0.078 and 10.8k);
+    # through the pumps the same host gave 0.715-0.82, 0.224 and 0.155 ms (6.0k/s).
+    lane_idle_ms: float = 1000.0
 
     def __post_init__(self) -> None:
         for name in ("tx_batch", "rx_batch", "irq_coalesce", "rx_backlog", "rounds_per_call", "fused_rounds"):
@@ -140,7 +149,8 @@ class NotifyPolicy:
                 raise ValueError(f"NotifyPolicy.{name} must be >= 1")
         for name in ("kick_batch", "rx_kick_batch", "flow_batch", "min_round", "poll_rounds", "poll_us",
                      "publish_every", "full_poll_us", "batch_wait_us", "stall_recheck_ms", "tx_irq_wait_us",
-                     "rr_poll_us", "reply_poll", "warm_tick_us", "warm_for_ms", "poll_ahead_us"):
+                     "rr_poll_us", "reply_poll", "warm_tick_us", "warm_for_ms", "poll_ahead_us",
+                     "lane_idle_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"NotifyPolicy.{name} must be >= 0")
 
@@ -201,6 +211,9 @@ POLICY_OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
                              "gaps between them within 4x this many microseconds of each other), poll "
                              "for the next one, kicks off, from this long before it is due until this "
                              "long after (0: never)"),
+    "lane_idle_ms": (float, "through a TAP (one queue pair, split rings): while requests come, serve them "
+                            "in a compiled lane of their own, outside the event loop, until this many "
+                            "milliseconds pass with none (0: never)"),
     "reply_poll": (int, "after a TX round of a few frames (a request), run the pair's RX round at once, "
                         "in the same loop turn, to deliver a reply the port already has (a TAP's "
                         "kernel answers a ping within the write) with the held TX interrupt (0: never)"),

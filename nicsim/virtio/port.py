@@ -167,6 +167,21 @@ class RecvTarget(NamedTuple):
     queue_chosen: bool
 
 
+class LaneTarget(NamedTuple):
+    """Where a port that reads and writes its frames through one file descriptor (the tap) lets a
+    request lane serve a queue pair (:meth:`DevicePort.lane_target`): the compiled lane
+    (``nicsim.ports.lane_kernel``'s), the descriptor, the send round's ``allow`` bits and tries
+    (as :class:`SendTarget`), the port's read buffer and a receive round's byte budget (as
+    :class:`RecvTarget`)."""
+
+    kernel: Callable[..., None]
+    fd: int
+    allow: int
+    tries: int
+    buf: npt.NDArray[np.uint8]
+    burst: int
+
+
 class DevicePort(Protocol):
     """What a device calls on the port it is wired to (``nicsim.ports.base.Port`` implements it)."""
 
@@ -239,6 +254,17 @@ class DevicePort(Protocol):
         into the port's buffer that no single posted buffer took, which the port pushes as its poll
         would; ``status`` how the round ended (``nicsim.ports.fd_kernels.RECV_*``, ``err`` the errno
         of a failed read); ``drops`` the reads dropped, by reason. Returns the frames it pushed."""
+
+    def lane_target(self, pair: int) -> LaneTarget | None:
+        """None, or what a request lane needs to serve the pair's frames itself (:class:`LaneTarget`):
+        a port with one queue whose frames the send and receive rounds of :meth:`send_target` and
+        :meth:`recv_target` carry. The port is told of them with :meth:`wrote` and :meth:`received`."""
+
+    def hold_reads(self, pair: int) -> None:
+        """A request lane reads :meth:`lane_target`'s descriptor now: the port stops watching it."""
+
+    def release_reads(self, pair: int) -> None:
+        """The lane returned: the port watches its descriptor again."""
 
     def absorb(self, count: int, frame_bytes: int, byte_sum: int) -> None:
         """A round of ``count`` frames the port absorbs, already returned to the guest: their bytes

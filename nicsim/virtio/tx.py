@@ -275,7 +275,7 @@ class TxPath:
         # Work arrays for compiled rounds, per queue: one in use per batch a port holds, the rest here.
         self._areas: list[list[RoundArea]] = [[] for _ in range(queues.num_queues)]
         self._zeros = np.zeros(0, np.uint32)  # used lengths of returned TX chains (TX writes nothing)
-        self._scratch: tuple[npt.NDArray[Any], ...] | None = None  # the send kernel's (_send_scratch)
+        self._scratch: tuple[npt.NDArray[Any], ...] | None = None  # the send kernel's (send_scratch)
         # Told each batch before the port is: with several queue pairs, the RX path learns which pair
         # each flow transmits on (virtio 1.2 §5.1.6.5.5, nicsim.virtio.steer).
         self.on_sent: Callable[[TxFrames], None] | None = None
@@ -418,7 +418,7 @@ class TxPath:
         ``_process_compiled``)."""
         qs = self._qs
         area = self._area(index, q.size)
-        scratch = self._send_scratch(q.size)
+        scratch = self.send_scratch(q.size)
         shortest, longest = self._chain_bounds()
         # No GSO frame: a TCP stream's rounds keep the general path. Measured (tcp-tx, alternated),
         # sending them here too left the guest's ring empty sooner, so the guest kicked twice as
@@ -454,7 +454,7 @@ class TxPath:
         self._port.wrote(frames, nbytes, failed)
         return self._round_result(index, st, mem, chains)
 
-    def _send_scratch(self, size: int) -> tuple[npt.NDArray[Any], ...]:
+    def send_scratch(self, size: int) -> tuple[npt.NDArray[Any], ...]:
         """The send kernel's work arrays for a ring of ``size``: an iovec row per segment, room for a
         virtio-net header's bytes (12 at most), a code and an errno per chain (a round is over before
         the next starts: one set serves every queue)."""
