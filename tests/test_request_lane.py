@@ -6,6 +6,7 @@ guest would when ``should_kick`` says so, and each test waits on the call eventf
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import threading
@@ -18,6 +19,7 @@ import pytest
 
 from nicsim.ports import lane_kernel
 from nicsim.ports.tap import TapConfig, TapPort
+from nicsim.server import lane as server_lane
 from nicsim.virtio import lane_layout as lay
 from nicsim.virtio.device import VirtioNetDevice
 from nicsim.virtio.lane import LaneCall, LaneSettings
@@ -293,3 +295,35 @@ async def test_with_lane_idle_ms_0_the_pumps_serve_every_request(
             fe.transmit([echo_request(seq)])
             await fe.wait_used(RX, 1, timeout=WAIT_S)
         assert sess.lanes[0].snapshot()["lane_runs"] == 0
+
+
+@pytest.mark.parametrize("backoff_s", [60.0, 0.0])
+async def test_after_traffic_takes_the_pair_back_the_lane_waits_before_taking_it_again(
+    tmp_path: Path, quiet_tapns: Netns, compiled: None, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    backoff_s: float,
+) -> None:
+    """A frame the lane does not take (here a runt, which the general path drops and counts) gives
+    the pair back to the pumps, and the next requests stay with them for the backoff: a TCP
+    sender's small rounds between its GSO frames would otherwise hand the pair over again and again."""
+    monkeypatch.setattr(server_lane, "_BACKOFF_S", backoff_s)
+    async with session_rig(tmp_path, tap_port(quiet_tapns), lane_idle_ms=5000) as (fe, sess):
+        fe.post_rx(16)
+        lane = sess.lanes[0]
+        for seq in range(2):
+            fe.transmit([echo_request(seq)])
+            await fe.wait_used(RX, 1, timeout=WAIT_S)
+        assert lane.running
+        fe.transmit([b"\x01" * 8])
+        await fe.wait_used(TX, 3, timeout=WAIT_S)
+        async with asyncio.timeout(WAIT_S):
+            while not lane.snapshot()["lane_end_declined"]:
+                await asyncio.sleep(0.001)
+        runs = lane.snapshot()["lane_runs"]
+        for seq in range(2, 4):
+            fe.transmit([echo_request(seq)])
+            await fe.wait_used(RX, 1, timeout=WAIT_S)
+        # Without the backoff the pumps' round of the runt, or the next request's, handed the pair over again.
+        assert lane.running == (not backoff_s)
+        if backoff_s:
+            assert lane.snapshot()["lane_runs"] == runs
+        assert sess.snapshot()["queues"][TX]["drops"] == {"runt": 1}

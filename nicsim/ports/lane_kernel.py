@@ -5,14 +5,16 @@ Through the event loop a request costs Python at every step between the kick and
 interrupt: the loop's turn, the pump, the device, the round's arguments gathered, and the same again
 for the reply (stamped in the process: about 40 of the 60 us from the request to its interrupt).
 While a queue pair carries requests, :func:`_lane_py` does that work instead, with the event loop's
-pumps for the pair parked (:mod:`nicsim.server.lane`): it waits in ``poll(2)`` on the TX ring's kick
-eventfd, the TAP and a stop eventfd; takes each request with the tap's compiled send round
+pumps for the pair parked (:mod:`nicsim.server.lane`): it waits in ``ppoll(2)`` on the TX ring's
+kick eventfd, the TAP and a stop eventfd; takes each request with the tap's compiled send round
 (:func:`nicsim.ports.fd_kernels._send_split_py`: chains held by pool descriptors, headers checked, the
 TX interrupt decided and written, then the frame written to the TAP); then reads what the TAP has
 with the compiled receive round into the RX ring's posted buffers and decides and writes the RX
-interrupt (:func:`nicsim.ports.fd_kernels._irq_py`). After a request it polls the rings for
-``spin_ns`` (kicks off, as ``--rr-poll-us`` does), if requests came that close together, then
-enables kicks, fences, looks once more and sleeps in ``poll(2)``.
+interrupt (:func:`nicsim.ports.fd_kernels._irq_py`). It polls the rings with kicks off, as the pumps
+do, for ``spin_ns`` after a request that came within that long of the one before (``--rr-poll-us``)
+and in the window a request at a steady pace is due in (``--poll-ahead-us``, :func:`_window`); else
+it enables kicks, fences, looks once more and sleeps in ``ppoll``, waking every ``warm_ns``
+(``--warm-tick-us``) so that its core does not sleep deeply between requests.
 
 It returns to the event loop, having changed only what it counted, on anything that is not a
 request's plain way: a stop asked for, no request for ``idle_ns``, a round of more than
@@ -22,7 +24,7 @@ drop), a frame not written, a frame no posted buffer takes whole, no posted buff
 read, a ring index the driver corrupted. ``state`` carries each ring's indices in and out;
 ``counts`` what it did. The sources are plain Python over arrays; :func:`enable` compiles them with
 numba (``nogil``: the event loop runs while the lane waits or works), linked to the tap's rounds and
-to libc's ``poll``, ``read``, ``write`` and ``clock_gettime``.
+to libc's ``ppoll``, ``read`` and ``clock_gettime``.
 """
 
 from __future__ import annotations
