@@ -137,10 +137,9 @@ class NotifyPolicy:
     # request lane (one compiled call in a thread of its own that waits on the kick and the TAP
     # itself, nicsim.server.lane; it polls as rr_poll_us and poll_ahead_us say and wakes every
     # warm_tick_us) until this long passes with no request (0: never; the event loop's pumps serve
-    # every request). Measured in one bench run against the peers (p50 ms, udp-rr trans/s): ping
-    # 0.644 (QEMU tap 0.733, DPDK testpmd 0.659, DPDK to a TAP 0.596), ping flood 0.116 (0.127,
-    # 0.114, 0.107), udp-rr 0.070 ms and 13.2k/s (0.102 and 9.07k, DPDK to a TAP 0.078 and 10.8k);
-    # through the pumps the same host gave 0.715-0.82, 0.224 and 0.155 ms (6.0k/s).
+    # every request). Measured within one bench run against the lane off (p50 ms): ping 0.743
+    # against 0.890, ping flood 0.114 against 0.158, udp-rr 0.073 against 0.109 (13.4k against
+    # 8.69k trans/s); TCP through the TAP unchanged (a stream keeps the pumps' batches).
     lane_idle_ms: float = 1000.0
 
     def __post_init__(self) -> None:
