@@ -229,6 +229,32 @@ def test_a_lane_polling_for_the_next_request_returns_at_once_when_asked(rig: Cal
     assert call.counts[lay.C_SLEEPS] <= 1  # (it polled, not slept, after the second request)
 
 
+@pytest.mark.parametrize("features", [V1 | EVT | IND, V1 | IND], ids=["event_idx", "flags"])
+def test_a_quiet_ring_owed_an_interrupt_gets_it_at_a_warm_wakeup(
+    rig: Callable[..., Rig], features: int
+) -> None:
+    """The pumps' watchdog is off while the lane holds the rings: the lane re-checks a ring that has
+    been quiet for ``stall_recheck_ms`` at its warm wakeups, and sends the interrupt it is owed. The
+    driver here loses one on purpose: it re-enables interrupts after the reply was published and
+    waits without looking (a real driver's race, which the re-check is there for)."""
+    r = rig(features)
+    r.run(warm_ns=1_000_000)
+    r.rx.disable_interrupts()
+    r.send(r.tx, echo_request(1))
+    wait_signalled(r.tx_call)
+    deadline = time.monotonic() + WAIT_S
+    while r.rx.used_pending() == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert r.rx.used_pending() == 1
+    assert r.rx.enable_interrupts()  # the reply is there: a driver that waits now waits for good...
+    assert wait_signalled(r.rx_call) == 1  # ...unless the device re-checks
+    call = r.end()
+    assert call.counts[lay.C_RX_RECHECKS] == 1 and call.counts[lay.C_TX_RECHECKS] == 0
+    assert r.dev.snapshot()["queues"][RX]["stall_rechecks"] == 1
+    got = replies(r.rx, 1)
+    assert len(got) == 1 and is_echo_reply(got[0], 1)
+
+
 def test_requests_at_a_steady_pace_are_polled_for_and_need_no_kick(rig: Callable[..., Rig]) -> None:
     """Requests 20 ms apart: from the third on, the lane polls for the next one from ``ahead_ns``
     before it is due (as the pump's poll-ahead does), so the guest is told not to kick for it."""

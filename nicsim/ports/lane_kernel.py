@@ -47,6 +47,7 @@ from nicsim.virtio.lane_layout import (
     C_RX_BYTES,
     C_RX_FRAMES,
     C_RX_IRQS,
+    C_RX_RECHECKS,
     C_RX_ROUNDS,
     C_SLEEPS,
     C_SPIN_HITS,
@@ -55,6 +56,7 @@ from nicsim.virtio.lane_layout import (
     C_TX_FRAME_BYTES,
     C_TX_FRAMES,
     C_TX_IRQS,
+    C_TX_RECHECKS,
     C_TX_ROUNDS,
     C_WARM,
     P_AHEAD_NS,
@@ -77,6 +79,7 @@ from nicsim.virtio.lane_layout import (
     P_RX_QUEUE,
     P_RX_SIZE,
     P_SPIN_NS,
+    P_STALL_NS,
     P_STOP_FD,
     P_TAP_FD,
     P_TRIES,
@@ -393,6 +396,11 @@ def _lane_py(
                 counts[C_AHEAD] += 1
             else:
                 counts[C_WARM] += 1  # a warm wakeup: the core does not sleep deeply between requests
+                if params[P_STALL_NS] and now - last_work >= params[P_STALL_NS]:
+                    _recheck(tx_avail, params[P_TX_SIZE], state, ST_TX_LAST, params, params[P_TX_CALL],
+                             counts, C_TX_IRQS, C_TX_RECHECKS, one)  # fmt: skip
+                    _recheck(rx_avail, params[P_RX_SIZE], state, ST_RX_LAST, params, params[P_RX_CALL],
+                             counts, C_RX_IRQS, C_RX_RECHECKS, one)  # fmt: skip
             continue
         if (pfd[2, 1] >> 16) & 0xFFFF:
             state[ST_WHY] = WHY_STOP
@@ -407,6 +415,25 @@ def _lane_py(
                         True):  # fmt: skip
                 return
             last_work = _now_ns(scratch)
+
+
+def _recheck(
+    avail: _Arr, size: int, state: _Arr, at: int, params: _Arr, fd: int, counts: _Arr, irqs: int,
+    rechecks: int, one: _Arr,
+) -> None:  # pragma: no cover - compiled by numba
+    """A quiet ring's stall re-check, as the pumps' watchdog does (``QueueSet.recheck_interrupt``):
+    signal now if the ring wants an interrupt for used entries published since the last one sent
+    (a decision may have read a ``used_event`` or flags the driver was replacing)."""
+    used = state[at + 1]
+    if used == state[at + 3]:
+        return
+    code = _irq(avail, size, used, state[at + 3], params[P_EVENT_IDX] != 0, params[P_ON_IDLE] != 0,
+                params[P_COALESCE], True, fd, one)  # fmt: skip
+    if code in (IRQ_SENT, IRQ_FAILED):
+        state[at + 2] = used
+        state[at + 3] = used
+        counts[irqs] += 1
+        counts[rechecks] += 1
 
 
 def _window(scratch: _Arr, ahead: int, lo: int, hi: int) -> bool:  # pragma: no cover - compiled by numba
@@ -481,7 +508,8 @@ def _compile() -> None:
         transmit = jit(kernels.link(_transmit, _send=send, _settled=settled))
         compiled = numba.njit(cache=True, boundscheck=False, nogil=True)(
             kernels.link(_lane_py, _transmit=transmit, _receive=receive, _kicks=kicks, _now_ns=now,
-                         _window=jit(_window), _ppoll=ppoll, _read=read,
+                         _window=jit(_window), _recheck=jit(kernels.link(_recheck, _irq=irq)),
+                         _ppoll=ppoll, _read=read,
                          _errno_location=errno_location))  # fmt: skip
         _compile_now(compiled)
     except Exception:  # numba's own error classes: the event loop's pumps serve requests, as without

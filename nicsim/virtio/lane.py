@@ -132,6 +132,7 @@ def prepare(
     params[lk.P_TX_CALL], params[lk.P_RX_CALL] = settings.tx_call, settings.rx_call
     params[lk.P_LAST_REQUEST_NS] = settings.last_request_ns
     params[lk.P_AHEAD_NS], params[lk.P_PACED_MAX_NS] = settings.ahead_ns, settings.paced_max_ns
+    params[lk.P_STALL_NS] = int(policy.stall_recheck_ms * 1e6)
     state = np.zeros(lk.STATE_LEN, np.int64)
     state[lk.ST_TX_LAST], state[lk.ST_TX_USED] = q_tx.last_avail_idx, q_tx.used_idx
     state[lk.ST_TX_SIGNALLED], state[lk.ST_TX_IRQ_USED] = st_tx.signalled_used, st_tx.irq_used
@@ -186,6 +187,8 @@ def settle(qs: QueueSet, port: DevicePort, call: LaneCall) -> None:
             stats.batches[index] += int(rounds)
         stats.interrupts[index] += int(irqs)
     stats.kicks[txq] += int(c[lk.C_KICKS])
+    stats.stall_rechecks[txq] += int(c[lk.C_TX_RECHECKS])
+    stats.stall_rechecks[rxq] += int(c[lk.C_RX_RECHECKS])
     failed: list[tuple[int, int]] = []
     if call.why == lk.WHY_TX_FAILED:
         chains = int(state[lk.ST_TX_CHAINS])

@@ -29,10 +29,12 @@ C_KICKS, C_SLEEPS, C_SPIN_HITS = 0, 1, 2
 C_TX_ROUNDS, C_TX_CHAINS, C_TX_FRAME_BYTES, C_TX_FRAMES, C_TX_BYTES, C_TX_IRQS = 3, 4, 5, 6, 7, 8
 C_RX_ROUNDS, C_RX_FRAMES, C_RX_BYTES, C_RX_IRQS = 9, 10, 11, 12
 C_DROP_RUNT, C_DROP_TOO_BIG, C_MOST, C_WARM, C_AHEAD, C_AHEAD_HITS = 13, 14, 15, 16, 17, 18
-COUNTS_LEN = 19
+C_TX_RECHECKS, C_RX_RECHECKS = 19, 20  # interrupts a quiet ring was owed and got (see P_STALL_NS)
+COUNTS_LEN = 21
 COUNT_NAMES = ("kicks", "sleeps", "spin_hits", "tx_rounds", "tx_chains", "tx_frame_bytes", "tx_frames",
                "tx_bytes", "tx_irqs", "rx_rounds", "rx_frames", "rx_bytes", "rx_irqs", "drop_runt",
-               "drop_too_big", "most", "warm_wakeups", "ahead", "ahead_hits")  # fmt: skip
+               "drop_too_big", "most", "warm_wakeups", "ahead", "ahead_hits", "tx_rechecks",
+               "rx_rechecks")  # fmt: skip
 
 # ``scratch`` (int64[SCRATCH_LEN]), the call's own: a timespec for clock_gettime, the 8 bytes read
 # from the kick eventfd, the last gaps between requests (how many, then up to four), the same
@@ -44,5 +46,5 @@ SCRATCH_LEN = 16
 (P_TX_SIZE, P_RX_SIZE, P_EVENT_IDX, P_ON_IDLE, P_COALESCE, P_INDIRECT, P_HDR, P_TX_MIN, P_TX_MAX,
  P_RX_MIN, P_RX_LIMIT, P_KEEP_FLAGS, P_BURST_CHAINS, P_IDLE_NS, P_SPIN_NS, P_WARM_NS, P_P_USED,
  P_P_CAPACITY, P_TX_QUEUE, P_RX_QUEUE, P_ALLOW, P_TRIES, P_RECV_BURST, P_KICK_FD, P_TAP_FD, P_STOP_FD,
- P_TX_CALL, P_RX_CALL, P_LAST_REQUEST_NS, P_AHEAD_NS, P_PACED_MAX_NS) = range(31)  # fmt: skip
-PARAMS_LEN = 31
+ P_TX_CALL, P_RX_CALL, P_LAST_REQUEST_NS, P_AHEAD_NS, P_PACED_MAX_NS, P_STALL_NS) = range(32)  # fmt: skip
+PARAMS_LEN = 32
