@@ -30,7 +30,7 @@ from nicsim.virtio.lane import LaneCall, LaneSettings
 log = logging.getLogger("nicsim.server")
 
 _PR_SET_TIMERSLACK = 29  # <linux/prctl.h>
-_STOP_WAIT_S = 5.0  # a lane returns within a round of its stop eventfd; this only bounds a bug
+_STOP_WAIT_S = 5.0  # a lane returns within a round of its stop flag; longer is a bug
 _SPIN_BURST = 8  # a round of more chains than this is traffic: the pumps' batches serve it
 # After the lane gave the pair back for traffic (a burst, a GSO frame, a frame for several buffers),
 # it is not offered the pair again for this long. Without it a TCP sender's odd small round handed
@@ -118,8 +118,14 @@ class RequestLane:
         os.eventfd_write(self._stop_fd, 1)  # ...and wakes it from ppoll
         try:
             running.result(timeout=_STOP_WAIT_S)
+        except concurrent.futures.TimeoutError:
+            # A bug: the rings cannot be taken back while the lane may still write them. They stay
+            # the lane's (its done callback books them when it returns); said loudly.
+            log.error("pair %d: the request lane did not return within %.0f s of its stop; its rings "
+                      "stay with it", self.pair, _STOP_WAIT_S)  # fmt: skip
+            return
         except Exception:
-            log.exception("pair %d: the request lane failed", self.pair)
+            pass  # (the call raised: _returned says so)
         self._returned(running)
 
     def _returned(self, running: concurrent.futures.Future[None]) -> None:
