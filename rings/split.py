@@ -97,6 +97,9 @@ class _RingViews:
         self.take_ring = (self.avail_ring, self.d_addr, self.d_len, self.d_flags, self.d_next, *mem.bounds)
 
 
+RingViews = _RingViews  # what ring_views returns, named for its callers' annotations
+
+
 class SplitQueue:
     """The device side of one split virtqueue. Owns indices and ring GPAs; every call takes ``mem``.
 
@@ -159,7 +162,7 @@ class SplitQueue:
 
     # -- avail side -----------------------------------------------------------------------------------
 
-    def ring_views(self, mem: GuestMemory) -> _RingViews:
+    def ring_views(self, mem: GuestMemory) -> RingViews:
         """The ring's typed views in ``mem`` (cached there): for a caller that hands a compiled call
         the whole ring for longer than a round (``nicsim.virtio.lane``)."""
         return self._views(mem)

@@ -119,6 +119,7 @@ from nicsim.virtio.lane_layout import (
     WHY_STOP,
     WHY_TX_FAILED,
 )
+from nicsim.virtio.policy import AHEAD_GAPS
 from nicsim.virtio.queues import IRQ_FAILED, IRQ_SENT, IRQ_SUPPRESSED
 from rings import kernels
 from rings.barrier import full_fence as _full_fence
@@ -128,7 +129,6 @@ __all__ = ["enable", "kernel"]
 _Arr = npt.NDArray[Any]
 
 _POLLIN = 0x001
-_GAPS = 4  # as nicsim.virtio.policy.AHEAD_GAPS
 _EINTR = 4
 _CLOCK_MONOTONIC = 1
 _NO_NOTIFY = 1  # VIRTQ_USED_F_NO_NOTIFY (§2.7.7)
@@ -292,8 +292,8 @@ def _lane_py(
     ``rx_used``: (used ring, used head, zeros); ``*_area``: each ring's ``RoundArea.outputs``;
     ``pool``: the pool's arrays (``PacketPool.round_state()[2:]``); ``send_extra``: the send round's
     scratch (iov, hbuf, codes, errnos, stage, spans); ``recv_extra``: (buf, iov, burst, keep_flags,
-    drops); ``pfd``: int32[3, 2] for ``poll(2)``; ``scratch``: int64[8] (a timespec, 8 bytes read
-    from an eventfd)."""
+    drops); ``pfd``: int32[3, 2], three ``struct pollfd`` for ``ppoll(2)``; ``scratch``:
+    int64[SCRATCH_LEN], laid out in :mod:`nicsim.virtio.lane_layout`."""
     one = np.ones(1, np.uint64)
     event_idx = params[P_EVENT_IDX] != 0
     tx_head, tx_tail = tx_used[1], tx_used[2]
@@ -331,8 +331,8 @@ def _lane_py(
                 last_request = now
                 if spin_ns <= gap <= params[P_PACED_MAX_NS]:
                     n = scratch[S_GAPS_N]
-                    if n == _GAPS:
-                        for i in range(_GAPS - 1):
+                    if n == AHEAD_GAPS:
+                        for i in range(AHEAD_GAPS - 1):
                             scratch[S_GAPS + i] = scratch[S_GAPS + i + 1]
                         n -= 1
                     scratch[S_GAPS + n] = gap
@@ -524,6 +524,7 @@ def _compile_now(compiled: Callable[..., None]) -> None:
     import os
 
     from nicsim.virtio import lane_layout as lay
+    from nicsim.virtio.lane import call_args
     from rings.driver import GuestDriver
     from rings.pool import PacketPool
     from rings.round_kernels import RoundArea
@@ -544,12 +545,9 @@ def _compile_now(compiled: Callable[..., None]) -> None:
             params[lay.P_KICK_FD] = params[lay.P_TAP_FD] = params[lay.P_TX_CALL] = params[lay.P_RX_CALL] = -1
             params[lay.P_STOP_FD] = stop
             params[lay.P_IDLE_NS] = 1_000_000_000
-            tx_used = (v_tx.used_ring, v_tx.used_head, v_tx.used_tail, a_tx.zeros)
-            rx_used = (v_rx.used_ring, v_rx.used_head, a_rx.zeros)
-            compiled(v_tx.take_ring, v_tx.avail, tx_used, a_tx.outputs, v_rx.take_ring, v_rx.avail, rx_used,
-                     a_rx.outputs, region_bytes(mem), tuple(pool.round_state()[2:]), scratch, recv_extra,
-                     params, np.zeros(lay.STATE_LEN, np.int64), np.zeros(lay.COUNTS_LEN, np.int64),
-                     np.zeros((3, 2), np.int32), np.zeros(lay.SCRATCH_LEN, np.int64))  # fmt: skip
+            compiled(*call_args(v_tx, v_rx, a_tx, a_rx, region_bytes(mem), tuple(pool.round_state()[2:]),
+                                scratch, recv_extra, params, np.zeros(lay.STATE_LEN, np.int64),
+                                np.zeros(lay.COUNTS_LEN, np.int64)))  # fmt: skip
             drv.ram.release()
     finally:
         os.close(stop)

@@ -31,7 +31,7 @@ log = logging.getLogger("nicsim.server")
 
 _PR_SET_TIMERSLACK = 29  # <linux/prctl.h>
 _STOP_WAIT_S = 5.0  # a lane returns within a round of its stop flag; longer is a bug
-_SPIN_BURST = 8  # a round of more chains than this is traffic: the pumps' batches serve it
+_BURST_CHAINS = 8  # a round of more chains than this is traffic: the pumps' batches serve it
 # After the lane gave the pair back for traffic (a burst, a GSO frame, a frame for several buffers),
 # it is not offered the pair again for this long. Without it a TCP sender's odd small round handed
 # the pair over and its next GSO frame took it back: 400-700 hand-overs in a 3 s tcp-tx run.
@@ -89,7 +89,7 @@ class RequestLane:
             tx_call=-1 if self.tx.call_fd is None else self.tx.call_fd,
             rx_call=-1 if self.rx.call_fd is None else self.rx.call_fd,
             spin_ns=int(policy.rr_poll_us * 1e3), idle_ns=int(policy.lane_idle_ms * 1e6),
-            warm_ns=int(policy.warm_tick_us * 1e3), burst_chains=_SPIN_BURST,
+            warm_ns=int(policy.warm_tick_us * 1e3), burst_chains=_BURST_CHAINS,
             last_request_ns=time.monotonic_ns(), ahead_ns=int(policy.poll_ahead_us * 1e3),
             paced_max_ns=int(policy.warm_for_ms * 1e6),
         )  # fmt: skip

@@ -181,8 +181,13 @@ class RingPump:
     def deactivate(self) -> None:
         """Stop watching and polling (the device queue itself is stopped by the caller); a held
         interrupt is sent, since the used entries it announces are in the ring."""
-        self.release_interrupt()
         self.active = False
+        self._halt()
+
+    def _halt(self) -> None:
+        """Send a held interrupt (its used entries are in the ring), stop watching kicks, cancel
+        every round and timer, disarm the watchdog: what stopping, breaking and parking share."""
+        self.release_interrupt()
         self._unwatch()
         self._cancel()
         self._cool()
@@ -191,12 +196,8 @@ class RingPump:
     def park(self) -> None:
         """A request lane takes the ring: stop watching kicks, cancel every round and timer (a held
         interrupt is sent first: the lane decides the ring's interrupts from now on)."""
-        self.release_interrupt()
         self.parked = True
-        self._unwatch()
-        self._cancel()
-        self._cool()
-        self._disarm_watchdog()
+        self._halt()
 
     def unpark(self) -> None:
         """The lane gave the ring back: watch kicks again and look at the ring at once."""
@@ -468,14 +469,13 @@ class RingPump:
         if res.blocked:
             self._later(_RETRY_S)
             return
-        if (self.offer_lane is not None and self._tx and res.processed and not more
+        peer_streams = self._rx_peer is not None and self._rx_peer.streaming(now)
+        if (self.offer_lane is not None and self._tx and res.processed and not more and not peer_streams
                 and is_request(policy, processed=res.processed, nbytes=self._last_bytes)
-                and not (self._rx_peer is not None and self._rx_peer.streaming(now))
                 and self.offer_lane()):  # fmt: skip
             return  # the lane serves the next requests (this pump is parked)
         rr = (self._tx and request_response(policy, gap_us=self._gap_us, last_batch=self._last_batch,
-                                            last_bytes=self._last_bytes)
-              and not (self._rx_peer is not None and self._rx_peer.streaming(now)))  # fmt: skip
+                                            last_bytes=self._last_bytes) and not peer_streams)  # fmt: skip
         # An RX ring whose port has nothing (a TAP with nothing to read) is not busy-polled: the port
         # wakes it when it has, and each empty round there is a failed readv that delays the TX ring's
         # polls (--poll-us 20000, a 3000-ping flood, five alternated pairs: four faster, the medians
@@ -619,13 +619,8 @@ class RingPump:
     def _fail(self, err: Exception) -> None:
         # The guest broke the ring (or we called out of order): stop it until the frontend resets it.
         log.error("ring %d stopped: %s", self.index, err)
-        self.release_interrupt()
         self.broken = True
-        self._busy = False
-        self._unwatch()
-        self._cancel()
-        self._cool()
-        self._disarm_watchdog()
+        self._halt()
         if isinstance(err, GuestError):
             # Not silently: the device sets DEVICE_NEEDS_RESET (GET_STATUS reports it; virtio 1.2
             # §2.1.2) and the err eventfd, vhost-user's channel for "this ring is in error", fires.

@@ -26,9 +26,9 @@ from nicsim.virtio.queues import QueueSet
 from nicsim.virtio.rx import RxPath
 from nicsim.virtio.tx import TxPath
 from rings.round_kernels import RoundArea
-from rings.split import SplitQueue, region_bytes
+from rings.split import RingViews, SplitQueue, region_bytes
 
-__all__ = ["LaneCall", "LaneSettings", "prepare", "settle"]
+__all__ = ["LaneCall", "LaneSettings", "call_args", "prepare", "settle"]
 
 MAX_REGIONS = 2  # the lane is compiled ahead for guest memory of one or two regions (QEMU's usual)
 
@@ -119,14 +119,12 @@ def prepare(
     params[lk.P_TX_MAX] = hdr + min(qs.frame_limit, PLAIN_FRAME)
     params[lk.P_RX_MIN] = hdr + ETH_HLEN
     params[lk.P_RX_LIMIT] = qs.frame_limit + hdr
-    params[lk.P_KEEP_FLAGS] = qs.guest_csum
     params[lk.P_BURST_CHAINS] = settings.burst_chains
     params[lk.P_IDLE_NS], params[lk.P_SPIN_NS], params[lk.P_WARM_NS] = (settings.idle_ns, settings.spin_ns,
                                                                           settings.warm_ns)  # fmt: skip
     params[lk.P_P_USED], params[lk.P_P_CAPACITY] = in_use, capacity
     params[lk.P_TX_QUEUE], params[lk.P_RX_QUEUE] = txq, rxq
     params[lk.P_ALLOW], params[lk.P_TRIES] = target.allow, target.tries
-    params[lk.P_RECV_BURST] = target.burst
     params[lk.P_KICK_FD], params[lk.P_TAP_FD] = settings.kick_fd, target.fd
     params[lk.P_STOP_FD] = settings.stop_fd
     params[lk.P_TX_CALL], params[lk.P_RX_CALL] = settings.tx_call, settings.rx_call
@@ -139,14 +137,25 @@ def prepare(
     state[lk.ST_RX_LAST], state[lk.ST_RX_USED] = q_rx.last_avail_idx, q_rx.used_idx
     state[lk.ST_RX_SIGNALLED], state[lk.ST_RX_IRQ_USED] = st_rx.signalled_used, st_rx.irq_used
     counts = np.zeros(lk.COUNTS_LEN, np.int64)
-    drops = np.zeros(2, np.int64)
-    recv_extra = (target.buf, np.zeros((1, 2), np.uint64), target.burst, qs.guest_csum, drops)
-    args = (v_tx.take_ring, v_tx.avail, (v_tx.used_ring, v_tx.used_head, v_tx.used_tail, area_tx.zeros),
-            area_tx.outputs, v_rx.take_ring, v_rx.avail, (v_rx.used_ring, v_rx.used_head, area_rx.zeros),
-            area_rx.outputs, region_bytes(mem), tuple(pool_arrays), scratch, recv_extra, params, state,
-            counts, np.zeros((3, 2), np.int32), np.zeros(lk.SCRATCH_LEN, np.int64))  # fmt: skip
+    recv_extra = (target.buf, np.zeros((1, 2), np.uint64), target.burst, qs.guest_csum, np.zeros(2, np.int64))
+    args = call_args(v_tx, v_rx, area_tx, area_rx, region_bytes(mem), tuple(pool_arrays), scratch, recv_extra,
+                     params, state, counts)  # fmt: skip
     return LaneCall(kernel=target.kernel, args=args, params=params, state=state, counts=counts, pair=pair,
                     in_use=in_use, codes=scratch[2], errnos=scratch[3])  # fmt: skip
+
+
+def call_args(
+    v_tx: RingViews, v_rx: RingViews, area_tx: RoundArea, area_rx: RoundArea, datas: tuple[Any, ...],
+    pool_arrays: tuple[Any, ...], send_scratch: tuple[Any, ...], recv_extra: tuple[Any, ...],
+    params: npt.NDArray[np.int64], state: npt.NDArray[np.int64], counts: npt.NDArray[np.int64],
+) -> tuple[Any, ...]:
+    """The lane kernel's arguments in its order (``nicsim.ports.lane_kernel._lane_py``), from each
+    ring's views and work arrays: the one place that order is written, for :func:`prepare` and for
+    the kernel's compilation ahead of its first call."""
+    return (v_tx.take_ring, v_tx.avail, (v_tx.used_ring, v_tx.used_head, v_tx.used_tail, area_tx.zeros),
+            area_tx.outputs, v_rx.take_ring, v_rx.avail, (v_rx.used_ring, v_rx.used_head, area_rx.zeros),
+            area_rx.outputs, datas, pool_arrays, send_scratch, recv_extra, params, state, counts,
+            np.zeros((3, 2), np.int32), np.zeros(lk.SCRATCH_LEN, np.int64))  # fmt: skip
 
 
 def _area(areas: dict[int, RoundArea], index: int, size: int) -> RoundArea:

@@ -2,8 +2,10 @@
 ``params`` arrays hold at each index (:mod:`nicsim.ports.lane_kernel` is the call,
 :mod:`nicsim.virtio.lane` fills and reads the arrays)."""
 
+from nicsim.virtio.policy import AHEAD_GAPS
+
 # Why the lane returned: ``state[ST_WHY]``.
-WHY_STOP = 0  # the stop eventfd: the event loop wants the rings back
+WHY_STOP = 0  # the stop flag (ST_STOP) or eventfd: the event loop wants the rings back
 WHY_IDLE = 1  # no request for idle_ns
 WHY_BURST = 2  # a round of more than burst_chains chains, or a full RX round: traffic
 WHY_DECLINED = 3  # the send round declined (a GSO frame, a bad chain, no pool descriptors)
@@ -12,7 +14,7 @@ WHY_RX_PENDING = 5  # a frame no posted buffer takes whole is in the port's buff
 WHY_RX_ERROR = 6  # a read failed (ST_ERRNO)
 WHY_NO_BUFFER = 7  # the TAP has a frame and the guest has posted no buffer
 WHY_RING_ERROR = 8  # avail.idx is more than the ring's size ahead: the general path breaks the ring
-WHY_POLL_ERROR = 9  # poll(2) failed (ST_ERRNO)
+WHY_POLL_ERROR = 9  # ppoll(2) failed (ST_ERRNO)
 WHY_BUG = 10  # a free was refused after a take (the pool's records are corrupt)
 WHY_NAMES = ("stop", "idle", "burst", "declined", "tx_failed", "rx_pending", "rx_error", "no_buffer",
              "ring_error", "poll_error", "bug")  # fmt: skip
@@ -37,14 +39,17 @@ COUNT_NAMES = ("kicks", "sleeps", "spin_hits", "tx_rounds", "tx_chains", "tx_fra
                "rx_rechecks")  # fmt: skip
 
 # ``scratch`` (int64[SCRATCH_LEN]), the call's own: a timespec for clock_gettime, the 8 bytes read
-# from the kick eventfd, the last gaps between requests (how many, then up to four), the same
+# from the kick eventfd, the last gaps between requests (how many, then up to AHEAD_GAPS), the same
 # sorted, the window the next request is due in, ppoll's timeout.
-S_CLOCK, S_EVENTFD, S_GAPS_N, S_GAPS, S_SORTED, S_WINDOW, S_TIMEOUT = 0, 2, 3, 4, 8, 12, 14
-SCRATCH_LEN = 16
+S_CLOCK, S_EVENTFD, S_GAPS_N, S_GAPS = 0, 2, 3, 4
+S_SORTED = S_GAPS + AHEAD_GAPS
+S_WINDOW = S_SORTED + AHEAD_GAPS
+S_TIMEOUT = S_WINDOW + 2
+SCRATCH_LEN = S_TIMEOUT + 2
 
 # ``params``: the call's settings.
 (P_TX_SIZE, P_RX_SIZE, P_EVENT_IDX, P_ON_IDLE, P_COALESCE, P_INDIRECT, P_HDR, P_TX_MIN, P_TX_MAX,
- P_RX_MIN, P_RX_LIMIT, P_KEEP_FLAGS, P_BURST_CHAINS, P_IDLE_NS, P_SPIN_NS, P_WARM_NS, P_P_USED,
- P_P_CAPACITY, P_TX_QUEUE, P_RX_QUEUE, P_ALLOW, P_TRIES, P_RECV_BURST, P_KICK_FD, P_TAP_FD, P_STOP_FD,
- P_TX_CALL, P_RX_CALL, P_LAST_REQUEST_NS, P_AHEAD_NS, P_PACED_MAX_NS, P_STALL_NS) = range(32)  # fmt: skip
-PARAMS_LEN = 32
+ P_RX_MIN, P_RX_LIMIT, P_BURST_CHAINS, P_IDLE_NS, P_SPIN_NS, P_WARM_NS, P_P_USED, P_P_CAPACITY,
+ P_TX_QUEUE, P_RX_QUEUE, P_ALLOW, P_TRIES, P_KICK_FD, P_TAP_FD, P_STOP_FD, P_TX_CALL, P_RX_CALL,
+ P_LAST_REQUEST_NS, P_AHEAD_NS, P_PACED_MAX_NS, P_STALL_NS) = range(30)  # fmt: skip
+PARAMS_LEN = 30
